@@ -1,0 +1,161 @@
+"""The one place that holds every config field and its default.
+
+Framework configs (`configs/mae.py`, ...) start from `base_config()` and change values; they never
+add keys. Because the returned ConfigDict is locked, a misspelt `--config.x.y=v` fails at start-up
+naming the key. `runlocal` shrinks any config to a run that finishes on 2 CPU cores in minutes on
+the offline default data (Fashion-MNIST).
+"""
+import ml_collections
+
+IMAGENET_TRAIN_SIZE = 1_281_167
+
+# Known dataset sizes, for turning a recipe in epochs into steps.
+TRAIN_EXAMPLES = {
+    'imagenet2012': IMAGENET_TRAIN_SIZE,
+    'fashion_mnist': 60_000,
+    'cifar10': 50_000,
+    'imagenette': 9_469,
+}
+
+
+def parse_arg(arg, **defaults):
+  """Parses 'key=value,flag' strings from `--config file.py:ARG` into a ConfigDict.
+
+  Only keys named in `defaults` are accepted; values are converted to the default's type, and a
+  bare word sets a boolean default to True.
+  """
+  result = ml_collections.ConfigDict(defaults)
+  if not arg:
+    return result
+  for item in arg.split(','):
+    if not item:
+      continue
+    key, eq, value = item.partition('=')
+    if key not in defaults:
+      raise ValueError(
+          f'Unknown config argument {key!r}; this config accepts: {", ".join(sorted(defaults))}.')
+    default = defaults[key]
+    if not eq:
+      if not isinstance(default, bool):
+        raise ValueError(f'Config argument {key!r} needs a value, e.g. {key}={default}.')
+      result[key] = True
+    elif isinstance(default, bool):
+      result[key] = value.lower() in ('1', 'true', 'yes')
+    elif default is None:
+      result[key] = value
+    else:
+      result[key] = type(default)(value)
+  return result
+
+
+def steps_for_epochs(epochs, dataset, batch_size):
+  """Number of optimizer steps in `epochs` passes over `dataset` at `batch_size`."""
+  return max(1, int(round(epochs * TRAIN_EXAMPLES[dataset] / batch_size)))
+
+
+def base_config():
+  """Every field mimjax reads, with its default. Frameworks override values, never add keys."""
+  c = ml_collections.ConfigDict()
+  c.framework = 'mae'  # mae | simmim | distill | supervised
+  c.seed = 0
+  c.batch_size = 4096
+  c.total_steps = 100_000
+  c.warmup_steps = 10_000
+
+  c.model = ml_collections.ConfigDict()
+  c.model.variant = 'B/16'  # '<size>/<patch>', size in mimjax.models.vit.VARIANTS
+  c.model.posemb = 'sincos2d'  # learn | sincos2d
+  c.model.cls_token = True
+  c.model.pool = 'tok'  # tok | gap
+  c.model.layerscale = 0.0  # initial value of layer scale; 0 turns it off
+  c.model.drop_path = 0.0
+  c.model.dtype = 'float32'  # compute dtype: float32 | bfloat16
+  c.model.remat = False  # rematerialise each block in the backward pass
+  c.model.num_classes = 0  # classification head size; 0 = no head
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = 'imagenet2012'
+  c.data.data_dir = ml_collections.FieldReference(None, field_type=str)
+  c.data.train_split = 'train'
+  c.data.eval_split = 'validation'
+  c.data.image_size = 224
+  c.data.channels = 3  # grayscale images are replicated to 3 channels
+  c.data.mean = (0.485, 0.456, 0.406)
+  c.data.std = (0.229, 0.224, 0.225)
+  c.data.augment = 'rrc_flip'  # rrc_flip | center
+  c.data.crop_scale = (0.2, 1.0)
+  c.data.eval_crop_fraction = 0.875  # evaluation: resize to size / fraction, then centre crop
+  c.data.cache = False  # keep the raw (encoded) split in memory; for small datasets
+  c.data.shuffle_buffer = 50_000
+  c.data.download = True  # let TFDS download and prepare datasets that are not on disk
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.base_lr = 1.5e-4  # lr = base_lr * batch_size / lr_base_batch
+  c.optim.lr_base_batch = 256
+  c.optim.min_lr = 0.0
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.95
+  c.optim.weight_decay = 0.05
+  c.optim.grad_clip = 0.0  # global-norm clip; 0 turns it off
+  c.optim.accum_steps = 1  # micro-batches accumulated into one update
+
+  c.mae = ml_collections.ConfigDict()
+  c.mae.mask_ratio = 0.75
+  c.mae.norm_pix_loss = True
+  c.mae.decoder_width = 512
+  c.mae.decoder_depth = 8
+  c.mae.decoder_heads = 16
+  c.mae.decoder_mlp_ratio = 4
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # -1 takes every device not used by the other axes
+  c.mesh.fsdp = 1
+  # (regex over 'a/b/c' parameter paths, 'fsdp' | 'replicate'); first match wins, default replicate.
+  c.mesh.param_rules = (('.*', 'fsdp'),)
+  c.mesh.fsdp_min_size = 2 ** 14  # arrays smaller than this stay replicated
+
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.coordinator_address = ml_collections.FieldReference(None, field_type=str)
+  c.distributed.num_processes = 0  # 0: single process; -1: auto-detect (TPU pod, SLURM); N: explicit
+  c.distributed.process_id = -1
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 1000
+  c.checkpoint.keep = 3
+  c.checkpoint.async_save = True
+
+  c.log = ml_collections.ConfigDict()
+  c.log.every_steps = 50
+  c.log.images_every_steps = 5000  # reconstruction PNGs; 0 turns them off
+  c.log.progress_bar = True
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.batch_size = 256
+  c.eval.knn_k = (20, 200)
+  c.eval.knn_temperature = 0.07
+  c.eval.feature = 'pooled'  # pooled (the encoder's pool) | cls | gap
+  return c
+
+
+def apply_runlocal(c):
+  """Shrinks `c` in place to the offline default: Fashion-MNIST, a small ViT, minutes on a CPU."""
+  c.data.name = 'fashion_mnist'
+  c.data.train_split = 'train'
+  c.data.eval_split = 'test'
+  c.data.image_size = 28
+  c.data.mean = (0.286, 0.286, 0.286)
+  c.data.std = (0.353, 0.353, 0.353)
+  c.data.crop_scale = (0.35, 1.0)
+  c.data.shuffle_buffer = 60_000
+  c.data.eval_crop_fraction = 1.0
+  c.data.cache = True
+  c.model.variant = 'pico/4'
+  c.model.dtype = 'float32'
+  c.batch_size = 128
+  c.total_steps = 1500
+  c.warmup_steps = 100
+  c.checkpoint.every_steps = 500
+  c.log.every_steps = 25
+  c.log.images_every_steps = 500
+  c.eval.knn_k = (20,)
+  return c

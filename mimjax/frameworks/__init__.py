@@ -1,0 +1,24 @@
+"""Framework registry: config.framework -> Framework class; plug-ins chosen by config."""
+from mimjax.frameworks import mae
+
+FRAMEWORKS = {
+    'mae': mae.MAE,
+}
+
+# Plug-in classes in the order their loss terms are added; each has `enabled(config)`.
+PLUGINS = ()
+
+
+def enabled_plugins(config):
+  return [p for p in PLUGINS if p.enabled(config)]
+
+
+def check_plugins(config):
+  """Rejects plug-ins on a framework they cannot work with (each plug-in names its hosts)."""
+  for plugin in enabled_plugins(config):
+    plugin.check_config(config)
+
+
+def build(config):
+  """The Framework of `config`, with its enabled plug-ins."""
+  return FRAMEWORKS[config.framework](config, plugins=enabled_plugins(config))

@@ -1,0 +1,143 @@
+"""The contract between the trainer, frameworks (MAE, SimMIM, ...) and plug-in methods.
+
+A *framework* owns the trainable Flax module (always with the ViT under `params['encoder']`) and the
+base objective. A *plug-in* (DTM, LUT, MTO, TokenProp) adds a loss term computed from the
+framework's forward outputs; it may own parameters (`params[plugin.name]`) and non-trained state
+(`model_state[plugin.name]`, e.g. an EMA encoder). Everything here is a pure function of arrays so
+the whole objective runs inside one `jax.jit`.
+"""
+import abc
+from typing import Any, Dict, Tuple
+
+import jax
+import jax.numpy as jnp
+
+from mimjax.models import vit
+
+Metrics = Dict[str, jax.Array]
+Outputs = Dict[str, Any]
+
+# Names of intermediates a plug-in can ask the framework's forward pass to capture.
+CAPTURES = ('encoder_layers', 'encoder_attention', 'decoder_layers')
+
+
+class Plugin(abc.ABC):
+  """A loss term added to a framework's objective."""
+  name: str = ''
+  captures: Tuple[str, ...] = ()  # subset of CAPTURES this plug-in reads from `outputs`
+
+  def __init__(self, config, framework):
+    self.config = config
+    self.framework = framework
+
+  @classmethod
+  @abc.abstractmethod
+  def enabled(cls, config) -> bool:
+    """Whether `config` turns this plug-in on."""
+
+  @classmethod
+  def check_config(cls, config):
+    """Raises config_lib.ConfigError when the plug-in cannot work with this config."""
+    del config
+
+  def init_params(self, rng, outputs) -> Any:
+    """Parameters of the plug-in's own modules (None when it has none)."""
+    del rng, outputs
+    return None
+
+  def init_state(self, params) -> Any:
+    """Non-trained state (EMA weights, running statistics), given all initial params."""
+    del params
+    return None
+
+  @abc.abstractmethod
+  def loss(self, params, state, outputs, batch, rng, step, train) -> Tuple[jax.Array, Metrics, Any]:
+    """Returns (weighted loss term, metrics, new state)."""
+
+  def update_state(self, params, state, step) -> Any:
+    """Called after each optimizer update (e.g. to move an EMA); returns the new state."""
+    del params, step
+    return state
+
+
+class Framework(abc.ABC):
+  """A family of objectives around one trainable module; see the module docstring."""
+  name: str = ''
+
+  def __init__(self, config, plugins=()):
+    self.config = config
+    self.image_size = config.data.image_size
+    self.encoder_kwargs = vit.encoder_kwargs(config.model, self.image_size)
+    self.patch_size = self.encoder_kwargs['patch_size']
+    self.plugins = [p(config, self) for p in plugins]
+    self.model = self.build_model()
+
+  @property
+  def captures(self):
+    return {c for p in self.plugins for c in p.captures}
+
+  def build_encoder(self, **overrides):
+    """The mimjax ViT of this config (the module stored under params['encoder'])."""
+    return vit.ViT(**{**self.encoder_kwargs, **overrides})
+
+  @abc.abstractmethod
+  def build_model(self):
+    """The trainable Flax module."""
+
+  @abc.abstractmethod
+  def init_model(self, rng, batch) -> Dict[str, Any]:
+    """Initial params of `self.model` for a batch of this shape."""
+
+  @abc.abstractmethod
+  def forward(self, params, model_state, batch, rng, train) -> Tuple[jax.Array, Metrics, Outputs]:
+    """Base objective: (loss, metrics, outputs for plug-ins and visualisation)."""
+
+  def init(self, rng, batch):
+    """All params and non-trained state: the framework's, then each plug-in's."""
+    model_rng, plugin_rng, fwd_rng = jax.random.split(rng, 3)
+    params = dict(self.init_model(model_rng, batch))
+    model_state = {}
+    if self.plugins:
+      _, _, outputs = self.forward(params, model_state, batch, fwd_rng, train=False)
+      for i, plugin in enumerate(self.plugins):
+        p = plugin.init_params(jax.random.fold_in(plugin_rng, i), outputs)
+        if p is not None:
+          params[plugin.name] = p
+      for plugin in self.plugins:
+        s = plugin.init_state(params)
+        if s is not None:
+          model_state[plugin.name] = s
+    return params, model_state
+
+  def loss(self, params, model_state, batch, rng, step, train=True):
+    """Total objective = base loss + every plug-in's term. Returns (loss, (metrics, state))."""
+    fwd_rng, plugin_rng = jax.random.split(rng)
+    loss, metrics, outputs = self.forward(params, model_state, batch, fwd_rng, train)
+    metrics = {f'loss_{self.name}': loss, **metrics}
+    new_state = dict(model_state)
+    for i, plugin in enumerate(self.plugins):
+      term, plugin_metrics, state = plugin.loss(params, model_state.get(plugin.name), outputs, batch,
+                                                jax.random.fold_in(plugin_rng, i), step, train)
+      loss = loss + term
+      metrics.update(plugin_metrics)
+      if state is not None:
+        new_state[plugin.name] = state
+    metrics['loss'] = loss
+    return loss, (metrics, new_state)
+
+  def update_state(self, params, model_state, step):
+    """Lets plug-ins move their non-trained state after the optimizer update."""
+    new_state = dict(model_state)
+    for plugin in self.plugins:
+      if plugin.name in model_state:
+        new_state[plugin.name] = plugin.update_state(params, model_state[plugin.name], step)
+    return new_state
+
+  def encode(self, encoder_params, images, **kwargs):
+    """Applies the encoder alone (probes, teachers, evaluation)."""
+    return self.build_encoder().apply({'params': encoder_params}, images, **kwargs)
+
+  def visualize(self, outputs, batch) -> Dict[str, jnp.ndarray]:
+    """Named uint8 image grids [H, W, 3] worth looking at (default: none)."""
+    del outputs, batch
+    return {}

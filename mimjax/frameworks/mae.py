@@ -1,0 +1,81 @@
+"""MAE (He et al., 2022): encode a random 25% of the patches, reconstruct the rest in pixels."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mimjax import losses
+from mimjax import masking
+from mimjax.frameworks import base
+from mimjax.models import mae_decoder
+from mimjax.models import vit
+
+
+class MAEModel(nn.Module):
+  """Encoder on visible patches + MAE decoder. Params: encoder/..., decoder/..."""
+  encoder: vit.ViT
+  decoder: mae_decoder.MAEDecoder
+
+  def __call__(self, images, keep_idx, train=False, capture=frozenset()):
+    enc = self.encoder(images, keep_idx=keep_idx, train=train,
+                       capture_layers='encoder_layers' in capture,
+                       capture_attention='encoder_attention' in capture)
+    dec = self.decoder(enc['tokens'], keep_idx, train, 'decoder_layers' in capture)
+    return enc, dec
+
+
+class MAE(base.Framework):
+  """Masked autoencoder with per-patch (optionally normalised) pixel targets."""
+  name = 'mae'
+
+  def build_model(self):
+    mae = self.config.mae
+    encoder = self.build_encoder()
+    channels = self.config.data.channels
+    decoder = mae_decoder.MAEDecoder(
+        width=mae.decoder_width, depth=mae.decoder_depth, num_heads=mae.decoder_heads,
+        mlp_ratio=mae.decoder_mlp_ratio, grid_size=encoder.grid_size,
+        out_dim=self.patch_size ** 2 * channels, num_prefix=int(encoder.cls_token),
+        dtype=encoder.dtype)
+    return MAEModel(encoder, decoder)
+
+  @property
+  def num_patches(self):
+    return (self.image_size // self.patch_size) ** 2
+
+  def sample_mask(self, rng, batch_size):
+    return masking.random_keep(rng, batch_size, self.num_patches, self.config.mae.mask_ratio)
+
+  def init_model(self, rng, batch):
+    images = batch['image']
+    keep_idx, _ = self.sample_mask(jax.random.PRNGKey(0), images.shape[0])
+    return self.model.init(rng, images, keep_idx)['params']
+
+  def forward(self, params, model_state, batch, rng, train):
+    del model_state
+    mask_rng, drop_rng = jax.random.split(rng)
+    images = batch['image']
+    keep_idx, mask = self.sample_mask(mask_rng, images.shape[0])
+    model_params = {k: params[k] for k in ('encoder', 'decoder')}
+    enc, dec = self.model.apply({'params': model_params}, images, keep_idx, train,
+                                frozenset(self.captures), rngs={'dropout': drop_rng})
+    loss = losses.mae_loss(dec['pred'], images, mask, self.patch_size,
+                           self.config.mae.norm_pix_loss)
+    outputs = dict(encoder=enc, decoder=dec, keep_idx=keep_idx, mask=mask)
+    return loss, {}, outputs
+
+  def visualize(self, outputs, batch):
+    """Original | masked input | reconstruction | reconstruction with visible patches pasted."""
+    from mimjax import visualize  # pylint: disable=g-import-not-at-top
+    images = batch['image'].astype(jnp.float32)
+    target = losses.patchify(images, self.patch_size)
+    pred = outputs['decoder']['pred']
+    if self.config.mae.norm_pix_loss:  # undo the per-patch normalisation with the true statistics
+      mean = target.mean(-1, keepdims=True)
+      std = jnp.sqrt(target.var(-1, keepdims=True, ddof=1) + 1e-6)
+      pred = pred * std + mean
+    mask = outputs['mask'][..., None]
+    channels = images.shape[-1]
+    to_image = lambda p: losses.unpatchify(p, self.patch_size, channels)  # noqa: E731
+    columns = [images, to_image(jnp.where(mask, jnp.nan, target)), to_image(pred),
+               to_image(jnp.where(mask, pred, target))]
+    return {'reconstruction': visualize.image_grid(columns, self.config.data)}

@@ -1,0 +1,38 @@
+"""Mask samplers. Masks are drawn outside the model, with static shapes, from a step-folded key.
+
+Conventions: `keep_idx` int32 [B, n_keep] lists the visible patches of each sample; `mask` bool
+[B, N] is True where a patch is masked (hidden from the encoder or replaced by the mask token).
+"""
+import jax
+import jax.numpy as jnp
+
+
+def num_kept(num_patches, mask_ratio):
+  """Static number of visible patches, as MAE computes it: int(N * (1 - ratio))."""
+  n_keep = int(num_patches * (1 - mask_ratio))
+  if not 0 < n_keep <= num_patches:
+    raise ValueError(f'mask ratio {mask_ratio} leaves {n_keep} of {num_patches} patches visible; '
+                     'choose a ratio in [0, 1) that keeps at least one patch.')
+  return n_keep
+
+
+def random_permutation(rng, batch_size, num_patches):
+  """An independent uniformly random permutation of the patch indices per sample, [B, N]."""
+  noise = jax.random.uniform(rng, (batch_size, num_patches))
+  return jnp.argsort(noise, axis=1).astype(jnp.int32)
+
+
+def mask_from_keep(keep_idx, num_patches):
+  """bool [B, N], True for the patches not listed in `keep_idx`."""
+  batch = jnp.arange(keep_idx.shape[0])[:, None]
+  return jnp.ones((keep_idx.shape[0], num_patches), bool).at[batch, keep_idx].set(False)
+
+
+def random_keep(rng, batch_size, num_patches, mask_ratio):
+  """MAE masking: per sample, a uniformly random subset of `num_kept` patches stays visible.
+
+  Returns (keep_idx [B, n_keep], mask [B, N]).
+  """
+  n_keep = num_kept(num_patches, mask_ratio)
+  keep_idx = random_permutation(rng, batch_size, num_patches)[:, :n_keep]
+  return keep_idx, mask_from_keep(keep_idx, num_patches)

@@ -1,0 +1,86 @@
+"""Training observability: WORKDIR/metrics.jsonl, TensorBoard events and a terminal progress line.
+
+Only process 0 writes. Values arrive as host scalars at log steps, never inside the train step.
+"""
+import json
+import math
+import os
+import sys
+import time
+
+import jax
+import tensorflow as tf
+import tqdm
+
+
+def _drop_records_after(path, step):
+  """On resume, forget what an interrupted run logged after its last checkpoint."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    kept = [line for line in f if line.strip() and json.loads(line)['step'] <= step]
+  with open(path, 'w') as f:
+    f.writelines(kept)
+
+
+class MetricsWriter:
+  """Appends one JSON object per logged step and mirrors scalars to TensorBoard."""
+
+  def __init__(self, workdir, total_steps, start_step, progress_bar=True):
+    self.active = jax.process_index() == 0
+    self.total_steps = total_steps
+    self.start_step = start_step
+    self.start_time = time.time()
+    self.bar = None
+    if not self.active:
+      return
+    path = os.path.join(workdir, 'metrics.jsonl')
+    _drop_records_after(path, start_step)
+    self.jsonl = open(path, 'a')
+    self.tb = tf.summary.create_file_writer(os.path.join(workdir, 'tensorboard'))
+    if progress_bar and sys.stderr.isatty():
+      self.bar = tqdm.tqdm(total=total_steps, initial=start_step, unit='step', dynamic_ncols=True)
+
+  def write(self, step, scalars):
+    if not self.active:
+      return
+    record = {'step': int(step), **{k: float(v) for k, v in scalars.items()}}
+    self.jsonl.write(json.dumps(record) + '\n')
+    self.jsonl.flush()
+    with self.tb.as_default(step=int(step)):
+      for key, value in record.items():
+        if key != 'step' and math.isfinite(value):
+          tf.summary.scalar(key, value)
+    self.tb.flush()
+    self._progress(step, record)
+
+  def _progress(self, step, record):
+    shown = f"loss {record.get('loss', float('nan')):.4f}  {record.get('images_per_sec', 0):.0f} img/s"
+    if self.bar is not None:
+      self.bar.n = step
+      self.bar.set_postfix_str(shown, refresh=True)
+      return
+    done = step - self.start_step
+    elapsed = time.time() - self.start_time
+    eta = elapsed / max(done, 1) * (self.total_steps - step)
+    print(f'step {step}/{self.total_steps}  {shown}  ETA {eta / 60:.1f} min', flush=True)
+
+  def write_image(self, name, step, image):
+    """Saves a uint8 [H, W, 3] image as WORKDIR/images/<name>_<step>.png and to TensorBoard."""
+    if not self.active:
+      return None
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    directory = os.path.join(os.path.dirname(self.jsonl.name), 'images')
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, f'{name}_{step:07d}.png')
+    Image.fromarray(image).save(path)
+    with self.tb.as_default(step=int(step)):
+      tf.summary.image(name, image[None], step=int(step))
+    return path
+
+  def close(self):
+    if self.active:
+      if self.bar is not None:
+        self.bar.close()
+      self.jsonl.close()
+      self.tb.close()

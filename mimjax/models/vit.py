@@ -1,0 +1,263 @@
+"""Vision Transformer encoder with big_vision parameter names.
+
+One encoder serves every use: MAE (visible tokens only, via `keep_idx`), SimMIM / distillation (a
+mask token substituted for masked patches, via `mask` and `mask_token`), teachers, probes and
+fine-tuning (`num_classes`). Per-layer token features and attention maps are returned only when
+asked for (`capture_layers`, `capture_attention`), so the default path carries no extra cost.
+"""
+import math
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mimjax.models import posemb as posemb_lib
+
+# size -> (width, depth, mlp_dim, num_heads). mu and pico are tiny sizes for CPU runs and tests.
+VARIANTS = {
+    'mu': (32, 1, 128, 2),
+    'pico': (128, 4, 512, 4),
+    'Ti': (192, 12, 768, 3),
+    'S': (384, 12, 1536, 6),
+    'M': (512, 12, 2048, 8),
+    'B': (768, 12, 3072, 12),
+    'L': (1024, 24, 4096, 16),
+    'H': (1280, 32, 5120, 16),
+}
+
+Dtype = Any
+xavier = nn.initializers.xavier_uniform()
+
+
+def parse_variant(variant):
+  """'S/16' -> dict(width=384, depth=12, mlp_dim=1536, num_heads=6, patch_size=16)."""
+  size, _, patch = variant.partition('/')
+  if size not in VARIANTS or not patch.isdigit():
+    raise ValueError(f'Unknown model variant {variant!r}: use "<size>/<patch>" with size in '
+                     f'{sorted(VARIANTS)} and an integer patch size, e.g. "S/16".')
+  width, depth, mlp_dim, num_heads = VARIANTS[size]
+  return dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=num_heads,
+              patch_size=int(patch))
+
+
+class MlpBlock(nn.Module):
+  """Transformer MLP: Dense -> exact GELU -> Dense (as timm's `Mlp`)."""
+  mlp_dim: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    width = x.shape[-1]
+    x = nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=xavier,
+                 bias_init=nn.initializers.normal(1e-6))(x)
+    x = nn.gelu(x, approximate=False)
+    return nn.Dense(width, dtype=self.dtype, kernel_init=xavier,
+                    bias_init=nn.initializers.normal(1e-6))(x)
+
+
+class MultiHeadAttention(nn.Module):
+  """Self-attention with q/k/v/out DenseGeneral params (flax/big_vision layout), f32 softmax."""
+  num_heads: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, return_weights=False):
+    width = x.shape[-1]
+    if width % self.num_heads:
+      raise ValueError(f'width {width} is not divisible by num_heads {self.num_heads}')
+    head_dim = width // self.num_heads
+    proj = lambda name: nn.DenseGeneral(  # noqa: E731
+        (self.num_heads, head_dim), dtype=self.dtype, name=name, kernel_init=xavier)
+    q, k, v = proj('query')(x), proj('key')(x), proj('value')(x)
+    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
+    weights = jax.nn.softmax(logits / math.sqrt(head_dim), axis=-1)
+    out = jnp.einsum('bhqk,bkhd->bqhd', weights.astype(self.dtype), v)
+    # DenseGeneral initialises the flattened 2-D kernel, so plain Xavier has the right fans.
+    out = nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, name='out',
+                          kernel_init=xavier)(out)
+    return out, (weights if return_weights else None)
+
+
+class LayerScale(nn.Module):
+  """Per-channel learnable scale of a residual branch (CaiT / timm `ls1`, `ls2`)."""
+  init_value: float
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param('scale', nn.initializers.constant(self.init_value), (x.shape[-1],))
+    return x * scale.astype(x.dtype)
+
+
+class Encoder1DBlock(nn.Module):
+  """Pre-norm transformer block: x + attn(LN(x)), then x + mlp(LN(x)), with drop path."""
+  mlp_dim: int
+  num_heads: int
+  layerscale: float = 0.0
+  drop_path: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train=False, return_weights=False):
+    def branch(y, idx):
+      if self.layerscale:
+        y = LayerScale(self.layerscale, name=f'LayerScale_{idx}')(y)
+      # Stochastic depth: drop the whole branch per sample (broadcast over tokens and channels).
+      return nn.Dropout(self.drop_path, broadcast_dims=(1, 2), deterministic=not train)(y)
+
+    y = nn.LayerNorm(epsilon=1e-6, dtype=jnp.float32, name='LayerNorm_0')(x)
+    y, weights = MultiHeadAttention(self.num_heads, self.dtype,
+                                    name='MultiHeadDotProductAttention_0')(y, return_weights)
+    x = x + branch(y, 0).astype(x.dtype)
+    y = nn.LayerNorm(epsilon=1e-6, dtype=jnp.float32, name='LayerNorm_1')(x)
+    y = MlpBlock(self.mlp_dim, self.dtype, name='MlpBlock_0')(y)
+    x = x + branch(y, 1).astype(x.dtype)
+    return x, weights
+
+
+class Transformer(nn.Module):
+  """Stack of blocks plus the final norm; optionally records every layer's input/output."""
+  depth: int
+  mlp_dim: int
+  num_heads: int
+  layerscale: float = 0.0
+  drop_path: float = 0.0
+  dtype: Dtype = jnp.float32
+  remat: bool = False
+  norm_name: str = 'encoder_norm'
+
+  @nn.compact
+  def __call__(self, x, train=False, capture_layers=False, capture_attention=False):
+    block_cls = Encoder1DBlock
+    if self.remat:
+      block_cls = nn.remat(Encoder1DBlock, static_argnums=(2, 3))
+    layers, attention = [x], []
+    for i in range(self.depth):
+      x, weights = block_cls(self.mlp_dim, self.num_heads, self.layerscale,
+                             self.drop_path * i / max(self.depth - 1, 1), self.dtype,
+                             name=f'encoderblock_{i}')(x, train, capture_attention)
+      if capture_layers:
+        layers.append(x)
+      if capture_attention:
+        attention.append(weights)
+    out = nn.LayerNorm(epsilon=1e-6, dtype=jnp.float32, name=self.norm_name)(x)
+    return out, dict(layers=layers if capture_layers else None,
+                     attention=attention if capture_attention else None)
+
+
+class ViT(nn.Module):
+  """ViT encoder. Params: embedding, pos_embedding, cls, Transformer/..., head."""
+  width: int
+  depth: int
+  mlp_dim: int
+  num_heads: int
+  patch_size: int
+  image_size: int
+  posemb: str = 'sincos2d'
+  cls_token: bool = True
+  pool: str = 'tok'
+  layerscale: float = 0.0
+  drop_path: float = 0.0
+  num_classes: int = 0
+  dtype: Dtype = jnp.float32
+  remat: bool = False
+  tokenizer: Optional[nn.Module] = None  # replaces the plain patch embedding (e.g. MoTo)
+
+  @property
+  def grid_size(self):
+    return self.image_size // self.patch_size
+
+  @property
+  def num_patches(self):
+    return self.grid_size ** 2
+
+  def setup(self):
+    if self.image_size % self.patch_size:
+      raise ValueError(f'image size {self.image_size} is not a multiple of patch size '
+                       f'{self.patch_size}; choose data.image_size = k * {self.patch_size}.')
+    if self.pool not in ('tok', 'gap'):
+      raise ValueError(f'model.pool must be "tok" or "gap", not {self.pool!r}')
+    if self.pool == 'tok' and not self.cls_token:
+      raise ValueError('model.pool="tok" needs model.cls_token=True; use pool="gap" without it.')
+    if self.tokenizer is None:
+      # Xavier-uniform over the flattened [p*p*C, width] kernel, as MAE initialises it.
+      self.embedding = nn.Conv(self.width, (self.patch_size,) * 2, strides=(self.patch_size,) * 2,
+                               padding='VALID', dtype=self.dtype, name='embedding',
+                               kernel_init=nn.initializers.xavier_uniform(in_axis=(0, 1, 2),
+                                                                          out_axis=3))
+    if self.posemb == 'learn':
+      self.pos_embedding = self.param('pos_embedding', nn.initializers.normal(0.02),
+                                      (1, self.num_patches, self.width))
+    elif self.posemb != 'sincos2d':
+      raise ValueError(f'model.posemb must be "learn" or "sincos2d", not {self.posemb!r}')
+    if self.cls_token:
+      self.cls = self.param('cls', nn.initializers.normal(0.02), (1, 1, self.width))
+    self.Transformer = Transformer(self.depth, self.mlp_dim, self.num_heads, self.layerscale,
+                                   self.drop_path, self.dtype, self.remat)
+    if self.num_classes:
+      self.head = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, name='head')
+
+  def position_embedding(self):
+    """[1, N, width] position embedding of the patch tokens (the cls token gets none)."""
+    if self.posemb == 'learn':
+      return self.pos_embedding
+    return jnp.asarray(posemb_lib.sincos_2d(self.grid_size, self.width))[None]
+
+  def tokenize(self, images, train=False):
+    """Images [B, H, W, C] -> patch tokens [B, N, width] before position embedding."""
+    if images.ndim != 4 or images.shape[1] != self.image_size or images.shape[2] != self.image_size:
+      raise ValueError(f'expected images [B, {self.image_size}, {self.image_size}, C], '
+                       f'got {images.shape}; set data.image_size to match the model.')
+    x = images.astype(self.dtype)
+    x = self.embedding(x) if self.tokenizer is None else self.tokenizer(x, train=train)
+    return x.reshape(x.shape[0], -1, self.width)
+
+  def __call__(self, images, *, keep_idx=None, mask=None, mask_token=None, train=False,
+               capture_layers=False, capture_attention=False):
+    """Encodes images.
+
+    Args:
+      images: [B, H, W, C] normalised images.
+      keep_idx: optional int [B, n] indices of the patches to keep (MAE); the rest are dropped.
+      mask: optional bool [B, N], True where `mask_token` replaces the patch embedding (SimMIM).
+      mask_token: [width] or [1, 1, width] learned token, required with `mask`.
+      capture_layers / capture_attention: also return every layer's tokens / attention maps.
+
+    Returns a dict: `tokens` [B, T, width] after the final norm (cls first when present),
+    `patch_tokens` (without cls), `pooled` [B, width], `tokenizer` [B, N, width] (the tokenizer's
+    output), `logits` with a head, and `layers` (input of block 0, then each block's output, each
+    [B, T, width]) and `attention` ([B, heads, T, T] per block) when captured.
+    """
+    tokens = self.tokenize(images, train)
+    x = tokens
+    if mask is not None:
+      x = jnp.where(mask[..., None], jnp.reshape(mask_token, (1, 1, -1)).astype(x.dtype), x)
+    x = x + self.position_embedding().astype(x.dtype)
+    if keep_idx is not None:
+      x = jnp.take_along_axis(x, keep_idx[..., None], axis=1)
+    if self.cls_token:
+      cls = jnp.broadcast_to(self.cls, (x.shape[0], 1, self.width)).astype(x.dtype)
+      x = jnp.concatenate([cls, x], axis=1)
+    x, extras = self.Transformer(x, train, capture_layers, capture_attention)
+    num_prefix = 1 if self.cls_token else 0
+    patch_tokens = x[:, num_prefix:]
+    pooled = x[:, 0] if self.pool == 'tok' else patch_tokens.mean(axis=1)
+    out = dict(tokens=x, patch_tokens=patch_tokens, pooled=pooled, tokenizer=tokens, **extras)
+    if self.num_classes:
+      out['logits'] = self.head(pooled).astype(jnp.float32)
+    return out
+
+
+def encoder_kwargs(model_config, image_size):
+  """Keyword arguments of `ViT` from a `config.model` section."""
+  kw = parse_variant(model_config.variant)
+  kw.update(image_size=image_size, posemb=model_config.posemb, cls_token=model_config.cls_token,
+            pool=model_config.pool, layerscale=model_config.layerscale,
+            drop_path=model_config.drop_path, num_classes=model_config.num_classes,
+            dtype=jnp.dtype(model_config.dtype), remat=model_config.remat)
+  return kw
+
+
+def count_params(params):
+  return int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(params)))

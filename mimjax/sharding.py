@@ -1,0 +1,90 @@
+"""Device mesh and shardings: batch over (data, fsdp); parameters replicated or fsdp-sharded by
+regex rules over their paths; optimizer and EMA state sharded like the parameters they mirror."""
+import re
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from mimjax import optim
+from mimjax.config_lib import ConfigError
+
+BATCH_AXES = ('data', 'fsdp')
+
+
+def make_mesh(mesh_config, devices=None):
+  """Mesh with axes (data, fsdp), both of explicit type Auto; -1 takes the remaining devices."""
+  devices = jax.devices() if devices is None else devices
+  n = len(devices)
+  sizes = {'data': mesh_config.data, 'fsdp': mesh_config.fsdp}
+  unknown = [k for k, v in sizes.items() if v == -1]
+  if len(unknown) > 1:
+    raise ConfigError('At most one mesh axis may be -1 (config.mesh).')
+  known = int(np.prod([v for v in sizes.values() if v != -1]))
+  if unknown:
+    if n % known:
+      raise ConfigError(f'{n} devices do not divide into mesh axes {dict(sizes)}; '
+                       f'set config.mesh so the fixed axes divide {n}.')
+    sizes[unknown[0]] = n // known
+  if int(np.prod(list(sizes.values()))) != n:
+    raise ConfigError(f'config.mesh {dict(sizes)} needs {np.prod(list(sizes.values()))} devices, '
+                     f'but {n} are available; use -1 for one axis to fill the rest.')
+  return jax.make_mesh(tuple(sizes.values()), tuple(sizes), devices=devices,
+                       axis_types=(AxisType.Auto,) * len(sizes))
+
+
+def batch_sharding(mesh):
+  """Leading (batch) dimension split over data x fsdp."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh):
+  return NamedSharding(mesh, P())
+
+
+def check_batch_divides(global_batch, mesh, what='batch_size'):
+  n = mesh.shape['data'] * mesh.shape['fsdp']
+  if global_batch % n:
+    raise ConfigError(f'{what} {global_batch} does not divide over the {n} devices of the batch '
+                     f'axes (data x fsdp); choose a multiple of {n}.')
+
+
+def _fsdp_spec(shape, fsdp_size, min_size):
+  """Shard the largest dimension divisible by the fsdp axis; replicate small arrays."""
+  if fsdp_size == 1 or int(np.prod(shape)) < min_size:
+    return P()
+  for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+    if shape[dim] % fsdp_size == 0:
+      spec = [None] * len(shape)
+      spec[dim] = 'fsdp'
+      return P(*spec)
+  return P()
+
+
+def param_specs(params, mesh, mesh_config):
+  """PartitionSpec per array from config.mesh.param_rules: the first regex found in its path wins.
+
+  Rules use `re.search`, so a rule for `encoder/.*kernel` also covers the optimizer moments and
+  EMA copies of those kernels, whose paths contain the parameter path.
+  """
+  def spec(path, leaf):
+    name = optim.path_str(path)
+    for pattern, rule in mesh_config.param_rules:
+      if re.search(pattern, name):
+        if rule == 'replicate':
+          return P()
+        if rule == 'fsdp':
+          return _fsdp_spec(leaf.shape, mesh.shape['fsdp'], mesh_config.fsdp_min_size)
+        raise ConfigError(f'Unknown sharding rule {rule!r} for {pattern!r} in config.mesh.param_rules;'
+                         ' use "fsdp" or "replicate".')
+    return P()
+  return jax.tree_util.tree_map_with_path(spec, params)
+
+
+def tree_shardings(tree, mesh, mesh_config):
+  """NamedSharding for every array of a pytree (params, optimizer state, EMA copies, ...).
+
+  Leaves of rank 0 (step counters) are replicated; others follow the fsdp rules by path.
+  """
+  specs = param_specs(tree, mesh, mesh_config)
+  return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), specs)

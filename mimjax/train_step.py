@@ -1,0 +1,96 @@
+"""The train state and the jitted update step (shardings on a mesh, donated state, no host sync)."""
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from mimjax import sharding
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: number of updates applied
+  params: Any
+  opt_state: Any
+  model_state: Any  # non-trained state: EMA encoders, teachers, running statistics
+  rng: jax.Array  # base key; step keys are fold_in(rng, step)
+
+
+def init_state_fn(framework, tx, batch, seed):
+  """A no-argument function (to jit or eval_shape) building the initial TrainState."""
+  def init():
+    rng = jax.random.PRNGKey(seed)
+    init_rng, state_rng = jax.random.split(rng)
+    params, model_state = framework.init(init_rng, batch)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      model_state=model_state, rng=state_rng)
+  return init
+
+
+def state_shardings(abstract_state, mesh, mesh_config):
+  """Shardings of every TrainState leaf (params, moments and EMA copies follow the fsdp rules)."""
+  return sharding.tree_shardings(abstract_state, mesh, mesh_config)
+
+
+def _split_microbatches(batch, accum_steps):
+  return jax.tree_util.tree_map(
+      lambda x: x.reshape((accum_steps, x.shape[0] // accum_steps) + x.shape[1:]), batch)
+
+
+def make_train_step(framework, tx, lr_schedule, accum_steps=1):
+  """(state, batch) -> (state, metrics). Non-finite loss or gradients leave the state unchanged
+  (and set metrics['nonfinite'] = 1), so NaNs never reach the parameters or a checkpoint."""
+
+  def loss_and_grad(params, model_state, batch, rng, step):
+    grad_fn = jax.value_and_grad(framework.loss, has_aux=True)
+    (loss, (metrics, model_state)), grads = grad_fn(params, model_state, batch, rng, step)
+    return grads, metrics, model_state
+
+  def train_step(state, batch):
+    rng = jax.random.fold_in(state.rng, state.step)
+    if accum_steps == 1:
+      grads, metrics, model_state = loss_and_grad(state.params, state.model_state, batch, rng,
+                                                  state.step)
+    else:
+      def micro(carry, xs):
+        grad_sum, metric_sum, model_state = carry
+        i, microbatch = xs
+        grads, metrics, model_state = loss_and_grad(
+            state.params, model_state, microbatch, jax.random.fold_in(rng, i), state.step)
+        add = lambda a, b: jax.tree_util.tree_map(jnp.add, a, b)  # noqa: E731
+        return (add(grad_sum, grads), add(metric_sum, metrics), model_state), None
+      micro_batches = _split_microbatches(batch, accum_steps)
+      zeros_g = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+      first = jax.tree_util.tree_map(lambda x: x[0], micro_batches)
+      _, metrics_shape, _ = jax.eval_shape(loss_and_grad, state.params, state.model_state, first,
+                                           rng, state.step)
+      zeros_m = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), metrics_shape)
+      (grads, metrics, model_state), _ = jax.lax.scan(
+          micro, (zeros_g, zeros_m, state.model_state),
+          (jnp.arange(accum_steps), micro_batches))
+      grads = jax.tree_util.tree_map(lambda g: g / accum_steps, grads)
+      metrics = jax.tree_util.tree_map(lambda m: m / accum_steps, metrics)
+
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    model_state = framework.update_state(params, model_state, state.step)
+    finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree_util.tree_map(  # noqa: E731
+        lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
+                              opt_state=keep(opt_state, state.opt_state),
+                              model_state=keep(model_state, state.model_state))
+    metrics = dict(metrics, grad_norm=grad_norm, lr=lr_schedule(state.step),
+                   nonfinite=1.0 - finite.astype(jnp.float32))
+    return new_state, metrics
+
+  return train_step
+
+
+def jit_train_step(train_step, state_sharding, mesh):
+  """jit with the state sharded as given, the batch over (data, fsdp), and the state donated."""
+  return jax.jit(train_step, in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+                 out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
