@@ -91,8 +91,25 @@ def _blend(image, other, factor):
   return tf.clip_by_value(factor * image + (1.0 - factor) * other, 0.0, 255.0)
 
 
-def _hue_shift(image, delta):
+def adjust_brightness(image, factor):
+  """torchvision's adjust_brightness: scales the pixels by `factor`."""
+  return _blend(image, tf.zeros_like(image), factor)
+
+
+def adjust_contrast(image, factor):
+  """torchvision's adjust_contrast: blends with the image's mean luma."""
+  return _blend(image, tf.reduce_mean(_luma(image)), factor)
+
+
+def adjust_saturation(image, factor):
+  """torchvision's adjust_saturation: blends with the per-pixel luma (RGB only)."""
+  return _blend(image, _luma(image), factor) if image.shape[-1] == 3 else image
+
+
+def adjust_hue(image, delta):
   """Rotates the hue of RGB pixels in [0, 255] by `delta` turns."""
+  if image.shape[-1] != 3:
+    return image
   return tf.clip_by_value(tf.image.adjust_hue(image / 255.0, delta) * 255.0, 0.0, 255.0)
 
 
@@ -102,22 +119,20 @@ def color_jitter(image, seed, brightness, contrast, saturation, hue):
   order_seed, b_seed, c_seed, s_seed, h_seed = tf.unstack(
       tf.random.experimental.stateless_split(seed, 5))
   uniform = lambda s, x: tf.random.stateless_uniform([], s, 1.0 - x, 1.0 + x)  # noqa: E731
-  b, c, s = uniform(b_seed, brightness), uniform(c_seed, contrast), uniform(s_seed, saturation)
-  h = tf.random.stateless_uniform([], h_seed, -hue, hue)
-  rgb = image.shape[-1] == 3
   ops = [
-      lambda x: _blend(x, tf.zeros_like(x), b),
-      lambda x: _blend(x, tf.reduce_mean(_luma(x)), c),
-      lambda x: _blend(x, _luma(x), s) if rgb else x,
-      lambda x: _hue_shift(x, h) if rgb else x,
+      (adjust_brightness, uniform(b_seed, brightness)),
+      (adjust_contrast, uniform(c_seed, contrast)),
+      (adjust_saturation, uniform(s_seed, saturation)),
+      (adjust_hue, tf.random.stateless_uniform([], h_seed, -hue, hue)),
   ]
   order = tf.argsort(tf.random.stateless_uniform([len(ops)], order_seed))
   for i in range(len(ops)):
-    image = tf.switch_case(order[i], [lambda op=op: op(image) for op in ops])
+    image = tf.switch_case(order[i], [lambda op=op, v=v: op(image, v) for op, v in ops])
   return image
 
 
 def grayscale(image):
+  """torchvision's Grayscale with as many output channels as input channels."""
   return tf.broadcast_to(_luma(image), tf.shape(image))
 
 
