@@ -275,6 +275,7 @@ _SHARDED_SCRIPT = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow  # a fresh 4-device process: about a minute on 2 cores
 def test_batchnorm_statistics_are_global_across_devices():
   proc = subprocess.run([sys.executable, '-c', _SHARDED_SCRIPT.format(root=ROOT)],
                         capture_output=True, text=True, timeout=300, cwd=ROOT)
@@ -289,6 +290,7 @@ def test_batchnorm_statistics_are_global_across_devices():
 # ----------------------------------------------------------------------------- training run
 
 
+@pytest.mark.slow  # about 1.5 minutes on 2 cores
 def test_runlocal_mae_lut_losses_decrease(tmp_path):
   from mimjax import train  # pylint: disable=g-import-not-at-top
   c = mae_lut.get_config('runlocal,model=S/16')

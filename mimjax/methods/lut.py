@@ -45,8 +45,10 @@ def pool_visible(patch_tokens):
 
 def cosine_distance(prediction, target, eps=1e-12):
   """Per-sample 2 - 2 cos(prediction, target) = |p/|p| - t/|t||^2, [B]."""
-  normalize = lambda x: x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)  # noqa: E731
-  p, t = normalize(prediction.astype(jnp.float32)), normalize(target.astype(jnp.float32))
+  def normalize(x):
+    x = x.astype(jnp.float32)
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+  p, t = normalize(prediction), normalize(target)
   return 2.0 - 2.0 * jnp.sum(p * t, axis=-1)
 
 
@@ -105,7 +107,8 @@ class LUT(base.Plugin):
   def _init_heads(self, rng):
     x = jnp.zeros((2, self.framework.encoder_kwargs['width']), jnp.float32)
     proj_rng, pred_rng = jax.random.split(rng)
-    return {'projector': self.projector.init(proj_rng, x), 'predictor': self.predictor.init(pred_rng, x)}
+    return {'projector': self.projector.init(proj_rng, x),
+            'predictor': self.predictor.init(pred_rng, x)}
 
   def init_params(self, rng, outputs):
     del outputs
@@ -116,7 +119,8 @@ class LUT(base.Plugin):
     stats = {k: v['batch_stats'] for k, v in self._init_heads(jax.random.PRNGKey(0)).items()}
     context = dict(encoder=params['encoder'], projector=params[self.name]['projector'],
                    projector_stats=stats['projector'])
-    return dict(batch_stats=stats, context=context)
+    # Own buffers, so that a donated train state never holds one buffer twice.
+    return dict(batch_stats=stats, context=jax.tree_util.tree_map(jnp.copy, context))
 
   def _head(self, module, params, stats, x, train):
     """Applies a head; in training, BatchNorm uses (global) batch statistics and updates `stats`."""
