@@ -1,12 +1,13 @@
 """Framework registry: config.framework -> Framework class; plug-ins chosen by config."""
 from mimjax.frameworks import mae
+from mimjax.methods import lut
 
 FRAMEWORKS = {
     'mae': mae.MAE,
 }
 
 # Plug-in classes in the order their loss terms are added; each has `enabled(config)`.
-PLUGINS = ()
+PLUGINS = (lut.LUT,)
 
 
 def enabled_plugins(config):
