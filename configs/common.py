@@ -107,6 +107,11 @@ def base_config():
   c.mae.decoder_heads = 16
   c.mae.decoder_mlp_ratio = 4
 
+  # Weights a fresh run starts from (ignored when resuming from the workdir's own checkpoint).
+  c.init = ml_collections.ConfigDict()
+  c.init.checkpoint = ''  # '' = random init; else a .safetensors / .pth file
+  c.init.format = 'timm'  # timm: a timm ViT state dict | mae: an official MAE checkpoint
+
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1 takes every device not used by the other axes
   c.mesh.fsdp = 1

@@ -212,44 +212,51 @@ def from_timm(sd, num_heads):
   (timm's `no_embed_class=False`) is folded into `cls`, which is exact (see the module docstring).
   """
   arch = infer_arch(sd)
-  width = arch.width
-  if width % num_heads:
-    raise InteropError(f'width {width} is not divisible by num_heads={num_heads}.')
-  head_dim = width // num_heads
+  if arch.width % num_heads:
+    raise InteropError(f'width {arch.width} is not divisible by num_heads={num_heads}.')
   pos = sd['pos_embed']
   p = {'embedding': {'kernel': sd['patch_embed.proj.weight'].transpose(2, 3, 1, 0),
                      'bias': sd['patch_embed.proj.bias']},
        'pos_embedding': pos[:, pos.shape[1] - arch.grid_size ** 2:]}
   if arch.cls_token:
     p['cls'] = sd['cls_token'] + (pos[:, :1] if pos.shape[1] > arch.grid_size ** 2 else 0)
-  tr = {}
-  for i in range(arch.depth):
-    g = lambda name, i=i: sd[f'blocks.{i}.{name}']  # noqa: E731
-    q, k, v = np.split(g('attn.qkv.weight'), 3)
-    qb, kb, vb = np.split(g('attn.qkv.bias'), 3)
-    attn = {n: {'kernel': w.T.reshape(width, num_heads, head_dim),
-                'bias': b.reshape(num_heads, head_dim)}
-            for n, w, b in (('query', q, qb), ('key', k, kb), ('value', v, vb))}
-    attn['out'] = {'kernel': g('attn.proj.weight').T.reshape(num_heads, head_dim, width),
-                   'bias': g('attn.proj.bias')}
-    blk = {'LayerNorm_0': {'scale': g('norm1.weight'), 'bias': g('norm1.bias')},
-           'MultiHeadDotProductAttention_0': attn,
-           'LayerNorm_1': {'scale': g('norm2.weight'), 'bias': g('norm2.bias')},
-           'MlpBlock_0': {f'Dense_{j}': {'kernel': g(f'mlp.fc{j + 1}.weight').T,
-                                         'bias': g(f'mlp.fc{j + 1}.bias')} for j in (0, 1)}}
-    if arch.layerscale:
-      blk['LayerScale_0'] = {'scale': g('ls1.gamma')}
-      blk['LayerScale_1'] = {'scale': g('ls2.gamma')}
-    tr[f'encoderblock_{i}'] = blk
+  tr = {f'encoderblock_{i}': block_from_timm(sd, f'blocks.{i}.', num_heads)
+        for i in range(arch.depth)}
   tr['encoder_norm'] = {'scale': sd['norm.weight'], 'bias': sd['norm.bias']}
   p['Transformer'] = tr
   if 'head.weight' in sd:
     p['head'] = {'kernel': sd['head.weight'].T, 'bias': sd['head.bias']}
-  p = _map(lambda a: np.ascontiguousarray(a, np.float32), p)
-  return p, arch
+  return as_float32(p), arch
 
 
-def _map(fn, tree):
+def block_from_timm(sd, prefix, num_heads):
+  """One timm `Block` (keys `prefix` + norm1, attn.qkv, ...) -> mimjax `Encoder1DBlock` params."""
+  g = lambda name: sd[prefix + name]  # noqa: E731
+  width = g('norm1.weight').shape[0]
+  head_dim = width // num_heads
+  q, k, v = np.split(g('attn.qkv.weight'), 3)
+  qb, kb, vb = np.split(g('attn.qkv.bias'), 3)
+  attn = {n: {'kernel': w.T.reshape(width, num_heads, head_dim),
+              'bias': b.reshape(num_heads, head_dim)}
+          for n, w, b in (('query', q, qb), ('key', k, kb), ('value', v, vb))}
+  attn['out'] = {'kernel': g('attn.proj.weight').T.reshape(num_heads, head_dim, width),
+                 'bias': g('attn.proj.bias')}
+  blk = {'LayerNorm_0': {'scale': g('norm1.weight'), 'bias': g('norm1.bias')},
+         'MultiHeadDotProductAttention_0': attn,
+         'LayerNorm_1': {'scale': g('norm2.weight'), 'bias': g('norm2.bias')},
+         'MlpBlock_0': {f'Dense_{j}': {'kernel': g(f'mlp.fc{j + 1}.weight').T,
+                                       'bias': g(f'mlp.fc{j + 1}.bias')} for j in (0, 1)}}
+  for j in (0, 1):
+    if f'{prefix}ls{j + 1}.gamma' in sd:
+      blk[f'LayerScale_{j}'] = {'scale': g(f'ls{j + 1}.gamma')}
+  return blk
+
+
+def as_float32(tree):
+  """A copy of a nested dict with every leaf a contiguous float32 numpy array."""
+  if isinstance(tree, dict):
+    return {k: as_float32(v) for k, v in tree.items()}
+  return np.ascontiguousarray(tree, np.float32)
   return {k: _map(fn, v) for k, v in tree.items()} if isinstance(tree, dict) else fn(tree)
 
 
