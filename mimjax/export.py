@@ -143,31 +143,34 @@ def create_timm_model(path):
   return timm.create_model(sidecar['timm_model'], pretrained=True, **kwargs)
 
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir holding config.json and '
-                               'checkpoints/.')
-_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step to export (default: the latest).')
-_OUT = flags.DEFINE_string('out', None, 'Output file (.safetensors or .npz); FILE.json is written '
-                           'next to it.')
-_FORMAT = flags.DEFINE_enum('format', None, FORMATS, 'Output format (default: from the --out '
-                            'extension, safetensors unless it ends in .npz).')
+def _define_flags():
+  """Flags of the CLI, defined only when run as a program (mimjax.train defines --workdir too)."""
+  flags.DEFINE_string('workdir', None, 'Training workdir holding config.json and checkpoints/.')
+  flags.DEFINE_integer('step', None, 'Checkpoint step to export (default: the latest).')
+  flags.DEFINE_string('out', None, 'Output file (.safetensors or .npz); FILE.json is written next '
+                      'to it.')
+  flags.DEFINE_enum('format', None, FORMATS, 'Output format (default: from the --out extension, '
+                    'safetensors unless it ends in .npz).')
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if not _WORKDIR.value or not _OUT.value:
+  f = flags.FLAGS
+  if not f.workdir or not f.out:
     raise app.UsageError('--workdir and --out are required.')
   if not flags.FLAGS['verbosity'].present:  # Orbax logs every read at INFO.
     logging.set_verbosity(logging.ERROR)
-  fmt = _FORMAT.value or ('npz' if _OUT.value.endswith('.npz') else 'safetensors')
+  fmt = f.format or ('npz' if f.out.endswith('.npz') else 'safetensors')
   try:
-    sidecar = export_checkpoint(_WORKDIR.value, _OUT.value, _STEP.value, fmt)
+    sidecar = export_checkpoint(f.workdir, f.out, f.step, fmt)
   except (timm_lib.InteropError, checkpoint_lib.CheckpointError, config_lib.ConfigError,
           FileNotFoundError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
-  print(f'Wrote {_OUT.value} ({fmt}, step {sidecar["source"]["step"]}) and {_OUT.value}.json')
+  print(f'Wrote {f.out} ({fmt}, step {sidecar["source"]["step"]}) and {f.out}.json')
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)
