@@ -124,16 +124,17 @@ def test_create_timm_model_one_call(tmp_path, fmt):
                              atol=1e-4, rtol=0)
 
 
-def test_export_leaves_out_position_of_cls_and_materialises_sincos(tmp_path):
+def test_export_materialises_sincos_with_zero_cls_slot(tmp_path):
   config = make_config(*VARIANTS['cls_tok_sincos'])
   params = random_params(config)
   path = str(tmp_path / 'enc.safetensors')
   sidecar = export.export_params(config, params, path)
   sd = safetensors_torch.load_file(path)
-  assert sidecar['timm_kwargs']['no_embed_class'] is True
-  assert tuple(sd['pos_embed'].shape) == (1, 16, 32)  # 4x4 patches, no cls slot
-  # MAE's table: channel 0 is sin(x * 1) with x the column index, so row 0 reads sin(0..3).
-  np.testing.assert_allclose(sd['pos_embed'][0, :4, 0].numpy(), np.sin(np.arange(4)), atol=1e-6)
+  assert sidecar['timm_kwargs']['no_embed_class'] is False
+  assert tuple(sd['pos_embed'].shape) == (1, 17, 32)  # cls slot + 4x4 patches
+  assert not sd['pos_embed'][0, 0].any()  # MAE's zero slot: the cls token gets no position
+  # MAE's table: channel 0 is sin(x * 1) with x the column index, so patch row 0 reads sin(0..3).
+  np.testing.assert_allclose(sd['pos_embed'][0, 1:5, 0].numpy(), np.sin(np.arange(4)), atol=1e-6)
 
 
 def test_export_refuses_moto_tokenizer(tmp_path):

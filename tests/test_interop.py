@@ -66,7 +66,7 @@ ROUND_TRIP = {
 
 @pytest.mark.parametrize('name', sorted(ROUND_TRIP))
 def test_timm_round_trip_is_exact(name):
-  model = timm_vit(no_embed_class=True, **ROUND_TRIP[name])
+  model = timm_vit(**ROUND_TRIP[name])  # timm's default layout: pos_embed has a cls slot
   sd = state_dict_np(model)
   params, arch = timm_lib.from_timm(sd, num_heads=2)
   back = timm_lib.to_timm(params, params['pos_embedding'])
@@ -87,16 +87,15 @@ def test_imported_timm_matches_timm_forward(name, no_embed_class):
                                  layerscale=0.1 if arch.layerscale else 0.0,
                                  num_classes=arch.num_classes)
   want_tokens, want_pooled = torch_features(model, X)
-  # With no_embed_class=False the cls position slot has been folded into the cls token.
   np.testing.assert_allclose(tokens, want_tokens, atol=1e-4, rtol=0)
   np.testing.assert_allclose(pooled, want_pooled, atol=1e-4, rtol=0)
 
 
-def test_cls_slot_fold_then_export_keeps_function():
-  """timm (cls slot) -> mimjax -> timm (no_embed_class) computes the same features."""
-  model = timm_vit(no_embed_class=False)
+def test_no_embed_class_import_then_export_keeps_function():
+  """timm (no cls slot) -> mimjax (zero slot) -> timm (default layout): the same features."""
+  model = timm_vit(no_embed_class=True)
   params, _ = timm_lib.from_timm(state_dict_np(model), num_heads=2)
-  back = timm_vit(no_embed_class=True, seed=9)
+  back = timm_vit(no_embed_class=False, seed=9)
   back.load_state_dict({k: torch.from_numpy(v) for k, v in
                         timm_lib.to_timm(params, params['pos_embedding']).items()})
   np.testing.assert_allclose(torch_features(back, X)[0], torch_features(model, X)[0], atol=1e-5)
@@ -169,6 +168,22 @@ def test_training_starts_from_timm_weights(tmp_path):
   config.model.posemb, config.model.variant = 'learn', 'mu/8'
   with pytest.raises(config_lib.ConfigError, match='variant'):
     fresh_state(config, init=True)
+
+
+def test_cls_slot_folds_into_cls_for_a_sincos_config(tmp_path):
+  """Fixed sin-cos patch positions with a learned cls slot start a sincos2d run exactly."""
+  from safetensors.torch import save_file  # pylint: disable=g-import-not-at-top
+  model = timm_vit(depth=1, seed=8)
+  with torch.no_grad():
+    model.pos_embed[0, 1:] = torch.from_numpy(mae_sincos(32, 4)[0, 1:])
+  path = str(tmp_path / 'w.safetensors')
+  save_file(dict(model.state_dict()), path)
+  config = small_mae_config(posemb='sincos2d')
+  config.init.checkpoint = path
+  enc = fresh_state(config, init=True).params['encoder']
+  assert 'pos_embedding' not in enc
+  np.testing.assert_allclose(export.forward_features(config, enc, X), torch_features(model, X)[0],
+                             atol=1e-4, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------

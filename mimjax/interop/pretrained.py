@@ -58,7 +58,11 @@ def _select(config, params, mae):
   notes = []
   encoder = dict(params['encoder'])
   if config.model.posemb == 'sincos2d':
-    encoder.pop('pos_embedding')  # equal to the fixed table (checked by _check_arch)
+    # The patch part equals the fixed table (checked by _check_arch); the cls slot, which the
+    # fixed embedding does not have, is folded into the cls token: the same function.
+    table = encoder.pop('pos_embedding')
+    if config.model.cls_token:
+      encoder['cls'] = encoder['cls'] + table[:, :1]
   head = encoder.pop('head', None)
   if head is not None and config.model.num_classes == head['bias'].shape[0]:
     encoder['head'] = head

@@ -1,12 +1,14 @@
 """The mimjax ViT <-> timm `VisionTransformer` state dict, both ways, in numpy (no torch needed).
 
-mimjax encoders map onto timm's ViT with `no_embed_class=True` (the cls token gets no position
-embedding), `fc_norm=False` (mimjax pools after the final norm) and `pos_embed='learn'` holding the
-materialised table. Conversion is a pure reshuffle of arrays, so timm -> mimjax -> timm is exact.
+mimjax encoders map onto timm's ViT with its default layout: `pos_embed` holds a slot for the cls
+token at index 0 (`no_embed_class=False`): mimjax's learned slot, or zeros for the fixed sin-cos
+table, which gives the cls token no position (as MAE). `fc_norm=False` because mimjax pools after
+the final norm. Conversion is a pure reshuffle of arrays, so timm -> mimjax -> timm is exact.
 
-Importing timm's default `no_embed_class=False` layout, whose `pos_embed` has a slot for the cls
-token, folds that slot into the cls token: timm adds `pos_embed[:, 0]` to the cls token before the
-first block and nothing else reads it, so `cls + pos_embed[:, :1]` with no slot is the same model.
+A timm model with `no_embed_class=True` (no cls slot) imports with a zero slot, the same function.
+Into a config with the fixed sin-cos embedding, which has no slot, a cls slot is folded into the
+cls token (`mimjax.interop.pretrained`): timm adds `pos_embed[:, 0]` to the cls token before the
+first block and nothing else reads it, so `cls + pos_embed[:, :1]` without a slot is the same model.
 """
 import dataclasses
 import json
@@ -39,7 +41,7 @@ class Arch:
   grid_size: int
   in_chans: int
   cls_token: bool
-  posemb: str  # 'sincos2d' when pos_embed equals the fixed MAE table, else 'learn'
+  posemb: str  # 'sincos2d' when pos_embed's patch part is the fixed MAE table, else 'learn'
   layerscale: bool
   num_classes: int
 
@@ -79,8 +81,8 @@ def to_timm(encoder_params, posemb_table):
 
   Args:
     encoder_params: `params['encoder']` of a mimjax ViT.
-    posemb_table: [1, N, width] position embedding of the patch tokens (the learned one, or the
-      fixed sin-cos table materialised); see `position_embedding`.
+    posemb_table: [1, cls + N, width] position embedding (the learned one, or the fixed sin-cos
+      table materialised); see `position_embedding`.
   """
   check_representable(encoder_params)
   p = jax_free(encoder_params)
@@ -128,11 +130,15 @@ def jax_free(tree):
 
 
 def position_embedding(encoder_params, grid_size):
-  """[1, N, width] patch position embedding: the learned table, or the fixed sin-cos one."""
+  """[1, cls + N, width] timm `pos_embed`: the learned table (with its cls slot), or the fixed
+  sin-cos one with a zero cls slot."""
   if 'pos_embedding' in encoder_params:
     return np.asarray(encoder_params['pos_embedding'])
   width = encoder_params['embedding']['kernel'].shape[-1]
-  return posemb_lib.sincos_2d(grid_size, width)[None]
+  table = posemb_lib.sincos_2d(grid_size, width)
+  if 'cls' in encoder_params:
+    table = np.concatenate([np.zeros((1, width), np.float32), table])
+  return table[None]
 
 
 def timm_kwargs(model_config, image_size, in_chans):
@@ -142,7 +148,7 @@ def timm_kwargs(model_config, image_size, in_chans):
       img_size=image_size, patch_size=kw['patch_size'], in_chans=in_chans,
       embed_dim=kw['width'], depth=kw['depth'], num_heads=kw['num_heads'],
       mlp_ratio=kw['mlp_dim'] / kw['width'], qkv_bias=True, class_token=model_config.cls_token,
-      global_pool='token' if model_config.pool == 'tok' else 'avg', no_embed_class=True,
+      global_pool='token' if model_config.pool == 'tok' else 'avg', no_embed_class=False,
       pos_embed='learn', fc_norm=False, init_values=model_config.layerscale or None,
       num_classes=model_config.num_classes)
 
@@ -196,8 +202,7 @@ def infer_arch(sd):
     raise InteropError(f'pos_embed has {num_pos} positions: not a square grid (plus a cls slot).')
   patch_table = sd['pos_embed'][:, num_pos - grid * grid:]
   fixed = posemb_lib.sincos_2d(grid, width)[None]
-  is_sincos = np.allclose(patch_table, fixed, atol=1e-5) and (
-      num_pos == grid * grid or not sd['pos_embed'][:, 0].any())
+  is_sincos = np.allclose(patch_table, fixed, atol=1e-5)  # a cls slot is folded on import
   return Arch(width=width, depth=depth, mlp_dim=sd['blocks.0.mlp.fc1.weight'].shape[0],
               patch_size=patch, grid_size=grid, in_chans=in_chans, cls_token=cls_token,
               posemb='sincos2d' if is_sincos else 'learn', layerscale='blocks.0.ls1.gamma' in sd,
@@ -207,9 +212,9 @@ def infer_arch(sd):
 def from_timm(sd, num_heads):
   """timm ViT state dict -> (mimjax encoder params as numpy, Arch).
 
-  The params always hold `pos_embedding` (the patch part of `pos_embed`); a config with the fixed
-  sin-cos embedding drops it (see `mimjax.interop.pretrained`). A cls slot in `pos_embed`
-  (timm's `no_embed_class=False`) is folded into `cls`, which is exact (see the module docstring).
+  The params always hold `pos_embedding` [1, cls + N, width] (a zero cls slot is added when timm
+  has none, `no_embed_class=True`); a config with the fixed sin-cos embedding drops it (see
+  `mimjax.interop.pretrained`).
   """
   arch = infer_arch(sd)
   if arch.width % num_heads:
@@ -217,9 +222,11 @@ def from_timm(sd, num_heads):
   pos = sd['pos_embed']
   p = {'embedding': {'kernel': sd['patch_embed.proj.weight'].transpose(2, 3, 1, 0),
                      'bias': sd['patch_embed.proj.bias']},
-       'pos_embedding': pos[:, pos.shape[1] - arch.grid_size ** 2:]}
+       'pos_embedding': pos}
   if arch.cls_token:
-    p['cls'] = sd['cls_token'] + (pos[:, :1] if pos.shape[1] > arch.grid_size ** 2 else 0)
+    p['cls'] = sd['cls_token']
+    if pos.shape[1] == arch.grid_size ** 2:
+      p['pos_embedding'] = np.concatenate([np.zeros_like(pos[:, :1]), pos], axis=1)
   tr = {f'encoderblock_{i}': block_from_timm(sd, f'blocks.{i}.', num_heads)
         for i in range(arch.depth)}
   tr['encoder_norm'] = {'scale': sd['norm.weight'], 'bias': sd['norm.bias']}
