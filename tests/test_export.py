@@ -14,7 +14,6 @@ from configs import common
 from configs import mae as mae_config
 from mimjax import export
 from mimjax.interop import timm as timm_lib
-from mimjax.models import vit
 
 torch = pytest.importorskip('torch')
 timm = pytest.importorskip('timm')
