@@ -116,6 +116,11 @@ def base_config():
   c.lut.momentum = 0.996  # context-encoder EMA momentum at step 0; cosine schedule up to 1
   c.lut.head_dim = 4096  # hidden width of the projector and predictor MLPs
 
+  # Weights a fresh run starts from (ignored when resuming from the workdir's own checkpoint).
+  c.init = ml_collections.ConfigDict()
+  c.init.checkpoint = ''  # '' = random init; else a .safetensors / .pth file
+  c.init.format = 'timm'  # timm: a timm ViT state dict | mae: an official MAE checkpoint
+
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1 takes every device not used by the other axes
   c.mesh.fsdp = 1
