@@ -33,6 +33,17 @@ def validate(config):
     raise ConfigError(f'config.mae.mask_ratio must be in [0, 1), got {config.mae.mask_ratio}.')
   if config.model.dtype not in ('float32', 'bfloat16', 'float16'):
     raise ConfigError(f'config.model.dtype={config.model.dtype!r}; use float32 or bfloat16.')
+  if config.model.tokenizer_norm not in ('none', 'moto'):
+    raise ConfigError(f'config.model.tokenizer_norm={config.model.tokenizer_norm!r}; use "none" '
+                      'or "moto".')
+  if config.eval.every_steps < 0:
+    raise ConfigError(f'config.eval.every_steps must be >= 0 (0 = off), got '
+                      f'{config.eval.every_steps}.')
+  framework = frameworks.FRAMEWORKS[config.framework]
+  if config.eval.every_steps and not framework.best_metric:
+    raise ConfigError(f'config.eval.every_steps={config.eval.every_steps}, but framework '
+                      f'{config.framework!r} has no held-out evaluation; set eval.every_steps=0.')
+  framework.check_config(config)
   frameworks.check_plugins(config)
 
 
