@@ -35,12 +35,16 @@ def _blend(degenerate, image, factor):
 
 
 def _affine(image, matrix, fill):
-  """Warps `image` with the output->input map (a0, a1, a2, b0, b1, b2) (PIL's AFFINE convention),
-  bilinear, filling outside pixels with the per-channel `fill`."""
+  """Warps `image` with the output->input map (a0, a1, a2, b0, b1, b2) (PIL's AFFINE convention,
+  pixel centres at +0.5), bilinear, filling outside pixels with the per-channel `fill`."""
   shape = tf.shape(image)
   ones = tf.ones_like(image[..., :1])
   stacked = tf.concat([image, ones], axis=-1)[None]
-  transform = tf.concat([tf.cast(tf.stack(matrix), tf.float32), tf.zeros([2])], axis=0)[None]
+  a0, a1, a2, b0, b1, b2 = [tf.cast(v, tf.float32) for v in matrix]
+  # TF indexes pixel centres at integers: shift by half a pixel on both sides of the map.
+  a2 = a2 + 0.5 * (a0 + a1) - 0.5
+  b2 = b2 + 0.5 * (b0 + b1) - 0.5
+  transform = tf.stack([a0, a1, a2, b0, b1, b2, 0.0, 0.0])[None]
   warped = tf.raw_ops.ImageProjectiveTransformV3(
       images=stacked, transforms=transform, output_shape=shape[:2], fill_value=0.0,
       interpolation='BILINEAR', fill_mode='CONSTANT')[0]
