@@ -88,3 +88,20 @@ class Checkpointer:
 
   def close(self):
     self.manager.close()
+
+
+def restore_params(workdir, step=None):
+  """Trained params of the checkpoint at `step` (default: latest) in `workdir`, for analyses.
+
+  Restores without a target, so it needs neither the optimizer nor the mesh of the run.
+  """
+  ckpt = Checkpointer(workdir, async_save=False)
+  try:
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f'No checkpoint in {ckpt.directory}; train into {workdir} first.')
+    restored = ckpt.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore()))
+  finally:
+    ckpt.close()
+  return jax.device_get(restored['state']['params'])
