@@ -155,7 +155,7 @@ def base_config():
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 256
-  c.eval.every_steps = 0  # held-out evaluation during training (frameworks with eval_metrics); 0 = off
+  c.eval.every_steps = 0  # held-out evaluation while training (eval_metrics frameworks); 0 = off
   c.eval.knn_k = (20, 200)
   c.eval.knn_temperature = 0.07
   c.eval.feature = 'pooled'  # pooled (the encoder's pool) | cls | gap

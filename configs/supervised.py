@@ -1,4 +1,4 @@
-r"""Supervised ViT training with DeiT's recipe (Touvron et al., 2021), optionally with MoTo / TokenProp.
+r"""Supervised ViT training, DeiT recipe (Touvron et al., 2021), optionally with MoTo / TokenProp.
 
   python -m mimjax.train --config configs/supervised.py:runlocal --workdir /tmp/sup
   python -m mimjax.train --config configs/supervised.py:runlocal,moto,tokenprop --workdir /tmp/mt

@@ -3,8 +3,8 @@
 One mixing weight per batch; each image is mixed with the image at the mirrored batch position
 (timm's `x.flip(0)`). With probability `switch_prob` the batch gets CutMix (a box of area ~ 1 - lam
 pasted from the partner, lam then corrected to the box's true clipped area) instead of mixup
-(lam * x + (1 - lam) * partner). Targets are mixed with the same lam. Everything is a function of the
-step rng with static shapes, so it runs inside the jitted train step.
+(lam * x + (1 - lam) * partner). Targets are mixed with the same lam. Everything is a function of
+the step rng with static shapes, so it runs inside the jitted train step.
 """
 import jax
 import jax.numpy as jnp

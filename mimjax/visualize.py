@@ -38,7 +38,7 @@ def uint8_grid(columns, pad=2):
 
 
 def layout_colours(layout):
-  """Soft layout [..., H, W, n] -> uint8 [..., H, W, 3]: each pixel coloured by its argmax entity."""
+  """Soft layout [..., H, W, n] -> uint8 [..., H, W, 3]: pixels coloured by their argmax entity."""
   return PALETTE[np.argmax(np.asarray(layout), axis=-1) % len(PALETTE)]
 
 

@@ -55,8 +55,8 @@ def test_mixup_blends_images_and_targets_with_one_lambda(seed):
                                         mixup_alpha=0.8, cutmix_alpha=0.0)
   lam = float(lam)
   assert 0.0 < lam < 1.0
-  np.testing.assert_allclose(mixed[:, 0, 0, 0], lam * np.arange(1, 5) + (1 - lam) * np.arange(4, 0, -1),
-                             rtol=1e-5)
+  expected = lam * np.arange(1, 5) + (1 - lam) * np.arange(4, 0, -1)
+  np.testing.assert_allclose(mixed[:, 0, 0, 0], expected, rtol=1e-5)
   # Sample 0 is mixed with sample 3: its target is lam on class 0 and 1 - lam on class 3.
   np.testing.assert_allclose(mixed_targets[0], [lam, 0, 0, 1 - lam], rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(mixed_targets.sum(-1), 1.0, rtol=1e-6)

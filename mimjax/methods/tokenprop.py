@@ -1,8 +1,9 @@
 """TokenProp (Qian et al., eq. 7 and Table 16): reconstruct the image from the tokenizer's output.
 
 A light convolutional decoder G maps the tokenizer's patch tokens (before position embedding and
-the transformer blocks), laid out on their g x g grid, to an image at 4g x 4g; the L2 distance to the
-encoder's input image resized to that resolution, times lambda = 1e-3, is added to the task loss.
+the transformer blocks), laid out on their g x g grid, to an image at 4g x 4g; the L2 distance to
+the encoder's input image resized to that resolution, times lambda = 1e-3, is added to the task
+loss.
 The decoder is training-only: it lives in params['tokenprop'], never in params['encoder'].
 
 Table 16 calls its convolutional layers residual blocks without saying more; here the two 3x3 layers

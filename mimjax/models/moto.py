@@ -1,4 +1,5 @@
-"""MoTo, Modulation across Tokens (Qian et al., "What Makes for Good Tokenizers in Vision Transformer?").
+"""MoTo, Modulation across Tokens (Qian et al., "What Makes for Good Tokenizers in Vision
+Transformer?").
 
 A patch tokenizer that normalises a pixel-resolution feature map X [B, h, w, c] over soft semantic
 regions before the patch embedding:
@@ -77,10 +78,9 @@ class MoTo(nn.Module):
   def __call__(self, x):
     _, h, w, c = x.shape
     n = self.entities
-    conv = lambda features, name: nn.Conv(features, (1, 1), dtype=self.dtype, name=name)  # noqa: E731
-    f = conv(n, 'f')(x)
-    k = conv(self.key_dim, 'k')(x)
-    q = conv(self.key_dim, 'q')(x)
+    f = nn.Conv(n, (1, 1), dtype=self.dtype, name='f')(x)
+    k = nn.Conv(self.key_dim, (1, 1), dtype=self.dtype, name='k')(x)
+    q = nn.Conv(self.key_dim, (1, 1), dtype=self.dtype, name='q')(x)
     rows, cols = grid_points(h, w, n)
     k_n = k[:, rows, cols]  # [B, n, d]
     correlation = jnp.einsum('bhwd,bnd->bhwn', q, k_n, preferred_element_type=jnp.float32)
