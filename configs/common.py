@@ -72,6 +72,13 @@ def base_config():
   c.model.dtype = 'float32'  # compute dtype: float32 | bfloat16
   c.model.remat = False  # rematerialise each block in the backward pass
   c.model.num_classes = 0  # classification head size; 0 = no head
+  c.model.tokenizer_norm = 'none'  # none (plain patch embedding) | moto (MoTo, Qian et al.)
+  c.model.moto = ml_collections.ConfigDict()
+  c.model.moto.entities = 8  # n, the number of soft semantic entities
+  c.model.moto.stem_channels = 16  # c of the 3x3 conv stem before MoTo; 0 = MoTo on the image
+  c.model.moto.key_dim = 16  # output channels of the 1x1 convs k and q
+  c.model.moto.temperature = 0.1  # tau in L = softmax(tau * Z), multiplied as the paper writes it
+  c.model.moto.eps = 1e-5  # added to the weighted standard deviation
 
   c.data = ml_collections.ConfigDict()
   c.data.name = 'imagenet2012'
@@ -82,8 +89,13 @@ def base_config():
   c.data.channels = 3  # grayscale images are replicated to 3 channels
   c.data.mean = (0.485, 0.456, 0.406)
   c.data.std = (0.229, 0.224, 0.225)
-  c.data.augment = 'rrc_flip'  # rrc_flip | center | lut_two_view (image + image2, for LUT)
+  c.data.augment = 'rrc_flip'  # rrc_flip | deit | center | lut_two_view (image + image2, LUT)
   c.data.crop_scale = (0.2, 1.0)
+  # 'deit' augmentation: RandAugment (timm's rand-m9-mstd0.5-inc1 by default) and random erasing.
+  c.data.randaug_layers = 2  # ops applied per image (each with probability 0.5); 0 = off
+  c.data.randaug_magnitude = 9  # on timm's 0..10 scale
+  c.data.randaug_magnitude_std = 0.5  # Gaussian noise on the magnitude per op
+  c.data.random_erase = 0.25  # probability of erasing one random box with per-pixel noise
   c.data.eval_crop_fraction = 0.875  # evaluation: resize to size / fraction, then centre crop
   c.data.cache = False  # keep the raw (encoded) split in memory; for small datasets
   c.data.shuffle_buffer = 50_000
@@ -121,6 +133,18 @@ def base_config():
   c.init.checkpoint = ''  # '' = random init; else a .safetensors / .pth file
   c.init.format = 'timm'  # timm: a timm ViT state dict | mae: an official MAE checkpoint
 
+  c.supervised = ml_collections.ConfigDict()
+  c.supervised.label_smoothing = 0.1
+  c.supervised.mixup_alpha = 0.8  # Beta(a, a) mixing weight of mixup; 0 = no mixup
+  c.supervised.cutmix_alpha = 1.0  # Beta(a, a) area weight of cutmix; 0 = no cutmix
+  c.supervised.mix_prob = 1.0  # probability that a batch is mixed at all
+  c.supervised.switch_prob = 0.5  # probability of cutmix rather than mixup when both are on
+
+  c.tokenprop = ml_collections.ConfigDict()
+  c.tokenprop.enabled = False  # reconstruct the image from the tokenizer output (Qian et al.)
+  c.tokenprop.weight = 1e-3  # lambda of the reconstruction term
+  c.tokenprop.hidden = 256  # channels of the decoder's two residual blocks
+
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1 takes every device not used by the other axes
   c.mesh.fsdp = 1
@@ -145,6 +169,7 @@ def base_config():
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 256
+  c.eval.every_steps = 0  # held-out evaluation while training (eval_metrics frameworks); 0 = off
   c.eval.knn_k = (20, 200)
   c.eval.knn_temperature = 0.07
   c.eval.feature = 'pooled'  # pooled (the encoder's pool) | cls | gap

@@ -107,3 +107,15 @@ class Checkpointer:
 
   def close(self):
     self.manager.close()
+
+
+def restore_params(workdir, step=None):
+  """Trained params of the checkpoint at `step` (default: latest) in `workdir`, as numpy."""
+  ckpt = Checkpointer(workdir, async_save=False)
+  try:
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f'No checkpoint in {ckpt.directory}; train into {workdir} first.')
+    return ckpt.restore_params(step)
+  finally:
+    ckpt.close()

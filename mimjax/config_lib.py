@@ -36,6 +36,17 @@ def validate(config):
   if config.init.format not in ('timm', 'mae'):
     raise ConfigError(f'config.init.format={config.init.format!r}; use timm (a timm ViT state '
                       'dict) or mae (an official MAE checkpoint).')
+  if config.model.tokenizer_norm not in ('none', 'moto'):
+    raise ConfigError(f'config.model.tokenizer_norm={config.model.tokenizer_norm!r}; use "none" '
+                      'or "moto".')
+  if config.eval.every_steps < 0:
+    raise ConfigError(f'config.eval.every_steps must be >= 0 (0 = off), got '
+                      f'{config.eval.every_steps}.')
+  framework = frameworks.FRAMEWORKS[config.framework]
+  if config.eval.every_steps and not framework.best_metric:
+    raise ConfigError(f'config.eval.every_steps={config.eval.every_steps}, but framework '
+                      f'{config.framework!r} has no held-out evaluation; set eval.every_steps=0.')
+  framework.check_config(config)
   frameworks.check_plugins(config)
 
 

@@ -1,4 +1,5 @@
 """Loss functions shared by frameworks: pure functions of arrays, computed in float32."""
+import jax
 import jax.numpy as jnp
 
 
@@ -43,3 +44,15 @@ def mae_loss(pred, images, mask, patch_size, norm_pix_loss):
     target = normalize_patches(target)
   per_patch = jnp.mean((pred.astype(jnp.float32) - target) ** 2, axis=-1)
   return masked_mean(per_patch, mask)
+
+
+def smooth_labels(labels, num_classes, smoothing):
+  """One-hot targets with label smoothing: 1 - s + s/K on the label, s/K elsewhere (float32)."""
+  one_hot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+  return one_hot * (1.0 - smoothing) + smoothing / num_classes
+
+
+def soft_cross_entropy(logits, targets):
+  """Mean over the batch of -sum_k targets_k log softmax(logits)_k, in float32."""
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return -jnp.mean(jnp.sum(targets * log_probs, axis=-1))

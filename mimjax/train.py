@@ -5,6 +5,7 @@ optimizer, step, RNG and data position) and reproduces the uninterrupted run. Ct
 checkpoint at the current step before exiting.
 """
 import itertools
+import json
 import os
 import signal
 import sys
@@ -73,12 +74,46 @@ def _meta(config, state_params, step):
               param_shapes=checkpoint_lib.param_shapes(state_params))
 
 
+def evaluate(eval_fn, state, config, batch_sharding):
+  """Means over `config.data.eval_split` of the framework's `eval_metrics` sums."""
+  local_batch = pipeline.local_batch_size(config.eval.batch_size)
+  sums = None
+  for local in pipeline.eval_batches(config, config.data.eval_split, local_batch):
+    batch = jax.make_array_from_process_local_data(batch_sharding, local)
+    out = eval_fn(state.params, state.model_state, batch)
+    sums = out if sums is None else jax.tree_util.tree_map(jnp.add, sums, out)
+  sums = {k: float(v) for k, v in jax.device_get(sums).items()}
+  count = max(sums.pop('count'), 1.0)
+  return {k: v / count for k, v in sums.items()}
+
+
+def record_eval(workdir, framework, step, results):
+  """Adds `results` at `step` to WORKDIR/eval_<framework>.json: history, best and final.
+
+  Records from later steps (left by a run that was interrupted and resumed) are dropped.
+  """
+  if jax.process_index() != 0:
+    return
+  path = os.path.join(workdir, f'eval_{framework.name}.json')
+  history = []
+  if os.path.exists(path):
+    with open(path) as f:
+      history = [r for r in json.load(f)['history'] if r['step'] < step]
+  history.append(dict(step=int(step), **results))
+  best = max(history, key=lambda r: r[framework.best_metric])
+  with open(path + '.tmp', 'w') as f:
+    json.dump(dict(best=best, final=history[-1], history=history), f, indent=2)
+  os.replace(path + '.tmp', path)
+
+
 def train(config, workdir):
   """Runs (or resumes) training; returns the last logged metrics as a dict of floats."""
   config_lib.validate(config)
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch_divides(config.batch_size // config.optim.accum_steps, mesh,
                                'batch_size / optim.accum_steps')
+  if config.eval.every_steps:
+    sharding.check_batch_divides(config.eval.batch_size, mesh, 'eval.batch_size')
   framework = frameworks.build(config)
   os.makedirs(workdir, exist_ok=True)
   ckpt = checkpoint_lib.Checkpointer(workdir, config.checkpoint.keep, config.checkpoint.async_save)
@@ -110,6 +145,7 @@ def train(config, workdir):
       state_sharding, mesh)
   vis_fn = jax.jit(lambda s, b: framework.forward(s.params, s.model_state, b,
                                                   jax.random.PRNGKey(0), False)[2])
+  eval_fn = jax.jit(framework.eval_metrics)
   vis_batch = None
   batch_sharding = sharding.batch_sharding(mesh)
   writer = metrics_writer.MetricsWriter(workdir, config.total_steps, start_step,
@@ -129,7 +165,9 @@ def train(config, workdir):
         interval_steps += 1
         is_last = step == config.total_steps
         save_now = is_last or step % config.checkpoint.every_steps == 0 or interrupt.requested
-        if step % config.log.every_steps == 0 or save_now:
+        eval_every = config.eval.every_steps
+        eval_now = eval_every and (step % eval_every == 0 or is_last)
+        if step % config.log.every_steps == 0 or save_now or eval_now:
           means = {k: float(v) / interval_steps for k, v in jax.device_get(interval_sum).items()}
           if means.pop('nonfinite') > 0:
             raise NonFiniteLossError(
@@ -139,6 +177,10 @@ def train(config, workdir):
                 'optim.base_lr, set optim.grad_clip, or check the input data.')
           elapsed = time.time() - interval_start
           means['images_per_sec'] = interval_steps * config.batch_size / max(elapsed, 1e-9)
+          if eval_now:
+            results = evaluate(eval_fn, state, config, batch_sharding)
+            record_eval(workdir, framework, step, results)
+            means.update({f'eval_{k}': v for k, v in results.items()})
           writer.write(step, means)
           last_metrics = dict(step=step, **means)
           interval_sum, interval_steps, interval_start = None, 0, time.time()

@@ -1,5 +1,13 @@
 """Image grids for humans: reconstructions, morphing groups, tokenizer layouts."""
+import os
+
 import numpy as np
+
+# Distinct colours for the entities of a MoTo layout (Fig. 5 of Qian et al.); cycled beyond 12.
+PALETTE = np.array([
+    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+    (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128),
+    (170, 110, 40)], np.uint8)
 
 
 def to_uint8(images, data_config):
@@ -12,7 +20,11 @@ def to_uint8(images, data_config):
 
 def image_grid(columns, data_config, max_rows=8, pad=2):
   """Rows = samples, columns = the given [B, H, W, C] arrays; uint8 [rows*(H+pad), ..., 3]."""
-  columns = [to_uint8(c[:max_rows], data_config) for c in columns]
+  return uint8_grid([to_uint8(c[:max_rows], data_config) for c in columns], pad)
+
+
+def uint8_grid(columns, pad=2):
+  """Lays out uint8 [B, H, W, C] columns (C = 1 or 3) on a white uint8 [.., .., 3] canvas."""
   rows, h, w, _ = columns[0].shape
   grid = np.full((rows * (h + pad) + pad, len(columns) * (w + pad) + pad, 3), 255, np.uint8)
   for j, col in enumerate(columns):
@@ -23,3 +35,44 @@ def image_grid(columns, data_config, max_rows=8, pad=2):
       y, x = pad + i * (h + pad), pad + j * (w + pad)
       grid[y:y + h, x:x + w] = tile
   return grid
+
+
+def layout_colours(layout):
+  """Soft layout [..., H, W, n] -> uint8 [..., H, W, 3]: pixels coloured by their argmax entity."""
+  return PALETTE[np.argmax(np.asarray(layout), axis=-1) % len(PALETTE)]
+
+
+def moto_layout_png(workdir, out_path, num_images=8, step=None):
+  """Writes MoTo's learned soft layout over held-out images (paper Fig. 5) as a PNG.
+
+  Rows: images of `config.data.eval_split`; columns: image | argmax entity colour map | overlay.
+  Reads WORKDIR/config.json and the checkpoint at `step` (default: latest). Returns `out_path`.
+  """
+  # pylint: disable=g-import-not-at-top
+  import jax
+  from PIL import Image
+  from mimjax import checkpoint
+  from mimjax import config_lib
+  from mimjax.data import pipeline
+  from mimjax.models import vit
+  # pylint: enable=g-import-not-at-top
+  with open(os.path.join(workdir, 'config.json')) as f:
+    config = config_lib.from_json(f.read())
+  if config.model.tokenizer_norm != 'moto':
+    raise config_lib.ConfigError(f'{workdir} holds a model with model.tokenizer_norm='
+                                 f'{config.model.tokenizer_norm!r}; the layout needs "moto".')
+  params = checkpoint.restore_params(workdir, step)['encoder']
+  batch = next(pipeline.eval_batches(config, config.data.eval_split, num_images,
+                                     process_index=0, process_count=1))
+  images = batch['image']
+  model = vit.ViT(**vit.encoder_kwargs(config.model, config.data.image_size))
+  _, state = model.apply({'params': params}, images, mutable=['intermediates'])
+  layout = np.asarray(jax.device_get(state['intermediates']['tokenizer']['moto']['layout'][0]))
+  pixels = to_uint8(images, config.data)
+  if pixels.shape[-1] == 1:
+    pixels = np.repeat(pixels, 3, axis=-1)
+  colours = layout_colours(layout)
+  overlay = (0.5 * pixels + 0.5 * colours).round().astype(np.uint8)
+  grid = uint8_grid([pixels, colours, overlay])
+  Image.fromarray(grid).save(out_path)
+  return out_path

@@ -4,7 +4,11 @@ Every random op takes an explicit `seed` (int32/int64 [2]) derived from the run 
 example's position in the stream, so a resumed run sees exactly the augmentations the uninterrupted
 run would have seen. An augmentation maps a decoded uint8 image [h, w, c] to a dict of features.
 """
+import math
+
 import tensorflow as tf
+
+from mimjax.data import randaugment
 
 AUGMENTATIONS = {}
 OUTPUTS = {}  # name -> the image features it returns, e.g. ('image', 'image2') for two views
@@ -46,6 +50,7 @@ def random_resized_crop(image, seed, size, scale, ratio=(3 / 4, 4 / 3)):
       area_range=scale, aspect_ratio_range=ratio, max_attempts=10,
       use_image_if_no_bounding_boxes=True, min_object_covered=0.0)
   crop = tf.slice(image, begin, crop_size)
+  crop.set_shape([None, None, image.shape[-1]])  # tf.slice with a tensor size forgets the channels
   return resize(crop, size)
 
 
@@ -177,6 +182,52 @@ def rrc_flip(image, seed, data_config):
                               tuple(data_config.crop_scale))
   image = tf.image.stateless_random_flip_left_right(image, flip_seed)
   return {'image': normalize(image, data_config)}
+
+
+def random_erase(image, seed, prob, scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3), attempts=10):
+  """timm's RandomErasing (mode 'pixel', one box) on a normalised float image [H, W, C].
+
+  With probability `prob`, the first of `attempts` random boxes (area fraction in `scale`, log-
+  uniform aspect in `ratio`) that fits inside the image is filled with N(0, 1) noise per pixel.
+  """
+  h, w = image.shape[0], image.shape[1]
+  seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 6))
+  area = tf.random.stateless_uniform([attempts], seeds[0], *scale) * (h * w)
+  aspect = tf.exp(tf.random.stateless_uniform([attempts], seeds[1], math.log(ratio[0]),
+                                              math.log(ratio[1])))
+  box_h = tf.cast(tf.round(tf.sqrt(area * aspect)), tf.int32)
+  box_w = tf.cast(tf.round(tf.sqrt(area / aspect)), tf.int32)
+  fits = (box_h < h) & (box_w < w)
+  first = tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int32)
+  box_h, box_w = box_h[first], box_w[first]
+  top = tf.cast(tf.random.stateless_uniform([], seeds[2]) * tf.cast(h - box_h + 1, tf.float32),
+                tf.int32)
+  left = tf.cast(tf.random.stateless_uniform([], seeds[3]) * tf.cast(w - box_w + 1, tf.float32),
+                 tf.int32)
+  rows, cols = tf.range(h)[:, None, None], tf.range(w)[None, :, None]
+  box = (rows >= top) & (rows < top + box_h) & (cols >= left) & (cols < left + box_w)
+  erase = tf.reduce_any(fits) & (tf.random.stateless_uniform([], seeds[4]) < prob)
+  noise = tf.random.stateless_normal(tf.shape(image), seeds[5])
+  return tf.where(box & erase, noise, image)
+
+
+@register('deit')
+def deit(image, seed, data_config):
+  """DeiT's training augmentation: random-resized-crop, flip, RandAugment, random erasing."""
+  crop_seed, flip_seed, ra_seed, erase_seed = tf.unstack(
+      tf.random.experimental.stateless_split(seed, 4))
+  image = to_channels(image, data_config.channels)
+  image = random_resized_crop(image, crop_seed, data_config.image_size,
+                              tuple(data_config.crop_scale))
+  image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+  if data_config.randaug_layers:
+    image = randaugment.rand_augment(
+        image, ra_seed, data_config.randaug_layers, float(data_config.randaug_magnitude),
+        data_config.randaug_magnitude_std, fill=[255.0 * m for m in data_config.mean])
+  image = normalize(image, data_config)
+  if data_config.random_erase > 0:
+    image = random_erase(image, erase_seed, data_config.random_erase)
+  return {'image': image}
 
 
 @register('center')

@@ -1,13 +1,16 @@
 """Framework registry: config.framework -> Framework class; plug-ins chosen by config."""
 from mimjax.frameworks import mae
+from mimjax.frameworks import supervised
 from mimjax.methods import lut
+from mimjax.methods import tokenprop
 
 FRAMEWORKS = {
     'mae': mae.MAE,
+    'supervised': supervised.Supervised,
 }
 
 # Plug-in classes in the order their loss terms are added; each has `enabled(config)`.
-PLUGINS = (lut.LUT,)
+PLUGINS = (lut.LUT, tokenprop.TokenProp)
 
 
 def enabled_plugins(config):

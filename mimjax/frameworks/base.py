@@ -72,6 +72,13 @@ class Plugin(abc.ABC):
 class Framework(abc.ABC):
   """A family of objectives around one trainable module; see the module docstring."""
   name: str = ''
+  # The `eval_metrics` key whose maximum marks the best evaluation; empty without eval_metrics.
+  best_metric: str = ''
+
+  @classmethod
+  def check_config(cls, config):
+    """Raises config_lib.ConfigError when the framework cannot work with this config."""
+    del config
 
   def __init__(self, config, plugins=()):
     self.config = config
@@ -145,6 +152,12 @@ class Framework(abc.ABC):
       if plugin.name in model_state:
         new_state[plugin.name] = plugin.update_state(params, model_state[plugin.name], step)
     return new_state
+
+  def eval_metrics(self, params, model_state, batch):
+    """Held-out evaluation of one padded batch (with bool `valid` [B]): a dict of float sums over
+    the valid examples, including 'count'; the trainer reports sum / count. None: no evaluation."""
+    del params, model_state, batch
+    return None
 
   def encode(self, encoder_params, images, **kwargs):
     """Applies the encoder alone (probes, teachers, evaluation)."""

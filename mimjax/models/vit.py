@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mimjax.models import moto
 from mimjax.models import posemb as posemb_lib
 
 # size -> (width, depth, mlp_dim, num_heads). mu and pico are tiny sizes for CPU runs and tests.
@@ -266,6 +267,8 @@ def encoder_kwargs(model_config, image_size):
             pool=model_config.pool, layerscale=model_config.layerscale,
             drop_path=model_config.drop_path, num_classes=model_config.num_classes,
             dtype=jnp.dtype(model_config.dtype), remat=model_config.remat)
+  kw['tokenizer'] = moto.tokenizer_from_config(model_config, kw['width'], kw['patch_size'],
+                                               kw['dtype'])
   return kw
 
 

@@ -1,0 +1,107 @@
+"""TokenProp (Qian et al., eq. 7 and Table 16): reconstruct the image from the tokenizer's output.
+
+A light convolutional decoder G maps the tokenizer's patch tokens (before position embedding and
+the transformer blocks), laid out on their g x g grid, to an image at 4g x 4g; the L2 distance to
+the encoder's input image resized to that resolution, times lambda = 1e-3, is added to the task
+loss.
+The decoder is training-only: it lives in params['tokenprop'], never in params['encoder'].
+
+Table 16 calls its convolutional layers residual blocks without saying more; here the two 3x3 layers
+at the token resolution are `relu(shortcut(x) + conv3x3(x))` (shortcut: identity, or a 1x1 conv
+when the channel count changes), the later 3x3 convs are plain (ReLU after the 64-channel one), and
+pixel shuffles are depth-to-space with (row, col, channel) order.
+"""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mimjax import config_lib
+from mimjax.frameworks import base
+
+
+def pixel_shuffle(x, factor):
+  """Depth-to-space [B, h, w, c * f * f] -> [B, h * f, w * f, c]."""
+  b, h, w, c = x.shape
+  c_out = c // (factor * factor)
+  x = x.reshape(b, h, w, factor, factor, c_out).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, h * factor, w * factor, c_out)
+
+
+class ResidualConv(nn.Module):
+  """relu(shortcut(x) + conv3x3(x)); the shortcut is a 1x1 conv only when channels change."""
+  features: int
+
+  @nn.compact
+  def __call__(self, x):
+    shortcut = x
+    if x.shape[-1] != self.features:
+      shortcut = nn.Conv(self.features, (1, 1), name='shortcut')(x)
+    return nn.relu(shortcut + nn.Conv(self.features, (3, 3), padding='SAME', name='conv')(x))
+
+
+class TokenPropDecoder(nn.Module):
+  """Tokens [B, g*g, width] -> image [B, 4g, 4g, channels] (Table 16)."""
+  grid_size: int
+  channels: int = 3
+  hidden: int = 256
+
+  @nn.compact
+  def __call__(self, tokens):
+    b = tokens.shape[0]
+    x = tokens.astype(jnp.float32).reshape(b, self.grid_size, self.grid_size, -1)
+    x = ResidualConv(self.hidden, name='block_0')(x)
+    x = ResidualConv(self.hidden, name='block_1')(x)
+    x = pixel_shuffle(x, 2)  # hidden / 4 = 64 channels at 2g
+    x = nn.relu(nn.Conv(self.hidden // 4, (3, 3), padding='SAME', name='conv_0')(x))
+    x = pixel_shuffle(x, 2)  # hidden / 16 = 16 channels at 4g
+    return nn.Conv(self.channels, (3, 3), padding='SAME', name='conv_out')(x)
+
+
+def reconstruction_loss(pred, images):
+  """Mean squared error between `pred` [B, r, r, C] and `images` [B, H, W, C] resized to r x r.
+
+  The target is the (normalised) input image, area-averaged (antialiased linear) down to the
+  decoder's resolution.
+  """
+  target = jax.image.resize(images.astype(jnp.float32), pred.shape, 'linear', antialias=True)
+  return jnp.mean(jnp.square(pred.astype(jnp.float32) - target))
+
+
+class TokenProp(base.Plugin):
+  """lambda * ||G(tokenizer tokens) - resize(image)||^2, on any framework built on the mimjax ViT.
+
+  Reads `outputs['encoder']['tokenizer']` (all N patch tokens, also under MAE's masking) and the
+  image the encoder saw: `outputs['image']` where the framework transforms the batch (mixup), else
+  `batch['image']`.
+  """
+  name = 'tokenprop'
+
+  def __init__(self, config, framework):
+    super().__init__(config, framework)
+    self.decoder = TokenPropDecoder(grid_size=framework.image_size // framework.patch_size,
+                                    channels=config.data.channels, hidden=config.tokenprop.hidden)
+
+  @classmethod
+  def enabled(cls, config):
+    return config.tokenprop.enabled
+
+  @classmethod
+  def check_config(cls, config):
+    if config.tokenprop.weight <= 0:
+      raise config_lib.ConfigError(
+          f'config.tokenprop.weight={config.tokenprop.weight}: TokenProp needs a positive weight '
+          '(the paper uses 1e-3); set tokenprop.enabled=False to turn it off.')
+    if config.tokenprop.hidden % 16:
+      raise config_lib.ConfigError(
+          f'config.tokenprop.hidden={config.tokenprop.hidden} must be a multiple of 16 (two x2 '
+          'pixel shuffles divide the channels by 16); the paper uses 256.')
+
+  def init_params(self, rng, outputs):
+    return self.decoder.init(rng, outputs['encoder']['tokenizer'])['params']
+
+  def loss(self, params, state, outputs, batch, rng, step, train):
+    del state, rng, step, train
+    images = outputs['image'] if 'image' in outputs else batch['image']
+    pred = self.decoder.apply({'params': params[self.name]}, outputs['encoder']['tokenizer'])
+    rec = reconstruction_loss(pred, images)
+    return self.config.tokenprop.weight * rec, {'loss_tokenprop': rec}, None

@@ -1,0 +1,134 @@
+"""MoTo, Modulation across Tokens (Qian et al., "What Makes for Good Tokenizers in Vision
+Transformer?").
+
+A patch tokenizer that normalises a pixel-resolution feature map X [B, h, w, c] over soft semantic
+regions before the patch embedding:
+
+  Z = u * (k_n(X)^T q(X)) + f(X)                                            (eq. 3)
+  L = softmax over the n entities of tau * Z                                (eq. 4)
+  MoTo(X) = sum_i ((X - mu_i) / (sigma_i + eps) * beta_i + alpha_i) * L_i   (eq. 5)
+
+Choices the paper leaves open, and what this module does:
+- X is a linear 3x3 conv stem (stride 1, no activation) to `stem_channels` = 16 channels, or the
+  normalised image itself with `stem_channels` = 0.
+- f, k and q are 1x1 convs with bias, with n, `key_dim` and `key_dim` outputs.
+- The n feature points are k(X) at the centres of the cells of a gh x gw grid (gh * gw = n, gh the
+  largest divisor of n not above sqrt(n): 8 -> 2 x 4, 16 -> 4 x 4), nearest pixel, no interpolation.
+- k_n(X)^T q(X) is a plain dot product (no 1/sqrt(d)); u ~ N(0, 1), so at initialisation the
+  correlation and f(X) enter Z on the same scale; tau multiplies Z, as the paper writes it.
+- mu_i and sigma_i are the L_i-weighted mean and (biased) standard deviation of X over space, per
+  image and channel (sum_p L_ip X_p / sum_p L_ip); eps = 1e-5 is added to sigma, as in eq. 5.
+- beta_i, alpha_i are per entity and channel, initialised to 1 and 0 (identity affine).
+- The partition, statistics and modulation run in float32; the convs in the compute dtype.
+- The patch embedding after MoTo is the plain ViT one: a p x p, stride-p conv to the width.
+"""
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+
+def grid_points(height, width, n):
+  """(rows, cols) int arrays [n] of the centres of a uniform gh x gw grid of cells, gh * gw = n."""
+  gh = max(d for d in range(1, math.isqrt(n) + 1) if n % d == 0)
+  gw = n // gh
+  if gh > height or gw > width:
+    raise ValueError(f'MoTo cannot place {n} feature points ({gh} x {gw}) on a {height} x {width} '
+                     'map; use fewer entities (model.moto.entities).')
+  rows = ((np.arange(gh) + 0.5) * height / gh).astype(np.int32)
+  cols = ((np.arange(gw) + 0.5) * width / gw).astype(np.int32)
+  return np.repeat(rows, gw), np.tile(cols, gh)
+
+
+def modulate(x, layout, beta, alpha, eps):
+  """Eq. 5: normalise `x` [B, h, w, c] per soft region of `layout` [B, h, w, n]; float32 out.
+
+  `beta`, `alpha` are [n, c]. Expanded as x * sum_i L_i s_i + sum_i L_i (alpha_i - mu_i s_i) with
+  s_i = beta_i / (sigma_i + eps), which never materialises a [B, h, w, n, c] tensor.
+  """
+  x = x.astype(jnp.float32)
+  layout = layout.astype(jnp.float32)
+  mass = jnp.maximum(layout.sum(axis=(1, 2)), 1e-6)[..., None]  # [B, n, 1]; guards an empty region
+  mean = jnp.einsum('bhwc,bhwn->bnc', x, layout) / mass
+  mean_sq = jnp.einsum('bhwc,bhwn->bnc', jnp.square(x), layout) / mass
+  std = jnp.sqrt(jnp.maximum(mean_sq - jnp.square(mean), 0.0))
+  scale = beta / (std + eps)  # [B, n, c]
+  shift = alpha - mean * scale
+  return (x * jnp.einsum('bhwn,bnc->bhwc', layout, scale)
+          + jnp.einsum('bhwn,bnc->bhwc', layout, shift))
+
+
+class MoTo(nn.Module):
+  """Soft semantic partition (eqs. 3-4) and spatial-aware modulation (eq. 5) of [B, h, w, c].
+
+  The layout L [B, h, w, n] is sown as intermediates/.../layout for visualisation.
+  """
+  entities: int = 8
+  key_dim: int = 16
+  temperature: float = 0.1
+  eps: float = 1e-5
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    _, h, w, c = x.shape
+    n = self.entities
+    f = nn.Conv(n, (1, 1), dtype=self.dtype, name='f')(x)
+    k = nn.Conv(self.key_dim, (1, 1), dtype=self.dtype, name='k')(x)
+    q = nn.Conv(self.key_dim, (1, 1), dtype=self.dtype, name='q')(x)
+    rows, cols = grid_points(h, w, n)
+    k_n = k[:, rows, cols]  # [B, n, d]
+    correlation = jnp.einsum('bhwd,bnd->bhwn', q, k_n, preferred_element_type=jnp.float32)
+    u = self.param('u', nn.initializers.normal(1.0), (1, 1, n))
+    z = u * correlation + f.astype(jnp.float32)
+    layout = jax.nn.softmax(self.temperature * z, axis=-1)
+    self.sow('intermediates', 'layout', layout)
+    beta = self.param('beta', nn.initializers.ones, (n, c))
+    alpha = self.param('alpha', nn.initializers.zeros, (n, c))
+    return modulate(x, layout, beta, alpha, self.eps).astype(self.dtype)
+
+
+class MoToTokenizer(nn.Module):
+  """Images [B, H, W, C] -> stem -> MoTo -> patch embedding [B, H/p, W/p, width].
+
+  Used as `ViT.tokenizer`; params: stem (absent with stem_channels=0), moto/{f,k,q,u,beta,alpha},
+  embedding.
+  """
+  width: int
+  patch_size: int
+  entities: int = 8
+  stem_channels: int = 16
+  key_dim: int = 16
+  temperature: float = 0.1
+  eps: float = 1e-5
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, train=False):
+    del train  # no randomness or batch statistics
+    x = images.astype(self.dtype)
+    if self.stem_channels:
+      x = nn.Conv(self.stem_channels, (3, 3), padding='SAME', dtype=self.dtype, name='stem')(x)
+    x = MoTo(self.entities, self.key_dim, self.temperature, self.eps, self.dtype, name='moto')(x)
+    p = self.patch_size
+    return nn.Conv(self.width, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype,
+                   name='embedding',
+                   kernel_init=nn.initializers.xavier_uniform(in_axis=(0, 1, 2), out_axis=3))(x)
+
+
+def tokenizer_from_config(model_config, width, patch_size, dtype):
+  """The tokenizer module of `config.model` (None for the plain patch embedding)."""
+  if model_config.tokenizer_norm == 'none':
+    return None
+  if model_config.tokenizer_norm != 'moto':
+    raise ValueError(f'model.tokenizer_norm must be "none" or "moto", not '
+                     f'{model_config.tokenizer_norm!r}')
+  m = model_config.moto
+  return MoToTokenizer(width=width, patch_size=patch_size, entities=m.entities,
+                       stem_channels=m.stem_channels, key_dim=m.key_dim,
+                       temperature=m.temperature, eps=m.eps, dtype=dtype)
