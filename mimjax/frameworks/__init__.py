@@ -1,12 +1,15 @@
 """Framework registry: config.framework -> Framework class; plug-ins chosen by config."""
+from mimjax.frameworks import distill
+from mimjax.frameworks import dtm
 from mimjax.frameworks import mae
 
 FRAMEWORKS = {
     'mae': mae.MAE,
+    'distill': distill.Distill,
 }
 
 # Plug-in classes in the order their loss terms are added; each has `enabled(config)`.
-PLUGINS = ()
+PLUGINS = (dtm.DTM,)
 
 
 def enabled_plugins(config):
