@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mimjax import config_lib
 from mimjax import losses
 from mimjax import masking
 from mimjax import teachers
@@ -34,6 +35,19 @@ class DistillModel(nn.Module):
     return enc, pred.astype(jnp.float32)
 
 
+def check_feature_config(config):
+  """Start-up checks of the config.distill loss and masking options."""
+  d = config.distill
+  if d.loss not in losses.DISTANCES:
+    raise config_lib.ConfigError(f'config.distill.loss={d.loss!r}; use one of {losses.DISTANCES}.')
+  if d.loss_tokens not in ('all', 'masked'):
+    raise config_lib.ConfigError(f'config.distill.loss_tokens={d.loss_tokens!r}; use "all" or '
+                                 '"masked".')
+  if not 0 < d.mask_ratio < 1:
+    raise config_lib.ConfigError(f'config.distill.mask_ratio must be in (0, 1), got '
+                                 f'{d.mask_ratio}.')
+
+
 def loss_mask(config, mask):
   """The tokens the feature loss averages over: all (None) or the masked ones."""
   return mask if config.distill.loss_tokens == 'masked' else None
@@ -44,6 +58,7 @@ class Distill(teachers.WithTeacher, base.Framework):
   name = 'distill'
 
   def build_model(self):
+    check_feature_config(self.config)
     self.teacher = teachers.build(self.config, self)
     return DistillModel(self.build_encoder(), self.teacher.dim)
 
