@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import distill as distill_config
-from configs import mae as mae_config
+from conftest import load_config, tiny_overrides
+
 from mimjax import config_lib
 from mimjax import frameworks
 from mimjax import masking
@@ -20,16 +20,10 @@ from mimjax import train
 from mimjax.interop import clip as clip_interop
 
 
-def tiny(config, steps=2):
-  config.model.variant = 'mu/4'
-  config.batch_size = 16
-  config.total_steps = steps
-  config.warmup_steps = 2
-  config.log.every_steps = 1
-  config.log.images_every_steps = 0
-  config.log.progress_bar = False
-  config.checkpoint.async_save = False
-  return config
+def tiny(spec, steps=2, **overrides):
+  """The config of `spec` shrunk to a test run of `steps` steps (conftest's tiny settings)."""
+  return load_config(spec, **tiny_overrides(total_steps=steps, **{'checkpoint.async_save': False},
+                                            **overrides))
 
 
 def read_metrics(workdir):
@@ -86,7 +80,7 @@ def test_clip_import_matches_open_clip(tmp_path, quick_gelu):
 def test_clip_teacher_normalisation_and_targets(tmp_path):
   import torch  # pylint: disable=g-import-not-at-top
   tower, path = _open_clip_tower(tmp_path, True)
-  c = tiny(distill_config.get_config('runlocal,dtm'))
+  c = tiny('configs/distill.py:runlocal,dtm')
   c.model.variant = 'mu/8'
   c.data.image_size = 32
   c.distill.teacher = 'clip'
@@ -105,7 +99,7 @@ def test_clip_teacher_normalisation_and_targets(tmp_path):
 
 
 def test_gradient_reaches_student_only():
-  c = tiny(distill_config.get_config('runlocal,dtm'))
+  c = tiny('configs/distill.py:runlocal,dtm')
   framework = frameworks.build(c)
   batch = {'image': jax.random.normal(jax.random.PRNGKey(0), (4, 28, 28, 3))}
   params, model_state = framework.init(jax.random.PRNGKey(1), batch)
@@ -120,7 +114,7 @@ def test_gradient_reaches_student_only():
 
 
 def test_ema_teacher_update():
-  c = tiny(distill_config.get_config('runlocal'))
+  c = tiny('configs/distill.py:runlocal')
   framework = frameworks.build(c)
   batch = {'image': jnp.zeros((2, 28, 28, 3))}
   params, state = framework.init(jax.random.PRNGKey(0), batch)
@@ -132,14 +126,14 @@ def test_ema_teacher_update():
 
 
 def test_dtm_needs_teacher_features():
-  c = mae_config.get_config('runlocal')
+  c = load_config('configs/mae.py:runlocal')
   c.dtm.enabled = True
   with pytest.raises(config_lib.ConfigError, match='mae.target'):
     config_lib.validate(c)
 
 
 def test_runlocal_distill_dtm_ema_loss_decreases(tmp_path):
-  c = tiny(distill_config.get_config('runlocal,dtm'), steps=40)
+  c = tiny('configs/distill.py:runlocal,dtm', steps=40)
   c.batch_size = 32
   c.log.every_steps = 10
   train.train(c, str(tmp_path))
@@ -152,9 +146,9 @@ def test_runlocal_distill_dtm_ema_loss_decreases(tmp_path):
 @pytest.mark.slow
 def test_checkpoint_teacher_and_mae_teacher_target(tmp_path):
   teacher_dir = str(tmp_path / 'mae')
-  train.train(tiny(mae_config.get_config('runlocal')), teacher_dir)
+  train.train(tiny('configs/mae.py:runlocal'), teacher_dir)
   # The distill student's teacher holds exactly the MAE run's encoder.
-  c = tiny(distill_config.get_config(f'runlocal,teacher=checkpoint,teacher_workdir={teacher_dir}'))
+  c = tiny(f'configs/distill.py:runlocal,teacher=checkpoint,teacher_workdir={teacher_dir}')
   framework = frameworks.build(c)
   state = framework.teacher.load_frozen(framework.teacher.init_state(None))
   from mimjax import checkpoint  # pylint: disable=g-import-not-at-top
@@ -165,7 +159,7 @@ def test_checkpoint_teacher_and_mae_teacher_target(tmp_path):
     np.testing.assert_array_equal(a, b)
   train.train(c, str(tmp_path / 'distill'))
   # MAE + checkpoint teacher + DTM: the decoder predicts teacher tokens.
-  m = tiny(mae_config.get_config('runlocal'))
+  m = tiny('configs/mae.py:runlocal')
   m.mae.target = 'teacher'
   m.distill.teacher = 'checkpoint'
   m.distill.teacher_workdir = teacher_dir
