@@ -118,6 +118,33 @@ def base_config():
   c.mae.decoder_depth = 8
   c.mae.decoder_heads = 16
   c.mae.decoder_mlp_ratio = 4
+  c.mae.target = 'pixels'  # pixels | teacher (decoder predicts the config.distill teacher's tokens)
+
+  # Feature distillation (framework 'distill'; also the teacher of mae.target='teacher').
+  c.distill = ml_collections.ConfigDict()
+  c.distill.teacher = 'ema'  # ema (of the student) | checkpoint (a mimjax workdir) | clip
+  c.distill.clip_path = ml_collections.FieldReference(None, field_type=str)  # local CLIP weights
+  c.distill.clip_quick_gelu = True  # QuickGELU: OpenAI weights; False for open_clip GELU models
+  c.distill.teacher_workdir = ml_collections.FieldReference(None, field_type=str)  # checkpoint
+  c.distill.teacher_layer = -1  # ema/checkpoint: -1 = after the final norm; k = block k output
+  c.distill.teacher_dtype = 'float32'  # the teacher's compute dtype
+  c.distill.teacher_own_norm = True  # re-normalise inputs with the teacher's mean/std (CLIP's)
+  c.distill.ema_momentum = 0.999  # ema teacher: t <- m * t + (1 - m) * student
+  c.distill.mask_ratio = 0.4  # BEiT block-wise masking: round(ratio * N) patches masked
+  c.distill.mask_min_block = 16  # minimum patches per masked block
+  c.distill.loss = 'cosine'  # per-token distance: cosine | smooth_l1 (beta 2) | l1 | l2
+  c.distill.loss_tokens = 'all'  # all | masked: tokens the loss averages over
+  c.distill.norm_target = False  # standardise each target token (after morphing under DTM)
+
+  # Dynamic Token Morphing (Kim et al.): replaces the token-wise loss of distill / mae+teacher.
+  c.dtm = ml_collections.ConfigDict()
+  c.dtm.enabled = False
+  c.dtm.weight = 1.0  # weight of the DTM loss
+  c.dtm.num_schedules = 2  # L: morphing schedules per step, losses averaged
+  c.dtm.max_rounds = 14  # K: rounds k ~ U{1..K}
+  c.dtm.min_tokens = 1  # N-bar: at least this many groups remain (N = token-wise loss)
+  c.dtm.scheduler = 'paper'  # paper (eq. 1: floor(n/k), remainder last) | reference (ceil(n/k))
+  c.dtm.protect_first = True  # the first token never merges away (reference code)
 
   # LUT (Kim et al.): pooled visible tokens of two disjointly masked views are pulled toward an EMA
   # context encoder's pooled tokens of the other, unmasked view. Needs framework='mae',

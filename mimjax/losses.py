@@ -56,3 +56,39 @@ def soft_cross_entropy(logits, targets):
   """Mean over the batch of -sum_k targets_k log softmax(logits)_k, in float32."""
   log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   return -jnp.mean(jnp.sum(targets * log_probs, axis=-1))
+
+
+DISTANCES = ('cosine', 'smooth_l1', 'l1', 'l2')
+
+
+def token_distance(pred, target, distance='cosine'):
+  """Per-token distance [B, N] between [B, N, D] features, in float32.
+
+  cosine: 1 - cos(pred, target) (norms clamped at 1e-6, as torch's CosineSimilarity); smooth_l1:
+  Huber-style with beta = 2 (torch's SmoothL1Loss(beta=2)), l1: |d|, l2: d^2, each averaged over D.
+  """
+  pred = pred.astype(jnp.float32)
+  target = target.astype(jnp.float32)
+  if distance == 'cosine':
+    norm = lambda x: jnp.maximum(jnp.linalg.norm(x, axis=-1), 1e-6)  # noqa: E731
+    return 1.0 - jnp.sum(pred * target, -1) / (norm(pred) * norm(target))
+  diff = jnp.abs(pred - target)
+  if distance == 'smooth_l1':
+    beta = 2.0
+    return jnp.mean(jnp.where(diff < beta, 0.5 * diff ** 2 / beta, diff - 0.5 * beta), -1)
+  if distance == 'l1':
+    return jnp.mean(diff, -1)
+  if distance == 'l2':
+    return jnp.mean(diff ** 2, -1)
+  raise ValueError(f'Unknown token distance {distance!r}; use one of {DISTANCES}.')
+
+
+def feature_loss(pred, target, distance='cosine', mask=None, norm_target=False):
+  """Token-wise feature-distillation loss: mean per-token distance over all tokens, or over the
+  tokens where `mask` [B, N] is True. `norm_target` standardises each target token first."""
+  if norm_target:
+    target = normalize_patches(target)
+  per_token = token_distance(pred, target, distance)
+  if mask is None:
+    return per_token.mean()
+  return masked_mean(per_token, mask)

@@ -3,6 +3,8 @@
 Conventions: `keep_idx` int32 [B, n_keep] lists the visible patches of each sample; `mask` bool
 [B, N] is True where a patch is masked (hidden from the encoder or replaced by the mask token).
 """
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -49,3 +51,55 @@ def random_keep(rng, batch_size, num_patches, mask_ratio):
   """
   order = random_permutation(rng, batch_size, num_patches)
   return keep_from_order(order, num_kept(num_patches, mask_ratio))
+
+
+def block_mask(rng, batch_size, grid_size, mask_ratio=0.4, min_block=16,
+               aspect=(0.3, 1 / 0.3), attempts=10):
+  """BEiT block-wise masking with exactly round(ratio * N) masked patches per sample, bool [B, N].
+
+  Blocks are placed as in BEiT's MaskingGenerator: a block of area ~ U(min_block, remaining) and
+  log-uniform aspect ratio is accepted when it masks between 1 and `remaining` new patches; up to
+  `attempts` tries per block (drawn at once, the first acceptable one wins). When no try succeeds
+  (BEiT stops there, short of the target), the remaining patches are drawn uniformly among the
+  unmasked ones, so every sample has the same number of masked patches (static shapes downstream).
+  """
+  n_mask = int(round(mask_ratio * grid_size ** 2))
+  rows = jnp.arange(grid_size)[:, None]
+  cols = jnp.arange(grid_size)[None, :]
+  log_aspect = (math.log(aspect[0]), math.log(aspect[1]))
+
+  def one(key):
+    def place_block(state):
+      mask, remaining, key, _ = state
+      key, k_area, k_aspect, k_top, k_left = jax.random.split(key, 5)
+      area = min_block + (remaining - min_block) * jax.random.uniform(k_area, (attempts,))
+      ratio = jnp.exp(jax.random.uniform(k_aspect, (attempts,), minval=log_aspect[0],
+                                         maxval=log_aspect[1]))
+      h = jnp.round(jnp.sqrt(area * ratio)).astype(jnp.int32)
+      w = jnp.round(jnp.sqrt(area / ratio)).astype(jnp.int32)
+      fits = (h < grid_size) & (w < grid_size)
+      top = jax.random.randint(k_top, (attempts,), 0, grid_size - h + 1)
+      left = jax.random.randint(k_left, (attempts,), 0, grid_size - w + 1)
+      block = ((rows[None] >= top[:, None, None]) & (rows[None] < (top + h)[:, None, None]) &
+               (cols[None] >= left[:, None, None]) & (cols[None] < (left + w)[:, None, None]))
+      new = (block & ~mask[None]).sum((1, 2))
+      ok = fits & (new > 0) & (new <= remaining)
+      first = jnp.argmax(ok)
+      found = ok[first]
+      mask = jnp.where(found, mask | block[first], mask)
+      return mask, remaining - jnp.where(found, new[first], 0), key, ~found
+
+    def more(state):
+      _, remaining, _, stuck = state
+      return (remaining > 0) & ~stuck
+
+    key, fill_key = jax.random.split(key)
+    init = (jnp.zeros((grid_size, grid_size), bool), jnp.int32(n_mask), key, jnp.bool_(False))
+    mask, remaining, _, _ = jax.lax.while_loop(more, place_block, init)
+    mask = mask.reshape(-1)
+    # Top up with uniformly random unmasked patches when block placement got stuck.
+    noise = jnp.where(mask, jnp.inf, jax.random.uniform(fill_key, mask.shape))
+    rank = jnp.argsort(jnp.argsort(noise))
+    return mask | (rank < remaining)
+
+  return jax.vmap(one)(jax.random.split(rng, batch_size))

@@ -68,6 +68,16 @@ def sample_batch(batch, n=2):
   return jax.tree_util.tree_map(lambda x: x[:n], batch)
 
 
+def _place(tree, shardings):
+  """Puts the host (numpy) leaves of `tree` on devices with `shardings`; works across hosts."""
+  def place(leaf, sharding):
+    if isinstance(leaf, jax.Array):
+      return leaf
+    leaf = np.asarray(leaf)
+    return jax.make_array_from_callback(leaf.shape, sharding, lambda idx: leaf[idx])
+  return jax.tree_util.tree_map(place, tree, shardings)
+
+
 def _meta(config, state_params, step):
   return dict(step=int(step), data_position=int(step), framework=config.framework,
               config=config.to_dict(),
@@ -136,6 +146,8 @@ def train(config, workdir):
     if config.init.checkpoint:
       pretrained = init_from.load(config, abstract_state.params)
     state = jax.jit(init_fn, out_shardings=state_sharding)(pretrained)
+    state = state.replace(model_state=_place(framework.load_frozen(state.model_state),
+                                             state_sharding.model_state))
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config_lib.to_json(config))

@@ -6,6 +6,14 @@ import sys
 
 import pytest
 
+# torch / torchvision (via timm, open_clip) abort the process when imported after TensorFlow
+# (their bundled LLVMs clash); loading them first, when installed, makes the order safe.
+try:
+  import timm  # noqa: F401  pylint: disable=unused-import
+  import torchvision  # noqa: F401  pylint: disable=unused-import
+except ImportError:
+  pass
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 

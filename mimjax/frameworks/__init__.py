@@ -1,4 +1,6 @@
 """Framework registry: config.framework -> Framework class; plug-ins chosen by config."""
+from mimjax.frameworks import distill
+from mimjax.frameworks import dtm
 from mimjax.frameworks import mae
 from mimjax.frameworks import supervised
 from mimjax.methods import lut
@@ -7,10 +9,11 @@ from mimjax.methods import tokenprop
 FRAMEWORKS = {
     'mae': mae.MAE,
     'supervised': supervised.Supervised,
+    'distill': distill.Distill,
 }
 
 # Plug-in classes in the order their loss terms are added; each has `enabled(config)`.
-PLUGINS = (lut.LUT, tokenprop.TokenProp)
+PLUGINS = (lut.LUT, tokenprop.TokenProp, dtm.DTM)
 
 
 def enabled_plugins(config):

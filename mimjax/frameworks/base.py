@@ -34,6 +34,9 @@ class Plugin(abc.ABC):
   """A loss term added to a framework's objective."""
   name: str = ''
   captures: Tuple[str, ...] = ()  # subset of CAPTURES this plug-in reads from `outputs`
+  # True when the plug-in's term replaces the framework's base loss (e.g. DTM's morphed version of
+  # the token-wise distillation loss); the base loss is then reported as a metric only.
+  replaces_base_loss: bool = False
 
   def __init__(self, config, framework):
     self.config = config
@@ -108,6 +111,16 @@ class Framework(abc.ABC):
   def forward(self, params, model_state, batch, rng, train) -> Tuple[jax.Array, Metrics, Outputs]:
     """Base objective: (loss, metrics, outputs for plug-ins and visualisation)."""
 
+  def init_state(self, params) -> Dict[str, Any]:
+    """The framework's own non-trained state (e.g. a teacher), given its initial params."""
+    del params
+    return {}
+
+  def load_frozen(self, model_state):
+    """Replaces placeholders in a freshly initialised `model_state` with weights read from disk
+    (host numpy arrays, e.g. a pre-trained teacher). Runs outside jit, not on resume."""
+    return model_state
+
   def init(self, rng, batch, pretrained=None):
     """All params and non-trained state: the framework's, then each plug-in's.
 
@@ -116,7 +129,7 @@ class Framework(abc.ABC):
     """
     model_rng, plugin_rng, fwd_rng = jax.random.split(rng, 3)
     params = _replace_leaves(dict(self.init_model(model_rng, batch)), pretrained)
-    model_state = {}
+    model_state = dict(self.init_state(params))
     if self.plugins:
       _, _, outputs = self.forward(params, model_state, batch, fwd_rng, train=False)
       for i, plugin in enumerate(self.plugins):
@@ -134,6 +147,8 @@ class Framework(abc.ABC):
     fwd_rng, plugin_rng = jax.random.split(rng)
     loss, metrics, outputs = self.forward(params, model_state, batch, fwd_rng, train)
     metrics = {f'loss_{self.name}': loss, **metrics}
+    if any(p.replaces_base_loss for p in self.plugins):
+      loss = jnp.zeros_like(jax.lax.stop_gradient(loss))
     new_state = dict(model_state)
     for i, plugin in enumerate(self.plugins):
       term, plugin_metrics, state = plugin.loss(params, model_state.get(plugin.name), outputs, batch,

@@ -1,11 +1,17 @@
-"""MAE (He et al., 2022): encode a random 25% of the patches, reconstruct the rest in pixels."""
+"""MAE (He et al., 2022): encode a random 25% of the patches, reconstruct the rest in pixels.
+
+With `mae.target = 'teacher'` the decoder predicts the tokens of the `config.distill` teacher
+instead ("MAE + CLIP"), with the `config.distill` feature loss."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mimjax import config_lib
 from mimjax import losses
 from mimjax import masking
+from mimjax import teachers
 from mimjax.frameworks import base
+from mimjax.frameworks import distill
 from mimjax.models import mae_decoder
 from mimjax.models import vit
 
@@ -23,18 +29,24 @@ class MAEModel(nn.Module):
     return enc, dec
 
 
-class MAE(base.Framework):
-  """Masked autoencoder with per-patch (optionally normalised) pixel targets."""
+class MAE(teachers.WithTeacher, base.Framework):
+  """Masked autoencoder with per-patch (optionally normalised) pixel or teacher-token targets."""
   name = 'mae'
 
   def build_model(self):
     mae = self.config.mae
     encoder = self.build_encoder()
-    channels = self.config.data.channels
+    out_dim = self.patch_size ** 2 * self.config.data.channels
+    if mae.target not in ('pixels', 'teacher'):
+      raise config_lib.ConfigError(f'config.mae.target={mae.target!r}; use "pixels" or "teacher".')
+    if mae.target == 'teacher':
+      distill.check_feature_config(self.config)
+      self.teacher = teachers.build(self.config, self)
+      out_dim = self.teacher.dim
     decoder = mae_decoder.MAEDecoder(
         width=mae.decoder_width, depth=mae.decoder_depth, num_heads=mae.decoder_heads,
         mlp_ratio=mae.decoder_mlp_ratio, grid_size=encoder.grid_size,
-        out_dim=self.patch_size ** 2 * channels, num_prefix=int(encoder.cls_token),
+        out_dim=out_dim, num_prefix=int(encoder.cls_token),
         dtype=encoder.dtype)
     return MAEModel(encoder, decoder)
 
@@ -61,7 +73,6 @@ class MAE(base.Framework):
     return self.model.init(rng, images, keep_idx)['params']
 
   def forward(self, params, model_state, batch, rng, train):
-    del model_state
     mask_rng, drop_rng = jax.random.split(rng)
     images = batch['image']
     order = self.sample_order(mask_rng, images.shape[0])
@@ -69,14 +80,24 @@ class MAE(base.Framework):
     model_params = {k: params[k] for k in ('encoder', 'decoder')}
     enc, dec = self.model.apply({'params': model_params}, images, keep_idx, train,
                                 frozenset(self.captures), rngs={'dropout': drop_rng})
-    loss = losses.mae_loss(dec['pred'], images, mask, self.patch_size,
-                           self.config.mae.norm_pix_loss)
-    outputs = dict(encoder=enc, decoder=dec, keep_idx=keep_idx, mask=mask, patch_order=order)
+    outputs = dict(encoder=enc, decoder=dec, keep_idx=keep_idx, mask=mask,
+                   patch_order=order)
+    if self.teacher is None:
+      loss = losses.mae_loss(dec['pred'], images, mask, self.patch_size,
+                             self.config.mae.norm_pix_loss)
+    else:
+      d = self.config.distill
+      target = self.teacher.targets(model_state['teacher'], images)
+      feature_mask = distill.loss_mask(self.config, mask)
+      loss = losses.feature_loss(dec['pred'], target, d.loss, feature_mask, d.norm_target)
+      outputs.update(feature_pred=dec['pred'], feature_target=target, feature_mask=feature_mask)
     return loss, {}, outputs
 
   def visualize(self, outputs, batch):
     """Original | masked input | reconstruction | reconstruction with visible patches pasted."""
     from mimjax import visualize  # pylint: disable=g-import-not-at-top
+    if self.teacher is not None:
+      return {}
     images = batch['image'].astype(jnp.float32)
     target = losses.patchify(images, self.patch_size)
     pred = outputs['decoder']['pred']

@@ -1,0 +1,151 @@
+"""Dynamic Token Morphing (Kim, Heo, Han): compare student and teacher tokens as group means.
+
+Teacher tokens are grouped by iterative bipartite soft matching (the token merging of Bolya et al.,
+which the paper's reference code runs), and every token is replaced by the mean of its group on
+both sides before the per-token distance. A random schedule per step (number of merges and rounds)
+varies the grouping from token-wise (no merge) to nearly image-level.
+
+Everything runs under `jax.jit` with fixed shapes: a schedule is an int32 vector of per-round merge
+counts over a fixed maximum number of rounds (0 = inactive round), so changing it never recompiles.
+"""
+import jax
+import jax.numpy as jnp
+
+from mimjax import losses
+
+SCHEDULERS = ('paper', 'reference')
+
+
+def _merge_round(carry, r, protect_first):
+  """One round of bipartite soft matching on one sample.
+
+  carry: (seq [N] group id at each position (N = padding), t (current length), sums [N, D]
+  feature sums per group id, assign [N] group id of each original token).
+  """
+  seq, t, sums, assign = carry
+  n = seq.shape[0]
+  n_a, n_b = (n + 1) // 2, n // 2
+  # Cosine is scale-invariant, so group sums give the same matching as ToMe's size-weighted means.
+  x = jnp.take(sums, seq, axis=0, mode='clip')
+  x = x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, -1, keepdims=True), 1e-24))
+  a, b = x[0::2], x[1::2]
+  scores = jnp.einsum('id,jd->ij', a, b, precision=jax.lax.Precision.HIGHEST)
+  b_valid = 2 * jnp.arange(n_b) + 1 < t
+  scores = jnp.where(b_valid[None], scores, -jnp.inf)
+  node_max, node_idx = scores.max(-1), scores.argmax(-1)
+  a_idx = jnp.arange(n_a)
+  a_ok = 2 * a_idx < t
+  if protect_first:
+    a_ok &= a_idx > 0
+  node_max = jnp.where(a_ok, node_max, -jnp.inf)
+  r = jnp.clip(r, 0, (t - int(protect_first)) // 2)
+  # The r A-tokens with the highest best-similarity merge (protected/padded ones sort last).
+  rank = jnp.zeros(n_a, jnp.int32).at[jnp.argsort(-node_max, stable=True)].set(a_idx)
+  merged = rank < r
+  g_a = seq[0::2]
+  g_dst = seq[1::2][node_idx]
+  parent = jnp.arange(n).at[g_a].set(jnp.where(merged, g_dst, g_a), mode='drop')
+  sums = jax.ops.segment_sum(sums, parent, num_segments=n)
+  assign = parent[assign]
+  # New order: unmerged A tokens in their order, then all B tokens; a round with r = 0 keeps all.
+  pos = jnp.arange(n)
+  is_a = pos % 2 == 0
+  valid = pos < t
+  merged_pos = jnp.zeros(n, bool).at[0::2].set(merged)
+  keep_a = is_a & valid & ~merged_pos
+  keep_b = ~is_a & valid
+  new_pos = jnp.where(keep_a, jnp.cumsum(keep_a) - 1,
+                      jnp.where(keep_b, keep_a.sum() + jnp.cumsum(keep_b) - 1, n))
+  new_seq = jnp.full(n, n, seq.dtype).at[new_pos].set(seq, mode='drop')
+  seq = jnp.where(r > 0, new_seq, seq)
+  return seq, t - r, sums, assign
+
+
+def morph_groups(tokens, r_per_round, protect_first=True):
+  """Group id of every token after the rounds of `r_per_round`, int32 [B, N].
+
+  Group ids are token indices (the index of the group's surviving B token, or its own index).
+  """
+  tokens = jax.lax.stop_gradient(tokens).astype(jnp.float32)
+  r_per_round = jnp.asarray(r_per_round, jnp.int32)
+  n = tokens.shape[1]
+
+  def one(x):
+    idx = jnp.arange(n, dtype=jnp.int32)
+    carry = (idx, jnp.int32(n), x, idx)
+    carry = jax.lax.fori_loop(
+        0, r_per_round.shape[0],
+        lambda k, c: _merge_round(c, r_per_round[k], protect_first), carry)
+    return carry[3]
+
+  return jax.vmap(one)(tokens)
+
+
+def group_matrix(groups):
+  """float32 [B, N, N] with S[b, i, j] = 1/|g| when tokens i and j share group g, else 0."""
+  same = (groups[:, :, None] == groups[:, None, :]).astype(jnp.float32)
+  return same / same.sum(-1, keepdims=True)
+
+
+def morph_matrix(tokens, r_per_round, protect_first=True):
+  """Morphing matrix of `tokens` [B, N, D] under the per-round merge counts `r_per_round` [K].
+
+  Round k works on the current sequence of t merged tokens: positions 0, 2, 4, ... (set A) each find
+  their most similar (cosine) token among positions 1, 3, 5, ... (set B); the min(r_k, (t-1)//2)
+  A tokens with the highest similarity merge into their partners (position 0 never merges when
+  `protect_first`; the bound is then t//2); the new sequence is the unmerged A tokens in order, then
+  B. Returns S float32 [B, N, N]; `S @ x` replaces every token by its group mean.
+  """
+  return group_matrix(morph_groups(tokens, r_per_round, protect_first))
+
+
+def sample_schedules(rng, num_tokens, num_schedules=2, max_rounds=14, min_tokens=1,
+                     scheme='paper'):
+  """Per-round merge counts, int32 [num_schedules, max_rounds].
+
+  Each schedule removes n ~ U{0, ..., N - min_tokens} tokens in k ~ U{1, ..., max_rounds} rounds.
+  'paper' (eq. 1): floor(n / k) per round, the remainder in round k. 'reference' (the authors'
+  code): ceil(n / k) in each of the k rounds, or floor(n / k) when k * ceil(n / k) would exceed
+  N - min_tokens.
+  """
+  if scheme not in SCHEDULERS:
+    raise ValueError(f'DTM scheduler {scheme!r} is unknown; use one of {SCHEDULERS}.')
+  n_max = num_tokens - min_tokens
+  n_rng, k_rng = jax.random.split(rng)
+  n = jax.random.randint(n_rng, (num_schedules, 1), 0, n_max + 1)
+  k = jax.random.randint(k_rng, (num_schedules, 1), 1, max_rounds + 1)
+  rounds = jnp.arange(max_rounds)[None]
+  if scheme == 'paper':
+    base = n // k
+    r = jnp.where(rounds < k - 1, base, jnp.where(rounds == k - 1, n - (k - 1) * base, 0))
+  else:
+    ceil = -(-n // k)
+    per_round = jnp.where(ceil * k > n_max, n // k, ceil)
+    r = jnp.where(rounds < k, per_round, 0)
+  return r.astype(jnp.int32)
+
+
+def dtm_loss(pred, target, schedules, distance='cosine', mask=None, norm_target=False,
+             protect_first=True):
+  """Mean over schedules of the per-token distance between morphed predictions and targets.
+
+  Args:
+    pred: [B, N, D] student predictions.
+    target: [B, N, D] teacher tokens (gradient stopped here); they also define the grouping.
+    schedules: int32 [L, K] per-round merge counts (see `sample_schedules`).
+    distance: 'cosine' | 'smooth_l1' | 'l1' | 'l2' (see `losses.token_distance`).
+    mask: optional bool [B, N]; average only over tokens where True (e.g. masked patches).
+    norm_target: standardise every morphed target token (after morphing, as the reference code).
+
+  The mean over tokens equals eq. (4)'s group-size-weighted sum over groups, up to the factor N.
+  """
+  pred = pred.astype(jnp.float32)
+  target = jax.lax.stop_gradient(target).astype(jnp.float32)
+
+  def one(r):
+    s = morph_matrix(target, r, protect_first)
+    morph = lambda x: jnp.einsum('bij,bjd->bid', s, x,  # noqa: E731
+                                 precision=jax.lax.Precision.HIGHEST)
+    return losses.feature_loss(morph(pred), morph(target), distance, mask, norm_target)
+
+  return jax.vmap(one)(schedules).mean()

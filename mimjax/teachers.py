@@ -1,0 +1,225 @@
+"""Frozen feature teachers for distillation: CLIP's image tower, a mimjax checkpoint, an EMA student.
+
+A teacher keeps its weights in `model_state['teacher']` (never trained; saved with checkpoints) and
+maps the student's normalised images to target tokens [B, N, dim] in float32 without gradient,
+computed in its own dtype and, by default, its own input normalisation.
+"""
+import abc
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mimjax import checkpoint as checkpoint_lib
+from mimjax import config_lib
+from mimjax.interop import clip as clip_interop
+from mimjax.models import vit
+
+TEACHERS = ('ema', 'checkpoint', 'clip')
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _zeros_like_shapes(shapes):
+  return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+class Teacher(abc.ABC):
+  """Interface; see the module docstring."""
+  dim: int
+
+  def __init__(self, config, num_patches):
+    self.config = config
+    self.num_patches = num_patches
+
+  @abc.abstractmethod
+  def init_state(self, params):
+    """The teacher's weights (placeholders of the right shapes for frozen teachers)."""
+
+  def load_frozen(self, state):
+    """Host weights that replace the placeholders of `init_state` (identity for EMA)."""
+    return state
+
+  def update(self, state, params):
+    """State after an optimizer step of the student (identity for frozen teachers)."""
+    del params
+    return state
+
+  @abc.abstractmethod
+  def targets(self, state, images):
+    """Target tokens [B, N, dim], float32, without gradient, for student-normalised images."""
+
+  def _check_grid(self, grid, name):
+    if grid ** 2 != self.num_patches:
+      raise config_lib.ConfigError(
+          f'The {name} teacher has a {grid}x{grid} patch grid but the student has '
+          f'{self.num_patches} patches; set data.image_size and model.variant so that the grids '
+          'match (e.g. 224 px with patch 16 for a CLIP ViT-B/16 teacher).')
+
+  def _input(self, images, mean, std, image_size):
+    """Student-normalised images -> the teacher's normalisation and resolution."""
+    images = images.astype(jnp.float32)
+    if self.config.distill.teacher_own_norm:
+      data = self.config.data
+      raw = images * jnp.asarray(data.std) + jnp.asarray(data.mean)
+      images = (raw - jnp.asarray(mean)) / jnp.asarray(std)
+    if images.shape[1] != image_size:
+      images = jax.image.resize(images, (images.shape[0], image_size, image_size,
+                                         images.shape[-1]), 'bilinear')
+    return images
+
+
+class _EncoderTeacher(Teacher):
+  """A mimjax ViT teacher: tokens after the final norm (layer -1) or block `layer`'s output."""
+
+  def __init__(self, config, num_patches, encoder):
+    super().__init__(config, num_patches)
+    self.encoder = encoder
+    self.dim = encoder.width
+    self.layer = config.distill.teacher_layer
+    if not -1 <= self.layer < encoder.depth:
+      raise config_lib.ConfigError(
+          f'config.distill.teacher_layer={self.layer} is out of range for a {encoder.depth}-block '
+          'teacher; use -1 (after the final norm) or a block index in [0, depth).')
+
+  def encode(self, encoder_params, images):
+    out = self.encoder.apply({'params': encoder_params}, images,
+                             capture_layers=self.layer >= 0)
+    if self.layer < 0:
+      return out['patch_tokens']
+    return out['layers'][self.layer + 1][:, int(self.encoder.cls_token):]
+
+
+class EMATeacher(_EncoderTeacher):
+  """Exponential moving average of the student's encoder (BYOL / data2vec style)."""
+
+  def __init__(self, config, framework):
+    encoder = framework.build_encoder(drop_path=0.0,
+                                      dtype=jnp.dtype(config.distill.teacher_dtype))
+    super().__init__(config, encoder.num_patches, encoder)
+
+  def init_state(self, params):
+    return jax.tree_util.tree_map(jnp.copy, params['encoder'])
+
+  def update(self, state, params):
+    m = self.config.distill.ema_momentum
+    return jax.tree_util.tree_map(lambda t, s: m * t + (1 - m) * s, state, params['encoder'])
+
+  def targets(self, state, images):
+    return jax.lax.stop_gradient(self.encode(state, images).astype(jnp.float32))
+
+
+class CheckpointTeacher(_EncoderTeacher):
+  """The encoder of the latest checkpoint in a mimjax workdir (e.g. an MAE or supervised run)."""
+
+  def __init__(self, config, num_patches):
+    workdir = config.distill.teacher_workdir
+    if not workdir:
+      raise config_lib.ConfigError('config.distill.teacher="checkpoint" needs '
+                                   'config.distill.teacher_workdir=<a mimjax workdir>.')
+    with open(os.path.join(workdir, 'config.json')) as f:
+      self.teacher_config = config_lib.from_json(f.read())
+    kwargs = vit.encoder_kwargs(self.teacher_config.model, self.teacher_config.data.image_size)
+    kwargs.update(drop_path=0.0, num_classes=0, dtype=jnp.dtype(config.distill.teacher_dtype))
+    encoder = vit.ViT(**kwargs)
+    super().__init__(config, num_patches, encoder)
+    self._check_grid(encoder.grid_size, 'checkpoint')
+    self.workdir = workdir
+
+  def init_state(self, params):
+    del params
+    image = jnp.zeros((1, self.encoder.image_size, self.encoder.image_size,
+                       self.teacher_config.data.channels))
+    return _zeros_like_shapes(jax.eval_shape(
+        lambda: self.encoder.init(jax.random.PRNGKey(0), image)['params']))
+
+  def load_frozen(self, state):
+    ckpt = checkpoint_lib.Checkpointer(self.workdir, async_save=False)
+    try:
+      step = ckpt.latest_step()
+      if step is None:
+        raise config_lib.ConfigError(f'config.distill.teacher_workdir={self.workdir!r} holds no '
+                                     'checkpoint.')
+      restored = ckpt.restore(step, None)['params']['encoder']
+    finally:
+      ckpt.close()
+    restored = jax.tree_util.tree_map(np.asarray, restored)
+    if checkpoint_lib.param_shapes(restored) != checkpoint_lib.param_shapes(state):
+      raise config_lib.ConfigError(
+          f'The encoder in {self.workdir} does not match its config.json (model '
+          f'{self.teacher_config.model.variant}).')
+    return restored
+
+  def targets(self, state, images):
+    data = self.teacher_config.data
+    images = self._input(images, data.mean, data.std, self.encoder.image_size)
+    return jax.lax.stop_gradient(self.encode(state, images).astype(jnp.float32))
+
+
+class CLIPTeacher(Teacher):
+  """CLIP image tower from a local PyTorch checkpoint; targets = ln_post(patch tokens) @ proj."""
+
+  def __init__(self, config, num_patches):
+    super().__init__(config, num_patches)
+    path = config.distill.clip_path
+    if not path or not os.path.exists(path):
+      raise config_lib.ConfigError(
+          f'config.distill.teacher="clip" needs config.distill.clip_path=<local CLIP checkpoint> '
+          f'(OpenAI clip .pt or open_clip .bin/.safetensors); got {path!r}.')
+    self.model, self.params = clip_interop.load(
+        path, config.distill.clip_quick_gelu, dtype=jnp.dtype(config.distill.teacher_dtype))
+    self.dim = self.model.out_dim
+    self._check_grid(self.model.grid_size, 'CLIP')
+
+  def init_state(self, params):
+    del params
+    return _zeros_like_shapes(jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), self.params))
+
+  def load_frozen(self, state):
+    del state
+    return self.params
+
+  def targets(self, state, images):
+    images = self._input(images, CLIP_MEAN, CLIP_STD, self.model.image_size)
+    out = self.model.apply({'params': state}, images)
+    return jax.lax.stop_gradient(out['tokens'].astype(jnp.float32))
+
+
+def build(config, framework):
+  """The teacher named by config.distill.teacher for the student of `framework`."""
+  kind = config.distill.teacher
+  num_patches = (framework.image_size // framework.patch_size) ** 2
+  if kind == 'ema':
+    return EMATeacher(config, framework)
+  if kind == 'checkpoint':
+    return CheckpointTeacher(config, num_patches)
+  if kind == 'clip':
+    return CLIPTeacher(config, num_patches)
+  raise config_lib.ConfigError(f'config.distill.teacher={kind!r} is unknown; use one of '
+                               f'{TEACHERS}.')
+
+
+class WithTeacher:
+  """Framework mix-in: a teacher in `self.teacher` (None for none) with its state kept in
+  model_state['teacher']. Put it before base.Framework in the bases."""
+  teacher = None
+
+  def init_state(self, params):
+    state = super().init_state(params)
+    if self.teacher is not None:
+      state['teacher'] = self.teacher.init_state(params)
+    return state
+
+  def load_frozen(self, model_state):
+    model_state = super().load_frozen(model_state)
+    if self.teacher is not None:
+      model_state = dict(model_state, teacher=self.teacher.load_frozen(model_state['teacher']))
+    return model_state
+
+  def update_state(self, params, model_state, step):
+    model_state = super().update_state(params, model_state, step)
+    if self.teacher is not None:
+      model_state['teacher'] = self.teacher.update(model_state['teacher'], params)
+    return model_state

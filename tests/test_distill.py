@@ -1,0 +1,168 @@
+"""Feature-distillation framework: block masking, teachers (CLIP import, checkpoint, EMA), DTM."""
+import json
+import os
+
+# open_clip imports torchvision, which aborts the process (duplicate LLVM options) when loaded after
+# tensorflow; mimjax.train loads tensorflow, so open_clip comes first.
+from open_clip import transformer as open_clip_transformer  # pylint: disable=g-bad-import-order
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import load_config, tiny_overrides
+
+from mimjax import config_lib
+from mimjax import frameworks
+from mimjax import masking
+from mimjax import teachers
+from mimjax import train
+from mimjax.interop import clip as clip_interop
+
+
+def tiny(spec, steps=2, **overrides):
+  """The config of `spec` shrunk to a test run of `steps` steps (conftest's tiny settings)."""
+  return load_config(spec, **tiny_overrides(total_steps=steps, **{'checkpoint.async_save': False},
+                                            **overrides))
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize('grid,ratio,min_block', [(14, 0.4, 16), (7, 0.4, 4), (7, 0.75, 16)])
+def test_block_mask_exact_count(grid, ratio, min_block):
+  mask = masking.block_mask(jax.random.PRNGKey(0), 64, grid, ratio, min_block)
+  assert mask.shape == (64, grid * grid)
+  np.testing.assert_array_equal(mask.sum(1), round(ratio * grid * grid))
+  # Masks differ between samples and keys.
+  assert len({tuple(m) for m in np.asarray(mask)}) > 50
+
+
+def test_block_mask_is_blocky():
+  # Masked patches of block masking touch other masked patches far more often than random ones.
+  grid = 14
+  mask = np.asarray(masking.block_mask(jax.random.PRNGKey(1), 32, grid)).reshape(-1, grid, grid)
+  right = (mask[:, :, :-1] & mask[:, :, 1:]).sum() / mask[:, :, :-1].sum()
+  assert right > 0.6  # a uniformly random 40% mask gives about 0.4
+
+
+def _open_clip_tower(tmp_path, quick_gelu):
+  import torch  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  act = open_clip_transformer.QuickGELU if quick_gelu else torch.nn.GELU
+  tower = open_clip_transformer.VisionTransformer(
+      image_size=32, patch_size=8, width=128, layers=2, heads=2, mlp_ratio=4.0, output_dim=48,
+      output_tokens=True, act_layer=act).eval()
+  with torch.no_grad():  # open_clip initialises some tensors to 0/1: randomise everything
+    for p in tower.parameters():
+      p.add_(torch.randn_like(p) * 0.05)
+  path = str(tmp_path / 'clip.pt')
+  torch.save({'visual.' + k: v for k, v in tower.state_dict().items()}, path)
+  return tower, path
+
+
+@pytest.mark.parametrize('quick_gelu', [True, False])
+def test_clip_import_matches_open_clip(tmp_path, quick_gelu):
+  import torch  # pylint: disable=g-import-not-at-top
+  tower, path = _open_clip_tower(tmp_path, quick_gelu)
+  images = torch.randn(2, 3, 32, 32)
+  with torch.no_grad():
+    pooled, tokens = tower(images)
+    tokens = tokens @ tower.proj  # ln_post(patch tokens) @ proj
+  model, params = clip_interop.load(path, quick_gelu=quick_gelu, num_heads=2)
+  out = model.apply({'params': params}, jnp.asarray(images.numpy().transpose(0, 2, 3, 1)))
+  np.testing.assert_allclose(out['tokens'], tokens.numpy(), atol=1e-4)
+  np.testing.assert_allclose(out['pooled'], pooled.numpy(), atol=1e-4)
+
+
+def test_clip_teacher_normalisation_and_targets(tmp_path):
+  import torch  # pylint: disable=g-import-not-at-top
+  tower, path = _open_clip_tower(tmp_path, True)
+  c = tiny('configs/distill.py:runlocal,dtm')
+  c.model.variant = 'mu/8'
+  c.data.image_size = 32
+  c.distill.teacher = 'clip'
+  c.distill.clip_path = path
+  framework = frameworks.build(c)
+  framework.teacher.model = framework.teacher.model.clone(num_heads=2)
+  raw = np.random.default_rng(0).random((2, 32, 32, 3)).astype(np.float32)
+  student = (raw - np.array(c.data.mean)) / np.array(c.data.std)
+  state = framework.teacher.load_frozen(framework.teacher.init_state(None))
+  got = framework.teacher.targets(state, jnp.asarray(student, jnp.float32))
+  clip_input = (raw - np.array(teachers.CLIP_MEAN)) / np.array(teachers.CLIP_STD)
+  with torch.no_grad():
+    _, tokens = tower(torch.from_numpy(clip_input.transpose(0, 3, 1, 2).astype(np.float32)))
+    want = (tokens @ tower.proj).numpy()
+  np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_gradient_reaches_student_only():
+  c = tiny('configs/distill.py:runlocal,dtm')
+  framework = frameworks.build(c)
+  batch = {'image': jax.random.normal(jax.random.PRNGKey(0), (4, 28, 28, 3))}
+  params, model_state = framework.init(jax.random.PRNGKey(1), batch)
+  assert set(params) == {'encoder', 'mask_token', 'head'}
+  assert set(model_state) == {'teacher'}
+  loss_fn = lambda p, s: framework.loss(p, s, batch, jax.random.PRNGKey(2), 0)[0]  # noqa: E731
+  g_params, g_teacher = jax.jit(jax.grad(loss_fn, argnums=(0, 1)))(params, model_state)
+  norms = {k: float(sum(jnp.abs(x).sum() for x in jax.tree_util.tree_leaves(v)))
+           for k, v in g_params.items()}
+  assert all(n > 0 for n in norms.values()), norms
+  assert all(float(jnp.abs(x).max()) == 0 for x in jax.tree_util.tree_leaves(g_teacher))
+
+
+def test_ema_teacher_update():
+  c = tiny('configs/distill.py:runlocal')
+  framework = frameworks.build(c)
+  batch = {'image': jnp.zeros((2, 28, 28, 3))}
+  params, state = framework.init(jax.random.PRNGKey(0), batch)
+  moved = jax.tree_util.tree_map(lambda x: x + 1.0, params)
+  new = framework.update_state(moved, state, 0)
+  m = c.distill.ema_momentum
+  a = new['teacher']['embedding']['kernel']
+  np.testing.assert_allclose(a, params['encoder']['embedding']['kernel'] + (1 - m), rtol=1e-6)
+
+
+def test_dtm_needs_teacher_features():
+  c = load_config('configs/mae.py:runlocal')
+  c.dtm.enabled = True
+  with pytest.raises(config_lib.ConfigError, match='mae.target'):
+    config_lib.validate(c)
+
+
+def test_runlocal_distill_dtm_ema_loss_decreases(tmp_path):
+  c = tiny('configs/distill.py:runlocal,dtm', steps=40)
+  c.batch_size = 32
+  c.log.every_steps = 10
+  train.train(c, str(tmp_path))
+  metrics = read_metrics(str(tmp_path))
+  assert metrics[-1]['loss'] < 0.9 * metrics[0]['loss'], metrics
+  assert metrics[0]['loss'] == metrics[0]['loss_dtm']  # DTM replaced the token-wise loss
+  assert 0 < metrics[-1]['dtm_merges'] < 49
+
+
+@pytest.mark.slow
+def test_checkpoint_teacher_and_mae_teacher_target(tmp_path):
+  teacher_dir = str(tmp_path / 'mae')
+  train.train(tiny('configs/mae.py:runlocal'), teacher_dir)
+  # The distill student's teacher holds exactly the MAE run's encoder.
+  c = tiny(f'configs/distill.py:runlocal,teacher=checkpoint,teacher_workdir={teacher_dir}')
+  framework = frameworks.build(c)
+  state = framework.teacher.load_frozen(framework.teacher.init_state(None))
+  from mimjax import checkpoint  # pylint: disable=g-import-not-at-top
+  ckpt = checkpoint.Checkpointer(teacher_dir)
+  saved = ckpt.restore(ckpt.latest_step(), None)['params']['encoder']
+  ckpt.close()
+  for a, b in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(saved)):
+    np.testing.assert_array_equal(a, b)
+  train.train(c, str(tmp_path / 'distill'))
+  # MAE + checkpoint teacher + DTM: the decoder predicts teacher tokens.
+  m = tiny('configs/mae.py:runlocal')
+  m.mae.target = 'teacher'
+  m.distill.teacher = 'checkpoint'
+  m.distill.teacher_workdir = teacher_dir
+  m.dtm.enabled = True
+  last = train.train(m, str(tmp_path / 'mae_dtm'))
+  assert np.isfinite(last['loss_dtm']) and last['loss'] == last['loss_dtm']
