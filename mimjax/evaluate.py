@@ -18,21 +18,25 @@ from mimjax.eval import features as features_lib
 from mimjax.eval import knn
 from mimjax.eval import loading
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir of a mimjax.train run.')
-_PROTOCOL = flags.DEFINE_string('protocol', 'knn', 'Evaluation protocol.')
-_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: latest).')
-_RANDOM = flags.DEFINE_bool('compare_random_init', False,
-                            'Also evaluate the randomly initialised encoder.')
-_FEATURE = flags.DEFINE_enum('feature', None, features_lib.FEATURES,
-                             'Image feature (default: config.eval.feature).')
-_K = flags.DEFINE_list('k', None, 'kNN neighbour counts (default: config.eval.knn_k).')
 
 
-def run_knn(run):
+def define_flags():
+  """Command-line flags (defined only when run as a program, so importing is side-effect free)."""
+  flags.DEFINE_string('workdir', None, 'Workdir of a mimjax.train run.')
+  flags.DEFINE_enum('protocol', 'knn', sorted(PROTOCOLS), 'Evaluation protocol.')
+  flags.DEFINE_integer('step', None, 'Checkpoint step (default: latest).')
+  flags.DEFINE_bool('compare_random_init', False,
+                    'Also evaluate the randomly initialised encoder of the same architecture.')
+  flags.DEFINE_enum('feature', None, features_lib.FEATURES,
+                    'Image feature (default: config.eval.feature).')
+  flags.DEFINE_list('k', None, 'kNN neighbour counts (default: config.eval.knn_k).')
+
+
+def run_knn(run, feature=None, k=None):
   """kNN top-1 on the eval split with the train split as memory, for every configured k."""
   config = run.config
-  feature = _FEATURE.value or config.eval.feature
-  ks = [int(k) for k in (_K.value or config.eval.knn_k)]
+  feature = feature or config.eval.feature
+  ks = [int(v) for v in (k or config.eval.knn_k)]
   train_x, train_y = features_lib.extract(run, config.data.train_split, feature)
   test_x, test_y = features_lib.extract(run, config.data.eval_split, feature)
   top1 = {str(k): knn.knn_top1(train_x, train_y, test_x, test_y, k, config.eval.knn_temperature)
@@ -47,15 +51,19 @@ PROTOCOLS = {
 }
 
 
-def evaluate(workdir, protocol, step=None, compare_random_init=False):
-  """Runs `protocol` on a workdir's checkpoint; writes and returns DIR/eval_<protocol>.json."""
+def evaluate(workdir, protocol, step=None, compare_random_init=False, **options):
+  """Runs `protocol` on a workdir's checkpoint; writes and returns DIR/eval_<protocol>.json.
+
+  `options` go to the protocol function (e.g. feature=, k= for knn).
+  """
   if protocol not in PROTOCOLS:
     raise config_lib.ConfigError(f'Unknown protocol {protocol!r}; choose one of {sorted(PROTOCOLS)}.')
   run = loading.load_run(workdir, step)
   result = dict(protocol=protocol, step=run.step, split=run.config.data.eval_split,
-                **PROTOCOLS[protocol](run))
+                **PROTOCOLS[protocol](run, **options))
   if compare_random_init:
-    result['random_init'] = PROTOCOLS[protocol](loading.load_run(workdir, random_init=True))
+    result['random_init'] = PROTOCOLS[protocol](
+        loading.load_run(workdir, random_init=True), **options)
   with open(os.path.join(workdir, f'eval_{protocol}.json'), 'w') as f:
     json.dump(result, f, indent=2)
   return result
@@ -66,17 +74,20 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
+  f = flags.FLAGS
+  options = {name: f[name].value for name in ('feature', 'k') if f[name].value is not None}
   try:
-    result = evaluate(_WORKDIR.value, _PROTOCOL.value, _STEP.value, _RANDOM.value)
+    result = evaluate(f.workdir, f.protocol, f.step, f.compare_random_init, **options)
   except (config_lib.ConfigError, checkpoint_lib.CheckpointError, sources.DatasetError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
-  line = f'{_PROTOCOL.value} top-1 ({result["split"]}, step {result["step"]}): {result["top1"]:.4f}'
+  line = f'{f.protocol} top-1 ({result["split"]}, step {result["step"]}): {result["top1"]:.4f}'
   if 'random_init' in result:
     line += f'   randomly initialised encoder: {result["random_init"]["top1"]:.4f}'
   print(line)
 
 
 if __name__ == '__main__':
+  define_flags()
   flags.mark_flag_as_required('workdir')
   app.run(main)

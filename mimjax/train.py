@@ -30,8 +30,12 @@ from mimjax.data import pipeline
 from mimjax.data import sources
 from mimjax.interop import pretrained as init_from
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file[:args].', lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and images.')
+
+
+def define_flags():
+  """Command-line flags (defined only when run as a program, so importing is side-effect free)."""
+  config_flags.DEFINE_config_file('config', None, 'Config file[:args].', lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and images.')
 
 
 class NonFiniteLossError(RuntimeError):
@@ -219,13 +223,14 @@ def train(config, workdir):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if not _WORKDIR.value:
+  f = flags.FLAGS
+  if not f.workdir:
     raise app.UsageError('--workdir is required.')
-  if not flags.FLAGS['verbosity'].present:  # Orbax is chatty at INFO; --verbosity=0 shows it.
+  if not f['verbosity'].present:  # Orbax is chatty at INFO; --verbosity=0 shows it.
     logging.set_verbosity(logging.WARNING)
-  distributed.initialize(_CONFIG.value)
+  distributed.initialize(f.config)
   try:
-    train(_CONFIG.value, _WORKDIR.value)
+    train(f.config, f.workdir)
   except (config_lib.ConfigError, checkpoint_lib.CheckpointError, NonFiniteLossError,
           sources.DatasetError) as e:
     print(f'error: {e}', file=sys.stderr)
@@ -233,5 +238,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   flags.mark_flag_as_required('config')
   app.run(main)
