@@ -43,3 +43,14 @@ def mae_loss(pred, images, mask, patch_size, norm_pix_loss):
     target = normalize_patches(target)
   per_patch = jnp.mean((pred.astype(jnp.float32) - target) ** 2, axis=-1)
   return masked_mean(per_patch, mask)
+
+
+def simmim_loss(pred, images, mask, patch_size):
+  """SimMIM reconstruction loss: L1 over the pixels of masked patches.
+
+  Equals SimMIM's sum(|x - x_rec| * pixel_mask) / sum(pixel_mask) / channels, because every patch
+  holds the same number of pixels; `pred` is [B, N, p*p*C] in `patchify` order.
+  """
+  target = patchify(images.astype(jnp.float32), patch_size)
+  per_patch = jnp.mean(jnp.abs(pred.astype(jnp.float32) - target), axis=-1)
+  return masked_mean(per_patch, mask)

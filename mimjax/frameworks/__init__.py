@@ -1,12 +1,15 @@
 """Framework registry: config.framework -> Framework class; plug-ins chosen by config."""
 from mimjax.frameworks import mae
+from mimjax.frameworks import simmim
+from mimjax.methods import mto
 
 FRAMEWORKS = {
     'mae': mae.MAE,
+    'simmim': simmim.SimMIM,
 }
 
 # Plug-in classes in the order their loss terms are added; each has `enabled(config)`.
-PLUGINS = ()
+PLUGINS = (mto.MTO,)
 
 
 def enabled_plugins(config):

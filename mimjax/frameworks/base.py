@@ -63,6 +63,14 @@ class Plugin(abc.ABC):
 class Framework(abc.ABC):
   """A family of objectives around one trainable module; see the module docstring."""
   name: str = ''
+  # Where a learned mask token stands in for masked patches ('encoder', 'decoder'), for plug-ins
+  # that work on mask tokens (MTO); their per-layer tokens come with the matching capture.
+  mask_token_at: Tuple[str, ...] = ()
+
+  @classmethod
+  def check_config(cls, config):
+    """Raises config_lib.ConfigError on settings this framework cannot work with."""
+    del config
 
   def __init__(self, config, plugins=()):
     self.config = config
