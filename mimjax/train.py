@@ -23,7 +23,6 @@ from mimjax import config_lib
 from mimjax import distributed
 from mimjax import frameworks
 from mimjax import metrics_writer
-from mimjax import optim
 from mimjax import sharding
 from mimjax import train_step as train_step_lib
 from mimjax.data import pipeline
@@ -62,7 +61,7 @@ class _InterruptFlag:
       signal.signal(signal.SIGINT, self._previous)
 
 
-def _sample_batch(batch, n=2):
+def sample_batch(batch, n=2):
   """A small host batch of the same structure, for shape-only initialisation."""
   return jax.tree_util.tree_map(lambda x: x[:n], batch)
 
@@ -88,19 +87,13 @@ def train(config, workdir):
   batches = pipeline.train_batches(config, start_step)
   first = next(batches)
   batches = itertools.chain([first], batches)
-  sample = _sample_batch(first)
+  sample = sample_batch(first)
 
-  probe_params = jax.eval_shape(lambda: framework.init(jax.random.PRNGKey(0), sample)[0])
-  tx, lr_schedule = optim.make_optimizer(config, probe_params)
-  init_fn = train_step_lib.init_state_fn(framework, tx, sample, config.seed)
-  abstract_state = jax.eval_shape(init_fn)
+  init_fn, abstract_state, tx, lr_schedule = train_step_lib.build(framework, config, sample)
   state_sharding = train_step_lib.state_shardings(abstract_state, mesh, config.mesh)
   if latest is not None:
     ckpt.check_compatible(latest, abstract_state.params, config.framework)
-    target = jax.tree_util.tree_map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
-        state_sharding)
-    state = ckpt.restore(latest, target)
+    state = ckpt.restore(latest, train_step_lib.with_shardings(abstract_state, state_sharding))
     print(f'Resuming from checkpoint {latest} in {ckpt.directory}', flush=True)
   else:
     state = jax.jit(init_fn, out_shardings=state_sharding)()

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mimjax import optim
 from mimjax import sharding
 
 
@@ -16,6 +17,18 @@ class TrainState:
   opt_state: Any
   model_state: Any  # non-trained state: EMA encoders, teachers, running statistics
   rng: jax.Array  # base key; step keys are fold_in(rng, step)
+
+
+def build(framework, config, sample_batch):
+  """(init_fn, abstract_state, tx, lr_schedule) for `framework` on batches shaped like `sample_batch`.
+
+  Shapes come from `jax.eval_shape`, so nothing is allocated until the caller jits `init_fn` with
+  the target shardings or restores a checkpoint onto them.
+  """
+  probe_params = jax.eval_shape(lambda: framework.init(jax.random.PRNGKey(0), sample_batch)[0])
+  tx, lr_schedule = optim.make_optimizer(config, probe_params)
+  init_fn = init_state_fn(framework, tx, sample_batch, config.seed)
+  return init_fn, jax.eval_shape(init_fn), tx, lr_schedule
 
 
 def init_state_fn(framework, tx, batch, seed):
@@ -32,6 +45,12 @@ def init_state_fn(framework, tx, batch, seed):
 def state_shardings(abstract_state, mesh, mesh_config):
   """Shardings of every TrainState leaf (params, moments and EMA copies follow the fsdp rules)."""
   return sharding.tree_shardings(abstract_state, mesh, mesh_config)
+
+
+def with_shardings(abstract_state, shardings):
+  """ShapeDtypeStructs carrying target shardings: the restore target for Orbax."""
+  return jax.tree_util.tree_map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
 
 
 def _split_microbatches(batch, accum_steps):

@@ -49,6 +49,8 @@ def random_resized_crop(image, seed, size, scale, ratio=(3 / 4, 4 / 3)):
 
 def center_crop(image, size, crop_fraction):
   """Resize the short side to size / crop_fraction, then take the central size x size crop."""
+  if crop_fraction == 1.0 and tuple(image.shape[:2]) == (size, size):
+    return tf.cast(image, tf.float32)  # already the evaluation size: no resampling
   shape = tf.shape(image)
   h, w = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
   short = tf.cast(tf.math.ceil(size / crop_fraction), tf.float32)

@@ -172,6 +172,10 @@ class ViT(nn.Module):
   def num_patches(self):
     return self.grid_size ** 2
 
+  @property
+  def num_prefix(self):
+    return int(self.cls_token)
+
   def setup(self):
     if self.image_size % self.patch_size:
       raise ValueError(f'image size {self.image_size} is not a multiple of patch size '
@@ -187,8 +191,9 @@ class ViT(nn.Module):
                                kernel_init=nn.initializers.xavier_uniform(in_axis=(0, 1, 2),
                                                                           out_axis=3))
     if self.posemb == 'learn':
+      # As timm / MAE: the cls token has a learned position slot of its own (index 0).
       self.pos_embedding = self.param('pos_embedding', nn.initializers.normal(0.02),
-                                      (1, self.num_patches, self.width))
+                                      (1, self.num_prefix + self.num_patches, self.width))
     elif self.posemb != 'sincos2d':
       raise ValueError(f'model.posemb must be "learn" or "sincos2d", not {self.posemb!r}')
     if self.cls_token:
@@ -199,10 +204,14 @@ class ViT(nn.Module):
       self.head = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, name='head')
 
   def position_embedding(self):
-    """[1, N, width] position embedding of the patch tokens (the cls token gets none)."""
+    """([1, N, width] patch position embedding, [1, 1, width] cls one or None).
+
+    Fixed sin-cos embeddings give the cls token none (MAE's zero slot); learned ones give it its
+    own learned slot.
+    """
     if self.posemb == 'learn':
-      return self.pos_embedding
-    return jnp.asarray(posemb_lib.sincos_2d(self.grid_size, self.width))[None]
+      return self.pos_embedding[:, self.num_prefix:], self.pos_embedding[:, :self.num_prefix]
+    return jnp.asarray(posemb_lib.sincos_2d(self.grid_size, self.width))[None], None
 
   def tokenize(self, images, train=False):
     """Images [B, H, W, C] -> patch tokens [B, N, width] before position embedding."""
@@ -233,15 +242,16 @@ class ViT(nn.Module):
     x = tokens
     if mask is not None:
       x = jnp.where(mask[..., None], jnp.reshape(mask_token, (1, 1, -1)).astype(x.dtype), x)
-    x = x + self.position_embedding().astype(x.dtype)
+    patch_pos, cls_pos = self.position_embedding()
+    x = x + patch_pos.astype(x.dtype)
     if keep_idx is not None:
       x = jnp.take_along_axis(x, keep_idx[..., None], axis=1)
     if self.cls_token:
-      cls = jnp.broadcast_to(self.cls, (x.shape[0], 1, self.width)).astype(x.dtype)
+      cls = self.cls if cls_pos is None else self.cls + cls_pos
+      cls = jnp.broadcast_to(cls, (x.shape[0], 1, self.width)).astype(x.dtype)
       x = jnp.concatenate([cls, x], axis=1)
     x, extras = self.Transformer(x, train, capture_layers, capture_attention)
-    num_prefix = 1 if self.cls_token else 0
-    patch_tokens = x[:, num_prefix:]
+    patch_tokens = x[:, self.num_prefix:]
     pooled = x[:, 0] if self.pool == 'tok' else patch_tokens.mean(axis=1)
     out = dict(tokens=x, patch_tokens=patch_tokens, pooled=pooled, tokenizer=tokens, **extras)
     if self.num_classes:

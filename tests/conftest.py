@@ -1,0 +1,55 @@
+"""Shared test helpers: tiny configs on the real offline Fashion-MNIST, subprocess runners."""
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+
+
+def load_config(spec, **overrides):
+  """`configs/<name>.py:<arg>` -> unlocked-then-relocked ConfigDict with dotted-key overrides."""
+  name, _, arg = spec.partition(':')
+  module = importlib.import_module('configs.' + os.path.basename(name).removesuffix('.py'))
+  config = module.get_config(arg or None)
+  with config.unlocked():
+    for key, value in overrides.items():
+      target = config
+      *parents, leaf = key.split('.')
+      for p in parents:
+        target = target[p]
+      target[leaf] = value
+  return config
+
+
+def tiny_overrides(**extra):
+  """A MAE-sized-for-tests run: mu/4 ViT, small batches, a slice of the train split."""
+  base = {
+      'model.variant': 'mu/4', 'batch_size': 16, 'total_steps': 6, 'warmup_steps': 2,
+      'data.train_split': 'train[:512]', 'data.eval_split': 'test[:256]',
+      'data.shuffle_buffer': 512, 'checkpoint.every_steps': 3, 'log.every_steps': 1,
+      'log.images_every_steps': 0, 'log.progress_bar': False, 'eval.batch_size': 64,
+  }
+  base.update(extra)
+  return base
+
+
+@pytest.fixture
+def tiny_mae_config():
+  return load_config('configs/mae.py:runlocal', **tiny_overrides(**{
+      'mae.decoder_width': 32, 'mae.decoder_depth': 1, 'mae.decoder_heads': 2}))
+
+
+def run_module(args, env=None, timeout=600, input_signal=None):
+  """Runs `python -m <args>` from the repo root; returns CompletedProcess with text output."""
+  full_env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL='3', **(env or {}))
+  return subprocess.run([sys.executable, '-m', *args], cwd=ROOT, env=full_env, timeout=timeout,
+                        capture_output=True, text=True)
+
+
+def config_flags(overrides):
+  return [f'--config.{k}={",".join(map(str, v)) if isinstance(v, tuple) else v}'
+          for k, v in overrides.items()]
