@@ -8,6 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import load_config
+from conftest import tiny_overrides
 from configs import mae_mto
 from configs import simmim_mto
 from mimjax import config_lib
@@ -135,6 +137,7 @@ def test_ranking_loss_direction_of_both_forms():
 def _framework(config_module, variant='mu/4'):
   config = config_module.get_config('runlocal')
   config.model.variant = variant
+  config.mae.decoder_width, config.mae.decoder_depth, config.mae.decoder_heads = 32, 2, 2
   config_lib.validate(config)
   fw = frameworks.build(config)
   images = jax.random.normal(jax.random.PRNGKey(0), (4, 28, 28, 3))
@@ -201,28 +204,21 @@ def test_config_rejects_unknown_ranking():
     config_lib.validate(config)
 
 
-def _run(config_module, workdir, steps=30):
-  config = config_module.get_config('runlocal')
-  config.model.variant = 'mu/4'
-  config.batch_size = 32
-  config.total_steps = steps
-  config.warmup_steps = 5
-  config.optim.base_lr, config.optim.lr_base_batch = 3e-3, config.batch_size  # peak lr 3e-3
-  config.log.every_steps = 10
-  config.log.progress_bar = False
-  config.log.images_every_steps = 0
-  config.checkpoint.every_steps = steps
-  config.checkpoint.async_save = False
+def _run(spec, workdir):
+  """30 steps of batch 32 at peak lr 3e-3; metrics every 10 steps."""
+  config = load_config(spec, **tiny_overrides(**{
+      'batch_size': 32, 'total_steps': 30, 'warmup_steps': 5, 'log.every_steps': 10,
+      'checkpoint.every_steps': 30, 'optim.base_lr': 3e-3, 'optim.lr_base_batch': 32}))
   train.train(config, workdir)
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     return [json.loads(line) for line in f]
 
 
 @pytest.mark.slow  # two short training runs: about a minute each on 2 busy CPU cores
-@pytest.mark.parametrize('config_module,mim_loss', [(simmim_mto, 'loss_simmim'),
-                                                    (mae_mto, 'loss_mae')])
-def test_runlocal_loss_decreases(config_module, mim_loss, tmp_path):
-  records = _run(config_module, str(tmp_path))
+@pytest.mark.parametrize('spec,mim_loss', [('configs/simmim_mto.py:runlocal', 'loss_simmim'),
+                                           ('configs/mae_mto.py:runlocal', 'loss_mae')])
+def test_runlocal_loss_decreases(spec, mim_loss, tmp_path):
+  records = _run(spec, str(tmp_path))
   assert records[-1]['loss'] < 0.95 * records[0]['loss']
   assert records[-1][mim_loss] < 0.95 * records[0][mim_loss]
   assert 'mto_H0' in records[-1] and 'loss_mto_r' in records[-1]

@@ -8,6 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import load_config
+from conftest import tiny_overrides
 from configs import simmim
 from mimjax import config_lib
 from mimjax import frameworks
@@ -82,7 +84,7 @@ def test_model_substitutes_the_mask_token_and_predicts_pixels():
   enc, pred = fw.model.apply({'params': params}, batch['image'], mask,
                              capture=frozenset({'encoder_layers'}))
   assert pred.shape == (4, 49, 48)
-  posemb = fw.build_encoder().bind({'params': params['encoder']}).position_embedding()
+  posemb = fw.build_encoder().bind({'params': params['encoder']}).position_embedding()[0]
   layer0 = np.asarray(enc['layers'][0][:, 1:] - posemb)  # cls first
   mask = np.asarray(mask)
   np.testing.assert_allclose(layer0[mask], np.broadcast_to(params['mask_token'][0],
@@ -130,17 +132,10 @@ def test_recipe_learning_rate():
 
 
 def test_runlocal_loss_decreases(tmp_path):
-  config = simmim.get_config('runlocal')
-  config.model.variant = 'mu/4'
-  config.batch_size = 32
-  config.total_steps = 30
-  config.warmup_steps = 5
-  config.optim.base_lr, config.optim.lr_base_batch = 3e-3, config.batch_size  # peak lr 3e-3
-  config.log.every_steps = 10
-  config.log.progress_bar = False
-  config.log.images_every_steps = 30
-  config.checkpoint.every_steps = 30
-  config.checkpoint.async_save = False
+  config = load_config('configs/simmim.py:runlocal', **tiny_overrides(**{
+      'batch_size': 32, 'total_steps': 30, 'warmup_steps': 5, 'log.every_steps': 10,
+      'checkpoint.every_steps': 30, 'log.images_every_steps': 30, 'optim.base_lr': 3e-3,
+      'optim.lr_base_batch': 32}))
   train.train(config, str(tmp_path))
   with open(os.path.join(tmp_path, 'metrics.jsonl')) as f:
     records = [json.loads(line) for line in f]

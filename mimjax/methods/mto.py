@@ -135,7 +135,7 @@ class MTO(base.Plugin):
     """Per-layer patch tokens [B, N, D] (cls removed) of the configured site."""
     if self.config.mto.where == 'decoder':
       return outputs['decoder']['layers']
-    num_prefix = int(self.framework.encoder_kwargs['cls_token'])
+    num_prefix = self.framework.build_encoder().num_prefix
     return [layer[:, num_prefix:] for layer in outputs['encoder']['layers']]
 
   def loss(self, params, state, outputs, batch, rng, step, train):
