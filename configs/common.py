@@ -82,7 +82,7 @@ def base_config():
   c.data.channels = 3  # grayscale images are replicated to 3 channels
   c.data.mean = (0.485, 0.456, 0.406)
   c.data.std = (0.229, 0.224, 0.225)
-  c.data.augment = 'rrc_flip'  # rrc_flip | center
+  c.data.augment = 'rrc_flip'  # rrc_flip | center | lut_two_view (image + image2, for LUT)
   c.data.crop_scale = (0.2, 1.0)
   c.data.eval_crop_fraction = 0.875  # evaluation: resize to size / fraction, then centre crop
   c.data.cache = False  # keep the raw (encoded) split in memory; for small datasets
@@ -106,6 +106,20 @@ def base_config():
   c.mae.decoder_depth = 8
   c.mae.decoder_heads = 16
   c.mae.decoder_mlp_ratio = 4
+
+  # LUT (Kim et al.): pooled visible tokens of two disjointly masked views are pulled toward an EMA
+  # context encoder's pooled tokens of the other, unmasked view. Needs framework='mae',
+  # data.augment='lut_two_view' and mae.mask_ratio >= 0.5.
+  c.lut = ml_collections.ConfigDict()
+  c.lut.enabled = False
+  c.lut.alpha = 0.25  # weight of the broader-context loss (paper: 0.25 for ViT-B, 1.0 for ViT-S)
+  c.lut.momentum = 0.996  # context-encoder EMA momentum at step 0; cosine schedule up to 1
+  c.lut.head_dim = 4096  # hidden width of the projector and predictor MLPs
+
+  # Weights a fresh run starts from (ignored when resuming from the workdir's own checkpoint).
+  c.init = ml_collections.ConfigDict()
+  c.init.checkpoint = ''  # '' = random init; else a .safetensors / .pth file
+  c.init.format = 'timm'  # timm: a timm ViT state dict | mae: an official MAE checkpoint
 
   c.simmim = ml_collections.ConfigDict()
   c.simmim.mask_ratio = 0.6  # fraction of mask cells replaced by the mask token, ceil(cells * ratio)

@@ -83,6 +83,25 @@ class Checkpointer:
           'the one before, or start in a new --workdir.') from e
     return restored['state']
 
+  def restore_params(self, step):
+    """Only `params` of the state at `step`, as host numpy arrays (no mesh, no model needed).
+
+    For export and for starting new runs from a checkpoint's weights.
+    """
+    path = os.path.join(self.directory, str(step), 'state')
+    try:
+      checkpointer = ocp.PyTreeCheckpointer()
+      saved = checkpointer.metadata(path).item_metadata['params']
+      item = {'params': jax.tree_util.tree_map(lambda m: np.zeros(m.shape, m.dtype), saved)}
+      restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                                            item)
+      restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+          item=item, restore_args=restore_args, partial_restore=True))
+    except Exception as e:
+      raise CheckpointError(f'The params of checkpoint {step} in {self.directory} cannot be read '
+                            f'({type(e).__name__}: {e}).') from e
+    return restored['params']
+
   def wait(self):
     self.manager.wait_until_finished()
 

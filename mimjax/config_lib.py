@@ -33,6 +33,9 @@ def validate(config):
     raise ConfigError(f'config.mae.mask_ratio must be in [0, 1), got {config.mae.mask_ratio}.')
   if config.model.dtype not in ('float32', 'bfloat16', 'float16'):
     raise ConfigError(f'config.model.dtype={config.model.dtype!r}; use float32 or bfloat16.')
+  if config.init.format not in ('timm', 'mae'):
+    raise ConfigError(f'config.init.format={config.init.format!r}; use timm (a timm ViT state '
+                      'dict) or mae (an official MAE checkpoint).')
   frameworks.FRAMEWORKS[config.framework].check_config(config)
   frameworks.check_plugins(config)
 

@@ -30,14 +30,27 @@ def mask_from_keep(keep_idx, num_patches):
   return jnp.ones((keep_idx.shape[0], num_patches), bool).at[batch, keep_idx].set(False)
 
 
+def keep_from_order(order, n_keep, view=0):
+  """View `view` of a random patch order [B, N]: positions [view * n_keep, (view + 1) * n_keep).
+
+  View 0 is MAE's mask; the views of one order are disjoint (LUT's second masked view is view 1).
+  Returns (keep_idx [B, n_keep], mask [B, N]).
+  """
+  num_patches = order.shape[1]
+  if (view + 1) * n_keep > num_patches:
+    raise ValueError(f'{view + 1} disjoint views of {n_keep} visible patches do not fit in '
+                     f'{num_patches} patches; raise the mask ratio.')
+  keep_idx = order[:, view * n_keep:(view + 1) * n_keep]
+  return keep_idx, mask_from_keep(keep_idx, num_patches)
+
+
 def random_keep(rng, batch_size, num_patches, mask_ratio):
   """MAE masking: per sample, a uniformly random subset of `num_kept` patches stays visible.
 
   Returns (keep_idx [B, n_keep], mask [B, N]).
   """
-  n_keep = num_kept(num_patches, mask_ratio)
-  keep_idx = random_permutation(rng, batch_size, num_patches)[:, :n_keep]
-  return keep_idx, mask_from_keep(keep_idx, num_patches)
+  order = random_permutation(rng, batch_size, num_patches)
+  return keep_from_order(order, num_kept(num_patches, mask_ratio))
 
 
 def num_masked_cells(num_cells, mask_ratio):

@@ -27,6 +27,7 @@ from mimjax import sharding
 from mimjax import train_step as train_step_lib
 from mimjax.data import pipeline
 from mimjax.data import sources
+from mimjax.interop import pretrained as init_from
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file[:args].', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and images.')
@@ -96,7 +97,10 @@ def train(config, workdir):
     state = ckpt.restore(latest, train_step_lib.with_shardings(abstract_state, state_sharding))
     print(f'Resuming from checkpoint {latest} in {ckpt.directory}', flush=True)
   else:
-    state = jax.jit(init_fn, out_shardings=state_sharding)()
+    pretrained = None
+    if config.init.checkpoint:
+      pretrained = init_from.load(config, abstract_state.params)
+    state = jax.jit(init_fn, out_shardings=state_sharding)(pretrained)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config_lib.to_json(config))

@@ -32,11 +32,12 @@ def build(framework, config, sample_batch):
 
 
 def init_state_fn(framework, tx, batch, seed):
-  """A no-argument function (to jit or eval_shape) building the initial TrainState."""
-  def init():
+  """A function (to jit or eval_shape) building the initial TrainState, optionally with some
+  params taken from `pretrained` (see `Framework.init`)."""
+  def init(pretrained=None):
     rng = jax.random.PRNGKey(seed)
     init_rng, state_rng = jax.random.split(rng)
-    params, model_state = framework.init(init_rng, batch)
+    params, model_state = framework.init(init_rng, batch, pretrained)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       model_state=model_state, rng=state_rng)
   return init

@@ -7,11 +7,13 @@ run would have seen. An augmentation maps a decoded uint8 image [h, w, c] to a d
 import tensorflow as tf
 
 AUGMENTATIONS = {}
+OUTPUTS = {}  # name -> the image features it returns, e.g. ('image', 'image2') for two views
 
 
-def register(name):
+def register(name, outputs=('image',)):
   def wrap(fn):
     AUGMENTATIONS[name] = fn
+    OUTPUTS[name] = outputs
     return fn
   return wrap
 
@@ -47,20 +49,123 @@ def random_resized_crop(image, seed, size, scale, ratio=(3 / 4, 4 / 3)):
   return resize(crop, size)
 
 
+def resize_short_side(image, short):
+  """Bicubic resize keeping the aspect ratio so that the shorter side is `short` pixels."""
+  shape = tf.shape(image)
+  h, w = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
+  scale = tf.cast(short, tf.float32) / tf.minimum(h, w)
+  new_h = tf.cast(tf.round(h * scale), tf.int32)
+  new_w = tf.cast(tf.round(w * scale), tf.int32)
+  return tf.clip_by_value(tf.image.resize(tf.cast(image, tf.float32), (new_h, new_w),
+                                          method='bicubic'), 0.0, 255.0)
+
+
 def center_crop(image, size, crop_fraction):
   """Resize the short side to size / crop_fraction, then take the central size x size crop."""
   if crop_fraction == 1.0 and tuple(image.shape[:2]) == (size, size):
     return tf.cast(image, tf.float32)  # already the evaluation size: no resampling
+  image = resize_short_side(image, tf.math.ceil(size / crop_fraction))
   shape = tf.shape(image)
-  h, w = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
-  short = tf.cast(tf.math.ceil(size / crop_fraction), tf.float32)
-  scale = short / tf.minimum(h, w)
-  new_h = tf.cast(tf.round(h * scale), tf.int32)
-  new_w = tf.cast(tf.round(w * scale), tf.int32)
-  image = tf.clip_by_value(tf.image.resize(tf.cast(image, tf.float32), (new_h, new_w),
-                                           method='bicubic'), 0.0, 255.0)
-  top, left = (new_h - size) // 2, (new_w - size) // 2
+  top, left = (shape[0] - size) // 2, (shape[1] - size) // 2
   return image[top:top + size, left:left + size]
+
+
+def simple_resized_crop(image, seed, size, padding=4):
+  """DeiT III's "simple resized crop": short side to `size`, a random size x size crop of the image
+  reflect-padded by `padding` pixels, random horizontal flip. Unlike random-resized-crop, every
+  view keeps the scale and (nearly) all the content of the image."""
+  crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+  image = resize_short_side(image, size)
+  image = tf.pad(image, [[padding, padding], [padding, padding], [0, 0]], mode='REFLECT')
+  image = tf.image.stateless_random_crop(image, [size, size, image.shape[-1]], crop_seed)
+  return tf.image.stateless_random_flip_left_right(image, flip_seed)
+
+
+def _luma(image):
+  """[h, w, 1] ITU-R 601 luma of an RGB image (as torchvision/PIL grayscale); 1 channel as is."""
+  if image.shape[-1] != 3:
+    return image
+  return tf.reduce_sum(image * tf.constant([0.299, 0.587, 0.114]), axis=-1, keepdims=True)
+
+
+def _blend(image, other, factor):
+  """factor * image + (1 - factor) * other, clipped to the pixel range (torchvision's _blend)."""
+  return tf.clip_by_value(factor * image + (1.0 - factor) * other, 0.0, 255.0)
+
+
+def adjust_brightness(image, factor):
+  """torchvision's adjust_brightness: scales the pixels by `factor`."""
+  return _blend(image, tf.zeros_like(image), factor)
+
+
+def adjust_contrast(image, factor):
+  """torchvision's adjust_contrast: blends with the image's mean luma."""
+  return _blend(image, tf.reduce_mean(_luma(image)), factor)
+
+
+def adjust_saturation(image, factor):
+  """torchvision's adjust_saturation: blends with the per-pixel luma (RGB only)."""
+  return _blend(image, _luma(image), factor) if image.shape[-1] == 3 else image
+
+
+def adjust_hue(image, delta):
+  """Rotates the hue of RGB pixels in [0, 255] by `delta` turns."""
+  if image.shape[-1] != 3:
+    return image
+  return tf.clip_by_value(tf.image.adjust_hue(image / 255.0, delta) * 255.0, 0.0, 255.0)
+
+
+def color_jitter(image, seed, brightness, contrast, saturation, hue):
+  """torchvision's ColorJitter on float pixels in [0, 255]: the four adjustments in random order,
+  factors uniform in [1 - x, 1 + x] (hue: shift uniform in [-hue, hue] turns)."""
+  order_seed, b_seed, c_seed, s_seed, h_seed = tf.unstack(
+      tf.random.experimental.stateless_split(seed, 5))
+  uniform = lambda s, x: tf.random.stateless_uniform([], s, 1.0 - x, 1.0 + x)  # noqa: E731
+  ops = [
+      (adjust_brightness, uniform(b_seed, brightness)),
+      (adjust_contrast, uniform(c_seed, contrast)),
+      (adjust_saturation, uniform(s_seed, saturation)),
+      (adjust_hue, tf.random.stateless_uniform([], h_seed, -hue, hue)),
+  ]
+  order = tf.argsort(tf.random.stateless_uniform([len(ops)], order_seed))
+  for i in range(len(ops)):
+    image = tf.switch_case(order[i], [lambda op=op, v=v: op(image, v) for op, v in ops])
+  return image
+
+
+def grayscale(image):
+  """torchvision's Grayscale with as many output channels as input channels."""
+  return tf.broadcast_to(_luma(image), tf.shape(image))
+
+
+def solarize(image, threshold=128.0):
+  """PIL's ImageOps.solarize: pixels at or above `threshold` are inverted."""
+  return tf.where(image >= threshold, 255.0 - image, image)
+
+
+def gaussian_blur(image, sigma, radius):
+  """Separable Gaussian blur with standard deviation `sigma` (a scalar tensor), a kernel of
+  2 * radius + 1 taps and reflect padding."""
+  x = tf.range(-radius, radius + 1, dtype=tf.float32)
+  kernel = tf.exp(-0.5 * (x / sigma) ** 2)
+  kernel /= tf.reduce_sum(kernel)
+  channels = image.shape[-1]
+  padded = tf.pad(image[None], [[0, 0], [radius, radius], [radius, radius], [0, 0]], 'REFLECT')
+  rows = tf.tile(tf.reshape(kernel, [-1, 1, 1, 1]), [1, 1, channels, 1])
+  cols = tf.tile(tf.reshape(kernel, [1, -1, 1, 1]), [1, 1, channels, 1])
+  out = tf.nn.depthwise_conv2d(padded, rows, [1, 1, 1, 1], 'VALID')
+  return tf.nn.depthwise_conv2d(out, cols, [1, 1, 1, 1], 'VALID')[0]
+
+
+def three_augment(image, seed, blur_sigma=(0.1, 2.0)):
+  """DeiT III's 3-augment: exactly one of grayscale, solarisation, Gaussian blur (equally likely),
+  blur sigma uniform in `blur_sigma`."""
+  choice_seed, sigma_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+  choice = tf.random.stateless_uniform([], choice_seed, 0, 3, dtype=tf.int32)
+  sigma = tf.random.stateless_uniform([], sigma_seed, *blur_sigma)
+  radius = int(3 * blur_sigma[1] + 0.5)
+  return tf.switch_case(choice, [lambda: grayscale(image), lambda: solarize(image),
+                                 lambda: gaussian_blur(image, sigma, radius)])
 
 
 @register('rrc_flip')
@@ -81,3 +186,25 @@ def center(image, seed, data_config):
   image = to_channels(image, data_config.channels)
   image = center_crop(image, data_config.image_size, data_config.eval_crop_fraction)
   return {'image': normalize(image, data_config)}
+
+
+@register('lut_two_view', outputs=('image', 'image2'))
+def lut_two_view(image, seed, data_config):
+  """LUT's two views (reference `TwoGlobalViewAugmentation`): a simple resized crop each, drawn
+  independently; `image2` also gets colour jitter (0.4, 0.4, 0.2, 0.1) with p = 0.8 and 3-augment.
+
+  Geometry: both views keep the scale and almost all the content of the image, so their pooled
+  tokens describe the same scene; they are *not* pixel-aligned (independent <= 4-pixel shifts and
+  flips, and positions along the long side), as in the reference, since LUT compares pooled tokens.
+  """
+  view1_seed, view2_seed, apply_seed, jitter_seed, three_seed = tf.unstack(
+      tf.random.experimental.stateless_split(seed, 5))
+  image = to_channels(image, data_config.channels)
+  size = data_config.image_size
+  view1 = simple_resized_crop(image, view1_seed, size)
+  view2 = simple_resized_crop(image, view2_seed, size)
+  jitter = tf.random.stateless_uniform([], apply_seed) < 0.8
+  view2 = tf.cond(jitter, lambda: color_jitter(view2, jitter_seed, 0.4, 0.4, 0.2, 0.1),
+                  lambda: view2)
+  view2 = three_augment(view2, three_seed)
+  return {'image': normalize(view1, data_config), 'image2': normalize(view2, data_config)}

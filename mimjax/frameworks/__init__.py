@@ -1,6 +1,7 @@
 """Framework registry: config.framework -> Framework class; plug-ins chosen by config."""
 from mimjax.frameworks import mae
 from mimjax.frameworks import simmim
+from mimjax.methods import lut
 from mimjax.methods import mto
 
 FRAMEWORKS = {
@@ -9,7 +10,7 @@ FRAMEWORKS = {
 }
 
 # Plug-in classes in the order their loss terms are added; each has `enabled(config)`.
-PLUGINS = (mto.MTO,)
+PLUGINS = (lut.LUT, mto.MTO)
 
 
 def enabled_plugins(config):

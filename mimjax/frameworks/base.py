@@ -21,6 +21,15 @@ Outputs = Dict[str, Any]
 CAPTURES = ('encoder_layers', 'encoder_attention', 'decoder_layers')
 
 
+def _replace_leaves(tree, replacement):
+  """`tree` with every leaf that the nested dict `replacement` holds taken from it."""
+  if replacement is None:
+    return tree
+  if not isinstance(replacement, dict):
+    return replacement
+  return {k: _replace_leaves(v, replacement.get(k)) for k, v in tree.items()}
+
+
 class Plugin(abc.ABC):
   """A loss term added to a framework's objective."""
   name: str = ''
@@ -100,10 +109,14 @@ class Framework(abc.ABC):
   def forward(self, params, model_state, batch, rng, train) -> Tuple[jax.Array, Metrics, Outputs]:
     """Base objective: (loss, metrics, outputs for plug-ins and visualisation)."""
 
-  def init(self, rng, batch):
-    """All params and non-trained state: the framework's, then each plug-in's."""
+  def init(self, rng, batch, pretrained=None):
+    """All params and non-trained state: the framework's, then each plug-in's.
+
+    `pretrained` (a nested dict, e.g. {'encoder': ...}) replaces the leaves it holds before the
+    plug-ins initialise, so EMA copies and teachers start from the same weights.
+    """
     model_rng, plugin_rng, fwd_rng = jax.random.split(rng, 3)
-    params = dict(self.init_model(model_rng, batch))
+    params = _replace_leaves(dict(self.init_model(model_rng, batch)), pretrained)
     model_state = {}
     if self.plugins:
       _, _, outputs = self.forward(params, model_state, batch, fwd_rng, train=False)

@@ -43,25 +43,36 @@ class MAE(base.Framework):
   def num_patches(self):
     return (self.image_size // self.patch_size) ** 2
 
-  def sample_mask(self, rng, batch_size):
-    return masking.random_keep(rng, batch_size, self.num_patches, self.config.mae.mask_ratio)
+  @property
+  def num_kept(self):
+    return masking.num_kept(self.num_patches, self.config.mae.mask_ratio)
+
+  def sample_order(self, rng, batch_size):
+    """A random patch order per sample [B, N]; the encoder sees its first `num_kept` patches.
+
+    The order is returned in `outputs['patch_order']`, so a plug-in can take further views that are
+    disjoint from MAE's (LUT) with `masking.keep_from_order`.
+    """
+    return masking.random_permutation(rng, batch_size, self.num_patches)
 
   def init_model(self, rng, batch):
     images = batch['image']
-    keep_idx, _ = self.sample_mask(jax.random.PRNGKey(0), images.shape[0])
+    order = self.sample_order(jax.random.PRNGKey(0), images.shape[0])
+    keep_idx, _ = masking.keep_from_order(order, self.num_kept)
     return self.model.init(rng, images, keep_idx)['params']
 
   def forward(self, params, model_state, batch, rng, train):
     del model_state
     mask_rng, drop_rng = jax.random.split(rng)
     images = batch['image']
-    keep_idx, mask = self.sample_mask(mask_rng, images.shape[0])
+    order = self.sample_order(mask_rng, images.shape[0])
+    keep_idx, mask = masking.keep_from_order(order, self.num_kept)
     model_params = {k: params[k] for k in ('encoder', 'decoder')}
     enc, dec = self.model.apply({'params': model_params}, images, keep_idx, train,
                                 frozenset(self.captures), rngs={'dropout': drop_rng})
     loss = losses.mae_loss(dec['pred'], images, mask, self.patch_size,
                            self.config.mae.norm_pix_loss)
-    outputs = dict(encoder=enc, decoder=dec, keep_idx=keep_idx, mask=mask)
+    outputs = dict(encoder=enc, decoder=dec, keep_idx=keep_idx, mask=mask, patch_order=order)
     return loss, {}, outputs
 
   def visualize(self, outputs, batch):

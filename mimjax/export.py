@@ -1,0 +1,176 @@
+r"""Export a mimjax encoder to timm: `python -m mimjax.export --workdir DIR --out FILE.safetensors`.
+
+Writes the encoder of a checkpoint (the latest, or `--step`) as a timm VisionTransformer state dict
+(`--format safetensors`, the default) or as a big_vision-style `.npz` with `params/...` keys that
+timm's own `.npz` loader reads (`--format npz`), plus `FILE.json`: the `timm.create_model` name and
+keyword arguments that rebuild the architecture, and the input normalisation. Everything outside
+`params['encoder']` (decoders, plug-in heads, mask tokens, EMA copies) is left out.
+
+  sc = json.load(open('enc.safetensors.json'))
+  model = timm.create_model(sc['timm_model'], **sc['timm_kwargs'])
+  model.load_state_dict(safetensors.torch.load_file('enc.safetensors'))
+"""
+import json
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mimjax import checkpoint as checkpoint_lib
+from mimjax import config_lib
+from mimjax.interop import timm as timm_lib
+from mimjax.models import vit
+
+FORMATS = ('safetensors', 'npz')
+
+
+def load_encoder(workdir, step=None):
+  """(config, encoder params as numpy, step) of a training workdir's checkpoint."""
+  with open(os.path.join(workdir, 'config.json')) as f:
+    config = config_lib.from_json(f.read())
+  ckpt = checkpoint_lib.Checkpointer(workdir, async_save=False)
+  try:
+    step = ckpt.latest_step() if step is None else step
+    if step is None or step not in ckpt.manager.all_steps():
+      raise checkpoint_lib.CheckpointError(
+          f'No checkpoint {"" if step is None else step} in {ckpt.directory}; steps there: '
+          f'{sorted(ckpt.manager.all_steps())}.')
+    params = ckpt.restore_params(step)
+  finally:
+    ckpt.close()
+  return config, params['encoder'], step
+
+
+def build_encoder(config):
+  """The float32 mimjax ViT of `config` (inference: no drop path)."""
+  kw = vit.encoder_kwargs(config.model, config.data.image_size)
+  return vit.ViT(**{**kw, 'dtype': jnp.float32, 'drop_path': 0.0, 'remat': False})
+
+
+def forward_features(config, encoder_params, images):
+  """timm's `forward_features` computed by mimjax: all tokens after the final norm, cls first.
+
+  images: [B, H, W, C] normalised (mimjax layout; timm takes the same values as [B, C, H, W]).
+  """
+  out = build_encoder(config).apply({'params': encoder_params}, jnp.asarray(images, jnp.float32))
+  return np.asarray(out['tokens'])
+
+
+def check_exportable(config, encoder_params):
+  """Raises timm_lib.InteropError when timm's ViT cannot reproduce this encoder."""
+  tokenizer_norm = config.model.tokenizer_norm if 'tokenizer_norm' in config.model else 'none'
+  if tokenizer_norm != 'none':
+    raise timm_lib.InteropError(
+        f'config.model.tokenizer_norm={tokenizer_norm!r} (MoTo) changes the patch tokenizer in a '
+        'way timm\'s VisionTransformer cannot represent; refusing to export a model that would '
+        'compute something else. Use the encoder from JAX (mimjax.export.forward_features).')
+  timm_lib.check_representable(encoder_params)
+
+
+def _npz_arrays(encoder_params, posemb_table):
+  """big_vision `params/...` arrays for timm's npz loader, layer scale folded into the weights.
+
+  timm's npz loader has no layer-scale weights, so each block's scale is multiplied into the
+  output projection it follows (attention `out`, MLP `Dense_1`): `(x W + b) * g = x (W g) + b g`.
+  """
+  p = timm_lib.jax_free(encoder_params)
+  p['pos_embedding'] = np.asarray(posemb_table, np.float32)
+  for name, blk in p['Transformer'].items():
+    if not name.startswith('encoderblock_'):
+      continue
+    for idx, layer in ((0, blk['MultiHeadDotProductAttention_0']['out']),
+                       (1, blk['MlpBlock_0']['Dense_1'])):
+      if f'LayerScale_{idx}' in blk:
+        gamma = blk.pop(f'LayerScale_{idx}')['scale']
+        layer['kernel'] = layer['kernel'] * gamma
+        layer['bias'] = layer['bias'] * gamma
+  flat = jax.tree_util.tree_flatten_with_path(p)[0]
+  return {'params/' + '/'.join(k.key for k in path): np.asarray(v, np.float32) for path, v in flat}
+
+
+def export_params(config, encoder_params, out, fmt='safetensors', source=None):
+  """Writes `out` (+ `out.json`) from encoder params of a model built by `config`.
+
+  Returns the sidecar dict. `source` (e.g. workdir and step) is recorded in the sidecar.
+  """
+  if fmt not in FORMATS:
+    raise ValueError(f'format must be one of {FORMATS}, not {fmt!r}')
+  check_exportable(config, encoder_params)
+  grid = config.data.image_size // vit.parse_variant(config.model.variant)['patch_size']
+  table = timm_lib.position_embedding(encoder_params, grid)
+  in_chans = int(np.shape(encoder_params['embedding']['kernel'])[2])
+  kwargs = timm_lib.timm_kwargs(config.model, config.data.image_size, in_chans)
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  if fmt == 'safetensors':
+    from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+    save_file(timm_lib.to_timm(encoder_params, table), out)
+  else:
+    kwargs['init_values'] = None  # folded into the weights, see _npz_arrays
+    np.savez(out, **_npz_arrays(encoder_params, table))
+  mean, std = list(config.data.mean), list(config.data.std)
+  kwargs['pretrained_cfg_overlay'] = dict(
+      mean=mean, std=std, input_size=[in_chans, config.data.image_size, config.data.image_size],
+      crop_pct=config.data.eval_crop_fraction, interpolation='bicubic',
+      num_classes=config.model.num_classes)
+  sidecar = dict(timm_model=timm_lib.TIMM_MODEL, timm_kwargs=kwargs, format=fmt, mean=mean,
+                 std=std, image_size=config.data.image_size, input_range=[0.0, 1.0],
+                 source=dict(source or {}, framework=config.framework,
+                             variant=config.model.variant))
+  with open(out + '.json', 'w') as f:
+    json.dump(sidecar, f, indent=2)
+  return sidecar
+
+
+def export_checkpoint(workdir, out, step=None, fmt='safetensors'):
+  """Exports the encoder of `workdir`'s checkpoint `step` (default latest); returns the sidecar."""
+  config, encoder_params, step = load_encoder(workdir, step)
+  return export_params(config, encoder_params, out, fmt,
+                       source=dict(workdir=os.path.abspath(workdir), step=int(step)))
+
+
+def create_timm_model(path):
+  """The timm model of an export, with its weights loaded (needs torch and timm)."""
+  import timm  # pylint: disable=g-import-not-at-top
+  sidecar = timm_lib.read_sidecar(path)
+  kwargs = dict(sidecar['timm_kwargs'])
+  kwargs['pretrained_cfg_overlay'] = dict(kwargs['pretrained_cfg_overlay'], file=path,
+                                          custom_load=sidecar['format'] == 'npz')
+  return timm.create_model(sidecar['timm_model'], pretrained=True, **kwargs)
+
+
+def _define_flags():
+  """Flags of the CLI, defined only when run as a program (mimjax.train defines --workdir too)."""
+  flags.DEFINE_string('workdir', None, 'Training workdir holding config.json and checkpoints/.')
+  flags.DEFINE_integer('step', None, 'Checkpoint step to export (default: the latest).')
+  flags.DEFINE_string('out', None, 'Output file (.safetensors or .npz); FILE.json is written next '
+                      'to it.')
+  flags.DEFINE_enum('format', None, FORMATS, 'Output format (default: from the --out extension, '
+                    'safetensors unless it ends in .npz).')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  f = flags.FLAGS
+  if not f.workdir or not f.out:
+    raise app.UsageError('--workdir and --out are required.')
+  if not flags.FLAGS['verbosity'].present:  # Orbax logs every read at INFO.
+    logging.set_verbosity(logging.ERROR)
+  fmt = f.format or ('npz' if f.out.endswith('.npz') else 'safetensors')
+  try:
+    sidecar = export_checkpoint(f.workdir, f.out, f.step, fmt)
+  except (timm_lib.InteropError, checkpoint_lib.CheckpointError, config_lib.ConfigError,
+          FileNotFoundError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
+  print(f'Wrote {f.out} ({fmt}, step {sidecar["source"]["step"]}) and {f.out}.json')
+
+
+if __name__ == '__main__':
+  _define_flags()
+  app.run(main)

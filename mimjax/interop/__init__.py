@@ -1,0 +1,1 @@
+"""Conversions between mimjax parameters and PyTorch checkpoints (timm, MAE, CLIP)."""

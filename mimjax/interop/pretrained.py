@@ -1,0 +1,110 @@
+"""Start a fresh run from PyTorch weights: `config.init.checkpoint` + `config.init.format`.
+
+`load(config, abstract_params)` reads the file, checks that the config describes the same
+architecture (naming the config key to change when it does not), and returns the subtree of
+params to put in place of the random initialisation. Parts the file does not hold, or the config
+reshapes (a classifier head of another size, an MAE decoder for another framework), keep their
+random initialisation and are reported.
+"""
+import jax
+
+from mimjax import config_lib
+from mimjax import optim
+from mimjax.interop import mae as mae_lib
+from mimjax.interop import timm as timm_lib
+from mimjax.models import vit
+
+
+def _read(config):
+  """(params, Arch, config.mae values) of the file named by config.init."""
+  num_heads = vit.parse_variant(config.model.variant)['num_heads']
+  if config.init.format == 'timm':
+    params, arch = timm_lib.from_timm(timm_lib.load_state_dict(config.init.checkpoint), num_heads)
+    return {'encoder': params}, arch, {}
+  params, arch, _, mae = mae_lib.import_mae(config.init.checkpoint, num_heads,
+                                            config.mae.decoder_heads)
+  return params, arch, mae
+
+
+def _check_arch(config, arch):
+  """ConfigError naming the key when `config.model` / `config.data` cannot hold these weights."""
+  kw = vit.parse_variant(config.model.variant)
+  src = f'config.init.checkpoint={config.init.checkpoint!r}'
+  dims = (arch.width, arch.depth, arch.mlp_dim, arch.patch_size)
+  if (kw['width'], kw['depth'], kw['mlp_dim'], kw['patch_size']) != dims:
+    size = arch.size_name()
+    hint = (f'set --config.model.variant={size}/{arch.patch_size}' if size else
+            'no mimjax variant has these dimensions')
+    raise config_lib.ConfigError(
+        f'{src} holds a ViT of width {arch.width}, depth {arch.depth}, MLP {arch.mlp_dim}, patch '
+        f'{arch.patch_size}, but config.model.variant={config.model.variant!r}; {hint}.')
+  checks = [  # (key, value in the config, value the weights need, value to suggest)
+      ('data.image_size', config.data.image_size, arch.image_size, arch.image_size),
+      ('model.cls_token', config.model.cls_token, arch.cls_token, arch.cls_token),
+      ('model.layerscale > 0', bool(config.model.layerscale), arch.layerscale,
+       1e-4 if arch.layerscale else 0),
+  ]
+  if arch.posemb == 'learn':  # a fixed sin-cos table may initialise a learned one, not vice versa
+    checks.append(('model.posemb', config.model.posemb, 'learn', 'learn'))
+  for key, have, need, fix in checks:
+    if have != need:
+      raise config_lib.ConfigError(
+          f'{src} needs config.{key} to be {need} (the weights say so), got {have}; set '
+          f'--config.{key.split()[0]}={fix}.')
+
+
+def _select(config, params, mae):
+  """Drops the parts the config has no place for; returns (params, notes)."""
+  notes = []
+  encoder = dict(params['encoder'])
+  if config.model.posemb == 'sincos2d':
+    # The patch part equals the fixed table (checked by _check_arch); the cls slot, which the
+    # fixed embedding does not have, is folded into the cls token: the same function.
+    table = encoder.pop('pos_embedding')
+    if config.model.cls_token:
+      encoder['cls'] = encoder['cls'] + table[:, :1]
+  head = encoder.pop('head', None)
+  if head is not None and config.model.num_classes == head['bias'].shape[0]:
+    encoder['head'] = head
+  elif config.model.num_classes:
+    notes.append(f'the classifier head ({config.model.num_classes} classes) starts random')
+  selected = {'encoder': encoder}
+  if 'decoder' in params and config.framework == 'mae':
+    for key, value in mae.items():
+      if config.mae[key] != value:
+        raise config_lib.ConfigError(
+            f'config.init.checkpoint holds an MAE decoder with {key}={value}, but '
+            f'config.mae.{key}={config.mae[key]}; set --config.mae.{key}={value}.')
+    selected['decoder'] = params['decoder']
+  return selected, notes
+
+
+def _flat_shapes(tree):
+  return {optim.path_str(path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def load(config, abstract_params):
+  """Params (numpy) to replace in a fresh run's initial params; prints what starts random."""
+  try:
+    params, arch, mae = _read(config)
+  except timm_lib.InteropError as e:
+    raise config_lib.ConfigError(f'config.init.checkpoint={config.init.checkpoint!r}: {e}') from e
+  _check_arch(config, arch)
+  selected, notes = _select(config, params, mae)
+  have, want = _flat_shapes(selected), _flat_shapes(abstract_params)
+  wrong = sorted(k for k in have if want.get(k) != have[k])
+  missing = sorted(k for k in want if k.startswith('encoder/') and k not in have
+                   and not k.startswith('encoder/head/'))
+  if wrong or missing:
+    raise config_lib.ConfigError(
+        f'config.init.checkpoint={config.init.checkpoint!r} does not fit this config: '
+        + '; '.join(f'{k} {have[k]} vs {want.get(k)}' for k in wrong[:3])
+        + (f' encoder params not in the file: {missing[:3]}' if missing else ''))
+  rest = sorted({k.split('/')[0] for k in want} - set(selected))
+  notes += [f'params[{k!r}] start random' for k in rest]
+  print(f'Initialised {len(have)} of {len(want)} parameter arrays from '
+        f'{config.init.checkpoint} ({config.init.format})'
+        + (f'; {", ".join(notes)}.' if notes else '.'), flush=True)
+  return selected
+

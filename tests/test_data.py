@@ -1,0 +1,97 @@
+"""The input pipeline on the real Fashion-MNIST files (Debian's dataset-fashion-mnist via TFDS)."""
+import copy
+
+import numpy as np
+import pytest
+
+from conftest import load_config
+from mimjax.data import augment
+from mimjax.data import pipeline
+from mimjax.data import sources
+
+
+@pytest.fixture(scope='module')
+def config():
+  return load_config('configs/mae.py:runlocal', **{
+      'batch_size': 32, 'data.train_split': 'train[:1024]', 'data.shuffle_buffer': 1024})
+
+
+def test_fashion_mnist_is_prepared_from_the_debian_files(config):
+  builder = sources.get_builder('fashion_mnist', config.data.data_dir)
+  assert builder.info.splits['train'].num_examples == 60_000
+  assert builder.info.splits['test'].num_examples == 10_000
+  assert builder.info.features['label'].num_classes == 10
+  # The first training example of the original IDX file, read independently of TFDS.
+  images = sources.read_idx(f'{sources.DEBIAN_FASHION_MNIST_DIR}/train-images-idx3-ubyte.gz',
+                            60_000, (28, 28, 1))
+  labels = sources.read_idx(f'{sources.DEBIAN_FASHION_MNIST_DIR}/train-labels-idx1-ubyte.gz',
+                            60_000, ())
+  assert labels[0] == 9 and images.mean() > 60  # ankle boot; the known mean pixel is ~72.9
+  np.testing.assert_allclose(images.mean() / 255, 0.286, atol=0.001)
+
+
+def test_train_batches_shapes_and_normalisation(config):
+  batch = next(pipeline.train_batches(config, 0, 0, 1))
+  assert batch['image'].shape == (32, 28, 28, 3) and batch['image'].dtype == np.float32
+  assert batch['label'].shape == (32,) and batch['label'].max() < 10
+  # Grayscale replicated to three identical channels.
+  np.testing.assert_array_equal(batch['image'][..., 0], batch['image'][..., 2])
+  # Normalised with the dataset statistics: roughly zero mean, unit spread.
+  assert abs(batch['image'].mean()) < 0.5 and 0.6 < batch['image'].std() < 1.4
+
+
+def test_resume_position_is_exact(config):
+  stream = pipeline.train_batches(config, 0, 0, 1)
+  for _ in range(40):  # past the end of the first epoch (1024 / 32 = 32 batches)
+    expected = next(stream)
+  resumed = next(pipeline.train_batches(config, 39, 0, 1))
+  np.testing.assert_array_equal(resumed['image'], expected['image'])
+  np.testing.assert_array_equal(resumed['label'], expected['label'])
+
+
+def test_epochs_are_reshuffled(config):
+  stream = pipeline.train_batches(config, 0, 0, 1)
+  epoch = [next(stream)['label'] for _ in range(64)]
+  assert not np.array_equal(np.concatenate(epoch[:32]), np.concatenate(epoch[32:]))
+  # ... yet every epoch is a permutation of the same examples.
+  np.testing.assert_array_equal(np.sort(np.concatenate(epoch[:32])),
+                                np.sort(np.concatenate(epoch[32:])))
+
+
+def test_hosts_read_disjoint_halves(config):
+  first = pipeline.eval_batches(config, 'test[:200]', 100, process_index=0, process_count=2)
+  second = pipeline.eval_batches(config, 'test[:200]', 100, process_index=1, process_count=2)
+  a = np.concatenate([b['image'][b['valid']] for b in first])
+  b = np.concatenate([b['image'][b['valid']] for b in second])
+  assert len(a) == len(b) == 100
+  assert not any(np.array_equal(x, y) for x in a[:10] for y in b)
+
+
+def test_eval_batches_pad_with_valid_mask(config):
+  batches = list(pipeline.eval_batches(config, 'test[:100]', 64, 0, 1))
+  assert [b['image'].shape[0] for b in batches] == [64, 64]
+  assert [int(b['valid'].sum()) for b in batches] == [64, 36]
+
+
+def test_random_resized_crop_respects_scale():
+  import tensorflow as tf
+  image = tf.reshape(tf.range(64 * 64, dtype=tf.float32), (64, 64, 1))
+  for i in range(20):
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        (64, 64, 1), tf.constant([[[0.0, 0.0, 1.0, 1.0]]]), seed=(i, 0), area_range=(0.2, 0.5),
+        aspect_ratio_range=(3 / 4, 4 / 3), max_attempts=10, use_image_if_no_bounding_boxes=True,
+        min_object_covered=0.0)
+    area = float(size[0] * size[1]) / (64 * 64)
+    assert 0.15 <= area <= 0.55 or area == 1.0  # 1.0 is the documented fallback
+  out = augment.random_resized_crop(image, tf.constant([1, 2]), 32, (0.2, 1.0))
+  assert out.shape == (32, 32, 1)
+
+
+def test_unknown_dataset_and_split_name_the_fix(config):
+  with pytest.raises(sources.DatasetError, match='Unknown dataset .fashion_mnst.*fashion_mnist'):
+    sources.get_builder('fashion_mnst')
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    config.data.train_split = 'validation'
+  with pytest.raises(sources.DatasetError, match='has no split'):
+    next(pipeline.train_batches(config, 0, 0, 1))
