@@ -122,7 +122,7 @@ def base_config():
   c.init.format = 'timm'  # timm: a timm ViT state dict | mae: an official MAE checkpoint
 
   c.simmim = ml_collections.ConfigDict()
-  c.simmim.mask_ratio = 0.6  # fraction of mask cells replaced by the mask token, ceil(cells * ratio)
+  c.simmim.mask_ratio = 0.6  # masked cells: ceil(cells * ratio), replaced by the mask token
   c.simmim.mask_patch_size = 32  # side of a mask cell in pixels; a multiple of the model's patch
 
   # MTO (Choi et al.): entropy losses on masked-vs-visible token affinities (mimjax/methods/mto.py).
