@@ -36,6 +36,7 @@ import json
 import os
 import shlex
 import sys
+import time
 
 from absl import app
 from absl import flags
@@ -160,7 +161,7 @@ def _top1(workdir, protocol, notes, **options):
   """Top-1 of an evaluation protocol, or None with the reason in `notes` when it cannot run."""
   try:
     return float(evaluate_lib.evaluate(workdir, protocol, **options)['top1'])
-  except Exception as e:  # pylint: disable=broad-except  # a missing protocol must not stop the study
+  except Exception as e:  # pylint: disable=broad-except  # a missing protocol must not stop it
     notes[protocol] = _na(e)
     return None
 
@@ -214,6 +215,7 @@ def measure(row, seed, budget, workdir, overrides, with_diagnostics):
     with open(path) as f:
       return json.load(f)
   config = build_config(row, overrides)
+  start = time.time()
   train_lib.train(config, workdir)
   logged = report.read_metrics(workdir)
   record = dict(row=row, label=ROWS[row].label, seed=seed, workdir=workdir,
@@ -233,6 +235,7 @@ def measure(row, seed, budget, workdir, overrides, with_diagnostics):
     record['linear'] = _top1(workdir, 'linear', record['notes'])
   if with_diagnostics:
     record['diagnostics'] = run_diagnostics(row, workdir)
+  record['seconds'] = time.time() - start  # training + evaluation in the session that finished it
   with open(path + '.tmp', 'w') as f:
     json.dump(record, f, indent=1)
   os.replace(path + '.tmp', path)

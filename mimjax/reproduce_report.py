@@ -51,9 +51,8 @@ def rauc(steps, baseline, method):
   return float(np.trapezoid(s2 - s1[0], steps) / den) if den > 0 else None
 
 
-def verdict(mean, spread, n):
+def verdict(mean, spread):
   """One phrase: does the method beat its baseline by more than the spread over seeds?"""
-  del n
   if mean is None:
     return 'not measured'
   if spread is None:
@@ -141,7 +140,7 @@ def findings(records, pairs):
     values = [fmt(*mean_spread(by_seed(records[r], metric).values())) for r in (method, base)]
     out.append(f'- **{label}** vs {base_label}: {METRIC_NAMES[metric]} {values[0]} vs '
                f'{values[1]}, paired Δ {fmt(mean, spread, n)} pp over {n} seed(s): '
-               f'{verdict(mean, spread, n)}{rauc_text}.')
+               f'{verdict(mean, spread)}{rauc_text}.')
   return '\n'.join(out)
 
 
@@ -219,6 +218,11 @@ def write(out, records, pairs, mode, steps, curve_points, commands, root):
   config = loading.read_config(records[pairs[0][0]][0]['workdir'])
   seeds = sorted({r['seed'] for rs in records.values() for r in rs})
   run_commands = '\n'.join(commands[1:])
+  hours = f"{sum(r['seconds'] for rs in records.values() for r in rs) / 3600:.2f}"
+  spread_caveat = ("With one seed there is no spread: any difference may be seed noise."
+                   if len(seeds) < 2 else
+                   f"With {len(seeds)} seeds the spread is a rough estimate, so 'more than the "
+                   "seed spread' is a screening signal, not a significance test.")
   text = f"""# Small-scale reproduction study ({mode})
 
 Generated {datetime.datetime.now().isoformat(timespec='minutes')} by `{commands[0]}`.
@@ -231,7 +235,8 @@ deviation over seeds. Δ is the method minus its baseline on the same seed, aver
 percentage points. RAUC is MTO's eq. 6 over the {curve_points}-point accuracy curve (kNN at
 checkpoints for pre-training, test top-1 for supervised runs); above 1 means the method's curve
 rises faster. Final loss is the framework's own term (`loss_<framework>`, which both members of a
-pair share; method terms excluded). Images/s is the median logged training throughput.
+pair share; method terms excluded). Images/s is the median logged training throughput. Wall
+time of training and evaluation, summed over runs: {hours} h.
 
 {table(records, pairs)}
 
@@ -245,8 +250,7 @@ These are {steps}-step runs of a tiny ViT on 28-pixel grey images with {len(seed
 method on its `runlocal` recipe without per-method tuning. A method that does not beat its
 baseline here may still help at the papers' scale (ImageNet, ViT-B, hundreds of epochs, and
 fine-tuning, which this study does not run); a win here is no evidence that the published
-ImageNet gains reproduce. With {len(seeds)} seed(s) the spread is a rough estimate, so 'more than
-the seed spread' is a screening signal, not a significance test.
+ImageNet gains reproduce. {spread_caveat}
 
 ## Loss and accuracy curves
 

@@ -40,10 +40,10 @@ def test_rauc_of_linear_curves_by_hand():
 
 
 def test_verdict_compares_delta_with_spread():
-  assert report.verdict(0.03, 0.01, 2).startswith('beats the baseline by more than')
-  assert report.verdict(-0.03, 0.01, 2).startswith('falls below the baseline by more than')
-  assert report.verdict(0.005, 0.01, 2).startswith('within the seed spread')
-  assert 'one seed only' in report.verdict(0.02, None, 1)
+  assert report.verdict(0.03, 0.01).startswith('beats the baseline by more than')
+  assert report.verdict(-0.03, 0.01).startswith('falls below the baseline by more than')
+  assert report.verdict(0.005, 0.01).startswith('within the seed spread')
+  assert 'one seed only' in report.verdict(0.02, None)
 
 
 def test_fmt_percent_and_single_seed():
