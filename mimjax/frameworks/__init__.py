@@ -1,9 +1,9 @@
 """Framework registry: config.framework -> Framework class; plug-ins chosen by config."""
 from mimjax.frameworks import distill
-from mimjax.frameworks import dtm
 from mimjax.frameworks import mae
 from mimjax.frameworks import simmim
 from mimjax.frameworks import supervised
+from mimjax.methods import dtm
 from mimjax.methods import lut
 from mimjax.methods import mto
 from mimjax.methods import tokenprop
