@@ -100,7 +100,7 @@ def _with_mesh(config, data, fsdp):
 # ------------------------------------------------------------------ sharded training, 8 devices
 
 
-@pytest.mark.slow  # three fresh JAX processes, eleven short training runs: ~3 minutes on 2 cores
+@pytest.mark.slow  # three fresh JAX processes, seven short training runs: 3-9 minutes on 2 busy cores
 def test_data_parallel_and_fsdp_match_one_device_and_restore_onto_another_mesh(tmp_path):
   """Same global batch, same data stream, same masks: only the reduction order differs."""
   runs = {}
@@ -132,7 +132,10 @@ def test_data_parallel_and_fsdp_match_one_device_and_restore_onto_another_mesh(t
     assert replicated[".params" + kernel] == [[32, 128], [32, 128]]
   ema = [k for k, v in report[str(runs['lut'][(2, 4)][1])].items()
          if k.startswith('.model_state') and 'MlpBlock_0' in k and k.endswith("['kernel']")]
-  assert ema and all(report[str(runs['lut'][(2, 4)][1])][k][1][1] == 32 for k in ema)
+  assert ema
+  for k in ema:
+    full, shard = report[str(runs['lut'][(2, 4)][1])][k]
+    assert np.prod(shard) * 4 == np.prod(full), k
 
   # Resume the fsdp run's step-3 checkpoint on 4 devices, data-parallel; continue to step 6.
   config, original = runs['mae'][(2, 4)]
