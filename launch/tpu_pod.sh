@@ -8,9 +8,9 @@
 # Copies this checkout to every worker (scp), installs requirements.txt there (SETUP=0 skips
 # it), then runs `python -m mimjax.train TRAIN_FLAGS` on all workers at once. On TPU VMs
 # jax.distributed.initialize finds the coordinator and process ids itself
-# (--config.distributed.num_processes=-1, added here, asks for that). The workdir must be one every worker
-# can write (a gs:// bucket). PROJECT sets the gcloud project. --dry-run (or DRY_RUN=1) prints
-# the gcloud commands only.
+# (--config.distributed.num_processes=-1, added here, asks for that). The workdir must be one
+# every worker can write (a gs:// bucket). PROJECT sets the gcloud project. --dry-run (or
+# DRY_RUN=1) prints the gcloud commands only.
 set -euo pipefail
 
 DRY_RUN="${DRY_RUN:-0}"

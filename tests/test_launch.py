@@ -73,7 +73,6 @@ def test_local_multiprocess_dry_run_gives_each_process_its_id():
   assert bad.returncode == 2 and 'usage' in bad.stderr
 
 
-@pytest.mark.slow  # trains, evaluates and plots in a Jupyter kernel: ~2-3 minutes on 2 cores
 def test_colab_notebook_runs_end_to_end(tmp_path, monkeypatch):
   nbformat = pytest.importorskip('nbformat')
   nbclient = pytest.importorskip('nbclient')

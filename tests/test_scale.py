@@ -100,7 +100,7 @@ def _with_mesh(config, data, fsdp):
 # ------------------------------------------------------------------ sharded training, 8 devices
 
 
-@pytest.mark.slow  # three fresh JAX processes, seven short training runs: 3-9 minutes on 2 busy cores
+@pytest.mark.slow  # three fresh JAX processes, seven short runs: 3-9 minutes on 2 busy cores
 def test_data_parallel_and_fsdp_match_one_device_and_restore_onto_another_mesh(tmp_path):
   """Same global batch, same data stream, same masks: only the reduction order differs."""
   runs = {}
@@ -214,7 +214,7 @@ def _batch(config, n=8):
 
 
 def test_remat_gives_the_same_loss_and_gradients():
-  config = _mae_config(**{'model.variant': 'pico/4'})
+  config = _mae_config(**{'model.variant': 'pico/4'})  # 4 blocks
   _, loss, grads = _loss_and_grads(config, _batch(config))
   with config.unlocked():
     config.model.remat = True
@@ -227,7 +227,7 @@ def test_remat_gives_the_same_loss_and_gradients():
 
 
 def test_bfloat16_compute_is_close_to_float32_with_float32_params_and_updates():
-  config = _mae_config(**{'model.variant': 'pico/4'})
+  config = _mae_config()
   batch = _batch(config)
   _, loss32, grads32 = _loss_and_grads(config, batch)
   with config.unlocked():
