@@ -36,7 +36,9 @@ def map_batches(run, split, fn, max_examples=None, mesh=None):
   for batch in pipeline.eval_batches(config, split, batch_size):
     if max_examples is not None and seen >= max_examples:
       return
-    valid = batch['valid'] & (np.arange(batch_size) < (max_examples or batch_size) - seen)
+    valid = batch['valid']
+    if max_examples is not None:
+      valid = valid & (np.arange(batch_size) < max_examples - seen)
     seen += int(valid.sum())
     images = jax.make_array_from_process_local_data(batch_sharding, batch['image'])
     yield jax.device_get(jitted(run.params, images)), valid, batch

@@ -34,7 +34,7 @@ def reconstruction(run, num_images=8):
   if not grids:
     raise config_lib.ConfigError(f'framework {run.config.framework!r} draws no reconstructions '
                                  '(e.g. a feature-target or supervised run).')
-  return dict(pictures={name: _save(run, f'reconstruction_{name}', g) for name, g in grids.items()})
+  return dict(pictures={name: _save(run, name, g) for name, g in grids.items()})
 
 
 def merge_schedule(num_tokens, num_groups):
