@@ -47,13 +47,13 @@ CURVE_PROTOCOLS = {
 }
 # Option flags: name -> (definer, help). A protocol takes the options its signature names.
 OPTIONS = {
-    'feature': (lambda n, h: flags.DEFINE_enum(n, None, features_lib.FEATURES, h),
+    'feature': (lambda n, d, h: flags.DEFINE_enum(n, d, features_lib.FEATURES, h),
                 'Image feature (default: config.eval.feature; spectrum: gap | cls).'),
     'k': (flags.DEFINE_list, 'knn: neighbour counts (default: config.eval.knn_k).'),
     'base_lrs': (flags.DEFINE_list, 'linear: base lrs of the sweep (default: '
                  'config.eval.linear.base_lrs).'),
     'epochs': (flags.DEFINE_integer, 'linear: epochs (default: config.eval.linear.epochs).'),
-    'optimizer': (lambda n, h: flags.DEFINE_enum(n, None, linear.OPTIMIZERS, h),
+    'optimizer': (lambda n, d, h: flags.DEFINE_enum(n, d, linear.OPTIMIZERS, h),
                   'linear: optimizer (default: config.eval.linear.optimizer).'),
     'finetune_config': (flags.DEFINE_string, 'finetune: configs/finetune.py argument string '
                         '(default: model=<the run\'s variant>[,runlocal]).'),
@@ -115,9 +115,15 @@ def evaluate(workdir, protocol, step=None, compare_random_init=False, **options)
 
 
 def _summary(result):
-  """The scalar results, e.g. 'top1=0.7512 best_top1=0.7601'."""
-  return ' '.join(f'{k}={v:.4f}' for k, v in result.items()
-                  if isinstance(v, float) and k not in ('e1', 'e2'))
+  """The float results and short float lists, e.g. 'top1=0.7512 aad_per_layer=[0.31 0.42]'."""
+  parts = []
+  for key, value in result.items():
+    if isinstance(value, float) and key not in ('e1', 'e2'):
+      parts.append(f'{key}={value:.4f}')
+    elif (isinstance(value, list) and 0 < len(value) <= 32
+          and all(isinstance(v, float) for v in value)):
+      parts.append(f'{key}=[{" ".join(f"{v:.3f}" for v in value)}]')
+  return ' '.join(parts)
 
 
 def main(argv):

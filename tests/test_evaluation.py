@@ -93,8 +93,8 @@ def test_layer_decay_factors_follow_the_formula():
                         'head': {'kernel': leaf}},
             'decoder': {'w': leaf}}
   f = optim.layer_decay_factors(params, depth, decay)
-  for name in ('embedding', 'cls', 'pos_embedding'):
-    got = f['encoder'][name] if name != 'embedding' else f['encoder'][name]['kernel']
+  for got in (f['encoder']['embedding']['kernel'], f['encoder']['cls'],
+              f['encoder']['pos_embedding']):
     assert got == pytest.approx(decay ** 5)
   for i in range(depth):
     assert f['encoder']['Transformer'][f'encoderblock_{i}']['w'] == pytest.approx(
@@ -111,9 +111,10 @@ def test_layer_decay_scales_each_adamw_step():
   tx, _ = optim.make_optimizer(config, params)
   ref = optax.adamw(optim.learning_rate(config), b1=config.optim.b1, b2=config.optim.b2,
                     weight_decay=config.optim.weight_decay)
-  for _ in range(config.warmup_steps // 2):  # a few steps so the lr is not zero
-    updates, state = tx.update(grads, tx.init(params) if _ == 0 else state, params)
-    ref_updates, ref_state = ref.update(grads, ref.init(params) if _ == 0 else ref_state, params)
+  state, ref_state = tx.init(params), ref.init(params)
+  for _ in range(3):  # a few steps, so the warmup lr is not zero
+    updates, state = tx.update(grads, state, params)
+    ref_updates, ref_state = ref.update(grads, ref_state, params)
   d = config.optim.layer_decay
   np.testing.assert_allclose(updates['encoder']['embedding']['kernel'],
                              d ** 5 * ref_updates['encoder']['embedding']['kernel'], rtol=1e-6)

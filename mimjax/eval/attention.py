@@ -5,7 +5,6 @@ distance of query i is sum_j S(i, j) * ||p_i - p_j||_2 over patch keys j; AAD is
 query patches (eq. 4's double sum divided by the number of queries). Attention to the cls token is
 left out and the rows are not renormalised, as in eq. 4 where both sums run over patches only.
 """
-import jax
 import jax.numpy as jnp
 import numpy as np
 

@@ -23,7 +23,8 @@ def derive_config(run, recipe=None, total_steps=None):
   copied from the run and the encoder initialised from its checkpoint at `run.step`."""
   pre = run.config
   if recipe is None:
-    recipe = f'model={pre.model.variant}' + (',runlocal' if pre.data.name == 'fashion_mnist' else '')
+    runlocal = ',runlocal' if pre.data.name == 'fashion_mnist' else ''
+    recipe = f'model={pre.model.variant}{runlocal}'
   config = finetune_config_lib.get_config(recipe)
   with config.unlocked():
     for key in SHARED:

@@ -47,8 +47,9 @@ def train_probe(train_x, train_y, test_x, test_y, lrs, epochs, batch_size, optim
   n, dim = train_x.shape
   batch_size = min(batch_size, n)
   steps_per_epoch = n // batch_size
+  total_steps = max(epochs * steps_per_epoch, 1)
   schedule = optax.warmup_cosine_decay_schedule(
-      0.0, 1.0, warmup_epochs * steps_per_epoch, max(epochs * steps_per_epoch, 1))
+      0.0, 1.0, min(warmup_epochs * steps_per_epoch, total_steps - 1), total_steps)
   rng = jax.random.PRNGKey(seed)
   init = {'kernel': 0.01 * jax.random.truncated_normal(rng, -2.0, 2.0, (dim, num_classes)),
           'bias': jnp.zeros((num_classes,))}
@@ -100,7 +101,7 @@ def protocol(run, feature=None, base_lrs=None, epochs=None, optimizer=None):
   batch_size = min(lin.batch_size, len(train_y))
   lrs = [b * batch_size / 256 for b in base_lrs]
   top1 = train_probe(train_x, train_y, test_x, test_y, lrs, epochs, batch_size, optimizer,
-                     lin.momentum, lin.weight_decay, min(lin.warmup_epochs, epochs), seed=config.seed)
+                     lin.momentum, lin.weight_decay, lin.warmup_epochs, seed=config.seed)
   final = {str(b): float(t[-1]) for b, t in zip(base_lrs, top1)}
   best = {str(b): float(t.max()) for b, t in zip(base_lrs, top1)}
   return dict(top1=max(final.values()), best_top1=max(best.values()),
