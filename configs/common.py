@@ -177,6 +177,22 @@ def base_config():
   c.tokenprop.weight = 1e-3  # lambda of the reconstruction term
   c.tokenprop.hidden = 256  # channels of the decoder's two residual blocks
 
+  c.simmim = ml_collections.ConfigDict()
+  c.simmim.mask_ratio = 0.6  # masked cells: ceil(cells * ratio), replaced by the mask token
+  c.simmim.mask_patch_size = 32  # side of a mask cell in pixels; a multiple of the model's patch
+
+  # MTO (Choi et al.): entropy losses on masked-vs-visible token affinities (mimjax/methods/mto.py).
+  c.mto = ml_collections.ConfigDict()
+  c.mto.enabled = False
+  c.mto.where = 'encoder'  # encoder (SimMIM: mask tokens in the encoder) | decoder (MAE's decoder)
+  c.mto.tau = 0.0  # affinity temperature; 0 means sqrt(feature dim)
+  c.mto.layer_norm = True  # layer-normalise (no params) the features before the affinity
+  c.mto.ranking = 'decrease'  # decrease (the text's intent) | printed (eq. 5 as printed)
+  c.mto.lambda_spa = 1.0  # weight of L_spa (eq. 3): visible tokens ignore masked ones at layer 0
+  c.mto.lambda_e = 1.0  # weight of L_e (eq. 4): 1 / (H^0 + eps), maximises layer-0 heterogeneity
+  c.mto.lambda_r = 1.0  # weight of L_r (eq. 5): heterogeneity ranked to fall with depth
+  c.mto.eps = 1e-6  # epsilon of L_e
+
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1 takes every device not used by the other axes
   c.mesh.fsdp = 1

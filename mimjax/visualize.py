@@ -3,6 +3,8 @@ import os
 
 import numpy as np
 
+from mimjax import losses
+
 # Distinct colours for the entities of a MoTo layout (Fig. 5 of Qian et al.); cycled beyond 12.
 PALETTE = np.array([
     (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
@@ -36,6 +38,21 @@ def uint8_grid(columns, pad=2):
       grid[y:y + h, x:x + w] = tile
   return grid
 
+
+def reconstruction_grid(images, pred, mask, patch_size, data_config):
+  """Original | masked input | reconstruction | reconstruction with the visible patches pasted.
+
+  images: [B, H, W, C]; pred: [B, N, p*p*C] in the images' (normalised) pixel space, `patchify`
+  order; mask: bool [B, N], True for masked patches (shown grey in the input column).
+  """
+  images = np.asarray(images, np.float32)
+  pred = np.asarray(pred, np.float32)
+  mask = np.asarray(mask)[..., None]
+  target = losses.patchify(images, patch_size)
+  to_image = lambda p: losses.unpatchify(p, patch_size, images.shape[-1])  # noqa: E731
+  columns = [images, to_image(np.where(mask, np.nan, target)), to_image(pred),
+             to_image(np.where(mask, pred, target))]
+  return image_grid(columns, data_config)
 
 def layout_colours(layout):
   """Soft layout [..., H, W, n] -> uint8 [..., H, W, 3]: pixels coloured by their argmax entity."""

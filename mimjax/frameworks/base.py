@@ -78,9 +78,13 @@ class Framework(abc.ABC):
   # The `eval_metrics` key whose maximum marks the best evaluation; empty without eval_metrics.
   best_metric: str = ''
 
+  # Where a learned mask token stands in for masked patches ('encoder', 'decoder'), for plug-ins
+  # that work on mask tokens (MTO); their per-layer tokens come with the matching capture.
+  mask_token_at: Tuple[str, ...] = ()
+
   @classmethod
   def check_config(cls, config):
-    """Raises config_lib.ConfigError when the framework cannot work with this config."""
+    """Raises config_lib.ConfigError on settings this framework cannot work with."""
     del config
 
   def __init__(self, config, plugins=(), captures=()):
