@@ -16,7 +16,6 @@ from mimjax import evaluate
 from mimjax import optim
 from mimjax import train
 from mimjax.eval import attention
-from mimjax.eval import heterogeneity
 from mimjax.eval import knn
 from mimjax.eval import linear
 from mimjax.eval import pictures
@@ -150,32 +149,6 @@ def test_spectrum_of_a_known_covariance():
   c, s = math.cos(math.pi / 6), math.sin(math.pi / 6)
   x = np.array([[2, 0], [-2, 0], [0, 1], [0, -1]], float) @ np.array([[c, s], [-s, c]]) + 7
   np.testing.assert_allclose(spectrum.covariance_spectrum(x), [2.0, 0.5], rtol=1e-10)
-
-
-def test_heterogeneity_is_the_entropy_over_visible_tokens():
-  # Identical visible tokens: each masked row's softmax over them is uniform, H = log(#visible).
-  rng = np.random.default_rng(0)
-  x = np.repeat(rng.normal(size=(1, 1, 8)), 6, axis=1)
-  x[0, 4:] = rng.normal(size=(2, 8))
-  mask = np.array([[False] * 4 + [True] * 2])
-  assert float(heterogeneity.heterogeneity(jnp.asarray(x), jnp.asarray(mask))) == pytest.approx(
-      math.log(4), rel=1e-5)
-  # General case against numpy: LayerNorm (no affine), logits / sqrt(D), mean over masked rows.
-  x = rng.normal(size=(2, 6, 8))
-  mask = rng.random((2, 6)) < 0.5
-  mask[:, 0], mask[:, 1] = True, False
-  z = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-6)
-  expected = []
-  for b in range(2):
-    logits = z[b] @ z[b].T / math.sqrt(8)
-    rows = []
-    for i in np.flatnonzero(mask[b]):
-      v = logits[i, ~mask[b]]
-      p = np.exp(v - v.max()) / np.exp(v - v.max()).sum()
-      rows.append(-(p * np.log(p)).sum())
-    expected.append(np.mean(rows))
-  assert float(heterogeneity.heterogeneity(jnp.asarray(x), jnp.asarray(mask))) == pytest.approx(
-      np.mean(expected), rel=1e-4)
 
 
 @pytest.mark.parametrize('num_tokens,num_groups', [(49, 24), (49, 6), (49, 2), (196, 13)])
