@@ -29,6 +29,6 @@ def check_plugins(config):
     plugin.check_config(config)
 
 
-def build(config):
-  """The Framework of `config`, with its enabled plug-ins."""
-  return FRAMEWORKS[config.framework](config, plugins=enabled_plugins(config))
+def build(config, captures=()):
+  """The Framework of `config`, with its enabled plug-ins (and extra `captures` for analyses)."""
+  return FRAMEWORKS[config.framework](config, plugins=enabled_plugins(config), captures=captures)
