@@ -59,37 +59,45 @@ def layout_colours(layout):
   return PALETTE[np.argmax(np.asarray(layout), axis=-1) % len(PALETTE)]
 
 
-def moto_layout_png(workdir, out_path, num_images=8, step=None):
-  """Writes MoTo's learned soft layout over held-out images (paper Fig. 5) as a PNG.
+def moto_layout_grid(config, encoder_params, images):
+  """uint8 grid of MoTo's soft layout over normalised `images` [B, H, W, C] (paper Fig. 5).
 
-  Rows: images of `config.data.eval_split`; columns: image | argmax entity colour map | overlay.
-  Reads WORKDIR/config.json and the checkpoint at `step` (default: latest). Returns `out_path`.
+  Rows: images; columns: image | argmax entity colour map | overlay.
   """
   # pylint: disable=g-import-not-at-top
   import jax
-  from PIL import Image
-  from mimjax import checkpoint
   from mimjax import config_lib
-  from mimjax.data import pipeline
   from mimjax.models import vit
   # pylint: enable=g-import-not-at-top
-  with open(os.path.join(workdir, 'config.json')) as f:
-    config = config_lib.from_json(f.read())
   if config.model.tokenizer_norm != 'moto':
-    raise config_lib.ConfigError(f'{workdir} holds a model with model.tokenizer_norm='
+    raise config_lib.ConfigError(f'The run has model.tokenizer_norm='
                                  f'{config.model.tokenizer_norm!r}; the layout needs "moto".')
-  params = checkpoint.restore_params(workdir, step)['encoder']
-  batch = next(pipeline.eval_batches(config, config.data.eval_split, num_images,
-                                     process_index=0, process_count=1))
-  images = batch['image']
   model = vit.ViT(**vit.encoder_kwargs(config.model, config.data.image_size))
-  _, state = model.apply({'params': params}, images, mutable=['intermediates'])
+  _, state = model.apply({'params': encoder_params}, images, mutable=['intermediates'])
   layout = np.asarray(jax.device_get(state['intermediates']['tokenizer']['moto']['layout'][0]))
   pixels = to_uint8(images, config.data)
   if pixels.shape[-1] == 1:
     pixels = np.repeat(pixels, 3, axis=-1)
   colours = layout_colours(layout)
   overlay = (0.5 * pixels + 0.5 * colours).round().astype(np.uint8)
-  grid = uint8_grid([pixels, colours, overlay])
-  Image.fromarray(grid).save(out_path)
+  return uint8_grid([pixels, colours, overlay])
+
+
+def moto_layout_png(workdir, out_path, num_images=8, step=None):
+  """Writes MoTo's learned soft layout over held-out images (paper Fig. 5) as a PNG.
+
+  Reads WORKDIR/config.json and the checkpoint at `step` (default: latest). Returns `out_path`.
+  """
+  # pylint: disable=g-import-not-at-top
+  from PIL import Image
+  from mimjax import checkpoint
+  from mimjax import config_lib
+  from mimjax.data import pipeline
+  # pylint: enable=g-import-not-at-top
+  with open(os.path.join(workdir, 'config.json')) as f:
+    config = config_lib.from_json(f.read())
+  params = checkpoint.restore_params(workdir, step)['encoder']
+  batch = next(pipeline.eval_batches(config, config.data.eval_split, num_images,
+                                     process_index=0, process_count=1))
+  Image.fromarray(moto_layout_grid(config, params, batch['image'])).save(out_path)
   return out_path
