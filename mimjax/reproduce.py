@@ -12,9 +12,9 @@ the reported kNN), the linear probe, images/s and, on the first seed, its paper'
 Supervised rows report test top-1 from the trainer's periodic evaluation, which is also their
 curve. The distillation teacher is the supervised baseline of the same seed (teacher=checkpoint),
 or CLIP with --clip_path (students then use patch 2 so that their 14x14 grid matches CLIP
-ViT-B/16: meant for an accelerator, far outside the CPU budget). Evaluation protocols are called
-by name through `mimjax.evaluate`; one that does not exist (yet) is reported as n/a with the
-reason instead of stopping the study.
+ViT-B/16: meant for an accelerator, far outside the CPU budget). Evaluations and diagnostics
+(attention distance, heterogeneity, DTM morphing, MoTo layout) are `mimjax.evaluate` protocols,
+called by name; one that fails is reported as n/a with the reason instead of stopping the study.
 
 Plan. 10-step runs at batch 128 on this 2-core machine while ~5 other processes shared it gave
 (images/s): MAE 130, supervised 75, MAE+LUT 40, distillation 40, SimMIM+MTO 32, supervised with
@@ -30,7 +30,6 @@ Runs and their evaluations are cached: WORKDIR_ROOT/<mode>/<row>/seed<k>/repro.j
 finished run's record, so a rerun skips it and resumes an interrupted run from its checkpoint.
 """
 import dataclasses
-import glob
 import importlib
 import json
 import os
@@ -46,14 +45,13 @@ import numpy as np
 from mimjax import evaluate as evaluate_lib
 from mimjax import reproduce_report as report
 from mimjax import train as train_lib
-from mimjax import visualize
 
 
 @dataclasses.dataclass(frozen=True)
 class Row:
   config: str  # '<module in configs/>:<arg>'
   label: str
-  diagnostics: tuple = ()  # names in DIAGNOSTICS, run on the first seed
+  diagnostics: tuple = ()  # mimjax.evaluate protocols, run on the first seed
 
 
 # In run order: the supervised baseline is the distillation teacher, so it comes before distill.
@@ -167,7 +165,8 @@ def _top1(workdir, protocol, notes, **options):
 
 
 def _numbers(value):
-  """Numbers of a protocol result worth printing: scalars and short lists of them, rounded."""
+  """A protocol result's value if worth printing: a number or a short (nested) list of numbers,
+  rounded; None for anything else."""
   if isinstance(value, (int, float)) and not isinstance(value, bool):
     return round(float(value), 4)
   if isinstance(value, (list, tuple)) and 0 < len(value) <= 64:
@@ -176,33 +175,24 @@ def _numbers(value):
   return None
 
 
-def summarise(result, workdir, name):
-  """The numbers of a diagnostic's result, and the PNGs it names or wrote into the workdir."""
-  numbers = {k: v for k, v in ((k, _numbers(v)) for k, v in result.items()) if v is not None}
-  figures = {v for v in result.values() if isinstance(v, str) and v.endswith('.png')}
-  figures |= set(glob.glob(os.path.join(workdir, f'*{name}*.png')))
-  return dict(numbers=numbers, figures=sorted(figures))
-
-
-def _moto_layout(workdir):
-  return {'figure': visualize.moto_layout_png(workdir, os.path.join(workdir, 'moto_layout.png'))}
-
-
-# Diagnostic -> function(workdir) -> result dict. All but the MoTo layout are mimjax.evaluate
-# protocols, called by name.
-DIAGNOSTICS = {
-    'attention_distance': lambda workdir: evaluate_lib.evaluate(workdir, 'attention_distance'),
-    'heterogeneity': lambda workdir: evaluate_lib.evaluate(workdir, 'heterogeneity'),
-    'morphing': lambda workdir: evaluate_lib.evaluate(workdir, 'morphing'),
-    'moto_layout': _moto_layout,
-}
+def summarise(result):
+  """Numbers and PNG paths of a diagnostic's result (values of the top level and of its dicts)."""
+  flat = dict(result)
+  for key, value in result.items():
+    if isinstance(value, dict):
+      flat.update({f'{key}.{k}': v for k, v in value.items()})
+  numbers = {k: v for k, v in ((k, _numbers(v)) for k, v in flat.items())
+             if v is not None and k != 'step'}
+  figures = sorted({v for v in flat.values() if isinstance(v, str) and v.endswith('.png')})
+  return dict(numbers=numbers, figures=figures)
 
 
 def run_diagnostics(row, workdir):
+  """Each of the row's diagnostic protocols, summarised, or n/a with the reason."""
   out = {}
   for name in ROWS[row].diagnostics:
     try:
-      out[name] = summarise(DIAGNOSTICS[name](workdir), workdir, name)
+      out[name] = summarise(evaluate_lib.evaluate(workdir, name))
     except Exception as e:  # pylint: disable=broad-except  # reported as n/a with the reason
       out[name] = {'n/a': _na(e)}
   return out

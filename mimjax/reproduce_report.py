@@ -14,6 +14,7 @@ import shutil
 import numpy as np
 
 from mimjax.eval import loading
+from mimjax.eval import rauc as rauc_lib
 
 # The headline metric of a pair, the first that all its runs have: probe, kNN, then test top-1.
 MAIN_METRICS = ('linear', 'knn', 'test_top1')
@@ -38,17 +39,6 @@ def paired_delta(baseline, method):
   """mean_spread of method - baseline over the seeds both have; args map seed -> value."""
   return mean_spread([method[s] - baseline[s] for s in method
                       if baseline.get(s) is not None and method[s] is not None])
-
-
-def rauc(steps, baseline, method):
-  """MTO's eq. 6 over [steps[0], steps[-1]]: the method's area above the baseline's first value,
-  relative to the baseline's own (trapezoids). None when undefined: one point, or a baseline
-  that never rises above its start."""
-  steps, s1, s2 = (np.asarray(a, np.float64) for a in (steps, baseline, method))
-  if len(steps) < 2:
-    return None
-  den = np.trapezoid(s1 - s1[0], steps)
-  return float(np.trapezoid(s2 - s1[0], steps) / den) if den > 0 else None
 
 
 def verdict(mean, spread):
@@ -77,14 +67,19 @@ def main_metric(base, method):
 
 
 def pair_rauc(base, method):
-  """mean_spread over seeds of the RAUC of the method's curve over the baseline's."""
+  """mean_spread over seeds of the RAUC (MTO eq. 6) of the method's curve over the baseline's,
+  from the first to the last step of the curve; undefined for a baseline that stays flat."""
   curves = {r['seed']: r['curve'] for r in base}
   values = []
   for r in method:
     b = curves.get(r['seed'])
-    if (b and [s for s, _ in b] == [s for s, _ in r['curve']]
-        and all(v is not None for _, v in b + r['curve'])):
-      values.append(rauc([s for s, _ in b], [v for _, v in b], [v for _, v in r['curve']]))
+    if not b or len(b) < 2 or any(v is None for _, v in b + r['curve']):
+      continue
+    (s1, v1), (s2, v2) = zip(*b), zip(*r['curve'])
+    try:
+      values.append(rauc_lib.rauc(s1, v1, s2, v2, s1[0], s1[-1]))
+    except (ZeroDivisionError, ValueError):  # a flat baseline; curves that do not overlap
+      continue
   return mean_spread(values)
 
 

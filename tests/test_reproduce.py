@@ -3,9 +3,12 @@ import json
 import math
 import os
 import re
+import shutil
+import subprocess
 
 import pytest
 
+from conftest import ROOT
 from conftest import run_module
 from mimjax import reproduce
 from mimjax import reproduce_report as report
@@ -29,14 +32,34 @@ def test_paired_delta_matches_seeds():
   assert spread == pytest.approx(0.04 / math.sqrt(2))
 
 
-def test_rauc_of_linear_curves_by_hand():
+def _curves(seed, base, method):
+  return [dict(seed=seed, curve=base)], [dict(seed=seed, curve=method)]
+
+
+def test_pair_rauc_of_linear_curves_by_hand():
   # S1 rises 0.2 -> 0.4 over [0, 10]: area above S1(E1) = 10 * 0.2 / 2 = 1. S2 rises 0.3 -> 0.5:
   # area above 0.2 = 10 * (0.1 + 0.3) / 2 = 2, so RAUC = 2.
-  assert report.rauc([0, 10], [0.2, 0.4], [0.3, 0.5]) == pytest.approx(2.0)
-  # Three points, S1 = S2: RAUC 1. A flat baseline leaves it undefined.
-  assert report.rauc([1, 2, 4], [0.1, 0.3, 0.4], [0.1, 0.3, 0.4]) == pytest.approx(1.0)
-  assert report.rauc([1, 2], [0.3, 0.3], [0.3, 0.5]) is None
-  assert report.rauc([5], [0.3], [0.4]) is None
+  assert report.pair_rauc(*_curves(0, [[0, .2], [10, .4]], [[0, .3], [10, .5]]))[0] == \
+      pytest.approx(2.0)
+  # Three points, S1 = S2: 1. Seeds 0 and 1 give 2 and 1: 1.5 ± 1 / sqrt 2.
+  b0, m0 = _curves(0, [[0, .2], [10, .4]], [[0, .3], [10, .5]])
+  b1, m1 = _curves(1, [[1, .1], [2, .3], [4, .4]], [[1, .1], [2, .3], [4, .4]])
+  mean, spread, n = report.pair_rauc(b0 + b1, m0 + m1)
+  assert (n, mean, spread) == (2, pytest.approx(1.5), pytest.approx(0.5 ** 0.5))
+  # Undefined: a flat baseline, a one-point curve, a missing value.
+  assert report.pair_rauc(*_curves(0, [[1, .3], [2, .3]], [[1, .3], [2, .5]]))[2] == 0
+  assert report.pair_rauc(*_curves(0, [[5, .3]], [[5, .4]]))[2] == 0
+  assert report.pair_rauc(*_curves(0, [[1, .3], [2, None]], [[1, .3], [2, .5]]))[2] == 0
+
+
+def test_summarise_keeps_numbers_and_pictures():
+  result = dict(protocol='heterogeneity', step=30, images=256, plot='/w/eval_heterogeneity.png',
+                heterogeneity={'decoder': [0.5, 0.25]}, aad=[[1, 2], [3, 4]], feature='gap',
+                pictures={'a': '/w/a.png'})
+  assert reproduce.summarise(result) == dict(
+      numbers={'images': 256.0, 'heterogeneity.decoder': [0.5, 0.25], 'aad': [[1.0, 2.0],
+                                                                              [3.0, 4.0]]},
+      figures=['/w/a.png', '/w/eval_heterogeneity.png'])
 
 
 def test_verdict_compares_delta_with_spread():
@@ -52,11 +75,11 @@ def test_fmt_percent_and_single_seed():
   assert report.fmt(None, None, 0) == 'n/a'
 
 
-def test_pair_rauc_and_main_metric_on_records():
-  base = [dict(seed=0, curve=[[1, 0.2], [3, 0.4]], knn=0.4, linear=None)]
-  method = [dict(seed=0, curve=[[1, 0.3], [3, 0.5]], knn=0.5, linear=0.6)]
+def test_main_metric_is_the_first_all_runs_have():
+  base = [dict(knn=0.4, linear=None)]
+  method = [dict(knn=0.5, linear=0.6)]
   assert report.main_metric(base, method) == 'knn'  # the probe is missing for the baseline
-  assert report.pair_rauc(base, method)[0] == pytest.approx(2.0)
+  assert report.main_metric([dict(test_top1=0.8)], [dict(test_top1=0.9)]) == 'test_top1'
 
 
 def _record(row, seed, linear, curve, label):
@@ -119,6 +142,21 @@ def test_plan_adds_baselines_and_the_teacher():
   assert reproduce.plan(['distill_dtm'], '/clip.pt') == ['distill', 'distill_dtm']
 
 
+@pytest.mark.skipif(shutil.which('shellcheck') is None, reason='shellcheck is not installed')
+def test_launcher_is_shellcheck_clean():
+  result = subprocess.run(['shellcheck', '--severity=style', 'launch/reproduce_small.sh'],
+                          cwd=ROOT, capture_output=True, text=True)
+  assert result.returncode == 0, result.stdout
+
+
+def test_launcher_dry_run_prints_the_study_command():
+  result = subprocess.run(['bash', 'launch/reproduce_small.sh', '--quick', '--dry-run', '--rows',
+                           'mae_lut'], cwd=ROOT, capture_output=True, text=True, check=True)
+  assert result.stdout.split() == [
+      'python3', '-m', 'mimjax.reproduce', '--out', 'RESULTS.md', '--workdir_root',
+      'workdirs/repro', '--quick', '--rows', 'mae_lut']
+
+
 def _table_rows(text):
   lines = [l for l in text.splitlines() if l.startswith('|')]
   return [[c.strip() for c in l.strip('|').split('|')] for l in lines]
@@ -141,10 +179,13 @@ def test_smoke_study_end_to_end_writes_the_table(tmp_path):
     assert len(r) == 10
     assert re.fullmatch(r'\d+\.\d{4} \(n=1\)', r[3]), r  # final loss
     assert re.fullmatch(r'\d+\.\d \(n=1\)', r[4]), r  # kNN top-1 on 128 test images
+    assert re.fullmatch(r'\d+\.\d \(n=1\)', r[5]), r  # linear probe
     assert r[6] == '—'  # no supervised test top-1 for pre-training runs
   assert body[0][7:9] == ['—', '—']
   assert re.fullmatch(r'-?\d+\.\d \(n=1\) \((kNN|linear-probe) top-1\)', body[1][7]), body[1]
-  assert os.path.exists(tmp_path / 'RESULTS_figures' / 'mae_mto.png')
+  for name in ('mae_mto.png', 'mae_eval_heterogeneity.png', 'mae_mto_eval_heterogeneity.png',
+               'mae_eval_attention_distance.png'):
+    assert os.path.exists(tmp_path / 'RESULTS_figures' / name), name
   for heading in ('## What this shows', '## What this does not show', '## Commands',
                   '## Versions'):
     assert heading in text
@@ -172,4 +213,7 @@ def test_smoke_study_supervised_and_distillation_rows(tmp_path):
   for r in body[2:]:  # supervised rows: test top-1 only
     assert r[4:6] == ['—', '—'] and re.fullmatch(r'\d+\.\d \(n=1\)', r[6]), r
   assert re.fullmatch(r'\d+\.\d \(n=1\)', body[0][4]), body[0]  # the student's kNN
-  assert os.path.exists(tmp_path / 'RESULTS_figures' / 'supervised_moto_moto_layout.png')
+  figures = tmp_path / 'RESULTS_figures'
+  for name in ('supervised_moto_eval_moto_layout.png', 'distill_dtm_eval_morphing.png'):
+    assert os.path.exists(figures / name), name
+  assert '## Evaluations that could not run\n\n- none.' in out.read_text()
