@@ -25,8 +25,14 @@ def image_grid(columns, data_config, max_rows=8, pad=2):
   return uint8_grid([to_uint8(c[:max_rows], data_config) for c in columns], pad)
 
 
-def uint8_grid(columns, pad=2):
-  """Lays out uint8 [B, H, W, C] columns (C = 1 or 3) on a white uint8 [.., .., 3] canvas."""
+def uint8_grid(columns, pad=2, min_tile=96):
+  """Lays out uint8 [B, H, W, C] columns (C = 1 or 3) on a white uint8 [.., .., 3] canvas.
+
+  Small tiles (e.g. 28 px Fashion-MNIST) are enlarged by an integer factor (nearest neighbour, so
+  patch boundaries stay sharp) until they are at least `min_tile` pixels tall.
+  """
+  scale = max(1, -(-min_tile // columns[0].shape[1]))
+  columns = [np.repeat(np.repeat(np.asarray(c), scale, axis=1), scale, axis=2) for c in columns]
   rows, h, w, _ = columns[0].shape
   grid = np.full((rows * (h + pad) + pad, len(columns) * (w + pad) + pad, 3), 255, np.uint8)
   for j, col in enumerate(columns):
