@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 if [[ ! -d /usr/share/datasets/fashion-mnist ]]; then
   if command -v apt-get >/dev/null && [[ "$(id -u)" == 0 ]]; then
     apt-get update -qq
-    apt-get install -y -qq dataset-fashion-mnist shellcheck >/dev/null
+    apt-get install -y -qq dataset-fashion-mnist >/dev/null
   else
     echo "note: install the Debian package dataset-fashion-mnist for the offline default data" >&2
   fi
