@@ -364,6 +364,8 @@ def run(args):
                                   mimjax_speedup=st['median'] / _median(results, 'mae')))
     for r in everyone:
       r.close()
+  order = {c.name: i for i, c in enumerate(CASES)}
+  results['cases'].sort(key=lambda c: order[c['name']])
   bench_report.add_overheads(results, {c.name: c for c in CASES})
   return results
 
@@ -398,6 +400,7 @@ def parse_args(argv=None):
   p.add_argument('--matmul_size', type=int, default=2048)
   p.add_argument('--out', default='', help='JSON results file')
   p.add_argument('--markdown', default='', help='markdown tables file')
+  p.add_argument('--report', default='', help='only re-render the tables of this JSON results file')
   args = p.parse_args(argv)
   bad = set(args.peer) - set(PEER_MODES)
   if bad:
@@ -407,7 +410,12 @@ def parse_args(argv=None):
 
 def main(argv=None):
   args = parse_args(argv)
-  results = run(args)
+  if args.report:
+    with open(args.report) as f:
+      results = json.load(f)
+    bench_report.add_overheads(results, {c.name: c for c in CASES})
+  else:
+    results = run(args)
   if args.out:
     with open(args.out, 'w') as f:
       json.dump(results, f, indent=2, default=float)

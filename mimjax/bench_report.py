@@ -28,6 +28,8 @@ def add_overheads(results, cases):
     if host is None:
       continue
     time_over = c['step_s']['median'] / host['step_s']['median'] - 1.0
+    # Load from other processes only adds time, so the fastest steps estimate the intrinsic cost.
+    min_over = c['step_s']['min'] / host['step_s']['min'] - 1.0
     flop_over = c['flops']['xla'] / host['flops']['xla'] - 1.0
     target = cases[name].target
     met = None
@@ -35,8 +37,8 @@ def add_overheads(results, cases):
       met = time_over <= flop_over
     elif target is not None:
       met = time_over <= target
-    c['overhead'] = dict(host=host['name'], time=time_over, flops=flop_over, target=target,
-                         met=met)
+    c['overhead'] = dict(host=host['name'], time=time_over, time_min=min_over, flops=flop_over,
+                         target=target, met=met)
 
 
 def _target_text(target):
@@ -96,14 +98,14 @@ def markdown(results):
       f'{x["family"]} {x["flops_per_s"] / 1e9:.1f} GFLOP/s' for x in mm)]
   over = [c for c in results['cases'] if 'overhead' in c]
   if over:
-    out += ['', '| plug-in case | host | step-time overhead | FLOP overhead | target | met |',
-            '|---|---|---|---|---|---|']
+    out += ['', '| plug-in case | host | step-time overhead (medians) | (minima) | FLOP overhead | '
+            'target | met (medians) |', '|---|---|---|---|---|---|---|']
     for c in over:
       o = c['overhead']
       target = _target_text(o['target'])
       met = {None: '', True: 'yes', False: 'no'}[o['met']]
       out.append(f'| {c["name"]} | {o["host"]} | {100 * o["time"]:+.1f}% | '
-                 f'{100 * o["flops"]:+.1f}% | {target} | {met} |')
+                 f'{100 * o["time_min"]:+.1f}% | {100 * o["flops"]:+.1f}% | {target} | {met} |')
   if results['peer']:
     out += ['', '| PyTorch peer (MAE step) | first step s | step ms median [p25–p75] (min) | '
             'img/s | peer time / mimjax time |', '|---|---|---|---|---|']
