@@ -17,6 +17,7 @@ import argparse
 import collections
 import importlib
 import importlib.util
+from importlib import metadata
 import json
 import os
 import platform
@@ -249,23 +250,28 @@ def run_rounds(runners, rounds, steps):
       r.times += r.steps(steps)
 
 
+def _cpu_model():
+  if os.path.exists('/proc/cpuinfo'):
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  return platform.processor()
+
+
 def machine_info():
-  cpu = next((line.split(':', 1)[1].strip() for line in open('/proc/cpuinfo')
-              if line.startswith('model name')), platform.processor()) \
-      if os.path.exists('/proc/cpuinfo') else platform.processor()
-  versions = {}
-  for mod in ('jax', 'jaxlib', 'flax', 'optax', 'numpy'):
-    versions[mod] = importlib.import_module(mod).__version__
-  for mod in ('torch', 'timm'):  # read without importing (torch must not share our process)
+  """CPU, device and library versions (torch / timm read from package metadata, not imported)."""
+  versions = {m: importlib.import_module(m).__version__
+              for m in ('jax', 'jaxlib', 'flax', 'optax', 'numpy')}
+  for m in ('torch', 'timm'):
     try:
-      from importlib import metadata  # pylint: disable=g-import-not-at-top
-      versions[mod] = metadata.version(mod)
-    except Exception:  # pylint: disable=broad-except
-      versions[mod] = None
+      versions[m] = metadata.version(m)
+    except metadata.PackageNotFoundError:
+      versions[m] = None
   dev = jax.devices()[0]
-  return dict(cpu=cpu, cores=os.cpu_count(), platform=dev.platform, device_kind=dev.device_kind,
-              device_count=jax.device_count(), python=platform.python_version(),
-              load_average=os.getloadavg(), versions=versions,
+  return dict(cpu=_cpu_model(), cores=os.cpu_count(), platform=dev.platform,
+              device_kind=dev.device_kind, device_count=jax.device_count(),
+              python=platform.python_version(), load_average=os.getloadavg(), versions=versions,
               time=time.strftime('%Y-%m-%d %H:%M:%S %Z'))
 
 
@@ -364,6 +370,7 @@ def run(args):
                                   mimjax_speedup=st['median'] / _median(results, 'mae')))
     for r in everyone:
       r.close()
+  results['machine']['load_average_end'] = os.getloadavg()
   order = {c.name: i for i, c in enumerate(CASES)}
   results['cases'].sort(key=lambda c: order[c['name']])
   bench_report.add_overheads(results, {c.name: c for c in CASES})

@@ -80,7 +80,8 @@ def test_command_output_schema(tmp_path):
   assert 'overhead' not in cases['mae']
   [peer] = results['peer']
   assert peer['name'] == 'torch_eager' and peer['status'] == 'ok' and peer['step_s']['n'] == 2
-  assert [s['name'] for s in results['scaling']] == ['mae@batch=8,image=28', 'mae@batch=16,image=28']
+  assert [s['name'] for s in results['scaling']] == ['mae@batch=8,image=28',
+                                                     'mae@batch=16,image=28']
   # Doubling the batch doubles XLA's FLOPs of the step up to the batch-independent optimizer.
   f8, f16 = (s['flops']['xla'] for s in results['scaling'])
   assert 1.8 < f16 / f8 <= 2.0
