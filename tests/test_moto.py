@@ -1,4 +1,5 @@
 """MoTo: instance-norm limit, partition weights, weighted statistics, and ViT wiring."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -101,3 +102,15 @@ def test_vit_with_moto_tokenizer():
   params = model.init(jax.random.PRNGKey(0), images)['params']
   assert 'stem' not in params['tokenizer']
   assert params['tokenizer']['moto']['beta'].shape == (8, 3)
+
+
+def test_patch_embedding_equals_strided_conv():
+  # The matmul form must be the stride-p convolution with the same params (checkpoints unchanged).
+  x = np.random.default_rng(0).standard_normal((2, 8, 12, 5)).astype(np.float32)
+  emb = moto.PatchEmbedding(width=6, patch_size=4)
+  conv = nn.Conv(6, (4, 4), strides=(4, 4), padding='VALID')
+  variables = emb.init(jax.random.PRNGKey(0), x)
+  assert jax.tree_util.tree_map(np.shape, variables) == jax.tree_util.tree_map(
+      np.shape, conv.init(jax.random.PRNGKey(0), x))
+  np.testing.assert_allclose(emb.apply(variables, x), conv.apply(variables, x), rtol=1e-5,
+                             atol=1e-5)

@@ -1,0 +1,438 @@
+r"""Benchmark: compile time, train-step time, FLOP utilisation and plug-in overheads, side by side.
+
+  python -m mimjax.bench                                   # small defaults, minutes on a CPU
+  python -m mimjax.bench --model B/16 --image_size 224 --batch 8 --preset recipe \
+      --out results.json --markdown bench.md
+
+Every case is the trainer's own jitted, donated step (`mimjax.train_step`) on a 1-device mesh, fed a
+fixed synthetic batch with the features its augmentation yields. Cases of one family (a framework
+and its plug-ins, plus the matmul reference and, for MAE, the PyTorch peer) are built together and
+timed round-robin for several rounds, so machine drift hits them alike; families run one after the
+other so that only one family's train states are alive at a time.
+
+A case is one row of `CASES`: (name, host, config spec, target). Cases whose config file or
+framework is not in this checkout are listed as unavailable instead of failing the run.
+"""
+import argparse
+import collections
+import importlib
+import importlib.util
+from importlib import metadata
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mimjax import bench_report
+from mimjax import config_lib
+from mimjax import flops
+from mimjax import frameworks
+from mimjax import sharding
+from mimjax import train_step as train_step_lib
+
+# host: the case whose step the overhead is measured against. target: the issue's bound on the
+# overhead (fraction of the host's step time), 'flops' (no slower than the FLOP ratio), or None.
+Case = collections.namedtuple('Case', 'name host config target')
+CASES = (
+    Case('mae', None, 'mae', None),
+    Case('mae+lut', 'mae', 'mae_lut:alpha=0.25', 'flops'),
+    Case('mae+mto', 'mae', 'mae_mto', 0.10),
+    Case('mae+lut+tokenprop', 'mae', 'mae_lut:alpha=0.25|tokenprop.enabled=True', None),
+    Case('simmim', None, 'simmim', None),
+    Case('simmim+mto', 'simmim', 'simmim_mto', 0.10),
+    Case('distill', None, 'distill:teacher=ema', None),
+    Case('distill+dtm', 'distill', 'distill:teacher=ema,dtm', 0.03),
+    Case('supervised', None, 'supervised', None),
+    Case('supervised+moto', 'supervised', 'supervised:moto', 0.05),
+    Case('supervised+tokenprop', 'supervised', 'supervised:tokenprop', 0.05),
+    Case('supervised+moto+tokenprop', 'supervised', 'supervised:moto,tokenprop', None),
+)
+PEER_MODES = ('eager', 'compile')
+
+
+class Unavailable(Exception):
+  """A case this checkout cannot build (its config or framework is missing)."""
+
+
+def load_config(spec, model, image_size, batch, preset, dtype):
+  """Config of a case spec 'file[:arg][|key=value,...]' at the bench's size settings."""
+  spec, _, overrides = spec.partition('|')
+  name, _, arg = spec.partition(':')
+  if importlib.util.find_spec('configs.' + name) is None:
+    raise Unavailable(f'configs/{name}.py is not in this checkout')
+  args = [a for a in (arg, f'model={model}', 'runlocal' if preset == 'small' else '') if a]
+  config = importlib.import_module('configs.' + name).get_config(','.join(args))
+  if config.framework not in frameworks.FRAMEWORKS:
+    raise Unavailable(f'framework {config.framework!r} is not registered in this checkout')
+  config.batch_size = batch
+  config.data.image_size = image_size
+  config.model.dtype = dtype
+  for item in filter(None, overrides.split(',')):
+    key, _, value = item.partition('=')
+    *parents, leaf = key.split('.')
+    section = config
+    for p in parents:
+      section = section[p]
+    section[leaf] = type(section[leaf])(value == 'True' if isinstance(section[leaf], bool)
+                                        else value)
+  config_lib.validate(config)
+  return config
+
+
+def synthetic_batch(config, seed=0):
+  """Host batch with the features `config.data.augment` yields (e.g. image2 for LUT) and labels."""
+  from mimjax.data import augment  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
+  rng = np.random.default_rng(seed)
+  s, c = config.data.image_size, config.data.channels
+  batch = {k: rng.standard_normal((config.batch_size, s, s, c), np.float32)
+           for k in augment.OUTPUTS[config.data.augment]}
+  batch['label'] = rng.integers(0, max(config.model.num_classes, 1), config.batch_size,
+                                dtype=np.int32)
+  return batch
+
+
+def max_rss_bytes():
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _timed(fn, *args):
+  start = time.perf_counter()
+  out = jax.block_until_ready(fn(*args))
+  return out, time.perf_counter() - start
+
+
+class JaxStep:
+  """One case: the trainer's train step, compiled and initialised; `steps(k)` times k updates."""
+
+  def __init__(self, name, config, warmup):
+    self.name, self.config, self.times = name, config, []
+    rss0 = max_rss_bytes()
+    framework = frameworks.build(config)
+    host = synthetic_batch(config)
+    mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+    init_fn, abstract, tx, lr = train_step_lib.build(
+        framework, config, jax.tree_util.tree_map(lambda x: x[:2], host))
+    state_sharding = train_step_lib.state_shardings(abstract, mesh, config.mesh)
+    step = train_step_lib.jit_train_step(
+        train_step_lib.make_train_step(framework, tx, lr, config.optim.accum_steps),
+        state_sharding, mesh)
+    self.batch = jax.device_put(host, sharding.batch_sharding(mesh))
+    start = time.perf_counter()
+    lowered = step.lower(train_step_lib.with_shardings(abstract, state_sharding), self.batch)
+    self.lower_s = time.perf_counter() - start
+    start = time.perf_counter()
+    self.compiled = lowered.compile()
+    self.compile_s = time.perf_counter() - start
+    self.state = jax.jit(init_fn, out_shardings=state_sharding)()
+    self.first_step_s = self.steps(1)[0]
+    self.steps(warmup)
+    self.rss_growth = max_rss_bytes() - rss0
+    self.flops = _xla_flops(self.compiled)
+    self.analytic = flops.step_flops(framework)
+    self.memory = _memory(self.compiled)
+    self.params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(self.state.params))
+
+  def steps(self, k):
+    times = []
+    for _ in range(k):
+      (self.state, _), dt = _timed(self.compiled, self.state, self.batch)
+      times.append(dt)
+    return times
+
+  def close(self):
+    del self.state, self.batch, self.compiled
+
+
+class Matmul:
+  """Reference: an n x n matmul in the compute dtype; its FLOP/s is the "measured peak"."""
+
+  def __init__(self, n, dtype):
+    self.name, self.n, self.times = 'matmul', n, []
+    keys = jax.random.split(jax.random.PRNGKey(0))
+    self.a, self.b = (jax.random.normal(k, (n, n), jnp.dtype(dtype)) for k in keys)
+    self.fn = jax.jit(jnp.matmul).lower(self.a, self.b).compile()
+    self.flops = 2 * n ** 3
+    self.steps(1)
+
+  def steps(self, k):
+    return [_timed(self.fn, self.a, self.b)[1] for _ in range(k)]
+
+  def close(self):
+    del self.a, self.b
+
+
+class TorchPeer:
+  """The PyTorch MAE step (mimjax.bench_torch) in a worker subprocess, timed step by step."""
+
+  def __init__(self, mode, mae_config, warmup, device):
+    self.name, self.mode, self.times = f'torch_{mode}', mode, []
+    kw = vit_kwargs(mae_config)
+    m = mae_config.mae
+    cmd = [sys.executable, '-m', 'mimjax.bench_torch', f'--batch={mae_config.batch_size}',
+           f'--image_size={kw["image_size"]}', f'--patch_size={kw["patch_size"]}',
+           f'--width={kw["width"]}', f'--depth={kw["depth"]}', f'--heads={kw["num_heads"]}',
+           f'--mlp_dim={kw["mlp_dim"]}', f'--decoder_width={m.decoder_width}',
+           f'--decoder_depth={m.decoder_depth}', f'--decoder_heads={m.decoder_heads}',
+           f'--decoder_mlp_ratio={m.decoder_mlp_ratio}', f'--mask_ratio={m.mask_ratio}',
+           f'--channels={mae_config.data.channels}', f'--device={device}']
+    if mode == 'compile':
+      cmd.append('--compile')
+    if mae_config.model.dtype == 'bfloat16':
+      cmd.append('--bf16')
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root,
+                                                                    os.environ.get('PYTHONPATH')])))
+    self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                 env=env, stderr=subprocess.DEVNULL)
+    self.info = self._read()
+    self.first_step_s = self.steps(1)[0]
+    self.steps(warmup)
+
+  def _read(self):
+    line = self.proc.stdout.readline()
+    reply = json.loads(line) if line else {'error': 'the worker exited without a reply'}
+    if 'error' in reply:
+      self.close()
+      raise RuntimeError(reply['error'])
+    return reply
+
+  def steps(self, k):
+    self.proc.stdin.write(f'{k}\n')
+    self.proc.stdin.flush()
+    return self._read()['times']
+
+  def close(self):
+    if self.proc.poll() is None:
+      self.proc.stdin.close()
+      self.proc.wait(timeout=60)
+
+
+def vit_kwargs(config):
+  from mimjax.models import vit  # pylint: disable=g-import-not-at-top
+  return vit.encoder_kwargs(config.model, config.data.image_size)
+
+
+def _xla_flops(compiled):
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else {}
+  return float((analysis or {}).get('flops', float('nan')))
+
+
+def _memory(compiled):
+  """XLA's buffer assignment: arguments + outputs - donated aliases + temporaries, in bytes."""
+  m = compiled.memory_analysis()
+  if m is None:
+    return None
+  return dict(argument=m.argument_size_in_bytes, output=m.output_size_in_bytes,
+              alias=m.alias_size_in_bytes, temp=m.temp_size_in_bytes,
+              peak_estimate=(m.argument_size_in_bytes + m.output_size_in_bytes
+                             - m.alias_size_in_bytes + m.temp_size_in_bytes))
+
+
+def timing_stats(times):
+  t = np.asarray(times)
+  return dict(median=float(np.median(t)), min=float(t.min()), max=float(t.max()),
+              p25=float(np.percentile(t, 25)), p75=float(np.percentile(t, 75)), n=int(t.size))
+
+
+def run_rounds(runners, rounds, steps):
+  """Round-robin: every runner does `steps` timed steps per round, in the same order each round."""
+  for _ in range(rounds):
+    for r in runners:
+      r.times += r.steps(steps)
+
+
+def _cpu_model():
+  if os.path.exists('/proc/cpuinfo'):
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  return platform.processor()
+
+
+def machine_info():
+  """CPU, device and library versions (torch / timm read from package metadata, not imported)."""
+  versions = {m: importlib.import_module(m).__version__
+              for m in ('jax', 'jaxlib', 'flax', 'optax', 'numpy')}
+  for m in ('torch', 'timm'):
+    try:
+      versions[m] = metadata.version(m)
+    except metadata.PackageNotFoundError:
+      versions[m] = None
+  dev = jax.devices()[0]
+  return dict(cpu=_cpu_model(), cores=os.cpu_count(), platform=dev.platform,
+              device_kind=dev.device_kind, device_count=jax.device_count(),
+              python=platform.python_version(), load_average=os.getloadavg(), versions=versions,
+              time=time.strftime('%Y-%m-%d %H:%M:%S %Z'))
+
+
+def _case_result(runner, matmul_flops_s, nominal_peak):
+  st = timing_stats(runner.times)
+  analytic = sum(runner.analytic.values())
+  achieved = runner.flops / st['median']
+  return dict(
+      name=runner.name, status='ok', config=runner.config.framework,
+      params=runner.params, lower_s=runner.lower_s, compile_s=runner.compile_s,
+      first_step_s=runner.first_step_s, step_s=st,
+      images_per_s=runner.config.batch_size / st['median'],
+      flops=dict(xla=runner.flops, analytic=analytic * runner.config.batch_size,
+                 analytic_terms_per_example=runner.analytic,
+                 xla_over_analytic=runner.flops / (analytic * runner.config.batch_size)),
+      achieved_flops_per_s=achieved, frac_matmul_peak=achieved / matmul_flops_s,
+      mfu=achieved / nominal_peak if nominal_peak else None,
+      memory=dict(xla=runner.memory, device_peak_bytes=_device_peak(),
+                  rss_growth_bytes=runner.rss_growth))
+
+
+def _device_peak():
+  stats = jax.devices()[0].memory_stats()
+  return stats.get('peak_bytes_in_use') if stats else None
+
+
+def _families(cases):
+  """Cases grouped by host family, in table order."""
+  fams = collections.OrderedDict()
+  for c in cases:
+    fams.setdefault(c.host or c.name, []).append(c)
+  return list(fams.values())
+
+
+def _scale_grid(image_size, patch, factor):
+  return max(1, round(image_size // patch * factor)) * patch
+
+
+def run(args):
+  """Runs the benchmark described by parsed `args`; returns the results dict."""
+  selected = [c for c in CASES if args.cases == 'all' or c.name in args.cases.split(',')]
+  unknown = set(args.cases.split(',')) - {c.name for c in CASES} - {'all'}
+  if unknown:
+    raise SystemExit(f'Unknown cases {sorted(unknown)}; choose from {[c.name for c in CASES]}.')
+  dev = jax.devices()[0]
+  nominal = bench_report.nominal_peak(dev.platform, dev.device_kind)
+  results = dict(machine=machine_info(), settings=vars(args), cases=[], peer=[], scaling=[],
+                 matmul=[])
+  make = lambda name, spec, **kw: JaxStep(name, load_config(  # noqa: E731
+      spec, kw.get('model', args.model), kw.get('image_size', args.image_size),
+      kw.get('batch', args.batch), args.preset, args.dtype), args.warmup)
+  groups = [(fam, None) for fam in _families(selected)]
+  if args.scaling_case:
+    groups.append(([c for c in CASES if c.name == args.scaling_case], 'scaling'))
+  for fam, kind in groups:
+    runners, pending_peer = [], []
+    for c in fam:
+      try:
+        if kind == 'scaling':
+          runners.append(make(f'{c.name}@batch={args.batch},image={args.image_size}', c.config))
+          patch = vit_kwargs(runners[0].config)['patch_size']
+          for b in sorted({max(1, int(args.batch * f)) for f in args.batch_scales} - {args.batch}):
+            runners.append(make(f'{c.name}@batch={b},image={args.image_size}', c.config, batch=b))
+          for s in sorted({_scale_grid(args.image_size, patch, f) for f in args.grid_scales}
+                          - {args.image_size}):
+            runners.append(make(f'{c.name}@batch={args.batch},image={s}', c.config, image_size=s))
+        else:
+          runners.append(make(c.name, c.config))
+        print(f'[bench] built {runners[-1].name}: compile {runners[-1].compile_s:.1f}s',
+              file=sys.stderr, flush=True)
+      except Unavailable as e:
+        results['cases'].append(dict(name=c.name, status='unavailable', reason=str(e)))
+    if kind is None and fam[0].name == 'mae' and runners and runners[0].name == 'mae':
+      for mode in args.peer:
+        try:
+          pending_peer.append(TorchPeer(mode, runners[0].config, args.warmup, args.peer_device))
+        except (RuntimeError, OSError) as e:
+          results['peer'].append(dict(name=f'torch_{mode}', status='failed', error=str(e)))
+    if not runners:
+      continue
+    matmul = Matmul(args.matmul_size, args.dtype)
+    everyone = [matmul] + runners + pending_peer
+    run_rounds(everyone, args.rounds, args.steps)
+    mm_stats = timing_stats(matmul.times)
+    mm_flops_s = matmul.flops / mm_stats['median']
+    results['matmul'].append(dict(family=fam[0].name, n=matmul.n, dtype=args.dtype,
+                                  step_s=mm_stats, flops_per_s=mm_flops_s))
+    for r in runners:
+      entry = _case_result(r, mm_flops_s, nominal)
+      (results['scaling'] if kind else results['cases']).append(entry)
+    for p in pending_peer:
+      st = timing_stats(p.times)
+      results['peer'].append(dict(name=p.name, status='ok', mode=p.mode, threads=p.info['threads'],
+                                  params=p.info['params'], first_step_s=p.first_step_s, step_s=st,
+                                  images_per_s=args.batch / st['median'],
+                                  mimjax_speedup=st['median'] / _median(results, 'mae')))
+    for r in everyone:
+      r.close()
+  results['machine']['load_average_end'] = os.getloadavg()
+  order = {c.name: i for i, c in enumerate(CASES)}
+  results['cases'].sort(key=lambda c: order[c['name']])
+  bench_report.add_overheads(results, {c.name: c for c in CASES})
+  return results
+
+
+def _median(results, name):
+  return next(c['step_s']['median'] for c in results['cases'] if c['name'] == name)
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(prog='python -m mimjax.bench', description=__doc__.split('\n\n')[0])
+  p.add_argument('--model', default='pico/4', help='ViT variant, e.g. mu/4, S/16, B/16')
+  p.add_argument('--image_size', type=int, default=28)
+  p.add_argument('--batch', type=int, default=32)
+  p.add_argument('--preset', default='small', choices=('small', 'recipe'),
+                 help='small: each config\'s runlocal heads and decoders; recipe: the paper sizes')
+  p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
+  p.add_argument('--cases', default='all', help='comma-separated case names, or "all"')
+  p.add_argument('--steps', type=int, default=3, help='timed steps per case per round')
+  p.add_argument('--rounds', type=int, default=3, help='round-robin rounds over the cases')
+  p.add_argument('--warmup', type=int, default=2, help='untimed steps after the first one')
+  p.add_argument('--peer', default='eager,compile',
+                 type=lambda s: [m for m in s.split(',') if m],
+                 help='PyTorch peer modes to run next to MAE: eager, compile ("" = none)')
+  p.add_argument('--peer_device', default='cuda' if jax.default_backend() == 'gpu' else 'cpu')
+  p.add_argument('--scaling_case', default='mae', help='case timed at other batch sizes and '
+                 'resolutions ("" = none)')
+  p.add_argument('--batch_scales', default=(0.5, 2.0),
+                 type=lambda s: [float(x) for x in s.split(',') if x])
+  p.add_argument('--grid_scales', default=(0.5, 2.0),
+                 type=lambda s: [float(x) for x in s.split(',') if x],
+                 help='factors on the patch grid side (token count grows as the square)')
+  p.add_argument('--matmul_size', type=int, default=2048)
+  p.add_argument('--out', default='', help='JSON results file')
+  p.add_argument('--markdown', default='', help='markdown tables file')
+  p.add_argument('--report', default='', help='only re-render the tables of this JSON results file')
+  args = p.parse_args(argv)
+  bad = set(args.peer) - set(PEER_MODES)
+  if bad:
+    p.error(f'--peer modes {sorted(bad)}; choose from {PEER_MODES}')
+  return args
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  if args.report:
+    with open(args.report) as f:
+      results = json.load(f)
+    bench_report.add_overheads(results, {c.name: c for c in CASES})
+  else:
+    results = run(args)
+  if args.out:
+    with open(args.out, 'w') as f:
+      json.dump(results, f, indent=2, default=float)
+  text = bench_report.markdown(results)
+  print(text)
+  if args.markdown:
+    with open(args.markdown, 'w') as f:
+      f.write(text)
+  return results
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,90 @@
+"""The benchmark's FLOP counter (hand counts, XLA's cost analysis) and its output schema.
+
+Timings are never asserted: they belong to the benchmark's written results.
+"""
+import importlib.util
+import json
+
+import jax
+import ml_collections
+import numpy as np
+
+from mimjax import bench
+from mimjax import flops
+from mimjax.models import vit
+
+
+def test_transformer_flops_by_hand():
+  # width 8, mlp 32, 4 tokens, one block; a multiply-add is 2 FLOPs:
+  # q,k,v 2*4*8*24 = 1536; q k^T and a v 2 * (2*4*4*8) = 512; out 2*4*8*8 = 512;
+  # MLP 2*4*8*32 + 2*4*32*8 = 4096. Total 6656.
+  assert flops.transformer(4, 8, 1, 32) == 6656
+  assert flops.transformer(4, 8, 3, 32) == 3 * 6656
+
+
+def test_encoder_and_decoder_flops_by_hand():
+  # 8 px image, patch 4 -> 4 patches of 4*4*3 = 48 values; cls token -> 5 tokens in the blocks.
+  kw = dict(image_size=8, patch_size=4, width=8, depth=1, mlp_dim=32, cls_token=True)
+  patch_embed = 2 * 4 * 48 * 8  # 3072
+  # 5 tokens: qkv 1920, attention 4*25*8 = 800, out 640, MLP 5120 -> 8480.
+  assert flops.encoder(kw, 3, 4) == patch_embed + 8480
+  # MAE keeps 1 of 4 patches: the patch embedding still runs on all 4, the blocks on 1 + cls.
+  # 2 tokens: qkv 768, attention 4*4*8 = 128, out 256, MLP 2048 -> 3200.
+  assert flops.encoder(kw, 3, 1) == patch_embed + 3200
+  mae = ml_collections.ConfigDict(dict(decoder_width=8, decoder_depth=1, decoder_mlp_ratio=4))
+  # Decoder: embedding 2*5*8*8 = 640, blocks on 5 tokens 8480, prediction 2*4*8*48 = 3072.
+  assert flops.mae_decoder(mae, 8, 4, 48, 1) == 640 + 8480 + 3072
+
+
+def test_xla_cost_analysis_matches_analytic_vit_forward():
+  model = vit.ViT(width=64, depth=2, mlp_dim=256, num_heads=4, patch_size=8, image_size=32)
+  images = np.zeros((2, 32, 32, 3), np.float32)
+  params = jax.eval_shape(model.init, jax.random.PRNGKey(0), images)
+  compiled = jax.jit(model.apply).lower(params, images).compile()
+  xla = bench._xla_flops(compiled)  # pylint: disable=protected-access
+  analytic = 2 * flops.encoder(dict(image_size=32, patch_size=8, width=64, depth=2, mlp_dim=256,
+                                    cls_token=True), 3, 16)
+  # XLA also counts norms, softmax, GELU and additions (about 1 FLOP per element), a few percent
+  # at this width; the matrix products must account for nearly all of it.
+  assert 1.0 <= xla / analytic < 1.25, (xla, analytic)
+
+
+def test_command_output_schema(tmp_path):
+  out, md = tmp_path / 'r.json', tmp_path / 'r.md'
+  bench.main(['--model', 'mu/4', '--image_size', '28', '--batch', '8', '--steps', '2',
+              '--rounds', '1', '--warmup', '0', '--cases', 'mae,mae+lut,mae+mto',
+              '--peer', 'eager', '--batch_scales', '2', '--grid_scales', '', '--matmul_size', '256',
+              '--out', str(out), '--markdown', str(md)])
+  results = json.loads(out.read_text())
+  machine = results['machine']
+  assert machine['cores'] >= 1 and machine['platform'] == jax.default_backend()
+  assert {'jax', 'jaxlib', 'flax', 'torch'} <= set(machine['versions'])
+  cases = {c['name']: c for c in results['cases']}
+  assert set(cases) == {'mae', 'mae+lut', 'mae+mto'}
+  mto_here = importlib.util.find_spec('configs.mae_mto') is not None
+  assert cases['mae+mto']['status'] == ('ok' if mto_here else 'unavailable')
+  for name in ('mae', 'mae+lut'):
+    c = cases[name]
+    assert c['status'] == 'ok'
+    assert c['step_s']['n'] == 2  # 1 round x 2 steps
+    assert c['step_s']['min'] <= c['step_s']['median'] <= c['step_s']['max']
+    assert c['compile_s'] > 0 and c['images_per_s'] > 0
+    assert c['flops']['xla'] > 0 and c['flops']['analytic'] > 0
+    assert c['memory']['xla']['peak_estimate'] > 0
+    assert c['mfu'] is None or jax.default_backend() != 'cpu'
+  # LUT encodes a second view and runs the context encoder on both images: more FLOPs than MAE.
+  lut = cases['mae+lut']
+  assert lut['overhead']['host'] == 'mae' and lut['overhead']['flops'] > 0
+  assert set(lut['flops']['analytic_terms_per_example']) == {
+      'encoder', 'decoder', 'lut_view2', 'lut_context'}
+  assert 'overhead' not in cases['mae']
+  [peer] = results['peer']
+  assert peer['name'] == 'torch_eager' and peer['status'] == 'ok' and peer['step_s']['n'] == 2
+  assert [s['name'] for s in results['scaling']] == ['mae@batch=8,image=28',
+                                                     'mae@batch=16,image=28']
+  # Doubling the batch doubles XLA's FLOPs of the step up to the batch-independent optimizer.
+  f8, f16 = (s['flops']['xla'] for s in results['scaling'])
+  assert 1.8 < f16 / f8 <= 2.0
+  assert results['matmul'][0]['flops_per_s'] > 0
+  text = md.read_text()
+  assert 'mae+lut' in text and 'torch_eager' in text and 'Scaling' in text
