@@ -41,7 +41,7 @@ def test_short_moto_run_beats_chance_and_draws_its_layout(tmp_path):
   out = visualize.moto_layout_png(workdir, str(tmp_path / 'layout.png'), num_images=4)
   png = np.asarray(Image.open(out))
   assert png.shape == (4 * 114 + 2, 3 * 114 + 2, 3)  # 28 px tiles enlarged 4x, 2 px gaps
-  colours = png[2:-2, 32:60].reshape(-1, 3)  # the colour-map column, without padding
+  colours = png[2:-2, 116:228].reshape(-1, 3)  # the colour-map column (second), without padding
   colours = colours[np.any(colours != 255, axis=-1)]
   palette = {tuple(p) for p in visualize.PALETTE}
   assert {tuple(c) for c in colours} <= palette
