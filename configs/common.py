@@ -110,6 +110,8 @@ def base_config():
   c.optim.weight_decay = 0.05
   c.optim.grad_clip = 0.0  # global-norm clip; 0 turns it off
   c.optim.accum_steps = 1  # micro-batches accumulated into one update
+  # Layer-wise lr decay (fine-tuning): encoder layer l of L gets lr * decay ** (L + 1 - l); 1 = off.
+  c.optim.layer_decay = 1.0
 
   c.mae = ml_collections.ConfigDict()
   c.mae.mask_ratio = 0.75
@@ -157,8 +159,11 @@ def base_config():
 
   # Weights a fresh run starts from (ignored when resuming from the workdir's own checkpoint).
   c.init = ml_collections.ConfigDict()
-  c.init.checkpoint = ''  # '' = random init; else a .safetensors / .pth file
-  c.init.format = 'timm'  # timm: a timm ViT state dict | mae: an official MAE checkpoint
+  c.init.checkpoint = ''  # '' = random init; else a .safetensors / .pth file, or a mimjax workdir
+  # timm: a timm ViT state dict | mae: an official MAE checkpoint | mimjax: params['encoder'] of
+  # a mimjax.train workdir's checkpoint (fine-tuning a pre-trained run)
+  c.init.format = 'timm'
+  c.init.step = -1  # format mimjax: the checkpoint step to start from; -1 = latest
 
   c.supervised = ml_collections.ConfigDict()
   c.supervised.label_smoothing = 0.1
@@ -171,6 +176,22 @@ def base_config():
   c.tokenprop.enabled = False  # reconstruct the image from the tokenizer output (Qian et al.)
   c.tokenprop.weight = 1e-3  # lambda of the reconstruction term
   c.tokenprop.hidden = 256  # channels of the decoder's two residual blocks
+
+  c.simmim = ml_collections.ConfigDict()
+  c.simmim.mask_ratio = 0.6  # masked cells: ceil(cells * ratio), replaced by the mask token
+  c.simmim.mask_patch_size = 32  # side of a mask cell in pixels; a multiple of the model's patch
+
+  # MTO (Choi et al.): entropy losses on masked-vs-visible token affinities (mimjax/methods/mto.py).
+  c.mto = ml_collections.ConfigDict()
+  c.mto.enabled = False
+  c.mto.where = 'encoder'  # encoder (SimMIM: mask tokens in the encoder) | decoder (MAE's decoder)
+  c.mto.tau = 0.0  # affinity temperature; 0 means sqrt(feature dim)
+  c.mto.layer_norm = True  # layer-normalise (no params) the features before the affinity
+  c.mto.ranking = 'decrease'  # decrease (the text's intent) | printed (eq. 5 as printed)
+  c.mto.lambda_spa = 1.0  # weight of L_spa (eq. 3): visible tokens ignore masked ones at layer 0
+  c.mto.lambda_e = 1.0  # weight of L_e (eq. 4): 1 / (H^0 + eps), maximises layer-0 heterogeneity
+  c.mto.lambda_r = 1.0  # weight of L_r (eq. 5): heterogeneity ranked to fall with depth
+  c.mto.eps = 1e-6  # epsilon of L_e
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1 takes every device not used by the other axes
@@ -197,9 +218,20 @@ def base_config():
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 256
   c.eval.every_steps = 0  # held-out evaluation while training (eval_metrics frameworks); 0 = off
-  c.eval.knn_k = (20, 200)
-  c.eval.knn_temperature = 0.07
-  c.eval.feature = 'pooled'  # pooled (the encoder's pool) | cls | gap
+  c.eval.knn_k = (20, 200)  # kNN protocol (DINO / MAE): neighbour counts, cosine similarity
+  c.eval.knn_temperature = 0.07  # kNN votes weighted by exp(similarity / T)
+  c.eval.feature = 'pooled'  # frozen-feature protocols: pooled (the encoder's pool) | cls | gap
+  # Linear probe (MAE): BatchNorm without affine + linear layer on frozen features.
+  c.eval.linear = ml_collections.ConfigDict()
+  c.eval.linear.optimizer = 'lars'  # lars | sgd (both with momentum)
+  c.eval.linear.base_lrs = (0.1,)  # peak lr = base_lr * batch_size / 256; several = a sweep
+  c.eval.linear.batch_size = 16384
+  c.eval.linear.epochs = 90
+  c.eval.linear.warmup_epochs = 10
+  c.eval.linear.momentum = 0.9
+  c.eval.linear.weight_decay = 0.0
+  # Analyses (attention distance, spectrum, heterogeneity, pictures): images of the eval split.
+  c.eval.analysis_examples = 1000
   return c
 
 
@@ -223,5 +255,9 @@ def apply_runlocal(c):
   c.checkpoint.every_steps = 500
   c.log.every_steps = 25
   c.log.images_every_steps = 500
-  c.eval.knn_k = (20,)
+  c.eval.linear.optimizer = 'sgd'  # LARS's trust ratio moves too little in a few hundred steps
+  c.eval.linear.batch_size = 1024
+  c.eval.linear.epochs = 20
+  c.eval.linear.warmup_epochs = 2
+  c.eval.linear.base_lrs = (0.1, 0.4, 1.6)
   return c

@@ -11,6 +11,7 @@ The reference scales the lr with sqrt(batch) / 4 rather than batch / 256; both g
 recipe's batch of 4096.
 """
 from configs import common
+from configs import mae
 
 # Paper's loss weight per model size.
 ALPHA = {'S': 1.0, 'B': 0.25}
@@ -22,32 +23,12 @@ def get_config(arg=None):
   if arg.alpha < 0 and size not in ALPHA:
     raise ValueError(f'No default LUT alpha for model {arg.model!r}; pass alpha=<float> '
                      f'(the paper uses {ALPHA}).')
-  c = common.base_config()
-  c.framework = 'mae'
-  c.model.variant = arg.model
-  c.model.posemb = 'sincos2d'
-  c.batch_size = 4096
-  c.total_steps = common.steps_for_epochs(arg.epochs, 'imagenet2012', c.batch_size)
-  c.warmup_steps = common.steps_for_epochs(40, 'imagenet2012', c.batch_size)
-  c.optim.base_lr = 1.5e-4
-  c.optim.b1 = 0.9
-  c.optim.b2 = 0.95
-  c.optim.weight_decay = 0.05
-  c.mae.mask_ratio = 0.75
-  c.mae.norm_pix_loss = True
-  c.mae.decoder_width = 512
-  c.mae.decoder_depth = 8
+  # LUT keeps MAE's recipe: AdamW (0.9, 0.95), wd 0.05, base lr 1.5e-4, 40 warmup epochs, mask
+  # ratio 0.75, decoder 8 x 512, norm_pix_loss.
+  c = mae.get_config(f'model={arg.model},epochs={arg.epochs}' + (',runlocal' if arg.runlocal else ''))
   c.data.augment = 'lut_two_view'
   c.lut.enabled = True
   c.lut.alpha = arg.alpha if arg.alpha >= 0 else ALPHA[size]
   c.lut.momentum = 0.996
-  c.lut.head_dim = 4096
-  if arg.runlocal:
-    common.apply_runlocal(c)
-    c.optim.base_lr = 1.5e-3
-    c.mae.decoder_width = 128
-    c.mae.decoder_depth = 2
-    c.mae.decoder_heads = 4
-    c.lut.head_dim = 256
-  c.lock()
+  c.lut.head_dim = 256 if arg.runlocal else 4096
   return c

@@ -33,9 +33,12 @@ def validate(config):
     raise ConfigError(f'config.mae.mask_ratio must be in [0, 1), got {config.mae.mask_ratio}.')
   if config.model.dtype not in ('float32', 'bfloat16', 'float16'):
     raise ConfigError(f'config.model.dtype={config.model.dtype!r}; use float32 or bfloat16.')
-  if config.init.format not in ('timm', 'mae'):
+  if config.init.format not in ('timm', 'mae', 'mimjax'):
     raise ConfigError(f'config.init.format={config.init.format!r}; use timm (a timm ViT state '
-                      'dict) or mae (an official MAE checkpoint).')
+                      'dict), mae (an official MAE checkpoint) or mimjax (a mimjax workdir).')
+  if not 0 < config.optim.layer_decay <= 1:
+    raise ConfigError(f'config.optim.layer_decay must be in (0, 1] (1 = off), got '
+                      f'{config.optim.layer_decay}.')
   if config.model.tokenizer_norm not in ('none', 'moto'):
     raise ConfigError(f'config.model.tokenizer_norm={config.model.tokenizer_norm!r}; use "none" '
                       'or "moto".')

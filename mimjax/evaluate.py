@@ -1,8 +1,12 @@
-r"""Evaluate a training run: `python -m mimjax.evaluate --workdir DIR --protocol knn`.
+r"""Evaluate a training run: `python -m mimjax.evaluate --workdir DIR --protocol P [options]`.
 
-Writes DIR/eval_<protocol>.json. With --compare_random_init the same protocol also runs on the
-randomly initialised encoder of the same architecture, so the gain from pre-training is visible.
+Protocols (see docs/evaluation.md): knn, linear, finetune; analyses attention_distance, spectrum,
+heterogeneity, rauc; pictures reconstruction, morphing, moto_layout. Each writes
+DIR/eval_<P>.json (and its PNGs next to it). With --compare_random_init the protocol also runs on
+the randomly initialised encoder of the same architecture, so the gain from pre-training is
+visible.
 """
+import inspect
 import json
 import os
 import sys
@@ -14,59 +18,112 @@ from absl import logging
 from mimjax import checkpoint as checkpoint_lib
 from mimjax import config_lib
 from mimjax.data import sources
+from mimjax.eval import attention
 from mimjax.eval import features as features_lib
+from mimjax.eval import finetune
+from mimjax.eval import heterogeneity
 from mimjax.eval import knn
+from mimjax.eval import linear
 from mimjax.eval import loading
+from mimjax.eval import pictures
+from mimjax.eval import rauc
+from mimjax.eval import spectrum
 
+# Protocols on a checkpoint: fn(run, **options) -> dict of results.
+PROTOCOLS = {
+    'knn': knn.protocol,
+    'linear': linear.protocol,
+    'finetune': finetune.protocol,
+    'attention_distance': attention.protocol,
+    'spectrum': spectrum.protocol,
+    'heterogeneity': heterogeneity.protocol,
+    'reconstruction': pictures.reconstruction,
+    'morphing': pictures.morphing,
+    'moto_layout': pictures.moto_layout,
+}
+# Protocols on a workdir's logged curves (no checkpoint): fn(workdir, **options) -> dict.
+CURVE_PROTOCOLS = {
+    'rauc': rauc.protocol,
+}
+# Option flags: name -> (definer, help). A protocol takes the options its signature names.
+OPTIONS = {
+    'feature': (lambda n, d, h: flags.DEFINE_enum(n, d, features_lib.FEATURES, h),
+                'Image feature (default: config.eval.feature; spectrum: gap | cls).'),
+    'k': (flags.DEFINE_list, 'knn: neighbour counts (default: config.eval.knn_k).'),
+    'base_lrs': (flags.DEFINE_list, 'linear: base lrs of the sweep (default: '
+                 'config.eval.linear.base_lrs).'),
+    'epochs': (flags.DEFINE_integer, 'linear: epochs (default: config.eval.linear.epochs).'),
+    'optimizer': (lambda n, d, h: flags.DEFINE_enum(n, d, linear.OPTIMIZERS, h),
+                  'linear: optimizer (default: config.eval.linear.optimizer).'),
+    'finetune_config': (flags.DEFINE_string, 'finetune: configs/finetune.py argument string '
+                        '(default: model=<the run\'s variant>[,runlocal]).'),
+    'total_steps': (flags.DEFINE_integer, 'finetune: number of steps (default: the recipe\'s).'),
+    'num_images': (flags.DEFINE_integer, 'Analyses and pictures: eval images used.'),
+    'num_groups': (flags.DEFINE_list, 'morphing: numbers of groups drawn.'),
+    'other_workdir': (flags.DEFINE_string, 'rauc: workdir of the baseline run S1.'),
+    'metric': (flags.DEFINE_string, 'rauc: metrics.jsonl key of the curves (default eval_top1).'),
+    'e1': (flags.DEFINE_float, 'rauc: start step E1 (default: where both curves start).'),
+    'e2': (flags.DEFINE_float, 'rauc: end step E2 (default: where both curves end).'),
+}
 
 
 def define_flags():
   """Command-line flags (defined only when run as a program, so importing is side-effect free)."""
   flags.DEFINE_string('workdir', None, 'Workdir of a mimjax.train run.')
-  flags.DEFINE_enum('protocol', 'knn', sorted(PROTOCOLS), 'Evaluation protocol.')
+  flags.DEFINE_enum('protocol', 'knn', sorted({**PROTOCOLS, **CURVE_PROTOCOLS}),
+                    'Evaluation protocol.')
   flags.DEFINE_integer('step', None, 'Checkpoint step (default: latest).')
   flags.DEFINE_bool('compare_random_init', False,
                     'Also evaluate the randomly initialised encoder of the same architecture.')
-  flags.DEFINE_enum('feature', None, features_lib.FEATURES,
-                    'Image feature (default: config.eval.feature).')
-  flags.DEFINE_list('k', None, 'kNN neighbour counts (default: config.eval.knn_k).')
+  for name, (define, help_text) in OPTIONS.items():
+    define(name, None, help_text)
 
 
-def run_knn(run, feature=None, k=None):
-  """kNN top-1 on the eval split with the train split as memory, for every configured k."""
-  config = run.config
-  feature = feature or config.eval.feature
-  ks = [int(v) for v in (k or config.eval.knn_k)]
-  train_x, train_y = features_lib.extract(run, config.data.train_split, feature)
-  test_x, test_y = features_lib.extract(run, config.data.eval_split, feature)
-  top1 = {str(k): knn.knn_top1(train_x, train_y, test_x, test_y, k, config.eval.knn_temperature)
-          for k in ks}
-  return dict(top1=top1[str(ks[0])], top1_by_k=top1, k=ks, feature=feature,
-              temperature=config.eval.knn_temperature, train_examples=len(train_y),
-              test_examples=len(test_y))
-
-
-PROTOCOLS = {
-    'knn': run_knn,
-}
+def _check_options(protocol, fn, options):
+  accepted = set(inspect.signature(fn).parameters) - {'run', 'workdir'}
+  unknown = sorted(set(options) - accepted)
+  if unknown:
+    raise config_lib.ConfigError(f'protocol {protocol!r} takes no option {unknown}; it takes '
+                                 f'{sorted(accepted) or "none"}.')
 
 
 def evaluate(workdir, protocol, step=None, compare_random_init=False, **options):
-  """Runs `protocol` on a workdir's checkpoint; writes and returns DIR/eval_<protocol>.json.
+  """Runs `protocol` on a workdir; writes and returns DIR/eval_<protocol>.json.
 
   `options` go to the protocol function (e.g. feature=, k= for knn).
   """
-  if protocol not in PROTOCOLS:
-    raise config_lib.ConfigError(f'Unknown protocol {protocol!r}; choose one of {sorted(PROTOCOLS)}.')
-  run = loading.load_run(workdir, step)
-  result = dict(protocol=protocol, step=run.step, split=run.config.data.eval_split,
-                **PROTOCOLS[protocol](run, **options))
-  if compare_random_init:
-    result['random_init'] = PROTOCOLS[protocol](
-        loading.load_run(workdir, random_init=True), **options)
+  if protocol in CURVE_PROTOCOLS:
+    _check_options(protocol, CURVE_PROTOCOLS[protocol], options)
+    if compare_random_init:
+      raise config_lib.ConfigError(f'protocol {protocol!r} compares logged curves; it has no '
+                                   'randomly initialised counterpart.')
+    result = dict(protocol=protocol, **CURVE_PROTOCOLS[protocol](workdir, **options))
+  elif protocol in PROTOCOLS:
+    fn = PROTOCOLS[protocol]
+    _check_options(protocol, fn, options)
+    run = loading.load_run(workdir, step)
+    result = dict(protocol=protocol, step=run.step, split=run.config.data.eval_split,
+                  **fn(run, **options))
+    if compare_random_init:
+      result['random_init'] = fn(loading.load_run(workdir, random_init=True), **options)
+  else:
+    raise config_lib.ConfigError(f'Unknown protocol {protocol!r}; choose one of '
+                                 f'{sorted({**PROTOCOLS, **CURVE_PROTOCOLS})}.')
   with open(os.path.join(workdir, f'eval_{protocol}.json'), 'w') as f:
     json.dump(result, f, indent=2)
   return result
+
+
+def _summary(result):
+  """The float results and short float lists, e.g. 'top1=0.7512 aad_per_layer=[0.31 0.42]'."""
+  parts = []
+  for key, value in result.items():
+    if isinstance(value, float) and key not in ('e1', 'e2'):
+      parts.append(f'{key}={value:.4f}')
+    elif (isinstance(value, list) and 0 < len(value) <= 32
+          and all(isinstance(v, float) for v in value)):
+      parts.append(f'{key}=[{" ".join(f"{v:.3f}" for v in value)}]')
+  return ' '.join(parts)
 
 
 def main(argv):
@@ -75,16 +132,17 @@ def main(argv):
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
   f = flags.FLAGS
-  options = {name: f[name].value for name in ('feature', 'k') if f[name].value is not None}
+  options = {name: f[name].value for name in OPTIONS if f[name].value is not None}
   try:
     result = evaluate(f.workdir, f.protocol, f.step, f.compare_random_init, **options)
-  except (config_lib.ConfigError, checkpoint_lib.CheckpointError, sources.DatasetError) as e:
+  except (config_lib.ConfigError, checkpoint_lib.CheckpointError, sources.DatasetError,
+          ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
-  line = f'{f.protocol} top-1 ({result["split"]}, step {result["step"]}): {result["top1"]:.4f}'
+  line = f'{f.protocol} ({f.workdir}, step {result.get("step", "-")}): {_summary(result)}'
   if 'random_init' in result:
-    line += f'   randomly initialised encoder: {result["random_init"]["top1"]:.4f}'
-  print(line)
+    line += f'   randomly initialised encoder: {_summary(result["random_init"])}'
+  print(line + f'\nwrote {os.path.join(f.workdir, f"eval_{f.protocol}.json")}')
 
 
 if __name__ == '__main__':

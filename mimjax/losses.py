@@ -92,3 +92,14 @@ def feature_loss(pred, target, distance='cosine', mask=None, norm_target=False):
   if mask is None:
     return per_token.mean()
   return masked_mean(per_token, mask)
+
+
+def simmim_loss(pred, images, mask, patch_size):
+  """SimMIM reconstruction loss: L1 over the pixels of masked patches.
+
+  Equals SimMIM's sum(|x - x_rec| * pixel_mask) / sum(pixel_mask) / channels, because every patch
+  holds the same number of pixels; `pred` is [B, N, p*p*C] in `patchify` order.
+  """
+  target = patchify(images.astype(jnp.float32), patch_size)
+  per_patch = jnp.mean(jnp.abs(pred.astype(jnp.float32) - target), axis=-1)
+  return masked_mean(per_patch, mask)

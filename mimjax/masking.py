@@ -103,3 +103,30 @@ def block_mask(rng, batch_size, grid_size, mask_ratio=0.4, min_block=16,
     return mask | (rank < remaining)
 
   return jax.vmap(one)(jax.random.split(rng, batch_size))
+
+
+def num_masked_cells(num_cells, mask_ratio):
+  """Static number of masked cells, as SimMIM counts them: ceil(cells * ratio)."""
+  n_mask = math.ceil(num_cells * mask_ratio)
+  if not 0 < n_mask < num_cells:
+    raise ValueError(f'mask ratio {mask_ratio} masks {n_mask} of {num_cells} mask cells; choose '
+                     'a ratio that masks at least one cell and leaves at least one visible.')
+  return n_mask
+
+
+def random_cells(rng, batch_size, grid_size, cell_size, mask_ratio):
+  """SimMIM masking: square cells of `cell_size` x `cell_size` patches, aligned to the patch grid.
+
+  The grid of `grid_size` x `grid_size` patches is covered by ceil(grid / cell)^2 cells starting at
+  the top-left corner; exactly `num_masked_cells` of them are masked per sample. When `cell_size`
+  does not divide `grid_size`, the last row and column of cells are cut at the border, so the
+  number of masked *patches* then varies between samples (the number of masked cells does not).
+
+  Returns mask bool [B, grid_size**2], True for masked patches (row-major, as the ViT's tokens).
+  """
+  cells = -(-grid_size // cell_size)
+  n_mask = num_masked_cells(cells ** 2, mask_ratio)
+  ranks = jnp.argsort(random_permutation(rng, batch_size, cells ** 2), axis=1)
+  cell_mask = (ranks < n_mask).reshape(batch_size, cells, cells)
+  mask = jnp.repeat(jnp.repeat(cell_mask, cell_size, axis=1), cell_size, axis=2)
+  return mask[:, :grid_size, :grid_size].reshape(batch_size, grid_size ** 2)

@@ -1,6 +1,11 @@
-"""Optimizer and learning-rate schedule: AdamW with MAE's weight-decay rules, warmup + cosine."""
+"""Optimizer and learning-rate schedule: AdamW with MAE's weight-decay rules, warmup + cosine,
+and optional layer-wise lr decay (BEiT / MAE fine-tuning)."""
+import re
+
 import jax
 import optax
+
+from mimjax.models import vit
 
 # Parameters never decayed besides 1-D ones (biases, norm scales, layer scales).
 NO_DECAY_NAMES = ('pos_embedding', 'cls', 'mask_token')
@@ -28,12 +33,47 @@ def learning_rate(config):
       decay_steps=max(config.total_steps, warmup + 1), end_value=config.optim.min_lr)
 
 
+def layer_id(path, depth):
+  """Depth of a parameter in the encoder: 0 for the patch/position embeddings and cls token,
+  i + 1 for `encoderblock_i`, depth + 1 for the final norm, the head and everything outside."""
+  name = path_str(path)
+  if not name.startswith('encoder/'):
+    return depth + 1
+  block = re.match(r'encoder/Transformer/encoderblock_(\d+)/', name)
+  if block:
+    return int(block.group(1)) + 1
+  if name.startswith('encoder/Transformer/') or name.startswith('encoder/head/'):
+    return depth + 1
+  return 0  # embedding, pos_embedding, cls, the tokenizer (e.g. MoTo)
+
+
+def layer_decay_factors(params, depth, decay):
+  """Per-parameter lr multipliers decay ** (depth + 1 - layer_id), as BEiT and MAE fine-tune."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: decay ** (depth + 1 - layer_id(path, depth)), params)
+
+
+def scale_by_tree(factors):
+  """Multiplies each update by the matching leaf of `factors` (a tree of floats like params)."""
+  def update(updates, state, params=None):
+    del params
+    return jax.tree_util.tree_map(lambda u, f: u * f, updates, factors), state
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
 def make_optimizer(config, params):
-  """AdamW (decoupled decay on `decay_mask`) with optional global-norm clipping."""
+  """AdamW (decoupled decay on `decay_mask`) with optional global-norm clipping.
+
+  With `optim.layer_decay` < 1 the whole AdamW step of a parameter (weight decay included, as in
+  PyTorch's per-group lr) is scaled by its layer-wise factor.
+  """
   lr = learning_rate(config)
   chain = []
   if config.optim.grad_clip > 0:
     chain.append(optax.clip_by_global_norm(config.optim.grad_clip))
   chain.append(optax.adamw(lr, b1=config.optim.b1, b2=config.optim.b2,
                            weight_decay=config.optim.weight_decay, mask=decay_mask(params)))
+  if config.optim.layer_decay < 1:
+    depth = vit.parse_variant(config.model.variant)['depth']
+    chain.append(scale_by_tree(layer_decay_factors(params, depth, config.optim.layer_decay)))
   return optax.chain(*chain), lr

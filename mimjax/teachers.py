@@ -145,6 +145,7 @@ class CheckpointTeacher(_EncoderTeacher):
     finally:
       ckpt.close()
     restored = jax.tree_util.tree_map(np.asarray, restored)
+    restored.pop('head', None)  # a supervised run's classifier is no part of the teacher's tokens
     if checkpoint_lib.param_shapes(restored) != checkpoint_lib.param_shapes(state):
       raise config_lib.ConfigError(
           f'The encoder in {self.workdir} does not match its config.json (model '

@@ -159,9 +159,12 @@ def train(config, workdir):
   step_fn = train_step_lib.jit_train_step(
       train_step_lib.make_train_step(framework, tx, lr_schedule, config.optim.accum_steps),
       state_sharding, mesh)
-  vis_fn = jax.jit(lambda s, b: framework.forward(s.params, s.model_state, b,
-                                                  jax.random.PRNGKey(0), False)[2])
-  eval_fn = jax.jit(framework.eval_metrics)
+  # Replicated outputs, so every host can read them (a batch-sharded array spans other hosts).
+  replicated = sharding.replicated(mesh)
+  vis_fn = jax.jit(lambda s, b: (framework.forward(s.params, s.model_state, b,
+                                                   jax.random.PRNGKey(0), False)[2], b),
+                   out_shardings=replicated)
+  eval_fn = jax.jit(framework.eval_metrics, out_shardings=replicated)
   vis_batch = None
   batch_sharding = sharding.batch_sharding(mesh)
   writer = metrics_writer.MetricsWriter(workdir, config.total_steps, start_step,
@@ -202,8 +205,8 @@ def train(config, workdir):
           interval_sum, interval_steps, interval_start = None, 0, time.time()
         images_every = config.log.images_every_steps
         if images_every and (step % images_every == 0 or is_last):
-          for name, image in framework.visualize(vis_fn(state, vis_batch),
-                                                 jax.device_get(vis_batch)).items():
+          outputs, host_batch = jax.device_get(vis_fn(state, vis_batch))
+          for name, image in framework.visualize(outputs, host_batch).items():
             writer.write_image(name, step, np.asarray(jax.device_get(image)))
         if save_now:
           ckpt.save(step, state, _meta(config, state.params, step))

@@ -3,6 +3,8 @@ import os
 
 import numpy as np
 
+from mimjax import losses
+
 # Distinct colours for the entities of a MoTo layout (Fig. 5 of Qian et al.); cycled beyond 12.
 PALETTE = np.array([
     (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
@@ -23,8 +25,14 @@ def image_grid(columns, data_config, max_rows=8, pad=2):
   return uint8_grid([to_uint8(c[:max_rows], data_config) for c in columns], pad)
 
 
-def uint8_grid(columns, pad=2):
-  """Lays out uint8 [B, H, W, C] columns (C = 1 or 3) on a white uint8 [.., .., 3] canvas."""
+def uint8_grid(columns, pad=2, min_tile=96):
+  """Lays out uint8 [B, H, W, C] columns (C = 1 or 3) on a white uint8 [.., .., 3] canvas.
+
+  Small tiles (e.g. 28 px Fashion-MNIST) are enlarged by an integer factor (nearest neighbour, so
+  patch boundaries stay sharp) until they are at least `min_tile` pixels tall.
+  """
+  scale = max(1, -(-min_tile // columns[0].shape[1]))
+  columns = [np.repeat(np.repeat(np.asarray(c), scale, axis=1), scale, axis=2) for c in columns]
   rows, h, w, _ = columns[0].shape
   grid = np.full((rows * (h + pad) + pad, len(columns) * (w + pad) + pad, 3), 255, np.uint8)
   for j, col in enumerate(columns):
@@ -37,42 +45,65 @@ def uint8_grid(columns, pad=2):
   return grid
 
 
+def reconstruction_grid(images, pred, mask, patch_size, data_config):
+  """Original | masked input | reconstruction | reconstruction with the visible patches pasted.
+
+  images: [B, H, W, C]; pred: [B, N, p*p*C] in the images' (normalised) pixel space, `patchify`
+  order; mask: bool [B, N], True for masked patches (shown grey in the input column).
+  """
+  images = np.asarray(images, np.float32)
+  pred = np.asarray(pred, np.float32)
+  mask = np.asarray(mask)[..., None]
+  target = losses.patchify(images, patch_size)
+  to_image = lambda p: losses.unpatchify(p, patch_size, images.shape[-1])  # noqa: E731
+  columns = [images, to_image(np.where(mask, np.nan, target)), to_image(pred),
+             to_image(np.where(mask, pred, target))]
+  return image_grid(columns, data_config)
+
 def layout_colours(layout):
   """Soft layout [..., H, W, n] -> uint8 [..., H, W, 3]: pixels coloured by their argmax entity."""
   return PALETTE[np.argmax(np.asarray(layout), axis=-1) % len(PALETTE)]
 
 
-def moto_layout_png(workdir, out_path, num_images=8, step=None):
-  """Writes MoTo's learned soft layout over held-out images (paper Fig. 5) as a PNG.
+def moto_layout_grid(config, encoder_params, images):
+  """uint8 grid of MoTo's soft layout over normalised `images` [B, H, W, C] (paper Fig. 5).
 
-  Rows: images of `config.data.eval_split`; columns: image | argmax entity colour map | overlay.
-  Reads WORKDIR/config.json and the checkpoint at `step` (default: latest). Returns `out_path`.
+  Rows: images; columns: image | argmax entity colour map | overlay.
   """
   # pylint: disable=g-import-not-at-top
   import jax
-  from PIL import Image
-  from mimjax import checkpoint
   from mimjax import config_lib
-  from mimjax.data import pipeline
   from mimjax.models import vit
   # pylint: enable=g-import-not-at-top
-  with open(os.path.join(workdir, 'config.json')) as f:
-    config = config_lib.from_json(f.read())
   if config.model.tokenizer_norm != 'moto':
-    raise config_lib.ConfigError(f'{workdir} holds a model with model.tokenizer_norm='
+    raise config_lib.ConfigError(f'The run has model.tokenizer_norm='
                                  f'{config.model.tokenizer_norm!r}; the layout needs "moto".')
-  params = checkpoint.restore_params(workdir, step)['encoder']
-  batch = next(pipeline.eval_batches(config, config.data.eval_split, num_images,
-                                     process_index=0, process_count=1))
-  images = batch['image']
   model = vit.ViT(**vit.encoder_kwargs(config.model, config.data.image_size))
-  _, state = model.apply({'params': params}, images, mutable=['intermediates'])
+  _, state = model.apply({'params': encoder_params}, images, mutable=['intermediates'])
   layout = np.asarray(jax.device_get(state['intermediates']['tokenizer']['moto']['layout'][0]))
   pixels = to_uint8(images, config.data)
   if pixels.shape[-1] == 1:
     pixels = np.repeat(pixels, 3, axis=-1)
   colours = layout_colours(layout)
   overlay = (0.5 * pixels + 0.5 * colours).round().astype(np.uint8)
-  grid = uint8_grid([pixels, colours, overlay])
-  Image.fromarray(grid).save(out_path)
+  return uint8_grid([pixels, colours, overlay])
+
+
+def moto_layout_png(workdir, out_path, num_images=8, step=None):
+  """Writes MoTo's learned soft layout over held-out images (paper Fig. 5) as a PNG.
+
+  Reads WORKDIR/config.json and the checkpoint at `step` (default: latest). Returns `out_path`.
+  """
+  # pylint: disable=g-import-not-at-top
+  from PIL import Image
+  from mimjax import checkpoint
+  from mimjax import config_lib
+  from mimjax.data import pipeline
+  # pylint: enable=g-import-not-at-top
+  with open(os.path.join(workdir, 'config.json')) as f:
+    config = config_lib.from_json(f.read())
+  params = checkpoint.restore_params(workdir, step)['encoder']
+  batch = next(pipeline.eval_batches(config, config.data.eval_split, num_images,
+                                     process_index=0, process_count=1))
+  Image.fromarray(moto_layout_grid(config, params, batch['image'])).save(out_path)
   return out_path

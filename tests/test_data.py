@@ -95,3 +95,12 @@ def test_unknown_dataset_and_split_name_the_fix(config):
     config.data.train_split = 'validation'
   with pytest.raises(sources.DatasetError, match='has no split'):
     next(pipeline.train_batches(config, 0, 0, 1))
+
+
+def test_every_host_yields_the_same_number_of_eval_batches(config):
+  # 129 examples over 2 hosts: 65 and 64, i.e. 2 and 1 batches of 64 without equalising.
+  counts = []
+  for host in range(2):
+    batches = list(pipeline.eval_batches(config, 'test[:129]', 64, host, 2))
+    counts.append((len(batches), sum(int(b['valid'].sum()) for b in batches)))
+  assert counts == [(2, 65), (2, 64)]

@@ -73,21 +73,28 @@ def eval_batches(config, split, batch_size, process_index=None, process_count=No
   """One pass over this host's part of `split`, centre-cropped, in fixed-size batches.
 
   The last batch is padded to `batch_size`; `valid` (bool [batch]) marks the real examples, so
-  every batch has the same shape and evaluation compiles once.
+  every batch has the same shape and evaluation compiles once. Every host yields the same number
+  of batches (hosts with fewer examples add all-invalid ones), so collectives never wait on a host
+  that has finished.
   """
   process_index = jax.process_index() if process_index is None else process_index
   process_count = process_count or jax.process_count()
-  ds, image_feature, num_examples = _raw_split(config, split, process_index, process_count)
+  ds, image_feature, _ = _raw_split(config, split, process_index, process_count)
   process = _augmenter(config, 'center', image_feature)
   ds = ds.enumerate().map(lambda i, ex: process(i, ex, 0), num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(batch_size).prefetch(2)
+  host_sizes = [num_examples(config, s) for s in tfds.even_splits(split, n=process_count)]
+  num_batches = -(-max(host_sizes) // batch_size)
+  pad = lambda v, n: np.concatenate([v, np.zeros((n,) + v.shape[1:], v.dtype)])  # noqa: E731
+  batch = None
   for batch in ds.as_numpy_iterator():
     n = len(batch['image'])
+    batch = {k: pad(v, batch_size - n) for k, v in batch.items()}
     batch['valid'] = np.arange(batch_size) < n
-    if n < batch_size:
-      batch = {k: (v if k == 'valid' else np.concatenate(
-          [v, np.zeros((batch_size - n,) + v.shape[1:], v.dtype)])) for k, v in batch.items()}
+    num_batches -= 1
     yield batch
+  for _ in range(num_batches):  # this host ran out first
+    yield {k: np.zeros_like(v) for k, v in batch.items()}
 
 
 def num_examples(config, split):

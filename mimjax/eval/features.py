@@ -20,25 +20,42 @@ def select_feature(encoded, feature):
   raise ValueError(f'Unknown feature {feature!r}; choose one of {FEATURES}.')
 
 
-def extract(run, split, feature='pooled', mesh=None):
-  """(features float32 [n, D], labels int32 [n]) of this host's part of `split`."""
+def map_batches(run, split, fn, max_examples=None, mesh=None):
+  """Yields (host outputs of jitted `fn(params, images)`, valid mask) over this host's `split`.
+
+  `fn` maps a fixed-shape padded batch to arrays with the batch as leading axis; at most
+  `max_examples` valid examples are visited (a subset for analyses).
+  """
   config = run.config
-  if feature == 'cls' and not config.model.cls_token:
-    raise ValueError('feature "cls" needs a model with a cls token; use "gap".')
   mesh = mesh or sharding.make_mesh(config.mesh)
   batch_size = config.eval.batch_size
   sharding.check_batch_divides(batch_size, mesh, 'eval.batch_size')
+  batch_sharding = sharding.batch_sharding(mesh)
+  jitted = jax.jit(fn)
+  seen = 0
+  for batch in pipeline.eval_batches(config, split, batch_size):
+    if max_examples is not None and seen >= max_examples:
+      return
+    valid = batch['valid']
+    if max_examples is not None:
+      valid = valid & (np.arange(batch_size) < max_examples - seen)
+    seen += int(valid.sum())
+    images = jax.make_array_from_process_local_data(batch_sharding, batch['image'])
+    yield jax.device_get(jitted(run.params, images)), valid, batch
+
+
+def extract(run, split, feature='pooled', mesh=None):
+  """(features float32 [n, D], labels int32 [n]) of this host's part of `split`."""
+  if feature == 'cls' and not run.config.model.cls_token:
+    raise ValueError('feature "cls" needs a model with a cls token; use "gap".')
   encoder = run.framework.build_encoder()
 
-  @jax.jit
   def embed(params, images):
-    return select_feature(encoder.apply({'params': params}, images), feature).astype(jnp.float32)
+    encoded = encoder.apply({'params': params['encoder']}, images)
+    return select_feature(encoded, feature).astype(jnp.float32)
 
   feats, labels = [], []
-  batch_sharding = sharding.batch_sharding(mesh)
-  for batch in pipeline.eval_batches(config, split, batch_size):
-    images = jax.make_array_from_process_local_data(batch_sharding, batch['image'])
-    out = np.asarray(jax.device_get(embed(run.params['encoder'], images)))
-    feats.append(out[batch['valid']])
-    labels.append(batch['label'][batch['valid']])
+  for out, valid, batch in map_batches(run, split, embed, mesh=mesh):
+    feats.append(np.asarray(out)[valid])
+    labels.append(batch['label'][valid])
   return np.concatenate(feats), np.concatenate(labels).astype(np.int32)

@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mimjax.eval import features as features_lib
+
 
 @functools.partial(jax.jit, static_argnames=('k', 'num_classes'))
 def _predict_chunk(test, train, train_labels, k, num_classes, temperature):
@@ -43,3 +45,18 @@ def knn_top1(train_feats, train_labels, test_feats, test_labels, k, temperature=
   num_classes = int(max(np.max(train_labels), np.max(test_labels))) + 1
   scores = knn_scores(train_feats, train_labels, test_feats, k, temperature, num_classes)
   return float(np.mean(scores.argmax(axis=1) == np.asarray(test_labels)))
+
+
+def protocol(run, feature=None, k=None):
+  """kNN top-1 on the eval split with the train split as memory, for every k (default
+  config.eval.knn_k = (20, 200)); `top1` is the first k's."""
+  config = run.config
+  feature = feature or config.eval.feature
+  ks = [int(v) for v in (k or config.eval.knn_k)]
+  train_x, train_y = features_lib.extract(run, config.data.train_split, feature)
+  test_x, test_y = features_lib.extract(run, config.data.eval_split, feature)
+  top1 = {str(k): knn_top1(train_x, train_y, test_x, test_y, k, config.eval.knn_temperature)
+          for k in ks}
+  return dict(top1=top1[str(ks[0])], top1_by_k=top1, k=ks, feature=feature,
+              temperature=config.eval.knn_temperature, train_examples=len(train_y),
+              test_examples=len(test_y))

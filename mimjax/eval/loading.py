@@ -20,6 +20,14 @@ class Run:
   params: Any
   model_state: Any
   step: int  # 0 for a randomly initialised model
+  workdir: str
+  random_init: bool = False
+
+  def output_path(self, name):
+    """WORKDIR/eval_<name> for files a protocol writes; '_random_init' marks the baseline's."""
+    stem, ext = os.path.splitext(name)
+    return os.path.join(self.workdir,
+                        f'eval_{stem}{"_random_init" if self.random_init else ""}{ext}')
 
 
 def read_config(workdir):
@@ -45,7 +53,7 @@ def load_run(workdir, step=None, random_init=False, mesh=None):
   shardings = train_step_lib.state_shardings(abstract_state, mesh, config.mesh)
   if random_init:
     state = jax.jit(init_fn, out_shardings=shardings)()
-    return Run(config, framework, state.params, state.model_state, 0)
+    return Run(config, framework, state.params, state.model_state, 0, workdir, True)
   ckpt = checkpoint_lib.Checkpointer(workdir, async_save=False)
   try:
     step = ckpt.latest_step() if step is None else step
@@ -55,4 +63,4 @@ def load_run(workdir, step=None, random_init=False, mesh=None):
     state = ckpt.restore(step, train_step_lib.with_shardings(abstract_state, shardings))
   finally:
     ckpt.close()
-  return Run(config, framework, state.params, state.model_state, int(step))
+  return Run(config, framework, state.params, state.model_state, int(step), workdir)

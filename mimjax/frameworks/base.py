@@ -78,13 +78,19 @@ class Framework(abc.ABC):
   # The `eval_metrics` key whose maximum marks the best evaluation; empty without eval_metrics.
   best_metric: str = ''
 
+  # Where a learned mask token stands in for masked patches ('encoder', 'decoder'), for plug-ins
+  # that work on mask tokens (MTO); their per-layer tokens come with the matching capture.
+  mask_token_at: Tuple[str, ...] = ()
+
   @classmethod
   def check_config(cls, config):
-    """Raises config_lib.ConfigError when the framework cannot work with this config."""
+    """Raises config_lib.ConfigError on settings this framework cannot work with."""
     del config
 
-  def __init__(self, config, plugins=()):
+  def __init__(self, config, plugins=(), captures=()):
+    """`captures`: intermediates (CAPTURES) to record besides the plug-ins' (for analyses)."""
     self.config = config
+    self.extra_captures = frozenset(captures)
     self.image_size = config.data.image_size
     self.encoder_kwargs = vit.encoder_kwargs(config.model, self.image_size)
     self.patch_size = self.encoder_kwargs['patch_size']
@@ -93,7 +99,7 @@ class Framework(abc.ABC):
 
   @property
   def captures(self):
-    return {c for p in self.plugins for c in p.captures}
+    return {c for p in self.plugins for c in p.captures} | self.extra_captures
 
   def build_encoder(self, **overrides):
     """The mimjax ViT of this config (the module stored under params['encoder'])."""

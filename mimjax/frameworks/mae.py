@@ -32,6 +32,7 @@ class MAEModel(nn.Module):
 class MAE(teachers.WithTeacher, base.Framework):
   """Masked autoencoder with per-patch (optionally normalised) pixel or teacher-token targets."""
   name = 'mae'
+  mask_token_at = ('decoder',)
 
   def build_model(self):
     mae = self.config.mae
@@ -99,15 +100,11 @@ class MAE(teachers.WithTeacher, base.Framework):
     if self.teacher is not None:
       return {}
     images = batch['image'].astype(jnp.float32)
-    target = losses.patchify(images, self.patch_size)
     pred = outputs['decoder']['pred']
     if self.config.mae.norm_pix_loss:  # undo the per-patch normalisation with the true statistics
+      target = losses.patchify(images, self.patch_size)
       mean = target.mean(-1, keepdims=True)
       std = jnp.sqrt(target.var(-1, keepdims=True, ddof=1) + 1e-6)
       pred = pred * std + mean
-    mask = outputs['mask'][..., None]
-    channels = images.shape[-1]
-    to_image = lambda p: losses.unpatchify(p, self.patch_size, channels)  # noqa: E731
-    columns = [images, to_image(jnp.where(mask, jnp.nan, target)), to_image(pred),
-               to_image(jnp.where(mask, pred, target))]
-    return {'reconstruction': visualize.image_grid(columns, self.config.data)}
+    return {'reconstruction': visualize.reconstruction_grid(images, pred, outputs['mask'],
+                                                            self.patch_size, self.config.data)}

@@ -1,4 +1,7 @@
-"""Start a fresh run from PyTorch weights: `config.init.checkpoint` + `config.init.format`.
+"""Start a fresh run from saved weights: `config.init.checkpoint` + `config.init.format`.
+
+PyTorch files (timm, official MAE) or the encoder of another mimjax run (format 'mimjax', the
+checkpoint being its workdir: fine-tuning a pre-trained encoder).
 
 `load(config, abstract_params)` reads the file, checks that the config describes the same
 architecture (naming the config key to change when it does not), and returns the subtree of
@@ -8,6 +11,7 @@ random initialisation and are reported.
 """
 import jax
 
+from mimjax import checkpoint as checkpoint_lib
 from mimjax import config_lib
 from mimjax import optim
 from mimjax.interop import mae as mae_lib
@@ -79,6 +83,24 @@ def _select(config, params, mae):
   return selected, notes
 
 
+def _read_mimjax(config):
+  """(params, notes): the encoder of the mimjax workdir `config.init.checkpoint`, head dropped
+  unless it has `config.model.num_classes` outputs."""
+  step = None if config.init.step < 0 else config.init.step
+  try:
+    encoder = dict(checkpoint_lib.restore_params(config.init.checkpoint, step)['encoder'])
+  except checkpoint_lib.CheckpointError as e:
+    raise config_lib.ConfigError(f'config.init.checkpoint={config.init.checkpoint!r} (format '
+                                 f'mimjax, a workdir): {e}') from e
+  notes = []
+  head = encoder.pop('head', None)
+  if head is not None and config.model.num_classes == head['bias'].shape[0]:
+    encoder['head'] = head
+  elif config.model.num_classes:
+    notes.append(f'the classifier head ({config.model.num_classes} classes) starts random')
+  return {'encoder': encoder}, notes
+
+
 def _flat_shapes(tree):
   return {optim.path_str(path): tuple(leaf.shape)
           for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
@@ -86,12 +108,16 @@ def _flat_shapes(tree):
 
 def load(config, abstract_params):
   """Params (numpy) to replace in a fresh run's initial params; prints what starts random."""
-  try:
-    params, arch, mae = _read(config)
-  except timm_lib.InteropError as e:
-    raise config_lib.ConfigError(f'config.init.checkpoint={config.init.checkpoint!r}: {e}') from e
-  _check_arch(config, arch)
-  selected, notes = _select(config, params, mae)
+  if config.init.format == 'mimjax':
+    selected, notes = _read_mimjax(config)
+  else:
+    try:
+      params, arch, mae = _read(config)
+    except timm_lib.InteropError as e:
+      raise config_lib.ConfigError(
+          f'config.init.checkpoint={config.init.checkpoint!r}: {e}') from e
+    _check_arch(config, arch)
+    selected, notes = _select(config, params, mae)
   have, want = _flat_shapes(selected), _flat_shapes(abstract_params)
   wrong = sorted(k for k in have if want.get(k) != have[k])
   missing = sorted(k for k in want if k.startswith('encoder/') and k not in have

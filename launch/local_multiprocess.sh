@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# N local processes of one multi-process mimjax run (CPU gloo collectives, or one GPU each).
+#
+#   launch/local_multiprocess.sh [--dry-run] NUM_PROCESSES TRAIN_FLAGS...
+#   launch/local_multiprocess.sh 2 --config configs/mae.py:runlocal --workdir /tmp/mae2
+#
+# Every process gets MIMJAX_COORDINATOR (a free localhost port), MIMJAX_NUM_PROCESSES and
+# MIMJAX_PROCESS_ID, which mimjax.distributed passes to jax.distributed.initialize. Process i
+# logs to $LOG_DIR/process_i.log (LOG_DIR defaults to the current directory). The script waits
+# for all processes and fails if any fails. --dry-run (or DRY_RUN=1) prints the commands only.
+set -euo pipefail
+
+DRY_RUN="${DRY_RUN:-0}"
+if [[ "${1:-}" == "--dry-run" ]]; then
+  DRY_RUN=1
+  shift
+fi
+if [[ $# -lt 1 || ! "$1" =~ ^[1-9][0-9]*$ ]]; then
+  echo "usage: $0 [--dry-run] NUM_PROCESSES TRAIN_FLAGS..." >&2
+  exit 2
+fi
+num_processes="$1"
+shift
+PYTHON="${PYTHON:-python}"
+LOG_DIR="${LOG_DIR:-.}"
+port="$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+coordinator="127.0.0.1:${port}"
+
+pids=()
+# Stopping the launcher stops the whole run.
+trap 'kill "${pids[@]}" 2>/dev/null || true; exit 130' INT TERM
+
+for ((i = 0; i < num_processes; i++)); do
+  cmd=(env "MIMJAX_COORDINATOR=${coordinator}" "MIMJAX_NUM_PROCESSES=${num_processes}"
+       "MIMJAX_PROCESS_ID=${i}" "$PYTHON" -m mimjax.train "$@")
+  if [[ "$DRY_RUN" == 1 ]]; then
+    printf '%q ' "${cmd[@]}"
+    printf '> %q\n' "${LOG_DIR}/process_${i}.log"
+  else
+    mkdir -p "$LOG_DIR"
+    "${cmd[@]}" > "${LOG_DIR}/process_${i}.log" 2>&1 &
+    pids+=("$!")
+  fi
+done
+
+status=0
+for i in "${!pids[@]}"; do
+  if ! wait "${pids[$i]}"; then
+    echo "process ${i} failed; see ${LOG_DIR}/process_${i}.log" >&2
+    status=1
+  fi
+done
+exit "$status"

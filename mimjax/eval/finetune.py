@@ -1,0 +1,53 @@
+"""Fine-tuning protocol: the supervised trainer on `configs/finetune.py`, started from the run.
+
+The recipe (layer-wise lr decay, drop path, mixup, cutmix, label smoothing, warmup + cosine) comes
+from `configs/finetune.py`; the architecture and data come from the pre-training run, and the
+encoder is initialised from its checkpoint (`init.format='mimjax'`). Training writes into
+WORKDIR/finetune (WORKDIR/finetune_random_init for the baseline), so a second call resumes.
+"""
+import json
+import os
+
+from configs import finetune as finetune_config_lib
+from mimjax import train
+
+# Pre-training fields the fine-tuning run must share (the encoder's shape and the data).
+SHARED = ('model.variant', 'model.posemb', 'model.cls_token', 'model.layerscale',
+          'model.tokenizer_norm', 'model.moto', 'data.name', 'data.data_dir', 'data.train_split',
+          'data.eval_split', 'data.image_size', 'data.channels', 'data.mean', 'data.std', 'seed')
+
+
+def derive_config(run, recipe=None, total_steps=None):
+  """The fine-tuning config of `run`: `recipe` (an argument string of configs/finetune.py,
+  default model=<the run's variant>, plus runlocal for a Fashion-MNIST run) with SHARED fields
+  copied from the run and the encoder initialised from its checkpoint at `run.step`."""
+  pre = run.config
+  if recipe is None:
+    runlocal = ',runlocal' if pre.data.name == 'fashion_mnist' else ''
+    recipe = f'model={pre.model.variant}{runlocal}'
+  config = finetune_config_lib.get_config(recipe)
+  with config.unlocked():
+    for key in SHARED:
+      section, _, field = key.rpartition('.')
+      (config[section] if section else config)[field] = (pre[section] if section else pre)[field]
+    config.init.checkpoint = '' if run.random_init else os.path.abspath(run.workdir)
+    config.init.step = run.step
+    if total_steps:
+      config.total_steps = int(total_steps)
+      config.eval.every_steps = min(config.eval.every_steps, config.total_steps)
+      config.checkpoint.every_steps = min(config.checkpoint.every_steps, config.total_steps)
+  return config
+
+
+def protocol(run, finetune_config=None, total_steps=None):
+  """Fine-tunes the encoder end to end; final / best held-out top-1 of the supervised run."""
+  config = derive_config(run, finetune_config, total_steps)
+  workdir = os.path.join(run.workdir, 'finetune_random_init' if run.random_init else 'finetune')
+  config.log.progress_bar = False
+  train.train(config, workdir)
+  with open(os.path.join(workdir, 'eval_supervised.json')) as f:
+    record = json.load(f)
+  return dict(top1=record['final']['top1'], top5=record['final']['top5'],
+              best_top1=record['best']['top1'], best_step=record['best']['step'],
+              steps=config.total_steps, layer_decay=config.optim.layer_decay,
+              finetune_workdir=workdir)

@@ -1,0 +1,43 @@
+"""Figures of the analyses, drawn with matplotlib's Agg backend (no display needed)."""
+import numpy as np
+
+
+def _pyplot():
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
+
+
+def per_layer_heads(values, path, ylabel, title):
+  """values [layers, heads]: one dot per head, the head mean as a line, layers on the x axis."""
+  plt = _pyplot()
+  values = np.asarray(values)
+  layers = np.arange(1, values.shape[0] + 1)
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  for h in range(values.shape[1]):
+    ax.scatter(layers, values[:, h], s=12, alpha=0.6)
+  ax.plot(layers, values.mean(axis=1), color='black', label='mean over heads')
+  ax.set(xlabel='layer', ylabel=ylabel, title=title, xticks=layers)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
+def curves(ys, labels, path, xlabel, ylabel, title, log_y=False, xs=None):
+  """One line per entry of ys (each [n]) with its label."""
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  for i, (y, label) in enumerate(zip(ys, labels)):
+    x = np.arange(len(y)) if xs is None else xs[i]
+    ax.plot(x, y, label=label)
+  if log_y:
+    ax.set_yscale('log')
+  ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+  ax.legend(fontsize='small')
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path

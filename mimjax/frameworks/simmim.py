@@ -1,0 +1,89 @@
+"""SimMIM (Xie et al., 2022): mask tokens replace random square cells of patches in the encoder; a
+linear head regresses the raw pixels of every patch, and an L1 loss scores the masked ones."""
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mimjax import config_lib
+from mimjax import losses
+from mimjax import masking
+from mimjax.frameworks import base
+from mimjax.models import vit
+
+
+class SimMIMModel(nn.Module):
+  """Encoder with mask-token substitution + per-token linear pixel head.
+
+  Params: encoder/..., mask_token [1, 1, width] (top level), head/{kernel, bias}.
+  """
+  encoder: vit.ViT
+  out_dim: int  # p * p * C pixels per patch
+
+  @nn.compact
+  def __call__(self, images, mask, train=False, capture=frozenset()):
+    mask_token = self.param('mask_token', nn.initializers.normal(0.02), (1, 1, self.encoder.width))
+    enc = self.encoder(images, mask=mask, mask_token=mask_token, train=train,
+                       capture_layers='encoder_layers' in capture,
+                       capture_attention='encoder_attention' in capture)
+    pred = nn.Dense(self.out_dim, dtype=self.encoder.dtype, kernel_init=vit.xavier,
+                    name='head')(enc['patch_tokens'])
+    return enc, pred.astype(jnp.float32)
+
+
+class SimMIM(base.Framework):
+  """Inpainting-style MIM: the encoder sees every position, masked ones as the mask token."""
+  name = 'simmim'
+  mask_token_at = ('encoder',)
+  param_keys = ('encoder', 'mask_token', 'head')
+
+  @classmethod
+  def check_config(cls, config):
+    patch = vit.parse_variant(config.model.variant)['patch_size']
+    cell = config.simmim.mask_patch_size
+    if cell <= 0 or cell % patch:
+      raise config_lib.ConfigError(
+          f'config.simmim.mask_patch_size={cell} must be a positive multiple of the patch size '
+          f'{patch} of model {config.model.variant!r} (SimMIM masks whole patches).')
+    cells = math.ceil(config.data.image_size / cell) ** 2
+    try:
+      masking.num_masked_cells(cells, config.simmim.mask_ratio)
+    except ValueError as e:
+      raise config_lib.ConfigError(f'config.simmim.mask_ratio: {e}') from e
+
+  def build_model(self):
+    return SimMIMModel(self.build_encoder(),
+                       out_dim=self.patch_size ** 2 * self.config.data.channels)
+
+  @property
+  def grid_size(self):
+    return self.image_size // self.patch_size
+
+  def sample_mask(self, rng, batch_size):
+    """bool [B, N], True where the mask token replaces the patch."""
+    return masking.random_cells(rng, batch_size, self.grid_size,
+                                self.config.simmim.mask_patch_size // self.patch_size,
+                                self.config.simmim.mask_ratio)
+
+  def init_model(self, rng, batch):
+    images = batch['image']
+    mask = self.sample_mask(jax.random.PRNGKey(0), images.shape[0])
+    return self.model.init(rng, images, mask)['params']
+
+  def forward(self, params, model_state, batch, rng, train):
+    del model_state
+    mask_rng, drop_rng = jax.random.split(rng)
+    images = batch['image']
+    mask = self.sample_mask(mask_rng, images.shape[0])
+    model_params = {k: params[k] for k in self.param_keys}
+    enc, pred = self.model.apply({'params': model_params}, images, mask, train,
+                                 frozenset(self.captures), rngs={'dropout': drop_rng})
+    loss = losses.simmim_loss(pred, images, mask, self.patch_size)
+    return loss, {}, dict(encoder=enc, pred=pred, mask=mask)
+
+  def visualize(self, outputs, batch):
+    """Original | masked input | reconstruction | reconstruction with visible patches pasted."""
+    from mimjax import visualize  # pylint: disable=g-import-not-at-top
+    return {'reconstruction': visualize.reconstruction_grid(
+        batch['image'], outputs['pred'], outputs['mask'], self.patch_size, self.config.data)}

@@ -1,0 +1,154 @@
+"""MTO, Masked Token Optimization (Choi et al., "Emerging Property of Masked Token for Effective
+Pre-training"): entropy losses on the affinity between masked and visible tokens.
+
+Notation: x [B, N, D] token features of one layer (patch tokens only, no cls), mask bool [B, N]
+True for masked positions (the ones holding the mask token at layer 0). Every quantity is computed
+in float32, per image, then averaged over the batch; masks keep all shapes static under jit.
+
+Choices the paper leaves open:
+- Affinities are dot products of layer-normalised features (zero mean, unit variance per token,
+  no learned scale) divided by tau = sqrt(D). The paper writes psi(X_M X_V^T) with raw features
+  and no temperature; raw features make the entropies depend on the feature scale, which the
+  losses could then trivially exploit. Both the normalisation and tau are configurable.
+- L_spa's affinity psi(X X^T) includes each token's similarity to itself, as printed.
+- Eq. (3) sums row entropies over visible rows; here they are averaged (as H averages over masked
+  rows), so the term does not scale with the number of visible tokens.
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+
+from mimjax import config_lib
+from mimjax.frameworks import base
+
+RANKINGS = ('decrease', 'printed')
+
+
+def row_entropy(logits, valid):
+  """Entropy of softmax(logits) over the columns where `valid` (broadcastable) is True.
+
+  Uses H = logsumexp(z) - sum_j p_j z_j, which has finite gradients when some p_j are zero.
+  """
+  logits = logits.astype(jnp.float32)
+  valid = jnp.broadcast_to(valid, logits.shape)
+  masked = jnp.where(valid, logits, jnp.finfo(jnp.float32).min)
+  lse = jax.nn.logsumexp(masked, axis=-1)
+  p = jax.nn.softmax(masked, axis=-1)
+  return lse - jnp.sum(p * jnp.where(valid, logits, 0.0), axis=-1)
+
+
+def affinity_logits(x, tau=None, layer_norm=True):
+  """Token-by-token logits X X^T / tau, [B, N, N] in float32; tau defaults to sqrt(D)."""
+  x = x.astype(jnp.float32)
+  if layer_norm:
+    x = (x - x.mean(-1, keepdims=True)) * jax.lax.rsqrt(x.var(-1, keepdims=True) + 1e-6)
+  tau = tau or math.sqrt(x.shape[-1])
+  return jnp.einsum('bnd,bmd->bnm', x, x) / tau
+
+
+def _mean_over_rows(values, rows):
+  """Per image mean of values [B, N] over `rows` [B, N], then the batch mean."""
+  rows = rows.astype(jnp.float32)
+  return jnp.mean(jnp.sum(values * rows, -1) / jnp.maximum(rows.sum(-1), 1.0))
+
+
+def heterogeneity(x, mask, tau=None, layer_norm=True):
+  """Eq. (2): mean over masked rows of the entropy of the softmax over visible tokens.
+
+  High H: masked tokens are equally (un)related to all visible tokens; at most log(#visible).
+  """
+  logits = affinity_logits(x, tau, layer_norm)
+  entropy = row_entropy(logits, ~mask[:, None, :])
+  return _mean_over_rows(entropy, mask)
+
+
+def sparsity_loss(x, mask, tau=None, layer_norm=True):
+  """L_spa, eq. (3): mean over visible rows of the entropy of the softmax over all tokens.
+
+  Minimal (zero) when every visible token puts all its weight on one token; the paper's
+  supplementary proof shows the minimum is reached with that weight on a visible token, so that
+  visible tokens stop aggregating the semantically void mask tokens.
+  """
+  logits = affinity_logits(x, tau, layer_norm)
+  entropy = row_entropy(logits, True)
+  return _mean_over_rows(entropy, ~mask)
+
+
+def distinctiveness_loss(h0, eps=1e-6):
+  """L_e, eq. (4): 1 / (H^0 + eps), minimised by making layer-0 masked tokens distinct."""
+  return 1.0 / (h0 + eps)
+
+
+def ranking_loss(hs, form='decrease'):
+  """L_r, eq. (5), over consecutive heterogeneities hs [L + 1] (layer 0 first).
+
+  form='decrease' (default) sums softplus(H^l - H^{l-1}): it penalises heterogeneity that grows
+  with depth, which is what the paper's text, Fig. 1 and its ablation ("all heterogeneity
+  converges to zero" when L_r is used alone) describe. form='printed' sums
+  softplus(H^{l-1} - H^l), eq. (5) as printed, which is minimised by *increasing* H with depth and
+  so contradicts the text; it is kept for comparison.
+  """
+  if form not in RANKINGS:
+    raise ValueError(f'ranking form must be one of {RANKINGS}, not {form!r}')
+  diff = hs[1:] - hs[:-1]
+  return jnp.sum(jax.nn.softplus(diff if form == 'decrease' else -diff))
+
+
+class MTO(base.Plugin):
+  """Adds lambda_spa * L_spa + lambda_e * L_e + lambda_r * L_r on the framework's mask-token site.
+
+  Reads the per-layer tokens of the encoder (SimMIM) or of the MAE decoder (`mto.where`): layer 0
+  is the input of the first block (mask tokens substituted, position embeddings added), layers
+  1..L the block outputs. Logs every layer's heterogeneity as `mto_H{l}`.
+  """
+  name = 'mto'
+
+  def __init__(self, config, framework):
+    super().__init__(config, framework)
+    self.captures = (f'{config.mto.where}_layers',)
+
+  @classmethod
+  def enabled(cls, config):
+    return config.mto.enabled
+
+  @classmethod
+  def check_config(cls, config):
+    from mimjax import frameworks  # pylint: disable=g-import-not-at-top
+    mto = config.mto
+    sites = frameworks.FRAMEWORKS[config.framework].mask_token_at
+    if mto.where not in ('encoder', 'decoder'):
+      raise config_lib.ConfigError(f'config.mto.where must be "encoder" or "decoder", not '
+                                   f'{mto.where!r}.')
+    if mto.where not in sites:
+      hint = f'set config.mto.where={sites[0]!r}' if sites else 'turn config.mto.enabled off'
+      raise config_lib.ConfigError(
+          f'config.mto.where={mto.where!r}, but framework {config.framework!r} has mask tokens '
+          f'only in {list(sites) or "no module"}; {hint}.')
+    if mto.ranking not in RANKINGS:
+      raise config_lib.ConfigError(f'config.mto.ranking must be one of {RANKINGS}, not '
+                                   f'{mto.ranking!r}.')
+    if mto.tau < 0:
+      raise config_lib.ConfigError(f'config.mto.tau must be >= 0 (0 means sqrt(D)), got {mto.tau}.')
+
+  def layers(self, outputs):
+    """Per-layer patch tokens [B, N, D] (cls removed) of the configured site."""
+    if self.config.mto.where == 'decoder':
+      return outputs['decoder']['layers']
+    num_prefix = self.framework.build_encoder().num_prefix
+    return [layer[:, num_prefix:] for layer in outputs['encoder']['layers']]
+
+  def loss(self, params, state, outputs, batch, rng, step, train):
+    del params, batch, rng, step, train
+    mto = self.config.mto
+    mask = outputs['mask']
+    layers = self.layers(outputs)
+    kw = dict(tau=mto.tau or None, layer_norm=mto.layer_norm)
+    hs = jnp.stack([heterogeneity(x, mask, **kw) for x in layers])
+    l_spa = sparsity_loss(layers[0], mask, **kw)
+    l_e = distinctiveness_loss(hs[0], mto.eps)
+    l_r = ranking_loss(hs, mto.ranking)
+    term = mto.lambda_spa * l_spa + mto.lambda_e * l_e + mto.lambda_r * l_r
+    metrics = dict(loss_mto=term, loss_mto_spa=l_spa, loss_mto_e=l_e, loss_mto_r=l_r)
+    metrics.update({f'mto_H{l}': h for l, h in enumerate(hs)})
+    return term, metrics, state

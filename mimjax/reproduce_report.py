@@ -1,0 +1,279 @@
+"""RESULTS.md of the reproduction study: aggregation over seeds, the table, curves and findings.
+
+Works on the runs' records (dicts written by `mimjax.reproduce.measure`: row, label, seed,
+workdir, framework, final_loss, images_per_sec, curve, knn / linear / test_top1, notes,
+diagnostics), so every number a report states can be checked against hand-worked values.
+"""
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+
+import numpy as np
+
+from mimjax.eval import loading
+from mimjax.eval import rauc as rauc_lib
+
+# The headline metric of a pair, the first that all its runs have: probe, kNN, then test top-1.
+MAIN_METRICS = ('linear', 'knn', 'test_top1')
+METRIC_NAMES = {'knn': 'kNN top-1', 'linear': 'linear-probe top-1', 'test_top1': 'test top-1'}
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def mean_spread(values):
+  """(mean, sample standard deviation or None below 2 values, count) of the non-None values."""
+  values = [v for v in values if v is not None]
+  if not values:
+    return None, None, 0
+  spread = float(np.std(values, ddof=1)) if len(values) > 1 else None
+  return float(np.mean(values)), spread, len(values)
+
+
+def paired_delta(baseline, method):
+  """mean_spread of method - baseline over the seeds both have; args map seed -> value."""
+  return mean_spread([method[s] - baseline[s] for s in method
+                      if baseline.get(s) is not None and method[s] is not None])
+
+
+def verdict(mean, spread):
+  """One phrase: does the method beat its baseline by more than the spread over seeds?"""
+  if mean is None:
+    return 'not measured'
+  if spread is None:
+    side = 'above' if mean > 0 else 'below' if mean < 0 else 'equal to'
+    return f'{side} the baseline on one seed only: no spread to judge it against'
+  if abs(mean) > spread:
+    return ('beats the baseline' if mean > 0 else 'falls below the baseline') + (
+        ' by more than the seed spread')
+  return 'within the seed spread of the baseline: no measurable difference at this scale'
+
+
+def by_seed(records, key):
+  return {r['seed']: r.get(key) for r in records}
+
+
+def main_metric(base, method):
+  """The first of MAIN_METRICS that every run of both rows has, or None."""
+  for metric in MAIN_METRICS:
+    if all(r.get(metric) is not None for r in base + method):
+      return metric
+  return None
+
+
+def pair_rauc(base, method):
+  """mean_spread over seeds of the RAUC (MTO eq. 6) of the method's curve over the baseline's,
+  from the first to the last step of the curve; undefined for a baseline that stays flat."""
+  curves = {r['seed']: r['curve'] for r in base}
+  values = []
+  for r in method:
+    b = curves.get(r['seed'])
+    if not b or len(b) < 2 or any(v is None for _, v in b + r['curve']):
+      continue
+    (s1, v1), (s2, v2) = zip(*b), zip(*r['curve'])
+    try:
+      values.append(rauc_lib.rauc(s1, v1, s2, v2, s1[0], s1[-1]))
+    except (ZeroDivisionError, ValueError):  # a flat baseline; curves that do not overlap
+      continue
+  return mean_spread(values)
+
+
+def fmt(mean, spread, n, scale=100.0, digits=1):
+  """'74.1 ± 1.2', '50.0 (n=1)' or 'n/a'; accuracies are shown in percent by default."""
+  if mean is None:
+    return 'n/a'
+  text = f'{mean * scale:.{digits}f}'
+  if spread is not None:
+    text += f' ± {spread * scale:.{digits}f}'
+  return text + (' (n=1)' if n == 1 else '')
+
+
+def table(records, pairs):
+  """Markdown table: per pair its baseline, then its method, mean ± spread over seeds."""
+  lines = ['| pair | run | seeds | final loss | kNN top-1 (%) | linear top-1 (%) | '
+           'test top-1 (%) | Δ vs baseline (pp) | RAUC | images/s |', '|' + '---|' * 10]
+  for method, base in pairs:
+    metric = main_metric(records[base], records[method])
+    for row in (base, method):
+      rs = records[row]
+      cells = [method, rs[0]['label'], str(len(rs)),
+               fmt(*mean_spread([r['final_loss'] for r in rs]), scale=1.0, digits=4)]
+      cells += [fmt(*mean_spread([r.get(k) for r in rs])) if any(k in r for r in rs) else '—'
+                for k in ('knn', 'linear', 'test_top1')]
+      if row == base:
+        cells += ['—', '—']
+      elif metric is None:
+        cells += ['n/a', 'n/a']
+      else:
+        delta = paired_delta(by_seed(records[base], metric), by_seed(rs, metric))
+        cells += [f'{fmt(*delta)} ({METRIC_NAMES[metric]})',
+                  fmt(*pair_rauc(records[base], rs), scale=1.0, digits=2)]
+      cells.append(fmt(*mean_spread([r['images_per_sec'] for r in rs]), scale=1.0, digits=0))
+      lines.append('| ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
+def findings(records, pairs):
+  """'What this shows': one generated sentence per pair."""
+  out = []
+  for method, base in pairs:
+    label, base_label = records[method][0]['label'], records[base][0]['label']
+    metric = main_metric(records[base], records[method])
+    if metric is None:
+      out.append(f'- **{label}** vs {base_label}: no accuracy was measured.')
+      continue
+    mean, spread, n = paired_delta(by_seed(records[base], metric), by_seed(records[method], metric))
+    r_mean, _, r_n = pair_rauc(records[base], records[method])
+    rauc_text = (f'; RAUC {r_mean:.2f} ({"above" if r_mean > 1 else "not above"} 1: '
+                 f'{"faster" if r_mean > 1 else "not faster"} than the baseline along the curve)'
+                 if r_n else '')
+    values = [fmt(*mean_spread(by_seed(records[r], metric).values())) for r in (method, base)]
+    out.append(f'- **{label}** vs {base_label}: {METRIC_NAMES[metric]} {values[0]} vs '
+               f'{values[1]}, paired Δ {fmt(mean, spread, n)} pp over {n} seed(s): '
+               f'{verdict(mean, spread)}{rauc_text}.')
+  return '\n'.join(out)
+
+
+def plot_pair(method, base, records, figures_dir):
+  """Framework-loss and accuracy curves of a pair, one line per run; returns the PNG's path."""
+  # pylint: disable=g-import-not-at-top
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  # pylint: enable=g-import-not-at-top
+  fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.6))
+  framework = records[method][0]['framework']
+  key = f'loss_{framework}'
+  for colour, row in (('tab:blue', base), ('tab:orange', method)):
+    for i, r in enumerate(records[row]):
+      style = dict(color=colour, alpha=1.0 if i == 0 else 0.5,
+                   label=r['label'] if i == 0 else None)
+      logged = [m for m in read_metrics(r['workdir']) if key in m]
+      ax_loss.plot([m['step'] for m in logged], [m[key] for m in logged], **style)
+      points = [(s, v) for s, v in r['curve'] if v is not None]
+      if points:
+        ax_acc.plot(*zip(*points), marker='o', **style)
+  ax_loss.set(xlabel='step', ylabel=key, title='training loss (framework term)')
+  ax_acc.set(xlabel='step', ylabel='top-1', title='test top-1' if framework == 'supervised'
+             else 'kNN top-1 on the test split')
+  ax_loss.legend()
+  fig.tight_layout()
+  path = os.path.join(figures_dir, f'{method}.png')
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
+def versions():
+  found = []
+  for package in ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'numpy', 'tensorflow',
+                  'tensorflow-cpu', 'tensorflow-datasets', 'matplotlib'):
+    try:
+      found.append(f'{package} {importlib.metadata.version(package)}')
+    except importlib.metadata.PackageNotFoundError:
+      continue
+  return (f'Python {platform.python_version()}, {platform.platform()}, {os.cpu_count()} CPUs; '
+          + ', '.join(found))
+
+
+def diagnostics_section(records, figures_dir, results_dir):
+  lines = []
+  for row, rs in records.items():
+    for name, diag in rs[0].get('diagnostics', {}).items():
+      head = f'- {rs[0]["label"]}, {name} (seed {rs[0]["seed"]})'
+      if 'n/a' in diag:
+        lines.append(f'{head}: n/a ({diag["n/a"]})')
+        continue
+      numbers = '; '.join(f'{k}: {v}' for k, v in diag['numbers'].items()) or 'figure below'
+      lines.append(f'{head}: {numbers}')
+      for figure in diag['figures']:
+        target = os.path.join(figures_dir, f'{row}_{os.path.basename(figure)}')
+        shutil.copyfile(figure, target)
+        lines.append(f'  ![{row} {name}]({os.path.relpath(target, results_dir)})')
+  return '\n'.join(lines) or '- none were run.'
+
+
+def notes_section(records):
+  lines = [f'- {r["label"]}, seed {r["seed"]}: {k} n/a ({v})'
+           for rs in records.values() for r in rs for k, v in r['notes'].items()]
+  return '\n'.join(lines) or '- none.'
+
+
+def write(out, records, pairs, mode, steps, curve_points, commands, root):
+  """Writes the report to `out` and its figures to <out stem>_figures/."""
+  results_dir = os.path.dirname(os.path.abspath(out))
+  figures_dir = os.path.splitext(os.path.abspath(out))[0] + '_figures'
+  os.makedirs(figures_dir, exist_ok=True)
+  plots = [(m, plot_pair(m, b, records, figures_dir)) for m, b in pairs]
+  config = loading.read_config(records[pairs[0][0]][0]['workdir'])
+  seeds = sorted({r['seed'] for rs in records.values() for r in rs})
+  run_commands = '\n'.join(commands[1:])
+  hours = f"{sum(r['seconds'] for rs in records.values() for r in rs) / 3600:.2f}"
+  spread_caveat = ("With one seed there is no spread: any difference may be seed noise."
+                   if len(seeds) < 2 else
+                   f"With {len(seeds)} seeds the spread is a rough estimate, so 'more than the "
+                   "seed spread' is a screening signal, not a significance test.")
+  text = f"""# Small-scale reproduction study ({mode})
+
+Generated {datetime.datetime.now().isoformat(timespec='minutes')} by `{commands[0]}`.
+
+Setup: Fashion-MNIST at {config.data.image_size} px, ViT `{config.model.variant}`; pre-training,
+kNN memory and probe training on `{config.data.train_split}`, evaluation on
+`{config.data.eval_split}`; every run {steps} steps at batch {config.batch_size}, seeds {seeds}.
+Within a pair the model, data, budget and seeds are identical. Values are mean ± sample standard
+deviation over seeds. Δ is the method minus its baseline on the same seed, averaged, in
+percentage points. RAUC is MTO's eq. 6 over the {curve_points}-point accuracy curve (kNN at
+checkpoints for pre-training, test top-1 for supervised runs); above 1 means the method's curve
+rises faster. Final loss is the framework's own term (`loss_<framework>`, which both members of a
+pair share; method terms excluded). Images/s is the median logged training throughput. Wall
+time of training and evaluation, summed over runs: {hours} h.
+
+{table(records, pairs)}
+
+## What this shows
+
+{findings(records, pairs)}
+
+## What this does not show
+
+These are {steps}-step runs of a tiny ViT on 28-pixel grey images with {len(seeds)} seed(s), each
+method on its `runlocal` recipe without per-method tuning. A method that does not beat its
+baseline here may still help at the papers' scale (ImageNet, ViT-B, hundreds of epochs, and
+fine-tuning, which this study does not run); a win here is no evidence that the published
+ImageNet gains reproduce. {spread_caveat}
+
+## Loss and accuracy curves
+
+{chr(10).join(f'![{m}]({os.path.relpath(p, results_dir)})' for m, p in plots)}
+
+## Diagnostics (first seed)
+
+{diagnostics_section(records, figures_dir, results_dir)}
+
+## Evaluations that could not run
+
+{notes_section(records)}
+
+## Commands
+
+The study: `{commands[0]}`. Runs are cached under `{root}`; delete a run's `repro.json` to
+evaluate it again. Each run is equivalent to
+
+```
+{run_commands}
+```
+
+followed by `python -m mimjax.evaluate --workdir WORKDIR --protocol knn --step S` at the curve
+steps and `--protocol linear`.
+
+## Versions
+
+{versions()}
+"""
+  with open(out, 'w') as f:
+    f.write(text)

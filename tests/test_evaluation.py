@@ -1,0 +1,224 @@
+"""Evaluation protocols and analyses against values worked out by hand or with numpy."""
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from conftest import load_config
+from conftest import tiny_overrides
+from mimjax import config_lib
+from mimjax import evaluate
+from mimjax import optim
+from mimjax import train
+from mimjax.eval import attention
+from mimjax.eval import knn
+from mimjax.eval import linear
+from mimjax.eval import pictures
+from mimjax.eval import rauc
+from mimjax.eval import spectrum
+from mimjax.methods import dtm
+
+
+def test_knn_vote_weights_follow_the_temperature():
+  # Test point e1. Neighbours: one of class 0 at cosine 1, two of class 1 at cosine 0.9, and one of
+  # class 0 at cosine -1 that k = 3 leaves out. Class 0 wins when exp(1/T) > 2 exp(0.9/T), i.e.
+  # T < 0.1 / ln 2 = 0.144: so at T = 0.07 (one vote beats two), not at T = 1 (majority wins).
+  s = math.sqrt(0.19)
+  train_x = np.array([[2, 0, 0], [0.9, s, 0], [0.9, 0, s], [-1, 0, 0]], np.float32)
+  train_y = np.array([0, 1, 1, 0])
+  test_x, test_y = np.array([[1, 0, 0]], np.float32), np.array([0])
+  assert knn.knn_top1(train_x, train_y, test_x, test_y, k=3, temperature=0.07) == 1.0
+  assert knn.knn_top1(train_x, train_y, test_x, test_y, k=3, temperature=1.0) == 0.0
+  scores = knn.knn_scores(train_x, train_y, test_x, k=3, temperature=1.0, num_classes=2)
+  np.testing.assert_allclose(scores[0], [math.e, 2 * math.exp(0.9)], rtol=1e-5)
+
+
+def test_attention_distance_of_hand_built_maps():
+  # 2 x 2 grid: centres (.25, .25), (.25, .75), (.75, .25), (.75, .75); from any patch the others
+  # lie at 0.5, 0.5 and 0.5 * sqrt(2).
+  uniform = np.full((4, 4), 0.25, np.float32)
+  np.testing.assert_allclose(attention.attention_distance(uniform, 2),
+                             (1 + 0.5 * math.sqrt(2)) / 4, rtol=1e-6)
+  np.testing.assert_allclose(attention.attention_distance(np.eye(4, dtype=np.float32), 2), 0.0)
+  # With a cls token: each patch puts half its attention on cls (left out) and half on the patch
+  # beside it in its row (distance 0.5): 0.25 for every query.
+  attn = np.zeros((5, 5), np.float32)
+  attn[1:, 0] = 0.5
+  for q, neighbour in enumerate([1, 0, 3, 2]):
+    attn[q + 1, neighbour + 1] = 0.5
+  np.testing.assert_allclose(attention.attention_distance(attn[None, None], 2, num_prefix=1),
+                             [[0.25]], rtol=1e-6)
+
+
+def test_rauc_of_two_linear_curves():
+  # S1(E) = E / 100, S2(E) = 0.5 + E / 50 on [100, 300]; S1(100) = 1. Numerator
+  # int (E/50 - 0.5) dE = [E^2/100 - E/2] = 750 - 50 = 700; denominator int (E/100 - 1) dE
+  # = [E^2/200 - E] = 150 + 50 = 200. RAUC = 3.5. The curves are sampled at different steps.
+  s1 = np.array([0, 100, 200, 400])
+  s2 = np.array([0, 150, 400])
+  assert rauc.rauc(s1, s1 / 100, s2, 0.5 + s2 / 50, 100, 300) == pytest.approx(3.5)
+  assert rauc.rauc(s1, s1 / 100, s1, s1 / 100, 100, 300) == pytest.approx(1.0)
+  with pytest.raises(ValueError, match='does not contain'):
+    rauc.rauc(s1, s1 / 100, s2, s2 / 50, 100, 500)
+
+
+def test_rauc_protocol_reads_two_runs_metrics(tmp_path):
+  for name, curve in (('base', lambda e: e / 100), ('mto', lambda e: 0.5 + e / 50)):
+    os.makedirs(tmp_path / name)
+    with open(tmp_path / name / 'metrics.jsonl', 'w') as f:
+      for step in (50, 100, 200, 300):
+        f.write(json.dumps(dict(step=step, loss=1.0)) + '\n')
+        f.write(json.dumps(dict(step=step, eval_top1=curve(step))) + '\n')
+  result = evaluate.evaluate(str(tmp_path / 'mto'), 'rauc', other_workdir=str(tmp_path / 'base'),
+                             e1=100, e2=300)
+  assert result['rauc'] == pytest.approx(3.5)
+  with open(tmp_path / 'mto' / 'eval_rauc.json') as f:
+    assert json.load(f)['rauc'] == pytest.approx(3.5)
+  with pytest.raises(config_lib.ConfigError, match='no option'):
+    evaluate.evaluate(str(tmp_path / 'mto'), 'rauc', other_workdir='x', k=[20])
+
+
+def test_layer_decay_factors_follow_the_formula():
+  depth, decay = 4, 0.65
+  leaf = np.zeros(2)
+  params = {'encoder': {'embedding': {'kernel': leaf}, 'cls': leaf, 'pos_embedding': leaf,
+                        'Transformer': {f'encoderblock_{i}': {'w': leaf} for i in range(depth)}
+                                       | {'encoder_norm': {'scale': leaf}},
+                        'head': {'kernel': leaf}},
+            'decoder': {'w': leaf}}
+  f = optim.layer_decay_factors(params, depth, decay)
+  for got in (f['encoder']['embedding']['kernel'], f['encoder']['cls'],
+              f['encoder']['pos_embedding']):
+    assert got == pytest.approx(decay ** 5)
+  for i in range(depth):
+    assert f['encoder']['Transformer'][f'encoderblock_{i}']['w'] == pytest.approx(
+        decay ** (depth - i))
+  assert f['encoder']['Transformer']['encoder_norm']['scale'] == 1.0
+  assert f['encoder']['head']['kernel'] == 1.0 and f['decoder']['w'] == 1.0
+
+
+def test_layer_decay_scales_each_adamw_step():
+  config = load_config('configs/finetune.py:runlocal', **{'model.variant': 'pico/4'})
+  params = {'encoder': {'embedding': {'kernel': jnp.ones((2, 2))},
+                        'Transformer': {'encoderblock_2': {'w': jnp.ones((2, 2))}}}}
+  grads = jax.tree_util.tree_map(lambda p: jnp.full_like(p, 0.3), params)
+  tx, _ = optim.make_optimizer(config, params)
+  ref = optax.adamw(optim.learning_rate(config), b1=config.optim.b1, b2=config.optim.b2,
+                    weight_decay=config.optim.weight_decay)
+  state, ref_state = tx.init(params), ref.init(params)
+  for _ in range(3):  # a few steps, so the warmup lr is not zero
+    updates, state = tx.update(grads, state, params)
+    ref_updates, ref_state = ref.update(grads, ref_state, params)
+  d = config.optim.layer_decay
+  np.testing.assert_allclose(updates['encoder']['embedding']['kernel'],
+                             d ** 5 * ref_updates['encoder']['embedding']['kernel'], rtol=1e-6)
+  np.testing.assert_allclose(updates['encoder']['Transformer']['encoderblock_2']['w'],
+                             d ** 2 * ref_updates['encoder']['Transformer']['encoderblock_2']['w'],
+                             rtol=1e-6)
+
+
+@pytest.mark.parametrize('optimizer', ['sgd', 'lars'])
+def test_linear_probe_separates_linearly_separable_features(optimizer):
+  rng = np.random.default_rng(0)
+  w = rng.normal(size=(16, 4))
+  # Offset and scaled features: the BatchNorm standardisation must undo both.
+  x, xt = (rng.normal(size=(n, 16)) * 3 + 5 for n in (4000, 1000))
+  y, yt = (x - 5) @ w, (xt - 5) @ w
+  lrs = [0.5, 2.0] if optimizer == 'sgd' else [20.0, 80.0]
+  top1 = linear.train_probe(x, y.argmax(1), xt, yt.argmax(1), lrs, epochs=20, batch_size=256,
+                            optimizer=optimizer, warmup_epochs=2)
+  assert top1.shape == (2, 20)
+  assert top1[:, -1].max() > 0.97, top1[:, -1]
+
+
+def test_standardize_uses_training_statistics():
+  train_x = np.array([[1.0, 10.0], [3.0, 30.0]])
+  a, b = linear.standardize(train_x, np.array([[2.0, 50.0]]))
+  np.testing.assert_allclose(a, [[-1, -1], [1, 1]], atol=1e-5)
+  np.testing.assert_allclose(b, [[0, 3]], atol=1e-5)  # (50 - 20) / 10
+
+
+def test_spectrum_of_a_known_covariance():
+  # Points (+-2, 0), (0, +-1), rotated by 30 degrees: mean 0, covariance diag(8, 2) / 4 rotated;
+  # its singular values are 2 and 0.5.
+  c, s = math.cos(math.pi / 6), math.sin(math.pi / 6)
+  x = np.array([[2, 0], [-2, 0], [0, 1], [0, -1]], float) @ np.array([[c, s], [-s, c]]) + 7
+  np.testing.assert_allclose(spectrum.covariance_spectrum(x), [2.0, 0.5], rtol=1e-10)
+
+
+@pytest.mark.parametrize('num_tokens,num_groups', [(49, 24), (49, 6), (49, 2), (196, 13)])
+def test_merge_schedule_reaches_the_requested_groups(num_tokens, num_groups):
+  tokens = jax.random.normal(jax.random.PRNGKey(0), (2, num_tokens, 8))
+  groups = dtm.morph_groups(tokens, pictures.merge_schedule(num_tokens, num_groups),
+                            protect_first=False)
+  assert [len(np.unique(g)) for g in np.asarray(groups)] == [num_groups] * 2
+
+
+def test_group_colours_give_each_group_one_distinct_colour():
+  groups = np.array([[5, 5, 2, 9, 2, 9]])
+  colours = pictures.group_colours(groups)[0]
+  assert (colours[0] == colours[1]).all() and (colours[2] == colours[4]).all()
+  assert len({tuple(c) for c in colours}) == 3
+
+
+@pytest.fixture(scope='module')
+def pretrained(tmp_path_factory):
+  """A few MAE steps of a mu/4 encoder."""
+  config = load_config('configs/mae.py:runlocal', **tiny_overrides(**{
+      'mae.decoder_width': 32, 'mae.decoder_depth': 1, 'mae.decoder_heads': 2}))
+  workdir = str(tmp_path_factory.mktemp('mae'))
+  train.train(config, workdir)
+  return workdir
+
+
+def test_analyses_write_json_and_pictures(pretrained):
+  aad = evaluate.evaluate(pretrained, 'attention_distance', num_images=32)
+  # mu has 1 layer of 2 heads; a mean distance on the unit square lies in (0, sqrt(2)).
+  assert np.shape(aad['aad']) == (1, 2) and 0 < aad['aad_per_layer'][0] < math.sqrt(2)
+  het = evaluate.evaluate(pretrained, 'heterogeneity', num_images=32)
+  # MAE's mask tokens live in the decoder (1 block: layers 0 and 1); 12 of 49 patches visible.
+  assert list(het['heterogeneity']) == ['decoder']
+  assert all(0 < h <= math.log(12) + 1e-6 for h in het['heterogeneity']['decoder'])
+  spec = evaluate.evaluate(pretrained, 'spectrum', num_images=32)
+  assert len(spec['singular_values']) == 2 and len(spec['singular_values'][0]) == 32
+  rec = evaluate.evaluate(pretrained, 'reconstruction', num_images=4)
+  morph = evaluate.evaluate(pretrained, 'morphing', num_images=4, num_groups=[6, 2])
+  assert morph['mean_groups_found'] == [6.0, 2.0]
+  for path in (aad['plot'], het['plot'], spec['plot'], morph['picture'],
+               *rec['pictures'].values()):
+    assert os.path.getsize(path) > 0
+  with pytest.raises(config_lib.ConfigError, match='tokenizer_norm'):
+    evaluate.evaluate(pretrained, 'moto_layout')
+
+
+def test_finetune_starts_from_the_pretrained_encoder(pretrained):
+  from mimjax import checkpoint  # pylint: disable=g-import-not-at-top
+  result = evaluate.evaluate(pretrained, 'finetune', total_steps=2)
+  assert result['layer_decay'] == 0.65 and 0 <= result['top1'] <= 1
+  with open(os.path.join(result['finetune_workdir'], 'config.json')) as f:
+    config = json.load(f)
+  assert config['init']['format'] == 'mimjax' and config['model']['variant'] == 'mu/4'
+  # Two small steps move the weights little: the fine-tuned embedding is the pre-trained one,
+  # not a fresh initialisation (whose values are unrelated).
+  pre = checkpoint.restore_params(pretrained)['encoder']['embedding']['kernel']
+  post = checkpoint.restore_params(result['finetune_workdir'])['encoder']['embedding']['kernel']
+  assert np.abs(post - pre).max() < 0.05 * np.abs(pre).max()
+
+
+@pytest.mark.slow
+def test_pretrained_encoder_beats_random_init_on_knn_and_linear(tmp_path):
+  config = load_config('configs/mae.py:runlocal', **tiny_overrides(**{
+      'batch_size': 128, 'total_steps': 400, 'warmup_steps': 40,
+      'mae.decoder_width': 64, 'mae.decoder_depth': 1, 'mae.decoder_heads': 2,
+      'data.train_split': 'train[:10000]', 'data.eval_split': 'test[:2000]',
+      'data.shuffle_buffer': 10000, 'checkpoint.every_steps': 400, 'log.every_steps': 50,
+      'eval.batch_size': 500}))
+  train.train(config, str(tmp_path))
+  for protocol in ('knn', 'linear'):
+    result = evaluate.evaluate(str(tmp_path), protocol, compare_random_init=True)
+    assert result['top1'] > result['random_init']['top1'] + 0.01, (protocol, result)

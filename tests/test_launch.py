@@ -1,0 +1,93 @@
+"""Launchers: shellcheck-clean, their dry runs print the commands they would run, and the Colab
+notebook executes end to end (on CPU, with a tiny config)."""
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+
+import pytest
+
+from conftest import ROOT
+
+SCRIPTS = ['launch/tpu_pod.sh', 'launch/slurm_gpu.sbatch', 'launch/local_multiprocess.sh']
+TRAIN = ['--config', 'configs/mae.py:model=B/16', '--workdir', 'gs://bucket/my run']
+
+
+def _dry_run(script, *args, **env):
+  result = subprocess.run(['bash', script, *args], cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, **env), timeout=60)
+  assert result.returncode == 0, result.stderr
+  return result.stdout.splitlines()
+
+
+@pytest.mark.skipif(shutil.which('shellcheck') is None, reason='shellcheck is not installed')
+@pytest.mark.parametrize('script', SCRIPTS)
+def test_shellcheck_clean(script):
+  result = subprocess.run(['shellcheck', '--severity=style', script], cwd=ROOT,
+                          capture_output=True, text=True)
+  assert result.returncode == 0, result.stdout
+
+
+def test_tpu_pod_dry_run_runs_the_trainer_on_all_workers():
+  lines = _dry_run('launch/tpu_pod.sh', '--dry-run', 'my-v4-32', 'us-central2-b', *TRAIN)
+  assert all(line.startswith('gcloud compute tpus tpu-vm ') for line in lines)
+  assert all('--worker=all' in line and '--zone=us-central2-b' in line for line in lines)
+  # Undo the printout's quoting, then the remote shell's: the trainer gets the flags unchanged.
+  train = shlex.split(lines[-1])
+  assert train[:6] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'ssh', 'my-v4-32']
+  (command,) = [a.removeprefix('--command=') for a in train if a.startswith('--command=')]
+  remote = shlex.split(command)
+  assert remote[:3] == ['cd', 'mimjax', '&&']
+  start = remote.index('mimjax.train') + 1
+  assert remote[start - 2:start] == ['-m', 'mimjax.train']
+  assert remote[start:] == TRAIN + ['--config.distributed.num_processes=-1']
+  assert len(_dry_run('launch/tpu_pod.sh', 'my-v4-32', 'zone', *TRAIN, DRY_RUN='1',
+                      SETUP='0')) == len(lines) - 1  # no pip install
+
+
+def test_slurm_dry_run_is_one_srun_of_the_trainer():
+  (line,) = _dry_run('launch/slurm_gpu.sbatch', *TRAIN, DRY_RUN='1')
+  args = shlex.split(line)
+  assert args[0] == 'srun'
+  start = args.index('mimjax.train') + 1
+  assert args[start:] == TRAIN + ['--config.distributed.num_processes=-1']
+  with open(os.path.join(ROOT, 'launch/slurm_gpu.sbatch')) as f:
+    text = f.read()
+  gpus = re.search(r'#SBATCH --gpus-per-node=(\d+)', text).group(1)
+  assert f'#SBATCH --ntasks-per-node={gpus}' in text  # one process per GPU
+
+
+def test_local_multiprocess_dry_run_gives_each_process_its_id():
+  lines = _dry_run('launch/local_multiprocess.sh', '--dry-run', '3', *TRAIN)
+  assert len(lines) == 3
+  coordinators = {re.search(r'MIMJAX_COORDINATOR=(\S+)', line).group(1) for line in lines}
+  assert len(coordinators) == 1 and re.fullmatch(r'127\.0\.0\.1:\d+', coordinators.pop())
+  for i, line in enumerate(lines):
+    args = shlex.split(line)
+    assert args[2:4] == ['MIMJAX_NUM_PROCESSES=3', f'MIMJAX_PROCESS_ID={i}']
+    assert args[args.index('mimjax.train') + 1:] == TRAIN + ['>', f'./process_{i}.log']
+  bad = subprocess.run(['bash', 'launch/local_multiprocess.sh', 'two'], cwd=ROOT,
+                       capture_output=True, text=True)
+  assert bad.returncode == 2 and 'usage' in bad.stderr
+
+
+def test_colab_notebook_runs_end_to_end(tmp_path, monkeypatch):
+  nbformat = pytest.importorskip('nbformat')
+  nbclient = pytest.importorskip('nbclient')
+  monkeypatch.setenv('MIMJAX_SKIP_INSTALL', '1')
+  monkeypatch.setenv('MIMJAX_COLAB_TINY', '1')
+  monkeypatch.setenv('MIMJAX_COLAB_WORKDIR', str(tmp_path))
+  monkeypatch.setenv('TF_CPP_MIN_LOG_LEVEL', '3')
+  monkeypatch.delenv('XLA_FLAGS', raising=False)
+  notebook = nbformat.read(os.path.join(ROOT, 'launch/colab.ipynb'), as_version=4)
+  nbclient.NotebookClient(notebook, timeout=600, kernel_name='python3',
+                          resources={'metadata': {'path': ROOT}}).execute()
+  outputs = [o for cell in notebook.cells if cell.cell_type == 'code' for o in cell.outputs]
+  assert not [o for o in outputs if o.output_type == 'error']
+  assert any('image/png' in o.get('data', {}) for o in notebook.cells[-1].outputs)
+  with open(tmp_path / 'eval_knn.json') as f:
+    result = json.load(f)
+  assert result['step'] == 4 and result['test_examples'] == 128
+  assert 0.0 <= result['top1'] <= 1.0 and 0.0 <= result['random_init']['top1'] <= 1.0

@@ -1,0 +1,219 @@
+"""The reproduction study: aggregation against hand values, and the command end to end."""
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from conftest import ROOT
+from conftest import run_module
+from mimjax import reproduce
+from mimjax import reproduce_report as report
+
+
+def test_mean_spread_is_mean_and_sample_std():
+  # values 0.70, 0.74, 0.78: mean 0.74, deviations -0.04, 0, 0.04 -> var (2 * 0.0016) / 2 = 0.0016.
+  mean, spread, n = report.mean_spread([0.70, None, 0.74, 0.78])
+  assert (n, mean) == (3, pytest.approx(0.74))
+  assert spread == pytest.approx(0.04)
+  assert report.mean_spread([0.5]) == (0.5, None, 1)
+  assert report.mean_spread([None]) == (None, None, 0)
+
+
+def test_paired_delta_matches_seeds():
+  # Seed-wise differences 0.02 and 0.06 (seed 2 has no baseline): mean 0.04, std |0.04| / sqrt 2.
+  base = {0: 0.50, 1: 0.60}
+  method = {0: 0.52, 1: 0.66, 2: 0.99}
+  mean, spread, n = report.paired_delta(base, method)
+  assert (n, mean) == (2, pytest.approx(0.04))
+  assert spread == pytest.approx(0.04 / math.sqrt(2))
+
+
+def _curves(seed, base, method):
+  return [dict(seed=seed, curve=base)], [dict(seed=seed, curve=method)]
+
+
+def test_pair_rauc_of_linear_curves_by_hand():
+  # S1 rises 0.2 -> 0.4 over [0, 10]: area above S1(E1) = 10 * 0.2 / 2 = 1. S2 rises 0.3 -> 0.5:
+  # area above 0.2 = 10 * (0.1 + 0.3) / 2 = 2, so RAUC = 2.
+  assert report.pair_rauc(*_curves(0, [[0, .2], [10, .4]], [[0, .3], [10, .5]]))[0] == \
+      pytest.approx(2.0)
+  # Three points, S1 = S2: 1. Seeds 0 and 1 give 2 and 1: 1.5 ± 1 / sqrt 2.
+  b0, m0 = _curves(0, [[0, .2], [10, .4]], [[0, .3], [10, .5]])
+  b1, m1 = _curves(1, [[1, .1], [2, .3], [4, .4]], [[1, .1], [2, .3], [4, .4]])
+  mean, spread, n = report.pair_rauc(b0 + b1, m0 + m1)
+  assert (n, mean, spread) == (2, pytest.approx(1.5), pytest.approx(0.5 ** 0.5))
+  # Undefined: a flat baseline, a one-point curve, a missing value.
+  assert report.pair_rauc(*_curves(0, [[1, .3], [2, .3]], [[1, .3], [2, .5]]))[2] == 0
+  assert report.pair_rauc(*_curves(0, [[5, .3]], [[5, .4]]))[2] == 0
+  assert report.pair_rauc(*_curves(0, [[1, .3], [2, None]], [[1, .3], [2, .5]]))[2] == 0
+
+
+def test_summarise_keeps_numbers_and_pictures():
+  result = dict(protocol='heterogeneity', step=30, images=256, plot='/w/eval_heterogeneity.png',
+                heterogeneity={'decoder': [0.5, 0.25]}, aad=[[1, 2], [3, 4]], feature='gap',
+                pictures={'a': '/w/a.png'})
+  assert reproduce.summarise(result) == dict(
+      numbers={'images': 256.0, 'heterogeneity.decoder': [0.5, 0.25], 'aad': [[1.0, 2.0],
+                                                                              [3.0, 4.0]]},
+      figures=['/w/a.png', '/w/eval_heterogeneity.png'])
+
+
+def test_verdict_compares_delta_with_spread():
+  assert report.verdict(0.03, 0.01).startswith('beats the baseline by more than')
+  assert report.verdict(-0.03, 0.01).startswith('falls below the baseline by more than')
+  assert report.verdict(0.005, 0.01).startswith('within the seed spread')
+  assert 'one seed only' in report.verdict(0.02, None)
+
+
+def test_fmt_percent_and_single_seed():
+  assert report.fmt(0.7412, 0.0123, 2) == '74.1 ± 1.2'
+  assert report.fmt(0.5, None, 1) == '50.0 (n=1)'
+  assert report.fmt(None, None, 0) == 'n/a'
+
+
+def test_main_metric_is_the_first_all_runs_have():
+  base = [dict(knn=0.4, linear=None)]
+  method = [dict(knn=0.5, linear=0.6)]
+  assert report.main_metric(base, method) == 'knn'  # the probe is missing for the baseline
+  assert report.main_metric([dict(test_top1=0.8)], [dict(test_top1=0.9)]) == 'test_top1'
+
+
+def _record(row, seed, linear, curve, label):
+  return dict(row=row, label=label, seed=seed, framework='mae', final_loss=0.5, knn=curve[-1][1],
+              linear=linear, curve=curve, images_per_sec=100.0 + seed, notes={})
+
+
+def test_table_and_findings_on_hand_made_records():
+  # Linear top-1, baseline 0.70 / 0.72, method 0.75 / 0.76: paired deltas 5 and 4 pp, so
+  # Δ = 4.5 ± 0.7 pp (std of (5, 4) = 1 / sqrt 2); baseline mean 71.0 ± 1.4, method 75.5 ± 0.7.
+  # kNN curves at steps 1, 3: baseline 0.2 -> 0.4 (kNN 40.0), method 0.3 -> 0.5 on both seeds:
+  # RAUC 2 (worked out in test_rauc_of_linear_curves_by_hand).
+  records = {
+      'mae': [_record('mae', s, v, [[1, 0.2], [3, 0.4]], 'MAE') for s, v in ((0, .70), (1, .72))],
+      'mae_lut': [_record('mae_lut', s, v, [[1, 0.3], [3, 0.5]], 'MAE + LUT')
+                  for s, v in ((0, .75), (1, .76))],
+  }
+  rows = _table_rows(report.table(records, [('mae_lut', 'mae')]))
+  assert rows[2] == ['mae_lut', 'MAE', '2', '0.5000 ± 0.0000', '40.0 ± 0.0', '71.0 ± 1.4', '—',
+                     '—', '—', '100 ± 1']
+  assert rows[3][5:9] == ['75.5 ± 0.7', '—', '4.5 ± 0.7 (linear-probe top-1)', '2.00 ± 0.00']
+  text = report.findings(records, [('mae_lut', 'mae')])
+  assert 'paired Δ 4.5 ± 0.7 pp over 2 seed(s): beats the baseline by more than the seed spread' \
+      in text
+  assert 'RAUC 2.00' in text
+
+
+def test_budgets_end_curves_at_the_last_step_and_commands_quote_splits():
+  for budget in reproduce.BUDGETS.values():
+    assert budget.steps % budget.curve_points == 0
+  with pytest.raises(ValueError, match='multiple of curve_points'):
+    reproduce.Budget(10, 1, 3, {})
+  command = reproduce.train_command('mae', '/w', {'data.train_split': 'train[:5]', 'seed': 1})
+  assert command == ("python -m mimjax.train --config configs/mae.py:runlocal --workdir /w "
+                     "'--config.data.train_split=train[:5]' --config.seed=1")
+
+
+def test_runs_of_a_pair_differ_only_by_method():
+  budget = reproduce.BUDGETS['full']
+  base = reproduce.build_config('mae', reproduce.row_overrides('mae', 1, budget))
+  lut = reproduce.build_config('mae_lut', reproduce.row_overrides('mae_lut', 1, budget))
+  for key in ('seed', 'total_steps', 'batch_size', 'model.variant', 'data.train_split',
+              'data.eval_split', 'optim.base_lr', 'mae.mask_ratio', 'mae.decoder_width'):
+    a, b = base, lut
+    for part in key.split('.'):
+      a, b = a[part], b[part]
+    assert a == b, key
+  assert (base.seed, base.total_steps, lut.lut.enabled) == (1, budget.steps, True)
+  teacher = '/runs/supervised/seed1'
+  distill = reproduce.build_config('distill_dtm', reproduce.row_overrides(
+      'distill_dtm', 1, budget, teacher))
+  assert (distill.distill.teacher, distill.distill.teacher_workdir) == ('checkpoint', teacher)
+  sup = reproduce.build_config('supervised', reproduce.row_overrides('supervised', 0, budget))
+  assert sup.eval.every_steps == budget.steps // budget.curve_points
+
+
+def test_plan_adds_baselines_and_the_teacher():
+  assert reproduce.plan(['mae_lut'], None) == ['mae', 'mae_lut']
+  assert reproduce.plan(['distill_dtm'], None) == ['supervised', 'distill', 'distill_dtm']
+  assert reproduce.plan(['distill_dtm'], '/clip.pt') == ['distill', 'distill_dtm']
+
+
+@pytest.mark.skipif(shutil.which('shellcheck') is None, reason='shellcheck is not installed')
+def test_launcher_is_shellcheck_clean():
+  result = subprocess.run(['shellcheck', '--severity=style', 'launch/reproduce_small.sh'],
+                          cwd=ROOT, capture_output=True, text=True)
+  assert result.returncode == 0, result.stdout
+
+
+def test_launcher_dry_run_prints_the_study_command():
+  result = subprocess.run(['bash', 'launch/reproduce_small.sh', '--quick', '--dry-run', '--rows',
+                           'mae_lut'], cwd=ROOT, capture_output=True, text=True, check=True)
+  assert result.stdout.split() == [
+      'python3', '-m', 'mimjax.reproduce', '--out', 'RESULTS.md', '--workdir_root',
+      'workdirs/repro', '--quick', '--rows', 'mae_lut']
+
+
+def _table_rows(text):
+  lines = [l for l in text.splitlines() if l.startswith('|')]
+  return [[c.strip() for c in l.strip('|').split('|')] for l in lines]
+
+
+def test_smoke_study_end_to_end_writes_the_table(tmp_path):
+  out = tmp_path / 'RESULTS.md'
+  root = tmp_path / 'runs'
+  args = ['mimjax.reproduce', '--smoke', '--rows', 'mae_mto', '--out', str(out),
+          '--workdir_root', str(root)]
+  proc = run_module(args, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  text = out.read_text()
+  rows = _table_rows(text)
+  assert rows[0][:3] == ['pair', 'run', 'seeds'] and len(rows[0]) == 10
+  assert set(rows[1]) <= {'---'}
+  body = rows[2:]
+  assert [r[:3] for r in body] == [['mae_mto', 'MAE', '1'], ['mae_mto', 'MAE + MTO (decoder)', '1']]
+  for r in body:
+    assert len(r) == 10
+    assert re.fullmatch(r'\d+\.\d{4} \(n=1\)', r[3]), r  # final loss
+    assert re.fullmatch(r'\d+\.\d \(n=1\)', r[4]), r  # kNN top-1 on 128 test images
+    assert re.fullmatch(r'\d+\.\d \(n=1\)', r[5]), r  # linear probe
+    assert r[6] == '—'  # no supervised test top-1 for pre-training runs
+  assert body[0][7:9] == ['—', '—']
+  assert re.fullmatch(r'-?\d+\.\d \(n=1\) \((kNN|linear-probe) top-1\)', body[1][7]), body[1]
+  for name in ('mae_mto.png', 'mae_eval_heterogeneity.png', 'mae_mto_eval_heterogeneity.png',
+               'mae_eval_attention_distance.png'):
+    assert os.path.exists(tmp_path / 'RESULTS_figures' / name), name
+  for heading in ('## What this shows', '## What this does not show', '## Commands',
+                  '## Versions'):
+    assert heading in text
+  assert 'python -m mimjax.train --config configs/mae_mto.py:runlocal' in text
+  assert 'jax 0.' in text
+
+  # A rerun reuses the finished runs' records instead of training again.
+  record = root / 'smoke' / 'mae_mto' / 'seed0' / 'repro.json'
+  stamp = record.stat().st_mtime_ns
+  assert json.loads(record.read_text())['steps'] == reproduce.BUDGETS['smoke'].steps
+  proc = run_module(args, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert record.stat().st_mtime_ns == stamp
+
+
+@pytest.mark.slow  # trains 4 tiny runs: supervised (the teacher), MoTo, distillation, DTM
+def test_smoke_study_supervised_and_distillation_rows(tmp_path):
+  out = tmp_path / 'RESULTS.md'
+  proc = run_module(['mimjax.reproduce', '--smoke', '--rows', 'supervised_moto,distill_dtm',
+                     '--out', str(out), '--workdir_root', str(tmp_path / 'runs')], timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  body = _table_rows(out.read_text())[2:]
+  assert [r[1] for r in body] == ['feature distillation', 'distillation + DTM', 'supervised ViT',
+                                  'supervised + MoTo']
+  for r in body[2:]:  # supervised rows: test top-1 only
+    assert r[4:6] == ['—', '—'] and re.fullmatch(r'\d+\.\d \(n=1\)', r[6]), r
+  assert re.fullmatch(r'\d+\.\d \(n=1\)', body[0][4]), body[0]  # the student's kNN
+  figures = tmp_path / 'RESULTS_figures'
+  for name in ('supervised_moto_eval_moto_layout.png', 'distill_dtm_eval_morphing.png'):
+    assert os.path.exists(figures / name), name
+  assert '## Evaluations that could not run\n\n- none.' in out.read_text()
