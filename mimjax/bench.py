@@ -357,7 +357,7 @@ def run(args):
     run_rounds(everyone, args.rounds, args.steps)
     mm_stats = timing_stats(matmul.times)
     mm_flops_s = matmul.flops / mm_stats['median']
-    results['matmul'].append(dict(family=fam[0].name, n=matmul.n, dtype=args.dtype,
+    results['matmul'].append(dict(family=kind or fam[0].name, n=matmul.n, dtype=args.dtype,
                                   step_s=mm_stats, flops_per_s=mm_flops_s))
     for r in runners:
       entry = _case_result(r, mm_flops_s, nominal)
