@@ -4,7 +4,6 @@ import json
 import os
 import re
 import shlex
-import shutil
 import subprocess
 
 import pytest
@@ -22,7 +21,6 @@ def _dry_run(script, *args, **env):
   return result.stdout.splitlines()
 
 
-@pytest.mark.skipif(shutil.which('shellcheck') is None, reason='shellcheck is not installed')
 @pytest.mark.parametrize('script', SCRIPTS)
 def test_shellcheck_clean(script):
   result = subprocess.run(['shellcheck', '--severity=style', script], cwd=ROOT,

@@ -3,7 +3,6 @@ import json
 import math
 import os
 import re
-import shutil
 import subprocess
 
 import pytest
@@ -142,7 +141,6 @@ def test_plan_adds_baselines_and_the_teacher():
   assert reproduce.plan(['distill_dtm'], '/clip.pt') == ['distill', 'distill_dtm']
 
 
-@pytest.mark.skipif(shutil.which('shellcheck') is None, reason='shellcheck is not installed')
 def test_launcher_is_shellcheck_clean():
   result = subprocess.run(['shellcheck', '--severity=style', 'launch/reproduce_small.sh'],
                           cwd=ROOT, capture_output=True, text=True)
