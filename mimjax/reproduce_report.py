@@ -18,6 +18,12 @@ from mimjax.eval import rauc as rauc_lib
 
 # The headline metric of a pair, the first that all its runs have: probe, kNN, then test top-1.
 MAIN_METRICS = ('linear', 'knn', 'test_top1')
+# RAUC divides by the baseline's rise above its first point; below this mean rise (in top-1, over
+# the curve's steps) that divisor is the size of one evaluation's noise and the ratio means nothing.
+MIN_BASELINE_RISE = 0.01
+# A hand-written discussion between these lines of an existing report survives regeneration.
+DISCUSSION_BEGIN = '<!-- discussion: hand-written, kept when the report is regenerated -->'
+DISCUSSION_END = '<!-- end of discussion -->'
 METRIC_NAMES = {'knn': 'kNN top-1', 'linear': 'linear-probe top-1', 'test_top1': 'test top-1'}
 
 
@@ -66,9 +72,17 @@ def main_metric(base, method):
   return None
 
 
+def baseline_rise(steps, values):
+  """Mean rise of a curve above its first value over its steps: RAUC's divisor per step."""
+  steps, values = np.asarray(steps, np.float64), np.asarray(values, np.float64)
+  gain = values - values[0]
+  return float(np.sum((gain[1:] + gain[:-1]) * np.diff(steps)) / 2 / (steps[-1] - steps[0]))
+
+
 def pair_rauc(base, method):
   """mean_spread over seeds of the RAUC (MTO eq. 6) of the method's curve over the baseline's,
-  from the first to the last step of the curve; undefined for a baseline that stays flat."""
+  from the first to the last step of the curve; undefined for a seed whose baseline curve rises
+  less than MIN_BASELINE_RISE (the ratio would be one evaluation's noise over another's)."""
   curves = {r['seed']: r['curve'] for r in base}
   values = []
   for r in method:
@@ -76,9 +90,11 @@ def pair_rauc(base, method):
     if not b or len(b) < 2 or any(v is None for _, v in b + r['curve']):
       continue
     (s1, v1), (s2, v2) = zip(*b), zip(*r['curve'])
+    if baseline_rise(s1, v1) < MIN_BASELINE_RISE:
+      continue
     try:
       values.append(rauc_lib.rauc(s1, v1, s2, v2, s1[0], s1[-1]))
-    except (ZeroDivisionError, ValueError):  # a flat baseline; curves that do not overlap
+    except ValueError:  # curves that do not overlap
       continue
   return mean_spread(values)
 
@@ -204,6 +220,19 @@ def notes_section(records):
   return '\n'.join(lines) or '- none.'
 
 
+def discussion(out):
+  """The hand-written discussion of an existing report at `out`, markers included, or empty
+  markers under a heading for a new one (so regenerating the numbers keeps the analysis)."""
+  kept = ''
+  if os.path.exists(out):
+    with open(out) as f:
+      text = f.read()
+    begin, end = text.find(DISCUSSION_BEGIN), text.find(DISCUSSION_END)
+    if 0 <= begin < end:
+      kept = text[begin + len(DISCUSSION_BEGIN):end].strip()
+  return f'## Discussion\n\n{DISCUSSION_BEGIN}\n{kept}\n{DISCUSSION_END}'
+
+
 def write(out, records, pairs, mode, steps, curve_points, commands, root):
   """Writes the report to `out` and its figures to <out stem>_figures/."""
   results_dir = os.path.dirname(os.path.abspath(out))
@@ -229,7 +258,8 @@ Within a pair the model, data, budget and seeds are identical. Values are mean Â
 deviation over seeds. Î” is the method minus its baseline on the same seed, averaged, in
 percentage points. RAUC is MTO's eq. 6 over the {curve_points}-point accuracy curve (kNN at
 checkpoints for pre-training, test top-1 for supervised runs); above 1 means the method's curve
-rises faster. Final loss is the framework's own term (`loss_<framework>`, which both members of a
+rises faster; n/a where the baseline's curve rises less than {MIN_BASELINE_RISE * 100:.0f} pp on
+average above its first point (the ratio would divide by evaluation noise). Final loss is the framework's own term (`loss_<framework>`, which both members of a
 pair share; method terms excluded). Images/s is the median logged training throughput. Wall
 time of training and evaluation, summed over runs: {hours} h.
 
@@ -238,6 +268,8 @@ time of training and evaluation, summed over runs: {hours} h.
 ## What this shows
 
 {findings(records, pairs)}
+
+{discussion(out)}
 
 ## What this does not show
 

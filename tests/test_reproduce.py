@@ -51,6 +51,26 @@ def test_pair_rauc_of_linear_curves_by_hand():
   assert report.pair_rauc(*_curves(0, [[1, .3], [2, None]], [[1, .3], [2, .5]]))[2] == 0
 
 
+def test_rauc_is_undefined_below_a_one_point_baseline_rise():
+  # Baseline 0.60 -> 0.61 -> 0.60 over steps 0, 10, 20: area above 0.60 = 20 * 0.01 / 2 = 0.1,
+  # mean rise 0.1 / 20 = 0.005 < 0.01, so the method's RAUC is not reported.
+  assert report.baseline_rise([0, 10, 20], [.60, .61, .60]) == pytest.approx(0.005)
+  method = [[0, .6], [10, .9], [20, .9]]
+  assert report.pair_rauc(*_curves(0, [[0, .60], [10, .61], [20, .60]], method))[2] == 0
+  # Baseline rises linearly 0.60 -> 0.64: area 20 * 0.04 / 2 = 0.4; the method's area above 0.60 is
+  # 10 * 0.3 / 2 + 10 * 0.3 = 4.5, so RAUC = 11.25.
+  assert report.pair_rauc(*_curves(0, [[0, .60], [20, .64]], method))[0] == pytest.approx(11.25)
+
+
+def test_regenerating_a_report_keeps_its_hand_written_discussion(tmp_path):
+  out = tmp_path / 'R.md'
+  assert report.discussion(str(out)).count('<!--') == 2  # a new report: empty markers
+  out.write_text(f'# old numbers\n{report.discussion(str(out)).replace(report.DISCUSSION_END, "")}'
+                 f'LUT loses because of X.\n{report.DISCUSSION_END}\nold table\n')
+  kept = report.discussion(str(out))
+  assert 'LUT loses because of X.' in kept and 'old' not in kept
+
+
 def test_summarise_keeps_numbers_and_pictures():
   result = dict(protocol='heterogeneity', step=30, images=256, plot='/w/eval_heterogeneity.png',
                 heterogeneity={'decoder': [0.5, 0.25]}, aad=[[1, 2], [3, 4]], feature='gap',
