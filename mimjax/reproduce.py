@@ -45,6 +45,7 @@ import numpy as np
 from mimjax import evaluate as evaluate_lib
 from mimjax import reproduce_report as report
 from mimjax import train as train_lib
+from mimjax.eval import loading
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,10 +227,35 @@ def measure(row, seed, budget, workdir, overrides, with_diagnostics):
   if with_diagnostics:
     record['diagnostics'] = run_diagnostics(row, workdir)
   record['seconds'] = time.time() - start  # training + evaluation in the session that finished it
+  _save(path, record)
+  return record
+
+
+def measure_random_init(row, seed, workdir):
+  """kNN and linear-probe top-1 of the row's encoder freshly initialised from the run's seed (the
+  floor that pre-training has to clear), cached in WORKDIR/repro_random_init.json."""
+  path = os.path.join(workdir, 'repro_random_init.json')
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  start = time.time()
+  record = dict(row=row, label='random init', seed=seed, workdir=workdir, notes={})
+  try:
+    run = loading.load_run(workdir, random_init=True)
+    for protocol in ('knn', 'linear'):
+      record[protocol] = float(evaluate_lib.PROTOCOLS[protocol](run)['top1'])
+  except Exception as e:  # pylint: disable=broad-except  # reported as n/a with the reason
+    record['notes']['random init'] = _na(e)
+  record['seconds'] = time.time() - start
+  _save(path, record)
+  return record
+
+
+def _save(path, record):
+  """Writes a record atomically, so an interrupted study never leaves a half-written cache."""
   with open(path + '.tmp', 'w') as f:
     json.dump(record, f, indent=1)
   os.replace(path + '.tmp', path)
-  return record
 
 
 def plan(methods, clip_path):
@@ -256,14 +282,17 @@ def run_study(mode='full', seeds=None, out='RESULTS.md', workdir_root='workdirs/
   commands += [train_command(row, workdir(row, '{SEED}'), row_overrides(
       row, '{SEED}', budget, workdir(TEACHER_ROW, '{SEED}'), clip_path)) for row in rows]
   records = {row: [] for row in rows}
+  floors = {row: [] for row in rows if row in PAIRS.values()}
   for seed in seeds:  # seed-major: an interrupted study has whole seeds to report
     for row in rows:
       print(f'[{row} seed {seed}] {workdir(row, seed)}', flush=True)
       overrides = row_overrides(row, seed, budget, workdir(TEACHER_ROW, seed), clip_path)
       records[row].append(measure(row, seed, budget, workdir(row, seed), overrides,
                                   seed == seeds[0]))
+      if row in floors and records[row][-1]['framework'] != 'supervised':
+        floors[row].append(measure_random_init(row, seed, workdir(row, seed)))
   report.write(out, records, [(m, PAIRS[m]) for m in methods], mode, budget.steps,
-               budget.curve_points, commands, root)
+               budget.curve_points, commands, root, floors)
   return records
 
 

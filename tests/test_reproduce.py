@@ -116,14 +116,24 @@ def test_table_and_findings_on_hand_made_records():
       'mae_lut': [_record('mae_lut', s, v, [[1, 0.3], [3, 0.5]], 'MAE + LUT')
                   for s, v in ((0, .75), (1, .76))],
   }
-  rows = _table_rows(report.table(records, [('mae_lut', 'mae')]))
+  # The baseline's random-init encoder: kNN 0.35 / 0.37 (36.0 ± 1.4), linear 0.60 / 0.64
+  # (62.0 ± 2.8); the baseline over it: kNN 0.4 - (0.35, 0.37) = 5, 3 pp -> 4.0 ± 1.4, linear
+  # (0.70 - 0.60, 0.72 - 0.64) = 10, 8 pp -> 9.0 ± 1.4.
+  floors = {'mae': [dict(row='mae', label='random init', seed=s, knn=k, linear=v, notes={})
+                    for s, k, v in ((0, .35, .60), (1, .37, .64))]}
+  rows = _table_rows(report.table(records, [('mae_lut', 'mae')], floors))
   assert rows[2] == ['mae_lut', 'MAE', '2', '0.5000 ± 0.0000', '40.0 ± 0.0', '71.0 ± 1.4', '—',
                      '—', '—', '100 ± 1']
-  assert rows[3][5:9] == ['75.5 ± 0.7', '—', '4.5 ± 0.7 (linear-probe top-1)', '2.00 ± 0.00']
-  text = report.findings(records, [('mae_lut', 'mae')])
+  assert rows[3] == ['mae_lut', '(random init)', '2', '—', '36.0 ± 1.4', '62.0 ± 2.8', '—', '—',
+                     '—', '—']
+  assert rows[4][5:9] == ['75.5 ± 0.7', '—', '4.5 ± 0.7 (linear-probe top-1)', '2.00 ± 0.00']
+  text = report.findings(records, [('mae_lut', 'mae')], floors)
   assert 'paired Δ 4.5 ± 0.7 pp over 2 seed(s): beats the baseline by more than the seed spread' \
       in text
   assert 'RAUC 2.00' in text
+  assert ('the baseline over its randomly initialised encoder: kNN top-1 Δ 4.0 ± 1.4 pp, '
+          'linear-probe top-1 Δ 9.0 ± 1.4 pp') in text
+  assert 'randomly initialised' not in report.findings(records, [('mae_lut', 'mae')])
 
 
 def test_budgets_end_curves_at_the_last_step_and_commands_quote_splits():
@@ -192,7 +202,10 @@ def test_smoke_study_end_to_end_writes_the_table(tmp_path):
   assert rows[0][:3] == ['pair', 'run', 'seeds'] and len(rows[0]) == 10
   assert set(rows[1]) <= {'---'}
   body = rows[2:]
-  assert [r[:3] for r in body] == [['mae_mto', 'MAE', '1'], ['mae_mto', 'MAE + MTO (decoder)', '1']]
+  assert [r[:3] for r in body] == [['mae_mto', 'MAE', '1'], ['mae_mto', '(random init)', '1'],
+                                   ['mae_mto', 'MAE + MTO (decoder)', '1']]
+  floor, body = body[1], body[::2]
+  assert all(re.fullmatch(r'\d+\.\d \(n=1\)', c) for c in floor[4:6]), floor  # kNN, linear
   for r in body:
     assert len(r) == 10
     assert re.fullmatch(r'\d+\.\d{4} \(n=1\)', r[3]), r  # final loss
@@ -210,13 +223,14 @@ def test_smoke_study_end_to_end_writes_the_table(tmp_path):
   assert 'python -m mimjax.train --config configs/mae_mto.py:runlocal' in text
   assert 'jax 0.' in text
 
-  # A rerun reuses the finished runs' records instead of training again.
-  record = root / 'smoke' / 'mae_mto' / 'seed0' / 'repro.json'
-  stamp = record.stat().st_mtime_ns
-  assert json.loads(record.read_text())['steps'] == reproduce.BUDGETS['smoke'].steps
+  # A rerun reuses the finished runs' records (and random-init floors) instead of measuring again.
+  records = [root / 'smoke' / row / 'seed0' / name for row, name in (
+      ('mae_mto', 'repro.json'), ('mae', 'repro.json'), ('mae', 'repro_random_init.json'))]
+  stamps = [r.stat().st_mtime_ns for r in records]
+  assert json.loads(records[0].read_text())['steps'] == reproduce.BUDGETS['smoke'].steps
   proc = run_module(args, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert record.stat().st_mtime_ns == stamp
+  assert [r.stat().st_mtime_ns for r in records] == stamps
 
 
 @pytest.mark.slow  # trains 4 tiny runs: supervised (the teacher), MoTo, distillation, DTM
@@ -226,8 +240,9 @@ def test_smoke_study_supervised_and_distillation_rows(tmp_path):
                      '--out', str(out), '--workdir_root', str(tmp_path / 'runs')], timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   body = _table_rows(out.read_text())[2:]
-  assert [r[1] for r in body] == ['feature distillation', 'distillation + DTM', 'supervised ViT',
-                                  'supervised + MoTo']
+  assert [r[1] for r in body] == ['feature distillation', '(random init)', 'distillation + DTM',
+                                  'supervised ViT', 'supervised + MoTo']
+  body = body[:1] + body[2:]
   for r in body[2:]:  # supervised rows: test top-1 only
     assert r[4:6] == ['—', '—'] and re.fullmatch(r'\d+\.\d \(n=1\)', r[6]), r
   assert re.fullmatch(r'\d+\.\d \(n=1\)', body[0][4]), body[0]  # the student's kNN
