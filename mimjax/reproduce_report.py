@@ -41,23 +41,34 @@ def mean_spread(values):
   return float(np.mean(values)), spread, len(values)
 
 
+def seed_deltas(baseline, method):
+  """method - baseline per seed, over the seeds both have, in seed order; args map seed -> value."""
+  return [method[s] - baseline[s] for s in sorted(method)
+          if baseline.get(s) is not None and method[s] is not None]
+
+
 def paired_delta(baseline, method):
   """mean_spread of method - baseline over the seeds both have; args map seed -> value."""
-  return mean_spread([method[s] - baseline[s] for s in method
-                      if baseline.get(s) is not None and method[s] is not None])
+  return mean_spread(seed_deltas(baseline, method))
 
 
-def verdict(mean, spread):
-  """One phrase: does the method beat its baseline by more than the spread over seeds?"""
-  if mean is None:
+def verdict(deltas):
+  """One phrase on the seed-wise differences (method - baseline) of a pair's headline metric.
+
+  With a handful of seeds no test has power, so this says only whether the sign is the same on
+  every seed; the caveat under the findings says how little that proves with two seeds.
+  """
+  if not deltas:
     return 'not measured'
-  if spread is None:
-    side = 'above' if mean > 0 else 'below' if mean < 0 else 'equal to'
+  if len(deltas) == 1:
+    side = 'above' if deltas[0] > 0 else 'below' if deltas[0] < 0 else 'equal to'
     return f'{side} the baseline on one seed only: no spread to judge it against'
-  if abs(mean) > spread:
-    return ('beats the baseline' if mean > 0 else 'falls below the baseline') + (
-        ' by more than the seed spread')
-  return 'within the seed spread of the baseline: no measurable difference at this scale'
+  per_seed = ', '.join(f'{d * 100:+.1f}' for d in deltas)
+  if all(d > 0 for d in deltas):
+    return f'above the baseline on every seed (Δ per seed {per_seed} pp)'
+  if all(d < 0 for d in deltas):
+    return f'below the baseline on every seed (Δ per seed {per_seed} pp)'
+  return f'no consistent direction over seeds (Δ per seed {per_seed} pp)'
 
 
 def by_seed(records, key):
@@ -79,17 +90,32 @@ def baseline_rise(steps, values):
   return float(np.sum((gain[1:] + gain[:-1]) * np.diff(steps)) / 2 / (steps[-1] - steps[0]))
 
 
-def pair_rauc(base, method):
+def with_start(curve, start):
+  """The curve with (0, start) in front. A pre-training run's step-0 encoder is its random init,
+  and a method's is its baseline's (tested), so the baseline's random-init kNN starts both curves.
+  A `start` of None, or a curve that already has step 0, leaves the curve as it is."""
+  if start is None or not curve or curve[0][0] == 0:
+    return curve
+  return [[0, start], *curve]
+
+
+def pair_rauc(base, method, floor=None):
   """mean_spread over seeds of the RAUC (MTO eq. 6) of the method's curve over the baseline's,
-  from the first to the last step of the curve; undefined for a seed whose baseline curve rises
-  less than MIN_BASELINE_RISE (the ratio would be one evaluation's noise over another's)."""
+  from the first to the last step of the curve. With `floor` (the baseline's random-init records)
+  both curves start at step 0 from the same seed's random-init kNN, so the divisor is what
+  pre-training gains over a random encoder. Undefined for a seed whose baseline curve rises less
+  than MIN_BASELINE_RISE (the ratio would be one evaluation's noise over another's)."""
   curves = {r['seed']: r['curve'] for r in base}
+  starts = by_seed(floor or [], 'knn')
   values = []
   for r in method:
     b = curves.get(r['seed'])
-    if not b or len(b) < 2 or any(v is None for _, v in b + r['curve']):
+    if not b or any(v is None for _, v in b + r['curve']):
       continue
-    (s1, v1), (s2, v2) = zip(*b), zip(*r['curve'])
+    b, m = (with_start(c, starts.get(r['seed'])) for c in (b, r['curve']))
+    if len(b) < 2:
+      continue
+    (s1, v1), (s2, v2) = zip(*b), zip(*m)
     if baseline_rise(s1, v1) < MIN_BASELINE_RISE:
       continue
     try:
@@ -109,11 +135,17 @@ def fmt(mean, spread, n, scale=100.0, digits=1):
   return text + (' (n=1)' if n == 1 else '')
 
 
-def table(records, pairs, floors=None):
+def step_ms(images_per_sec, batch_size):
+  """Training step time in milliseconds from a throughput, or None without one."""
+  return 1000.0 * batch_size / images_per_sec if images_per_sec else None
+
+
+def table(records, pairs, floors=None, batch_size=None):
   """Markdown table: per pair its baseline, the baseline's randomly initialised encoder (from
   `floors`, row -> records, where measured), then the method; mean ± spread over seeds."""
   lines = ['| pair | run | seeds | final loss | kNN top-1 (%) | linear top-1 (%) | '
-           'test top-1 (%) | Δ vs baseline (pp) | RAUC | images/s |', '|' + '---|' * 10]
+           'test top-1 (%) | Δ vs baseline (pp) | RAUC | images/s | step (ms) |',
+           '|' + '---|' * 11]
   for method, base in pairs:
     metric = main_metric(records[base], records[method])
     for row in (base, method):
@@ -129,15 +161,18 @@ def table(records, pairs, floors=None):
       else:
         delta = paired_delta(by_seed(records[base], metric), by_seed(rs, metric))
         cells += [f'{fmt(*delta)} ({METRIC_NAMES[metric]})',
-                  fmt(*pair_rauc(records[base], rs), scale=1.0, digits=2)]
+                  fmt(*pair_rauc(records[base], rs, (floors or {}).get(base)), scale=1.0,
+                      digits=2)]
       cells.append(fmt(*mean_spread([r['images_per_sec'] for r in rs]), scale=1.0, digits=0))
+      cells.append(fmt(*mean_spread([step_ms(r['images_per_sec'], batch_size) for r in rs]),
+                       scale=1.0, digits=0) if batch_size else '—')
       lines.append('| ' + ' | '.join(cells) + ' |')
       floor = (floors or {}).get(row)
       if floor:
         lines.append('| ' + ' | '.join(
             [method, f'({floor[0]["label"]})', str(len(floor)), '—',
              *(fmt(*mean_spread([r.get(k) for r in floor])) for k in ('knn', 'linear')),
-             '—', '—', '—', '—']) + ' |')
+             '—', '—', '—', '—', '—']) + ' |')
   return '\n'.join(lines)
 
 
@@ -163,15 +198,16 @@ def findings(records, pairs, floors=None):
     if metric is None:
       out.append(f'- **{label}** vs {base_label}: no accuracy was measured.')
       continue
-    mean, spread, n = paired_delta(by_seed(records[base], metric), by_seed(records[method], metric))
-    r_mean, _, r_n = pair_rauc(records[base], records[method])
+    deltas = seed_deltas(by_seed(records[base], metric), by_seed(records[method], metric))
+    mean, spread, n = mean_spread(deltas)
+    r_mean, _, r_n = pair_rauc(records[base], records[method], (floors or {}).get(base))
     rauc_text = (f'; RAUC {r_mean:.2f} ({"above" if r_mean > 1 else "not above"} 1: '
                  f'{"faster" if r_mean > 1 else "not faster"} than the baseline along the curve)'
                  if r_n else '')
     values = [fmt(*mean_spread(by_seed(records[r], metric).values())) for r in (method, base)]
     out.append(f'- **{label}** vs {base_label}: {METRIC_NAMES[metric]} {values[0]} vs '
                f'{values[1]}, paired Δ {fmt(mean, spread, n)} pp over {n} seed(s): '
-               f'{verdict(mean, spread)}{rauc_text}'
+               f'{verdict(deltas)}{rauc_text}'
                f'{floor_text(records[base], (floors or {}).get(base))}.')
   return '\n'.join(out)
 
@@ -269,8 +305,10 @@ def write(out, records, pairs, mode, steps, curve_points, commands, root, floors
   seconds = sum(r['seconds'] for group in (records, floors) for rs in group.values() for r in rs)
   spread_caveat = ("With one seed there is no spread: any difference may be seed noise."
                    if len(seeds) < 2 else
-                   f"With {len(seeds)} seeds the spread is a rough estimate, so 'more than the "
-                   "seed spread' is a screening signal, not a significance test.")
+                   f"With {len(seeds)} seeds the spread is a rough estimate and 'on every seed' "
+                   f"is weak evidence: a method with no effect is on the same side of its "
+                   f"baseline on all {len(seeds)} seeds with probability "
+                   f"{2 * 0.5 ** len(seeds):.2g}.")
   text = f"""# Small-scale reproduction study ({mode})
 
 Generated {datetime.datetime.now().isoformat(timespec='minutes')} by `{commands[0]}`.
@@ -280,16 +318,19 @@ kNN memory and probe training on `{config.data.train_split}`, evaluation on
 `{config.data.eval_split}`; every run {steps} steps at batch {config.batch_size}, seeds {seeds}.
 Within a pair the model, data, budget and seeds are identical. Values are mean ± sample standard
 deviation over seeds. Δ is the method minus its baseline on the same seed, averaged, in
-percentage points. RAUC is MTO's eq. 6 over the {curve_points}-point accuracy curve (kNN at
-checkpoints for pre-training, test top-1 for supervised runs); above 1 means the method's curve
-rises faster; n/a where the baseline's curve rises less than {MIN_BASELINE_RISE * 100:.0f} pp on
-average above its first point (the ratio would divide by evaluation noise). "(random init)" rows
+percentage points. RAUC is MTO's eq. 6 over the accuracy curve (kNN at {curve_points}
+checkpoints for pre-training, starting at step 0 from the baseline's random-init kNN, which is
+also the method's step-0 encoder; test top-1 at {curve_points} evaluations for supervised runs);
+above 1 means the method's curve gains more over the baseline's start than the baseline does;
+n/a where the baseline's curve rises less than {MIN_BASELINE_RISE * 100:.0f} pp on average above
+its first point (the ratio would divide by evaluation noise). "(random init)" rows
 evaluate the baseline's encoder freshly initialised from the same seed: the floor pre-training
 has to clear. Final loss is the framework's own term (`loss_<framework>`, which both members of a
-pair share; method terms excluded). Images/s is the median logged training throughput. Wall
+pair share; method terms excluded). Images/s is the median logged training throughput and step
+the time of one training step at that throughput. Wall
 time of training and evaluation, summed over runs: {seconds / 3600:.2f} h.
 
-{table(records, pairs, floors)}
+{table(records, pairs, floors, config.batch_size)}
 
 ## What this shows
 

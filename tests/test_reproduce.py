@@ -81,11 +81,31 @@ def test_summarise_keeps_numbers_and_pictures():
       figures=['/w/a.png', '/w/eval_heterogeneity.png'])
 
 
-def test_verdict_compares_delta_with_spread():
-  assert report.verdict(0.03, 0.01).startswith('beats the baseline by more than')
-  assert report.verdict(-0.03, 0.01).startswith('falls below the baseline by more than')
-  assert report.verdict(0.005, 0.01).startswith('within the seed spread')
-  assert 'one seed only' in report.verdict(0.02, None)
+def test_verdict_reads_the_sign_on_every_seed():
+  assert report.verdict([0.03, 0.001]) == 'above the baseline on every seed (Δ per seed +3.0, +0.1 pp)'
+  assert report.verdict([-0.03, -0.02]).startswith('below the baseline on every seed')
+  assert report.verdict([0.05, -0.001]) == ('no consistent direction over seeds '
+                                            '(Δ per seed +5.0, -0.1 pp)')
+  assert report.verdict([0.0, 0.02]).startswith('no consistent direction')
+  assert 'one seed only' in report.verdict([0.02])
+  assert report.verdict([]) == 'not measured'
+
+
+def test_seed_deltas_follow_seed_order():
+  assert report.seed_deltas({0: .5, 1: .6, 2: None}, {1: .7, 0: .4, 2: .9}) == \
+      [pytest.approx(-.1), pytest.approx(.1)]
+
+
+def test_rauc_starts_at_the_random_init_floor():
+  # Floor 0.1 at step 0; S1 0.2 -> 0.4 and S2 0.3 -> 0.5 at steps 1, 3. Area of S1 above 0.1:
+  # [0, 1] 0.1 / 2 = 0.05, [1, 3] (0.1 + 0.3) = 0.4 -> 0.45; of S2: 0.2 / 2 + (0.2 + 0.4) = 0.7.
+  # RAUC 0.7 / 0.45 = 1.556 (without the floor it is 2, as in test_pair_rauc_of_linear_curves).
+  base, method = _curves(0, [[1, .2], [3, .4]], [[1, .3], [3, .5]])
+  floor = [dict(seed=0, knn=.1)]
+  assert report.pair_rauc(base, method, floor)[0] == pytest.approx(0.7 / 0.45)
+  assert report.pair_rauc(base, method, [dict(seed=1, knn=.1)])[0] == pytest.approx(2.0)
+  assert report.with_start([[0, .3], [5, .4]], .1) == [[0, .3], [5, .4]]
+  assert report.with_start([[5, .4]], None) == [[5, .4]]
 
 
 def test_fmt_percent_and_single_seed():
@@ -110,30 +130,35 @@ def test_table_and_findings_on_hand_made_records():
   # Linear top-1, baseline 0.70 / 0.72, method 0.75 / 0.76: paired deltas 5 and 4 pp, so
   # Δ = 4.5 ± 0.7 pp (std of (5, 4) = 1 / sqrt 2); baseline mean 71.0 ± 1.4, method 75.5 ± 0.7.
   # kNN curves at steps 1, 3: baseline 0.2 -> 0.4 (kNN 40.0), method 0.3 -> 0.5 on both seeds:
-  # RAUC 2 (worked out in test_rauc_of_linear_curves_by_hand).
+  # RAUC 2 (worked out in test_pair_rauc_of_linear_curves_by_hand) without the floors.
   records = {
       'mae': [_record('mae', s, v, [[1, 0.2], [3, 0.4]], 'MAE') for s, v in ((0, .70), (1, .72))],
       'mae_lut': [_record('mae_lut', s, v, [[1, 0.3], [3, 0.5]], 'MAE + LUT')
                   for s, v in ((0, .75), (1, .76))],
   }
-  # The baseline's random-init encoder: kNN 0.35 / 0.37 (36.0 ± 1.4), linear 0.60 / 0.64
-  # (62.0 ± 2.8); the baseline over it: kNN 0.4 - (0.35, 0.37) = 5, 3 pp -> 4.0 ± 1.4, linear
-  # (0.70 - 0.60, 0.72 - 0.64) = 10, 8 pp -> 9.0 ± 1.4.
+  # The baseline's random-init encoder: kNN 0.10 / 0.12 (11.0 ± 1.4), linear 0.60 / 0.64
+  # (62.0 ± 2.8); the baseline over it: kNN 0.4 - (0.10, 0.12) = 30, 28 pp -> 29.0 ± 1.4, linear
+  # (0.70 - 0.60, 0.72 - 0.64) = 10, 8 pp -> 9.0 ± 1.4. With the floors starting the curves at
+  # step 0, RAUC is 0.7 / 0.45 = 1.556 on seed 0 (test_rauc_starts_at_the_random_init_floor) and
+  # on seed 1 (floor 0.12) (0.18 / 2 + 0.56) / (0.08 / 2 + 0.36) = 0.65 / 0.40 = 1.625:
+  # 1.59 ± 0.05.
   floors = {'mae': [dict(row='mae', label='random init', seed=s, knn=k, linear=v, notes={})
-                    for s, k, v in ((0, .35, .60), (1, .37, .64))]}
-  rows = _table_rows(report.table(records, [('mae_lut', 'mae')], floors))
+                    for s, k, v in ((0, .10, .60), (1, .12, .64))]}
+  # Throughput 100 and 101 images/s at batch 128: steps of 1280 and 1267.3 ms, 1274 ± 9.
+  rows = _table_rows(report.table(records, [('mae_lut', 'mae')], floors, batch_size=128))
   assert rows[2] == ['mae_lut', 'MAE', '2', '0.5000 ± 0.0000', '40.0 ± 0.0', '71.0 ± 1.4', '—',
-                     '—', '—', '100 ± 1']
-  assert rows[3] == ['mae_lut', '(random init)', '2', '—', '36.0 ± 1.4', '62.0 ± 2.8', '—', '—',
-                     '—', '—']
-  assert rows[4][5:9] == ['75.5 ± 0.7', '—', '4.5 ± 0.7 (linear-probe top-1)', '2.00 ± 0.00']
+                     '—', '—', '100 ± 1', '1274 ± 9']
+  assert rows[3] == ['mae_lut', '(random init)', '2', '—', '11.0 ± 1.4', '62.0 ± 2.8', '—', '—',
+                     '—', '—', '—']
+  assert rows[4][5:9] == ['75.5 ± 0.7', '—', '4.5 ± 0.7 (linear-probe top-1)', '1.59 ± 0.05']
+  assert _table_rows(report.table(records, [('mae_lut', 'mae')]))[3][8] == '2.00 ± 0.00'
   text = report.findings(records, [('mae_lut', 'mae')], floors)
-  assert 'paired Δ 4.5 ± 0.7 pp over 2 seed(s): beats the baseline by more than the seed spread' \
-      in text
-  assert 'RAUC 2.00' in text
-  assert ('the baseline over its randomly initialised encoder: kNN top-1 Δ 4.0 ± 1.4 pp, '
+  assert ('paired Δ 4.5 ± 0.7 pp over 2 seed(s): above the baseline on every seed '
+          '(Δ per seed +5.0, +4.0 pp); RAUC 1.59') in text
+  assert ('the baseline over its randomly initialised encoder: kNN top-1 Δ 29.0 ± 1.4 pp, '
           'linear-probe top-1 Δ 9.0 ± 1.4 pp') in text
-  assert 'randomly initialised' not in report.findings(records, [('mae_lut', 'mae')])
+  without_floors = report.findings(records, [('mae_lut', 'mae')])
+  assert 'randomly initialised' not in without_floors and 'RAUC 2.00' in without_floors
 
 
 def test_budgets_end_curves_at_the_last_step_and_commands_quote_splits():
@@ -163,6 +188,17 @@ def test_runs_of_a_pair_differ_only_by_method():
   assert (distill.distill.teacher, distill.distill.teacher_workdir) == ('checkpoint', teacher)
   sup = reproduce.build_config('supervised', reproduce.row_overrides('supervised', 0, budget))
   assert sup.eval.every_steps == budget.steps // budget.curve_points
+
+
+def test_a_rows_own_overrides_reach_its_config_and_command():
+  budget = reproduce.BUDGETS['full']
+  paper = reproduce.build_config('mae_lut', reproduce.row_overrides('mae_lut', 0, budget))
+  overrides = reproduce.row_overrides('mae_lut_short_ema', 0, budget)
+  short = reproduce.build_config('mae_lut_short_ema', overrides)
+  assert (paper.lut.momentum, short.lut.momentum) == (0.996, 0.97)
+  assert short.total_steps == budget.steps  # the budget still applies
+  assert '--config.lut.momentum=0.97' in reproduce.train_command('mae_lut_short_ema', '/w',
+                                                                 overrides).split()
 
 
 def test_plan_adds_baselines_and_the_teacher():
@@ -250,3 +286,30 @@ def test_smoke_study_supervised_and_distillation_rows(tmp_path):
   for name in ('supervised_moto_eval_moto_layout.png', 'distill_dtm_eval_morphing.png'):
     assert os.path.exists(figures / name), name
   assert '## Evaluations that could not run\n\n- none.' in out.read_text()
+
+
+def _random_encoder(row, tmp_path):
+  """The encoder params a study run of `row` starts from (smoke budget, seed 3)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from mimjax import frameworks  # pylint: disable=g-import-not-at-top
+  from mimjax import train_step  # pylint: disable=g-import-not-at-top
+  from mimjax.data import pipeline  # pylint: disable=g-import-not-at-top
+  budget = reproduce.BUDGETS['smoke']
+  config = reproduce.build_config(row, reproduce.row_overrides(
+      row, 3, budget, str(tmp_path / 'teacher')))
+  sample = jax.tree_util.tree_map(lambda x: x[:2], next(pipeline.train_batches(config, 0)))
+  init_fn, _, _, _ = train_step.build(frameworks.build(config), config, sample)
+  return jax.jit(init_fn)().params['encoder']
+
+
+@pytest.mark.parametrize('method', ['mae_lut', 'mae_mto', 'simmim_mto'])
+def test_method_starts_from_its_baselines_random_encoder(method, tmp_path):
+  # The report starts both curves of a pre-training pair at step 0 from the baseline's random-init
+  # evaluation; that is only right if the method's step-0 encoder is the baseline's, bit for bit.
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  base = _random_encoder(reproduce.PAIRS[method], tmp_path)
+  other = _random_encoder(method, tmp_path)
+  assert jax.tree_util.tree_structure(base) == jax.tree_util.tree_structure(other)
+  for a, b in zip(jax.tree_util.tree_leaves(base), jax.tree_util.tree_leaves(other)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
