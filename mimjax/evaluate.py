@@ -87,10 +87,11 @@ def _check_options(protocol, fn, options):
                                  f'{sorted(accepted) or "none"}.')
 
 
-def evaluate(workdir, protocol, step=None, compare_random_init=False, **options):
+def evaluate(workdir, protocol, step=None, compare_random_init=False, run=None, **options):
   """Runs `protocol` on a workdir; writes and returns DIR/eval_<protocol>.json.
 
-  `options` go to the protocol function (e.g. feature=, k= for knn).
+  `options` go to the protocol function (e.g. feature=, k= for knn). `run`, a Run already loaded
+  from this workdir (`step` is then ignored), lets several protocols share its extracted features.
   """
   if protocol in CURVE_PROTOCOLS:
     _check_options(protocol, CURVE_PROTOCOLS[protocol], options)
@@ -101,7 +102,7 @@ def evaluate(workdir, protocol, step=None, compare_random_init=False, **options)
   elif protocol in PROTOCOLS:
     fn = PROTOCOLS[protocol]
     _check_options(protocol, fn, options)
-    run = loading.load_run(workdir, step)
+    run = run or loading.load_run(workdir, step)
     result = dict(protocol=protocol, step=run.step, split=run.config.data.eval_split,
                   **fn(run, **options))
     if compare_random_init:

@@ -222,3 +222,19 @@ def test_pretrained_encoder_beats_random_init_on_knn_and_linear(tmp_path):
   for protocol in ('knn', 'linear'):
     result = evaluate.evaluate(str(tmp_path), protocol, compare_random_init=True)
     assert result['top1'] > result['random_init']['top1'] + 0.01, (protocol, result)
+
+
+def test_protocols_on_one_loaded_run_share_its_features(pretrained, monkeypatch):
+  # kNN then the linear probe on one Run: the same top-1 as each on its own freshly loaded run,
+  # with one pass over each split instead of one per protocol.
+  from mimjax.eval import features as features_lib  # pylint: disable=g-import-not-at-top
+  from mimjax.eval import loading  # pylint: disable=g-import-not-at-top
+  alone = {p: evaluate.evaluate(pretrained, p)['top1'] for p in ('knn', 'linear')}
+  passes = []
+  real = features_lib._extract  # pylint: disable=protected-access
+  monkeypatch.setattr(features_lib, '_extract', lambda run, split, *a: passes.append(split) or
+                      real(run, split, *a))
+  run = loading.load_run(pretrained)
+  shared = {p: evaluate.evaluate(pretrained, p, run=run)['top1'] for p in ('knn', 'linear')}
+  assert shared == pytest.approx(alone, abs=1e-6)
+  assert sorted(passes) == sorted([run.config.data.train_split, run.config.data.eval_split])

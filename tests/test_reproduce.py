@@ -190,17 +190,6 @@ def test_runs_of_a_pair_differ_only_by_method():
   assert sup.eval.every_steps == budget.steps // budget.curve_points
 
 
-def test_a_rows_own_overrides_reach_its_config_and_command():
-  budget = reproduce.BUDGETS['full']
-  paper = reproduce.build_config('mae_lut', reproduce.row_overrides('mae_lut', 0, budget))
-  overrides = reproduce.row_overrides('mae_lut_short_ema', 0, budget)
-  short = reproduce.build_config('mae_lut_short_ema', overrides)
-  assert (paper.lut.momentum, short.lut.momentum) == (0.996, 0.97)
-  assert short.total_steps == budget.steps  # the budget still applies
-  assert '--config.lut.momentum=0.97' in reproduce.train_command('mae_lut_short_ema', '/w',
-                                                                 overrides).split()
-
-
 def test_plan_adds_baselines_and_the_teacher():
   assert reproduce.plan(['mae_lut'], None) == ['mae', 'mae_lut']
   assert reproduce.plan(['distill_dtm'], None) == ['supervised', 'distill', 'distill_dtm']

@@ -45,9 +45,17 @@ def map_batches(run, split, fn, max_examples=None, mesh=None):
 
 
 def extract(run, split, feature='pooled', mesh=None):
-  """(features float32 [n, D], labels int32 [n]) of this host's part of `split`."""
+  """(features float32 [n, D], labels int32 [n]) of this host's part of `split`, computed once
+  per Run (kept in `run.features`; treat the arrays as read-only)."""
   if feature == 'cls' and not run.config.model.cls_token:
     raise ValueError('feature "cls" needs a model with a cls token; use "gap".')
+  key = (split, feature, mesh)
+  if key not in run.features:
+    run.features[key] = _extract(run, split, feature, mesh)
+  return run.features[key]
+
+
+def _extract(run, split, feature, mesh):
   encoder = run.framework.build_encoder()
 
   def embed(params, images):

@@ -22,6 +22,9 @@ class Run:
   step: int  # 0 for a randomly initialised model
   workdir: str
   random_init: bool = False
+  # (split, feature, mesh) -> (features, labels) already extracted from these params, so that
+  # protocols run on one loaded Run (kNN and linear probe) share a pass over the data.
+  features: dict = dataclasses.field(default_factory=dict, repr=False)
 
   def output_path(self, name):
     """WORKDIR/eval_<name> for files a protocol writes; '_random_init' marks the baseline's."""
