@@ -1,7 +1,7 @@
 r"""Small-scale reproduction study: every method against its baseline, one command, one table.
 
   python -m mimjax.reproduce --quick     # one seed of every row, RESULTS.md (~25 min, 2 cores)
-  python -m mimjax.reproduce             # the study: 2 seeds of every row (~2 h 10 min)
+  python -m mimjax.reproduce             # the study: 2 seeds of every row (~2 h)
   python -m mimjax.reproduce --rows mae_lut,distill_dtm --seeds 3 --out /tmp/R.md
 
 Matched pairs (PAIRS): within a pair the model (pico/4 ViT), data (Fashion-MNIST at 28 px), budget
@@ -16,16 +16,16 @@ ViT-B/16: meant for an accelerator, far outside the CPU budget). Evaluations and
 (attention distance, heterogeneity, DTM morphing, MoTo layout) are `mimjax.evaluate` protocols,
 called by name; one that fails is reported as n/a with the reason instead of stopping the study.
 
-Plan. 10-step runs at batch 128 on this 2-core machine while ~5 other processes shared it gave
-(images/s): MAE 130, supervised 75, MAE+LUT 40, distillation 40, SimMIM+MTO 32, supervised with
-MoTo and TokenProp 56; a kNN over 6k images took 30 s with its start-up. Scaled by ~2.5 for free
-cores, one training image through all 11 rows costs ~0.075 s, and each training or evaluation
-call ~10-25 s of start-up (compilation, data).
+Cost, measured on an otherwise idle 2-core machine (XLA:CPU): 210 training steps of batch 128 take
+2.5-4 min per row (MAE ~190 images/s, MAE+LUT ~140); one pass of the pico encoder over the 30k
+kNN images (20k memory, 10k queries) ~70 s, so the kNN at a checkpoint costs ~80 s with its
+start-up, and the probe on the final checkpoint's features (shared with its kNN) a few seconds;
+a random-init floor ~90 s.
 - full: 2 seeds, 210 steps per run (27k images: 1.3 passes over the first 20k training images),
-  kNN at 3 checkpoints + 1 linear probe per pre-training run with the 20k images as memory and
-  the 10k test images as queries: per seed ~34 min of training, ~5 min of start-up, ~25 min of
-  evaluation; ~2 h 10 min in all (an estimate from a loaded machine: +-40%).
-- quick: 1 seed, 60 steps, kNN at 2 checkpoints, 5k training / 1k test images: ~25 min.
+  kNN at 2 checkpoints + 1 linear probe per pre-training run with the 20k images as memory and
+  the 10k test images as queries, random-init floors for the 3 pre-training baselines: ~1 h per
+  seed.
+- quick: 1 seed, 60 steps, kNN at 2 checkpoints, 5k training / 1k test images.
 Runs and their evaluations are cached: WORKDIR_ROOT/<mode>/<row>/seed<k>/repro.json holds a
 finished run's record, so a rerun skips it and resumes an interrupted run from its checkpoint.
 """

@@ -224,7 +224,7 @@ def test_smoke_study_end_to_end_writes_the_table(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   text = out.read_text()
   rows = _table_rows(text)
-  assert rows[0][:3] == ['pair', 'run', 'seeds'] and len(rows[0]) == 10
+  assert rows[0][:3] == ['pair', 'run', 'seeds'] and len(rows[0]) == 11
   assert set(rows[1]) <= {'---'}
   body = rows[2:]
   assert [r[:3] for r in body] == [['mae_mto', 'MAE', '1'], ['mae_mto', '(random init)', '1'],
@@ -232,11 +232,12 @@ def test_smoke_study_end_to_end_writes_the_table(tmp_path):
   floor, body = body[1], body[::2]
   assert all(re.fullmatch(r'\d+\.\d \(n=1\)', c) for c in floor[4:6]), floor  # kNN, linear
   for r in body:
-    assert len(r) == 10
+    assert len(r) == 11
     assert re.fullmatch(r'\d+\.\d{4} \(n=1\)', r[3]), r  # final loss
     assert re.fullmatch(r'\d+\.\d \(n=1\)', r[4]), r  # kNN top-1 on 128 test images
     assert re.fullmatch(r'\d+\.\d \(n=1\)', r[5]), r  # linear probe
     assert r[6] == '—'  # no supervised test top-1 for pre-training runs
+    assert re.fullmatch(r'\d+ \(n=1\)', r[10]), r  # step time in ms
   assert body[0][7:9] == ['—', '—']
   assert re.fullmatch(r'-?\d+\.\d \(n=1\) \((kNN|linear-probe) top-1\)', body[1][7]), body[1]
   for name in ('mae_mto.png', 'mae_eval_heterogeneity.png', 'mae_mto_eval_heterogeneity.png',
