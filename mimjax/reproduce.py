@@ -278,8 +278,12 @@ def plan(methods, clip_path):
 
 
 def run_study(mode='full', seeds=None, out='RESULTS.md', workdir_root='workdirs/repro',
-              methods=None, clip_path=None, argv=()):
-  """Runs (or resumes) every run the methods need, writes `out`; returns the records per row."""
+              methods=None, clip_path=None, argv=(), report_only=False):
+  """Runs (or resumes) every run the methods need, writes `out`; returns the records per row.
+
+  With `report_only`, runs nothing: the report covers the runs that have finished (a stopped
+  study) and lists the others as not finished.
+  """
   budget = BUDGETS[mode]
   unknown = sorted(set(methods or ()) - set(PAIRS))
   if unknown:
@@ -289,21 +293,34 @@ def run_study(mode='full', seeds=None, out='RESULTS.md', workdir_root='workdirs/
   root = os.path.join(workdir_root, mode)
   workdir = lambda row, seed: os.path.join(root, row, f'seed{seed}')
   rows = plan(methods, clip_path)
-  commands = [' '.join(['python -m mimjax.reproduce', *map(shlex.quote, argv)])]
+  study_argv = [a for a in argv if a not in ('--report_only', '--noreport_only')]
+  commands = [' '.join(['python -m mimjax.reproduce', *map(shlex.quote, study_argv)])]
   commands += [train_command(row, workdir(row, '{SEED}'), row_overrides(
       row, '{SEED}', budget, workdir(TEACHER_ROW, '{SEED}'), clip_path)) for row in rows]
   records = {row: [] for row in rows}
   floors = {row: [] for row in rows if row in PAIRS.values()}
+  unfinished = []
   for seed in seeds:  # seed-major: an interrupted study has whole seeds to report
     for row in rows:
+      if report_only and not os.path.exists(os.path.join(workdir(row, seed), 'repro.json')):
+        unfinished.append(f'{row} seed {seed}')
+        continue
       print(f'[{row} seed {seed}] {workdir(row, seed)}', flush=True)
       overrides = row_overrides(row, seed, budget, workdir(TEACHER_ROW, seed), clip_path)
       records[row].append(measure(row, seed, budget, workdir(row, seed), overrides,
                                   seed == seeds[0]))
-      if row in floors and records[row][-1]['framework'] != 'supervised':
-        floors[row].append(measure_random_init(row, seed, workdir(row, seed)))
-  report.write(out, records, [(m, PAIRS[m]) for m in methods], mode, budget.steps,
-               budget.curve_points, commands, root, floors)
+      if row not in floors or records[row][-1]['framework'] == 'supervised':
+        continue
+      if report_only and not os.path.exists(
+          os.path.join(workdir(row, seed), 'repro_random_init.json')):
+        unfinished.append(f'{row} seed {seed} (random init)')
+        continue
+      floors[row].append(measure_random_init(row, seed, workdir(row, seed)))
+  pairs = [(m, PAIRS[m]) for m in methods if records[m] and records[PAIRS[m]]]
+  if not pairs:
+    raise ValueError(f'No pair has a finished run under {root}; run the study first.')
+  report.write(out, records, pairs, mode, budget.steps, budget.curve_points, commands, root,
+               floors, unfinished)
   return records
 
 
@@ -317,6 +334,8 @@ def define_flags():
   flags.DEFINE_list('rows', None, f'Method rows (baselines come along): {", ".join(PAIRS)}.')
   flags.DEFINE_string('clip_path', None, 'Distil from this local CLIP ViT-B/16 checkpoint instead '
                       'of the supervised run (an accelerator job).')
+  flags.DEFINE_bool('report_only', False, 'Run nothing: write the report from the runs that have '
+                    'finished, listing the others (for a study stopped part-way).')
 
 
 def main(argv):
@@ -328,7 +347,8 @@ def main(argv):
   if not f['verbosity'].present:  # TFDS and Orbax are chatty at INFO
     logging.set_verbosity(logging.WARNING)
   mode = 'smoke' if f.smoke else 'quick' if f.quick else 'full'
-  run_study(mode, f.seeds, f.out, f.workdir_root, f.rows, f.clip_path, sys.argv[1:])
+  run_study(mode, f.seeds, f.out, f.workdir_root, f.rows, f.clip_path, sys.argv[1:],
+            f.report_only)
   print(f'Wrote {f.out}')
 
 

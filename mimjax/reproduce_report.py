@@ -291,10 +291,16 @@ def discussion(out):
   return f'## Discussion\n\n{DISCUSSION_BEGIN}\n{kept}\n{DISCUSSION_END}'
 
 
-def write(out, records, pairs, mode, steps, curve_points, commands, root, floors=None):
+def write(out, records, pairs, mode, steps, curve_points, commands, root, floors=None,
+          unfinished=()):
   """Writes the report to `out` and its figures to <out stem>_figures/; `floors` maps baseline
-  rows to the records of their randomly initialised encoders."""
+  rows to the records of their randomly initialised encoders, `unfinished` names the runs of a
+  stopped study that the report lacks."""
   floors = floors or {}
+  status = (f'\n**Incomplete:** the study was stopped before these runs finished: '
+            f'{", ".join(unfinished)}. Rows lacking a seed are averaged over the seeds they '
+            f'have (see the seeds column); rerunning the command finishes them.\n'
+            if unfinished else '')
   results_dir = os.path.dirname(os.path.abspath(out))
   figures_dir = os.path.splitext(os.path.abspath(out))[0] + '_figures'
   os.makedirs(figures_dir, exist_ok=True)
@@ -312,7 +318,7 @@ def write(out, records, pairs, mode, steps, curve_points, commands, root, floors
   text = f"""# Small-scale reproduction study ({mode})
 
 Generated {datetime.datetime.now().isoformat(timespec='minutes')} by `{commands[0]}`.
-
+{status}
 Setup: Fashion-MNIST at {config.data.image_size} px, ViT `{config.model.variant}`; pre-training,
 kNN memory and probe training on `{config.data.train_split}`, evaluation on
 `{config.data.eval_split}`; every run {steps} steps at batch {config.batch_size}, seeds {seeds}.

@@ -258,6 +258,21 @@ def test_smoke_study_end_to_end_writes_the_table(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert [r.stat().st_mtime_ns for r in records] == stamps
 
+  # A stopped study: --report_only reports the finished runs and names the missing ones.
+  partial = tmp_path / 'PARTIAL.md'
+  reproduce.run_study('smoke', seeds=2, out=str(partial), workdir_root=str(root),
+                      methods=['mae_mto'], report_only=True, argv=['--smoke', '--report_only'])
+  text = partial.read_text()
+  assert 'the study was stopped before these runs finished: mae seed 1, mae_mto seed 1.' in text
+  assert [r[:3] for r in _table_rows(text)[2:]] == [
+      ['mae_mto', 'MAE', '1'], ['mae_mto', '(random init)', '1'],
+      ['mae_mto', 'MAE + MTO (decoder)', '1']]
+  assert 'by `python -m mimjax.reproduce --smoke`' in text  # the study's command, not this one
+  records[0].unlink()
+  with pytest.raises(ValueError, match='No pair has a finished run'):
+    reproduce.run_study('smoke', out=str(partial), workdir_root=str(root), methods=['mae_mto'],
+                        report_only=True)
+
 
 @pytest.mark.slow  # trains 4 tiny runs: supervised (the teacher), MoTo, distillation, DTM
 def test_smoke_study_supervised_and_distillation_rows(tmp_path):
@@ -303,3 +318,4 @@ def test_method_starts_from_its_baselines_random_encoder(method, tmp_path):
   assert jax.tree_util.tree_structure(base) == jax.tree_util.tree_structure(other)
   for a, b in zip(jax.tree_util.tree_leaves(base), jax.tree_util.tree_leaves(other)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
