@@ -324,17 +324,17 @@ kNN memory and probe training on `{config.data.train_split}`, evaluation on
 `{config.data.eval_split}`; every run {steps} steps at batch {config.batch_size}, seeds {seeds}.
 Within a pair the model, data, budget and seeds are identical. Values are mean ± sample standard
 deviation over seeds. Δ is the method minus its baseline on the same seed, averaged, in
-percentage points. RAUC is MTO's eq. 6 over the accuracy curve (kNN at {curve_points}
-checkpoints for pre-training, starting at step 0 from the baseline's random-init kNN, which is
-also the method's step-0 encoder; test top-1 at {curve_points} evaluations for supervised runs);
-above 1 means the method's curve gains more over the baseline's start than the baseline does;
-n/a where the baseline's curve rises less than {MIN_BASELINE_RISE * 100:.0f} pp on average above
-its first point (the ratio would divide by evaluation noise). "(random init)" rows
-evaluate the baseline's encoder freshly initialised from the same seed: the floor pre-training
-has to clear. Final loss is the framework's own term (`loss_<framework>`, which both members of a
-pair share; method terms excluded). Images/s is the median logged training throughput and step
-the time of one training step at that throughput. Wall
-time of training and evaluation, summed over runs: {seconds / 3600:.2f} h.
+percentage points. RAUC is MTO's eq. 6 over the accuracy curve (kNN at {curve_points} checkpoints
+for pre-training, starting at step 0 from the baseline's random-init kNN, which is also the
+method's step-0 encoder; test top-1 at {curve_points} evaluations for supervised runs); above 1
+means the method's curve gains more over the baseline's start than the baseline does; n/a where
+the baseline's curve rises less than {MIN_BASELINE_RISE * 100:.0f} pp on average above its first
+point (the ratio would divide by evaluation noise). "(random init)" rows evaluate the baseline's
+encoder freshly initialised from the same seed: the floor pre-training has to clear. Final loss
+is the framework's own term (`loss_<framework>`, which both members of a pair share; method terms
+excluded). Images/s is the median logged training throughput and step the time of one training
+step at that throughput. Wall time of training and evaluation, summed over runs:
+{seconds / 3600:.2f} h.
 
 {table(records, pairs, floors, config.batch_size)}
 
