@@ -82,6 +82,9 @@ PAIRS = {
     'supervised_moto_tokenprop': 'supervised',
 }
 TEACHER_ROW = 'supervised'
+# A finished run's cached record and its random-init floor's, in the run's workdir.
+RECORD = 'repro.json'
+FLOOR_RECORD = 'repro_random_init.json'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,7 +213,7 @@ def run_diagnostics(row, workdir):
 
 def measure(row, seed, budget, workdir, overrides, with_diagnostics):
   """Trains (or resumes) one run, evaluates it and returns its record, cached in repro.json."""
-  path = os.path.join(workdir, 'repro.json')
+  path = os.path.join(workdir, RECORD)
   if os.path.exists(path):
     with open(path) as f:
       return json.load(f)
@@ -245,7 +248,7 @@ def measure(row, seed, budget, workdir, overrides, with_diagnostics):
 def measure_random_init(row, seed, workdir):
   """kNN and linear-probe top-1 of the row's encoder freshly initialised from the run's seed (the
   floor that pre-training has to clear), cached in WORKDIR/repro_random_init.json."""
-  path = os.path.join(workdir, 'repro_random_init.json')
+  path = os.path.join(workdir, FLOOR_RECORD)
   if os.path.exists(path):
     with open(path) as f:
       return json.load(f)
@@ -302,7 +305,7 @@ def run_study(mode='full', seeds=None, out='RESULTS.md', workdir_root='workdirs/
   unfinished = []
   for seed in seeds:  # seed-major: an interrupted study has whole seeds to report
     for row in rows:
-      if report_only and not os.path.exists(os.path.join(workdir(row, seed), 'repro.json')):
+      if report_only and not os.path.exists(os.path.join(workdir(row, seed), RECORD)):
         unfinished.append(f'{row} seed {seed}')
         continue
       print(f'[{row} seed {seed}] {workdir(row, seed)}', flush=True)
@@ -311,8 +314,7 @@ def run_study(mode='full', seeds=None, out='RESULTS.md', workdir_root='workdirs/
                                   seed == seeds[0]))
       if row not in floors or records[row][-1]['framework'] == 'supervised':
         continue
-      if report_only and not os.path.exists(
-          os.path.join(workdir(row, seed), 'repro_random_init.json')):
+      if report_only and not os.path.exists(os.path.join(workdir(row, seed), FLOOR_RECORD)):
         unfinished.append(f'{row} seed {seed} (random init)')
         continue
       floors[row].append(measure_random_init(row, seed, workdir(row, seed)))
