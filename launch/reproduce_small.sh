@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The small-scale reproduction study (every method against its baseline on Fashion-MNIST):
 #   bash launch/reproduce_small.sh                  2 seeds of every row, RESULTS.md (~2 h, 2 cores)
-#   bash launch/reproduce_small.sh --quick          one seed of every row (~25 min)
+#   bash launch/reproduce_small.sh --quick          one seed of every row, RESULTS_quick.md
 #   bash launch/reproduce_small.sh --dry-run [...]  print the command without running it
 # Other arguments go to `python -m mimjax.reproduce` (e.g. --rows mae_lut --seeds 3).
 # Runs are cached under workdirs/repro: rerunning resumes and skips finished runs.
@@ -18,7 +18,7 @@ for arg in "$@"; do
   fi
 done
 
-cmd=(python3 -m mimjax.reproduce --out RESULTS.md --workdir_root workdirs/repro "${args[@]}")
+cmd=(python3 -m mimjax.reproduce --workdir_root workdirs/repro "${args[@]}")
 if (( dry_run )); then
   printf '%q ' "${cmd[@]}"
   echo

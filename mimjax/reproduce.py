@@ -113,6 +113,8 @@ BUDGETS = {
         'data.eval_split': 'test[:128]', 'data.shuffle_buffer': 256, 'eval.batch_size': 64}),
 }
 
+DEFAULT_OUT = {'full': 'RESULTS.md', 'quick': 'RESULTS_quick.md', 'smoke': 'RESULTS_smoke.md'}
+
 
 def build_config(row, overrides):
   module, _, arg = ROWS[row].config.partition(':')
@@ -331,7 +333,9 @@ def define_flags():
   flags.DEFINE_bool('quick', False, 'One seed of every row on a short budget.')
   flags.DEFINE_bool('smoke', False, 'An absurdly small budget, for end-to-end tests only.')
   flags.DEFINE_integer('seeds', None, 'Seeds per row (default: 2, or 1 with --quick).')
-  flags.DEFINE_string('out', 'RESULTS.md', 'Report path; figures go to <out stem>_figures/.')
+  flags.DEFINE_string('out', None, 'Report path; figures go to <out stem>_figures/. Default: '
+                      f'{", ".join(f"{v} ({k})" for k, v in DEFAULT_OUT.items())}, so a short '
+                      'run never overwrites the committed full study.')
   flags.DEFINE_string('workdir_root', 'workdirs/repro', 'Runs go to ROOT/<mode>/<row>/seed<k>.')
   flags.DEFINE_list('rows', None, f'Method rows (baselines come along): {", ".join(PAIRS)}.')
   flags.DEFINE_string('clip_path', None, 'Distil from this local CLIP ViT-B/16 checkpoint instead '
@@ -349,9 +353,9 @@ def main(argv):
   if not f['verbosity'].present:  # TFDS and Orbax are chatty at INFO
     logging.set_verbosity(logging.WARNING)
   mode = 'smoke' if f.smoke else 'quick' if f.quick else 'full'
-  run_study(mode, f.seeds, f.out, f.workdir_root, f.rows, f.clip_path, sys.argv[1:],
-            f.report_only)
-  print(f'Wrote {f.out}')
+  out = f.out or DEFAULT_OUT[mode]
+  run_study(mode, f.seeds, out, f.workdir_root, f.rows, f.clip_path, sys.argv[1:], f.report_only)
+  print(f'Wrote {out}')
 
 
 if __name__ == '__main__':

@@ -2,7 +2,8 @@ r"""Train any mimjax framework: `python -m mimjax.train --config configs/mae.py:
 
 A second run of the same command with the same workdir resumes from the latest checkpoint (params,
 optimizer, step, RNG and data position) and reproduces the uninterrupted run. Ctrl-C saves a
-checkpoint at the current step before exiting.
+checkpoint at the current step before exiting, and the rerun's metrics.jsonl is the uninterrupted
+run's.
 """
 import itertools
 import json
@@ -88,6 +89,17 @@ def _meta(config, state_params, step):
               param_shapes=checkpoint_lib.param_shapes(state_params))
 
 
+def _reopen_interval(meta):
+  """(metric sums, steps, start time) of the log interval a Ctrl-C'd run left open, if any.
+
+  Summing on from the saved host sums gives the same float32 means as the uninterrupted run.
+  """
+  interval = meta.get('open_interval')
+  if not interval:
+    return None, 0, time.time()
+  return interval['sums'], interval['steps'], time.time() - interval['seconds']
+
+
 def evaluate(eval_fn, state, config, batch_sharding):
   """Means over `config.data.eval_split` of the framework's `eval_metrics` sums."""
   local_batch = pipeline.local_batch_size(config.eval.batch_size)
@@ -132,7 +144,8 @@ def train(config, workdir):
   os.makedirs(workdir, exist_ok=True)
   ckpt = checkpoint_lib.Checkpointer(workdir, config.checkpoint.keep, config.checkpoint.async_save)
   latest = ckpt.latest_step()
-  start_step = int(ckpt.read_meta(latest)['data_position']) if latest is not None else 0
+  latest_meta = ckpt.read_meta(latest) if latest is not None else {}
+  start_step = int(latest_meta.get('data_position', 0))
 
   batches = pipeline.train_batches(config, start_step)
   first = next(batches)
@@ -169,8 +182,8 @@ def train(config, workdir):
   batch_sharding = sharding.batch_sharding(mesh)
   writer = metrics_writer.MetricsWriter(workdir, config.total_steps, start_step,
                                         config.log.progress_bar)
-  last_metrics, interval_sum, interval_steps = {}, None, 0
-  interval_start, last_good_ckpt = time.time(), latest
+  last_metrics, last_good_ckpt = {}, latest
+  interval_sum, interval_steps, interval_start = _reopen_interval(latest_meta)
   try:
     with _InterruptFlag() as interrupt:
       for step in range(start_step + 1, config.total_steps + 1):
@@ -183,17 +196,24 @@ def train(config, workdir):
             jnp.add, interval_sum, metrics)
         interval_steps += 1
         is_last = step == config.total_steps
-        save_now = is_last or step % config.checkpoint.every_steps == 0 or interrupt.requested
+        checkpoint_due = is_last or step % config.checkpoint.every_steps == 0
+        stop = interrupt.requested  # read once: a Ctrl-C later in this step stops the next one
+        save_now = checkpoint_due or stop
         eval_every = config.eval.every_steps
         eval_now = eval_every and (step % eval_every == 0 or is_last)
-        if step % config.log.every_steps == 0 or save_now or eval_now:
-          means = {k: float(v) / interval_steps for k, v in jax.device_get(interval_sum).items()}
-          if means.pop('nonfinite') > 0:
+        # Ctrl-C does not log: its open interval goes into the checkpoint instead, so the resumed
+        # run's metrics.jsonl is the uninterrupted run's, wherever the interrupt landed.
+        log_now = step % config.log.every_steps == 0 or checkpoint_due or eval_now
+        if log_now or save_now:
+          sums = {k: float(v) for k, v in jax.device_get(interval_sum).items()}
+          if sums['nonfinite'] > 0:
             raise NonFiniteLossError(
                 f'The loss or gradients became NaN/Inf between steps {step - interval_steps + 1} '
                 f'and {step}; training stopped and those updates were not applied. The last good '
                 f'checkpoint (step {last_good_ckpt}) in {ckpt.directory} is intact. Lower '
                 'optim.base_lr, set optim.grad_clip, or check the input data.')
+        if log_now:
+          means = {k: v / interval_steps for k, v in sums.items() if k != 'nonfinite'}
           elapsed = time.time() - interval_start
           means['images_per_sec'] = interval_steps * config.batch_size / max(elapsed, 1e-9)
           if eval_now:
@@ -209,9 +229,13 @@ def train(config, workdir):
           for name, image in framework.visualize(outputs, host_batch).items():
             writer.write_image(name, step, np.asarray(jax.device_get(image)))
         if save_now:
-          ckpt.save(step, state, _meta(config, state.params, step))
+          meta = _meta(config, state.params, step)
+          if interval_steps:
+            meta['open_interval'] = dict(steps=interval_steps, sums=sums,
+                                         seconds=time.time() - interval_start)
+          ckpt.save(step, state, meta)
           last_good_ckpt = step
-        if interrupt.requested:
+        if stop:
           ckpt.wait()
           print(f'Stopped at step {step}; checkpoint saved. Re-run the same command to resume.',
                 file=sys.stderr, flush=True)

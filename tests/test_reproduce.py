@@ -206,8 +206,8 @@ def test_launcher_dry_run_prints_the_study_command():
   result = subprocess.run(['bash', 'launch/reproduce_small.sh', '--quick', '--dry-run', '--rows',
                            'mae_lut'], cwd=ROOT, capture_output=True, text=True, check=True)
   assert result.stdout.split() == [
-      'python3', '-m', 'mimjax.reproduce', '--out', 'RESULTS.md', '--workdir_root',
-      'workdirs/repro', '--quick', '--rows', 'mae_lut']
+      'python3', '-m', 'mimjax.reproduce', '--workdir_root', 'workdirs/repro', '--quick',
+      '--rows', 'mae_lut']
 
 
 def _table_rows(text):

@@ -62,6 +62,41 @@ def test_resume_after_crash_matches_uninterrupted(tiny_mae_config, tmp_path):
   assert [r['step'] for r in _records(crashed)] == list(range(1, 7))
 
 
+def test_ctrl_c_between_log_steps_then_rerun_logs_the_uninterrupted_run(tiny_mae_config, tmp_path,
+                                                                       monkeypatch):
+  """A real SIGINT while step 6 runs (logs every 4): the rerun's log equals the straight run's."""
+  with tiny_mae_config.unlocked():
+    tiny_mae_config.total_steps = 12
+    tiny_mae_config.log.every_steps = 4
+    tiny_mae_config.checkpoint.every_steps = 12
+  straight = str(tmp_path / 'straight')
+  train.train(tiny_mae_config, straight)
+
+  real_batches = train.pipeline.train_batches
+
+  def batches_that_interrupt(config, start_step):
+    for i, batch in enumerate(real_batches(config, start_step)):
+      if i == 5:  # drawn by step 6 (step 1 gets the batch drawn before the loop)
+        os.kill(os.getpid(), signal.SIGINT)
+      yield batch
+
+  interrupted = str(tmp_path / 'interrupted')
+  with monkeypatch.context() as patch:
+    patch.setattr(train.pipeline, 'train_batches', batches_that_interrupt)
+    train.train(tiny_mae_config, interrupted)
+  ckpt = checkpoint_lib.Checkpointer(interrupted)
+  assert ckpt.latest_step() == 6
+  assert ckpt.read_meta(6)['open_interval']['steps'] == 2
+  ckpt.close()
+  assert [r['step'] for r in _records(interrupted)] == [4]
+
+  train.train(tiny_mae_config, interrupted)
+  a, b = _records(straight), _records(interrupted)
+  assert [r['step'] for r in b] == [r['step'] for r in a] == [4, 8, 12]
+  for key in ('loss', 'grad_norm', 'lr'):
+    assert [r[key] for r in b] == [r[key] for r in a], key  # the same float32 sums
+
+
 @pytest.mark.slow
 def test_ctrl_c_then_rerun_reproduces_uninterrupted_run(tmp_path):
   """The issue's acceptance test: interrupt the real command, rerun it, compare final metrics."""
@@ -77,8 +112,9 @@ def test_ctrl_c_then_rerun_reproduces_uninterrupted_run(tmp_path):
   workdir = tmp_path / 'interrupted'
   proc = subprocess.Popen([sys.executable, '-m', *args, f'--workdir={workdir}'], cwd=ROOT, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  deadline = time.time() + 300
-  while not (workdir / 'checkpoints' / '10').exists() and time.time() < deadline:
+  deadline = time.time() + 300  # interrupt once training logs (step 5), well before step 40
+  while not (workdir / 'metrics.jsonl').exists() or not (workdir / 'metrics.jsonl').stat().st_size:
+    assert time.time() < deadline, 'the interrupted run never logged'
     time.sleep(0.2)
   proc.send_signal(signal.SIGINT)
   _, err = proc.communicate(timeout=300)
