@@ -8,6 +8,7 @@ import json
 import jax
 import ml_collections
 import numpy as np
+import pytest
 
 from mimjax import bench
 from mimjax import flops
@@ -49,6 +50,7 @@ def test_xla_cost_analysis_matches_analytic_vit_forward():
   assert 1.0 <= xla / analytic < 1.25, (xla, analytic)
 
 
+@pytest.mark.slow  # the benchmark command end to end: compiles 3 cases and a torch peer
 def test_command_output_schema(tmp_path):
   out, md = tmp_path / 'r.json', tmp_path / 'r.md'
   bench.main(['--model', 'mu/4', '--image_size', '28', '--batch', '8', '--steps', '2',

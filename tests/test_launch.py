@@ -71,6 +71,7 @@ def test_local_multiprocess_dry_run_gives_each_process_its_id():
   assert bad.returncode == 2 and 'usage' in bad.stderr
 
 
+@pytest.mark.slow  # executes every notebook cell: a training run and its evaluation
 def test_colab_notebook_runs_end_to_end(tmp_path, monkeypatch):
   nbformat = pytest.importorskip('nbformat')
   nbclient = pytest.importorskip('nbclient')

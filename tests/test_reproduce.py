@@ -215,6 +215,7 @@ def _table_rows(text):
   return [[c.strip() for c in l.strip('|').split('|')] for l in lines]
 
 
+@pytest.mark.slow  # trains and evaluates the MAE / MAE + MTO pair and its floor
 def test_smoke_study_end_to_end_writes_the_table(tmp_path):
   out = tmp_path / 'RESULTS.md'
   root = tmp_path / 'runs'
