@@ -283,14 +283,16 @@ def plan(methods, clip_path):
   return [r for r in ROWS if r in needed]
 
 
-def run_study(mode='full', seeds=None, out='RESULTS.md', workdir_root='workdirs/repro',
+def run_study(mode='full', seeds=None, out=None, workdir_root='workdirs/repro',
               methods=None, clip_path=None, argv=(), report_only=False):
-  """Runs (or resumes) every run the methods need, writes `out`; returns the records per row.
+  """Runs (or resumes) every run the methods need, writes `out` (default: DEFAULT_OUT[mode]);
+  returns the records per row.
 
   With `report_only`, runs nothing: the report covers the runs that have finished (a stopped
   study) and lists the others as not finished.
   """
   budget = BUDGETS[mode]
+  out = out or DEFAULT_OUT[mode]
   unknown = sorted(set(methods or ()) - set(PAIRS))
   if unknown:
     raise ValueError(f'Unknown rows {unknown}; choose from {", ".join(PAIRS)}.')
@@ -326,6 +328,7 @@ def run_study(mode='full', seeds=None, out='RESULTS.md', workdir_root='workdirs/
     raise ValueError(f'No pair has a finished run under {root}; run the study first.')
   report.write(out, records, pairs, mode, budget.steps, budget.curve_points, commands, root,
                floors, unfinished)
+  print(f'Wrote {out}')
   return records
 
 
@@ -354,9 +357,8 @@ def main(argv):
   if not f['verbosity'].present:  # TFDS and Orbax are chatty at INFO
     logging.set_verbosity(logging.WARNING)
   mode = 'smoke' if f.smoke else 'quick' if f.quick else 'full'
-  out = f.out or DEFAULT_OUT[mode]
-  run_study(mode, f.seeds, out, f.workdir_root, f.rows, f.clip_path, sys.argv[1:], f.report_only)
-  print(f'Wrote {out}')
+  run_study(mode, f.seeds, f.out, f.workdir_root, f.rows, f.clip_path, sys.argv[1:],
+            f.report_only)
 
 
 if __name__ == '__main__':
