@@ -181,7 +181,7 @@ def base_config():
   c.simmim.mask_ratio = 0.6  # masked cells: ceil(cells * ratio), replaced by the mask token
   c.simmim.mask_patch_size = 32  # side of a mask cell in pixels; a multiple of the model's patch
 
-  # MTO (Choi et al.): entropy losses on masked-vs-visible token affinities (mimjax/methods/mto.py).
+  # MTO (Choi et al.): entropy losses on masked-vs-visible token affinities (mimjax/plugins/mto.py).
   c.mto = ml_collections.ConfigDict()
   c.mto.enabled = False
   c.mto.where = 'encoder'  # encoder (SimMIM: mask tokens in the encoder) | decoder (MAE's decoder)

@@ -10,11 +10,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from mimjax import errors
 from mimjax import optim
 
-
-class CheckpointError(RuntimeError):
-  """A checkpoint that cannot be used by this run; the message says why and what to do."""
 
 
 def param_shapes(params):
@@ -40,7 +38,7 @@ class Checkpointer:
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
     except Exception as e:  # orbax raises many types for unreadable files
-      raise CheckpointError(
+      raise errors.CheckpointError(
           f'Checkpoint {step} in {self.directory} cannot be read ({type(e).__name__}: {e}). '
           f'If it is damaged, move {os.path.join(self.directory, str(step))} away to resume from '
           'the one before, or start in a new --workdir.') from e
@@ -62,7 +60,7 @@ class Checkpointer:
           f'params only in the checkpoint: {extra}' if extra else '',
           'different shapes: ' + ', '.join(f'{k} {saved[k]} vs {current[k]}' for k in changed)
           if changed else '']))
-      raise CheckpointError(
+      raise errors.CheckpointError(
           f'The workdir holds a checkpoint (step {step}) of a different model than this config '
           f'({details}). Use a new --workdir, or the config that wrote {self.directory}.')
     return meta
@@ -77,7 +75,7 @@ class Checkpointer:
       restored = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state)))
     except Exception as e:
-      raise CheckpointError(
+      raise errors.CheckpointError(
           f'Checkpoint {step} in {self.directory} cannot be restored ({type(e).__name__}: {e}). '
           f'If it is damaged, move {os.path.join(self.directory, str(step))} away to resume from '
           'the one before, or start in a new --workdir.') from e
@@ -98,7 +96,7 @@ class Checkpointer:
       restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
           item=item, restore_args=restore_args, partial_restore=True))
     except Exception as e:
-      raise CheckpointError(f'The params of checkpoint {step} in {self.directory} cannot be read '
+      raise errors.CheckpointError(f'The params of checkpoint {step} in {self.directory} cannot be read '
                             f'({type(e).__name__}: {e}).') from e
     return restored['params']
 
@@ -115,7 +113,7 @@ def restore_params(workdir, step=None):
   try:
     step = ckpt.latest_step() if step is None else step
     if step is None:
-      raise CheckpointError(f'No checkpoint in {ckpt.directory}; train into {workdir} first.')
+      raise errors.CheckpointError(f'No checkpoint in {ckpt.directory}; train into {workdir} first.')
     return ckpt.restore_params(step)
   finally:
     ckpt.close()

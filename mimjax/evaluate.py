@@ -15,9 +15,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from mimjax import checkpoint as checkpoint_lib
-from mimjax import config_lib
-from mimjax.data import sources
+from mimjax import errors
 from mimjax.eval import attention
 from mimjax.eval import features as features_lib
 from mimjax.eval import finetune
@@ -83,7 +81,7 @@ def _check_options(protocol, fn, options):
   accepted = set(inspect.signature(fn).parameters) - {'run', 'workdir'}
   unknown = sorted(set(options) - accepted)
   if unknown:
-    raise config_lib.ConfigError(f'protocol {protocol!r} takes no option {unknown}; it takes '
+    raise errors.ConfigError(f'protocol {protocol!r} takes no option {unknown}; it takes '
                                  f'{sorted(accepted) or "none"}.')
 
 
@@ -96,7 +94,7 @@ def evaluate(workdir, protocol, step=None, compare_random_init=False, run=None, 
   if protocol in CURVE_PROTOCOLS:
     _check_options(protocol, CURVE_PROTOCOLS[protocol], options)
     if compare_random_init:
-      raise config_lib.ConfigError(f'protocol {protocol!r} compares logged curves; it has no '
+      raise errors.ConfigError(f'protocol {protocol!r} compares logged curves; it has no '
                                    'randomly initialised counterpart.')
     result = dict(protocol=protocol, **CURVE_PROTOCOLS[protocol](workdir, **options))
   elif protocol in PROTOCOLS:
@@ -108,7 +106,7 @@ def evaluate(workdir, protocol, step=None, compare_random_init=False, run=None, 
     if compare_random_init:
       result['random_init'] = fn(loading.load_run(workdir, random_init=True), **options)
   else:
-    raise config_lib.ConfigError(f'Unknown protocol {protocol!r}; choose one of '
+    raise errors.ConfigError(f'Unknown protocol {protocol!r}; choose one of '
                                  f'{sorted({**PROTOCOLS, **CURVE_PROTOCOLS})}.')
   with open(os.path.join(workdir, f'eval_{protocol}.json'), 'w') as f:
     json.dump(result, f, indent=2)
@@ -136,7 +134,7 @@ def main(argv):
   options = {name: f[name].value for name in OPTIONS if f[name].value is not None}
   try:
     result = evaluate(f.workdir, f.protocol, f.step, f.compare_random_init, **options)
-  except (config_lib.ConfigError, checkpoint_lib.CheckpointError, sources.DatasetError,
+  except (errors.ConfigError, errors.CheckpointError, errors.DatasetError,
           ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)

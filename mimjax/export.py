@@ -23,6 +23,7 @@ import numpy as np
 
 from mimjax import checkpoint as checkpoint_lib
 from mimjax import config_lib
+from mimjax import errors
 from mimjax.interop import timm as timm_lib
 from mimjax.models import vit
 
@@ -37,7 +38,7 @@ def load_encoder(workdir, step=None):
   try:
     step = ckpt.latest_step() if step is None else step
     if step is None or step not in ckpt.manager.all_steps():
-      raise checkpoint_lib.CheckpointError(
+      raise errors.CheckpointError(
           f'No checkpoint {"" if step is None else step} in {ckpt.directory}; steps there: '
           f'{sorted(ckpt.manager.all_steps())}.')
     params = ckpt.restore_params(step)
@@ -62,10 +63,10 @@ def forward_features(config, encoder_params, images):
 
 
 def check_exportable(config, encoder_params):
-  """Raises timm_lib.InteropError when timm's ViT cannot reproduce this encoder."""
+  """Raises errors.InteropError when timm's ViT cannot reproduce this encoder."""
   tokenizer_norm = config.model.tokenizer_norm if 'tokenizer_norm' in config.model else 'none'
   if tokenizer_norm != 'none':
-    raise timm_lib.InteropError(
+    raise errors.InteropError(
         f'config.model.tokenizer_norm={tokenizer_norm!r} (MoTo) changes the patch tokenizer in a '
         'way timm\'s VisionTransformer cannot represent; refusing to export a model that would '
         'compute something else. Use the encoder from JAX (mimjax.export.forward_features).')
@@ -164,7 +165,7 @@ def main(argv):
   fmt = f.format or ('npz' if f.out.endswith('.npz') else 'safetensors')
   try:
     sidecar = export_checkpoint(f.workdir, f.out, f.step, fmt)
-  except (timm_lib.InteropError, checkpoint_lib.CheckpointError, config_lib.ConfigError,
+  except (errors.InteropError, errors.CheckpointError, errors.ConfigError,
           FileNotFoundError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)

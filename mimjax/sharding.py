@@ -7,7 +7,7 @@ import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from mimjax import optim
-from mimjax.config_lib import ConfigError
+from mimjax import errors
 
 BATCH_AXES = ('data', 'fsdp')
 
@@ -19,15 +19,15 @@ def make_mesh(mesh_config, devices=None):
   sizes = {'data': mesh_config.data, 'fsdp': mesh_config.fsdp}
   unknown = [k for k, v in sizes.items() if v == -1]
   if len(unknown) > 1:
-    raise ConfigError('At most one mesh axis may be -1 (config.mesh).')
+    raise errors.ConfigError('At most one mesh axis may be -1 (config.mesh).')
   known = int(np.prod([v for v in sizes.values() if v != -1]))
   if unknown:
     if n % known:
-      raise ConfigError(f'{n} devices do not divide into mesh axes {dict(sizes)}; '
+      raise errors.ConfigError(f'{n} devices do not divide into mesh axes {dict(sizes)}; '
                        f'set config.mesh so the fixed axes divide {n}.')
     sizes[unknown[0]] = n // known
   if int(np.prod(list(sizes.values()))) != n:
-    raise ConfigError(f'config.mesh {dict(sizes)} needs {np.prod(list(sizes.values()))} devices, '
+    raise errors.ConfigError(f'config.mesh {dict(sizes)} needs {np.prod(list(sizes.values()))} devices, '
                      f'but {n} are available; use -1 for one axis to fill the rest.')
   return jax.make_mesh(tuple(sizes.values()), tuple(sizes), devices=devices,
                        axis_types=(AxisType.Auto,) * len(sizes))
@@ -45,7 +45,7 @@ def replicated(mesh):
 def check_batch_divides(global_batch, mesh, what='batch_size'):
   n = mesh.shape['data'] * mesh.shape['fsdp']
   if global_batch % n:
-    raise ConfigError(f'{what} {global_batch} does not divide over the {n} devices of the batch '
+    raise errors.ConfigError(f'{what} {global_batch} does not divide over the {n} devices of the batch '
                      f'axes (data x fsdp); choose a multiple of {n}.')
 
 
@@ -75,7 +75,7 @@ def param_specs(params, mesh, mesh_config):
           return P()
         if rule == 'fsdp':
           return _fsdp_spec(leaf.shape, mesh.shape['fsdp'], mesh_config.fsdp_min_size)
-        raise ConfigError(f'Unknown sharding rule {rule!r} for {pattern!r} in config.mesh.param_rules;'
+        raise errors.ConfigError(f'Unknown sharding rule {rule!r} for {pattern!r} in config.mesh.param_rules;'
                          ' use "fsdp" or "replicate".')
     return P()
   return jax.tree_util.tree_map_with_path(spec, params)

@@ -13,6 +13,7 @@ import numpy as np
 
 from mimjax import checkpoint as checkpoint_lib
 from mimjax import config_lib
+from mimjax import errors
 from mimjax.interop import clip as clip_interop
 from mimjax.models import vit
 
@@ -52,7 +53,7 @@ class Teacher(abc.ABC):
 
   def _check_grid(self, grid, name):
     if grid ** 2 != self.num_patches:
-      raise config_lib.ConfigError(
+      raise errors.ConfigError(
           f'The {name} teacher has a {grid}x{grid} patch grid but the student has '
           f'{self.num_patches} patches; set data.image_size and model.variant so that the grids '
           'match (e.g. 224 px with patch 16 for a CLIP ViT-B/16 teacher).')
@@ -79,7 +80,7 @@ class _EncoderTeacher(Teacher):
     self.dim = encoder.width
     self.layer = config.distill.teacher_layer
     if not -1 <= self.layer < encoder.depth:
-      raise config_lib.ConfigError(
+      raise errors.ConfigError(
           f'config.distill.teacher_layer={self.layer} is out of range for a {encoder.depth}-block '
           'teacher; use -1 (after the final norm) or a block index in [0, depth).')
 
@@ -116,7 +117,7 @@ class CheckpointTeacher(_EncoderTeacher):
   def __init__(self, config, num_patches):
     workdir = config.distill.teacher_workdir
     if not workdir:
-      raise config_lib.ConfigError('config.distill.teacher="checkpoint" needs '
+      raise errors.ConfigError('config.distill.teacher="checkpoint" needs '
                                    'config.distill.teacher_workdir=<a mimjax workdir>.')
     with open(os.path.join(workdir, 'config.json')) as f:
       self.teacher_config = config_lib.from_json(f.read())
@@ -139,7 +140,7 @@ class CheckpointTeacher(_EncoderTeacher):
     try:
       step = ckpt.latest_step()
       if step is None:
-        raise config_lib.ConfigError(f'config.distill.teacher_workdir={self.workdir!r} holds no '
+        raise errors.ConfigError(f'config.distill.teacher_workdir={self.workdir!r} holds no '
                                      'checkpoint.')
       restored = ckpt.restore(step, None)['params']['encoder']
     finally:
@@ -147,7 +148,7 @@ class CheckpointTeacher(_EncoderTeacher):
     restored = jax.tree_util.tree_map(np.asarray, restored)
     restored.pop('head', None)  # a supervised run's classifier is no part of the teacher's tokens
     if checkpoint_lib.param_shapes(restored) != checkpoint_lib.param_shapes(state):
-      raise config_lib.ConfigError(
+      raise errors.ConfigError(
           f'The encoder in {self.workdir} does not match its config.json (model '
           f'{self.teacher_config.model.variant}).')
     return restored
@@ -165,7 +166,7 @@ class CLIPTeacher(Teacher):
     super().__init__(config, num_patches)
     path = config.distill.clip_path
     if not path or not os.path.exists(path):
-      raise config_lib.ConfigError(
+      raise errors.ConfigError(
           f'config.distill.teacher="clip" needs config.distill.clip_path=<local CLIP checkpoint> '
           f'(OpenAI clip .pt or open_clip .bin/.safetensors); got {path!r}.')
     self.model, self.params = clip_interop.load(
@@ -198,7 +199,7 @@ def build(config, framework):
     return CheckpointTeacher(config, num_patches)
   if kind == 'clip':
     return CLIPTeacher(config, num_patches)
-  raise config_lib.ConfigError(f'config.distill.teacher={kind!r} is unknown; use one of '
+  raise errors.ConfigError(f'config.distill.teacher={kind!r} is unknown; use one of '
                                f'{TEACHERS}.')
 
 

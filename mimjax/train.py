@@ -23,12 +23,13 @@ from ml_collections import config_flags
 from mimjax import checkpoint as checkpoint_lib
 from mimjax import config_lib
 from mimjax import distributed
-from mimjax import frameworks
+from mimjax import errors
+from mimjax import registry
 from mimjax import metrics_writer
 from mimjax import sharding
 from mimjax import train_step as train_step_lib
+from mimjax import validation
 from mimjax.data import pipeline
-from mimjax.data import sources
 from mimjax.interop import pretrained as init_from
 
 
@@ -38,9 +39,6 @@ def define_flags():
   config_flags.DEFINE_config_file('config', None, 'Config file[:args].', lock_config=True)
   flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and images.')
 
-
-class NonFiniteLossError(RuntimeError):
-  pass
 
 
 class _InterruptFlag:
@@ -134,13 +132,13 @@ def record_eval(workdir, framework, step, results):
 
 def train(config, workdir):
   """Runs (or resumes) training; returns the last logged metrics as a dict of floats."""
-  config_lib.validate(config)
+  validation.validate(config)
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch_divides(config.batch_size // config.optim.accum_steps, mesh,
                                'batch_size / optim.accum_steps')
   if config.eval.every_steps:
     sharding.check_batch_divides(config.eval.batch_size, mesh, 'eval.batch_size')
-  framework = frameworks.build(config)
+  framework = registry.build(config)
   os.makedirs(workdir, exist_ok=True)
   ckpt = checkpoint_lib.Checkpointer(workdir, config.checkpoint.keep, config.checkpoint.async_save)
   latest = ckpt.latest_step()
@@ -207,7 +205,7 @@ def train(config, workdir):
         if log_now or save_now:
           sums = {k: float(v) for k, v in jax.device_get(interval_sum).items()}
           if sums['nonfinite'] > 0:
-            raise NonFiniteLossError(
+            raise errors.NonFiniteError(
                 f'The loss or gradients became NaN/Inf between steps {step - interval_steps + 1} '
                 f'and {step}; training stopped and those updates were not applied. The last good '
                 f'checkpoint (step {last_good_ckpt}) in {ckpt.directory} is intact. Lower '
@@ -258,8 +256,8 @@ def main(argv):
   distributed.initialize(f.config)
   try:
     train(f.config, f.workdir)
-  except (config_lib.ConfigError, checkpoint_lib.CheckpointError, NonFiniteLossError,
-          sources.DatasetError) as e:
+  except (errors.ConfigError, errors.CheckpointError, errors.NonFiniteError,
+          errors.DatasetError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
 

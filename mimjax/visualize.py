@@ -3,6 +3,7 @@ import os
 
 import numpy as np
 
+from mimjax import errors
 from mimjax import losses
 
 # Distinct colours for the entities of a MoTo layout (Fig. 5 of Qian et al.); cycled beyond 12.
@@ -72,11 +73,10 @@ def moto_layout_grid(config, encoder_params, images):
   """
   # pylint: disable=g-import-not-at-top
   import jax
-  from mimjax import config_lib
   from mimjax.models import vit
   # pylint: enable=g-import-not-at-top
   if config.model.tokenizer_norm != 'moto':
-    raise config_lib.ConfigError(f'The run has model.tokenizer_norm='
+    raise errors.ConfigError(f'The run has model.tokenizer_norm='
                                  f'{config.model.tokenizer_norm!r}; the layout needs "moto".')
   model = vit.ViT(**vit.encoder_kwargs(config.model, config.data.image_size))
   _, state = model.apply({'params': encoder_params}, images, mutable=['intermediates'])

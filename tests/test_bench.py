@@ -10,8 +10,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from mimjax import bench
-from mimjax import flops
+from mimjax.bench import flops
+from mimjax.bench import runner as bench
 from mimjax.models import vit
 
 

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import load_config
+from mimjax import errors
 from mimjax.data import augment
 from mimjax.data import pipeline
 from mimjax.data import sources
@@ -88,12 +89,12 @@ def test_random_resized_crop_respects_scale():
 
 
 def test_unknown_dataset_and_split_name_the_fix(config):
-  with pytest.raises(sources.DatasetError, match='Unknown dataset .fashion_mnst.*fashion_mnist'):
+  with pytest.raises(errors.DatasetError, match='Unknown dataset .fashion_mnst.*fashion_mnist'):
     sources.get_builder('fashion_mnst')
   config = copy.deepcopy(config)
   with config.unlocked():
     config.data.train_split = 'validation'
-  with pytest.raises(sources.DatasetError, match='has no split'):
+  with pytest.raises(errors.DatasetError, match='has no split'):
     next(pipeline.train_batches(config, 0, 0, 1))
 
 

@@ -12,11 +12,12 @@ import pytest
 
 from conftest import load_config, tiny_overrides
 
-from mimjax import config_lib
-from mimjax import frameworks
+from mimjax import errors
+from mimjax import registry
 from mimjax import masking
 from mimjax import teachers
 from mimjax import train
+from mimjax import validation
 from mimjax.interop import clip as clip_interop
 
 
@@ -85,7 +86,7 @@ def test_clip_teacher_normalisation_and_targets(tmp_path):
   c.data.image_size = 32
   c.distill.teacher = 'clip'
   c.distill.clip_path = path
-  framework = frameworks.build(c)
+  framework = registry.build(c)
   framework.teacher.model = framework.teacher.model.clone(num_heads=2)
   raw = np.random.default_rng(0).random((2, 32, 32, 3)).astype(np.float32)
   student = (raw - np.array(c.data.mean)) / np.array(c.data.std)
@@ -100,7 +101,7 @@ def test_clip_teacher_normalisation_and_targets(tmp_path):
 
 def test_gradient_reaches_student_only():
   c = tiny('configs/distill.py:runlocal,dtm')
-  framework = frameworks.build(c)
+  framework = registry.build(c)
   batch = {'image': jax.random.normal(jax.random.PRNGKey(0), (4, 28, 28, 3))}
   params, model_state = framework.init(jax.random.PRNGKey(1), batch)
   assert set(params) == {'encoder', 'mask_token', 'head'}
@@ -115,7 +116,7 @@ def test_gradient_reaches_student_only():
 
 def test_ema_teacher_update():
   c = tiny('configs/distill.py:runlocal')
-  framework = frameworks.build(c)
+  framework = registry.build(c)
   batch = {'image': jnp.zeros((2, 28, 28, 3))}
   params, state = framework.init(jax.random.PRNGKey(0), batch)
   moved = jax.tree_util.tree_map(lambda x: x + 1.0, params)
@@ -128,8 +129,8 @@ def test_ema_teacher_update():
 def test_dtm_needs_teacher_features():
   c = load_config('configs/mae.py:runlocal')
   c.dtm.enabled = True
-  with pytest.raises(config_lib.ConfigError, match='mae.target'):
-    config_lib.validate(c)
+  with pytest.raises(errors.ConfigError, match='mae.target'):
+    validation.validate(c)
 
 
 def test_runlocal_distill_dtm_ema_loss_decreases(tmp_path):
@@ -149,7 +150,7 @@ def test_checkpoint_teacher_and_mae_teacher_target(tmp_path):
   train.train(tiny('configs/mae.py:runlocal'), teacher_dir)
   # The distill student's teacher holds exactly the MAE run's encoder.
   c = tiny(f'configs/distill.py:runlocal,teacher=checkpoint,teacher_workdir={teacher_dir}')
-  framework = frameworks.build(c)
+  framework = registry.build(c)
   state = framework.teacher.load_frozen(framework.teacher.init_state(None))
   from mimjax import checkpoint  # pylint: disable=g-import-not-at-top
   ckpt = checkpoint.Checkpointer(teacher_dir)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mimjax import losses
-from mimjax.methods import dtm
+from mimjax.plugins import dtm
 
 
 def reference_groups(tokens, rounds, protect_first=True):

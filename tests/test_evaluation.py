@@ -11,7 +11,7 @@ import pytest
 
 from conftest import load_config
 from conftest import tiny_overrides
-from mimjax import config_lib
+from mimjax import errors
 from mimjax import evaluate
 from mimjax import optim
 from mimjax import train
@@ -21,7 +21,7 @@ from mimjax.eval import linear
 from mimjax.eval import pictures
 from mimjax.eval import rauc
 from mimjax.eval import spectrum
-from mimjax.methods import dtm
+from mimjax.plugins import dtm
 
 
 def test_knn_vote_weights_follow_the_temperature():
@@ -79,7 +79,7 @@ def test_rauc_protocol_reads_two_runs_metrics(tmp_path):
   assert result['rauc'] == pytest.approx(3.5)
   with open(tmp_path / 'mto' / 'eval_rauc.json') as f:
     assert json.load(f)['rauc'] == pytest.approx(3.5)
-  with pytest.raises(config_lib.ConfigError, match='no option'):
+  with pytest.raises(errors.ConfigError, match='no option'):
     evaluate.evaluate(str(tmp_path / 'mto'), 'rauc', other_workdir='x', k=[20])
 
 
@@ -192,7 +192,7 @@ def test_analyses_write_json_and_pictures(pretrained):
   for path in (aad['plot'], het['plot'], spec['plot'], morph['picture'],
                *rec['pictures'].values()):
     assert os.path.getsize(path) > 0
-  with pytest.raises(config_lib.ConfigError, match='tokenizer_norm'):
+  with pytest.raises(errors.ConfigError, match='tokenizer_norm'):
     evaluate.evaluate(pretrained, 'moto_layout')
 
 

@@ -12,8 +12,8 @@ import pytest
 
 from configs import common
 from configs import mae as mae_config
+from mimjax import errors
 from mimjax import export
-from mimjax.interop import timm as timm_lib
 
 torch = pytest.importorskip('torch')
 timm = pytest.importorskip('timm')
@@ -142,12 +142,12 @@ def test_export_refuses_moto_tokenizer(tmp_path):
   config.data.image_size = 16
   config.model.tokenizer_norm = 'spatial'  # MoTo; set by the MoTo config when merged
   params = random_params(make_config(*VARIANTS['cls_tok_sincos']))
-  with pytest.raises(timm_lib.InteropError, match='MoTo'):
+  with pytest.raises(errors.InteropError, match='MoTo'):
     export.export_params(config, params, str(tmp_path / 'x.safetensors'))
   # Params of a replaced tokenizer are refused even without the config field.
   params = dict(params)
   params['tokenizer'] = params.pop('embedding')
-  with pytest.raises(timm_lib.InteropError, match='cannot represent'):
+  with pytest.raises(errors.InteropError, match='cannot represent'):
     export.export_params(make_config(*VARIANTS['cls_tok_sincos']), params,
                          str(tmp_path / 'y.safetensors'))
   assert not os.listdir(tmp_path)

@@ -8,9 +8,9 @@ import optax
 import pytest
 
 from configs import mae as mae_config
-from mimjax import config_lib
+from mimjax import errors
 from mimjax import export
-from mimjax import frameworks
+from mimjax import registry
 from mimjax import train_step
 from mimjax.interop import mae as mae_lib
 from mimjax.interop import pretrained
@@ -115,10 +115,10 @@ def test_safetensors_and_pth_files_load_the_same(tmp_path):
 
 def test_unsupported_timm_layouts_are_refused():
   fc_norm = timm_vit(class_token=False, global_pool='avg')  # fc_norm=True by default with avg
-  with pytest.raises(timm_lib.InteropError, match='fc_norm'):
+  with pytest.raises(errors.InteropError, match='fc_norm'):
     timm_lib.from_timm(state_dict_np(fc_norm), num_heads=2)
   regs = timm_vit(reg_tokens=4, no_embed_class=True)
-  with pytest.raises(timm_lib.InteropError, match='reg_token'):
+  with pytest.raises(errors.InteropError, match='reg_token'):
     timm_lib.from_timm(state_dict_np(regs), num_heads=2)
 
 
@@ -136,7 +136,7 @@ def small_mae_config(**model):
 
 
 def fresh_state(config, init):
-  framework = frameworks.build(config)
+  framework = registry.build(config)
   batch = {'image': np.zeros((2, 16, 16, 3), np.float32)}
   tx = optax.sgd(0.1)
   init_fn = train_step.init_state_fn(framework, tx, batch, seed=0)
@@ -163,10 +163,10 @@ def test_training_starts_from_timm_weights(tmp_path):
     np.testing.assert_array_equal(a, b)
 
   config.model.posemb = 'sincos2d'  # learned weights need a learned position embedding
-  with pytest.raises(config_lib.ConfigError, match='model.posemb'):
+  with pytest.raises(errors.ConfigError, match='model.posemb'):
     fresh_state(config, init=True)
   config.model.posemb, config.model.variant = 'learn', 'mu/8'
-  with pytest.raises(config_lib.ConfigError, match='variant'):
+  with pytest.raises(errors.ConfigError, match='variant'):
     fresh_state(config, init=True)
 
 
@@ -259,7 +259,7 @@ def test_mae_checkpoint_matches_reference_forward(tmp_path):
   with torch.no_grad():
     want, ids_keep = ref(torch.from_numpy(X).permute(0, 3, 1, 2), noise, len_keep=4)
   config = small_mae_config()
-  framework = frameworks.build(config)
+  framework = registry.build(config)
   params['encoder'].pop('pos_embedding')  # fixed sin-cos in this config
   _, dec = framework.model.apply({'params': params}, X, ids_keep.numpy().astype(np.int32))
   np.testing.assert_allclose(np.asarray(dec['pred']), want.numpy(), atol=1e-4, rtol=0)
@@ -271,7 +271,7 @@ def test_mae_checkpoint_matches_reference_forward(tmp_path):
                                  X, ids_keep.numpy().astype(np.int32))
   np.testing.assert_allclose(np.asarray(dec['pred']), want.numpy(), atol=1e-4, rtol=0)
   config.mae.decoder_depth = 3
-  with pytest.raises(config_lib.ConfigError, match='decoder_depth'):
+  with pytest.raises(errors.ConfigError, match='decoder_depth'):
     fresh_state(config, init=True)
 
 
@@ -281,5 +281,5 @@ def test_mae_decoder_with_learned_positions_is_refused(tmp_path):
     ref.decoder_pos_embed.add_(0.1)
   path = str(tmp_path / 'mae.pth')
   torch.save({'model': ref.state_dict()}, path)
-  with pytest.raises(timm_lib.InteropError, match='decoder_pos_embed'):
+  with pytest.raises(errors.InteropError, match='decoder_pos_embed'):
     mae_lib.import_mae(path, num_heads=2, decoder_heads=2)

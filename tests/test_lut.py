@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 
 from configs import mae_lut
-from mimjax import config_lib
-from mimjax import frameworks
+from mimjax import errors
+from mimjax import registry
 from mimjax import masking
-from mimjax.methods import lut
+from mimjax import validation
+from mimjax.plugins import lut
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -85,7 +86,7 @@ def test_two_disjoint_views_with_exact_counts():
 
 
 def test_mae_publishes_the_order_its_mask_comes_from():
-  fw = frameworks.build(tiny_config())
+  fw = registry.build(tiny_config())
   batch = tiny_batch()
   params, state = fw.init(jax.random.PRNGKey(0), batch)
   _, _, out = fw.forward(params, state, batch, jax.random.PRNGKey(1), train=True)
@@ -110,7 +111,7 @@ def test_ema_update_hand_values():
 
 
 def test_update_state_moves_encoder_projector_and_stats_but_not_predictor():
-  fw = frameworks.build(tiny_config())
+  fw = registry.build(tiny_config())
   (plugin,) = fw.plugins
   params, state = fw.init(jax.random.PRNGKey(0), tiny_batch())
   lut_state = state['lut']
@@ -133,7 +134,7 @@ def test_update_state_moves_encoder_projector_and_stats_but_not_predictor():
 
 
 def test_context_encoder_receives_no_gradient_but_shapes_the_loss():
-  fw = frameworks.build(tiny_config())
+  fw = registry.build(tiny_config())
   batch = tiny_batch()
   params, state = fw.init(jax.random.PRNGKey(0), batch)
   rng = jax.random.PRNGKey(1)
@@ -146,7 +147,7 @@ def test_context_encoder_receives_no_gradient_but_shapes_the_loss():
 
 
 def test_context_batchnorm_uses_running_statistics():
-  fw = frameworks.build(tiny_config())
+  fw = registry.build(tiny_config())
   (plugin,) = fw.plugins
   batch = tiny_batch()
   params, state = fw.init(jax.random.PRNGKey(0), batch)
@@ -179,7 +180,7 @@ def test_broader_context_loss_matches_numpy():
 
 def test_plugin_loss_and_batch_stats_match_hand_computation():
   alpha = 0.7
-  fw = frameworks.build(tiny_config(**{'lut.alpha': alpha}))
+  fw = registry.build(tiny_config(**{'lut.alpha': alpha}))
   (plugin,) = fw.plugins
   batch = tiny_batch()
   params, state = fw.init(jax.random.PRNGKey(0), batch)
@@ -237,8 +238,8 @@ def test_configs_alpha_by_size_and_recipe():
     ('mae.mask_ratio', 0.4, 'mask_ratio >= 0.5'),
 ])
 def test_bad_combinations_fail_at_start(key, value, match):
-  with pytest.raises(config_lib.ConfigError, match=match):
-    config_lib.validate(tiny_config(**{key: value}))
+  with pytest.raises(errors.ConfigError, match=match):
+    validation.validate(tiny_config(**{key: value}))
 
 
 # --------------------------------------------------------------------- global BN over devices
@@ -251,7 +252,7 @@ _SHARDED_SCRIPT = textwrap.dedent('''
     sys.path.insert(0, {root!r})
     from tests import test_lut
     assert jax.device_count() == 4
-    fw = test_lut.frameworks.build(test_lut.tiny_config())
+    fw = test_lut.registry.build(test_lut.tiny_config())
     batch = test_lut.tiny_batch()
     # Very different shards, so per-device statistics would differ from global ones.
     scale = jnp.repeat(jnp.arange(1.0, 5.0), 2)[:, None, None, None]

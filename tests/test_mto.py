@@ -12,10 +12,11 @@ from conftest import load_config
 from conftest import tiny_overrides
 from configs import mae_mto
 from configs import simmim_mto
-from mimjax import config_lib
-from mimjax import frameworks
+from mimjax import errors
+from mimjax import registry
 from mimjax import train
-from mimjax.methods import mto
+from mimjax import validation
+from mimjax.plugins import mto
 
 
 def _np_entropy(p):
@@ -138,8 +139,8 @@ def _framework(config_module, variant='mu/4'):
   config = config_module.get_config('runlocal')
   config.model.variant = variant
   config.mae.decoder_width, config.mae.decoder_depth, config.mae.decoder_heads = 32, 2, 2
-  config_lib.validate(config)
-  fw = frameworks.build(config)
+  validation.validate(config)
+  fw = registry.build(config)
   images = jax.random.normal(jax.random.PRNGKey(0), (4, 28, 28, 3))
   params, state = jax.jit(fw.init)(jax.random.PRNGKey(1), {'image': images})
   return fw, params, state, {'image': images}
@@ -193,15 +194,15 @@ def test_logged_heterogeneity_and_single_compile_under_jit():
 def test_config_rejects_site_without_mask_tokens(framework, where):
   config = (mae_mto if framework == 'mae' else simmim_mto).get_config('runlocal')
   config.mto.where = where
-  with pytest.raises(config_lib.ConfigError, match='mto.where'):
-    config_lib.validate(config)
+  with pytest.raises(errors.ConfigError, match='mto.where'):
+    validation.validate(config)
 
 
 def test_config_rejects_unknown_ranking():
   config = simmim_mto.get_config('runlocal')
   config.mto.ranking = 'up'
-  with pytest.raises(config_lib.ConfigError, match='mto.ranking'):
-    config_lib.validate(config)
+  with pytest.raises(errors.ConfigError, match='mto.ranking'):
+    validation.validate(config)
 
 
 def _run(spec, workdir):

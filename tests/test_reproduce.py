@@ -9,8 +9,8 @@ import pytest
 
 from conftest import ROOT
 from conftest import run_module
-from mimjax import reproduce
-from mimjax import reproduce_report as report
+from mimjax.reproduce import report
+from mimjax.reproduce import study as reproduce
 
 
 def test_mean_spread_is_mean_and_sample_std():
@@ -297,14 +297,14 @@ def test_smoke_study_supervised_and_distillation_rows(tmp_path):
 def _random_encoder(row, tmp_path):
   """The encoder params a study run of `row` starts from (smoke budget, seed 3)."""
   import jax  # pylint: disable=g-import-not-at-top
-  from mimjax import frameworks  # pylint: disable=g-import-not-at-top
+  from mimjax import registry  # pylint: disable=g-import-not-at-top
   from mimjax import train_step  # pylint: disable=g-import-not-at-top
   from mimjax.data import pipeline  # pylint: disable=g-import-not-at-top
   budget = reproduce.BUDGETS['smoke']
   config = reproduce.build_config(row, reproduce.row_overrides(
       row, 3, budget, str(tmp_path / 'teacher')))
   sample = jax.tree_util.tree_map(lambda x: x[:2], next(pipeline.train_batches(config, 0)))
-  init_fn, _, _, _ = train_step.build(frameworks.build(config), config, sample)
+  init_fn, _, _, _ = train_step.build(registry.build(config), config, sample)
   return jax.jit(init_fn)().params['encoder']
 
 

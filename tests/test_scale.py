@@ -19,7 +19,7 @@ import pytest
 
 from conftest import ROOT, config_flags, load_config, tiny_overrides
 from mimjax import config_lib
-from mimjax import frameworks
+from mimjax import registry
 from mimjax import train
 from mimjax import train_step as train_step_lib
 from mimjax.data import pipeline
@@ -66,7 +66,7 @@ _WORKER = textwrap.dedent('''
       train.train(config, workdir)
       mesh = sharding.make_mesh(config.mesh)
       sample = train.sample_batch(next(pipeline.train_batches(config)))
-      fw = frameworks.build(config)
+      fw = registry.build(config)
       init_fn, abstract, _, _ = train_step.build(fw, config, sample)
       state = jax.jit(init_fn, out_shardings=train_step.state_shardings(abstract, mesh,
                                                                         config.mesh))()
@@ -201,7 +201,7 @@ def test_two_processes_match_one_and_their_checkpoint_resumes_in_one(tmp_path, m
 
 
 def _loss_and_grads(config, batch):
-  fw = frameworks.build(config)
+  fw = registry.build(config)
   params, model_state = fw.init(jax.random.PRNGKey(0), batch)
   grad_fn = jax.jit(jax.value_and_grad(fw.loss, has_aux=True))
   (loss, _), grads = grad_fn(params, model_state, batch, jax.random.PRNGKey(1), jnp.int32(0))
@@ -244,7 +244,7 @@ def test_bfloat16_compute_is_close_to_float32_with_float32_params_and_updates():
   flat16 = jnp.concatenate([g.ravel() for g in jax.tree_util.tree_leaves(grads16)])
   assert cos(flat16, flat32) > 0.99
 
-  fw = frameworks.build(config)
+  fw = registry.build(config)
   init_fn, _, tx, lr = train_step_lib.build(fw, config, batch)
   state, _ = jax.jit(train_step_lib.make_train_step(fw, tx, lr))(jax.jit(init_fn)(), batch)
   assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(state.params))

@@ -11,11 +11,12 @@ import pytest
 from conftest import load_config
 from conftest import tiny_overrides
 from configs import simmim
-from mimjax import config_lib
-from mimjax import frameworks
+from mimjax import errors
+from mimjax import registry
 from mimjax import losses
 from mimjax import masking
 from mimjax import train
+from mimjax import validation
 
 
 @pytest.mark.parametrize('grid,cell,ratio,cells_masked', [
@@ -68,8 +69,8 @@ def test_simmim_loss_matches_simmim_pixel_formula():
 def _framework(variant='mu/4'):
   config = simmim.get_config('runlocal')
   config.model.variant = variant
-  config_lib.validate(config)
-  fw = frameworks.build(config)
+  validation.validate(config)
+  fw = registry.build(config)
   images = jax.random.normal(jax.random.PRNGKey(0), (4, 28, 28, 3))
   params, state = jax.jit(fw.init)(jax.random.PRNGKey(1), {'image': images})
   return config, fw, params, state, {'image': images}
@@ -120,8 +121,8 @@ def test_forward_loss_is_l1_on_masked_patches_and_jits_once():
 def test_config_rejects_bad_masking(key, value, match):
   config = simmim.get_config('runlocal')
   config.simmim[key] = value
-  with pytest.raises(config_lib.ConfigError, match=match):
-    config_lib.validate(config)
+  with pytest.raises(errors.ConfigError, match=match):
+    validation.validate(config)
 
 
 def test_recipe_learning_rate():

@@ -7,10 +7,11 @@ import pytest
 
 from configs import mae as mae_config
 from configs import supervised as supervised_config
-from mimjax import config_lib
-from mimjax import frameworks
+from mimjax import errors
+from mimjax import registry
 from mimjax import losses
 from mimjax import mixup
+from mimjax import validation
 
 
 def test_label_smoothing_cross_entropy_matches_optax():
@@ -82,7 +83,7 @@ def test_eval_metrics_count_top1_top5_over_valid_examples():
   config = supervised_config.get_config('runlocal')
   config.unlock()
   config.model.variant = 'mu/4'
-  framework = frameworks.build(config)
+  framework = registry.build(config)
   images = jnp.zeros((4, 28, 28, 3))
   params, _ = framework.init(jax.random.PRNGKey(0), {'image': images, 'label': jnp.zeros(4, int)})
   # Make the logits ignore the image: bias ranks class 9 > 8 > ... > 0.
@@ -101,15 +102,15 @@ def test_config_checks():
   config = supervised_config.get_config('runlocal')
   config.unlock()
   config.model.num_classes = 0
-  with pytest.raises(config_lib.ConfigError, match='num_classes'):
-    config_lib.validate(config)
+  with pytest.raises(errors.ConfigError, match='num_classes'):
+    validation.validate(config)
   config = mae_config.get_config('runlocal')
   config.unlock()
   config.eval.every_steps = 10
-  with pytest.raises(config_lib.ConfigError, match='eval.every_steps'):
-    config_lib.validate(config)
+  with pytest.raises(errors.ConfigError, match='eval.every_steps'):
+    validation.validate(config)
   config = supervised_config.get_config('runlocal')
   config.unlock()
   config.model.tokenizer_norm = 'batchnorm'
-  with pytest.raises(config_lib.ConfigError, match='tokenizer_norm'):
-    config_lib.validate(config)
+  with pytest.raises(errors.ConfigError, match='tokenizer_norm'):
+    validation.validate(config)

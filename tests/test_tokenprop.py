@@ -7,9 +7,10 @@ import tensorflow as tf
 
 from configs import mae as mae_config
 from configs import supervised as supervised_config
-from mimjax import config_lib
-from mimjax import frameworks
-from mimjax.methods import tokenprop
+from mimjax import errors
+from mimjax import registry
+from mimjax import validation
+from mimjax.plugins import tokenprop
 
 
 @pytest.mark.parametrize('grid,out', [(7, 28), (14, 56), (16, 64)])
@@ -58,8 +59,8 @@ def test_plugin_on_supervised_owns_decoder_outside_encoder():
   config = supervised_config.get_config('runlocal,tokenprop')
   config.unlock()
   config.model.variant = 'mu/4'
-  config_lib.validate(config)
-  framework = frameworks.build(config)
+  validation.validate(config)
+  framework = registry.build(config)
   batch = _batch(config)
   params, _ = framework.init(jax.random.PRNGKey(0), batch)
   assert set(params) == {'encoder', 'tokenprop'}
@@ -86,8 +87,8 @@ def test_plugin_on_mae_reads_all_patch_tokens():
   config.unlock()
   config.model.variant = 'mu/4'
   config.tokenprop.enabled = True
-  config_lib.validate(config)
-  framework = frameworks.build(config)
+  validation.validate(config)
+  framework = registry.build(config)
   batch = _batch(config)
   params, _ = framework.init(jax.random.PRNGKey(0), batch)
   _, _, outputs = framework.forward(params, {}, batch, jax.random.PRNGKey(1), True)
@@ -101,5 +102,5 @@ def test_rejects_non_positive_weight():
   config = supervised_config.get_config('runlocal,tokenprop')
   config.unlock()
   config.tokenprop.weight = 0.0
-  with pytest.raises(config_lib.ConfigError, match='tokenprop.weight'):
-    config_lib.validate(config)
+  with pytest.raises(errors.ConfigError, match='tokenprop.weight'):
+    validation.validate(config)

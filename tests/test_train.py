@@ -17,6 +17,7 @@ import pytest
 from conftest import ROOT, config_flags, load_config, run_module, tiny_overrides
 from mimjax import checkpoint as checkpoint_lib
 from mimjax import config_lib
+from mimjax import errors
 from mimjax import train
 from mimjax import train_step as train_step_lib
 from mimjax.frameworks import base
@@ -142,7 +143,7 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tiny_mae_config, tmp_pat
   with tiny_mae_config.unlocked():
     tiny_mae_config.total_steps = 6
     tiny_mae_config.optim.base_lr = float('nan')
-  with pytest.raises(train.NonFiniteLossError, match='last good checkpoint .step 3. .* intact'):
+  with pytest.raises(errors.NonFiniteError, match='last good checkpoint .step 3. .* intact'):
     train.train(tiny_mae_config, workdir)
   after = {p: os.path.getmtime(os.path.join(dp, p)) for dp, _, ps in os.walk(workdir + '/checkpoints')
            for p in ps}
@@ -161,7 +162,7 @@ def test_checkpoint_of_a_different_model_is_refused(tiny_mae_config, tmp_path):
   with tiny_mae_config.unlocked():
     tiny_mae_config.model.variant = 'pico/4'
     tiny_mae_config.total_steps = 6
-  with pytest.raises(checkpoint_lib.CheckpointError, match='different model.*new --workdir'):
+  with pytest.raises(errors.CheckpointError, match='different model.*new --workdir'):
     train.train(tiny_mae_config, workdir)
   assert open(os.path.join(workdir, 'config.json')).read() == config_before
 
@@ -182,7 +183,7 @@ def test_unknown_config_argument_is_refused():
 def test_image_size_not_multiple_of_patch(tiny_mae_config, tmp_path):
   with tiny_mae_config.unlocked():
     tiny_mae_config.data.image_size = 30
-  with pytest.raises(config_lib.ConfigError, match='image_size=30 is not a multiple of the patch'):
+  with pytest.raises(errors.ConfigError, match='image_size=30 is not a multiple of the patch'):
     train.train(tiny_mae_config, str(tmp_path))
   assert not os.listdir(tmp_path)
 

@@ -9,7 +9,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from mimjax import config_lib
+from mimjax import errors
 from mimjax.data import augment
 from mimjax.data import sources
 
@@ -20,7 +20,7 @@ tf.config.set_visible_devices([], 'GPU')
 def _raw_split(config, split, process_index, process_count):
   builder = sources.get_builder(config.data.name, config.data.data_dir, config.data.download)
   if split not in builder.info.splits and split.split('[')[0] not in builder.info.splits:
-    raise sources.DatasetError(
+    raise errors.DatasetError(
         f'Dataset {config.data.name!r} has no split {split!r}; it has '
         f'{sorted(builder.info.splits)}. Set config.data.train_split / eval_split.')
   host_split = tfds.even_splits(split, n=process_count)[process_index]
@@ -47,7 +47,7 @@ def _augmenter(config, name, image_feature):
 def local_batch_size(global_batch, process_count=None):
   process_count = process_count or jax.process_count()
   if global_batch % process_count:
-    raise config_lib.ConfigError(f'batch_size {global_batch} does not divide over {process_count} processes; '
+    raise errors.ConfigError(f'batch_size {global_batch} does not divide over {process_count} processes; '
                      f'choose a multiple of {process_count}.')
   return global_batch // process_count
 

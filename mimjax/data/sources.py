@@ -10,9 +10,10 @@ import gzip
 import os
 
 import numpy as np
-
 import tensorflow_datasets as tfds
 from tensorflow_datasets.image_classification import mnist as tfds_mnist
+
+from mimjax import errors
 
 DEBIAN_FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
 _FASHION_MNIST_FILES = {
@@ -22,9 +23,6 @@ _FASHION_MNIST_FILES = {
     'test_labels': 't10k-labels-idx1-ubyte.gz',
 }
 
-
-class DatasetError(ValueError):
-  """A dataset that cannot be found or prepared; the message says how to fix it."""
 
 
 class LocalFashionMNIST(tfds_mnist.FashionMNIST, skip_registration=True):
@@ -65,7 +63,7 @@ def read_idx(path, num_items, item_shape):
   array = np.frombuffer(data, dtype=np.uint8, offset=header)
   expected = num_items * int(np.prod(item_shape, dtype=np.int64))
   if array.size != expected:
-    raise DatasetError(f'{path} holds {array.size} values, expected {expected}: the file is '
+    raise errors.DatasetError(f'{path} holds {array.size} values, expected {expected}: the file is '
                        'truncated or not the Fashion-MNIST file; reinstall dataset-fashion-mnist.')
   return array.reshape((num_items,) + tuple(item_shape))
 
@@ -86,7 +84,7 @@ def get_builder(name, data_dir=None, download=True):
   except tfds.core.registered.DatasetNotFoundError as e:
     close = difflib.get_close_matches(name, tfds.list_builders(), n=3)
     hint = f' Did you mean {" or ".join(repr(c) for c in close)}?' if close else ''
-    raise DatasetError(f'Unknown dataset {name!r} (config.data.name).{hint} Use any TFDS dataset '
+    raise errors.DatasetError(f'Unknown dataset {name!r} (config.data.name).{hint} Use any TFDS dataset '
                        'name, e.g. fashion_mnist, cifar10, imagenette, imagenet2012.') from e
   if builder.is_prepared():
     return builder
@@ -96,7 +94,7 @@ def get_builder(name, data_dir=None, download=True):
     local.download_and_prepare()
     return tfds.builder(name, data_dir=data_dir)
   if not download:
-    raise DatasetError(
+    raise errors.DatasetError(
         f'Dataset {name!r} is not prepared under {data_dir} and config.data.download is False. '
         f'Prepare it with `tfds build {base_name} --data_dir={data_dir}` (datasets with manual '
         'downloads such as imagenet2012 need their files placed in the manual_dir first), or set '
@@ -104,7 +102,7 @@ def get_builder(name, data_dir=None, download=True):
   try:
     builder.download_and_prepare()
   except Exception as e:  # network or manual-download failures, surfaced with the fix
-    raise DatasetError(
+    raise errors.DatasetError(
         f'Could not download and prepare dataset {name!r} into {data_dir}: {e}\n'
         'On a machine without internet, prepare it elsewhere and point --config.data.data_dir at '
         'the prepared copy; for fashion_mnist, install the Debian package dataset-fashion-mnist.'

@@ -2,17 +2,17 @@
 
 The framework's own forward pass (masks from the run's seed) is run with per-layer captures of
 its mask-token sites (`Framework.mask_token_at`: the encoder of SimMIM, the decoder of MAE), and
-`mimjax.methods.mto.heterogeneity` is measured at every layer, image by image.
+`mimjax.plugins.mto.heterogeneity` is measured at every layer, image by image.
 """
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mimjax import config_lib
-from mimjax import frameworks
+from mimjax import errors
+from mimjax import registry
 from mimjax.eval import features as features_lib
 from mimjax.eval import plots
-from mimjax.methods import mto
+from mimjax.plugins import mto
 
 
 def _site_layers(outputs, site, num_prefix):
@@ -26,12 +26,12 @@ def protocol(run, num_images=None):
   over the first `num_images` eval images; writes eval_heterogeneity.png."""
   config = run.config
   num_images = num_images or config.eval.analysis_examples
-  sites = frameworks.FRAMEWORKS[config.framework].mask_token_at
+  sites = registry.FRAMEWORKS[config.framework].mask_token_at
   if not sites:
-    raise config_lib.ConfigError(
+    raise errors.ConfigError(
         f'framework {config.framework!r} of {run.workdir} has no mask tokens; heterogeneity '
         'needs a framework with mask tokens (simmim, mae).')
-  framework = frameworks.build(config, captures=[f'{site}_layers' for site in sites])
+  framework = registry.build(config, captures=[f'{site}_layers' for site in sites])
   num_prefix = framework.build_encoder().num_prefix
   rng = jax.random.PRNGKey(config.seed)
   one = jax.vmap(lambda x, m: mto.heterogeneity(x[None], m[None]))

@@ -7,7 +7,8 @@ import jax
 
 from mimjax import checkpoint as checkpoint_lib
 from mimjax import config_lib
-from mimjax import frameworks
+from mimjax import errors
+from mimjax import registry
 from mimjax import sharding
 from mimjax import train_step as train_step_lib
 from mimjax.data import pipeline
@@ -36,7 +37,7 @@ class Run:
 def read_config(workdir):
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
-    raise checkpoint_lib.CheckpointError(
+    raise errors.CheckpointError(
         f'{path} does not exist: --workdir must be the directory a mimjax.train run wrote.')
   with open(path) as f:
     return config_lib.from_json(f.read())
@@ -49,7 +50,7 @@ def load_run(workdir, step=None, random_init=False, mesh=None):
   baseline that shows what pre-training bought.
   """
   config = read_config(workdir)
-  framework = frameworks.build(config)
+  framework = registry.build(config)
   mesh = mesh or sharding.make_mesh(config.mesh)
   sample = jax.tree_util.tree_map(lambda x: x[:2], next(pipeline.train_batches(config, 0)))
   init_fn, abstract_state, _, _ = train_step_lib.build(framework, config, sample)
@@ -61,7 +62,7 @@ def load_run(workdir, step=None, random_init=False, mesh=None):
   try:
     step = ckpt.latest_step() if step is None else step
     if step is None:
-      raise checkpoint_lib.CheckpointError(f'No checkpoint in {ckpt.directory}; train first.')
+      raise errors.CheckpointError(f'No checkpoint in {ckpt.directory}; train first.')
     ckpt.check_compatible(step, abstract_state.params, config.framework)
     state = ckpt.restore(step, train_step_lib.with_shardings(abstract_state, shardings))
   finally:

@@ -5,10 +5,10 @@ import jax
 import numpy as np
 from PIL import Image
 
-from mimjax import config_lib
+from mimjax import errors
 from mimjax import visualize
 from mimjax.data import pipeline
-from mimjax.methods import dtm
+from mimjax.plugins import dtm
 
 
 def _images(run, num_images):
@@ -32,7 +32,7 @@ def reconstruction(run, num_images=8):
       p, s, b, jax.random.PRNGKey(run.config.seed), False))(run.params, run.model_state, batch)
   grids = run.framework.visualize(outputs, batch)
   if not grids:
-    raise config_lib.ConfigError(f'framework {run.config.framework!r} draws no reconstructions '
+    raise errors.ConfigError(f'framework {run.config.framework!r} draws no reconstructions '
                                  '(e.g. a feature-target or supervised run).')
   return dict(pictures={name: _save(run, name, g) for name, g in grids.items()})
 

@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 
-from mimjax import config_lib
+from mimjax import errors
 
 
 def _integral(x, y):
@@ -37,7 +37,7 @@ def read_curve(workdir, metric):
   """(steps, values) of `metric` from WORKDIR/metrics.jsonl (e.g. eval_top1, logged in training)."""
   path = os.path.join(workdir, 'metrics.jsonl')
   if not os.path.exists(path):
-    raise config_lib.ConfigError(f'{path} does not exist: RAUC reads the curves of two '
+    raise errors.ConfigError(f'{path} does not exist: RAUC reads the curves of two '
                                  'mimjax.train workdirs.')
   points = {}
   with open(path) as f:
@@ -46,7 +46,7 @@ def read_curve(workdir, metric):
       if metric in record:
         points[int(record['step'])] = float(record[metric])  # a resumed run rewrites later steps
   if len(points) < 2:
-    raise config_lib.ConfigError(f'{path} has {len(points)} values of {metric!r}; RAUC needs a '
+    raise errors.ConfigError(f'{path} has {len(points)} values of {metric!r}; RAUC needs a '
                                  'curve (choose --metric, e.g. eval_top1 or loss).')
   steps = sorted(points)
   return np.asarray(steps), np.asarray([points[s] for s in steps])
@@ -56,7 +56,7 @@ def protocol(workdir, other_workdir=None, metric='eval_top1', e1=None, e2=None):
   """RAUC of WORKDIR's `metric` curve over the baseline OTHER_WORKDIR's, on [e1, e2] steps
   (default: the range both curves cover)."""
   if not other_workdir:
-    raise config_lib.ConfigError('protocol rauc needs --other_workdir (the baseline run S1).')
+    raise errors.ConfigError('protocol rauc needs --other_workdir (the baseline run S1).')
   s1, v1 = read_curve(other_workdir, metric)
   s2, v2 = read_curve(workdir, metric)
   e1 = max(s1[0], s2[0]) if e1 is None else e1
@@ -64,5 +64,5 @@ def protocol(workdir, other_workdir=None, metric='eval_top1', e1=None, e2=None):
   try:
     value = rauc(s1, v1, s2, v2, e1, e2)
   except ValueError as e:
-    raise config_lib.ConfigError(f'--e1/--e2: {e}') from e
+    raise errors.ConfigError(f'--e1/--e2: {e}') from e
   return dict(rauc=value, metric=metric, e1=float(e1), e2=float(e2), baseline=other_workdir)

@@ -48,9 +48,10 @@ class Plugin(abc.ABC):
     """Whether `config` turns this plug-in on."""
 
   @classmethod
-  def check_config(cls, config):
-    """Raises config_lib.ConfigError when the plug-in cannot work with this config."""
-    del config
+  def check_config(cls, config, framework):
+    """Raises errors.ConfigError when the plug-in cannot work with this config on `framework` (the
+    Framework class)."""
+    del config, framework
 
   def init_params(self, rng, outputs) -> Any:
     """Parameters of the plug-in's own modules (None when it has none)."""
@@ -84,7 +85,7 @@ class Framework(abc.ABC):
 
   @classmethod
   def check_config(cls, config):
-    """Raises config_lib.ConfigError on settings this framework cannot work with."""
+    """Raises errors.ConfigError on settings this framework cannot work with."""
     del config
 
   def __init__(self, config, plugins=(), captures=()):

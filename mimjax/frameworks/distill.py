@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mimjax import config_lib
+from mimjax import errors
 from mimjax import losses
 from mimjax import masking
 from mimjax import teachers
@@ -39,12 +39,12 @@ def check_feature_config(config):
   """Start-up checks of the config.distill loss and masking options."""
   d = config.distill
   if d.loss not in losses.DISTANCES:
-    raise config_lib.ConfigError(f'config.distill.loss={d.loss!r}; use one of {losses.DISTANCES}.')
+    raise errors.ConfigError(f'config.distill.loss={d.loss!r}; use one of {losses.DISTANCES}.')
   if d.loss_tokens not in ('all', 'masked'):
-    raise config_lib.ConfigError(f'config.distill.loss_tokens={d.loss_tokens!r}; use "all" or '
+    raise errors.ConfigError(f'config.distill.loss_tokens={d.loss_tokens!r}; use "all" or '
                                  '"masked".')
   if not 0 < d.mask_ratio < 1:
-    raise config_lib.ConfigError(f'config.distill.mask_ratio must be in (0, 1), got '
+    raise errors.ConfigError(f'config.distill.mask_ratio must be in (0, 1), got '
                                  f'{d.mask_ratio}.')
 
 

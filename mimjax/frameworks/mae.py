@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mimjax import config_lib
+from mimjax import errors
 from mimjax import losses
 from mimjax import masking
 from mimjax import teachers
@@ -39,7 +39,7 @@ class MAE(teachers.WithTeacher, base.Framework):
     encoder = self.build_encoder()
     out_dim = self.patch_size ** 2 * self.config.data.channels
     if mae.target not in ('pixels', 'teacher'):
-      raise config_lib.ConfigError(f'config.mae.target={mae.target!r}; use "pixels" or "teacher".')
+      raise errors.ConfigError(f'config.mae.target={mae.target!r}; use "pixels" or "teacher".')
     if mae.target == 'teacher':
       distill.check_feature_config(self.config)
       self.teacher = teachers.build(self.config, self)

@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mimjax import config_lib
+from mimjax import errors
 from mimjax import losses
 from mimjax import masking
 from mimjax.frameworks import base
@@ -43,14 +43,14 @@ class SimMIM(base.Framework):
     patch = vit.parse_variant(config.model.variant)['patch_size']
     cell = config.simmim.mask_patch_size
     if cell <= 0 or cell % patch:
-      raise config_lib.ConfigError(
+      raise errors.ConfigError(
           f'config.simmim.mask_patch_size={cell} must be a positive multiple of the patch size '
           f'{patch} of model {config.model.variant!r} (SimMIM masks whole patches).')
     cells = math.ceil(config.data.image_size / cell) ** 2
     try:
       masking.num_masked_cells(cells, config.simmim.mask_ratio)
     except ValueError as e:
-      raise config_lib.ConfigError(f'config.simmim.mask_ratio: {e}') from e
+      raise errors.ConfigError(f'config.simmim.mask_ratio: {e}') from e
 
   def build_model(self):
     return SimMIMModel(self.build_encoder(),

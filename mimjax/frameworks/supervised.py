@@ -7,7 +7,7 @@ rng), drop path in the encoder; RandAugment and random erasing run in the input 
 import jax
 import jax.numpy as jnp
 
-from mimjax import config_lib
+from mimjax import errors
 from mimjax import losses
 from mimjax import mixup
 from mimjax.frameworks import base
@@ -21,7 +21,7 @@ class Supervised(base.Framework):
   @classmethod
   def check_config(cls, config):
     if config.model.num_classes < 1:
-      raise config_lib.ConfigError(
+      raise errors.ConfigError(
           'framework="supervised" needs config.model.num_classes > 0 (the number of classes of '
           f'config.data.name={config.data.name!r}, e.g. 1000 for imagenet2012).')
 

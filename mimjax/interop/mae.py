@@ -9,6 +9,7 @@ dropped; a checkpoint whose decoder position embedding is anything else is refus
 """
 import numpy as np
 
+from mimjax import errors
 from mimjax.interop import timm as timm_lib
 from mimjax.models import posemb as posemb_lib
 
@@ -21,7 +22,7 @@ def _decoder_from_mae(sd, num_heads, grid_size):
   fixed = posemb_lib.sincos_2d(grid_size, width)[None]
   if pos.shape[1] != grid_size ** 2 + 1 or pos[:, 0].any() or not np.allclose(
       pos[:, 1:], fixed, atol=1e-5):
-    raise timm_lib.InteropError(
+    raise errors.InteropError(
         'decoder_pos_embed is not MAE\'s fixed 2-D sin-cos table with a zero cls slot; the mimjax '
         'MAE decoder has only that position embedding, so these weights cannot be imported.')
   tr = {f'encoderblock_{i}': timm_lib.block_from_timm(sd, f'decoder_blocks.{i}.', num_heads)

@@ -12,7 +12,7 @@ random initialisation and are reported.
 import jax
 
 from mimjax import checkpoint as checkpoint_lib
-from mimjax import config_lib
+from mimjax import errors
 from mimjax import optim
 from mimjax.interop import mae as mae_lib
 from mimjax.interop import timm as timm_lib
@@ -39,7 +39,7 @@ def _check_arch(config, arch):
     size = arch.size_name()
     hint = (f'set --config.model.variant={size}/{arch.patch_size}' if size else
             'no mimjax variant has these dimensions')
-    raise config_lib.ConfigError(
+    raise errors.ConfigError(
         f'{src} holds a ViT of width {arch.width}, depth {arch.depth}, MLP {arch.mlp_dim}, patch '
         f'{arch.patch_size}, but config.model.variant={config.model.variant!r}; {hint}.')
   checks = [  # (key, value in the config, value the weights need, value to suggest)
@@ -52,7 +52,7 @@ def _check_arch(config, arch):
     checks.append(('model.posemb', config.model.posemb, 'learn', 'learn'))
   for key, have, need, fix in checks:
     if have != need:
-      raise config_lib.ConfigError(
+      raise errors.ConfigError(
           f'{src} needs config.{key} to be {need} (the weights say so), got {have}; set '
           f'--config.{key.split()[0]}={fix}.')
 
@@ -76,7 +76,7 @@ def _select(config, params, mae):
   if 'decoder' in params and config.framework == 'mae':
     for key, value in mae.items():
       if config.mae[key] != value:
-        raise config_lib.ConfigError(
+        raise errors.ConfigError(
             f'config.init.checkpoint holds an MAE decoder with {key}={value}, but '
             f'config.mae.{key}={config.mae[key]}; set --config.mae.{key}={value}.')
     selected['decoder'] = params['decoder']
@@ -89,8 +89,8 @@ def _read_mimjax(config):
   step = None if config.init.step < 0 else config.init.step
   try:
     encoder = dict(checkpoint_lib.restore_params(config.init.checkpoint, step)['encoder'])
-  except checkpoint_lib.CheckpointError as e:
-    raise config_lib.ConfigError(f'config.init.checkpoint={config.init.checkpoint!r} (format '
+  except errors.CheckpointError as e:
+    raise errors.ConfigError(f'config.init.checkpoint={config.init.checkpoint!r} (format '
                                  f'mimjax, a workdir): {e}') from e
   notes = []
   head = encoder.pop('head', None)
@@ -113,8 +113,8 @@ def load(config, abstract_params):
   else:
     try:
       params, arch, mae = _read(config)
-    except timm_lib.InteropError as e:
-      raise config_lib.ConfigError(
+    except errors.InteropError as e:
+      raise errors.ConfigError(
           f'config.init.checkpoint={config.init.checkpoint!r}: {e}') from e
     _check_arch(config, arch)
     selected, notes = _select(config, params, mae)
@@ -123,7 +123,7 @@ def load(config, abstract_params):
   missing = sorted(k for k in want if k.startswith('encoder/') and k not in have
                    and not k.startswith('encoder/head/'))
   if wrong or missing:
-    raise config_lib.ConfigError(
+    raise errors.ConfigError(
         f'config.init.checkpoint={config.init.checkpoint!r} does not fit this config: '
         + '; '.join(f'{k} {have[k]} vs {want.get(k)}' for k in wrong[:3])
         + (f' encoder params not in the file: {missing[:3]}' if missing else ''))

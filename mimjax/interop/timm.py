@@ -17,6 +17,7 @@ import re
 
 import numpy as np
 
+from mimjax import errors
 from mimjax.models import posemb as posemb_lib
 from mimjax.models import vit
 
@@ -26,9 +27,6 @@ TIMM_MODEL = 'vit_base_patch16_224'
 
 _ENCODER_KEYS = {'embedding', 'pos_embedding', 'cls', 'Transformer', 'head'}
 
-
-class InteropError(ValueError):
-  """Weights that cannot be converted faithfully; the message says why and what to do."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +63,7 @@ def check_representable(encoder_params):
   """Raises InteropError for encoders timm's ViT cannot represent (e.g. a MoTo tokenizer)."""
   extra = sorted(set(encoder_params) - _ENCODER_KEYS)
   if extra or 'embedding' not in encoder_params:
-    raise InteropError(
+    raise errors.InteropError(
         f'This encoder has parameters timm\'s VisionTransformer cannot represent ({extra or "no "}'
         f'{"" if extra else "plain patch embedding"}); a non-linear tokenizer such as MoTo '
         '(config.model.tokenizer_norm) has no timm equivalent. Export only plain-ViT encoders.')
@@ -186,20 +184,20 @@ def infer_arch(sd):
       re.fullmatch(r'blocks\.\d+\.(.+)', k) and
       re.fullmatch(r'blocks\.\d+\.(.+)', k).group(1) in _BLOCK_KEYS))
   if unknown:
-    raise InteropError(
+    raise errors.InteropError(
         f'The state dict has weights the mimjax ViT has no place for: {unknown[:5]}. Only plain '
         'timm VisionTransformers import (no fc_norm/norm_pre, register tokens, qk-norm or '
         'attention pooling); for official MAE or CLIP checkpoints use mimjax.interop.mae / clip.')
   for key in ('patch_embed.proj.weight', 'pos_embed', 'norm.weight'):
     if key not in sd:
-      raise InteropError(f'The state dict has no {key!r}; it is not a timm ViT encoder.')
+      raise errors.InteropError(f'The state dict has no {key!r}; it is not a timm ViT encoder.')
   width, in_chans, patch, _ = sd['patch_embed.proj.weight'].shape
   depth = len({k.split('.')[1] for k in sd if k.startswith('blocks.')})
   cls_token = 'cls_token' in sd
   num_pos = sd['pos_embed'].shape[1]
   grid = int(round(np.sqrt(num_pos - cls_token)))
   if grid * grid not in (num_pos, num_pos - 1) or (grid * grid != num_pos and not cls_token):
-    raise InteropError(f'pos_embed has {num_pos} positions: not a square grid (plus a cls slot).')
+    raise errors.InteropError(f'pos_embed has {num_pos} positions: not a square grid (plus a cls slot).')
   patch_table = sd['pos_embed'][:, num_pos - grid * grid:]
   fixed = posemb_lib.sincos_2d(grid, width)[None]
   is_sincos = np.allclose(patch_table, fixed, atol=1e-5)  # a cls slot is folded on import
@@ -218,7 +216,7 @@ def from_timm(sd, num_heads):
   """
   arch = infer_arch(sd)
   if arch.width % num_heads:
-    raise InteropError(f'width {arch.width} is not divisible by num_heads={num_heads}.')
+    raise errors.InteropError(f'width {arch.width} is not divisible by num_heads={num_heads}.')
   pos = sd['pos_embed']
   p = {'embedding': {'kernel': sd['patch_embed.proj.weight'].transpose(2, 3, 1, 0),
                      'bias': sd['patch_embed.proj.bias']},
@@ -264,7 +262,6 @@ def as_float32(tree):
   if isinstance(tree, dict):
     return {k: as_float32(v) for k, v in tree.items()}
   return np.ascontiguousarray(tree, np.float32)
-  return {k: _map(fn, v) for k, v in tree.items()} if isinstance(tree, dict) else fn(tree)
 
 
 def read_sidecar(path):
@@ -296,7 +293,7 @@ def import_timm(path, num_heads=None):
       model['layerscale'] = kw['init_values']
   num_heads = num_heads or arch.num_heads()
   if num_heads is None:
-    raise InteropError(f'Cannot tell the number of attention heads of a width-{arch.width} ViT '
+    raise errors.InteropError(f'Cannot tell the number of attention heads of a width-{arch.width} ViT '
                        'from its weights; pass num_heads.')
   params, arch = from_timm(sd, num_heads)
   if arch.size_name():

@@ -44,7 +44,7 @@ from absl import logging
 import numpy as np
 
 from mimjax import evaluate as evaluate_lib
-from mimjax import reproduce_report as report
+from mimjax.reproduce import report
 from mimjax import train as train_lib
 from mimjax.eval import loading
 
@@ -360,7 +360,3 @@ def main(argv):
   run_study(mode, f.seeds, f.out, f.workdir_root, f.rows, f.clip_path, sys.argv[1:],
             f.report_only)
 
-
-if __name__ == '__main__':
-  define_flags()
-  app.run(main)

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mimjax import config_lib
+from mimjax import errors
 from mimjax.frameworks import base
 
 
@@ -86,13 +86,13 @@ class TokenProp(base.Plugin):
     return config.tokenprop.enabled
 
   @classmethod
-  def check_config(cls, config):
+  def check_config(cls, config, framework):
     if config.tokenprop.weight <= 0:
-      raise config_lib.ConfigError(
+      raise errors.ConfigError(
           f'config.tokenprop.weight={config.tokenprop.weight}: TokenProp needs a positive weight '
           '(the paper uses 1e-3); set tokenprop.enabled=False to turn it off.')
     if config.tokenprop.hidden % 16:
-      raise config_lib.ConfigError(
+      raise errors.ConfigError(
           f'config.tokenprop.hidden={config.tokenprop.hidden} must be a multiple of 16 (two x2 '
           'pixel shuffles divide the channels by 16); the paper uses 256.')
 

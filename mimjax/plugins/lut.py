@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mimjax import config_lib
+from mimjax import errors
 from mimjax import masking
 from mimjax.frameworks import base
 
@@ -86,22 +86,22 @@ class LUT(base.Plugin):
     return config.lut.enabled
 
   @classmethod
-  def check_config(cls, config):
+  def check_config(cls, config, framework):
     from mimjax.data import augment  # pylint: disable=g-import-not-at-top
     if config.framework != 'mae':
-      raise config_lib.ConfigError(
+      raise errors.ConfigError(
           f'config.lut.enabled needs config.framework="mae" (got {config.framework!r}): LUT takes '
           'its second masked view from MAE\'s patch order.')
     if 'image2' not in augment.OUTPUTS.get(config.data.augment, ()):
-      raise config_lib.ConfigError(
+      raise errors.ConfigError(
           f'config.lut.enabled needs a two-view augmentation; config.data.augment='
           f'{config.data.augment!r} gives no "image2". Set config.data.augment="lut_two_view".')
     if config.mae.mask_ratio < 0.5:
-      raise config_lib.ConfigError(
+      raise errors.ConfigError(
           f'config.mae.mask_ratio={config.mae.mask_ratio} leaves too many visible patches for two '
           'disjoint masked views; LUT needs mask_ratio >= 0.5 (the paper uses 0.75).')
     if not 0.0 <= config.lut.momentum <= 1.0:
-      raise config_lib.ConfigError(
+      raise errors.ConfigError(
           f'config.lut.momentum={config.lut.momentum} must be in [0, 1].')
 
   def _init_heads(self, rng):

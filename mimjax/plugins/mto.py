@@ -19,7 +19,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from mimjax import config_lib
+from mimjax import errors
 from mimjax.frameworks import base
 
 RANKINGS = ('decrease', 'printed')
@@ -113,23 +113,22 @@ class MTO(base.Plugin):
     return config.mto.enabled
 
   @classmethod
-  def check_config(cls, config):
-    from mimjax import frameworks  # pylint: disable=g-import-not-at-top
+  def check_config(cls, config, framework):
     mto = config.mto
-    sites = frameworks.FRAMEWORKS[config.framework].mask_token_at
+    sites = framework.mask_token_at
     if mto.where not in ('encoder', 'decoder'):
-      raise config_lib.ConfigError(f'config.mto.where must be "encoder" or "decoder", not '
+      raise errors.ConfigError(f'config.mto.where must be "encoder" or "decoder", not '
                                    f'{mto.where!r}.')
     if mto.where not in sites:
       hint = f'set config.mto.where={sites[0]!r}' if sites else 'turn config.mto.enabled off'
-      raise config_lib.ConfigError(
+      raise errors.ConfigError(
           f'config.mto.where={mto.where!r}, but framework {config.framework!r} has mask tokens '
           f'only in {list(sites) or "no module"}; {hint}.')
     if mto.ranking not in RANKINGS:
-      raise config_lib.ConfigError(f'config.mto.ranking must be one of {RANKINGS}, not '
+      raise errors.ConfigError(f'config.mto.ranking must be one of {RANKINGS}, not '
                                    f'{mto.ranking!r}.')
     if mto.tau < 0:
-      raise config_lib.ConfigError(f'config.mto.tau must be >= 0 (0 means sqrt(D)), got {mto.tau}.')
+      raise errors.ConfigError(f'config.mto.tau must be >= 0 (0 means sqrt(D)), got {mto.tau}.')
 
   def layers(self, outputs):
     """Per-layer patch tokens [B, N, D] (cls removed) of the configured site."""

@@ -1,6 +1,6 @@
 """RESULTS.md of the reproduction study: aggregation over seeds, the table, curves and findings.
 
-Works on the runs' records (dicts written by `mimjax.reproduce.measure`: row, label, seed,
+Works on the runs' records (dicts written by `mimjax.reproduce.study.measure`: row, label, seed,
 workdir, framework, final_loss, images_per_sec, curve, knn / linear / test_top1, notes,
 diagnostics), so every number a report states can be checked against hand-worked values.
 """

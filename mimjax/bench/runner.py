@@ -30,12 +30,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mimjax import bench_report
-from mimjax import config_lib
-from mimjax import flops
-from mimjax import frameworks
+from mimjax.bench import report as bench_report
+from mimjax.bench import flops
+from mimjax import registry
 from mimjax import sharding
 from mimjax import train_step as train_step_lib
+from mimjax import validation
 
 # host: the case whose step the overhead is measured against. target: the issue's bound on the
 # overhead (fraction of the host's step time), 'flops' (no slower than the FLOP ratio), or None.
@@ -69,7 +69,7 @@ def load_config(spec, model, image_size, batch, preset, dtype):
     raise Unavailable(f'configs/{name}.py is not in this checkout')
   args = [a for a in (arg, f'model={model}', 'runlocal' if preset == 'small' else '') if a]
   config = importlib.import_module('configs.' + name).get_config(','.join(args))
-  if config.framework not in frameworks.FRAMEWORKS:
+  if config.framework not in registry.FRAMEWORKS:
     raise Unavailable(f'framework {config.framework!r} is not registered in this checkout')
   config.batch_size = batch
   config.data.image_size = image_size
@@ -82,7 +82,7 @@ def load_config(spec, model, image_size, batch, preset, dtype):
       section = section[p]
     section[leaf] = type(section[leaf])(value == 'True' if isinstance(section[leaf], bool)
                                         else value)
-  config_lib.validate(config)
+  validation.validate(config)
   return config
 
 
@@ -114,7 +114,7 @@ class JaxStep:
   def __init__(self, name, config, warmup):
     self.name, self.config, self.times = name, config, []
     rss0 = max_rss_bytes()
-    framework = frameworks.build(config)
+    framework = registry.build(config)
     host = synthetic_batch(config)
     mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
     init_fn, abstract, tx, lr = train_step_lib.build(
@@ -169,13 +169,13 @@ class Matmul:
 
 
 class TorchPeer:
-  """The PyTorch MAE step (mimjax.bench_torch) in a worker subprocess, timed step by step."""
+  """The PyTorch MAE step (mimjax.bench.torch_peer) in a worker subprocess, timed step by step."""
 
   def __init__(self, mode, mae_config, warmup, device):
     self.name, self.mode, self.times = f'torch_{mode}', mode, []
     kw = vit_kwargs(mae_config)
     m = mae_config.mae
-    cmd = [sys.executable, '-m', 'mimjax.bench_torch', f'--batch={mae_config.batch_size}',
+    cmd = [sys.executable, '-m', 'mimjax.bench.torch_peer', f'--batch={mae_config.batch_size}',
            f'--image_size={kw["image_size"]}', f'--patch_size={kw["patch_size"]}',
            f'--width={kw["width"]}', f'--depth={kw["depth"]}', f'--heads={kw["num_heads"]}',
            f'--mlp_dim={kw["mlp_dim"]}', f'--decoder_width={m.decoder_width}',
@@ -433,6 +433,3 @@ def main(argv=None):
       f.write(text)
   return results
 
-
-if __name__ == '__main__':
-  main()

@@ -11,7 +11,7 @@ counts over a fixed maximum number of rounds (0 = inactive round), so changing i
 import jax
 import jax.numpy as jnp
 
-from mimjax import config_lib
+from mimjax import errors
 from mimjax import losses
 from mimjax.frameworks import base
 
@@ -169,18 +169,18 @@ class DTM(base.Plugin):
     return config.dtm.enabled
 
   @classmethod
-  def check_config(cls, config):
+  def check_config(cls, config, framework):
     c = config.dtm
     if not (config.framework == 'distill' or
             (config.framework == 'mae' and config.mae.target == 'teacher')):
-      raise config_lib.ConfigError(
+      raise errors.ConfigError(
           f'config.dtm.enabled needs teacher features to morph: use framework "distill", or '
           f'"mae" with config.mae.target="teacher" (got framework {config.framework!r}).')
     if c.scheduler not in SCHEDULERS:
-      raise config_lib.ConfigError(f'config.dtm.scheduler={c.scheduler!r}; use one of '
+      raise errors.ConfigError(f'config.dtm.scheduler={c.scheduler!r}; use one of '
                                    f'{SCHEDULERS}.')
     if c.num_schedules < 1 or c.max_rounds < 1 or c.min_tokens < 1:
-      raise config_lib.ConfigError('config.dtm.num_schedules, max_rounds and min_tokens must be '
+      raise errors.ConfigError('config.dtm.num_schedules, max_rounds and min_tokens must be '
                                    '>= 1.')
 
   def loss(self, params, state, outputs, batch, rng, step, train):
@@ -189,7 +189,7 @@ class DTM(base.Plugin):
     pred = outputs['feature_pred']
     num_tokens = pred.shape[1]
     if c.min_tokens > num_tokens:
-      raise config_lib.ConfigError(f'config.dtm.min_tokens={c.min_tokens} exceeds the '
+      raise errors.ConfigError(f'config.dtm.min_tokens={c.min_tokens} exceeds the '
                                    f'{num_tokens} tokens per image.')
     schedules = sample_schedules(rng, num_tokens, c.num_schedules, c.max_rounds,
                                      c.min_tokens, c.scheduler)

@@ -1,0 +1,5 @@
+"""`python -m mimjax.bench`: see `mimjax.bench.runner`."""
+from mimjax.bench import runner
+
+if __name__ == '__main__':
+  runner.main()

@@ -1,0 +1,29 @@
+"""Every error mimjax reports to a user; a leaf module that imports nothing of mimjax.
+
+Each CLI catches `MimjaxError` alone and prints `error: <message>` without a traceback, so every
+message must name the problem and the fix on its own.
+"""
+
+
+class MimjaxError(Exception):
+  """Base of the errors a command reports as one `error:` line."""
+
+
+class ConfigError(MimjaxError, ValueError):
+  """An impossible or meaningless config; the message names the key and the fix."""
+
+
+class CheckpointError(MimjaxError, RuntimeError):
+  """A workdir or checkpoint that cannot be opened, restored or continued."""
+
+
+class DatasetError(MimjaxError, ValueError):
+  """A dataset, split or image source that cannot feed this config."""
+
+
+class InteropError(MimjaxError, ValueError):
+  """Weights that cannot cross between mimjax and another library (timm, MAE, CLIP)."""
+
+
+class NonFiniteError(MimjaxError, RuntimeError):
+  """Training produced NaN/Inf; the update was not applied and the last good checkpoint is intact."""

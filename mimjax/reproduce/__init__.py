@@ -1,0 +1,1 @@
+"""The small-scale reproduction study (`python -m mimjax.reproduce`, RESULTS.md)."""
