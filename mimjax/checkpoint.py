@@ -26,7 +26,9 @@ class Checkpointer:
 
   def __init__(self, workdir, keep=3, async_save=True):
     self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+    # create=False: opening a workdir to read it never creates anything; the first save makes
+    # checkpoints/ inside the (existing) workdir.
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=False,
                                            enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=('state', 'meta'))
@@ -97,7 +99,7 @@ class Checkpointer:
           item=item, restore_args=restore_args, partial_restore=True))
     except Exception as e:
       raise errors.CheckpointError(f'The params of checkpoint {step} in {self.directory} cannot be read '
-                            f'({type(e).__name__}: {e}).') from e
+                                   f'({type(e).__name__}: {e}).') from e
     return restored['params']
 
   def wait(self):

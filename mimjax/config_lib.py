@@ -24,7 +24,7 @@ def from_json(text):
     for key, value in src.items():
       if key not in target:
         raise errors.ConfigError(f'config.json has unknown key {prefix}{key}; it was written by a '
-                          'different mimjax version.')
+                                 'different mimjax version.')
       if isinstance(target[key], ml_collections.ConfigDict):
         merge(target[key], value, f'{prefix}{key}.')
       else:

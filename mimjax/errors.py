@@ -3,6 +3,8 @@
 Each CLI catches `MimjaxError` alone and prints `error: <message>` without a traceback, so every
 message must name the problem and the fix on its own.
 """
+import contextlib
+import sys
 
 
 class MimjaxError(Exception):
@@ -27,3 +29,13 @@ class InteropError(MimjaxError, ValueError):
 
 class NonFiniteError(MimjaxError, RuntimeError):
   """Training produced NaN/Inf; the update was not applied and the last good checkpoint is intact."""
+
+
+@contextlib.contextmanager
+def reported():
+  """Ends the program with `error: <message>` (stderr, exit status 1) on any MimjaxError."""
+  try:
+    yield
+  except MimjaxError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)

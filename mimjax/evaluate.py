@@ -82,7 +82,7 @@ def _check_options(protocol, fn, options):
   unknown = sorted(set(options) - accepted)
   if unknown:
     raise errors.ConfigError(f'protocol {protocol!r} takes no option {unknown}; it takes '
-                                 f'{sorted(accepted) or "none"}.')
+                             f'{sorted(accepted) or "none"}.')
 
 
 def evaluate(workdir, protocol, step=None, compare_random_init=False, run=None, **options):
@@ -95,7 +95,7 @@ def evaluate(workdir, protocol, step=None, compare_random_init=False, run=None, 
     _check_options(protocol, CURVE_PROTOCOLS[protocol], options)
     if compare_random_init:
       raise errors.ConfigError(f'protocol {protocol!r} compares logged curves; it has no '
-                                   'randomly initialised counterpart.')
+                               'randomly initialised counterpart.')
     result = dict(protocol=protocol, **CURVE_PROTOCOLS[protocol](workdir, **options))
   elif protocol in PROTOCOLS:
     fn = PROTOCOLS[protocol]
@@ -107,7 +107,7 @@ def evaluate(workdir, protocol, step=None, compare_random_init=False, run=None, 
       result['random_init'] = fn(loading.load_run(workdir, random_init=True), **options)
   else:
     raise errors.ConfigError(f'Unknown protocol {protocol!r}; choose one of '
-                                 f'{sorted({**PROTOCOLS, **CURVE_PROTOCOLS})}.')
+                             f'{sorted({**PROTOCOLS, **CURVE_PROTOCOLS})}.')
   with open(os.path.join(workdir, f'eval_{protocol}.json'), 'w') as f:
     json.dump(result, f, indent=2)
   return result

@@ -118,7 +118,7 @@ class CheckpointTeacher(_EncoderTeacher):
     workdir = config.distill.teacher_workdir
     if not workdir:
       raise errors.ConfigError('config.distill.teacher="checkpoint" needs '
-                                   'config.distill.teacher_workdir=<a mimjax workdir>.')
+                               'config.distill.teacher_workdir=<a mimjax workdir>.')
     with open(os.path.join(workdir, 'config.json')) as f:
       self.teacher_config = config_lib.from_json(f.read())
     kwargs = vit.encoder_kwargs(self.teacher_config.model, self.teacher_config.data.image_size)
@@ -141,7 +141,7 @@ class CheckpointTeacher(_EncoderTeacher):
       step = ckpt.latest_step()
       if step is None:
         raise errors.ConfigError(f'config.distill.teacher_workdir={self.workdir!r} holds no '
-                                     'checkpoint.')
+                                 'checkpoint.')
       restored = ckpt.restore(step, None)['params']['encoder']
     finally:
       ckpt.close()
@@ -200,7 +200,7 @@ def build(config, framework):
   if kind == 'clip':
     return CLIPTeacher(config, num_patches)
   raise errors.ConfigError(f'config.distill.teacher={kind!r} is unknown; use one of '
-                               f'{TEACHERS}.')
+                           f'{TEACHERS}.')
 
 
 class WithTeacher:

@@ -87,15 +87,53 @@ def _meta(config, state_params, step):
               param_shapes=checkpoint_lib.param_shapes(state_params))
 
 
-def _reopen_interval(meta):
-  """(metric sums, steps, start time) of the log interval a Ctrl-C'd run left open, if any.
+class IntervalAccumulator:
+  """Sums the step metrics of one log interval on device; means on the host at log steps.
 
-  Summing on from the saved host sums gives the same float32 means as the uninterrupted run.
+  A Ctrl-C'd run saves its open interval in the checkpoint (`snapshot`) and the rerun sums on from
+  it, so the resumed run logs the same float32 means as the uninterrupted one.
   """
-  interval = meta.get('open_interval')
-  if not interval:
-    return None, 0, time.time()
-  return interval['sums'], interval['steps'], time.time() - interval['seconds']
+
+  def __init__(self, meta=None):
+    interval = (meta or {}).get('open_interval')
+    if interval:
+      self._sums, self.steps = interval['sums'], interval['steps']
+      self._start = time.time() - interval['seconds']
+    else:
+      self._reset()
+
+  def _reset(self):
+    self._sums, self.steps, self._start = None, 0, time.time()
+
+  def add(self, metrics):
+    self._sums = metrics if self._sums is None else jax.tree_util.tree_map(
+        jnp.add, self._sums, metrics)
+    self.steps += 1
+
+  def host_sums(self, step, last_good_ckpt, ckpt_dir):
+    """The interval's sums as floats (one device fetch); raises NonFiniteError on a NaN step."""
+    sums = {k: float(v) for k, v in jax.device_get(self._sums).items()}
+    if sums['nonfinite'] > 0:
+      raise errors.NonFiniteError(
+          f'The loss or gradients became NaN/Inf between steps {step - self.steps + 1} '
+          f'and {step}; training stopped and those updates were not applied. The last good '
+          f'checkpoint (step {last_good_ckpt}) in {ckpt_dir} is intact. Lower '
+          'optim.base_lr, set optim.grad_clip, or check the input data.')
+    return sums
+
+  def close(self, sums, batch_size):
+    """Means of the interval (with images/s), and a fresh interval."""
+    means = {k: v / self.steps for k, v in sums.items() if k != 'nonfinite'}
+    elapsed = time.time() - self._start
+    means['images_per_sec'] = self.steps * batch_size / max(elapsed, 1e-9)
+    self._reset()
+    return means
+
+  def snapshot(self, sums):
+    """The open interval for a checkpoint's meta (None when the interval is empty)."""
+    if not self.steps:
+      return None
+    return dict(steps=self.steps, sums=sums, seconds=time.time() - self._start)
 
 
 def evaluate(eval_fn, state, config, batch_sharding):
@@ -130,69 +168,65 @@ def record_eval(workdir, framework, step, results):
   os.replace(path + '.tmp', path)
 
 
-def train(config, workdir):
-  """Runs (or resumes) training; returns the last logged metrics as a dict of floats."""
-  validation.validate(config)
-  mesh = sharding.make_mesh(config.mesh)
-  sharding.check_batch_divides(config.batch_size // config.optim.accum_steps, mesh,
-                               'batch_size / optim.accum_steps')
-  if config.eval.every_steps:
-    sharding.check_batch_divides(config.eval.batch_size, mesh, 'eval.batch_size')
-  framework = registry.build(config)
-  os.makedirs(workdir, exist_ok=True)
-  ckpt = checkpoint_lib.Checkpointer(workdir, config.checkpoint.keep, config.checkpoint.async_save)
-  latest = ckpt.latest_step()
-  latest_meta = ckpt.read_meta(latest) if latest is not None else {}
-  start_step = int(latest_meta.get('data_position', 0))
-
-  batches = pipeline.train_batches(config, start_step)
-  first = next(batches)
-  batches = itertools.chain([first], batches)
-  sample = sample_batch(first)
-
+def restore_or_init(framework, config, ckpt, latest, sample, mesh):
+  """(state, state_sharding, tx, lr_schedule): the latest checkpoint restored onto the mesh, or a
+  fresh state (optionally with pre-trained weights and frozen teachers loaded)."""
   init_fn, abstract_state, tx, lr_schedule = train_step_lib.build(framework, config, sample)
   state_sharding = train_step_lib.state_shardings(abstract_state, mesh, config.mesh)
   if latest is not None:
     ckpt.check_compatible(latest, abstract_state.params, config.framework)
     state = ckpt.restore(latest, train_step_lib.with_shardings(abstract_state, state_sharding))
     print(f'Resuming from checkpoint {latest} in {ckpt.directory}', flush=True)
-  else:
-    pretrained = None
-    if config.init.checkpoint:
-      pretrained = init_from.load(config, abstract_state.params)
-    state = jax.jit(init_fn, out_shardings=state_sharding)(pretrained)
-    state = state.replace(model_state=_place(framework.load_frozen(state.model_state),
-                                             state_sharding.model_state))
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config_lib.to_json(config))
+    return state, state_sharding, tx, lr_schedule
+  pretrained = None
+  if config.init.checkpoint:
+    pretrained = init_from.load(config, abstract_state.params)
+  state = jax.jit(init_fn, out_shardings=state_sharding)(pretrained)
+  state = state.replace(model_state=_place(framework.load_frozen(state.model_state),
+                                           state_sharding.model_state))
+  return state, state_sharding, tx, lr_schedule
 
-  step_fn = train_step_lib.jit_train_step(
-      train_step_lib.make_train_step(framework, tx, lr_schedule, config.optim.accum_steps),
-      state_sharding, mesh)
-  # Replicated outputs, so every host can read them (a batch-sharded array spans other hosts).
-  replicated = sharding.replicated(mesh)
-  vis_fn = jax.jit(lambda s, b: (framework.forward(s.params, s.model_state, b,
-                                                   jax.random.PRNGKey(0), False)[2], b),
-                   out_shardings=replicated)
-  eval_fn = jax.jit(framework.eval_metrics, out_shardings=replicated)
-  vis_batch = None
-  batch_sharding = sharding.batch_sharding(mesh)
-  writer = metrics_writer.MetricsWriter(workdir, config.total_steps, start_step,
-                                        config.log.progress_bar)
-  last_metrics, last_good_ckpt = {}, latest
-  interval_sum, interval_steps, interval_start = _reopen_interval(latest_meta)
-  try:
+
+class _Loop:
+  """The jitted functions of one run and what a step does besides the update: log, evaluate,
+  draw, checkpoint."""
+
+  def __init__(self, framework, config, workdir, ckpt, state_sharding, tx, lr_schedule, mesh):
+    self.framework, self.config, self.workdir, self.ckpt = framework, config, workdir, ckpt
+    self.step_fn = train_step_lib.jit_train_step(
+        train_step_lib.make_train_step(framework, tx, lr_schedule, config.optim.accum_steps),
+        state_sharding, mesh)
+    # Replicated outputs, so every host can read them (a batch-sharded array spans other hosts).
+    replicated = sharding.replicated(mesh)
+    self.vis_fn = jax.jit(lambda s, b: (framework.forward(s.params, s.model_state, b,
+                                                          jax.random.PRNGKey(0), False)[2], b),
+                          out_shardings=replicated)
+    self.eval_fn = jax.jit(framework.eval_metrics, out_shardings=replicated)
+    self.batch_sharding = sharding.batch_sharding(mesh)
+
+  def log(self, writer, step, means, state, eval_now):
+    if eval_now:
+      results = evaluate(self.eval_fn, state, self.config, self.batch_sharding)
+      record_eval(self.workdir, self.framework, step, results)
+      means.update({f'eval_{k}': v for k, v in results.items()})
+    writer.write(step, means)
+    return dict(step=step, **means)
+
+  def draw(self, writer, step, state, vis_batch):
+    outputs, host_batch = jax.device_get(self.vis_fn(state, vis_batch))
+    for name, image in self.framework.visualize(outputs, host_batch).items():
+      writer.write_image(name, step, np.asarray(jax.device_get(image)))
+
+  def run(self, state, batches, start_step, interval, writer):
+    """Steps from `start_step` to config.total_steps; returns the last logged metrics."""
+    config, ckpt = self.config, self.ckpt
+    last_metrics, last_good_ckpt, vis_batch = {}, ckpt.latest_step(), None
     with _InterruptFlag() as interrupt:
       for step in range(start_step + 1, config.total_steps + 1):
-        local = next(batches)
-        batch = jax.make_array_from_process_local_data(batch_sharding, local)
-        if vis_batch is None:
-          vis_batch = batch
-        state, metrics = step_fn(state, batch)
-        interval_sum = metrics if interval_sum is None else jax.tree_util.tree_map(
-            jnp.add, interval_sum, metrics)
-        interval_steps += 1
+        batch = jax.make_array_from_process_local_data(self.batch_sharding, next(batches))
+        vis_batch = batch if vis_batch is None else vis_batch
+        state, metrics = self.step_fn(state, batch)
+        interval.add(metrics)
         is_last = step == config.total_steps
         checkpoint_due = is_last or step % config.checkpoint.every_steps == 0
         stop = interrupt.requested  # read once: a Ctrl-C later in this step stops the next one
@@ -203,34 +237,18 @@ def train(config, workdir):
         # run's metrics.jsonl is the uninterrupted run's, wherever the interrupt landed.
         log_now = step % config.log.every_steps == 0 or checkpoint_due or eval_now
         if log_now or save_now:
-          sums = {k: float(v) for k, v in jax.device_get(interval_sum).items()}
-          if sums['nonfinite'] > 0:
-            raise errors.NonFiniteError(
-                f'The loss or gradients became NaN/Inf between steps {step - interval_steps + 1} '
-                f'and {step}; training stopped and those updates were not applied. The last good '
-                f'checkpoint (step {last_good_ckpt}) in {ckpt.directory} is intact. Lower '
-                'optim.base_lr, set optim.grad_clip, or check the input data.')
+          sums = interval.host_sums(step, last_good_ckpt, ckpt.directory)
         if log_now:
-          means = {k: v / interval_steps for k, v in sums.items() if k != 'nonfinite'}
-          elapsed = time.time() - interval_start
-          means['images_per_sec'] = interval_steps * config.batch_size / max(elapsed, 1e-9)
-          if eval_now:
-            results = evaluate(eval_fn, state, config, batch_sharding)
-            record_eval(workdir, framework, step, results)
-            means.update({f'eval_{k}': v for k, v in results.items()})
-          writer.write(step, means)
-          last_metrics = dict(step=step, **means)
-          interval_sum, interval_steps, interval_start = None, 0, time.time()
+          last_metrics = self.log(writer, step, interval.close(sums, config.batch_size), state,
+                                  eval_now)
         images_every = config.log.images_every_steps
         if images_every and (step % images_every == 0 or is_last):
-          outputs, host_batch = jax.device_get(vis_fn(state, vis_batch))
-          for name, image in framework.visualize(outputs, host_batch).items():
-            writer.write_image(name, step, np.asarray(jax.device_get(image)))
+          self.draw(writer, step, state, vis_batch)
         if save_now:
           meta = _meta(config, state.params, step)
-          if interval_steps:
-            meta['open_interval'] = dict(steps=interval_steps, sums=sums,
-                                         seconds=time.time() - interval_start)
+          open_interval = interval.snapshot(sums)
+          if open_interval:
+            meta['open_interval'] = open_interval
           ckpt.save(step, state, meta)
           last_good_ckpt = step
         if stop:
@@ -238,11 +256,39 @@ def train(config, workdir):
           print(f'Stopped at step {step}; checkpoint saved. Re-run the same command to resume.',
                 file=sys.stderr, flush=True)
           break
+    return last_metrics
+
+
+def train(config, workdir):
+  """Runs (or resumes) training; returns the last logged metrics as a dict of floats."""
+  # Everything is validated and read (checkpoint, first batch, teacher and pre-trained weights)
+  # before the workdir is created or written, so bad input leaves nothing behind.
+  mesh = validation.check_run(config)
+  framework = registry.build(config)
+  ckpt = checkpoint_lib.Checkpointer(workdir, config.checkpoint.keep, config.checkpoint.async_save)
+  latest = ckpt.latest_step()
+  latest_meta = ckpt.read_meta(latest) if latest is not None else {}
+  start_step = int(latest_meta.get('data_position', 0))
+
+  batches = pipeline.train_batches(config, start_step)
+  first = next(batches)
+  batches = itertools.chain([first], batches)
+  state, state_sharding, tx, lr_schedule = restore_or_init(
+      framework, config, ckpt, latest, sample_batch(first), mesh)
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config_lib.to_json(config))
+
+  loop = _Loop(framework, config, workdir, ckpt, state_sharding, tx, lr_schedule, mesh)
+  writer = metrics_writer.MetricsWriter(workdir, config.total_steps, start_step,
+                                        config.log.progress_bar)
+  try:
+    return loop.run(state, batches, start_step, IntervalAccumulator(latest_meta), writer)
   finally:
     ckpt.wait()
     ckpt.close()
     writer.close()
-  return last_metrics
 
 
 def main(argv):
@@ -254,12 +300,8 @@ def main(argv):
   if not f['verbosity'].present:  # Orbax is chatty at INFO; --verbosity=0 shows it.
     logging.set_verbosity(logging.WARNING)
   distributed.initialize(f.config)
-  try:
+  with errors.reported():
     train(f.config, f.workdir)
-  except (errors.ConfigError, errors.CheckpointError, errors.NonFiniteError,
-          errors.DatasetError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
 
 
 if __name__ == '__main__':

@@ -1,47 +1,99 @@
-"""The one validation phase: every check a config must pass before a run writes anything."""
+"""The one validation phase: every check a config must pass before a run writes anything.
+
+`validate` is pure (fields, framework, plug-ins and the capabilities they need); `check_run` adds
+what a training run reads (the dataset and its splits) and the device mesh. The trainer calls
+`check_run` first, then reads every remaining input (checkpoint, first batch, teacher and
+pre-trained weights) before it creates the workdir.
+"""
 from mimjax import errors
 from mimjax import registry
+from mimjax import sharding
+from mimjax.data import augment
+from mimjax.data import pipeline
+from mimjax.frameworks import base
 from mimjax.models import vit
+
+DTYPES = ('float32', 'bfloat16', 'float16')
+INIT_FORMATS = ('timm', 'mae', 'mimjax')
 
 
 def validate(config):
-  """Fails fast, naming the key, on settings that cannot work together."""
+  """Fails fast, naming the key and the fix, on settings that cannot work together."""
+  check_fields(config)
+  check_contract(config)
+
+
+def check_fields(config):
+  """Values that are wrong whatever the framework."""
   if config.framework not in registry.FRAMEWORKS:
     raise errors.ConfigError(f'config.framework={config.framework!r} is unknown; choose one of '
-                      f'{sorted(registry.FRAMEWORKS)}.')
+                             f'{sorted(registry.FRAMEWORKS)}.')
   try:
     patch = vit.parse_variant(config.model.variant)['patch_size']
   except ValueError as e:
     raise errors.ConfigError(f'config.model.variant: {e}') from e
-  if config.data.image_size % patch:
-    raise errors.ConfigError(f'config.data.image_size={config.data.image_size} is not a multiple of the '
-                      f'patch size {patch} of model {config.model.variant!r}; use a multiple of '
-                      f'{patch} (e.g. {config.data.image_size // patch * patch or patch}).')
+  size = config.data.image_size
+  if size % patch:
+    raise errors.ConfigError(
+        f'config.data.image_size={size} is not a multiple of the patch size {patch} of model '
+        f'{config.model.variant!r}; use a multiple of {patch} (e.g. {size // patch * patch or patch}).')
   if config.batch_size % config.optim.accum_steps:
     raise errors.ConfigError(f'config.batch_size={config.batch_size} is not divisible by '
-                      f'config.optim.accum_steps={config.optim.accum_steps}.')
+                             f'config.optim.accum_steps={config.optim.accum_steps}.')
   if config.total_steps < 1:
     raise errors.ConfigError(f'config.total_steps must be positive, got {config.total_steps}.')
   if not 0 <= config.mae.mask_ratio < 1:
-    raise errors.ConfigError(f'config.mae.mask_ratio must be in [0, 1), got {config.mae.mask_ratio}.')
-  if config.model.dtype not in ('float32', 'bfloat16', 'float16'):
-    raise errors.ConfigError(f'config.model.dtype={config.model.dtype!r}; use float32 or bfloat16.')
-  if config.init.format not in ('timm', 'mae', 'mimjax'):
-    raise errors.ConfigError(f'config.init.format={config.init.format!r}; use timm (a timm ViT state '
-                      'dict), mae (an official MAE checkpoint) or mimjax (a mimjax workdir).')
+    raise errors.ConfigError(
+        f'config.mae.mask_ratio must be in [0, 1), got {config.mae.mask_ratio}.')
+  if config.model.dtype not in DTYPES:
+    raise errors.ConfigError(f'config.model.dtype={config.model.dtype!r}; use one of {DTYPES}.')
+  if config.init.format not in INIT_FORMATS:
+    raise errors.ConfigError(
+        f'config.init.format={config.init.format!r}; use timm (a timm ViT state dict), mae (an '
+        'official MAE checkpoint) or mimjax (a mimjax workdir).')
   if not 0 < config.optim.layer_decay <= 1:
     raise errors.ConfigError(f'config.optim.layer_decay must be in (0, 1] (1 = off), got '
-                      f'{config.optim.layer_decay}.')
+                             f'{config.optim.layer_decay}.')
   if config.model.tokenizer_norm not in ('none', 'moto'):
-    raise errors.ConfigError(f'config.model.tokenizer_norm={config.model.tokenizer_norm!r}; use "none" '
-                      'or "moto".')
+    raise errors.ConfigError(
+        f'config.model.tokenizer_norm={config.model.tokenizer_norm!r}; use "none" or "moto".')
   if config.eval.every_steps < 0:
     raise errors.ConfigError(f'config.eval.every_steps must be >= 0 (0 = off), got '
-                      f'{config.eval.every_steps}.')
+                             f'{config.eval.every_steps}.')
+
+
+def provided(config):
+  """The CAPABILITIES open to plug-ins: the framework's, plus a second view from the data."""
+  framework = registry.FRAMEWORKS[config.framework]
+  two_views = 'image2' in augment.OUTPUTS.get(config.data.augment, ())
+  return framework.provides(config) | ({'second_view'} if two_views else set())
+
+
+def check_contract(config):
+  """The framework's own checks, each enabled plug-in's, and every capability a plug-in needs."""
   framework = registry.FRAMEWORKS[config.framework]
   if config.eval.every_steps and not framework.best_metric:
-    raise errors.ConfigError(f'config.eval.every_steps={config.eval.every_steps}, but framework '
-                      f'{config.framework!r} has no held-out evaluation; set eval.every_steps=0.')
+    raise errors.ConfigError(
+        f'config.eval.every_steps={config.eval.every_steps}, but framework '
+        f'{config.framework!r} has no held-out evaluation; set eval.every_steps=0.')
   framework.check_config(config)
+  available = provided(config)
   for plugin in registry.enabled_plugins(config):
-    plugin.check_config(config, framework)
+    plugin.check_config(config)
+    for capability, fix in plugin.requires(config).items():
+      if capability not in available:
+        raise errors.ConfigError(
+            f'config.{plugin.name}.enabled: {plugin.name} needs {base.CAPABILITIES[capability]}, '
+            f'which framework {config.framework!r} does not provide under this config; {fix}.')
+
+
+def check_run(config):
+  """`validate`, the dataset splits a training run reads, and the device mesh; returns the mesh."""
+  validate(config)
+  pipeline.check_splits(config)
+  mesh = sharding.make_mesh(config.mesh)
+  sharding.check_batch_divides(config.batch_size // config.optim.accum_steps, mesh,
+                               'batch_size / optim.accum_steps')
+  if config.eval.every_steps:
+    sharding.check_batch_divides(config.eval.batch_size, mesh, 'eval.batch_size')
+  return mesh

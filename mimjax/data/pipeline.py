@@ -17,12 +17,24 @@ from mimjax.data import sources
 tf.config.set_visible_devices([], 'GPU')
 
 
-def _raw_split(config, split, process_index, process_count):
+def _builder_with_split(config, split):
   builder = sources.get_builder(config.data.name, config.data.data_dir, config.data.download)
   if split not in builder.info.splits and split.split('[')[0] not in builder.info.splits:
     raise errors.DatasetError(
         f'Dataset {config.data.name!r} has no split {split!r}; it has '
         f'{sorted(builder.info.splits)}. Set config.data.train_split / eval_split.')
+  return builder
+
+
+def check_splits(config):
+  """DatasetError unless the dataset (prepared if needed) has the splits the run reads."""
+  _builder_with_split(config, config.data.train_split)
+  if config.eval.every_steps:
+    _builder_with_split(config, config.data.eval_split)
+
+
+def _raw_split(config, split, process_index, process_count):
+  builder = _builder_with_split(config, split)
   host_split = tfds.even_splits(split, n=process_count)[process_index]
   ds = builder.as_dataset(split=host_split, shuffle_files=False,
                           decoders={'image': tfds.decode.SkipDecoding()})
@@ -48,7 +60,7 @@ def local_batch_size(global_batch, process_count=None):
   process_count = process_count or jax.process_count()
   if global_batch % process_count:
     raise errors.ConfigError(f'batch_size {global_batch} does not divide over {process_count} processes; '
-                     f'choose a multiple of {process_count}.')
+                             f'choose a multiple of {process_count}.')
   return global_batch // process_count
 
 

@@ -64,7 +64,7 @@ def read_idx(path, num_items, item_shape):
   expected = num_items * int(np.prod(item_shape, dtype=np.int64))
   if array.size != expected:
     raise errors.DatasetError(f'{path} holds {array.size} values, expected {expected}: the file is '
-                       'truncated or not the Fashion-MNIST file; reinstall dataset-fashion-mnist.')
+                              'truncated or not the Fashion-MNIST file; reinstall dataset-fashion-mnist.')
   return array.reshape((num_items,) + tuple(item_shape))
 
 
@@ -85,7 +85,7 @@ def get_builder(name, data_dir=None, download=True):
     close = difflib.get_close_matches(name, tfds.list_builders(), n=3)
     hint = f' Did you mean {" or ".join(repr(c) for c in close)}?' if close else ''
     raise errors.DatasetError(f'Unknown dataset {name!r} (config.data.name).{hint} Use any TFDS dataset '
-                       'name, e.g. fashion_mnist, cifar10, imagenette, imagenet2012.') from e
+                              'name, e.g. fashion_mnist, cifar10, imagenette, imagenet2012.') from e
   if builder.is_prepared():
     return builder
   base_name = name.split(':')[0].split('/')[0]

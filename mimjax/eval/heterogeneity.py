@@ -1,7 +1,7 @@
 """Heterogeneity of masked tokens per layer (MTO eq. 2, Fig. 1) for any run with mask tokens.
 
 The framework's own forward pass (masks from the run's seed) is run with per-layer captures of
-its mask-token sites (`Framework.mask_token_at`: the encoder of SimMIM, the decoder of MAE), and
+its mask-token sites (`Framework.mask_token_sites`: the encoder of SimMIM, the decoder of MAE), and
 `mimjax.plugins.mto.heterogeneity` is measured at every layer, image by image.
 """
 import jax
@@ -17,7 +17,7 @@ from mimjax.plugins import mto
 
 def _site_layers(outputs, site, num_prefix):
   """Per-layer patch tokens [B, N, D] of `site` (the encoder's layers keep prefix tokens)."""
-  layers = outputs[site]['layers']
+  layers = getattr(outputs, site)['layers']
   return [t[:, num_prefix:] for t in layers] if site == 'encoder' else layers
 
 
@@ -26,7 +26,7 @@ def protocol(run, num_images=None):
   over the first `num_images` eval images; writes eval_heterogeneity.png."""
   config = run.config
   num_images = num_images or config.eval.analysis_examples
-  sites = registry.FRAMEWORKS[config.framework].mask_token_at
+  sites = registry.FRAMEWORKS[config.framework].mask_token_sites(config)
   if not sites:
     raise errors.ConfigError(
         f'framework {config.framework!r} of {run.workdir} has no mask tokens; heterogeneity '
@@ -39,7 +39,7 @@ def protocol(run, num_images=None):
   def per_image(params, images):
     batch = dict(image=images, label=jnp.zeros(images.shape[:1], jnp.int32))
     _, _, outputs = framework.forward(params, run.model_state, batch, rng, False)
-    return {site: jnp.stack([one(x, outputs['mask']) for x in
+    return {site: jnp.stack([one(x, outputs.mask) for x in
                              _site_layers(outputs, site, num_prefix)], axis=1)  # [B, layers]
             for site in sites}
 

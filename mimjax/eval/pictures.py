@@ -33,7 +33,7 @@ def reconstruction(run, num_images=8):
   grids = run.framework.visualize(outputs, batch)
   if not grids:
     raise errors.ConfigError(f'framework {run.config.framework!r} draws no reconstructions '
-                                 '(e.g. a feature-target or supervised run).')
+                             '(e.g. a feature-target or supervised run).')
   return dict(pictures={name: _save(run, name, g) for name, g in grids.items()})
 
 

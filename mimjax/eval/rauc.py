@@ -38,7 +38,7 @@ def read_curve(workdir, metric):
   path = os.path.join(workdir, 'metrics.jsonl')
   if not os.path.exists(path):
     raise errors.ConfigError(f'{path} does not exist: RAUC reads the curves of two '
-                                 'mimjax.train workdirs.')
+                             'mimjax.train workdirs.')
   points = {}
   with open(path) as f:
     for line in f:
@@ -47,7 +47,7 @@ def read_curve(workdir, metric):
         points[int(record['step'])] = float(record[metric])  # a resumed run rewrites later steps
   if len(points) < 2:
     raise errors.ConfigError(f'{path} has {len(points)} values of {metric!r}; RAUC needs a '
-                                 'curve (choose --metric, e.g. eval_top1 or loss).')
+                             'curve (choose --metric, e.g. eval_top1 or loss).')
   steps = sorted(points)
   return np.asarray(steps), np.asarray([points[s] for s in steps])
 

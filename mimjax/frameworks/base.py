@@ -1,24 +1,60 @@
-"""The contract between the trainer, frameworks (MAE, SimMIM, ...) and plug-in methods.
+"""The contract between the trainer, frameworks (MAE, SimMIM, ...) and plug-ins (DTM, LUT, ...).
 
 A *framework* owns the trainable Flax module (always with the ViT under `params['encoder']`) and the
-base objective. A *plug-in* (DTM, LUT, MTO, TokenProp) adds a loss term computed from the
-framework's forward outputs; it may own parameters (`params[plugin.name]`) and non-trained state
-(`model_state[plugin.name]`, e.g. an EMA encoder). Everything here is a pure function of arrays so
-the whole objective runs inside one `jax.jit`.
+base objective; its forward returns `ForwardOutputs`, and its class states which capabilities
+(`CAPABILITIES`) it provides under a config. A *plug-in* adds a loss term computed from those
+outputs; its class states the capabilities it requires, and `mimjax.validation` refuses a plug-in on
+a framework that lacks one, before anything is written. A plug-in may own parameters
+(`params[plugin.name]`) and non-trained state (`model_state[plugin.name]`, e.g. an EMA encoder).
+Everything here is a pure function of arrays so the whole objective runs inside one `jax.jit`.
 """
 import abc
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
+import flax
 import jax
 import jax.numpy as jnp
 
 from mimjax.models import vit
 
 Metrics = Dict[str, jax.Array]
-Outputs = Dict[str, Any]
 
-# Names of intermediates a plug-in can ask the framework's forward pass to capture.
+# What a framework's forward can provide (key -> what it is); a plug-in requires a subset.
+CAPABILITIES = {
+    'mask': 'a per-patch mask of the images (ForwardOutputs.mask)',
+    'patch_order': "MAE's random patch order, from which further disjoint views are drawn",
+    'teacher_features': 'student predictions and teacher targets per token (ForwardOutputs.features)',
+    'tokenizer': "the patch tokenizer's output for all N patches (encoder['tokenizer'])",
+    'second_view': 'a second augmented view of every image (batch["image2"], from the data)',
+    'encoder_mask_tokens': 'a learned mask token standing in for masked patches in the encoder',
+    'decoder_mask_tokens': 'a learned mask token standing in for masked patches in the decoder',
+    'encoder_layers': "the encoder's per-layer tokens (encoder['layers'])",
+    'encoder_attention': "the encoder's per-layer attention maps (encoder['attention'])",
+    'decoder_layers': "the decoder's per-layer tokens (decoder['layers'])",
+}
+# Capabilities that are intermediates recorded only when someone asks for them.
 CAPTURES = ('encoder_layers', 'encoder_attention', 'decoder_layers')
+
+
+@flax.struct.dataclass
+class FeatureTargets:
+  """Token-wise feature prediction and its teacher target, for distillation losses."""
+  pred: jax.Array  # [B, N, D_teacher], float32
+  target: jax.Array  # [B, N, D_teacher], float32, no gradient
+  mask: Optional[jax.Array]  # bool [B, N]: the tokens the loss averages over; None = all
+
+
+@flax.struct.dataclass
+class ForwardOutputs:
+  """What a framework's forward gives plug-ins and pictures; None where it has no such thing."""
+  encoder: Dict[str, Any]  # the ViT's outputs: tokens, patch_tokens, pooled, tokenizer, captures
+  image: jax.Array  # the images the encoder saw (after any mixing), [B, H, W, C]
+  mask: Optional[jax.Array] = None  # bool [B, N]: True where a patch was masked
+  patch_order: Optional[jax.Array] = None  # int [B, N]: MAE's random patch order
+  keep_idx: Optional[jax.Array] = None  # int [B, n_keep]: the patches the encoder saw
+  decoder: Optional[Dict[str, Any]] = None  # MAE decoder outputs: pred, layers when captured
+  reconstruction: Optional[jax.Array] = None  # per-patch pixel prediction [B, N, p*p*C]
+  features: Optional[FeatureTargets] = None  # teacher targets (distill, MAE with a teacher)
 
 
 def _replace_leaves(tree, replacement):
@@ -33,7 +69,6 @@ def _replace_leaves(tree, replacement):
 class Plugin(abc.ABC):
   """A loss term added to a framework's objective."""
   name: str = ''
-  captures: Tuple[str, ...] = ()  # subset of CAPTURES this plug-in reads from `outputs`
   # True when the plug-in's term replaces the framework's base loss (e.g. DTM's morphed version of
   # the token-wise distillation loss); the base loss is then reported as a metric only.
   replaces_base_loss: bool = False
@@ -41,6 +76,7 @@ class Plugin(abc.ABC):
   def __init__(self, config, framework):
     self.config = config
     self.framework = framework
+    self.captures = frozenset(self.requires(config)) & frozenset(CAPTURES)
 
   @classmethod
   @abc.abstractmethod
@@ -48,12 +84,17 @@ class Plugin(abc.ABC):
     """Whether `config` turns this plug-in on."""
 
   @classmethod
-  def check_config(cls, config, framework):
-    """Raises errors.ConfigError when the plug-in cannot work with this config on `framework` (the
-    Framework class)."""
-    del config, framework
+  @abc.abstractmethod
+  def requires(cls, config) -> Mapping[str, str]:
+    """The CAPABILITIES this plug-in reads under `config`, each with the fix to offer when the
+    framework (or the data) does not provide it."""
 
-  def init_params(self, rng, outputs) -> Any:
+  @classmethod
+  def check_config(cls, config):
+    """Raises errors.ConfigError on values of the plug-in's own config fields that cannot work."""
+    del config
+
+  def init_params(self, rng, outputs: ForwardOutputs) -> Any:
     """Parameters of the plug-in's own modules (None when it has none)."""
     del rng, outputs
     return None
@@ -64,7 +105,8 @@ class Plugin(abc.ABC):
     return None
 
   @abc.abstractmethod
-  def loss(self, params, state, outputs, batch, rng, step, train) -> Tuple[jax.Array, Metrics, Any]:
+  def loss(self, params, state, outputs: ForwardOutputs, batch, rng, step,
+           train) -> Tuple[jax.Array, Metrics, Any]:
     """Returns (weighted loss term, metrics, new state)."""
 
   def update_state(self, params, state, step) -> Any:
@@ -79,9 +121,18 @@ class Framework(abc.ABC):
   # The `eval_metrics` key whose maximum marks the best evaluation; empty without eval_metrics.
   best_metric: str = ''
 
-  # Where a learned mask token stands in for masked patches ('encoder', 'decoder'), for plug-ins
-  # that work on mask tokens (MTO); their per-layer tokens come with the matching capture.
-  mask_token_at: Tuple[str, ...] = ()
+  @classmethod
+  def provides(cls, config) -> frozenset:
+    """The CAPABILITIES this framework's forward provides under `config`. Every framework is built
+    on the mimjax ViT, whose tokenizer output and per-layer captures are always available."""
+    del config
+    return frozenset({'tokenizer', 'encoder_layers', 'encoder_attention'})
+
+  @classmethod
+  def mask_token_sites(cls, config):
+    """Where a learned mask token stands in for masked patches: a subset of (encoder, decoder)."""
+    return tuple(site for site in ('encoder', 'decoder')
+                 if f'{site}_mask_tokens' in cls.provides(config))
 
   @classmethod
   def check_config(cls, config):
@@ -115,7 +166,8 @@ class Framework(abc.ABC):
     """Initial params of `self.model` for a batch of this shape."""
 
   @abc.abstractmethod
-  def forward(self, params, model_state, batch, rng, train) -> Tuple[jax.Array, Metrics, Outputs]:
+  def forward(self, params, model_state, batch, rng,
+              train) -> Tuple[jax.Array, Metrics, ForwardOutputs]:
     """Base objective: (loss, metrics, outputs for plug-ins and visualisation)."""
 
   def init_state(self, params) -> Dict[str, Any]:
@@ -181,11 +233,7 @@ class Framework(abc.ABC):
     del params, model_state, batch
     return None
 
-  def encode(self, encoder_params, images, **kwargs):
-    """Applies the encoder alone (probes, teachers, evaluation)."""
-    return self.build_encoder().apply({'params': encoder_params}, images, **kwargs)
-
-  def visualize(self, outputs, batch) -> Dict[str, jnp.ndarray]:
+  def visualize(self, outputs: ForwardOutputs, batch) -> Dict[str, jnp.ndarray]:
     """Named uint8 image grids [H, W, 3] worth looking at (default: none)."""
     del outputs, batch
     return {}

@@ -42,10 +42,10 @@ def check_feature_config(config):
     raise errors.ConfigError(f'config.distill.loss={d.loss!r}; use one of {losses.DISTANCES}.')
   if d.loss_tokens not in ('all', 'masked'):
     raise errors.ConfigError(f'config.distill.loss_tokens={d.loss_tokens!r}; use "all" or '
-                                 '"masked".')
+                             '"masked".')
   if not 0 < d.mask_ratio < 1:
     raise errors.ConfigError(f'config.distill.mask_ratio must be in (0, 1), got '
-                                 f'{d.mask_ratio}.')
+                             f'{d.mask_ratio}.')
 
 
 def loss_mask(config, mask):
@@ -57,8 +57,15 @@ class Distill(teachers.WithTeacher, base.Framework):
   """Masked feature distillation with a token-wise loss (DTM replaces it when enabled)."""
   name = 'distill'
 
+  @classmethod
+  def provides(cls, config):
+    return super().provides(config) | {'mask', 'teacher_features'}
+
+  @classmethod
+  def check_config(cls, config):
+    check_feature_config(config)
+
   def build_model(self):
-    check_feature_config(self.config)
     self.teacher = teachers.build(self.config, self)
     return DistillModel(self.build_encoder(), self.teacher.dim)
 
@@ -84,8 +91,6 @@ class Distill(teachers.WithTeacher, base.Framework):
     enc, pred = self.model.apply({'params': model_params}, images, mask, train,
                                  frozenset(self.captures), rngs={'dropout': drop_rng})
     d = self.config.distill
-    feature_mask = loss_mask(self.config, mask)
-    loss = losses.feature_loss(pred, target, d.loss, feature_mask, d.norm_target)
-    outputs = dict(encoder=enc, mask=mask, feature_pred=pred, feature_target=target,
-                   feature_mask=feature_mask)
-    return loss, {}, outputs
+    features = base.FeatureTargets(pred=pred, target=target, mask=loss_mask(self.config, mask))
+    loss = losses.feature_loss(pred, target, d.loss, features.mask, d.norm_target)
+    return loss, {}, base.ForwardOutputs(encoder=enc, image=images, mask=mask, features=features)

@@ -32,16 +32,27 @@ class MAEModel(nn.Module):
 class MAE(teachers.WithTeacher, base.Framework):
   """Masked autoencoder with per-patch (optionally normalised) pixel or teacher-token targets."""
   name = 'mae'
-  mask_token_at = ('decoder',)
+
+  @classmethod
+  def provides(cls, config):
+    extra = {'mask', 'patch_order', 'decoder_mask_tokens', 'decoder_layers'}
+    if config.mae.target == 'teacher':
+      extra.add('teacher_features')
+    return super().provides(config) | extra
+
+  @classmethod
+  def check_config(cls, config):
+    if config.mae.target not in ('pixels', 'teacher'):
+      raise errors.ConfigError(f'config.mae.target={config.mae.target!r}; use "pixels" or '
+                               '"teacher".')
+    if config.mae.target == 'teacher':
+      distill.check_feature_config(config)
 
   def build_model(self):
     mae = self.config.mae
     encoder = self.build_encoder()
     out_dim = self.patch_size ** 2 * self.config.data.channels
-    if mae.target not in ('pixels', 'teacher'):
-      raise errors.ConfigError(f'config.mae.target={mae.target!r}; use "pixels" or "teacher".')
     if mae.target == 'teacher':
-      distill.check_feature_config(self.config)
       self.teacher = teachers.build(self.config, self)
       out_dim = self.teacher.dim
     decoder = mae_decoder.MAEDecoder(
@@ -62,7 +73,7 @@ class MAE(teachers.WithTeacher, base.Framework):
   def sample_order(self, rng, batch_size):
     """A random patch order per sample [B, N]; the encoder sees its first `num_kept` patches.
 
-    The order is returned in `outputs['patch_order']`, so a plug-in can take further views that are
+    The order is returned in `outputs.patch_order`, so a plug-in can take further views that are
     disjoint from MAE's (LUT) with `masking.keep_from_order`.
     """
     return masking.random_permutation(rng, batch_size, self.num_patches)
@@ -81,18 +92,19 @@ class MAE(teachers.WithTeacher, base.Framework):
     model_params = {k: params[k] for k in ('encoder', 'decoder')}
     enc, dec = self.model.apply({'params': model_params}, images, keep_idx, train,
                                 frozenset(self.captures), rngs={'dropout': drop_rng})
-    outputs = dict(encoder=enc, decoder=dec, keep_idx=keep_idx, mask=mask,
-                   patch_order=order)
+    outputs = base.ForwardOutputs(encoder=enc, image=images, mask=mask, patch_order=order,
+                                  keep_idx=keep_idx, decoder=dec)
     if self.teacher is None:
       loss = losses.mae_loss(dec['pred'], images, mask, self.patch_size,
                              self.config.mae.norm_pix_loss)
-    else:
-      d = self.config.distill
-      target = self.teacher.targets(model_state['teacher'], images)
-      feature_mask = distill.loss_mask(self.config, mask)
-      loss = losses.feature_loss(dec['pred'], target, d.loss, feature_mask, d.norm_target)
-      outputs.update(feature_pred=dec['pred'], feature_target=target, feature_mask=feature_mask)
-    return loss, {}, outputs
+      return loss, {}, outputs.replace(reconstruction=dec['pred'])
+    d = self.config.distill
+    features = base.FeatureTargets(pred=dec['pred'],
+                                   target=self.teacher.targets(model_state['teacher'], images),
+                                   mask=distill.loss_mask(self.config, mask))
+    loss = losses.feature_loss(features.pred, features.target, d.loss, features.mask,
+                               d.norm_target)
+    return loss, {}, outputs.replace(features=features)
 
   def visualize(self, outputs, batch):
     """Original | masked input | reconstruction | reconstruction with visible patches pasted."""
@@ -100,11 +112,11 @@ class MAE(teachers.WithTeacher, base.Framework):
     if self.teacher is not None:
       return {}
     images = batch['image'].astype(jnp.float32)
-    pred = outputs['decoder']['pred']
+    pred = outputs.reconstruction
     if self.config.mae.norm_pix_loss:  # undo the per-patch normalisation with the true statistics
       target = losses.patchify(images, self.patch_size)
       mean = target.mean(-1, keepdims=True)
       std = jnp.sqrt(target.var(-1, keepdims=True, ddof=1) + 1e-6)
       pred = pred * std + mean
-    return {'reconstruction': visualize.reconstruction_grid(images, pred, outputs['mask'],
+    return {'reconstruction': visualize.reconstruction_grid(images, pred, outputs.mask,
                                                             self.patch_size, self.config.data)}

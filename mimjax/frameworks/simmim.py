@@ -35,8 +35,11 @@ class SimMIMModel(nn.Module):
 class SimMIM(base.Framework):
   """Inpainting-style MIM: the encoder sees every position, masked ones as the mask token."""
   name = 'simmim'
-  mask_token_at = ('encoder',)
   param_keys = ('encoder', 'mask_token', 'head')
+
+  @classmethod
+  def provides(cls, config):
+    return super().provides(config) | {'mask', 'encoder_mask_tokens'}
 
   @classmethod
   def check_config(cls, config):
@@ -80,10 +83,11 @@ class SimMIM(base.Framework):
     enc, pred = self.model.apply({'params': model_params}, images, mask, train,
                                  frozenset(self.captures), rngs={'dropout': drop_rng})
     loss = losses.simmim_loss(pred, images, mask, self.patch_size)
-    return loss, {}, dict(encoder=enc, pred=pred, mask=mask)
+    return loss, {}, base.ForwardOutputs(encoder=enc, image=images, mask=mask,
+                                         reconstruction=pred)
 
   def visualize(self, outputs, batch):
     """Original | masked input | reconstruction | reconstruction with visible patches pasted."""
     from mimjax import visualize  # pylint: disable=g-import-not-at-top
     return {'reconstruction': visualize.reconstruction_grid(
-        batch['image'], outputs['pred'], outputs['mask'], self.patch_size, self.config.data)}
+        batch['image'], outputs.reconstruction, outputs.mask, self.patch_size, self.config.data)}

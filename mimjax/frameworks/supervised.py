@@ -46,7 +46,7 @@ class Supervised(base.Framework):
                            capture_attention='encoder_attention' in self.captures,
                            rngs={'dropout': drop_rng})
     loss = losses.soft_cross_entropy(enc['logits'], targets)
-    return loss, {}, dict(encoder=enc, image=images)
+    return loss, {}, base.ForwardOutputs(encoder=enc, image=images)
 
   def eval_metrics(self, params, model_state, batch):
     """Correct top-1 / top-5 counts over the valid examples, and their number."""

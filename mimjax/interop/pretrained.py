@@ -91,7 +91,7 @@ def _read_mimjax(config):
     encoder = dict(checkpoint_lib.restore_params(config.init.checkpoint, step)['encoder'])
   except errors.CheckpointError as e:
     raise errors.ConfigError(f'config.init.checkpoint={config.init.checkpoint!r} (format '
-                                 f'mimjax, a workdir): {e}') from e
+                             f'mimjax, a workdir): {e}') from e
   notes = []
   head = encoder.pop('head', None)
   if head is not None and config.model.num_classes == head['bias'].shape[0]:

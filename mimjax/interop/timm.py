@@ -294,7 +294,7 @@ def import_timm(path, num_heads=None):
   num_heads = num_heads or arch.num_heads()
   if num_heads is None:
     raise errors.InteropError(f'Cannot tell the number of attention heads of a width-{arch.width} ViT '
-                       'from its weights; pass num_heads.')
+                              'from its weights; pass num_heads.')
   params, arch = from_timm(sd, num_heads)
   if arch.size_name():
     model['variant'] = f'{arch.size_name()}/{arch.patch_size}'

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from mimjax import errors
 from mimjax import losses
 from mimjax.frameworks import base
+from mimjax.models import vit
 
 SCHEDULERS = ('paper', 'reference')
 
@@ -169,31 +170,33 @@ class DTM(base.Plugin):
     return config.dtm.enabled
 
   @classmethod
-  def check_config(cls, config, framework):
+  def requires(cls, config):
+    return {'teacher_features': 'DTM morphs teacher tokens: use config.framework="distill", or '
+                                '"mae" with config.mae.target="teacher"'}
+
+  @classmethod
+  def check_config(cls, config):
     c = config.dtm
-    if not (config.framework == 'distill' or
-            (config.framework == 'mae' and config.mae.target == 'teacher')):
-      raise errors.ConfigError(
-          f'config.dtm.enabled needs teacher features to morph: use framework "distill", or '
-          f'"mae" with config.mae.target="teacher" (got framework {config.framework!r}).')
     if c.scheduler not in SCHEDULERS:
       raise errors.ConfigError(f'config.dtm.scheduler={c.scheduler!r}; use one of '
-                                   f'{SCHEDULERS}.')
+                               f'{SCHEDULERS}.')
     if c.num_schedules < 1 or c.max_rounds < 1 or c.min_tokens < 1:
       raise errors.ConfigError('config.dtm.num_schedules, max_rounds and min_tokens must be '
-                                   '>= 1.')
+                               '>= 1.')
+    num_tokens = (config.data.image_size // vit.parse_variant(config.model.variant)['patch_size']
+                  ) ** 2
+    if c.min_tokens > num_tokens:
+      raise errors.ConfigError(f'config.dtm.min_tokens={c.min_tokens} exceeds the '
+                               f'{num_tokens} tokens per image; use at most {num_tokens}.')
 
   def loss(self, params, state, outputs, batch, rng, step, train):
     del params, state, batch, step, train
     c, d = self.config.dtm, self.config.distill
-    pred = outputs['feature_pred']
-    num_tokens = pred.shape[1]
-    if c.min_tokens > num_tokens:
-      raise errors.ConfigError(f'config.dtm.min_tokens={c.min_tokens} exceeds the '
-                                   f'{num_tokens} tokens per image.')
+    features = outputs.features
+    num_tokens = features.pred.shape[1]
     schedules = sample_schedules(rng, num_tokens, c.num_schedules, c.max_rounds,
                                      c.min_tokens, c.scheduler)
-    loss = dtm_loss(pred, outputs['feature_target'], schedules, d.loss,
-                        outputs['feature_mask'], d.norm_target, c.protect_first)
+    loss = dtm_loss(features.pred, features.target, schedules, d.loss, features.mask,
+                    d.norm_target, c.protect_first)
     metrics = {'loss_dtm': loss, 'dtm_merges': schedules.sum(-1).astype(jnp.float32).mean()}
     return c.weight * loss, metrics, None

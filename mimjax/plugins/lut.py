@@ -86,16 +86,14 @@ class LUT(base.Plugin):
     return config.lut.enabled
 
   @classmethod
-  def check_config(cls, config, framework):
-    from mimjax.data import augment  # pylint: disable=g-import-not-at-top
-    if config.framework != 'mae':
-      raise errors.ConfigError(
-          f'config.lut.enabled needs config.framework="mae" (got {config.framework!r}): LUT takes '
-          'its second masked view from MAE\'s patch order.')
-    if 'image2' not in augment.OUTPUTS.get(config.data.augment, ()):
-      raise errors.ConfigError(
-          f'config.lut.enabled needs a two-view augmentation; config.data.augment='
-          f'{config.data.augment!r} gives no "image2". Set config.data.augment="lut_two_view".')
+  def requires(cls, config):
+    return {'patch_order': 'LUT takes its second masked view from MAE\'s patch order; use '
+                           'config.framework="mae"',
+            'second_view': 'LUT needs a two-view augmentation; set '
+                           'config.data.augment="lut_two_view"'}
+
+  @classmethod
+  def check_config(cls, config):
     if config.mae.mask_ratio < 0.5:
       raise errors.ConfigError(
           f'config.mae.mask_ratio={config.mae.mask_ratio} leaves too many visible patches for two '
@@ -145,12 +143,13 @@ class LUT(base.Plugin):
     return jax.lax.stop_gradient(z)
 
   def loss(self, params, state, outputs, batch, rng, step, train):
-    keep2, _ = masking.keep_from_order(outputs['patch_order'], self.framework.num_kept, view=1)
+    num_kept = outputs.keep_idx.shape[1]
+    keep2, _ = masking.keep_from_order(outputs.patch_order, num_kept, view=1)
     enc2 = self.encoder.apply({'params': params['encoder']}, batch['image2'], keep_idx=keep2,
                               train=train, rngs={'dropout': rng})
     stats = state['batch_stats']
     student1, stats = self._student(params[self.name], stats,
-                                    pool_visible(outputs['encoder']['patch_tokens']), train)
+                                    pool_visible(outputs.encoder['patch_tokens']), train)
     student2, stats = self._student(params[self.name], stats, pool_visible(enc2['patch_tokens']),
                                     train)
     context1 = self._context(state['context'], batch['image'])

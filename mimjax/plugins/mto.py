@@ -104,43 +104,42 @@ class MTO(base.Plugin):
   """
   name = 'mto'
 
-  def __init__(self, config, framework):
-    super().__init__(config, framework)
-    self.captures = (f'{config.mto.where}_layers',)
-
   @classmethod
   def enabled(cls, config):
     return config.mto.enabled
 
   @classmethod
-  def check_config(cls, config, framework):
+  def requires(cls, config):
+    where = config.mto.where
+    fix = (f'config.mto.where={where!r} needs a framework with mask tokens in its {where}: '
+           f'{"MAE" if where == "decoder" else "SimMIM"}, or set config.mto.where='
+           f'{"encoder" if where == "decoder" else "decoder"} for '
+           f'{"SimMIM" if where == "decoder" else "MAE"}')
+    return {f'{where}_mask_tokens': fix, f'{where}_layers': fix}
+
+  @classmethod
+  def check_config(cls, config):
     mto = config.mto
-    sites = framework.mask_token_at
     if mto.where not in ('encoder', 'decoder'):
       raise errors.ConfigError(f'config.mto.where must be "encoder" or "decoder", not '
-                                   f'{mto.where!r}.')
-    if mto.where not in sites:
-      hint = f'set config.mto.where={sites[0]!r}' if sites else 'turn config.mto.enabled off'
-      raise errors.ConfigError(
-          f'config.mto.where={mto.where!r}, but framework {config.framework!r} has mask tokens '
-          f'only in {list(sites) or "no module"}; {hint}.')
+                               f'{mto.where!r}.')
     if mto.ranking not in RANKINGS:
       raise errors.ConfigError(f'config.mto.ranking must be one of {RANKINGS}, not '
-                                   f'{mto.ranking!r}.')
+                               f'{mto.ranking!r}.')
     if mto.tau < 0:
       raise errors.ConfigError(f'config.mto.tau must be >= 0 (0 means sqrt(D)), got {mto.tau}.')
 
   def layers(self, outputs):
     """Per-layer patch tokens [B, N, D] (cls removed) of the configured site."""
     if self.config.mto.where == 'decoder':
-      return outputs['decoder']['layers']
+      return outputs.decoder['layers']
     num_prefix = self.framework.build_encoder().num_prefix
-    return [layer[:, num_prefix:] for layer in outputs['encoder']['layers']]
+    return [layer[:, num_prefix:] for layer in outputs.encoder['layers']]
 
   def loss(self, params, state, outputs, batch, rng, step, train):
     del params, batch, rng, step, train
     mto = self.config.mto
-    mask = outputs['mask']
+    mask = outputs.mask
     layers = self.layers(outputs)
     kw = dict(tau=mto.tau or None, layer_norm=mto.layer_norm)
     hs = jnp.stack([heterogeneity(x, mask, **kw) for x in layers])

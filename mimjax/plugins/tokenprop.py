@@ -70,9 +70,8 @@ def reconstruction_loss(pred, images):
 class TokenProp(base.Plugin):
   """lambda * ||G(tokenizer tokens) - resize(image)||^2, on any framework built on the mimjax ViT.
 
-  Reads `outputs['encoder']['tokenizer']` (all N patch tokens, also under MAE's masking) and the
-  image the encoder saw: `outputs['image']` where the framework transforms the batch (mixup), else
-  `batch['image']`.
+  Reads the tokenizer's output for all N patches (`outputs.encoder['tokenizer']`, also under MAE's
+  masking) and the image the encoder saw (`outputs.image`, after mixup where the framework mixes).
   """
   name = 'tokenprop'
 
@@ -86,7 +85,12 @@ class TokenProp(base.Plugin):
     return config.tokenprop.enabled
 
   @classmethod
-  def check_config(cls, config, framework):
+  def requires(cls, config):
+    return {'tokenizer': "TokenProp decodes the tokenizer's output; use a framework built on the "
+                         'mimjax ViT'}
+
+  @classmethod
+  def check_config(cls, config):
     if config.tokenprop.weight <= 0:
       raise errors.ConfigError(
           f'config.tokenprop.weight={config.tokenprop.weight}: TokenProp needs a positive weight '
@@ -97,11 +101,10 @@ class TokenProp(base.Plugin):
           'pixel shuffles divide the channels by 16); the paper uses 256.')
 
   def init_params(self, rng, outputs):
-    return self.decoder.init(rng, outputs['encoder']['tokenizer'])['params']
+    return self.decoder.init(rng, outputs.encoder['tokenizer'])['params']
 
   def loss(self, params, state, outputs, batch, rng, step, train):
-    del state, rng, step, train
-    images = outputs['image'] if 'image' in outputs else batch['image']
-    pred = self.decoder.apply({'params': params[self.name]}, outputs['encoder']['tokenizer'])
-    rec = reconstruction_loss(pred, images)
+    del state, batch, rng, step, train
+    pred = self.decoder.apply({'params': params[self.name]}, outputs.encoder['tokenizer'])
+    rec = reconstruction_loss(pred, outputs.image)
     return self.config.tokenprop.weight * rec, {'loss_tokenprop': rec}, None

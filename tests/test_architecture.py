@@ -1,0 +1,125 @@
+"""The package's structure: no import cycle, side-effect-free packages, and the plug-in contract
+refusing a combination before a run writes anything."""
+import ast
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from mimjax import errors
+from mimjax import registry
+from mimjax import validation
+from mimjax.frameworks import base
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / 'mimjax'
+
+
+def _module_name(path):
+  parts = path.relative_to(ROOT).with_suffix('').parts
+  return '.'.join(parts[:-1] if parts[-1] == '__init__' else parts)
+
+
+def import_graph():
+  """{module: set of mimjax modules it imports}, counting imports inside functions too (a lazy
+  import that only hides a cycle is still a cycle)."""
+  modules = {_module_name(p): p for p in PACKAGE.rglob('*.py')}
+  graph = {}
+  for name, path in modules.items():
+    deps = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith('mimjax'):
+        for alias in node.names:
+          full = f'{node.module}.{alias.name}'
+          deps.add(full if full in modules else node.module)
+      elif isinstance(node, ast.Import):
+        deps.update(a.name for a in node.names if a.name.startswith('mimjax'))
+    graph[name] = {d for d in deps if d in modules and d != name}
+  return graph
+
+
+def find_cycle(graph):
+  """One cycle as a list of modules, or None (depth-first search with colours)."""
+  state, stack = {}, []
+
+  def visit(node):
+    state[node] = 'open'
+    stack.append(node)
+    for dep in sorted(graph[node]):
+      if state.get(dep) == 'open':
+        return stack[stack.index(dep):] + [dep]
+      if dep not in state:
+        cycle = visit(dep)
+        if cycle:
+          return cycle
+    state[node] = 'done'
+    stack.pop()
+    return None
+
+  for node in sorted(graph):
+    if node not in state:
+      cycle = visit(node)
+      if cycle:
+        return cycle
+  return None
+
+
+def test_find_cycle_detects_a_planted_cycle():
+  assert find_cycle({'a': {'b'}, 'b': {'c'}, 'c': {'a'}}) == ['a', 'b', 'c', 'a']
+  assert find_cycle({'a': {'b'}, 'b': set()}) is None
+
+
+def test_package_has_no_import_cycle():
+  graph = import_graph()
+  assert len(graph) > 40  # the walk saw the package
+  assert find_cycle(graph) is None
+
+
+def test_errors_is_a_leaf_and_packages_import_nothing():
+  graph = import_graph()
+  assert graph['mimjax.errors'] == set()
+  for init in PACKAGE.rglob('__init__.py'):
+    tree = ast.parse(init.read_text())
+    assert not [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))], init
+
+
+def test_a_plugin_module_imports_on_its_own():
+  for module in ('mimjax.plugins.dtm', 'mimjax.plugins.mto', 'mimjax.frameworks.mae'):
+    subprocess.run([sys.executable, '-c', f'import {module}'], check=True, cwd=ROOT,
+                   capture_output=True)
+
+
+def test_every_capability_named_by_a_plugin_or_framework_is_declared():
+  from configs import common  # pylint: disable=g-import-not-at-top
+  config = common.base_config()
+  for plugin in registry.PLUGINS:
+    assert set(plugin.requires(config)) <= set(base.CAPABILITIES), plugin
+  for framework in registry.FRAMEWORKS.values():
+    assert framework.provides(config) <= set(base.CAPABILITIES), framework
+
+
+@pytest.mark.parametrize('spec,override,match', [
+    ('configs/supervised.py:runlocal', {'dtm.enabled': True}, 'teacher tokens'),
+    ('configs/supervised.py:runlocal', {'lut.enabled': True}, "MAE's patch order"),
+    ('configs/simmim.py:runlocal', {'mto.enabled': True, 'mto.where': 'decoder'},
+     'mask token standing in for masked patches in the decoder'),
+    ('configs/mae.py:runlocal', {'dtm.enabled': True}, 'mae.target="teacher"'),
+])
+def test_a_plugin_on_a_framework_that_cannot_host_it_is_refused(spec, override, match):
+  from conftest import load_config  # pylint: disable=g-import-not-at-top
+  config = load_config(spec, **override)
+  with pytest.raises(errors.ConfigError, match=match):
+    validation.validate(config)
+
+
+def test_unknown_combination_refused_before_the_workdir_exists(tmp_path):
+  workdir = tmp_path / 'run'
+  proc = subprocess.run(
+      [sys.executable, '-m', 'mimjax.train', '--config', 'configs/distill.py:runlocal,dtm',
+       '--workdir', str(workdir), '--config.dtm.min_tokens=1000'],
+      cwd=ROOT, capture_output=True, text=True)
+  assert proc.returncode == 1
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: config.dtm.min_tokens=1000 exceeds the 49 tokens')
+  assert not workdir.exists()
