@@ -102,7 +102,7 @@ def export_params(config, encoder_params, out, fmt='safetensors', source=None):
   if fmt not in FORMATS:
     raise ValueError(f'format must be one of {FORMATS}, not {fmt!r}')
   check_exportable(config, encoder_params)
-  grid = config.data.image_size // vit.parse_variant(config.model.variant)['patch_size']
+  grid = vit.grid_size(config.model, config.data.image_size)
   table = timm_lib.position_embedding(encoder_params, grid)
   in_chans = int(np.shape(encoder_params['embedding']['kernel'])[2])
   kwargs = timm_lib.timm_kwargs(config.model, config.data.image_size, in_chans)

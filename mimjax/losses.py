@@ -20,15 +20,20 @@ def unpatchify(patches, patch_size, channels):
   return x.reshape(b, g * p, g * p, channels)
 
 
-def normalize_patches(patches, eps=1e-6):
-  """Per-patch standardisation of MAE's norm_pix_loss: (x - mean) / sqrt(var + eps).
+def patch_stats(patches, eps=1e-6):
+  """(mean, sqrt(var + eps)) of each patch [..., 1] in float32: MAE's norm_pix_loss statistics.
 
   The variance is the unbiased one (torch's `Tensor.var` default), as in the reference MAE.
   """
   patches = patches.astype(jnp.float32)
   mean = patches.mean(axis=-1, keepdims=True)
-  var = patches.var(axis=-1, keepdims=True, ddof=1)
-  return (patches - mean) / jnp.sqrt(var + eps)
+  return mean, jnp.sqrt(patches.var(axis=-1, keepdims=True, ddof=1) + eps)
+
+
+def normalize_patches(patches, eps=1e-6):
+  """Per-patch standardisation of MAE's norm_pix_loss: (x - mean) / sqrt(var + eps)."""
+  mean, std = patch_stats(patches, eps)
+  return (patches.astype(jnp.float32) - mean) / std
 
 
 def masked_mean(per_token, mask):
@@ -61,6 +66,13 @@ def soft_cross_entropy(logits, targets):
 DISTANCES = ('cosine', 'smooth_l1', 'l1', 'l2')
 
 
+def cosine_similarity(a, b, eps):
+  """cos(a, b) over the last axis in float32, each norm clamped at `eps` from below."""
+  a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+  norm = lambda x: jnp.maximum(jnp.linalg.norm(x, axis=-1), eps)  # noqa: E731
+  return jnp.sum(a * b, -1) / (norm(a) * norm(b))
+
+
 def token_distance(pred, target, distance='cosine'):
   """Per-token distance [B, N] between [B, N, D] features, in float32.
 
@@ -70,8 +82,7 @@ def token_distance(pred, target, distance='cosine'):
   pred = pred.astype(jnp.float32)
   target = target.astype(jnp.float32)
   if distance == 'cosine':
-    norm = lambda x: jnp.maximum(jnp.linalg.norm(x, axis=-1), 1e-6)  # noqa: E731
-    return 1.0 - jnp.sum(pred * target, -1) / (norm(pred) * norm(target))
+    return 1.0 - cosine_similarity(pred, target, eps=1e-6)
   diff = jnp.abs(pred - target)
   if distance == 'smooth_l1':
     beta = 2.0

@@ -14,12 +14,19 @@ import numpy as np
 from mimjax import checkpoint as checkpoint_lib
 from mimjax import config_lib
 from mimjax import errors
+from mimjax import losses
 from mimjax.interop import clip as clip_interop
+from mimjax.models import flops
 from mimjax.models import vit
 
 TEACHERS = ('ema', 'checkpoint', 'clip')
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def ema_update(target, online, momentum):
+  """momentum * target + (1 - momentum) * online, leaf by leaf (EMA teachers, LUT's context)."""
+  return jax.tree_util.tree_map(lambda t, o: momentum * t + (1.0 - momentum) * o, target, online)
 
 
 def _zeros_like_shapes(shapes):
@@ -84,6 +91,13 @@ class _EncoderTeacher(Teacher):
           f'config.distill.teacher_layer={self.layer} is out of range for a {encoder.depth}-block '
           'teacher; use -1 (after the final norm) or a block index in [0, depth).')
 
+  def forward_flops(self, channels):
+    """Analytic forward FLOPs per example of the teacher's encoder on every patch."""
+    e = self.encoder
+    kw = dict(image_size=e.image_size, patch_size=e.patch_size, width=e.width, depth=e.depth,
+              mlp_dim=e.mlp_dim, cls_token=e.cls_token)
+    return flops.encoder(kw, channels, e.num_patches)
+
   def encode(self, encoder_params, images):
     out = self.encoder.apply({'params': encoder_params}, images,
                              capture_layers=self.layer >= 0)
@@ -104,8 +118,7 @@ class EMATeacher(_EncoderTeacher):
     return jax.tree_util.tree_map(jnp.copy, params['encoder'])
 
   def update(self, state, params):
-    m = self.config.distill.ema_momentum
-    return jax.tree_util.tree_map(lambda t, s: m * t + (1 - m) * s, state, params['encoder'])
+    return ema_update(state, params['encoder'], self.config.distill.ema_momentum)
 
   def targets(self, state, images):
     return jax.lax.stop_gradient(self.encode(state, images).astype(jnp.float32))
@@ -192,7 +205,7 @@ class CLIPTeacher(Teacher):
 def build(config, framework):
   """The teacher named by config.distill.teacher for the student of `framework`."""
   kind = config.distill.teacher
-  num_patches = (framework.image_size // framework.patch_size) ** 2
+  num_patches = framework.num_patches
   if kind == 'ema':
     return EMATeacher(config, framework)
   if kind == 'checkpoint':
@@ -201,6 +214,24 @@ def build(config, framework):
     return CLIPTeacher(config, num_patches)
   raise errors.ConfigError(f'config.distill.teacher={kind!r} is unknown; use one of '
                            f'{TEACHERS}.')
+
+
+def check_feature_config(config):
+  """Start-up checks of the config.distill loss and masking options."""
+  d = config.distill
+  if d.loss not in losses.DISTANCES:
+    raise errors.ConfigError(f'config.distill.loss={d.loss!r}; use one of {losses.DISTANCES}.')
+  if d.loss_tokens not in ('all', 'masked'):
+    raise errors.ConfigError(f'config.distill.loss_tokens={d.loss_tokens!r}; use "all" or '
+                             '"masked".')
+  if not 0 < d.mask_ratio < 1:
+    raise errors.ConfigError(f'config.distill.mask_ratio must be in (0, 1), got '
+                             f'{d.mask_ratio}.')
+
+
+def loss_mask(config, mask):
+  """The tokens the feature loss averages over: all (None) or the masked ones."""
+  return mask if config.distill.loss_tokens == 'masked' else None
 
 
 class WithTeacher:
@@ -219,6 +250,12 @@ class WithTeacher:
     if self.teacher is not None:
       model_state = dict(model_state, teacher=self.teacher.load_frozen(model_state['teacher']))
     return model_state
+
+  def teacher_flop_terms(self):
+    """The teacher's forward pass per example, when it is a mimjax ViT (EMA, checkpoint)."""
+    if isinstance(self.teacher, _EncoderTeacher):
+      return {'teacher': self.teacher.forward_flops(self.config.data.channels)}
+    return {}
 
   def update_state(self, params, model_state, step):
     model_state = super().update_state(params, model_state, step)

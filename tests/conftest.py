@@ -24,12 +24,7 @@ def load_config(spec, **overrides):
   module = importlib.import_module('configs.' + os.path.basename(name).removesuffix('.py'))
   config = module.get_config(arg or None)
   with config.unlocked():
-    for key, value in overrides.items():
-      target = config
-      *parents, leaf = key.split('.')
-      for p in parents:
-        target = target[p]
-      target[leaf] = value
+    config.update_from_flattened_dict(overrides)
   return config
 
 

@@ -14,8 +14,9 @@ import pytest
 
 from configs import mae_lut
 from mimjax import errors
-from mimjax import registry
 from mimjax import masking
+from mimjax import registry
+from mimjax import teachers
 from mimjax import validation
 from mimjax.plugins import lut
 
@@ -90,7 +91,7 @@ def test_mae_publishes_the_order_its_mask_comes_from():
   batch = tiny_batch()
   params, state = fw.init(jax.random.PRNGKey(0), batch)
   _, _, out = fw.forward(params, state, batch, jax.random.PRNGKey(1), train=True)
-  np.testing.assert_array_equal(out['keep_idx'], out['patch_order'][:, :fw.num_kept])
+  np.testing.assert_array_equal(out.keep_idx, out.patch_order[:, :fw.num_kept])
   assert fw.num_kept == 4  # int(16 * 0.25)
 
 
@@ -106,7 +107,7 @@ def test_momentum_schedule_hand_values():
 
 
 def test_ema_update_hand_values():
-  out = lut.ema_update({'a': jnp.array([10.0, 0.0])}, {'a': jnp.array([20.0, 1.0])}, 0.9)
+  out = teachers.ema_update({'a': jnp.array([10.0, 0.0])}, {'a': jnp.array([20.0, 1.0])}, 0.9)
   np.testing.assert_allclose(out['a'], [11.0, 0.1], rtol=1e-6)
 
 
@@ -193,10 +194,10 @@ def test_plugin_loss_and_batch_stats_match_hand_computation():
                                          0, train=True)
 
   n_keep = fw.num_kept
-  keep2 = np.asarray(out['patch_order'])[:, n_keep:2 * n_keep]
+  keep2 = np.asarray(out.patch_order)[:, n_keep:2 * n_keep]
   encode = lambda p, x, **kw: np.asarray(  # noqa: E731
       plugin.encoder.apply({'params': p}, x, **kw)['patch_tokens'])
-  pooled1 = np.asarray(out['encoder']['patch_tokens']).mean(1)
+  pooled1 = np.asarray(out.encoder['patch_tokens']).mean(1)
   pooled2 = encode(params['encoder'], batch['image2'], keep_idx=jnp.asarray(keep2)).mean(1)
   head_p = params['lut']
   z1, mean1, var1 = np_head(pooled1, head_p['projector'], None, train=True)

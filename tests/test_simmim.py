@@ -106,7 +106,7 @@ def test_forward_loss_is_l1_on_masked_patches_and_jits_once():
   for seed in range(2):
     loss, _, outputs = jitted(params, jax.random.PRNGKey(seed))
   assert len(traces) == 1
-  want = losses.simmim_loss(outputs['pred'], batch['image'], outputs['mask'], 4)
+  want = losses.simmim_loss(outputs.reconstruction, batch['image'], outputs.mask, 4)
   np.testing.assert_allclose(loss, want, rtol=1e-6)
   grid = fw.visualize(jax.device_get(outputs), jax.device_get(batch))['reconstruction']
   # 4 rows x 4 columns of 28 px tiles, enlarged 4x (to at least 96 px), 2 px gaps.

@@ -73,11 +73,11 @@ def test_plugin_on_supervised_owns_decoder_outside_encoder():
   np.testing.assert_allclose(loss, metrics['loss_supervised'] + 1e-3 * rec, rtol=1e-6)
   # The term is the L2 between G(tokenizer tokens) and the image the encoder saw (mixed).
   _, _, outputs = framework.forward(params, {}, batch, jax.random.PRNGKey(2), True)
-  assert not np.allclose(outputs['image'], batch['image'])  # mixup / cutmix changed the input
+  assert not np.allclose(outputs.image, batch['image'])  # mixup / cutmix changed the input
   plugin = framework.plugins[0]
   term, plugin_metrics, _ = plugin.loss(params, None, outputs, batch, None, 0, True)
-  pred = plugin.decoder.apply({'params': params['tokenprop']}, outputs['encoder']['tokenizer'])
-  expected = np.mean((np.asarray(pred) - np.asarray(outputs['image'])) ** 2)
+  pred = plugin.decoder.apply({'params': params['tokenprop']}, outputs.encoder['tokenizer'])
+  expected = np.mean((np.asarray(pred) - np.asarray(outputs.image)) ** 2)
   np.testing.assert_allclose(plugin_metrics['loss_tokenprop'], expected, rtol=1e-5)
   np.testing.assert_allclose(term, 1e-3 * expected, rtol=1e-5)
 
@@ -92,8 +92,8 @@ def test_plugin_on_mae_reads_all_patch_tokens():
   batch = _batch(config)
   params, _ = framework.init(jax.random.PRNGKey(0), batch)
   _, _, outputs = framework.forward(params, {}, batch, jax.random.PRNGKey(1), True)
-  assert outputs['encoder']['patch_tokens'].shape[1] == 12  # 25% of 49 visible
-  assert outputs['encoder']['tokenizer'].shape == (4, 49, 32)  # the full grid
+  assert outputs.encoder['patch_tokens'].shape[1] == 12  # 25% of 49 visible
+  assert outputs.encoder['tokenizer'].shape == (4, 49, 32)  # the full grid
   loss, (metrics, _) = framework.loss(params, {}, batch, jax.random.PRNGKey(1), 0)
   assert np.isfinite(loss) and metrics['loss_tokenprop'] > 0
 

@@ -210,7 +210,7 @@ class _LinearRegression(base.Framework):
 
   def forward(self, params, model_state, batch, rng, train):
     pred = self.model.apply({'params': params['encoder']}, batch['x'])[:, 0]
-    return jnp.mean((pred - batch['y']) ** 2), {}, {}
+    return jnp.mean((pred - batch['y']) ** 2), {}, base.ForwardOutputs(encoder={}, image=batch['x'])
 
 
 def test_gradient_accumulation_matches_full_batch(tiny_mae_config):

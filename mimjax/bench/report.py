@@ -22,7 +22,7 @@ def nominal_peak(platform, device_kind):
 def add_overheads(results, cases):
   """Sets `overhead` on every measured case with a measured host: its step time and FLOPs as
   fractions above the host's, and the case's target."""
-  measured = {c['name']: c for c in results['cases'] if c['status'] == 'ok'}
+  measured = {c['name']: c for c in results['cases']}
   for name, c in measured.items():
     host = measured.get(cases[name].host) if name in cases else None
     if host is None:
@@ -62,9 +62,6 @@ def _spread(st):
 def _case_rows(entries):
   rows = []
   for c in entries:
-    if c['status'] != 'ok':
-      rows.append(f'| {c["name"]} | {c["status"]}: {c.get("reason", "")} |' + ' |' * 7)
-      continue
     f = c['flops']
     mfu = '' if c['mfu'] is None else f'{100 * c["mfu"]:.1f}%'
     rows.append(

@@ -10,10 +10,10 @@ and its plug-ins, plus the matmul reference and, for MAE, the PyTorch peer) are 
 timed round-robin for several rounds, so machine drift hits them alike; families run one after the
 other so that only one family's train states are alive at a time.
 
-A case is one row of `CASES`: (name, host, config spec, target). Cases whose config file or
-framework is not in this checkout are listed as unavailable instead of failing the run.
+A case is one row of `CASES`: (name, host, config spec, target).
 """
 import argparse
+import ast
 import collections
 import importlib
 import importlib.util
@@ -31,7 +31,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from mimjax.bench import report as bench_report
-from mimjax.bench import flops
 from mimjax import registry
 from mimjax import sharding
 from mimjax import train_step as train_step_lib
@@ -57,31 +56,25 @@ CASES = (
 PEER_MODES = ('eager', 'compile')
 
 
-class Unavailable(Exception):
-  """A case this checkout cannot build (its config or framework is missing)."""
+def _literal(text):
+  """'True' -> True, '0.5' -> 0.5; anything else stays a string."""
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
 
 
 def load_config(spec, model, image_size, batch, preset, dtype):
   """Config of a case spec 'file[:arg][|key=value,...]' at the bench's size settings."""
   spec, _, overrides = spec.partition('|')
   name, _, arg = spec.partition(':')
-  if importlib.util.find_spec('configs.' + name) is None:
-    raise Unavailable(f'configs/{name}.py is not in this checkout')
   args = [a for a in (arg, f'model={model}', 'runlocal' if preset == 'small' else '') if a]
   config = importlib.import_module('configs.' + name).get_config(','.join(args))
-  if config.framework not in registry.FRAMEWORKS:
-    raise Unavailable(f'framework {config.framework!r} is not registered in this checkout')
   config.batch_size = batch
   config.data.image_size = image_size
   config.model.dtype = dtype
-  for item in filter(None, overrides.split(',')):
-    key, _, value = item.partition('=')
-    *parents, leaf = key.split('.')
-    section = config
-    for p in parents:
-      section = section[p]
-    section[leaf] = type(section[leaf])(value == 'True' if isinstance(section[leaf], bool)
-                                        else value)
+  pairs = (item.partition('=') for item in filter(None, overrides.split(',')))
+  config.update_from_flattened_dict({key: _literal(value) for key, _, value in pairs})
   validation.validate(config)
   return config
 
@@ -135,7 +128,7 @@ class JaxStep:
     self.steps(warmup)
     self.rss_growth = max_rss_bytes() - rss0
     self.flops = _xla_flops(self.compiled)
-    self.analytic = flops.step_flops(framework)
+    self.analytic = framework.step_flops()
     self.memory = _memory(self.compiled)
     self.params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(self.state.params))
 
@@ -329,21 +322,18 @@ def run(args):
   for fam, kind in groups:
     runners, pending_peer = [], []
     for c in fam:
-      try:
-        if kind == 'scaling':
-          runners.append(make(f'{c.name}@batch={args.batch},image={args.image_size}', c.config))
-          patch = vit_kwargs(runners[0].config)['patch_size']
-          for b in sorted({max(1, int(args.batch * f)) for f in args.batch_scales} - {args.batch}):
-            runners.append(make(f'{c.name}@batch={b},image={args.image_size}', c.config, batch=b))
-          for s in sorted({_scale_grid(args.image_size, patch, f) for f in args.grid_scales}
-                          - {args.image_size}):
-            runners.append(make(f'{c.name}@batch={args.batch},image={s}', c.config, image_size=s))
-        else:
-          runners.append(make(c.name, c.config))
-        print(f'[bench] built {runners[-1].name}: compile {runners[-1].compile_s:.1f}s',
-              file=sys.stderr, flush=True)
-      except Unavailable as e:
-        results['cases'].append(dict(name=c.name, status='unavailable', reason=str(e)))
+      if kind == 'scaling':
+        runners.append(make(f'{c.name}@batch={args.batch},image={args.image_size}', c.config))
+        patch = vit_kwargs(runners[0].config)['patch_size']
+        for b in sorted({max(1, int(args.batch * f)) for f in args.batch_scales} - {args.batch}):
+          runners.append(make(f'{c.name}@batch={b},image={args.image_size}', c.config, batch=b))
+        for s in sorted({_scale_grid(args.image_size, patch, f) for f in args.grid_scales}
+                        - {args.image_size}):
+          runners.append(make(f'{c.name}@batch={args.batch},image={s}', c.config, image_size=s))
+      else:
+        runners.append(make(c.name, c.config))
+      print(f'[bench] built {runners[-1].name}: compile {runners[-1].compile_s:.1f}s',
+            file=sys.stderr, flush=True)
     if kind is None and fam[0].name == 'mae' and runners and runners[0].name == 'mae':
       for mode in args.peer:
         try:

@@ -15,6 +15,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
+from mimjax.models import flops
 from mimjax.models import vit
 
 Metrics = Dict[str, jax.Array]
@@ -114,6 +115,11 @@ class Plugin(abc.ABC):
     del params, step
     return state
 
+  def flop_terms(self) -> Dict[str, float]:
+    """Analytic FLOPs per example of the ViT passes this plug-in adds to a train step (trained
+    passes x flops.TRAIN_FACTOR); none for small heads and losses."""
+    return {}
+
 
 class Framework(abc.ABC):
   """A family of objectives around one trainable module; see the module docstring."""
@@ -146,6 +152,8 @@ class Framework(abc.ABC):
     self.image_size = config.data.image_size
     self.encoder_kwargs = vit.encoder_kwargs(config.model, self.image_size)
     self.patch_size = self.encoder_kwargs['patch_size']
+    self.grid_size = self.image_size // self.patch_size  # the ViT's patches per side
+    self.num_patches = self.grid_size ** 2
     self.plugins = [p(config, self) for p in plugins]
     self.model = self.build_model()
 
@@ -160,6 +168,11 @@ class Framework(abc.ABC):
   @abc.abstractmethod
   def build_model(self):
     """The trainable Flax module."""
+
+  def model_params(self, params):
+    """The params of `self.model`: everything but the plug-ins' own entries."""
+    plugin_names = {p.name for p in self.plugins}
+    return {k: v for k, v in params.items() if k not in plugin_names}
 
   @abc.abstractmethod
   def init_model(self, rng, batch) -> Dict[str, Any]:
@@ -226,6 +239,24 @@ class Framework(abc.ABC):
       if plugin.name in model_state:
         new_state[plugin.name] = plugin.update_state(params, model_state[plugin.name], step)
     return new_state
+
+  def encoder_flops(self, tokens=None):
+    """Forward FLOPs per example of the encoder on `tokens` patches (default: all of them)."""
+    return flops.encoder(self.encoder_kwargs, self.config.data.channels,
+                         self.num_patches if tokens is None else tokens)
+
+  def flop_terms(self) -> Dict[str, float]:
+    """Analytic FLOPs per example of the framework's own ViT passes of one train step (trained
+    passes x flops.TRAIN_FACTOR, frozen ones x 1). Default: the encoder on every patch."""
+    return {'encoder': flops.TRAIN_FACTOR * self.encoder_flops()}
+
+  def step_flops(self) -> Dict[str, float]:
+    """Named analytic FLOP terms per example of one train step: the framework's and each
+    plug-in's (matrix products only, see `mimjax.models.flops`)."""
+    terms = dict(self.flop_terms())
+    for plugin in self.plugins:
+      terms.update(plugin.flop_terms())
+    return terms
 
   def eval_metrics(self, params, model_state, batch):
     """Held-out evaluation of one padded batch (with bool `valid` [B]): a dict of float sums over

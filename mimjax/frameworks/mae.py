@@ -11,7 +11,7 @@ from mimjax import losses
 from mimjax import masking
 from mimjax import teachers
 from mimjax.frameworks import base
-from mimjax.frameworks import distill
+from mimjax.models import flops
 from mimjax.models import mae_decoder
 from mimjax.models import vit
 
@@ -46,7 +46,7 @@ class MAE(teachers.WithTeacher, base.Framework):
       raise errors.ConfigError(f'config.mae.target={config.mae.target!r}; use "pixels" or '
                                '"teacher".')
     if config.mae.target == 'teacher':
-      distill.check_feature_config(config)
+      teachers.check_feature_config(config)
 
   def build_model(self):
     mae = self.config.mae
@@ -63,10 +63,6 @@ class MAE(teachers.WithTeacher, base.Framework):
     return MAEModel(encoder, decoder)
 
   @property
-  def num_patches(self):
-    return (self.image_size // self.patch_size) ** 2
-
-  @property
   def num_kept(self):
     return masking.num_kept(self.num_patches, self.config.mae.mask_ratio)
 
@@ -77,6 +73,15 @@ class MAE(teachers.WithTeacher, base.Framework):
     disjoint from MAE's (LUT) with `masking.keep_from_order`.
     """
     return masking.random_permutation(rng, batch_size, self.num_patches)
+
+  def flop_terms(self):
+    """The encoder on the kept patches, the decoder on all of them (a teacher adds its pass)."""
+    kw, mae = self.encoder_kwargs, self.config.mae
+    out_dim = kw['patch_size'] ** 2 * self.config.data.channels
+    terms = {'encoder': flops.TRAIN_FACTOR * self.encoder_flops(self.num_kept),
+             'decoder': flops.TRAIN_FACTOR * flops.mae_decoder(
+                 mae, kw['width'], self.num_patches, out_dim, int(kw['cls_token']))}
+    return {**terms, **self.teacher_flop_terms()}
 
   def init_model(self, rng, batch):
     images = batch['image']
@@ -89,8 +94,7 @@ class MAE(teachers.WithTeacher, base.Framework):
     images = batch['image']
     order = self.sample_order(mask_rng, images.shape[0])
     keep_idx, mask = masking.keep_from_order(order, self.num_kept)
-    model_params = {k: params[k] for k in ('encoder', 'decoder')}
-    enc, dec = self.model.apply({'params': model_params}, images, keep_idx, train,
+    enc, dec = self.model.apply({'params': self.model_params(params)}, images, keep_idx, train,
                                 frozenset(self.captures), rngs={'dropout': drop_rng})
     outputs = base.ForwardOutputs(encoder=enc, image=images, mask=mask, patch_order=order,
                                   keep_idx=keep_idx, decoder=dec)
@@ -101,7 +105,7 @@ class MAE(teachers.WithTeacher, base.Framework):
     d = self.config.distill
     features = base.FeatureTargets(pred=dec['pred'],
                                    target=self.teacher.targets(model_state['teacher'], images),
-                                   mask=distill.loss_mask(self.config, mask))
+                                   mask=teachers.loss_mask(self.config, mask))
     loss = losses.feature_loss(features.pred, features.target, d.loss, features.mask,
                                d.norm_target)
     return loss, {}, outputs.replace(features=features)
@@ -114,9 +118,7 @@ class MAE(teachers.WithTeacher, base.Framework):
     images = batch['image'].astype(jnp.float32)
     pred = outputs.reconstruction
     if self.config.mae.norm_pix_loss:  # undo the per-patch normalisation with the true statistics
-      target = losses.patchify(images, self.patch_size)
-      mean = target.mean(-1, keepdims=True)
-      std = jnp.sqrt(target.var(-1, keepdims=True, ddof=1) + 1e-6)
+      mean, std = losses.patch_stats(losses.patchify(images, self.patch_size))
       pred = pred * std + mean
     return {'reconstruction': visualize.reconstruction_grid(images, pred, outputs.mask,
                                                             self.patch_size, self.config.data)}

@@ -4,38 +4,18 @@ import math
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from mimjax import errors
 from mimjax import losses
 from mimjax import masking
 from mimjax.frameworks import base
+from mimjax.models import masked_encoder
 from mimjax.models import vit
-
-
-class SimMIMModel(nn.Module):
-  """Encoder with mask-token substitution + per-token linear pixel head.
-
-  Params: encoder/..., mask_token [1, 1, width] (top level), head/{kernel, bias}.
-  """
-  encoder: vit.ViT
-  out_dim: int  # p * p * C pixels per patch
-
-  @nn.compact
-  def __call__(self, images, mask, train=False, capture=frozenset()):
-    mask_token = self.param('mask_token', nn.initializers.normal(0.02), (1, 1, self.encoder.width))
-    enc = self.encoder(images, mask=mask, mask_token=mask_token, train=train,
-                       capture_layers='encoder_layers' in capture,
-                       capture_attention='encoder_attention' in capture)
-    pred = nn.Dense(self.out_dim, dtype=self.encoder.dtype, kernel_init=vit.xavier,
-                    name='head')(enc['patch_tokens'])
-    return enc, pred.astype(jnp.float32)
 
 
 class SimMIM(base.Framework):
   """Inpainting-style MIM: the encoder sees every position, masked ones as the mask token."""
   name = 'simmim'
-  param_keys = ('encoder', 'mask_token', 'head')
 
   @classmethod
   def provides(cls, config):
@@ -56,12 +36,9 @@ class SimMIM(base.Framework):
       raise errors.ConfigError(f'config.simmim.mask_ratio: {e}') from e
 
   def build_model(self):
-    return SimMIMModel(self.build_encoder(),
-                       out_dim=self.patch_size ** 2 * self.config.data.channels)
-
-  @property
-  def grid_size(self):
-    return self.image_size // self.patch_size
+    return masked_encoder.MaskedEncoderWithHead(
+        self.build_encoder(), out_dim=self.patch_size ** 2 * self.config.data.channels,
+        mask_token_init=nn.initializers.normal(0.02), head_init=vit.xavier)
 
   def sample_mask(self, rng, batch_size):
     """bool [B, N], True where the mask token replaces the patch."""
@@ -79,8 +56,7 @@ class SimMIM(base.Framework):
     mask_rng, drop_rng = jax.random.split(rng)
     images = batch['image']
     mask = self.sample_mask(mask_rng, images.shape[0])
-    model_params = {k: params[k] for k in self.param_keys}
-    enc, pred = self.model.apply({'params': model_params}, images, mask, train,
+    enc, pred = self.model.apply({'params': self.model_params(params)}, images, mask, train,
                                  frozenset(self.captures), rngs={'dropout': drop_rng})
     loss = losses.simmim_loss(pred, images, mask, self.patch_size)
     return loss, {}, base.ForwardOutputs(encoder=enc, image=images, mask=mask,

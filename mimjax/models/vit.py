@@ -43,6 +43,11 @@ def parse_variant(variant):
               patch_size=int(patch))
 
 
+def grid_size(model_config, image_size):
+  """Patches per side of a `config.model` ViT at `image_size` pixels."""
+  return image_size // parse_variant(model_config.variant)['patch_size']
+
+
 class MlpBlock(nn.Module):
   """Transformer MLP: Dense -> exact GELU -> Dense (as timm's `Mlp`)."""
   mlp_dim: int

@@ -183,8 +183,7 @@ class DTM(base.Plugin):
     if c.num_schedules < 1 or c.max_rounds < 1 or c.min_tokens < 1:
       raise errors.ConfigError('config.dtm.num_schedules, max_rounds and min_tokens must be '
                                '>= 1.')
-    num_tokens = (config.data.image_size // vit.parse_variant(config.model.variant)['patch_size']
-                  ) ** 2
+    num_tokens = vit.grid_size(config.model, config.data.image_size) ** 2
     if c.min_tokens > num_tokens:
       raise errors.ConfigError(f'config.dtm.min_tokens={c.min_tokens} exceeds the '
                                f'{num_tokens} tokens per image; use at most {num_tokens}.')

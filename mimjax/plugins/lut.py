@@ -16,7 +16,10 @@ import jax
 import jax.numpy as jnp
 
 from mimjax import errors
+from mimjax import losses
 from mimjax import masking
+from mimjax import teachers
+from mimjax.models import flops
 from mimjax.frameworks import base
 
 # torch BatchNorm1d defaults: running = 0.9 * running + 0.1 * batch, eps 1e-5.
@@ -43,13 +46,10 @@ def pool_visible(patch_tokens):
   return patch_tokens.astype(jnp.float32).mean(axis=1)
 
 
-def cosine_distance(prediction, target, eps=1e-12):
-  """Per-sample 2 - 2 cos(prediction, target) = |p/|p| - t/|t||^2, [B]."""
-  def normalize(x):
-    x = x.astype(jnp.float32)
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
-  p, t = normalize(prediction), normalize(target)
-  return 2.0 - 2.0 * jnp.sum(p * t, axis=-1)
+def cosine_distance(prediction, target):
+  """Per-sample 2 - 2 cos(prediction, target) = |p/|p| - t/|t||^2, [B] (norms clamped at 1e-12,
+  as torch's F.normalize in the reference)."""
+  return 2.0 - 2.0 * losses.cosine_similarity(prediction, target, eps=1e-12)
 
 
 def broader_context_loss(student1, student2, context1, context2):
@@ -63,11 +63,6 @@ def momentum_schedule(step, total_steps, base_momentum):
   """Cosine increase of the EMA momentum from `base_momentum` at step 0 to 1 at `total_steps`."""
   progress = jnp.asarray(step, jnp.float32) / total_steps
   return 1.0 - (1.0 - base_momentum) * 0.5 * (1.0 + jnp.cos(math.pi * progress))
-
-
-def ema_update(target, online, momentum):
-  """momentum * target + (1 - momentum) * online, leaf by leaf."""
-  return jax.tree_util.tree_map(lambda t, o: momentum * t + (1.0 - momentum) * o, target, online)
 
 
 class LUT(base.Plugin):
@@ -160,9 +155,15 @@ class LUT(base.Plugin):
                                                  self.config.lut.momentum)}
     return self.config.lut.alpha * loss_bc, metrics, dict(state, batch_stats=stats)
 
+  def flop_terms(self):
+    """The student's second masked view (trained) and the context encoder on both full views."""
+    kept = self.framework.num_kept
+    return {'lut_view2': flops.TRAIN_FACTOR * self.framework.encoder_flops(kept),
+            'lut_context': 2 * self.framework.encoder_flops()}
+
   def update_state(self, params, state, step):
     """Moves the context encoder (encoder, projector, projector statistics) toward the student."""
     online = dict(encoder=params['encoder'], projector=params[self.name]['projector'],
                   projector_stats=state['batch_stats']['projector'])
     momentum = momentum_schedule(step, self.config.total_steps, self.config.lut.momentum)
-    return dict(state, context=ema_update(state['context'], online, momentum))
+    return dict(state, context=teachers.ema_update(state['context'], online, momentum))

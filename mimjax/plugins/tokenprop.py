@@ -77,7 +77,7 @@ class TokenProp(base.Plugin):
 
   def __init__(self, config, framework):
     super().__init__(config, framework)
-    self.decoder = TokenPropDecoder(grid_size=framework.image_size // framework.patch_size,
+    self.decoder = TokenPropDecoder(grid_size=framework.grid_size,
                                     channels=config.data.channels, hidden=config.tokenprop.hidden)
 
   @classmethod

@@ -13,6 +13,7 @@ import shutil
 
 import numpy as np
 
+from mimjax import registry
 from mimjax.eval import loading
 from mimjax.eval import rauc as rauc_lib
 
@@ -232,8 +233,9 @@ def plot_pair(method, base, records, figures_dir):
       if points:
         ax_acc.plot(*zip(*points), marker='o', **style)
   ax_loss.set(xlabel='step', ylabel=key, title='training loss (framework term)')
-  ax_acc.set(xlabel='step', ylabel='top-1', title='test top-1' if framework == 'supervised'
-             else 'kNN top-1 on the test split')
+  held_out = registry.FRAMEWORKS[framework].best_metric  # evaluated during training
+  ax_acc.set(xlabel='step', ylabel='top-1',
+             title='test top-1' if held_out else 'kNN top-1 on the test split')
   ax_loss.legend()
   fig.tight_layout()
   path = os.path.join(figures_dir, f'{method}.png')

@@ -44,9 +44,10 @@ from absl import logging
 import numpy as np
 
 from mimjax import evaluate as evaluate_lib
-from mimjax.reproduce import report
+from mimjax import registry
 from mimjax import train as train_lib
 from mimjax.eval import loading
+from mimjax.reproduce import report
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,13 +133,14 @@ def row_overrides(row, seed, budget, teacher_workdir=None, clip_path=None):
       'checkpoint.every_steps': every, 'checkpoint.keep': budget.curve_points + 1,
       'log.every_steps': max(1, budget.steps // 30), 'log.images_every_steps': 0,
       'log.progress_bar': False, **budget.overrides}
-  framework = build_config(row, {}).framework
-  if framework == 'supervised':
+  config = build_config(row, {})
+  framework = registry.FRAMEWORKS[config.framework]
+  if framework.best_metric:  # held-out evaluation during training gives the curve
     overrides['eval.every_steps'] = every
-  if framework == 'distill' and clip_path:
+  if 'teacher_features' in framework.provides(config) and clip_path:
     overrides.update({'distill.teacher': 'clip', 'distill.clip_path': clip_path,
                       'model.variant': 'pico/2'})
-  elif framework == 'distill':
+  elif 'teacher_features' in framework.provides(config):
     overrides['distill.teacher_workdir'] = teacher_workdir
   return overrides
 

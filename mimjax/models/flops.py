@@ -1,13 +1,14 @@
 """Analytic FLOP counts of ViT passes, to cross-check XLA's cost analysis of a train step.
 
+Each framework and plug-in states the passes of its own step (`Framework.step_flops`,
+`Plugin.flop_terms`) with these functions.
+
 A multiply-add counts as 2 FLOPs. Only matrix products are counted (dense layers, the patch
 embedding and the two attention products); norms, softmax, GELU and the optimizer are left out,
 so XLA's count of a whole step is expected a little above these numbers. A training pass
 (forward + backward) costs `TRAIN_FACTOR` forward passes: the backward pass of a product needs the
 gradients of both its operands, two products of the same size.
 """
-from mimjax import masking
-
 TRAIN_FACTOR = 3
 
 
@@ -52,33 +53,3 @@ def mae_decoder(mae_config, enc_width, num_patches, out_dim, num_prefix):
           + transformer(num_patches + num_prefix, width, mae_config.decoder_depth,
                         width * mae_config.decoder_mlp_ratio)
           + dense(num_patches, width, out_dim))
-
-
-def step_flops(framework):
-  """Analytic FLOPs per example of the ViT passes of one train step of `framework`, as a dict of
-  named terms (trained passes x TRAIN_FACTOR, frozen teacher / EMA passes x 1).
-
-  Covers the encoder and decoder passes of every framework and the extra encoder passes of LUT;
-  plug-ins that only add small heads or losses (DTM, TokenProp, MoTo) add no term.
-  """
-  config = framework.config
-  kw = framework.encoder_kwargs
-  channels = config.data.channels
-  num_patches = (kw['image_size'] // kw['patch_size']) ** 2
-  full = encoder(kw, channels, num_patches)
-  terms = {}
-  if framework.name == 'mae':
-    kept = masking.num_kept(num_patches, config.mae.mask_ratio)
-    out_dim = kw['patch_size'] ** 2 * channels
-    terms['encoder'] = TRAIN_FACTOR * encoder(kw, channels, kept)
-    terms['decoder'] = TRAIN_FACTOR * mae_decoder(config.mae, kw['width'], num_patches, out_dim,
-                                                  int(kw['cls_token']))
-  else:
-    terms['encoder'] = TRAIN_FACTOR * full
-  if framework.name == 'distill' and config.distill.teacher == 'ema':
-    terms['teacher'] = full
-  if any(p.name == 'lut' for p in framework.plugins):
-    kept = masking.num_kept(num_patches, config.mae.mask_ratio)
-    terms['lut_view2'] = TRAIN_FACTOR * encoder(kw, channels, kept)
-    terms['lut_context'] = 2 * full
-  return terms
