@@ -136,8 +136,9 @@ class IntervalAccumulator:
     return dict(steps=self.steps, sums=sums, seconds=time.time() - self._start)
 
 
-def evaluate(eval_fn, state, config, batch_sharding):
-  """Means over `config.data.eval_split` of the framework's `eval_metrics` sums."""
+def held_out_metrics(eval_fn, state, config, batch_sharding):
+  """Means over `config.data.eval_split` of the framework's `eval_metrics` sums (the in-training
+  evaluation; `mimjax.evaluate` runs the protocols on a saved checkpoint)."""
   local_batch = pipeline.local_batch_size(config.eval.batch_size)
   sums = None
   for local in pipeline.eval_batches(config, config.data.eval_split, local_batch):
@@ -206,7 +207,7 @@ class _Loop:
 
   def log(self, writer, step, means, state, eval_now):
     if eval_now:
-      results = evaluate(self.eval_fn, state, self.config, self.batch_sharding)
+      results = held_out_metrics(self.eval_fn, state, self.config, self.batch_sharding)
       record_eval(self.workdir, self.framework, step, results)
       means.update({f'eval_{k}': v for k, v in results.items()})
     writer.write(step, means)

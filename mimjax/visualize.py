@@ -1,6 +1,4 @@
 """Image grids for humans: reconstructions, morphing groups, tokenizer layouts."""
-import os
-
 import numpy as np
 
 from mimjax import errors
@@ -87,23 +85,3 @@ def moto_layout_grid(config, encoder_params, images):
   colours = layout_colours(layout)
   overlay = (0.5 * pixels + 0.5 * colours).round().astype(np.uint8)
   return uint8_grid([pixels, colours, overlay])
-
-
-def moto_layout_png(workdir, out_path, num_images=8, step=None):
-  """Writes MoTo's learned soft layout over held-out images (paper Fig. 5) as a PNG.
-
-  Reads WORKDIR/config.json and the checkpoint at `step` (default: latest). Returns `out_path`.
-  """
-  # pylint: disable=g-import-not-at-top
-  from PIL import Image
-  from mimjax import checkpoint
-  from mimjax import config_lib
-  from mimjax.data import pipeline
-  # pylint: enable=g-import-not-at-top
-  with open(os.path.join(workdir, 'config.json')) as f:
-    config = config_lib.from_json(f.read())
-  params = checkpoint.restore_params(workdir, step)['encoder']
-  batch = next(pipeline.eval_batches(config, config.data.eval_split, num_images,
-                                     process_index=0, process_count=1))
-  Image.fromarray(moto_layout_grid(config, params, batch['image'])).save(out_path)
-  return out_path

@@ -7,6 +7,7 @@ from PIL import Image
 import pytest
 
 from configs import supervised as supervised_config
+from mimjax import evaluate
 from mimjax import train
 from mimjax import visualize
 
@@ -38,9 +39,9 @@ def test_short_moto_run_beats_chance_and_draws_its_layout(tmp_path):
     logged = [json.loads(line) for line in f]
   assert [r['step'] for r in logged if 'eval_top1' in r] == [75, 150]
 
-  out = visualize.moto_layout_png(workdir, str(tmp_path / 'layout.png'), num_images=4)
+  out = evaluate.evaluate(workdir, 'moto_layout')['picture']
   png = np.asarray(Image.open(out))
-  assert png.shape == (4 * 114 + 2, 3 * 114 + 2, 3)  # 28 px tiles enlarged 4x, 2 px gaps
+  assert png.shape == (8 * 114 + 2, 3 * 114 + 2, 3)  # 8 images, 28 px tiles enlarged 4x, 2 px gaps
   colours = png[2:-2, 116:228].reshape(-1, 3)  # the colour-map column (second), without padding
   colours = colours[np.any(colours != 255, axis=-1)]
   palette = {tuple(p) for p in visualize.PALETTE}
