@@ -1,5 +1,4 @@
 """Image grids for humans: reconstructions, morphing groups, tokenizer layouts."""
-import os
 
 import numpy as np
 
@@ -73,12 +72,12 @@ def moto_layout_grid(config, encoder_params, images):
   """
   # pylint: disable=g-import-not-at-top
   import jax
-  from mimjax.models import vit
+  from mimjax import workdir as workdir_lib
   # pylint: enable=g-import-not-at-top
   if config.model.tokenizer_norm != 'moto':
     raise errors.ConfigError(f'The run has model.tokenizer_norm='
                                  f'{config.model.tokenizer_norm!r}; the layout needs "moto".')
-  model = vit.ViT(**vit.encoder_kwargs(config.model, config.data.image_size))
+  model = workdir_lib.build_encoder(config)
   _, state = model.apply({'params': encoder_params}, images, mutable=['intermediates'])
   layout = np.asarray(jax.device_get(state['intermediates']['tokenizer']['moto']['layout'][0]))
   pixels = to_uint8(images, config.data)
@@ -97,11 +96,10 @@ def moto_layout_png(workdir, out_path, num_images=8, step=None):
   # pylint: disable=g-import-not-at-top
   from PIL import Image
   from mimjax import checkpoint
-  from mimjax import config_lib
+  from mimjax import workdir as workdir_lib
   from mimjax.data import pipeline
   # pylint: enable=g-import-not-at-top
-  with open(os.path.join(workdir, 'config.json')) as f:
-    config = config_lib.from_json(f.read())
+  config = workdir_lib.read_config(workdir)
   params = checkpoint.restore_params(workdir, step)['encoder']
   batch = next(pipeline.eval_batches(config, config.data.eval_split, num_images,
                                      process_index=0, process_count=1))

@@ -11,6 +11,7 @@ import pytest
 
 from conftest import load_config
 from conftest import tiny_overrides
+from mimjax import config_lib
 from mimjax import errors
 from mimjax import evaluate
 from mimjax import optim
@@ -45,14 +46,20 @@ def test_attention_distance_of_hand_built_maps():
   np.testing.assert_allclose(attention.attention_distance(uniform, 2),
                              (1 + 0.5 * math.sqrt(2)) / 4, rtol=1e-6)
   np.testing.assert_allclose(attention.attention_distance(np.eye(4, dtype=np.float32), 2), 0.0)
-  # With a cls token: each patch puts half its attention on cls (left out) and half on the patch
-  # beside it in its row (distance 0.5): 0.25 for every query.
+  # With a cls token: each patch puts half its attention on cls and half on the patch beside it
+  # in its row (distance 0.5). Renormalised over the patches (cl-vs-mim), all of a query's patch
+  # attention is on that neighbour: 0.5 for every query, not 0.25.
   attn = np.zeros((5, 5), np.float32)
   attn[1:, 0] = 0.5
   for q, neighbour in enumerate([1, 0, 3, 2]):
     attn[q + 1, neighbour + 1] = 0.5
   np.testing.assert_allclose(attention.attention_distance(attn[None, None], 2, num_prefix=1),
-                             [[0.25]], rtol=1e-6)
+                             [[0.5]], rtol=1e-6)
+  # 0.8 on cls, 0.1 on itself (distance 0) and 0.1 on the neighbour: (0.1 * 0.5) / 0.2 = 0.25.
+  attn[1:, 0] = 0.8
+  attn[1:, 1:] = np.where(attn[1:, 1:] > 0, 0.1, 0) + 0.1 * np.eye(4)
+  np.testing.assert_allclose(attention.attention_distance(attn, 2, num_prefix=1), 0.25,
+                             rtol=1e-6)
 
 
 def test_rauc_of_two_linear_curves():
@@ -67,20 +74,37 @@ def test_rauc_of_two_linear_curves():
     rauc.rauc(s1, s1 / 100, s2, s2 / 50, 100, 500)
 
 
-def test_rauc_protocol_reads_two_runs_metrics(tmp_path):
-  for name, curve in (('base', lambda e: e / 100), ('mto', lambda e: 0.5 + e / 50)):
-    os.makedirs(tmp_path / name)
-    with open(tmp_path / name / 'metrics.jsonl', 'w') as f:
-      for step in (50, 100, 200, 300):
-        f.write(json.dumps(dict(step=step, loss=1.0)) + '\n')
-        f.write(json.dumps(dict(step=step, eval_top1=curve(step))) + '\n')
-  result = evaluate.evaluate(str(tmp_path / 'mto'), 'rauc', other_workdir=str(tmp_path / 'base'),
-                             e1=100, e2=300)
-  assert result['rauc'] == pytest.approx(3.5)
+def _fake_run(workdir, config, records):
+  os.makedirs(workdir)
+  with open(workdir / 'config.json', 'w') as f:
+    f.write(config_lib.to_json(config))
+  with open(workdir / 'metrics.jsonl', 'w') as f:
+    for record in records:
+      f.write(json.dumps(record) + '\n')
+
+
+def test_rauc_compares_only_a_metric_both_objectives_share(tmp_path):
+  # The shared MAE term follows the curves of test_rauc_of_two_linear_curves (RAUC 3.5 on
+  # [100, 300]); the MTO run's total loss also holds its own term, so `loss` and `loss_mto` are
+  # refused, and the default is the shared framework term loss_mae.
+  steps = (50, 100, 200, 300)
+  _fake_run(tmp_path / 'base', load_config('configs/mae.py:runlocal'),
+            [dict(step=s, loss=s / 100, loss_mae=s / 100) for s in steps])
+  _fake_run(tmp_path / 'mto', load_config('configs/mae_mto.py:runlocal'),
+            [r for s in steps for r in (dict(step=s, loss=1.0 + s / 50, loss_mae=0.5 + s / 50,
+                                             loss_mto=0.5), dict(step=s, eval_top1=0.1))])
+  mto, base = str(tmp_path / 'mto'), str(tmp_path / 'base')
+  result = evaluate.evaluate(mto, 'rauc', other_workdir=base, e1=100, e2=300)
+  assert result['metric'] == 'loss_mae' and result['rauc'] == pytest.approx(3.5)
   with open(tmp_path / 'mto' / 'eval_rauc.json') as f:
     assert json.load(f)['rauc'] == pytest.approx(3.5)
+  with pytest.raises(errors.ConfigError, match='different terms'):
+    evaluate.evaluate(mto, 'rauc', other_workdir=base, metric='loss')
+  for metric in ('loss_mto', 'eval_top1'):
+    with pytest.raises(errors.ConfigError, match=f'only {mto} logs it'):
+      evaluate.evaluate(mto, 'rauc', other_workdir=base, metric=metric)
   with pytest.raises(errors.ConfigError, match='no option'):
-    evaluate.evaluate(str(tmp_path / 'mto'), 'rauc', other_workdir='x', k=[20])
+    evaluate.evaluate(mto, 'rauc', other_workdir='x', k=[20])
 
 
 def test_layer_decay_factors_follow_the_formula():

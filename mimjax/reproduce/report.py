@@ -13,7 +13,7 @@ import shutil
 
 import numpy as np
 
-from mimjax.eval import loading
+from mimjax import workdir as workdir_lib
 from mimjax.eval import rauc as rauc_lib
 
 # The headline metric of a pair, the first that all its runs have: probe, kNN, then test top-1.
@@ -305,7 +305,7 @@ def write(out, records, pairs, mode, steps, curve_points, commands, root, floors
   figures_dir = os.path.splitext(os.path.abspath(out))[0] + '_figures'
   os.makedirs(figures_dir, exist_ok=True)
   plots = [(m, plot_pair(m, b, records, figures_dir)) for m, b in pairs]
-  config = loading.read_config(records[pairs[0][0]][0]['workdir'])
+  config = workdir_lib.read_config(records[pairs[0][0]][0]['workdir'])
   seeds = sorted({r['seed'] for rs in records.values() for r in rs})
   run_commands = '\n'.join(commands[1:])
   seconds = sum(r['seconds'] for group in (records, floors) for rs in group.values() for r in rs)
