@@ -392,3 +392,66 @@ def test_knn_needs_no_teacher_file_nor_training_pipeline(pretrained, tmp_path, m
   monkeypatch.setattr(pipeline, 'train_batches', lambda *a, **k: 1 / 0)
   before = evaluate.evaluate(pretrained, 'knn')['top1']
   assert evaluate.evaluate(str(workdir), 'knn')['top1'] == before
+
+
+_EVAL_WORKER = '''
+import sys
+from mimjax import distributed, evaluate, workdir
+distributed.initialize(workdir.read_config(sys.argv[1]))
+for protocol in sys.argv[2:]:
+  evaluate.evaluate(sys.argv[1], protocol)
+'''
+MULTI_PROTOCOLS = ('knn', 'linear_cached', 'spectrum', 'linear')
+
+
+def _two_host_probe_stream(train_batches):
+  """train_batches replaced by the global batches of a 2-process probe, built in one process:
+  host 0's rows, then host 1's."""
+  def stream(config, *args, **kwargs):
+    del args, kwargs
+    hosts = [train_batches(config, 0, i, 2) for i in range(2)]
+    for parts in zip(*hosts):
+      yield {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+  return stream
+
+
+@pytest.mark.slow  # two processes evaluating 4 protocols, then the same in this one: ~2-3 min
+def test_two_processes_give_the_one_process_results(pretrained, tmp_path, monkeypatch):
+  """Each process reads half of every split; gathered features make kNN, the cached probe and
+  the spectrum equal one process's. MAE's probe trains on global batches of per-host streams,
+  so its reference is one process fed exactly those batches (as tests/test_scale.py does)."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  import socket  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / 'two'
+  shutil.copytree(pretrained, workdir)
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  procs = []
+  for i in range(2):
+    env = dict(os.environ, PYTHONPATH=root, TF_CPP_MIN_LOG_LEVEL='3',
+               MIMJAX_COORDINATOR=f'127.0.0.1:{port}', MIMJAX_NUM_PROCESSES='2',
+               MIMJAX_PROCESS_ID=str(i))
+    env.pop('XLA_FLAGS', None)
+    procs.append(subprocess.Popen([sys.executable, '-c', _EVAL_WORKER, str(workdir),
+                                   *MULTI_PROTOCOLS], cwd=root, env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+  logs = [p.communicate(timeout=900)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], '\n'.join(log[-3000:] for log in logs)
+  two = {}
+  for protocol in MULTI_PROTOCOLS:
+    with open(workdir / f'eval_{protocol}.json') as f:
+      two[protocol] = json.load(f)
+  monkeypatch.setattr(pipeline, 'train_batches', _two_host_probe_stream(pipeline.train_batches))
+  one = {p: evaluate.evaluate(pretrained, p) for p in MULTI_PROTOCOLS}
+  assert two['knn']['top1_by_k'] == one['knn']['top1_by_k']
+  assert two['knn']['test_examples'] == one['knn']['test_examples'] == 256
+  for probe in ('linear_cached', 'linear'):
+    assert two[probe]['holdout_top1_by_base_lr'] == one[probe]['holdout_top1_by_base_lr']
+    assert two[probe]['top1_by_base_lr'] == one[probe]['top1_by_base_lr']
+  assert two['spectrum']['images'] == one['spectrum']['images'] == 256
+  for a, b in zip(two['spectrum']['singular_values'], one['spectrum']['singular_values']):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-9)

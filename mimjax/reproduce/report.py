@@ -374,7 +374,7 @@ evaluate it again. Each run is equivalent to
 ```
 
 followed by `python -m mimjax.evaluate --workdir WORKDIR --protocol knn --step S` at the curve
-steps and `--protocol linear`.
+steps and `--protocol linear_cached`.
 
 ## Versions
 
