@@ -453,5 +453,7 @@ def test_two_processes_give_the_one_process_results(pretrained, tmp_path, monkey
     assert two[probe]['holdout_top1_by_base_lr'] == one[probe]['holdout_top1_by_base_lr']
     assert two[probe]['top1_by_base_lr'] == one[probe]['top1_by_base_lr']
   assert two['spectrum']['images'] == one['spectrum']['images'] == 256
+  # Float32 features from other batch partitions: each eigenvalue is fixed to about float32
+  # precision times the largest one (the rank-deficient tail is numerical zero in both).
   for a, b in zip(two['spectrum']['singular_values'], one['spectrum']['singular_values']):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-9)
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * b[0])
