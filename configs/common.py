@@ -220,10 +220,18 @@ def base_config():
   c.eval.every_steps = 0  # held-out evaluation while training (eval_metrics frameworks); 0 = off
   c.eval.knn_k = (20, 200)  # kNN protocol (DINO / MAE): neighbour counts, cosine similarity
   c.eval.knn_temperature = 0.07  # kNN votes weighted by exp(similarity / T)
-  c.eval.feature = 'pooled'  # frozen-feature protocols: pooled (the encoder's pool) | cls | gap
-  # Linear probe (MAE): BatchNorm without affine + linear layer on frozen features.
+  # frozen-feature protocols: pooled (the encoder's pool) | cls | gap (mean patch token after the
+  # final norm) | mae_gap (MAE's global pool: a fresh norm of the mean pre-norm patch token)
+  c.eval.feature = 'pooled'
+  # Linear probes (linear: MAE's protocol; linear_cached: on centre-crop features extracted once):
+  # BatchNorm without affine + linear layer on the frozen encoder.
   c.eval.linear = ml_collections.ConfigDict()
-  c.eval.linear.optimizer = 'lars'  # lars | sgd (both with momentum)
+  c.eval.linear.train_split = 'train[:99%]'  # the probe's training images
+  # Held-out training images that choose the lr of the sweep (never the eval split).
+  c.eval.linear.holdout_split = 'train[99%:]'
+  c.eval.linear.crop_scale = (0.08, 1.0)  # linear: RandomResizedCrop area range (torchvision's)
+  c.eval.linear.optimizer = 'lars'  # lars (MAE's) | sgd, both with momentum
+  c.eval.linear.trust_coefficient = 0.001  # MAE's LARS
   c.eval.linear.base_lrs = (0.1,)  # peak lr = base_lr * batch_size / 256; several = a sweep
   c.eval.linear.batch_size = 16384
   c.eval.linear.epochs = 90
@@ -256,8 +264,11 @@ def apply_runlocal(c):
   c.log.every_steps = 25
   c.log.images_every_steps = 500
   c.eval.linear.optimizer = 'sgd'  # LARS's trust ratio moves too little in a few hundred steps
-  c.eval.linear.batch_size = 1024
-  c.eval.linear.epochs = 20
-  c.eval.linear.warmup_epochs = 2
+  c.eval.linear.train_split = 'train[:10000]'  # a small probe budget: minutes on a CPU
+  c.eval.linear.holdout_split = 'train[58000:]'
+  c.eval.linear.crop_scale = (0.35, 1.0)  # as pre-training: 28-pixel images lose too much below
+  c.eval.linear.batch_size = 256
+  c.eval.linear.epochs = 10
+  c.eval.linear.warmup_epochs = 1
   c.eval.linear.base_lrs = (0.1, 0.4, 1.6)
   return c

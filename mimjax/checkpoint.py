@@ -36,6 +36,16 @@ class Checkpointer:
   def latest_step(self):
     return self.manager.latest_step()
 
+  def resolve_step(self, step=None):
+    """`step` (default: the latest) when this workdir holds it; CheckpointError otherwise."""
+    steps = sorted(self.manager.all_steps())
+    step = self.latest_step() if step is None else step
+    if step is None or step not in steps:
+      raise errors.CheckpointError(
+          f'No checkpoint {"" if step is None else step} in {self.directory}; steps there: '
+          f'{steps}. Train first, or pass one of them as --step.')
+    return int(step)
+
   def read_meta(self, step):
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
@@ -88,19 +98,26 @@ class Checkpointer:
 
     For export and for starting new runs from a checkpoint's weights.
     """
+    return self.restore_host(step, 'params')
+
+  def restore_host(self, step, item):
+    """One top-level `item` of the state at `step` ('params', 'model_state') as numpy arrays;
+    {} when the state holds none (e.g. a run without non-trained state)."""
     path = os.path.join(self.directory, str(step), 'state')
     try:
       checkpointer = ocp.PyTreeCheckpointer()
-      saved = checkpointer.metadata(path).item_metadata['params']
-      item = {'params': jax.tree_util.tree_map(lambda m: np.zeros(m.shape, m.dtype), saved)}
+      saved = checkpointer.metadata(path).item_metadata.get(item)
+      if not saved:
+        return {}
+      target = {item: jax.tree_util.tree_map(lambda m: np.zeros(m.shape, m.dtype), saved)}
       restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
-                                            item)
+                                            target)
       restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
-          item=item, restore_args=restore_args, partial_restore=True))
+          item=target, restore_args=restore_args, partial_restore=True))
     except Exception as e:
-      raise errors.CheckpointError(f'The params of checkpoint {step} in {self.directory} cannot be read '
-                                   f'({type(e).__name__}: {e}).') from e
-    return restored['params']
+      raise errors.CheckpointError(f'The {item} of checkpoint {step} in {self.directory} cannot '
+                                   f'be read ({type(e).__name__}: {e}).') from e
+    return restored[item]
 
   def wait(self):
     self.manager.wait_until_finished()
@@ -109,13 +126,17 @@ class Checkpointer:
     self.manager.close()
 
 
-def restore_params(workdir, step=None):
-  """Trained params of the checkpoint at `step` (default: latest) in `workdir`, as numpy."""
+def restore(workdir, step=None, item='params'):
+  """(`item` of the train state as host numpy arrays, step) of checkpoint `step` (default: the
+  latest) in `workdir`; `item` is 'params' or 'model_state', optimizer state is never read."""
   ckpt = Checkpointer(workdir, async_save=False)
   try:
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-      raise errors.CheckpointError(f'No checkpoint in {ckpt.directory}; train into {workdir} first.')
-    return ckpt.restore_params(step)
+    step = ckpt.resolve_step(step)
+    return ckpt.restore_host(step, item), step
   finally:
     ckpt.close()
+
+
+def restore_params(workdir, step=None):
+  """Trained params of the checkpoint at `step` (default: latest) in `workdir`, as numpy."""
+  return restore(workdir, step)[0]

@@ -1,10 +1,12 @@
 r"""Evaluate a training run: `python -m mimjax.evaluate --workdir DIR --protocol P [options]`.
 
-Protocols (see docs/evaluation.md): knn, linear, finetune; analyses attention_distance, spectrum,
-heterogeneity, rauc; pictures reconstruction, morphing, moto_layout. Each writes
-DIR/eval_<P>.json (and its PNGs next to it). With --compare_random_init the protocol also runs on
-the randomly initialised encoder of the same architecture, so the gain from pre-training is
-visible.
+Protocols (see docs/evaluation.md): knn, linear, linear_cached, finetune; analyses
+attention_distance, spectrum, heterogeneity, rauc; pictures reconstruction, morphing, moto_layout.
+Each writes DIR/eval_<P>.json (and its PNGs next to it). With --compare_random_init the protocol
+also runs on the randomly initialised encoder of the same architecture, so the gain from
+pre-training is visible. In a multi-process job (initialised like the trainer, from
+config.distributed or MIMJAX_* variables) every process reads its part of each split, results
+equal a single process's, and only process 0 writes.
 """
 import inspect
 import json
@@ -14,8 +16,11 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 
+from mimjax import distributed
 from mimjax import errors
+from mimjax import workdir as workdir_lib
 from mimjax.eval import attention
 from mimjax.eval import features as features_lib
 from mimjax.eval import finetune
@@ -31,6 +36,7 @@ from mimjax.eval import spectrum
 PROTOCOLS = {
     'knn': knn.protocol,
     'linear': linear.protocol,
+    'linear_cached': linear.cached_protocol,
     'finetune': finetune.protocol,
     'attention_distance': attention.protocol,
     'spectrum': spectrum.protocol,
@@ -48,18 +54,22 @@ OPTIONS = {
     'feature': (lambda n, d, h: flags.DEFINE_enum(n, d, features_lib.FEATURES, h),
                 'Image feature (default: config.eval.feature; spectrum: gap | cls).'),
     'k': (flags.DEFINE_list, 'knn: neighbour counts (default: config.eval.knn_k).'),
-    'base_lrs': (flags.DEFINE_list, 'linear: base lrs of the sweep (default: '
+    'base_lrs': (flags.DEFINE_list, 'linear, linear_cached: base lrs of the sweep (default: '
                  'config.eval.linear.base_lrs).'),
-    'epochs': (flags.DEFINE_integer, 'linear: epochs (default: config.eval.linear.epochs).'),
+    'epochs': (flags.DEFINE_integer, 'linear, linear_cached: epochs (default: '
+               'config.eval.linear.epochs).'),
     'optimizer': (lambda n, d, h: flags.DEFINE_enum(n, d, linear.OPTIMIZERS, h),
-                  'linear: optimizer (default: config.eval.linear.optimizer).'),
+                  'linear, linear_cached: optimizer (default: config.eval.linear.optimizer).'),
     'finetune_config': (flags.DEFINE_string, 'finetune: configs/finetune.py argument string '
                         '(default: model=<the run\'s variant>[,runlocal]).'),
     'total_steps': (flags.DEFINE_integer, 'finetune: number of steps (default: the recipe\'s).'),
-    'num_images': (flags.DEFINE_integer, 'Analyses and pictures: eval images used.'),
+    'num_images': (flags.DEFINE_integer, 'Analyses and pictures: eval images used (default: '
+                   'config.eval.analysis_examples; spectrum: the whole eval split).'),
     'num_groups': (flags.DEFINE_list, 'morphing: numbers of groups drawn.'),
-    'other_workdir': (flags.DEFINE_string, 'rauc: workdir of the baseline run S1.'),
-    'metric': (flags.DEFINE_string, 'rauc: metrics.jsonl key of the curves (default eval_top1).'),
+    'other_workdir': (flags.DEFINE_string, 'rauc: workdir of the baseline run S1; spectrum: '
+                      'a run to compare with (the gap is plotted).'),
+    'metric': (flags.DEFINE_string, 'rauc: metrics.jsonl key both runs log (default: '
+               'loss_<framework>, the shared base loss).'),
     'e1': (flags.DEFINE_float, 'rauc: start step E1 (default: where both curves start).'),
     'e2': (flags.DEFINE_float, 'rauc: end step E2 (default: where both curves end).'),
 }
@@ -107,9 +117,10 @@ def evaluate(workdir, protocol, step=None, compare_random_init=False, run=None, 
       result['random_init'] = fn(loading.load_run(workdir, random_init=True), **options)
   else:
     raise errors.ConfigError(f'Unknown protocol {protocol!r}; choose one of '
-                             f'{sorted({**PROTOCOLS, **CURVE_PROTOCOLS})}.')
-  with open(os.path.join(workdir, f'eval_{protocol}.json'), 'w') as f:
-    json.dump(result, f, indent=2)
+                                 f'{sorted({**PROTOCOLS, **CURVE_PROTOCOLS})}.')
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, f'eval_{protocol}.json'), 'w') as f:
+      json.dump(result, f, indent=2)
   return result
 
 
@@ -133,11 +144,13 @@ def main(argv):
   f = flags.FLAGS
   options = {name: f[name].value for name in OPTIONS if f[name].value is not None}
   try:
+    distributed.initialize(workdir_lib.read_config(f.workdir))
     result = evaluate(f.workdir, f.protocol, f.step, f.compare_random_init, **options)
-  except (errors.ConfigError, errors.CheckpointError, errors.DatasetError,
-          ValueError) as e:
+  except (errors.MimjaxError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
+  if jax.process_index():
+    return
   line = f'{f.protocol} ({f.workdir}, step {result.get("step", "-")}): {_summary(result)}'
   if 'random_init' in result:
     line += f'   randomly initialised encoder: {_summary(result["random_init"])}'

@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mimjax import checkpoint as checkpoint_lib
-from mimjax import config_lib
 from mimjax import errors
+from mimjax import workdir as workdir_lib
 from mimjax.interop import timm as timm_lib
 from mimjax.models import vit
 
@@ -32,25 +32,13 @@ FORMATS = ('safetensors', 'npz')
 
 def load_encoder(workdir, step=None):
   """(config, encoder params as numpy, step) of a training workdir's checkpoint."""
-  with open(os.path.join(workdir, 'config.json')) as f:
-    config = config_lib.from_json(f.read())
-  ckpt = checkpoint_lib.Checkpointer(workdir, async_save=False)
-  try:
-    step = ckpt.latest_step() if step is None else step
-    if step is None or step not in ckpt.manager.all_steps():
-      raise errors.CheckpointError(
-          f'No checkpoint {"" if step is None else step} in {ckpt.directory}; steps there: '
-          f'{sorted(ckpt.manager.all_steps())}.')
-    params = ckpt.restore_params(step)
-  finally:
-    ckpt.close()
-  return config, params['encoder'], step
+  params, step = checkpoint_lib.restore(workdir, step)
+  return workdir_lib.read_config(workdir), params['encoder'], step
 
 
 def build_encoder(config):
   """The float32 mimjax ViT of `config` (inference: no drop path)."""
-  kw = vit.encoder_kwargs(config.model, config.data.image_size)
-  return vit.ViT(**{**kw, 'dtype': jnp.float32, 'drop_path': 0.0, 'remat': False})
+  return workdir_lib.build_encoder(config, dtype=jnp.float32, drop_path=0.0, remat=False)
 
 
 def forward_features(config, encoder_params, images):

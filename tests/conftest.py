@@ -35,6 +35,8 @@ def tiny_overrides(**extra):
       'data.train_split': 'train[:512]', 'data.eval_split': 'test[:256]',
       'data.shuffle_buffer': 512, 'checkpoint.every_steps': 3, 'log.every_steps': 1,
       'log.images_every_steps': 0, 'log.progress_bar': False, 'eval.batch_size': 64,
+      'eval.linear.train_split': 'train[:512]', 'eval.linear.holdout_split': 'train[512:640]',
+      'eval.linear.batch_size': 64, 'eval.linear.epochs': 2,
   }
   base.update(extra)
   return base

@@ -95,8 +95,7 @@ def eval_batches(config, split, batch_size, process_index=None, process_count=No
   process = _augmenter(config, 'center', image_feature)
   ds = ds.enumerate().map(lambda i, ex: process(i, ex, 0), num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(batch_size).prefetch(2)
-  host_sizes = [num_examples(config, s) for s in tfds.even_splits(split, n=process_count)]
-  num_batches = -(-max(host_sizes) // batch_size)
+  num_batches = -(-max(host_sizes(config, split, process_count)) // batch_size)
   pad = lambda v, n: np.concatenate([v, np.zeros((n,) + v.shape[1:], v.dtype)])  # noqa: E731
   batch = None
   for batch in ds.as_numpy_iterator():
@@ -107,6 +106,11 @@ def eval_batches(config, split, batch_size, process_index=None, process_count=No
     yield batch
   for _ in range(num_batches):  # this host ran out first
     yield {k: np.zeros_like(v) for k, v in batch.items()}
+
+
+def host_sizes(config, split, process_count):
+  """Number of examples of each process's part of `split` (`tfds.even_splits`, in order)."""
+  return [num_examples(config, s) for s in tfds.even_splits(split, n=process_count)]
 
 
 def num_examples(config, split):

@@ -1,69 +1,131 @@
-"""Frozen-encoder features over a dataset split, computed in fixed-size sharded batches."""
+"""Frozen-encoder features over a dataset split, computed in fixed-size sharded batches.
+
+Works in a multi-process job: each process reads its part of the split (`tfds.even_splits`),
+batches are global arrays, and `gather` puts every process's rows together in split order, so
+the features equal a single process's.
+"""
+import math
+
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
+from mimjax import errors
 from mimjax import sharding
 from mimjax.data import pipeline
 
-FEATURES = ('pooled', 'cls', 'gap')
+# pooled: the encoder's own pool (config.model.pool); cls: the cls token after the final norm;
+# gap: the mean patch token after the pre-trained final norm; mae_gap: MAE's global pool, a fresh
+# LayerNorm (no affine, eps 1e-6) of the mean of the patch tokens before the final norm.
+FEATURES = ('pooled', 'cls', 'gap', 'mae_gap')
+LN_EPS = 1e-6
 
 
-def select_feature(encoded, feature):
-  """The image-level feature named `feature` from a ViT output dict."""
+def layer_norm(x, eps=LN_EPS):
+  """LayerNorm over the last axis without affine parameters (a fresh norm at its init)."""
+  mean = x.mean(axis=-1, keepdims=True)
+  var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)
+  return (x - mean) / jnp.sqrt(var + eps)
+
+
+def select_feature(encoded, feature, num_prefix):
+  """The image-level float32 feature named `feature` from a ViT output dict (`mae_gap` needs
+  the output of `capture_layers=True`)."""
   if feature == 'pooled':
-    return encoded['pooled']
-  if feature == 'cls':
-    return encoded['tokens'][:, 0]
-  if feature == 'gap':
-    return encoded['patch_tokens'].mean(axis=1)
-  raise ValueError(f'Unknown feature {feature!r}; choose one of {FEATURES}.')
+    out = encoded['pooled']
+  elif feature == 'cls':
+    out = encoded['tokens'][:, 0]
+  elif feature == 'gap':
+    out = encoded['patch_tokens'].mean(axis=1)
+  elif feature == 'mae_gap':
+    out = layer_norm(encoded['layers'][-1][:, num_prefix:].astype(jnp.float32).mean(axis=1))
+  else:
+    raise errors.ConfigError(f'Unknown feature {feature!r}; choose one of {FEATURES}.')
+  return out.astype(jnp.float32)
 
 
-def map_batches(run, split, fn, max_examples=None, mesh=None):
-  """Yields (host outputs of jitted `fn(params, images)`, valid mask) over this host's `split`.
+def embed_fn(run, feature):
+  """fn(params, images) -> features [B, D] of `run`'s encoder."""
+  if feature == 'cls' and not run.config.model.cls_token:
+    raise errors.ConfigError('feature "cls" needs a model with a cls token; use "gap".')
+  encoder = run.encoder
 
-  `fn` maps a fixed-shape padded batch to arrays with the batch as leading axis; at most
-  `max_examples` valid examples are visited (a subset for analyses).
+  def embed(params, images):
+    encoded = encoder.apply({'params': params}, images, capture_layers=feature == 'mae_gap')
+    return select_feature(encoded, feature, encoder.num_prefix)
+  return embed
+
+
+def gather(x):
+  """Host arrays [n, ...] of every process concatenated in process order (x itself for one)."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  return np.asarray(multihost_utils.process_allgather(np.asarray(x), tiled=True))
+
+
+def host_sum(x):
+  """The sum over processes of a host array (x itself for one process)."""
+  return gather(np.asarray(x)[None]).sum(axis=0)
+
+
+def replicate(tree, mesh):
+  """Host arrays as global arrays replicated over `mesh` (every process passes the same)."""
+  replicated = sharding.replicated(mesh)
+  return jax.tree_util.tree_map(
+      lambda x: jax.make_array_from_callback(np.shape(x), replicated,
+                                             lambda idx: np.asarray(x)[idx]), tree)
+
+
+def map_batches(run, split, fn, max_examples=None, mesh=None, params=None):
+  """Yields (this host's outputs of jitted `fn(params, images)`, valid mask, batch) over `split`.
+
+  `params` default to `run.params` (the whole model). `fn` maps a fixed-shape padded global
+  batch (config.eval.batch_size over all processes) to arrays with the batch as leading axis.
+  With `max_examples`, only the first `max_examples` examples of the split are valid (a subset
+  for analyses); every process runs the same number of batches.
   """
   config = run.config
   mesh = mesh or sharding.make_mesh(config.mesh)
-  batch_size = config.eval.batch_size
-  sharding.check_batch_divides(batch_size, mesh, 'eval.batch_size')
+  sharding.check_batch_divides(config.eval.batch_size, mesh, 'eval.batch_size')
+  local_batch = pipeline.local_batch_size(config.eval.batch_size)
   batch_sharding = sharding.batch_sharding(mesh)
-  jitted = jax.jit(fn)
-  seen = 0
-  for batch in pipeline.eval_batches(config, split, batch_size):
-    if max_examples is not None and seen >= max_examples:
+  jitted = jax.jit(fn, out_shardings=batch_sharding)
+  params = replicate(run.params if params is None else params, mesh)
+  sizes = pipeline.host_sizes(config, split, jax.process_count())
+  offset = sum(sizes[:jax.process_index()])  # index in `split` of this host's first example
+  num_batches = None
+  if max_examples is not None:
+    needed = [min(max(max_examples - sum(sizes[:p]), 0), n) for p, n in enumerate(sizes)]
+    num_batches = math.ceil(max(needed) / local_batch)
+  for i, batch in enumerate(pipeline.eval_batches(config, split, local_batch)):
+    if num_batches is not None and i >= num_batches:
       return
     valid = batch['valid']
     if max_examples is not None:
-      valid = valid & (np.arange(batch_size) < max_examples - seen)
-    seen += int(valid.sum())
+      valid = valid & (offset + i * local_batch + np.arange(local_batch) < max_examples)
     images = jax.make_array_from_process_local_data(batch_sharding, batch['image'])
-    yield jax.device_get(jitted(run.params, images)), valid, batch
+    out = multihost_utils.global_array_to_host_local_array(
+        jitted(params, images), mesh, batch_sharding.spec)
+    yield jax.tree_util.tree_map(np.asarray, out), valid, batch
 
 
-def extract(run, split, feature='pooled', mesh=None):
-  """(features float32 [n, D], labels int32 [n]) of this host's part of `split`, computed once
+def extract(run, split, feature='pooled'):
+  """(features float32 [n, D], labels int32 [n]) of all of `split` in split order, computed once
   per Run (kept in `run.features`; treat the arrays as read-only)."""
-  if feature == 'cls' and not run.config.model.cls_token:
-    raise ValueError('feature "cls" needs a model with a cls token; use "gap".')
-  key = (split, feature, mesh)
+  key = (split, feature)
   if key not in run.features:
-    run.features[key] = _extract(run, split, feature, mesh)
+    run.features[key] = _extract(run, split, feature)
   return run.features[key]
 
 
-def _extract(run, split, feature, mesh):
-  encoder = run.framework.build_encoder()
-
-  def embed(params, images):
-    encoded = encoder.apply({'params': params['encoder']}, images)
-    return select_feature(encoded, feature).astype(jnp.float32)
-
-  feats, labels = [], []
-  for out, valid, batch in map_batches(run, split, embed, mesh=mesh):
-    feats.append(np.asarray(out)[valid])
-    labels.append(batch['label'][valid])
-  return np.concatenate(feats), np.concatenate(labels).astype(np.int32)
+def _extract(run, split, feature):
+  feats, labels, valids = [], [], []
+  for out, valid, batch in map_batches(run, split, embed_fn(run, feature),
+                                       params=run.encoder_params):
+    feats.append(out)
+    labels.append(batch['label'])
+    valids.append(valid)
+  valid = gather(np.concatenate(valids))
+  return (gather(np.concatenate(feats))[valid],
+          gather(np.concatenate(labels))[valid].astype(np.int32))

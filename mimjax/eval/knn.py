@@ -1,6 +1,7 @@
 """Weighted k-nearest-neighbour classification on frozen features (the DINO / MAE protocol).
 
-Cosine similarity between L2-normalised features; each of the k nearest training samples votes for
+Cosine similarity between L2-normalised features, computed in float32 (`Precision.HIGHEST`, not
+the bf16 / TF32 default of TPUs and recent GPUs); each of the k nearest training samples votes for
 its class with weight exp(similarity / T).
 """
 import functools
@@ -14,7 +15,7 @@ from mimjax.eval import features as features_lib
 
 @functools.partial(jax.jit, static_argnames=('k', 'num_classes'))
 def _predict_chunk(test, train, train_labels, k, num_classes, temperature):
-  sims = test @ train.T
+  sims = jnp.matmul(test, train.T, precision=jax.lax.Precision.HIGHEST)
   top_sims, top_idx = jax.lax.top_k(sims, k)
   weights = jnp.exp(top_sims / temperature)
   votes = jax.nn.one_hot(train_labels[top_idx], num_classes) * weights[..., None]

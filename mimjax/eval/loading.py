@@ -1,29 +1,31 @@
-"""Loading a finished (or running) training run from its workdir for evaluation and export."""
+"""Loading a finished (or running) training run from its workdir for evaluation.
+
+Encoder params and config are all that frozen-encoder protocols and analyses need, so loading
+reads only those: no framework (no teacher file or teacher workdir), no training pipeline, no
+optimizer state. The framework and the full params are built on first use, by the protocols that
+run the training objective (reconstruction, heterogeneity).
+"""
 import dataclasses
+import functools
 import os
 from typing import Any
 
 import jax
+import numpy as np
 
 from mimjax import checkpoint as checkpoint_lib
-from mimjax import config_lib
-from mimjax import errors
 from mimjax import registry
-from mimjax import sharding
-from mimjax import train_step as train_step_lib
-from mimjax.data import pipeline
+from mimjax import workdir as workdir_lib
 
 
 @dataclasses.dataclass
 class Run:
   config: Any
-  framework: Any
-  params: Any
-  model_state: Any
+  encoder_params: Any  # host numpy arrays of params['encoder']
   step: int  # 0 for a randomly initialised model
   workdir: str
   random_init: bool = False
-  # (split, feature, mesh) -> (features, labels) already extracted from these params, so that
+  # (split, feature) -> (features, labels) already extracted from these params, so that
   # protocols run on one loaded Run (kNN and linear probe) share a pass over the data.
   features: dict = dataclasses.field(default_factory=dict, repr=False)
 
@@ -33,38 +35,57 @@ class Run:
     return os.path.join(self.workdir,
                         f'eval_{stem}{"_random_init" if self.random_init else ""}{ext}')
 
+  @functools.cached_property
+  def encoder(self):
+    """The ViT that `encoder_params` belong to."""
+    return workdir_lib.build_encoder(self.config)
 
-def read_config(workdir):
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
-    raise errors.CheckpointError(
-        f'{path} does not exist: --workdir must be the directory a mimjax.train run wrote.')
-  with open(path) as f:
-    return config_lib.from_json(f.read())
+  @functools.cached_property
+  def framework(self):
+    """The training framework, for protocols that run its objective (it may load a teacher)."""
+    return registry.build(self.config)
+
+  @functools.cached_property
+  def params(self):
+    """All params of the trained model (decoder, plug-in heads included)."""
+    if self.random_init:
+      return self._random_model[0]
+    return checkpoint_lib.restore(self.workdir, self.step, 'params')[0]
+
+  @functools.cached_property
+  def model_state(self):
+    """The non-trained state of the trained model (EMA copies, teachers)."""
+    if self.random_init:
+      return self._random_model[1]
+    return checkpoint_lib.restore(self.workdir, self.step, 'model_state')[0]
+
+  @functools.cached_property
+  def _random_model(self):
+    """(params, model_state) of the framework freshly initialised around `encoder_params`."""
+    data = self.config.data
+    batch = dict(image=np.zeros((2, data.image_size, data.image_size, data.channels), np.float32),
+                 label=np.zeros((2,), np.int32))
+    return self.framework.init(jax.random.PRNGKey(self.config.seed), batch,
+                               pretrained={'encoder': self.encoder_params})
 
 
-def load_run(workdir, step=None, random_init=False, mesh=None):
-  """Params and model state of the checkpoint at `step` (latest by default) of a workdir.
+def random_encoder_params(config):
+  """Encoder params freshly initialised from the run's seed (host numpy arrays)."""
+  data = config.data
+  images = np.zeros((1, data.image_size, data.image_size, data.channels), np.float32)
+  params = jax.jit(workdir_lib.build_encoder(config).init)(
+      jax.random.PRNGKey(config.seed), images)['params']
+  return jax.tree_util.tree_map(np.asarray, params)
+
+
+def load_run(workdir, step=None, random_init=False):
+  """The config and encoder params of the checkpoint at `step` (latest by default) of a workdir.
 
   With `random_init`, the same architecture freshly initialised from the run's seed instead: the
   baseline that shows what pre-training bought.
   """
-  config = read_config(workdir)
-  framework = registry.build(config)
-  mesh = mesh or sharding.make_mesh(config.mesh)
-  sample = jax.tree_util.tree_map(lambda x: x[:2], next(pipeline.train_batches(config, 0)))
-  init_fn, abstract_state, _, _ = train_step_lib.build(framework, config, sample)
-  shardings = train_step_lib.state_shardings(abstract_state, mesh, config.mesh)
+  config = workdir_lib.read_config(workdir)
   if random_init:
-    state = jax.jit(init_fn, out_shardings=shardings)()
-    return Run(config, framework, state.params, state.model_state, 0, workdir, True)
-  ckpt = checkpoint_lib.Checkpointer(workdir, async_save=False)
-  try:
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-      raise errors.CheckpointError(f'No checkpoint in {ckpt.directory}; train first.')
-    ckpt.check_compatible(step, abstract_state.params, config.framework)
-    state = ckpt.restore(step, train_step_lib.with_shardings(abstract_state, shardings))
-  finally:
-    ckpt.close()
-  return Run(config, framework, state.params, state.model_state, int(step), workdir)
+    return Run(config, random_encoder_params(config), 0, workdir, True)
+  params, step = checkpoint_lib.restore(workdir, step)
+  return Run(config, params['encoder'], step, workdir)

@@ -63,12 +63,12 @@ def group_colours(groups):
 def morphing(run, num_images=8, num_groups=None):
   """DTM's token groups over eval images: for each target number of groups, the encoder's final
   patch tokens are merged by DTM's bipartite matching and every patch is coloured by its group."""
-  encoder = run.framework.build_encoder()
+  encoder = run.encoder
   n, grid, patch = encoder.num_patches, encoder.grid_size, encoder.patch_size
   num_groups = [int(g) for g in (num_groups or (n // 2, n // 8, max(n // 32, 2)))]
   batch = _images(run, num_images)
-  tokens = jax.jit(lambda p, x: encoder.apply({'params': p['encoder']}, x)['patch_tokens'])(
-      run.params, batch['image'])
+  tokens = jax.jit(lambda p, x: encoder.apply({'params': p}, x)['patch_tokens'])(
+      run.encoder_params, batch['image'])
   pixels = visualize.to_uint8(batch['image'], run.config.data)
   if pixels.shape[-1] == 1:
     pixels = np.repeat(pixels, 3, axis=-1)
@@ -85,6 +85,6 @@ def morphing(run, num_images=8, num_groups=None):
 
 def moto_layout(run, num_images=8):
   """MoTo's learned soft layout (Qian et al., Fig. 5): image | entity colours | overlay."""
-  grid = visualize.moto_layout_grid(run.config, run.params['encoder'],
+  grid = visualize.moto_layout_grid(run.config, run.encoder_params,
                                     _images(run, num_images)['image'])
   return dict(picture=_save(run, 'moto_layout', grid))

@@ -1,4 +1,5 @@
 """Figures of the analyses, drawn with matplotlib's Agg backend (no display needed)."""
+import jax
 import numpy as np
 
 
@@ -7,6 +8,13 @@ def _pyplot():
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   return plt
+
+
+def _save(plt, fig, path):
+  """Writes the figure from process 0 only (every process of a job draws the same one)."""
+  if jax.process_index() == 0:
+    fig.savefig(path, dpi=120)
+  plt.close(fig)
 
 
 def per_layer_heads(values, path, ylabel, title):
@@ -21,8 +29,7 @@ def per_layer_heads(values, path, ylabel, title):
   ax.set(xlabel='layer', ylabel=ylabel, title=title, xticks=layers)
   ax.legend()
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  _save(plt, fig, path)
   return path
 
 
@@ -38,6 +45,5 @@ def curves(ys, labels, path, xlabel, ylabel, title, log_y=False, xs=None):
   ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
   ax.legend(fontsize='small')
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  _save(plt, fig, path)
   return path

@@ -12,6 +12,7 @@ import os
 import numpy as np
 
 from mimjax import errors
+from mimjax import workdir as workdir_lib
 
 
 def _integral(x, y):
@@ -33,32 +34,71 @@ def rauc(steps1, values1, steps2, values2, e1, e2):
   return _integral(grid, s2 - start) / _integral(grid, s1 - start)
 
 
-def read_curve(workdir, metric):
-  """(steps, values) of `metric` from WORKDIR/metrics.jsonl (e.g. eval_top1, logged in training)."""
+def read_records(workdir):
+  """The metrics of WORKDIR/metrics.jsonl merged by step (a resumed run rewrites later steps)."""
   path = os.path.join(workdir, 'metrics.jsonl')
   if not os.path.exists(path):
     raise errors.ConfigError(f'{path} does not exist: RAUC reads the curves of two '
                              'mimjax.train workdirs.')
-  points = {}
+  records = {}
   with open(path) as f:
     for line in f:
       record = json.loads(line)
-      if metric in record:
-        points[int(record['step'])] = float(record[metric])  # a resumed run rewrites later steps
+      records.setdefault(int(record['step']), {}).update(record)
+  return records
+
+
+def read_curve(records, metric, workdir):
+  """(steps, values) of `metric` in `records` (from `read_records(workdir)`)."""
+  points = {step: float(r[metric]) for step, r in records.items() if metric in r}
   if len(points) < 2:
-    raise errors.ConfigError(f'{path} has {len(points)} values of {metric!r}; RAUC needs a '
-                             'curve (choose --metric, e.g. eval_top1 or loss).')
+    raise errors.ConfigError(f'{workdir}/metrics.jsonl has {len(points)} values of {metric!r}; '
+                             'RAUC needs a curve (choose --metric).')
   steps = sorted(points)
   return np.asarray(steps), np.asarray([points[s] for s in steps])
 
 
-def protocol(workdir, other_workdir=None, metric='eval_top1', e1=None, e2=None):
-  """RAUC of WORKDIR's `metric` curve over the baseline OTHER_WORKDIR's, on [e1, e2] steps
-  (default: the range both curves cover)."""
+def objective_terms(records):
+  """The loss terms a run logged (keys 'loss_*': the framework's, each plug-in's)."""
+  return {k for r in records.values() for k in r if k.startswith('loss_')}
+
+
+def check_shared(metric, records, other_records, workdir, other_workdir):
+  """Raises ConfigError unless `metric` measures the same thing in both runs: a metric only one
+  run logs, or the total `loss` of runs whose objectives have different terms, is refused."""
+  terms, other_terms = objective_terms(records), objective_terms(other_records)
+  if metric == 'loss' and terms != other_terms:
+    raise errors.ConfigError(
+        f'--metric loss compares total objectives with different terms ({workdir}: '
+        f'{sorted(terms)}; {other_workdir}: {sorted(other_terms)}); compare a term both share, '
+        f'e.g. --metric {sorted(terms & other_terms)[0] if terms & other_terms else "eval_top1"}.')
+  has = [any(metric in r for r in recs.values()) for recs in (records, other_records)]
+  if has[0] != has[1]:
+    only, lacking = (workdir, other_workdir) if has[0] else (other_workdir, workdir)
+    raise errors.ConfigError(f'--metric {metric}: only {only} logs it ({lacking} does not), so '
+                             'the curves do not measure the same thing; choose a metric both '
+                             'runs log.')
+
+
+def default_metric(workdir, other_workdir):
+  """The base loss of the framework both runs share (loss_<framework>)."""
+  frameworks = {w: workdir_lib.read_config(w).framework for w in (workdir, other_workdir)}
+  if len(set(frameworks.values())) > 1:
+    raise errors.ConfigError(f'the runs use different frameworks ({frameworks}); choose a '
+                             'metric both log with --metric (e.g. eval_top1).')
+  return f'loss_{frameworks[workdir]}'
+
+
+def protocol(workdir, other_workdir=None, metric=None, e1=None, e2=None):
+  """RAUC of WORKDIR's `metric` curve (default: the shared framework's own loss term) over the
+  baseline OTHER_WORKDIR's, on [e1, e2] steps (default: the range both curves cover)."""
   if not other_workdir:
     raise errors.ConfigError('protocol rauc needs --other_workdir (the baseline run S1).')
-  s1, v1 = read_curve(other_workdir, metric)
-  s2, v2 = read_curve(workdir, metric)
+  metric = metric or default_metric(workdir, other_workdir)
+  records, other_records = read_records(workdir), read_records(other_workdir)
+  check_shared(metric, records, other_records, workdir, other_workdir)
+  s1, v1 = read_curve(other_records, metric, other_workdir)
+  s2, v2 = read_curve(records, metric, workdir)
   e1 = max(s1[0], s2[0]) if e1 is None else e1
   e2 = min(s1[-1], s2[-1]) if e2 is None else e2
   try:

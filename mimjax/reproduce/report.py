@@ -14,7 +14,7 @@ import shutil
 import numpy as np
 
 from mimjax import registry
-from mimjax.eval import loading
+from mimjax import workdir as workdir_lib
 from mimjax.eval import rauc as rauc_lib
 
 # The headline metric of a pair, the first that all its runs have: probe, kNN, then test top-1.
@@ -307,7 +307,7 @@ def write(out, records, pairs, mode, steps, curve_points, commands, root, floors
   figures_dir = os.path.splitext(os.path.abspath(out))[0] + '_figures'
   os.makedirs(figures_dir, exist_ok=True)
   plots = [(m, plot_pair(m, b, records, figures_dir)) for m, b in pairs]
-  config = loading.read_config(records[pairs[0][0]][0]['workdir'])
+  config = workdir_lib.read_config(records[pairs[0][0]][0]['workdir'])
   seeds = sorted({r['seed'] for rs in records.values() for r in rs})
   run_commands = '\n'.join(commands[1:])
   seconds = sum(r['seconds'] for group in (records, floors) for rs in group.values() for r in rs)
@@ -376,7 +376,7 @@ evaluate it again. Each run is equivalent to
 ```
 
 followed by `python -m mimjax.evaluate --workdir WORKDIR --protocol knn --step S` at the curve
-steps and `--protocol linear`.
+steps and `--protocol linear_cached`.
 
 ## Versions
 

@@ -1,0 +1,25 @@
+"""A training workdir read back: its config and the encoder its checkpoints' params fit.
+
+With `checkpoint.restore` (the latest or a given checkpoint's params), this is all evaluation,
+export and pictures need: no framework, teacher, data pipeline or optimizer state.
+"""
+import os
+
+from mimjax import config_lib
+from mimjax import errors
+from mimjax.models import vit
+
+
+def read_config(workdir):
+  """The locked config a mimjax.train run wrote to WORKDIR/config.json."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise errors.CheckpointError(
+        f'{path} does not exist: --workdir must be the directory a mimjax.train run wrote.')
+  with open(path) as f:
+    return config_lib.from_json(f.read())
+
+
+def build_encoder(config, **overrides):
+  """The mimjax ViT of `config` (the module stored under params['encoder']), with `overrides`."""
+  return vit.ViT(**{**vit.encoder_kwargs(config.model, config.data.image_size), **overrides})
