@@ -30,6 +30,7 @@ from mimjax import sharding
 from mimjax import train_step as train_step_lib
 from mimjax import validation
 from mimjax.data import pipeline
+from mimjax.data import sources
 from mimjax.interop import pretrained as init_from
 
 
@@ -81,8 +82,8 @@ def _place(tree, shardings):
   return jax.tree_util.tree_map(place, tree, shardings)
 
 
-def _meta(config, state_params, step):
-  return dict(step=int(step), data_position=int(step), framework=config.framework,
+def _meta(config, state_params, step, data_examples):
+  return dict(step=int(step), data_examples=int(data_examples), framework=config.framework,
               config=config.to_dict(),
               param_shapes=checkpoint_lib.param_shapes(state_params))
 
@@ -143,12 +144,16 @@ def train(config, workdir):
   ckpt = checkpoint_lib.Checkpointer(workdir, config.checkpoint.keep, config.checkpoint.async_save)
   latest = ckpt.latest_step()
   latest_meta = ckpt.read_meta(latest) if latest is not None else {}
-  start_step = int(latest_meta.get('data_position', 0))
+  start_step = int(latest_meta.get('step', 0))
+  # Examples consumed so far (checkpoints from before data_examples existed: step * batch_size).
+  data_start = int(latest_meta.get('data_examples', start_step * config.batch_size))
 
-  batches = pipeline.train_batches(config, start_step)
+  batches = pipeline.train_batches(config, data_start)
   first = next(batches)
   batches = itertools.chain([first], batches)
   sample = sample_batch(first)
+  if jax.process_index() == 0:
+    sources.write_labels(config, workdir)
 
   init_fn, abstract_state, tx, lr_schedule = train_step_lib.build(framework, config, sample)
   state_sharding = train_step_lib.state_shardings(abstract_state, mesh, config.mesh)
@@ -227,7 +232,8 @@ def train(config, workdir):
           for name, image in framework.visualize(outputs, host_batch).items():
             writer.write_image(name, step, np.asarray(jax.device_get(image)))
         if save_now:
-          meta = _meta(config, state.params, step)
+          meta = _meta(config, state.params, step,
+                       data_start + (step - start_step) * config.batch_size)
           if interval_steps:
             meta['open_interval'] = dict(steps=interval_steps, sums=sums,
                                          seconds=time.time() - interval_start)
