@@ -115,6 +115,14 @@ def local_batch_size(global_batch, process_count=None):
   return global_batch // process_count
 
 
+def _stream(source, host_position):
+  """(position, record) pairs of the endless stream from `host_position`: earlier epochs are
+  skipped arithmetically, so at most the current epoch's records are read to get there."""
+  first_epoch, offset = divmod(host_position, source.num_examples)
+  ds = tf.data.Dataset.range(first_epoch, _ENDLESS).flat_map(source.epoch).skip(offset)
+  return ds.enumerate(start=host_position)
+
+
 def train_batches(config, position=0, process_index=None, process_count=None):
   """Endless iterator of this host's training batches (dicts of numpy arrays).
 
@@ -131,11 +139,8 @@ def train_batches(config, position=0, process_index=None, process_count=None):
   host_position = position // process_count
   seed = config.seed * 1000 + process_index
   source = _source(config, config.data.train_split, process_index, process_count, seed)
-  first_epoch, offset = divmod(host_position, source.num_examples)
-  ds = tf.data.Dataset.range(first_epoch, _ENDLESS).flat_map(source.epoch).skip(offset)
-  ds = ds.enumerate(start=host_position)
   process = _augmenter(config, config.data.augment, source)
-  ds = _skip_undecodable(ds.map(lambda i, ex: process(i, ex, seed),
+  ds = _skip_undecodable(_stream(source, host_position).map(lambda i, ex: process(i, ex, seed),
                                 num_parallel_calls=tf.data.AUTOTUNE), config)
   return _finish(ds.batch(batch, drop_remainder=True), config).as_numpy_iterator()
 

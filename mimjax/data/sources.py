@@ -165,6 +165,7 @@ def _warn_skipped(directory, skipped):
                   f'and are skipped (e.g. {examples}).', stacklevel=3)
 
 
+@functools.lru_cache(maxsize=16)  # each folder is listed (and warned about) once per process
 def _scan(directory, class_names=None):
   """FolderSplit of `directory`: labelled by its class subfolders if it has any, else flat."""
   subdirs = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith('.'))
@@ -205,7 +206,6 @@ def _holdout_mask(root, paths, fraction):
   return np.asarray(buckets) < fraction * 100_000
 
 
-@functools.lru_cache(maxsize=16)  # scanned once per process: eval runs it every period
 def folder_split(root, split, holdout):
   """The FolderSplit that `split` names in the image folder `root`.
 
