@@ -176,3 +176,23 @@ def test_training_and_knn_and_linear_evaluation_on_a_folder(folder, tmp_path):
     assert f.read().split() == ['ant', 'bee', 'cow']
   for protocol in ('knn', 'linear'):
     assert 0.0 <= evaluate.evaluate(workdir, protocol)['top1'] <= 1.0
+
+
+def test_fused_jpeg_crop_equals_decoding_then_cropping(tmp_path):
+  """random-resized-crop on still-encoded JPEG bytes decodes only the window, yet gives the same
+  pixels as decoding the whole image first (the box depends only on the shape and the seed).
+
+  Exact for 4:4:4 JPEGs, as here; with subsampled (4:2:0) chroma, libjpeg's upsampling lacks the
+  neighbours outside the window, so the window's border pixels differ slightly in colour.
+  """
+  from mimjax.data import augment  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(1)
+  Image.fromarray(rng.integers(0, 256, (75, 100, 3), dtype=np.uint8)).save(tmp_path / 'x.jpg',
+                                                                          quality=90, subsampling=0)
+  data = tf.io.read_file(str(tmp_path / 'x.jpg'))
+  for seed in range(5):
+    fused = augment.random_resized_crop(augment.Encoded(data, (None, None, 3)),
+                                        tf.constant([seed, 1]), 32, (0.2, 1.0))
+    whole = augment.random_resized_crop(tf.io.decode_jpeg(data, channels=3),
+                                        tf.constant([seed, 1]), 32, (0.2, 1.0))
+    np.testing.assert_array_equal(fused.numpy(), whole.numpy())
