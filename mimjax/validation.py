@@ -1,6 +1,7 @@
 """The one validation phase: every check a config must pass before a run writes anything."""
 from mimjax import errors
 from mimjax import registry
+from mimjax.data import sources
 from mimjax.models import vit
 
 
@@ -17,6 +18,7 @@ def validate(config):
     raise errors.ConfigError(f'config.data.image_size={config.data.image_size} is not a multiple of the '
                       f'patch size {patch} of model {config.model.variant!r}; use a multiple of '
                       f'{patch} (e.g. {config.data.image_size // patch * patch or patch}).')
+  sources.check_folder(config.data.name)
   if config.batch_size % config.optim.accum_steps:
     raise errors.ConfigError(f'config.batch_size={config.batch_size} is not divisible by '
                       f'config.optim.accum_steps={config.optim.accum_steps}.')

@@ -14,8 +14,11 @@ from PIL import Image
 
 from conftest import load_config
 from conftest import tiny_overrides
+from mimjax import errors
 from mimjax import evaluate
 from mimjax import train
+from mimjax import validation
+from mimjax.data import augment
 from mimjax.data import pipeline
 from mimjax.data import sources
 
@@ -185,7 +188,6 @@ def test_fused_jpeg_crop_equals_decoding_then_cropping(tmp_path):
   Exact for 4:4:4 JPEGs, as here; with subsampled (4:2:0) chroma, libjpeg's upsampling lacks the
   neighbours outside the window, so the window's border pixels differ slightly in colour.
   """
-  from mimjax.data import augment  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(1)
   Image.fromarray(rng.integers(0, 256, (75, 100, 3), dtype=np.uint8)).save(tmp_path / 'x.jpg',
                                                                           quality=90, subsampling=0)
@@ -196,3 +198,9 @@ def test_fused_jpeg_crop_equals_decoding_then_cropping(tmp_path):
     whole = augment.random_resized_crop(tf.io.decode_jpeg(data, channels=3),
                                         tf.constant([seed, 1]), 32, (0.2, 1.0))
     np.testing.assert_array_equal(fused.numpy(), whole.numpy())
+
+
+def test_missing_folder_fails_validation_naming_the_fix(tmp_path):
+  with pytest.raises(errors.DatasetError, match='does not exist'):
+    validation.validate(_config(tmp_path / 'nowhere'))
+  assert not os.path.exists(tmp_path / 'nowhere')

@@ -125,6 +125,13 @@ def is_folder(name):
   return name.startswith(('/', './', '../', '~')) or os.path.isdir(os.path.expanduser(name))
 
 
+def check_folder(name):
+  """Fails, naming the fix, when config.data.name is a path but no folder is there."""
+  if is_folder(name) and not os.path.isdir(os.path.expanduser(name)):
+    raise errors.DatasetError(f'Image folder {name!r} (config.data.name) does not exist; give the '
+                              'path of a folder of images or of class subfolders.')
+
+
 class FolderSplit:
   """One split of an image folder: sorted file paths, int labels (None for a flat folder) and
   the class names (label i is class_names[i]; empty for a flat folder)."""
@@ -213,10 +220,8 @@ def folder_split(root, split, holdout):
   reads the first of val/, validation/, test/ present. Any other folder is one pool of images,
   `holdout` of which (by a hash of the path) form every non-'train' split.
   """
+  check_folder(root)
   root = os.path.expanduser(root)
-  if not os.path.isdir(root):
-    raise errors.DatasetError(f'Image folder {root!r} (config.data.name) does not exist; give the '
-                              'path of a folder of images or of class subfolders.')
   name, part = _split_slice(split)
   if os.path.isdir(os.path.join(root, 'train')):
     train = _scan(os.path.join(root, 'train'))

@@ -3,6 +3,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mimjax import errors
 from mimjax import sharding
 from mimjax.data import pipeline
 
@@ -64,6 +65,9 @@ def _extract(run, split, feature, mesh):
 
   feats, labels = [], []
   for out, valid, batch in map_batches(run, split, embed, mesh=mesh):
+    if 'label' not in batch:
+      raise errors.DatasetError(f'{run.config.data.name} has no labels (a flat image folder); kNN '
+                                'and linear evaluation need class subfolders.')
     feats.append(np.asarray(out)[valid])
     labels.append(batch['label'][valid])
   return np.concatenate(feats), np.concatenate(labels).astype(np.int32)
