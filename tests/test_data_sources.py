@@ -160,10 +160,10 @@ def test_records_read_to_resume_do_not_grow_with_the_step(monkeypatch):
     counter.assign(0)
     next(iter(pipeline._stream(source, position)))  # pylint: disable=protected-access
     reads[position] = int(counter.numpy())
-  assert len(set(reads.values())) == 1, reads
-  # A shuffle buffer of 100 must be full to emit: the 501st record of an epoch needs ~600 reads,
-  # where skipping the whole stream would read 1,000,500 at the last position.
-  assert 600 <= reads[500] <= 601, reads
+  # A shuffle buffer of 100 must be full to emit, so the 501st record of an epoch needs 600 reads
+  # (601 when tf.data has read one record ahead), in every epoch; skipping the whole stream, as
+  # before, would read 1,000,500 at the last position.
+  assert set(reads.values()) <= {600, 601}, reads
 
 
 @pytest.mark.slow  # ~3 min on the 2 shared cores (compiling train, kNN and linear probe)
