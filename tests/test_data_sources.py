@@ -204,3 +204,22 @@ def test_missing_folder_fails_validation_naming_the_fix(tmp_path):
   with pytest.raises(errors.DatasetError, match='does not exist'):
     validation.validate(_config(tmp_path / 'nowhere'))
   assert not os.path.exists(tmp_path / 'nowhere')
+
+
+def test_hosts_split_a_folder_into_disjoint_parts_with_every_class(folder):
+  config = _config(folder)
+  parts = [list(pipeline.eval_batches(config, 'val', 8, host, 2)) for host in range(2)]
+  labels = [np.concatenate([b['label'][b['valid']] for b in batches]) for batches in parts]
+  assert sorted(map(len, labels)) == [6, 7]  # 13 images, every other file to each host
+  assert all(set(part) == {0, 1, 2} for part in labels)
+  np.testing.assert_array_equal(np.bincount(np.concatenate(labels)), [4, 5, 4])
+
+
+def test_a_truncated_jpeg_is_skipped_not_fatal(tmp_path):
+  for i in range(6):
+    _write(tmp_path / f'{i}.jpg', (40 * i, 90, 90), 'RGB', 'JPEG', (40, 40))
+  data = (tmp_path / '0.jpg').read_bytes()
+  (tmp_path / '0.jpg').write_bytes(data[:len(data) // 3])  # passes the header check, fails decoding
+  config = _config(tmp_path, **{'data.folder_holdout': 0.0})
+  batches = list(pipeline.eval_batches(config, 'train', 8, 0, 1))
+  assert sum(int(b['valid'].sum()) for b in batches) == 5
