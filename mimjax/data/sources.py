@@ -121,8 +121,10 @@ def get_builder(name, data_dir=None, download=True):
 
 
 def is_folder(name):
-  """True when config.data.name is a path (to an image folder) rather than a TFDS name."""
-  return name.startswith(('/', './', '../', '~')) or os.path.isdir(os.path.expanduser(name))
+  """True when config.data.name is a path (to an image folder) rather than a TFDS name: absolute,
+  ./ ../ or ~ relative, or a relative path with a slash that exists (TFDS names such as
+  'imagenet2012_subset/1pct' have slashes too, and a bare name is always a TFDS name)."""
+  return name.startswith(('/', './', '../', '~')) or ('/' in name and os.path.isdir(name))
 
 
 def check_folder(name):
