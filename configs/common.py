@@ -81,7 +81,7 @@ def base_config():
   c.model.moto.eps = 1e-5  # added to the weighted standard deviation
 
   c.data = ml_collections.ConfigDict()
-  c.data.name = 'imagenet2012'
+  c.data.name = 'imagenet2012'  # a TFDS name, or a path to an image folder (see README)
   c.data.data_dir = ml_collections.FieldReference(None, field_type=str)
   c.data.train_split = 'train'
   c.data.eval_split = 'validation'
@@ -99,6 +99,10 @@ def base_config():
   c.data.eval_crop_fraction = 0.875  # evaluation: resize to size / fraction, then centre crop
   c.data.cache = False  # keep the raw (encoded) split in memory; for small datasets
   c.data.shuffle_buffer = 50_000
+  # Image folder without train/ and val/ subfolders: this fraction of its images (chosen by a hash
+  # of each file's path, so adding images never moves others) is the eval split, the rest train.
+  c.data.folder_holdout = 0.02
+  c.data.threads = 0  # tf.data worker threads per host; 0 = all cores (bench.input sets 1 per core)
   c.data.download = True  # let TFDS download and prepare datasets that are not on disk
 
   c.optim = ml_collections.ConfigDict()

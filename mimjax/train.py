@@ -30,6 +30,7 @@ from mimjax import sharding
 from mimjax import train_step as train_step_lib
 from mimjax import validation
 from mimjax.data import pipeline
+from mimjax.data import sources
 from mimjax.interop import pretrained as init_from
 
 
@@ -81,8 +82,8 @@ def _place(tree, shardings):
   return jax.tree_util.tree_map(place, tree, shardings)
 
 
-def _meta(config, state_params, step):
-  return dict(step=int(step), data_position=int(step), framework=config.framework,
+def _meta(config, state_params, step, data_examples):
+  return dict(step=int(step), data_examples=int(data_examples), framework=config.framework,
               config=config.to_dict(),
               param_shapes=checkpoint_lib.param_shapes(state_params))
 
@@ -218,8 +219,9 @@ class _Loop:
     for name, image in self.framework.visualize(outputs, host_batch).items():
       writer.write_image(name, step, np.asarray(jax.device_get(image)))
 
-  def run(self, state, batches, start_step, interval, writer):
-    """Steps from `start_step` to config.total_steps; returns the last logged metrics."""
+  def run(self, state, batches, start_step, data_start, interval, writer):
+    """Steps from `start_step` to config.total_steps (the data stream at example `data_start`);
+    returns the last logged metrics."""
     config, ckpt = self.config, self.ckpt
     last_metrics, last_good_ckpt, vis_batch = {}, ckpt.latest_step(), None
     with _InterruptFlag() as interrupt:
@@ -246,7 +248,8 @@ class _Loop:
         if images_every and (step % images_every == 0 or is_last):
           self.draw(writer, step, state, vis_batch)
         if save_now:
-          meta = _meta(config, state.params, step)
+          meta = _meta(config, state.params, step,
+                       data_start + (step - start_step) * config.batch_size)
           open_interval = interval.snapshot(sums)
           if open_interval:
             meta['open_interval'] = open_interval
@@ -269,9 +272,11 @@ def train(config, workdir):
   ckpt = checkpoint_lib.Checkpointer(workdir, config.checkpoint.keep, config.checkpoint.async_save)
   latest = ckpt.latest_step()
   latest_meta = ckpt.read_meta(latest) if latest is not None else {}
-  start_step = int(latest_meta.get('data_position', 0))
+  start_step = int(latest_meta.get('step', 0))
+  # Examples consumed so far (checkpoints from before data_examples existed: step * batch_size).
+  data_start = int(latest_meta.get('data_examples', start_step * config.batch_size))
 
-  batches = pipeline.train_batches(config, start_step)
+  batches = pipeline.train_batches(config, data_start)
   first = next(batches)
   batches = itertools.chain([first], batches)
   state, state_sharding, tx, lr_schedule = restore_or_init(
@@ -280,12 +285,14 @@ def train(config, workdir):
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config_lib.to_json(config))
+    sources.write_labels(config, workdir)
 
   loop = _Loop(framework, config, workdir, ckpt, state_sharding, tx, lr_schedule, mesh)
   writer = metrics_writer.MetricsWriter(workdir, config.total_steps, start_step,
                                         config.log.progress_bar)
   try:
-    return loop.run(state, batches, start_step, IntervalAccumulator(latest_meta), writer)
+    return loop.run(state, batches, start_step, data_start, IntervalAccumulator(latest_meta),
+                    writer)
   finally:
     ckpt.wait()
     ckpt.close()

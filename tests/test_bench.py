@@ -3,6 +3,7 @@
 Timings are never asserted: they belong to the benchmark's written results.
 """
 import json
+import os
 
 import jax
 import ml_collections
@@ -87,3 +88,21 @@ def test_command_output_schema(tmp_path):
   assert results['matmul'][0]['flops_per_s'] > 0
   text = md.read_text()
   assert 'mae+lut' in text and 'torch_eager' in text and 'Scaling' in text
+
+
+@pytest.mark.slow  # ~3 min on the 2 shared cores: four augmentations, two thread settings
+def test_input_benchmark_writes_jpegs_and_reports_every_augmentation(tmp_path):
+  from mimjax.bench import input as input_bench  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  root = str(tmp_path / 'images')
+  results = input_bench.main(['--root', root, '--images', '20', '--batch', '4', '--batches', '1',
+                              '--image_size', '32', '--out', str(tmp_path / 'input.json')])
+  files = [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs]
+  assert len(files) == 20 and all(f.endswith('.jpg') for f in files)
+  sizes = np.array([Image.open(f).size for f in files])
+  assert 300 < sizes[:, 0].mean() < 700 and 200 < sizes[:, 1].mean() < 550  # around 500 x 375
+  assert set(results['throughput']) == {'rrc_flip', 'deit', 'lut_two_view', 'center'}
+  assert all(v['per_core_1_thread'] > 0 and v['all_cores'] > 0
+             for v in results['throughput'].values())
+  assert sorted(results['resume_first_batch_s']) == [0, 10_000, 100_000]
+  assert json.loads((tmp_path / 'input.json').read_text())['images'] == 20

@@ -45,7 +45,7 @@ def test_resume_position_is_exact(config):
   stream = pipeline.train_batches(config, 0, 0, 1)
   for _ in range(40):  # past the end of the first epoch (1024 / 32 = 32 batches)
     expected = next(stream)
-  resumed = next(pipeline.train_batches(config, 39, 0, 1))
+  resumed = next(pipeline.train_batches(config, 39 * 32, 0, 1))
   np.testing.assert_array_equal(resumed['image'], expected['image'])
   np.testing.assert_array_equal(resumed['label'], expected['label'])
 

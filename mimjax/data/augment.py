@@ -2,9 +2,12 @@
 
 Every random op takes an explicit `seed` (int32/int64 [2]) derived from the run seed and the
 example's position in the stream, so a resumed run sees exactly the augmentations the uninterrupted
-run would have seen. An augmentation maps a decoded uint8 image [h, w, c] to a dict of features.
+run would have seen. An augmentation maps an image to a dict of features; the image is either a
+decoded uint8 tensor [h, w, c] or still `Encoded`, so that random-resized-crop decodes only the crop
+window of a JPEG (`tf.image.decode_and_crop_jpeg`) instead of the whole picture.
 """
 import math
+from typing import NamedTuple
 
 import tensorflow as tf
 
@@ -20,6 +23,27 @@ def register(name, outputs=('image',)):
     OUTPUTS[name] = outputs
     return fn
   return wrap
+
+
+class Encoded(NamedTuple):
+  """Encoded image bytes (JPEG, PNG, BMP or GIF: a scalar tf.string) and the decoded shape
+  (h, w, channels), h and w None where images differ in size."""
+  data: tf.Tensor
+  shape: tuple
+
+  @property
+  def channels(self):
+    return self.shape[-1]
+
+
+def decode(image):
+  """uint8 [h, w, channels] pixels of an `Encoded` image (grayscale, CMYK and alpha converted by
+  the decoder); a decoded tensor is returned as it is."""
+  if not isinstance(image, Encoded):
+    return image
+  pixels = tf.io.decode_image(image.data, channels=image.channels, expand_animations=False)
+  pixels.set_shape(image.shape)
+  return pixels
 
 
 def to_channels(image, channels):
@@ -43,15 +67,41 @@ def resize(image, size):
   return tf.clip_by_value(image, 0.0, 255.0)
 
 
-def random_resized_crop(image, seed, size, scale, ratio=(3 / 4, 4 / 3)):
-  """torchvision's RandomResizedCrop: a random box of `scale` area and `ratio` aspect, resized."""
+def _crop_box(shape, seed, scale, ratio):
+  """(begin, size) of torchvision's RandomResizedCrop box in an image of `shape` [h, w, c]."""
   begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
-      tf.shape(image), bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]), seed=seed,
+      shape, bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]), seed=seed,
       area_range=scale, aspect_ratio_range=ratio, max_attempts=10,
       use_image_if_no_bounding_boxes=True, min_object_covered=0.0)
-  crop = tf.slice(image, begin, crop_size)
-  crop.set_shape([None, None, image.shape[-1]])  # tf.slice with a tensor size forgets the channels
-  return resize(crop, size)
+  return begin, crop_size
+
+
+def _crop(image, seed, scale, ratio):
+  """The random box of a decoded image, or of an `Encoded` one decoding only the box if a JPEG.
+
+  The box depends only on the image's shape and the seed, so both paths crop the same pixels.
+  """
+  if not isinstance(image, Encoded):
+    begin, crop_size = _crop_box(tf.shape(image), seed, scale, ratio)
+    crop = tf.slice(image, begin, crop_size)
+    crop.set_shape([None, None, image.shape[-1]])  # tf.slice with a tensor size forgets the channels
+    return crop
+
+  def jpeg():
+    shape = tf.image.extract_jpeg_shape(image.data)
+    shape = tf.concat([shape[:2], [image.channels]], 0)
+    begin, crop_size = _crop_box(shape, seed, scale, ratio)
+    window = tf.stack([begin[0], begin[1], crop_size[0], crop_size[1]])
+    return tf.image.decode_and_crop_jpeg(image.data, window, channels=image.channels)
+
+  crop = tf.cond(tf.io.is_jpeg(image.data), jpeg, lambda: _crop(decode(image), seed, scale, ratio))
+  crop.set_shape([None, None, image.channels])
+  return crop
+
+
+def random_resized_crop(image, seed, size, scale, ratio=(3 / 4, 4 / 3)):
+  """torchvision's RandomResizedCrop: a random box of `scale` area and `ratio` aspect, resized."""
+  return resize(_crop(image, seed, scale, ratio), size)
 
 
 def resize_short_side(image, short):
@@ -177,9 +227,9 @@ def three_augment(image, seed, blur_sigma=(0.1, 2.0)):
 def rrc_flip(image, seed, data_config):
   """MAE's pre-training augmentation: random-resized-crop (bicubic) and horizontal flip."""
   crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-  image = to_channels(image, data_config.channels)
   image = random_resized_crop(image, crop_seed, data_config.image_size,
                               tuple(data_config.crop_scale))
+  image = to_channels(image, data_config.channels)
   image = tf.image.stateless_random_flip_left_right(image, flip_seed)
   return {'image': normalize(image, data_config)}
 
@@ -216,9 +266,9 @@ def deit(image, seed, data_config):
   """DeiT's training augmentation: random-resized-crop, flip, RandAugment, random erasing."""
   crop_seed, flip_seed, ra_seed, erase_seed = tf.unstack(
       tf.random.experimental.stateless_split(seed, 4))
-  image = to_channels(image, data_config.channels)
   image = random_resized_crop(image, crop_seed, data_config.image_size,
                               tuple(data_config.crop_scale))
+  image = to_channels(image, data_config.channels)
   image = tf.image.stateless_random_flip_left_right(image, flip_seed)
   if data_config.randaug_layers:
     image = randaugment.rand_augment(
@@ -234,7 +284,7 @@ def deit(image, seed, data_config):
 def center(image, seed, data_config):
   """Deterministic evaluation view: resize and central crop (no randomness)."""
   del seed
-  image = to_channels(image, data_config.channels)
+  image = to_channels(decode(image), data_config.channels)
   image = center_crop(image, data_config.image_size, data_config.eval_crop_fraction)
   return {'image': normalize(image, data_config)}
 
@@ -250,7 +300,7 @@ def lut_two_view(image, seed, data_config):
   """
   view1_seed, view2_seed, apply_seed, jitter_seed, three_seed = tf.unstack(
       tf.random.experimental.stateless_split(seed, 5))
-  image = to_channels(image, data_config.channels)
+  image = to_channels(decode(image), data_config.channels)
   size = data_config.image_size
   view1 = simple_resized_crop(image, view1_seed, size)
   view2 = simple_resized_crop(image, view2_seed, size)

@@ -1,9 +1,14 @@
-"""Input pipeline: TFDS split -> per-host tf.data stream -> numpy batches for one process.
+"""Input pipeline: a TFDS split or an image folder -> per-host tf.data stream -> numpy batches.
 
-The training stream is a pure function of (seed, position): a seeded per-epoch shuffle, then each
-example's augmentation seeded by its position in the stream. Resuming at step s skips
-s * local_batch raw (still encoded) records and continues exactly where the interrupted run was.
+The training stream is a pure function of (seed, position), position counted in examples: epoch e
+is the host's records in an order seeded by (seed, e), and each example's augmentation is seeded
+by its position in the stream. Resuming at a position therefore skips whole epochs arithmetically
+and reads at most one epoch's records: none for an image folder, whose epoch order is a full
+permutation of its file list, and at most the epoch's records before the position for TFDS,
+whose records are read in sequence through a shuffle buffer.
 """
+from typing import Callable, NamedTuple
+
 import jax
 import numpy as np
 import tensorflow as tf
@@ -16,6 +21,17 @@ from mimjax.data import sources
 # tf.data must not grab the accelerator; JAX owns it.
 tf.config.set_visible_devices([], 'GPU')
 
+_ENDLESS = 2 ** 62  # number of epochs in an endless stream
+
+
+class Source(NamedTuple):
+  """One host's part of a split as records (dicts with 'image', maybe 'label'), however stored."""
+  ordered: tf.data.Dataset  # every record once, in stored order (evaluation)
+  epoch: Callable  # int64 scalar epoch -> that epoch's records in their shuffled order
+  load: Callable  # record -> (encoded image bytes, label or None)
+  shape: tuple  # decoded image shape, None for sizes that vary
+  num_examples: int
+
 
 def _builder_with_split(config, split):
   builder = sources.get_builder(config.data.name, config.data.data_dir, config.data.download)
@@ -27,33 +43,84 @@ def _builder_with_split(config, split):
 
 
 def check_splits(config):
-  """DatasetError unless the dataset (prepared if needed) has the splits the run reads."""
+  """DatasetError unless the data has the splits the run reads (a TFDS dataset is prepared if
+  needed; an image folder must exist)."""
+  if sources.is_folder(config.data.name):
+    sources.check_folder(config.data.name)
+    return
   _builder_with_split(config, config.data.train_split)
   if config.eval.every_steps:
     _builder_with_split(config, config.data.eval_split)
 
 
-def _raw_split(config, split, process_index, process_count):
+def _tfds_source(config, split, process_index, process_count, seed):
+  """Records read in sequence; an epoch's order is a shuffle buffer seeded by (seed, epoch)."""
   builder = _builder_with_split(config, split)
   host_split = tfds.even_splits(split, n=process_count)[process_index]
   ds = builder.as_dataset(split=host_split, shuffle_files=False,
                           decoders={'image': tfds.decode.SkipDecoding()})
-  image_feature = builder.info.features['image']
-  num_examples = builder.info.splits[host_split].num_examples
-  return ds, image_feature, num_examples
+  if config.data.cache:
+    ds = ds.cache()
+
+  def epoch(e):
+    return ds.shuffle(config.data.shuffle_buffer, seed=seed * 1_000_003 + e,
+                      reshuffle_each_iteration=False)
+
+  load = lambda ex: (ex['image'], ex.get('label'))  # noqa: E731
+  return Source(ds, epoch, load, tuple(builder.info.features['image'].shape),
+                builder.info.splits[host_split].num_examples)
 
 
-def _augmenter(config, name, image_feature):
+def _folder_source(config, split, process_index, process_count, seed):
+  """Files read by index; an epoch's order is a permutation of the host's files seeded by
+  (seed, epoch), so skipping examples reads nothing."""
+  part = sources.folder_split(config.data.name, split, config.data.folder_holdout)
+  take = slice(process_index, None, process_count)  # strided: every host sees every class
+  records = {'image': np.asarray(part.paths[take])}
+  if part.labels is not None:
+    records['label'] = part.labels[take]
+  num_examples = len(records['image'])
+  ds = tf.data.Dataset.from_tensor_slices(records)
+
+  def epoch(e):
+    order = tf.random.experimental.stateless_shuffle(
+        tf.range(num_examples, dtype=tf.int64), seed=tf.stack([tf.cast(seed, tf.int64), e]))
+    return tf.data.Dataset.from_tensor_slices({k: tf.gather(v, order) for k, v in records.items()})
+
+  load = lambda r: (tf.io.read_file(r['image']), r.get('label'))  # noqa: E731
+  return Source(ds, epoch, load, (None, None, config.data.channels), num_examples)
+
+
+def _source(config, split, process_index, process_count, seed=0):
+  make = _folder_source if sources.is_folder(config.data.name) else _tfds_source
+  return make(config, split, process_index, process_count, seed)
+
+
+def _augmenter(config, name, source):
   fn = augment.AUGMENTATIONS[name]
 
-  def process(index, example, seed):
-    image = image_feature.decode_example(example['image'])
-    features = fn(image, tf.stack([tf.cast(seed, tf.int64), tf.cast(index, tf.int64)]),
-                  config.data)
-    if 'label' in example:
-      features['label'] = tf.cast(example['label'], tf.int32)
+  def process(index, record, seed):
+    data, label = source.load(record)
+    features = fn(augment.Encoded(data, source.shape),
+                  tf.stack([tf.cast(seed, tf.int64), tf.cast(index, tf.int64)]), config.data)
+    if label is not None:
+      features['label'] = tf.cast(label, tf.int32)
     return features
   return process
+
+
+def _skip_undecodable(ds, config):
+  """Image folders: drops (with a logged warning) files that pass the listing's header check but
+  fail to decode, e.g. truncated JPEGs, instead of crashing the run."""
+  return ds.ignore_errors(log_warning=True) if sources.is_folder(config.data.name) else ds
+
+
+def _finish(ds, config):
+  """Applies the thread-pool setting (config.data.threads; 0 = tf.data's default of all cores)."""
+  options = tf.data.Options()
+  if config.data.threads:
+    options.threading.private_threadpool_size = config.data.threads
+  return ds.with_options(options).prefetch(2)
 
 
 def local_batch_size(global_batch, process_count=None):
@@ -64,21 +131,34 @@ def local_batch_size(global_batch, process_count=None):
   return global_batch // process_count
 
 
-def train_batches(config, start_step=0, process_index=None, process_count=None):
-  """Endless iterator of this host's training batches (dicts of numpy arrays), from `start_step`."""
+def _stream(source, host_position):
+  """(position, record) pairs of the endless stream from `host_position`: earlier epochs are
+  skipped arithmetically, so at most the current epoch's records are read to get there."""
+  first_epoch, offset = divmod(host_position, source.num_examples)
+  ds = tf.data.Dataset.range(first_epoch, _ENDLESS).flat_map(source.epoch).skip(offset)
+  return ds.enumerate(start=host_position)
+
+
+def train_batches(config, position=0, process_index=None, process_count=None):
+  """Endless iterator of this host's training batches (dicts of numpy arrays).
+
+  `position` is the number of examples the whole run has consumed (all hosts; the sum of the
+  global batch sizes so far), so a resume stays exact when the batch size changes. Each host
+  continues its own stream at position / process_count.
+  """
   process_index = jax.process_index() if process_index is None else process_index
   process_count = process_count or jax.process_count()
   batch = local_batch_size(config.batch_size, process_count)
-  ds, image_feature, _ = _raw_split(config, config.data.train_split, process_index, process_count)
-  if config.data.cache:
-    ds = ds.cache()
+  if position % process_count:
+    raise errors.ConfigError(f'data position {position} does not divide over {process_count} '
+                             'processes; resume with the process count that wrote it.')
+  host_position = position // process_count
   seed = config.seed * 1000 + process_index
-  ds = ds.shuffle(config.data.shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
-  ds = ds.enumerate().skip(start_step * batch)
-  process = _augmenter(config, config.data.augment, image_feature)
-  ds = ds.map(lambda i, ex: process(i, ex, seed), num_parallel_calls=tf.data.AUTOTUNE)
-  ds = ds.batch(batch, drop_remainder=True).prefetch(2)
-  return ds.as_numpy_iterator()
+  source = _source(config, config.data.train_split, process_index, process_count, seed)
+  process = _augmenter(config, config.data.augment, source)
+  ds = _skip_undecodable(_stream(source, host_position).map(lambda i, ex: process(i, ex, seed),
+                                num_parallel_calls=tf.data.AUTOTUNE), config)
+  return _finish(ds.batch(batch, drop_remainder=True), config).as_numpy_iterator()
 
 
 def eval_batches(config, split, batch_size, process_index=None, process_count=None):
@@ -91,10 +171,11 @@ def eval_batches(config, split, batch_size, process_index=None, process_count=No
   """
   process_index = jax.process_index() if process_index is None else process_index
   process_count = process_count or jax.process_count()
-  ds, image_feature, _ = _raw_split(config, split, process_index, process_count)
-  process = _augmenter(config, 'center', image_feature)
-  ds = ds.enumerate().map(lambda i, ex: process(i, ex, 0), num_parallel_calls=tf.data.AUTOTUNE)
-  ds = ds.batch(batch_size).prefetch(2)
+  source = _source(config, split, process_index, process_count)
+  process = _augmenter(config, 'center', source)
+  ds = _skip_undecodable(source.ordered.enumerate().map(lambda i, ex: process(i, ex, 0),
+                                                        num_parallel_calls=tf.data.AUTOTUNE), config)
+  ds = _finish(ds.batch(batch_size), config)
   num_batches = -(-max(host_sizes(config, split, process_count)) // batch_size)
   pad = lambda v, n: np.concatenate([v, np.zeros((n,) + v.shape[1:], v.dtype)])  # noqa: E731
   batch = None
@@ -109,10 +190,9 @@ def eval_batches(config, split, batch_size, process_index=None, process_count=No
 
 
 def host_sizes(config, split, process_count):
-  """Number of examples of each process's part of `split` (`tfds.even_splits`, in order)."""
-  return [num_examples(config, s) for s in tfds.even_splits(split, n=process_count)]
+  """Number of examples of each process's part of `split`, in process order."""
+  return [_source(config, split, i, process_count).num_examples for i in range(process_count)]
 
 
 def num_examples(config, split):
-  builder = sources.get_builder(config.data.name, config.data.data_dir, config.data.download)
-  return builder.info.splits[split].num_examples
+  return _source(config, split, 0, 1).num_examples

@@ -1,13 +1,18 @@
-"""Dataset sources: any TFDS dataset by name, with Fashion-MNIST preparable offline.
+"""Dataset sources: any TFDS dataset by name (Fashion-MNIST preparable offline), or a folder of images.
 
 Debian's `dataset-fashion-mnist` package ships the original Fashion-MNIST files. When they are
 present and TFDS has not prepared `fashion_mnist` yet, we prepare it from those files with TFDS's own
 builder (same name, version and features), so the rest of mimjax reads it exactly as it would read a
 copy TFDS downloaded itself.
 """
+import concurrent.futures
 import difflib
+import functools
 import gzip
 import os
+import re
+import warnings
+import zlib
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -23,6 +28,11 @@ _FASHION_MNIST_FILES = {
     'test_labels': 't10k-labels-idx1-ubyte.gz',
 }
 
+# Image folders: what counts as an image, by extension and then by the file's first bytes.
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
+_MAGIC = (b'\xff\xd8\xff', b'\x89PNG\r\n\x1a\n', b'BM', b'GIF8')
+EVAL_FOLDERS = ('val', 'validation', 'test')  # tried in this order for any eval split name
+LABELS_FILE = 'labels.txt'
 
 
 class LocalFashionMNIST(tfds_mnist.FashionMNIST, skip_registration=True):
@@ -108,3 +118,143 @@ def get_builder(name, data_dir=None, download=True):
         'the prepared copy; for fashion_mnist, install the Debian package dataset-fashion-mnist.'
     ) from e
   return builder
+
+
+def is_folder(name):
+  """True when config.data.name is a path (to an image folder) rather than a TFDS name: absolute,
+  ./ ../ or ~ relative, or a relative path with a slash that exists (TFDS names such as
+  'imagenet2012_subset/1pct' have slashes too, and a bare name is always a TFDS name)."""
+  return name.startswith(('/', './', '../', '~')) or ('/' in name and os.path.isdir(name))
+
+
+def check_folder(name):
+  """Fails, naming the fix, when config.data.name is a path but no folder is there."""
+  if is_folder(name) and not os.path.isdir(os.path.expanduser(name)):
+    raise errors.DatasetError(f'Image folder {name!r} (config.data.name) does not exist; give the '
+                              'path of a folder of images or of class subfolders.')
+
+
+class FolderSplit:
+  """One split of an image folder: sorted file paths, int labels (None for a flat folder) and
+  the class names (label i is class_names[i]; empty for a flat folder)."""
+
+  def __init__(self, paths, labels, class_names):
+    self.paths, self.labels, self.class_names = paths, labels, class_names
+
+
+def _readable(path):
+  """True if `path` starts like a JPEG, PNG, BMP or GIF file (a cheap check: no decoding)."""
+  try:
+    with open(path, 'rb') as f:
+      head = f.read(8)
+  except OSError:
+    return False
+  return any(head.startswith(m) for m in _MAGIC)
+
+
+def _list_images(directory):
+  """(sorted image paths under `directory`, skipped paths): files with an image extension whose
+  first bytes are an image's; other files are skipped. Hidden files are ignored."""
+  candidates = []
+  for parent, dirs, files in os.walk(directory, followlinks=True):
+    dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
+    candidates += [os.path.join(parent, f) for f in files if not f.startswith('.')]
+  candidates.sort()
+  with concurrent.futures.ThreadPoolExecutor(32) as pool:  # I/O bound: many small reads
+    ok = list(pool.map(_readable, candidates))
+  good = [p for p, k in zip(candidates, ok) if k and p.lower().endswith(IMAGE_EXTENSIONS)]
+  skipped = sorted(set(candidates) - set(good))
+  return good, skipped
+
+
+def _warn_skipped(directory, skipped):
+  if skipped:
+    examples = ', '.join(os.path.relpath(p, directory) for p in skipped[:3])
+    warnings.warn(f'{len(skipped)} file(s) in {directory} are not readable JPEG/PNG/BMP/GIF images '
+                  f'and are skipped (e.g. {examples}).', stacklevel=3)
+
+
+@functools.lru_cache(maxsize=16)  # each folder is listed (and warned about) once per process
+def _scan(directory, class_names=None):
+  """FolderSplit of `directory`: labelled by its class subfolders if it has any, else flat."""
+  subdirs = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith('.'))
+  if not subdirs:
+    paths, skipped = _list_images(directory)
+    _warn_skipped(directory, skipped)
+    return FolderSplit(paths, None, ())
+  class_names = class_names or tuple(subdirs)
+  unknown = sorted(set(subdirs) - set(class_names))
+  if unknown:
+    raise errors.DatasetError(f'{directory} has class folders {unknown[:5]} that the training split '
+                              'lacks; give every split the same class folders.')
+  paths, labels, skipped = [], [], []
+  for label, name in enumerate(class_names):
+    if name in subdirs:
+      good, bad = _list_images(os.path.join(directory, name))
+      paths += good
+      labels += [label] * len(good)
+      skipped += bad
+  loose = [e.path for e in os.scandir(directory) if e.is_file() and not e.name.startswith('.')]
+  _warn_skipped(directory, skipped + sorted(loose))
+  return FolderSplit(paths, np.asarray(labels, np.int64), class_names)
+
+
+def _split_slice(split):
+  """('train', slice) from 'train', 'train[:1000]' or 'train[10:20]' (TFDS's absolute syntax)."""
+  match = re.fullmatch(r'(\w+)(?:\[(-?\d*):(-?\d*)\])?', split)
+  if not match:
+    raise errors.DatasetError(f'Split {split!r} of an image folder must be a name, optionally with '
+                              'an absolute slice such as train[:1000].')
+  name, start, stop = match.groups()
+  return name, slice(int(start) if start else None, int(stop) if stop else None)
+
+
+def _holdout_mask(root, paths, fraction):
+  """True for the images of a single-split folder held out for evaluation (hash of the path)."""
+  buckets = [zlib.crc32(os.path.relpath(p, root).encode()) % 100_000 for p in paths]
+  return np.asarray(buckets) < fraction * 100_000
+
+
+def folder_split(root, split, holdout):
+  """The FolderSplit that `split` names in the image folder `root`.
+
+  A folder with a `train/` subfolder is split by folder: 'train' reads train/, any other name
+  reads the first of val/, validation/, test/ present. Any other folder is one pool of images,
+  `holdout` of which (by a hash of the path) form every non-'train' split.
+  """
+  check_folder(root)
+  root = os.path.expanduser(root)
+  name, part = _split_slice(split)
+  if os.path.isdir(os.path.join(root, 'train')):
+    train = _scan(os.path.join(root, 'train'))
+    if name == 'train':
+      result = train
+    else:
+      found = [f for f in EVAL_FOLDERS if os.path.isdir(os.path.join(root, f))]
+      if not found:
+        raise errors.DatasetError(f'{root} has train/ but none of {"/, ".join(EVAL_FOLDERS)}/ for '
+                                  f'split {split!r}; add one, or set config.data.eval_split=train.')
+      result = _scan(os.path.join(root, found[0]), train.class_names or None)
+  else:
+    pool = _scan(root)
+    held = _holdout_mask(root, pool.paths, holdout)
+    keep = ~held if name == 'train' else held
+    if not keep.any():
+      raise errors.DatasetError(f'Split {split!r} of {root} is empty (config.data.folder_holdout='
+                                f'{holdout}); raise folder_holdout or add train/ and val/ folders.')
+    labels = None if pool.labels is None else pool.labels[keep]
+    result = FolderSplit([p for p, k in zip(pool.paths, keep) if k], labels, pool.class_names)
+  if not result.paths:
+    raise errors.DatasetError(f'No readable images for split {split!r} in {root}.')
+  labels = None if result.labels is None else result.labels[part]
+  return FolderSplit(result.paths[part], labels, result.class_names)
+
+
+def write_labels(config, workdir):
+  """Writes WORKDIR/labels.txt (class name of label i on line i) for a labelled image folder."""
+  if not is_folder(config.data.name):
+    return
+  names = folder_split(config.data.name, config.data.train_split, config.data.folder_holdout).class_names
+  if names:
+    with open(os.path.join(workdir, LABELS_FILE), 'w') as f:
+      f.write(''.join(n + '\n' for n in names))

@@ -123,6 +123,9 @@ def _extract(run, split, feature):
   feats, labels, valids = [], [], []
   for out, valid, batch in map_batches(run, split, embed_fn(run, feature),
                                        params=run.encoder_params):
+    if 'label' not in batch:
+      raise errors.DatasetError(f'{run.config.data.name} has no labels (a flat image folder); kNN '
+                                'and linear evaluation need class subfolders.')
     feats.append(out)
     labels.append(batch['label'])
     valids.append(valid)

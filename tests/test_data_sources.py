@@ -1,0 +1,225 @@
+"""Step-independent resume (TFDS and image folders) and image folders as a data source.
+
+The folders are written here: one flat colour per class, so a batch's label can be checked
+against its pixels, in every format the issue names (RGB/CMYK JPEG, RGBA/grayscale PNG) plus
+files that must be skipped (garbage bytes with a .jpg name, a text file).
+"""
+import copy
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from conftest import load_config
+from conftest import tiny_overrides
+from mimjax import errors
+from mimjax import evaluate
+from mimjax import train
+from mimjax import validation
+from mimjax.data import augment
+from mimjax.data import pipeline
+from mimjax.data import sources
+
+CLASSES = {'ant': (220, 30, 30), 'bee': (30, 220, 30), 'cow': (30, 30, 220)}  # sorted: labels 0,1,2
+FORMATS = [('RGB', 'JPEG'), ('CMYK', 'JPEG'), ('RGBA', 'PNG'), ('RGB', 'PNG')]
+
+
+def _write(path, colour, mode, fmt, size):
+  image = Image.new('RGB', size, colour).convert(mode)
+  image.save(path, fmt, **({'quality': 95} if fmt == 'JPEG' else {}))
+
+
+def _write_class_folder(directory, per_class, rng):
+  for name, colour in CLASSES.items():
+    os.makedirs(directory / name)
+    for i in range(per_class):
+      mode, fmt = FORMATS[i % len(FORMATS)]
+      size = (int(rng.integers(30, 60)), int(rng.integers(30, 60)))  # any size, any aspect
+      _write(directory / name / f'{i}.{fmt.lower()}', colour, mode, fmt, size)
+
+
+@pytest.fixture(scope='module')
+def folder(tmp_path_factory):
+  """root/train/<class>/ and root/val/<class>/, with two unreadable files and a grayscale PNG."""
+  root = tmp_path_factory.mktemp('images')
+  rng = np.random.default_rng(0)
+  _write_class_folder(root / 'train', 8, rng)
+  _write_class_folder(root / 'val', 4, rng)
+  (root / 'train' / 'ant' / 'broken.jpg').write_bytes(b'not an image at all')
+  (root / 'train' / 'bee' / 'notes.txt').write_text('hello')
+  Image.new('L', (40, 33), 128).save(root / 'val' / 'bee' / 'gray.png')
+  return root
+
+
+def _config(name, **overrides):
+  return load_config('configs/mae.py:runlocal', **{
+      'data.name': str(name), 'data.train_split': 'train', 'data.eval_split': 'val',
+      'data.mean': (0.5, 0.5, 0.5), 'data.std': (0.5, 0.5, 0.5), 'data.cache': False,
+      'batch_size': 8, **overrides})
+
+
+def _pixels(batch):
+  """The images' mean RGB in [0, 255] (undoing the mean/std 0.5 normalisation)."""
+  return (batch['image'] * 0.5 + 0.5).mean(axis=(1, 2)) * 255
+
+
+def test_folder_lists_labels_and_counts_unreadable_files(folder):
+  sources._scan.cache_clear()  # pylint: disable=protected-access  # listed (and warned) once
+  with pytest.warns(UserWarning, match='2 file.*not readable.*skipped'):
+    split = sources.folder_split(str(folder), 'train', 0.02)
+  assert split.class_names == ('ant', 'bee', 'cow')
+  assert len(split.paths) == 24 and list(np.bincount(split.labels)) == [8, 8, 8]
+  assert all(os.path.basename(os.path.dirname(p)) == split.class_names[label]
+             for p, label in zip(split.paths, split.labels))
+
+
+def test_folder_eval_batches_decode_every_format_with_the_right_label(folder):
+  config = _config(folder)
+  batches = list(pipeline.eval_batches(config, 'val', 8, 0, 1))
+  images = np.concatenate([_pixels(b)[b['valid']] for b in batches])
+  labels = np.concatenate([b['label'][b['valid']] for b in batches])
+  assert len(labels) == 13  # 12 coloured images and the grayscale one
+  colours = np.array(list(CLASSES.values()), np.float32)
+  for rgb, label in zip(images, labels):
+    if np.ptp(rgb) < 1:  # the grayscale PNG: 128 replicated to three channels, in class bee
+      assert label == 1 and abs(rgb[0] - 128) < 1
+    else:  # JPEG (also CMYK) round trips stay within a few levels of the class colour
+      assert np.abs(rgb - colours[label]).max() < 8, (rgb, label)
+
+
+def test_flat_folder_holds_out_a_fixed_fraction_without_labels(tmp_path):
+  for i in range(40):
+    _write(tmp_path / f'{i:02d}.jpg', (i * 6, 0, 0), 'RGB', 'JPEG', (32, 32))
+  train_split = sources.folder_split(str(tmp_path), 'train', 0.25)
+  held = sources.folder_split(str(tmp_path), 'val', 0.25)
+  assert train_split.labels is None and train_split.class_names == ()
+  assert not set(train_split.paths) & set(held.paths)
+  assert len(train_split.paths) + len(held.paths) == 40 and 2 <= len(held.paths) <= 18
+  batch = next(pipeline.train_batches(_config(tmp_path, **{'data.folder_holdout': 0.25}), 0, 0, 1))
+  assert set(batch) == {'image'} and batch['image'].shape == (8, 28, 28, 3)
+
+
+def _examples(config, position, count, batch_size):
+  """`count` consecutive training examples from `position`, read in batches of `batch_size`."""
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    config.batch_size = batch_size
+  stream = pipeline.train_batches(config, position, 0, 1)
+  batches = [next(stream) for _ in range(-(-count // batch_size))]
+  return {k: np.concatenate([b[k] for b in batches])[:count] for k in batches[0]}
+
+
+@pytest.mark.parametrize('source', ['tfds', 'folder'])
+def test_resumed_stream_equals_the_uninterrupted_one(source, folder):
+  """Positions mid-epoch, on epoch boundaries and several epochs in; the resumed run also uses
+  another batch size, since the position counts examples, not steps."""
+  if source == 'tfds':
+    config = load_config('configs/mae.py:runlocal', **{
+        'data.train_split': 'train[:100]', 'data.shuffle_buffer': 50, 'data.cache': False})
+    epoch = 100
+  else:
+    config, epoch = _config(folder), 24
+  straight = _examples(config, 0, 5 * epoch + 8, 16)
+  for position in (3, epoch, epoch + 7, 2 * epoch, 4 * epoch + 5):
+    resumed = _examples(config, position, 8, 4)
+    for key in straight:
+      np.testing.assert_array_equal(resumed[key], straight[key][position:position + 8])
+  # Every epoch is a permutation of the split, and consecutive epochs differ in order.
+  first, second = straight['label'][:epoch], straight['label'][epoch:2 * epoch]
+  np.testing.assert_array_equal(np.sort(first), np.sort(second))
+  assert not np.array_equal(first, second)
+
+
+class _CountingBuilder:
+  """A TFDS builder whose records bump `counter` as they are read from storage."""
+
+  def __init__(self, builder, counter):
+    self._builder, self._counter = builder, counter
+
+  def __getattr__(self, name):
+    return getattr(self._builder, name)
+
+  def as_dataset(self, **kwargs):
+    def count(example):
+      with tf.control_dependencies([self._counter.assign_add(1)]):
+        return tf.nest.map_structure(tf.identity, example)
+    return self._builder.as_dataset(**kwargs).map(count)
+
+
+def test_records_read_to_resume_do_not_grow_with_the_step(monkeypatch):
+  counter = tf.Variable(0, dtype=tf.int64)
+  get_builder = sources.get_builder
+  monkeypatch.setattr(sources, 'get_builder', lambda *a: _CountingBuilder(get_builder(*a), counter))
+  config = load_config('configs/mae.py:runlocal', **{
+      'data.train_split': 'train[:1000]', 'data.shuffle_buffer': 100, 'data.cache': False})
+  source = pipeline._source(config, 'train[:1000]', 0, 1, seed=7)  # pylint: disable=protected-access
+  reads = {}
+  for position in (500, 500 + 3 * 1000, 500 + 1000 * 1000):  # the same offset in epochs 0, 3, 1000
+    counter.assign(0)
+    next(iter(pipeline._stream(source, position)))  # pylint: disable=protected-access
+    reads[position] = int(counter.numpy())
+  # A shuffle buffer of 100 must be full to emit, so the 501st record of an epoch needs 600 reads
+  # (601 when tf.data has read one record ahead), in every epoch; skipping the whole stream, as
+  # before, would read 1,000,500 at the last position.
+  assert set(reads.values()) <= {600, 601}, reads
+
+
+@pytest.mark.slow  # ~3 min on the 2 shared cores (compiling train, kNN and linear probe)
+def test_training_and_knn_and_linear_evaluation_on_a_folder(folder, tmp_path):
+  config = load_config('configs/mae.py:runlocal', **tiny_overrides(**{
+      'data.name': str(folder), 'data.train_split': 'train', 'data.eval_split': 'val',
+      'data.cache': False, 'batch_size': 8, 'total_steps': 3, 'eval.batch_size': 8,
+      'mae.decoder_width': 32, 'mae.decoder_depth': 1, 'mae.decoder_heads': 2}))
+  workdir = str(tmp_path / 'run')
+  final = train.train(config, workdir)
+  assert final['step'] == 3 and np.isfinite(final['loss'])
+  with open(os.path.join(workdir, sources.LABELS_FILE)) as f:
+    assert f.read().split() == ['ant', 'bee', 'cow']
+  for protocol in ('knn', 'linear'):
+    assert 0.0 <= evaluate.evaluate(workdir, protocol)['top1'] <= 1.0
+
+
+def test_fused_jpeg_crop_equals_decoding_then_cropping(tmp_path):
+  """random-resized-crop on still-encoded JPEG bytes decodes only the window, yet gives the same
+  pixels as decoding the whole image first (the box depends only on the shape and the seed).
+
+  Exact for 4:4:4 JPEGs, as here; with subsampled (4:2:0) chroma, libjpeg's upsampling lacks the
+  neighbours outside the window, so the window's border pixels differ slightly in colour.
+  """
+  rng = np.random.default_rng(1)
+  Image.fromarray(rng.integers(0, 256, (75, 100, 3), dtype=np.uint8)).save(tmp_path / 'x.jpg',
+                                                                          quality=90, subsampling=0)
+  data = tf.io.read_file(str(tmp_path / 'x.jpg'))
+  for seed in range(5):
+    fused = augment.random_resized_crop(augment.Encoded(data, (None, None, 3)),
+                                        tf.constant([seed, 1]), 32, (0.2, 1.0))
+    whole = augment.random_resized_crop(tf.io.decode_jpeg(data, channels=3),
+                                        tf.constant([seed, 1]), 32, (0.2, 1.0))
+    np.testing.assert_array_equal(fused.numpy(), whole.numpy())
+
+
+def test_missing_folder_fails_validation_naming_the_fix(tmp_path):
+  with pytest.raises(errors.DatasetError, match='does not exist'):
+    validation.validate(_config(tmp_path / 'nowhere'))
+  assert not os.path.exists(tmp_path / 'nowhere')
+
+
+def test_hosts_split_a_folder_into_disjoint_parts_with_every_class(folder):
+  config = _config(folder)
+  parts = [list(pipeline.eval_batches(config, 'val', 8, host, 2)) for host in range(2)]
+  labels = [np.concatenate([b['label'][b['valid']] for b in batches]) for batches in parts]
+  assert sorted(map(len, labels)) == [6, 7]  # 13 images, every other file to each host
+  assert all(set(part) == {0, 1, 2} for part in labels)
+  np.testing.assert_array_equal(np.bincount(np.concatenate(labels)), [4, 5, 4])
+
+
+def test_a_truncated_jpeg_is_skipped_not_fatal(tmp_path):
+  for i in range(6):
+    _write(tmp_path / f'{i}.jpg', (40 * i, 90, 90), 'RGB', 'JPEG', (40, 40))
+  data = (tmp_path / '0.jpg').read_bytes()
+  (tmp_path / '0.jpg').write_bytes(data[:len(data) // 3])  # passes the header check, fails decoding
+  config = _config(tmp_path, **{'data.folder_holdout': 0.0})
+  batches = list(pipeline.eval_batches(config, 'train', 8, 0, 1))
+  assert sum(int(b['valid'].sum()) for b in batches) == 5
