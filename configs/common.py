@@ -105,6 +105,9 @@ def base_config():
   c.optim.base_lr = 1.5e-4  # lr = base_lr * batch_size / lr_base_batch
   c.optim.lr_base_batch = 256
   c.optim.min_lr = 0.0
+  c.optim.schedule = 'cosine'  # after warmup: cosine (to min_lr) | multistep (SimMIM's official)
+  c.optim.milestones = ()  # multistep: steps from which the lr is multiplied by gamma once more
+  c.optim.gamma = 0.1  # multistep: the factor per milestone
   c.optim.b1 = 0.9
   c.optim.b2 = 0.95
   c.optim.weight_decay = 0.05
@@ -185,8 +188,9 @@ def base_config():
   c.mto = ml_collections.ConfigDict()
   c.mto.enabled = False
   c.mto.where = 'encoder'  # encoder (SimMIM: mask tokens in the encoder) | decoder (MAE's decoder)
-  c.mto.tau = 0.0  # affinity temperature; 0 means sqrt(feature dim)
-  c.mto.layer_norm = True  # layer-normalise (no params) the features before the affinity
+  c.mto.tau = 1.0  # affinity temperature; 1 = eq. 2 (none); 0 means sqrt(feature dim)
+  c.mto.layer_norm = False  # layer-normalise (no params) the features first; False = eq. 2 (raw)
+  c.mto.spa_self = False  # L_spa counts each token's affinity to itself (inert: mto.py docstring)
   c.mto.ranking = 'decrease'  # decrease (the text's intent) | printed (eq. 5 as printed)
   c.mto.lambda_spa = 1.0  # weight of L_spa (eq. 3): visible tokens ignore masked ones at layer 0
   c.mto.lambda_e = 1.0  # weight of L_e (eq. 4): 1 / (H^0 + eps), maximises layer-0 heterogeneity
