@@ -96,6 +96,9 @@ def base_config():
   c.data.randaug_magnitude = 9  # on timm's 0..10 scale
   c.data.randaug_magnitude_std = 0.5  # Gaussian noise on the magnitude per op
   c.data.random_erase = 0.25  # probability of erasing one random box with per-pixel noise
+  # Repeated augmentation (DeiT, Hoffer et al.): each training image this many times in a row,
+  # each copy augmented differently; 1 = off.
+  c.data.repeated_aug = 1
   c.data.eval_crop_fraction = 0.875  # evaluation: resize to size / fraction, then centre crop
   c.data.cache = False  # keep the raw (encoded) split in memory; for small datasets
   c.data.shuffle_buffer = 50_000

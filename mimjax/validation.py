@@ -32,6 +32,9 @@ def validate(config):
   if not 0 < config.optim.layer_decay <= 1:
     raise errors.ConfigError(f'config.optim.layer_decay must be in (0, 1] (1 = off), got '
                       f'{config.optim.layer_decay}.')
+  if config.data.repeated_aug < 1:
+    raise errors.ConfigError(f'config.data.repeated_aug must be >= 1 (1 = off), got '
+                             f'{config.data.repeated_aug}.')
   if config.optim.schedule not in ('cosine', 'multistep'):
     raise errors.ConfigError(f'config.optim.schedule={config.optim.schedule!r}; use "cosine" or '
                              '"multistep" (with config.optim.milestones).')

@@ -1,8 +1,10 @@
 """Input pipeline: TFDS split -> per-host tf.data stream -> numpy batches for one process.
 
-The training stream is a pure function of (seed, position): a seeded per-epoch shuffle, then each
-example's augmentation seeded by its position in the stream. Resuming at step s skips
-s * local_batch raw (still encoded) records and continues exactly where the interrupted run was.
+The training stream is a pure function of (seed, position): a seeded per-epoch shuffle, each
+example optionally repeated (`data.repeated_aug` consecutive copies, DeiT's repeated
+augmentation), then each example's augmentation seeded by its position in the stream, so copies
+get different augmentations. Resuming at step s skips s * local_batch raw (still encoded) records
+and continues exactly where the interrupted run was.
 """
 import jax
 import numpy as np
@@ -62,11 +64,21 @@ def train_batches(config, start_step=0, process_index=None, process_count=None):
     ds = ds.cache()
   seed = config.seed * 1000 + process_index
   ds = ds.shuffle(config.data.shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
+  ds = repeat_each(ds, config.data.repeated_aug)
   ds = ds.enumerate().skip(start_step * batch)
   process = _augmenter(config, config.data.augment, image_feature)
   ds = ds.map(lambda i, ex: process(i, ex, seed), num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(batch, drop_remainder=True).prefetch(2)
   return ds.as_numpy_iterator()
+
+
+def repeat_each(ds, repeats):
+  """Each element `repeats` times in a row (DeiT's RASampler: an image's copies sit in
+  consecutive positions of the global batch; here within the host's part of it). As in DeiT the
+  number of examples per step is unchanged, so a pass over the data takes `repeats` epochs."""
+  if repeats == 1:
+    return ds
+  return ds.flat_map(lambda ex: tf.data.Dataset.from_tensors(ex).repeat(repeats))
 
 
 def eval_batches(config, split, batch_size, process_index=None, process_count=None):
