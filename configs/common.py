@@ -182,6 +182,8 @@ def base_config():
   c.tokenprop.enabled = False  # reconstruct the image from the tokenizer output (Qian et al.)
   c.tokenprop.weight = 1e-3  # lambda of the reconstruction term
   c.tokenprop.hidden = 256  # channels of the decoder's two residual blocks
+  c.tokenprop.output_size = 64  # side of the reconstruction (Table 16); the token grid is resized
+  # to output_size / 4 first, and the target image to output_size
 
   c.simmim = ml_collections.ConfigDict()
   c.simmim.mask_ratio = 0.6  # masked cells: ceil(cells * ratio), replaced by the mask token

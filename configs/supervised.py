@@ -58,6 +58,7 @@ def get_config(arg=None):
     c.eval.batch_size = 500
     c.data.repeated_aug = 1  # a pass over the data per 3 epochs is too few for a 1500-step run
     c.tokenprop.hidden = 64  # the paper's 256 dominates the step time of a pico ViT on a CPU
+    c.tokenprop.output_size = 28  # 4 x the 7 x 7 grid: the 28-px image itself, no resizing
     c.log.images_every_steps = 0
   c.lock()
   return c
