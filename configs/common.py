@@ -96,6 +96,9 @@ def base_config():
   c.data.randaug_magnitude = 9  # on timm's 0..10 scale
   c.data.randaug_magnitude_std = 0.5  # Gaussian noise on the magnitude per op
   c.data.random_erase = 0.25  # probability of erasing one random box with per-pixel noise
+  # Repeated augmentation (DeiT, Hoffer et al.): each training image this many times in a row,
+  # each copy augmented differently; 1 = off.
+  c.data.repeated_aug = 1
   c.data.eval_crop_fraction = 0.875  # evaluation: resize to size / fraction, then centre crop
   c.data.cache = False  # keep the raw (encoded) split in memory; for small datasets
   c.data.shuffle_buffer = 50_000
@@ -109,6 +112,9 @@ def base_config():
   c.optim.base_lr = 1.5e-4  # lr = base_lr * batch_size / lr_base_batch
   c.optim.lr_base_batch = 256
   c.optim.min_lr = 0.0
+  c.optim.schedule = 'cosine'  # after warmup: cosine (to min_lr) | multistep (SimMIM's official)
+  c.optim.milestones = ()  # multistep: steps from which the lr is multiplied by gamma once more
+  c.optim.gamma = 0.1  # multistep: the factor per milestone
   c.optim.b1 = 0.9
   c.optim.b2 = 0.95
   c.optim.weight_decay = 0.05
@@ -180,6 +186,8 @@ def base_config():
   c.tokenprop.enabled = False  # reconstruct the image from the tokenizer output (Qian et al.)
   c.tokenprop.weight = 1e-3  # lambda of the reconstruction term
   c.tokenprop.hidden = 256  # channels of the decoder's two residual blocks
+  c.tokenprop.output_size = 64  # side of the reconstruction (Table 16); the token grid is resized
+  # to output_size / 4 first, and the target image to output_size
 
   c.simmim = ml_collections.ConfigDict()
   c.simmim.mask_ratio = 0.6  # masked cells: ceil(cells * ratio), replaced by the mask token
@@ -189,8 +197,9 @@ def base_config():
   c.mto = ml_collections.ConfigDict()
   c.mto.enabled = False
   c.mto.where = 'encoder'  # encoder (SimMIM: mask tokens in the encoder) | decoder (MAE's decoder)
-  c.mto.tau = 0.0  # affinity temperature; 0 means sqrt(feature dim)
-  c.mto.layer_norm = True  # layer-normalise (no params) the features before the affinity
+  c.mto.tau = 1.0  # affinity temperature; 1 = eq. 2 (none); 0 means sqrt(feature dim)
+  c.mto.layer_norm = False  # layer-normalise (no params) the features first; False = eq. 2 (raw)
+  c.mto.spa_self = False  # L_spa counts each token's affinity to itself (inert: mto.py docstring)
   c.mto.ranking = 'decrease'  # decrease (the text's intent) | printed (eq. 5 as printed)
   c.mto.lambda_spa = 1.0  # weight of L_spa (eq. 3): visible tokens ignore masked ones at layer 0
   c.mto.lambda_e = 1.0  # weight of L_e (eq. 4): 1 / (H^0 + eps), maximises layer-0 heterogeneity

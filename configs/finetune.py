@@ -32,6 +32,7 @@ def get_config(arg=None):
     c.optim.min_lr = 1e-6
     c.optim.b2 = 0.999
     c.optim.weight_decay = 0.05
+    c.data.repeated_aug = 1  # MAE's main_finetune.py samples with a plain DistributedSampler
     c.init.format = 'mimjax'
     c.eval.every_steps = common.steps_for_epochs(5, 'imagenet2012', c.batch_size)
     if arg.runlocal:

@@ -40,6 +40,7 @@ def get_config(arg=None):
   c.data.randaug_magnitude = 9
   c.data.randaug_magnitude_std = 0.5
   c.data.random_erase = 0.25
+  c.data.repeated_aug = 3  # DeiT main.py: RASampler, 3 repeats, on by default
   c.supervised.label_smoothing = 0.1
   c.supervised.mixup_alpha = 0.8
   c.supervised.cutmix_alpha = 1.0
@@ -55,7 +56,9 @@ def get_config(arg=None):
     c.data.crop_scale = (0.35, 1.0)
     c.eval.every_steps = 500
     c.eval.batch_size = 500
+    c.data.repeated_aug = 1  # a pass over the data per 3 epochs is too few for a 1500-step run
     c.tokenprop.hidden = 64  # the paper's 256 dominates the step time of a pico ViT on a CPU
+    c.tokenprop.output_size = 28  # 4 x the 7 x 7 grid: the 28-px image itself, no resizing
     c.log.images_every_steps = 0
   c.lock()
   return c

@@ -1,14 +1,24 @@
-"""Optimizer and learning-rate schedule: AdamW with MAE's weight-decay rules, warmup + cosine,
-and optional layer-wise lr decay (BEiT / MAE fine-tuning)."""
+"""Optimizer and learning-rate schedule: AdamW with each reference's weight-decay groups, warmup +
+cosine or multi-step decay, and optional layer-wise lr decay (BEiT / MAE fine-tuning)."""
 import re
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from mimjax.models import vit
 
-# Parameters never decayed besides 1-D ones (biases, norm scales, layer scales).
-NO_DECAY_NAMES = ('pos_embedding', 'cls', 'mask_token')
+# Per framework, the parameters the reference code never decays besides 1-D ones and biases (its
+# `no_weight_decay()` list, in mimjax names). MAE's and LUT's pre-training call timm's
+# add_weight_decay without a skip list, so their cls and mask tokens are decayed; SimMIM's ViT,
+# BEiT's (distillation) and timm's (DeiT, MAE/LUT fine-tuning) skip pos_embed and cls_token only,
+# so SimMIM's and BEiT's mask tokens are decayed too.
+NO_DECAY_NAMES = {
+    'mae': (),
+    'simmim': ('pos_embedding', 'cls'),
+    'distill': ('pos_embedding', 'cls'),
+    'supervised': ('pos_embedding', 'cls'),
+}
 
 
 def path_str(path):
@@ -16,21 +26,39 @@ def path_str(path):
   return '/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path)
 
 
-def decay_mask(params):
-  """True for the parameters that get weight decay: weights of rank >= 2 except embeddings/tokens."""
+def decay_mask(params, framework):
+  """True for the parameters that get weight decay in `framework`'s reference: all but 1-D ones,
+  biases (mimjax's q/k/v biases are [heads, head_dim], timm's fused qkv bias is 1-D) and the
+  reference's `no_weight_decay()` names."""
+  skip = NO_DECAY_NAMES[framework]
+
   def decays(path, leaf):
     name = path_str(path).split('/')[-1]
-    return leaf.ndim >= 2 and name not in NO_DECAY_NAMES
+    return leaf.ndim >= 2 and name != 'bias' and name not in skip
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def learning_rate(config):
-  """Peak lr = base_lr * batch / lr_base_batch; linear warmup from 0, cosine decay to min_lr."""
+  """Peak lr = base_lr * batch / lr_base_batch; linear warmup from 0, then cosine decay to min_lr
+  or (optim.schedule='multistep', SimMIM) x optim.gamma from each step in optim.milestones on."""
   peak = config.optim.base_lr * config.batch_size / config.optim.lr_base_batch
   warmup = min(config.warmup_steps, config.total_steps)
+  if config.optim.schedule == 'multistep':
+    return multistep_schedule(peak, warmup, config.optim.milestones, config.optim.gamma)
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=peak, warmup_steps=warmup,
       decay_steps=max(config.total_steps, warmup + 1), end_value=config.optim.min_lr)
+
+
+def multistep_schedule(peak, warmup, milestones, gamma):
+  """Linear warmup from 0 to `peak`, then peak * gamma ** (number of milestones <= step), as
+  SimMIM's MultiStepLRScheduler (torch's bisect_right over milestone steps)."""
+  milestones = jnp.asarray(milestones, jnp.int32).reshape(-1)
+
+  def schedule(step):
+    decayed = peak * gamma ** jnp.sum(step >= milestones)
+    return jnp.where(step < warmup, peak * step / max(warmup, 1), decayed)
+  return schedule
 
 
 def layer_id(path, depth):
@@ -72,7 +100,8 @@ def make_optimizer(config, params):
   if config.optim.grad_clip > 0:
     chain.append(optax.clip_by_global_norm(config.optim.grad_clip))
   chain.append(optax.adamw(lr, b1=config.optim.b1, b2=config.optim.b2,
-                           weight_decay=config.optim.weight_decay, mask=decay_mask(params)))
+                           weight_decay=config.optim.weight_decay,
+                           mask=decay_mask(params, config.framework)))
   if config.optim.layer_decay < 1:
     depth = vit.parse_variant(config.model.variant)['depth']
     chain.append(scale_by_tree(layer_decay_factors(params, depth, config.optim.layer_decay)))

@@ -53,7 +53,13 @@ def check_fields(config):
         'official MAE checkpoint) or mimjax (a mimjax workdir).')
   if not 0 < config.optim.layer_decay <= 1:
     raise errors.ConfigError(f'config.optim.layer_decay must be in (0, 1] (1 = off), got '
-                             f'{config.optim.layer_decay}.')
+                      f'{config.optim.layer_decay}.')
+  if config.data.repeated_aug < 1:
+    raise errors.ConfigError(f'config.data.repeated_aug must be >= 1 (1 = off), got '
+                             f'{config.data.repeated_aug}.')
+  if config.optim.schedule not in ('cosine', 'multistep'):
+    raise errors.ConfigError(f'config.optim.schedule={config.optim.schedule!r}; use "cosine" or '
+                             '"multistep" (with config.optim.milestones).')
   if config.model.tokenizer_norm not in ('none', 'moto'):
     raise errors.ConfigError(
         f'config.model.tokenizer_norm={config.model.tokenizer_norm!r}; use "none" or "moto".')

@@ -6,6 +6,7 @@ import pytest
 
 from conftest import load_config
 from mimjax import errors
+from mimjax import validation
 from mimjax.data import augment
 from mimjax.data import pipeline
 from mimjax.data import sources
@@ -105,3 +106,42 @@ def test_every_host_yields_the_same_number_of_eval_batches(config):
     batches = list(pipeline.eval_batches(config, 'test[:129]', 64, host, 2))
     counts.append((len(batches), sum(int(b['valid'].sum()) for b in batches)))
   assert counts == [(2, 65), (2, 64)]
+
+
+def _repeated(augment_name, **extra):
+  return load_config('configs/supervised.py:runlocal', **{
+      'batch_size': 24, 'data.train_split': 'train[:96]', 'data.shuffle_buffer': 96,
+      'data.repeated_aug': 3, 'data.augment': augment_name, **extra})
+
+
+def test_repeated_augmentation_each_image_three_times_differently_augmented():
+  assert load_config('configs/supervised.py').data.repeated_aug == 3  # DeiT main.py default
+  center = pipeline.train_batches(_repeated('center'), 0, 0, 1)
+  images = np.concatenate([next(center)['image'] for _ in range(12)])  # 288 = 3 x 96 positions
+  triples = images.reshape(96, 3, -1)
+  # The un-augmented copies of each block of 3 positions are one image ...
+  assert all(np.array_equal(t[0], t[1]) and np.array_equal(t[0], t[2]) for t in triples)
+  # ... and the 96 blocks are the 96 distinct training images, each exactly once.
+  assert len({t[0].tobytes() for t in triples}) == 96
+  # With random augmentation the same positions hold the same images (same labels, same order)
+  # augmented three different ways.
+  config = _repeated('rrc_flip')
+  labels_center = np.concatenate([b['label'] for b in
+                                  [next(pipeline.train_batches(_repeated('center'), s, 0, 1))
+                                   for s in range(4)]])
+  stream = pipeline.train_batches(config, 0, 0, 1)
+  batches = [next(stream) for _ in range(4)]
+  np.testing.assert_array_equal(np.concatenate([b['label'] for b in batches]), labels_center)
+  augmented = np.concatenate([b['image'] for b in batches]).reshape(32, 3, -1)
+  assert not any(np.array_equal(t[i], t[j]) for t in augmented for i, j in ((0, 1), (0, 2), (1, 2)))
+  # Resuming at step 3 continues the repeated stream exactly; two hosts read disjoint images.
+  np.testing.assert_array_equal(next(pipeline.train_batches(config, 3, 0, 1))['image'],
+                                batches[3]['image'])
+  host0 = next(pipeline.train_batches(_repeated('center'), 0, 0, 2))['image'][::3]
+  host1 = next(pipeline.train_batches(_repeated('center'), 0, 1, 2))['image'][::3]
+  assert not any(np.array_equal(x, y) for x in host0 for y in host1)
+
+
+def test_repeated_augmentation_must_be_positive():
+  with pytest.raises(errors.ConfigError, match='repeated_aug'):
+    validation.validate(_repeated('center', **{'data.repeated_aug': 0}))

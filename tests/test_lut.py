@@ -212,11 +212,37 @@ def test_plugin_loss_and_batch_stats_match_hand_computation():
   expected = 0.5 * (np_cos_dist(q1, c2).mean() + np_cos_dist(q2, c1).mean())
   np.testing.assert_allclose(metrics['loss_lut'], expected, rtol=1e-4)
   np.testing.assert_allclose(term, alpha * expected, rtol=1e-4)
-  # Running statistics: 0.9 * running + 0.1 * batch, once per view (view 1 first).
+  # Running statistics: 0.9 * running + 0.1 * batch, once per view (view 1 first); the running
+  # variance is torch's unbiased one, n / (n - 1) times the batch variance.
   stats = new_state['batch_stats']['projector']['BatchNorm_0']
   np.testing.assert_allclose(stats['mean'], 0.1 * 0.9 * mean1 + 0.1 * mean2, rtol=1e-4,
                              atol=1e-6)
-  np.testing.assert_allclose(stats['var'], 0.81 + 0.1 * 0.9 * var1 + 0.1 * var2, rtol=1e-4)
+  n = pooled1.shape[0]
+  np.testing.assert_allclose(stats['var'], 0.81 + (0.1 * 0.9 * var1 + 0.1 * var2) * n / (n - 1),
+                             rtol=1e-4)
+
+
+def test_batchnorm_matches_torch_batchnorm1d():
+  torch = pytest.importorskip('torch')
+  rng = np.random.default_rng(3)
+  x1, x2 = (rng.normal(1.0, 2.0, size=(6, 5)).astype(np.float32) for _ in range(2))
+  ref = torch.nn.BatchNorm1d(5)  # momentum 0.1, eps 1e-5: the reference heads' BatchNorm
+  ref.weight.data.uniform_(0.5, 1.5)
+  ref.bias.data.uniform_(-0.5, 0.5)
+  module = lut.BatchNorm()
+  variables = {'params': {'scale': jnp.asarray(ref.weight.data.numpy()),
+                          'bias': jnp.asarray(ref.bias.data.numpy())},
+               'batch_stats': {'mean': jnp.zeros(5), 'var': jnp.ones(5)}}
+  for x in (x1, x2):
+    want = ref.train()(torch.from_numpy(x)).detach().numpy()
+    got, updates = module.apply(variables, jnp.asarray(x), train=True, mutable=['batch_stats'])
+    variables = dict(variables, **updates)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(variables['batch_stats']['var'], ref.running_var.numpy(), rtol=1e-6)
+  np.testing.assert_allclose(variables['batch_stats']['mean'], ref.running_mean.numpy(), rtol=1e-6,
+                             atol=1e-7)
+  want = ref.eval()(torch.from_numpy(x1)).detach().numpy()
+  np.testing.assert_allclose(module.apply(variables, jnp.asarray(x1)), want, rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------ configs

@@ -32,7 +32,8 @@ def _np_softmax(z):
 
 
 def _np_reference(x, mask, tau, layer_norm):
-  """Heterogeneity and L_spa with explicit loops over images and rows (float64)."""
+  """Heterogeneity (eq. 2) and L_spa (each visible row over the other tokens) with explicit loops
+  over images and rows (float64)."""
   x = np.asarray(x, np.float64)
   if layer_norm:
     x = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-6)
@@ -40,7 +41,8 @@ def _np_reference(x, mask, tau, layer_norm):
   for xi, mi in zip(x, mask):
     vis, msk = np.flatnonzero(~mi), np.flatnonzero(mi)
     hs.append(np.mean([_np_entropy(_np_softmax(xi[vis] @ xi[r] / tau)) for r in msk]))
-    spas.append(np.mean([_np_entropy(_np_softmax(xi @ xi[r] / tau)) for r in vis]))
+    spas.append(np.mean([_np_entropy(_np_softmax(np.delete(xi, r, 0) @ xi[r] / tau))
+                         for r in vis]))
   return np.mean(hs), np.mean(spas)
 
 
@@ -69,7 +71,7 @@ def test_heterogeneity_hand_case_averages_per_image_then_batch():
   np.testing.assert_allclose(got, h_img0 / 2, rtol=1e-6)  # not h_img0 / 3 (mean over all rows)
 
 
-@pytest.mark.parametrize('layer_norm,tau', [(True, None), (False, 2.0)])
+@pytest.mark.parametrize('layer_norm,tau', [(False, 1.0), (True, None), (False, 2.0)])
 def test_heterogeneity_and_sparsity_match_numpy_reference(layer_norm, tau):
   rng = np.random.default_rng(0)
   x = rng.normal(size=(3, 10, 8)).astype(np.float32)
@@ -82,14 +84,49 @@ def test_heterogeneity_and_sparsity_match_numpy_reference(layer_norm, tau):
                              rtol=1e-5)
 
 
+def test_defaults_are_eq2_on_raw_features():
+  # Eq. (2) by hand: A = row-softmax(X_M X_V^T) on the raw features, no temperature.
+  rng = np.random.default_rng(4)
+  x = rng.normal(size=(2, 9, 6)).astype(np.float32)
+  mask = np.zeros((2, 9), bool)
+  mask[:, [0, 3, 4, 7]] = True
+  want = []
+  for xi, mi in zip(x.astype(np.float64), mask):
+    a = np.exp(xi[mi] @ xi[~mi].T)
+    a /= a.sum(1, keepdims=True)
+    want.append(np.mean(-(a * np.log(a)).sum(1)))
+  np.testing.assert_allclose(mto.heterogeneity(jnp.asarray(x), jnp.asarray(mask)), np.mean(want),
+                             rtol=1e-5)
+  config = simmim_mto.get_config(None)
+  assert mto.affinity_options(config.mto) == dict(tau=1.0, layer_norm=False)
+  assert not config.mto.spa_self
+
+
+def test_sparsity_is_live_on_random_tokens():
+  # Correlation logits (layer-normalised, tau = sqrt(D)) of random tokens are ~N(0, 1) off the
+  # diagonal, and the entropy of a softmax over n logits of variance s^2 is ~log n - s^2 / 2: a
+  # near-uniform row. With the token itself included its logit is sqrt(D) = 8 and takes ~0.97 of
+  # the mass: the printed form is ~0.2, and ~0 with raw features.
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.normal(size=(8, 49, 64)), jnp.float32)
+  mask = jnp.asarray(rng.random((8, 49)) < 0.6)
+  kw = dict(tau=None, layer_norm=True)
+  live = float(mto.sparsity_loss(x, mask, **kw))
+  assert abs(live - (math.log(48) - 0.5)) < 0.15
+  assert float(mto.sparsity_loss(x, mask, include_self=True, **kw)) < 0.4
+  assert float(mto.self_mass(x, mask, **kw)) > 0.9
+  assert float(mto.sparsity_loss(x, mask, include_self=True)) < 1e-3  # raw features
+  assert float(mto.self_mass(x, mask)) > 0.999
+
+
 def test_heterogeneity_is_log_visible_count_when_masked_rows_are_uniform():
   rng = np.random.default_rng(1)
   x = rng.normal(size=(4, 12, 16)).astype(np.float32)
   mask = np.zeros((4, 12), bool)
   for i, n_masked in enumerate((3, 5, 7, 9)):
     mask[i, rng.permutation(12)[:n_masked]] = True
-  # A constant feature vector layer-normalises to zero: its affinity to every token is equal.
-  x[mask] = 0.7
+  # A zero feature vector has the same affinity (0) to every token.
+  x[mask] = 0.0
   want = np.mean([math.log(12 - n) for n in (3, 5, 7, 9)])
   got = mto.heterogeneity(jnp.asarray(x), jnp.asarray(mask))
   np.testing.assert_allclose(got, want, rtol=1e-6)
@@ -99,20 +136,22 @@ def test_heterogeneity_is_log_visible_count_when_masked_rows_are_uniform():
 
 
 def test_sparsity_minimal_when_visible_rows_weigh_only_visible_tokens():
-  eye = np.eye(4, dtype=np.float32) * 6.0
+  e0, e1 = np.eye(2, dtype=np.float32) * 6.0
+  visible = np.stack([e0, e0, e1, e1])  # two pairs of equal visible tokens
   mask = jnp.array([[False, False, False, False, True, True, True, True]])
-  # Visible tokens are distinct and the masked ones carry nothing: each visible row puts almost
-  # all its weight on itself, a visible token.
-  concentrated = np.concatenate([eye, np.zeros_like(eye)])[None]
-  # Each masked token duplicates a visible one: visible rows split weight with a masked token.
-  shared = np.concatenate([eye, eye])[None]
+  # The masked tokens carry nothing: each visible row puts almost all its weight on its twin, a
+  # visible token.
+  concentrated = np.concatenate([visible, np.zeros_like(visible)])[None]
+  # Each masked token duplicates a visible one: visible rows split weight with masked tokens.
+  shared = np.concatenate([visible, visible])[None]
   kw = dict(tau=1.0, layer_norm=False)
   low = float(mto.sparsity_loss(jnp.asarray(concentrated), mask, **kw))
   high = float(mto.sparsity_loss(jnp.asarray(shared), mask, **kw))
   assert abs(low) < 1e-6  # the minimum of an entropy, 0
-  want_high = _np_entropy(_np_softmax([36.0, 0, 0, 0, 36.0, 0, 0, 0]))  # ~ log 2
+  # Row e0 over the 7 other tokens: its twin and two masked copies at 36, four at 0: ~log 3.
+  want_high = _np_entropy(_np_softmax([36.0, 0, 0, 36.0, 36.0, 0, 0]))
   np.testing.assert_allclose(high, want_high, rtol=1e-5)
-  assert high > math.log(2) - 1e-3
+  assert high > math.log(3) - 1e-3
 
 
 def test_distinctiveness_loss():
@@ -164,6 +203,24 @@ def test_mto_term_alone_reaches_mask_token_and_embedding(config_module, token_pa
     for key in path:
       g = g[key]
     assert np.all(np.isfinite(g)) and np.abs(g).max() > 0, path
+
+
+@pytest.mark.parametrize('config_module', [simmim_mto, mae_mto])
+def test_sparsity_gradient_is_of_the_order_of_distinctiveness_at_init(config_module):
+  fw, params, state, batch = _framework(config_module, 'pico/4')
+  plugin = fw.plugins[0]
+  kw = mto.affinity_options(fw.config.mto)
+
+  def grad_norm(term):
+    def f(p):
+      _, _, outputs = fw.forward(p, state, batch, jax.random.PRNGKey(2), True)
+      return term(plugin.layers(outputs)[0], outputs['mask'])
+    grads = jax.jit(jax.grad(f))(params)
+    return math.sqrt(sum(float(jnp.sum(g ** 2)) for g in jax.tree_util.tree_leaves(grads)))
+
+  g_e = grad_norm(lambda x, m: mto.distinctiveness_loss(mto.heterogeneity(x, m, **kw)))
+  g_spa = grad_norm(lambda x, m: mto.sparsity_loss(x, m, **kw))
+  assert 0.03 < g_spa / g_e < 30
 
 
 def test_logged_heterogeneity_and_single_compile_under_jit():

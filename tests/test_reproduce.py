@@ -188,6 +188,11 @@ def test_runs_of_a_pair_differ_only_by_method():
   assert (distill.distill.teacher, distill.distill.teacher_workdir) == ('checkpoint', teacher)
   sup = reproduce.build_config('supervised', reproduce.row_overrides('supervised', 0, budget))
   assert sup.eval.every_steps == budget.steps // budget.curve_points
+  # simmim.py defaults to SimMIM's multi-step schedule, simmim_mto.py to MTO's cosine: the study
+  # pair must share one.
+  simmim, simmim_mto = (reproduce.build_config(r, reproduce.row_overrides(r, 1, budget))
+                        for r in ('simmim', 'simmim_mto'))
+  assert simmim.optim.schedule == simmim_mto.optim.schedule == 'cosine'
 
 
 def test_plan_adds_baselines_and_the_teacher():

@@ -13,24 +13,41 @@ from mimjax import validation
 from mimjax.plugins import tokenprop
 
 
-@pytest.mark.parametrize('grid,out', [(7, 28), (14, 56), (16, 64)])
-def test_decoder_output_is_four_times_the_grid(grid, out):
-  decoder = tokenprop.TokenPropDecoder(grid_size=grid, hidden=32)
+@pytest.mark.parametrize('grid,out', [(7, 28), (14, 64), (16, 64), (14, 56)])
+def test_decoder_output_size(grid, out):
+  decoder = tokenprop.TokenPropDecoder(grid_size=grid, hidden=32, output_size=out)
   tokens = jnp.ones((2, grid * grid, 24))
   params = decoder.init(jax.random.PRNGKey(0), tokens)['params']
   assert decoder.apply({'params': params}, tokens).shape == (2, out, out, 3)
 
 
 def test_decoder_layers_follow_table_16():
+  # Table 16 for the 196 tokens of a 224-px ViT-S/16: input map 16 x 16; residual 3x3 blocks of
+  # 256, 256 channels at 16; pixel shuffle to 64 channels at 32; 64 at 32; pixel shuffle to 16
+  # channels at 64; 3 at 64.
   decoder = tokenprop.TokenPropDecoder(grid_size=14, hidden=256)
-  params = decoder.init(jax.random.PRNGKey(0), jnp.ones((1, 196, 384)))['params']
+  tokens = jnp.ones((1, 196, 384))
+  params = decoder.init(jax.random.PRNGKey(0), tokens)['params']
   shapes = jax.tree_util.tree_map(jnp.shape, params)
   assert shapes['block_0']['conv']['kernel'] == (3, 3, 384, 256)
   assert shapes['block_0']['shortcut']['kernel'] == (1, 1, 384, 256)
   assert shapes['block_1']['conv']['kernel'] == (3, 3, 256, 256)
-  assert 'shortcut' not in shapes['block_1']
-  assert shapes['conv_0']['kernel'] == (3, 3, 64, 64)
-  assert shapes['conv_out']['kernel'] == (3, 3, 16, 3)
+  assert 'shortcut' not in shapes['block_1'] and 'shortcut' not in shapes['block_2']
+  assert shapes['block_2']['conv']['kernel'] == (3, 3, 64, 64)
+  assert shapes['block_out']['conv']['kernel'] == (3, 3, 16, 3)
+  assert shapes['block_out']['shortcut']['kernel'] == (1, 1, 16, 3)
+  _, state = decoder.apply({'params': params}, tokens, capture_intermediates=True)
+  sizes = {name: state['intermediates'][name]['__call__'][0].shape
+           for name in ('block_0', 'block_1', 'block_2', 'block_out')}
+  assert sizes == {'block_0': (1, 16, 16, 256), 'block_1': (1, 16, 16, 256),
+                   'block_2': (1, 32, 32, 64), 'block_out': (1, 64, 64, 3)}
+
+
+def test_output_block_is_residual_without_relu():
+  decoder = tokenprop.TokenPropDecoder(grid_size=4, hidden=16, output_size=16)
+  tokens = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 8))
+  params = decoder.init(jax.random.PRNGKey(0), tokens)['params']
+  assert float(decoder.apply({'params': params}, tokens).min()) < 0  # normalised images are
 
 
 def test_pixel_shuffle_matches_tf_depth_to_space():
@@ -66,7 +83,7 @@ def test_plugin_on_supervised_owns_decoder_outside_encoder():
   assert set(params) == {'encoder', 'tokenprop'}
   plain = framework.build_encoder().init(jax.random.PRNGKey(0), batch['image'])['params']
   assert jax.tree_util.tree_structure(params['encoder']) == jax.tree_util.tree_structure(plain)
-  assert set(params['tokenprop']) == {'block_0', 'block_1', 'conv_0', 'conv_out'}
+  assert set(params['tokenprop']) == {'block_0', 'block_1', 'block_2', 'block_out'}
 
   loss, (metrics, _) = framework.loss(params, {}, batch, jax.random.PRNGKey(1), 0)
   rec = metrics['loss_tokenprop']

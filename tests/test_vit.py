@@ -1,5 +1,7 @@
 """ViT encoder against independent facts: timm parameter counts, MAE's position embedding formula,
 permutation equivariance, attention rows that sum to one."""
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -122,3 +124,17 @@ def test_bfloat16_compute_keeps_float32_params():
   out = model.apply(params, images, capture_attention=True)
   assert out['attention'][0].dtype == jnp.float32  # softmax in float32
   assert out['tokens'].dtype == jnp.float32  # final norm in float32
+
+
+def test_qkv_init_has_the_fused_xavier_std():
+  # timm's fused qkv Linear [3D, D], Xavier-uniform: std = sqrt(2 / (D + 3D)); separate q, k, v
+  # kernels with their own fans would have sqrt(2) times that.
+  width = 384
+  attn = vit.MultiHeadAttention(num_heads=6)
+  params = attn.init(jax.random.PRNGKey(0), jnp.zeros((1, 2, width)))['params']
+  want = math.sqrt(2 / (width + 3 * width))
+  for name in ('query', 'key', 'value'):
+    kernel = np.asarray(params[name]['kernel'])
+    assert kernel.shape == (width, 6, 64)
+    np.testing.assert_allclose(kernel.std(), want, rtol=0.01)
+    assert np.abs(kernel).max() <= math.sqrt(3) * want  # uniform on [-a, a], a = sqrt(3) std

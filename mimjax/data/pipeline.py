@@ -1,11 +1,13 @@
 """Input pipeline: a TFDS split or an image folder -> per-host tf.data stream -> numpy batches.
 
 The training stream is a pure function of (seed, position), position counted in examples: epoch e
-is the host's records in an order seeded by (seed, e), and each example's augmentation is seeded
-by its position in the stream. Resuming at a position therefore skips whole epochs arithmetically
-and reads at most one epoch's records: none for an image folder, whose epoch order is a full
-permutation of its file list, and at most the epoch's records before the position for TFDS,
-whose records are read in sequence through a shuffle buffer.
+is the host's records in an order seeded by (seed, e), each record optionally repeated
+(`data.repeated_aug` consecutive copies, DeiT's repeated augmentation), and each example's
+augmentation is seeded by its position in the stream, so copies get different augmentations.
+Resuming at a position therefore skips whole epochs arithmetically and reads at most one epoch's
+records: none for an image folder, whose epoch order is a full permutation of its file list, and at
+most the epoch's records before the position for TFDS, whose records are read in sequence through
+a shuffle buffer.
 """
 from typing import Callable, NamedTuple
 
@@ -131,11 +133,17 @@ def local_batch_size(global_batch, process_count=None):
   return global_batch // process_count
 
 
-def _stream(source, host_position):
-  """(position, record) pairs of the endless stream from `host_position`: earlier epochs are
-  skipped arithmetically, so at most the current epoch's records are read to get there."""
-  first_epoch, offset = divmod(host_position, source.num_examples)
+def _stream(source, host_position, repeats=1):
+  """(position, record) pairs of the endless stream from `host_position`, each record `repeats`
+  times in a row (DeiT's RASampler: an image's copies sit in consecutive positions, here of the
+  host's part of the batch; as in DeiT the examples per step are unchanged, so a pass over the data
+  takes `repeats` epochs). Earlier epochs are skipped arithmetically, so at most the current
+  epoch's records are read to get there."""
+  record, copy = divmod(host_position, repeats)
+  first_epoch, offset = divmod(record, source.num_examples)
   ds = tf.data.Dataset.range(first_epoch, _ENDLESS).flat_map(source.epoch).skip(offset)
+  if repeats > 1:
+    ds = ds.flat_map(lambda ex: tf.data.Dataset.from_tensors(ex).repeat(repeats)).skip(copy)
   return ds.enumerate(start=host_position)
 
 
@@ -156,8 +164,9 @@ def train_batches(config, position=0, process_index=None, process_count=None):
   seed = config.seed * 1000 + process_index
   source = _source(config, config.data.train_split, process_index, process_count, seed)
   process = _augmenter(config, config.data.augment, source)
-  ds = _skip_undecodable(_stream(source, host_position).map(lambda i, ex: process(i, ex, seed),
-                                num_parallel_calls=tf.data.AUTOTUNE), config)
+  stream = _stream(source, host_position, config.data.repeated_aug)
+  ds = _skip_undecodable(stream.map(lambda i, ex: process(i, ex, seed),
+                                    num_parallel_calls=tf.data.AUTOTUNE), config)
   return _finish(ds.batch(batch, drop_remainder=True), config).as_numpy_iterator()
 
 

@@ -2,7 +2,8 @@
 
 The framework's own forward pass (masks from the run's seed) is run with per-layer captures of
 its mask-token sites (`Framework.mask_token_sites`: the encoder of SimMIM, the decoder of MAE), and
-`mimjax.plugins.mto.heterogeneity` is measured at every layer, image by image.
+`mimjax.plugins.mto.heterogeneity` is measured at every layer, image by image, with the run's own
+`config.mto` affinity settings (eq. 2 on raw features by default).
 """
 import jax
 import jax.numpy as jnp
@@ -34,7 +35,8 @@ def protocol(run, num_images=None):
   framework = registry.build(config, captures=[f'{site}_layers' for site in sites])
   num_prefix = framework.build_encoder().num_prefix
   rng = jax.random.PRNGKey(config.seed)
-  one = jax.vmap(lambda x, m: mto.heterogeneity(x[None], m[None]))
+  kw = mto.affinity_options(config.mto)  # the run's own affinity (eq. 2 by default)
+  one = jax.vmap(lambda x, m: mto.heterogeneity(x[None], m[None], **kw))
 
   def per_image(params, images):
     batch = dict(image=images, label=jnp.zeros(images.shape[:1], jnp.int32))

@@ -30,6 +30,9 @@ VARIANTS = {
 
 Dtype = Any
 xavier = nn.initializers.xavier_uniform()
+# Xavier-uniform of timm's fused [3D, D] qkv Linear (MAE, SimMIM, DeiT), applied to each of the
+# separate q/k/v kernels: variance 2 / (D + 3D), i.e. scale 1/2 of the per-kernel fan average D.
+qkv_init = nn.initializers.variance_scaling(0.5, 'fan_avg', 'uniform')
 
 
 def parse_variant(variant):
@@ -75,7 +78,7 @@ class MultiHeadAttention(nn.Module):
       raise ValueError(f'width {width} is not divisible by num_heads {self.num_heads}')
     head_dim = width // self.num_heads
     proj = lambda name: nn.DenseGeneral(  # noqa: E731
-        (self.num_heads, head_dim), dtype=self.dtype, name=name, kernel_init=xavier)
+        (self.num_heads, head_dim), dtype=self.dtype, name=name, kernel_init=qkv_init)
     q, k, v = proj('query')(x), proj('key')(x), proj('value')(x)
     logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
     weights = jax.nn.softmax(logits / math.sqrt(head_dim), axis=-1)

@@ -27,6 +27,33 @@ BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
 
 
+class BatchNorm(nn.Module):
+  """torch's BatchNorm1d: normalises with the biased batch variance but keeps the *unbiased* one
+  (n / (n - 1)) in its running variance, which flax's BatchNorm keeps biased. Same parameter and
+  statistic names as flax's (scale, bias; mean, var)."""
+  momentum: float = BN_MOMENTUM
+  epsilon: float = BN_EPSILON
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    features = x.shape[-1]
+    running_mean = self.variable('batch_stats', 'mean', jnp.zeros, (features,), jnp.float32)
+    running_var = self.variable('batch_stats', 'var', jnp.ones, (features,), jnp.float32)
+    scale = self.param('scale', nn.initializers.ones, (features,))
+    bias = self.param('bias', nn.initializers.zeros, (features,))
+    if train:
+      axes = tuple(range(x.ndim - 1))
+      mean, var = x.mean(axes), x.var(axes)
+      if not self.is_initializing():
+        n = x.size // features
+        running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean
+        running_var.value = (self.momentum * running_var.value
+                             + (1 - self.momentum) * var * n / max(n - 1, 1))
+    else:
+      mean, var = running_mean.value, running_var.value
+    return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+
+
 class MLPHead(nn.Module):
   """Linear (no bias) -> BatchNorm -> ReLU -> Linear (no bias), Xavier-uniform, in float32."""
   hidden_dim: int
@@ -36,7 +63,7 @@ class MLPHead(nn.Module):
   def __call__(self, x, train=False):
     xavier = nn.initializers.xavier_uniform()
     x = nn.Dense(self.hidden_dim, use_bias=False, kernel_init=xavier)(x.astype(jnp.float32))
-    x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON)(x)
+    x = BatchNorm(name='BatchNorm_0')(x, train)
     x = nn.relu(x)
     return nn.Dense(self.out_dim, use_bias=False, kernel_init=xavier)(x)
 

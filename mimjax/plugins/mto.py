@@ -5,12 +5,22 @@ Notation: x [B, N, D] token features of one layer (patch tokens only, no cls), m
 True for masked positions (the ones holding the mask token at layer 0). Every quantity is computed
 in float32, per image, then averaged over the batch; masks keep all shapes static under jit.
 
-Choices the paper leaves open:
-- Affinities are dot products of layer-normalised features (zero mean, unit variance per token,
-  no learned scale) divided by tau = sqrt(D). The paper writes psi(X_M X_V^T) with raw features
-  and no temperature; raw features make the entropies depend on the feature scale, which the
-  losses could then trivially exploit. Both the normalisation and tau are configurable.
-- L_spa's affinity psi(X X^T) includes each token's similarity to itself, as printed.
+Choices the paper leaves open (defaults follow the paper; see docs/recipes.md):
+- Affinities are eq. (2)'s A = softmax(X_M X_V^T) on the layer's raw features, no temperature
+  (mto.tau=1, mto.layer_norm=False). Options: layer-normalised features (zero mean, unit variance
+  per token, no learned scale) and a temperature (mto.tau=0 means sqrt(D)). Their scale argument:
+  raw dot products grow with the feature norm, so the entropies partly measure the norm and the
+  losses can lower or raise them by rescaling features (L_e by shrinking layer-0 norms); with
+  normalised features and tau = sqrt(D) the logits are correlations of O(1) and H measures only
+  the direction of the features. On a trained MAE decoder the two forms give opposite per-layer
+  trends (issue 23: raw falls 0.59 -> 0.12 -> 0.06 over decoder layers, as the paper's Fig. 1a;
+  normalised rises 2.14 -> 2.36 -> 2.47), so the normalised form is not the paper's quantity.
+- L_spa's affinity psi(X X^T) is printed over all tokens, each token's similarity to itself
+  included. On raw (or normalised, tau = sqrt(D)) features the self logit |x|^2 dwarfs the others,
+  so every visible row puts almost all its mass on itself and L_spa is ~0 with no gradient: the
+  term is inert (see `self_mass` and docs/recipes.md for the measurements). The default
+  (mto.spa_self=False) leaves the diagonal out, the only reading under which L_spa can move a
+  visible token's weight from masked to visible tokens, as the paper intends.
 - Eq. (3) sums row entropies over visible rows; here they are averaged (as H averages over masked
   rows), so the term does not scale with the number of visible tokens.
 """
@@ -38,13 +48,18 @@ def row_entropy(logits, valid):
   return lse - jnp.sum(p * jnp.where(valid, logits, 0.0), axis=-1)
 
 
-def affinity_logits(x, tau=None, layer_norm=True):
-  """Token-by-token logits X X^T / tau, [B, N, N] in float32; tau defaults to sqrt(D)."""
+def affinity_logits(x, tau=1.0, layer_norm=False):
+  """Token-by-token logits X X^T / tau, [B, N, N] in float32; tau None or 0 means sqrt(D)."""
   x = x.astype(jnp.float32)
   if layer_norm:
     x = (x - x.mean(-1, keepdims=True)) * jax.lax.rsqrt(x.var(-1, keepdims=True) + 1e-6)
   tau = tau or math.sqrt(x.shape[-1])
   return jnp.einsum('bnd,bmd->bnm', x, x) / tau
+
+
+def affinity_options(mto_config):
+  """Keyword arguments of the affinity (tau, layer_norm) from a run's `config.mto`."""
+  return dict(tau=mto_config.tau or None, layer_norm=mto_config.layer_norm)
 
 
 def _mean_over_rows(values, rows):
@@ -53,7 +68,7 @@ def _mean_over_rows(values, rows):
   return jnp.mean(jnp.sum(values * rows, -1) / jnp.maximum(rows.sum(-1), 1.0))
 
 
-def heterogeneity(x, mask, tau=None, layer_norm=True):
+def heterogeneity(x, mask, tau=1.0, layer_norm=False):
   """Eq. (2): mean over masked rows of the entropy of the softmax over visible tokens.
 
   High H: masked tokens are equally (un)related to all visible tokens; at most log(#visible).
@@ -63,15 +78,27 @@ def heterogeneity(x, mask, tau=None, layer_norm=True):
   return _mean_over_rows(entropy, mask)
 
 
-def sparsity_loss(x, mask, tau=None, layer_norm=True):
-  """L_spa, eq. (3): mean over visible rows of the entropy of the softmax over all tokens.
+def _off_diagonal(n):
+  """[1, N, N] True except on the diagonal."""
+  return ~jnp.eye(n, dtype=bool)[None]
+
+
+def self_mass(x, mask, tau=1.0, layer_norm=False):
+  """Mean over visible rows of the softmax weight (over all tokens) a token puts on itself."""
+  p = jax.nn.softmax(affinity_logits(x, tau, layer_norm), axis=-1)
+  return _mean_over_rows(jnp.diagonal(p, axis1=-2, axis2=-1), ~mask)
+
+
+def sparsity_loss(x, mask, tau=1.0, layer_norm=False, include_self=False):
+  """L_spa, eq. (3): mean over visible rows of the entropy of the softmax over all tokens
+  (without the token itself unless `include_self`, see the module docstring).
 
   Minimal (zero) when every visible token puts all its weight on one token; the paper's
   supplementary proof shows the minimum is reached with that weight on a visible token, so that
   visible tokens stop aggregating the semantically void mask tokens.
   """
   logits = affinity_logits(x, tau, layer_norm)
-  entropy = row_entropy(logits, True)
+  entropy = row_entropy(logits, True if include_self else _off_diagonal(x.shape[1]))
   return _mean_over_rows(entropy, ~mask)
 
 
@@ -141,9 +168,9 @@ class MTO(base.Plugin):
     mto = self.config.mto
     mask = outputs.mask
     layers = self.layers(outputs)
-    kw = dict(tau=mto.tau or None, layer_norm=mto.layer_norm)
+    kw = affinity_options(mto)
     hs = jnp.stack([heterogeneity(x, mask, **kw) for x in layers])
-    l_spa = sparsity_loss(layers[0], mask, **kw)
+    l_spa = sparsity_loss(layers[0], mask, include_self=mto.spa_self, **kw)
     l_e = distinctiveness_loss(hs[0], mto.eps)
     l_r = ranking_loss(hs, mto.ranking)
     term = mto.lambda_spa * l_spa + mto.lambda_e * l_e + mto.lambda_r * l_r

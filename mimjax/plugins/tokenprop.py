@@ -1,15 +1,21 @@
 """TokenProp (Qian et al., eq. 7 and Table 16): reconstruct the image from the tokenizer's output.
 
 A light convolutional decoder G maps the tokenizer's patch tokens (before position embedding and
-the transformer blocks), laid out on their g x g grid, to an image at 4g x 4g; the L2 distance to
-the encoder's input image resized to that resolution, times lambda = 1e-3, is added to the task
-loss.
+the transformer blocks), laid out on their g x g grid, to an image; the L2 distance to the
+encoder's input image resized to that resolution, times lambda = 1e-3, is added to the task loss.
 The decoder is training-only: it lives in params['tokenprop'], never in params['encoder'].
 
-Table 16 calls its convolutional layers residual blocks without saying more; here the two 3x3 layers
-at the token resolution are `relu(shortcut(x) + conv3x3(x))` (shortcut: identity, or a 1x1 conv
-when the channel count changes), the later 3x3 convs are plain (ReLU after the 64-channel one), and
-pixel shuffles are depth-to-space with (row, col, channel) order.
+Table 16, read row by row (the extracted table is ambiguous; these are the readings chosen):
+- "Input w Concat, output size 16": the 196 tokens of a 224-px ViT/16 are concatenated into one
+  spatial map ("transforms the split tokens into connected spatial feature maps", Sec. 6.3) and
+  brought to 16 x 16, a quarter of the 64 x 64 output of Sec. 6.3 and Table 9; here the g x g
+  grid is resized (bilinear) to `output_size / 4` when it differs (14 -> 16 at 224 px).
+- "The convolutional layer denotes residual blocks": all four 3x3 layers are residual,
+  shortcut(x) + conv3x3(x), the shortcut an identity or a 1x1 conv when the channel count
+  changes; ReLU after each block except the output one (the target is a normalised image with
+  negative values).
+- Channels 256, 256, pixel shuffle to 64 (x2 size), 64, pixel shuffle to 16 (x2), 3: with
+  `hidden` = 256 as printed. Pixel shuffles are depth-to-space with (row, col, channel) order.
 """
 import flax.linen as nn
 import jax
@@ -28,33 +34,40 @@ def pixel_shuffle(x, factor):
 
 
 class ResidualConv(nn.Module):
-  """relu(shortcut(x) + conv3x3(x)); the shortcut is a 1x1 conv only when channels change."""
+  """shortcut(x) + conv3x3(x), then ReLU if `activation`; the shortcut is a 1x1 conv only when
+  channels change."""
   features: int
+  activation: bool = True
 
   @nn.compact
   def __call__(self, x):
     shortcut = x
     if x.shape[-1] != self.features:
       shortcut = nn.Conv(self.features, (1, 1), name='shortcut')(x)
-    return nn.relu(shortcut + nn.Conv(self.features, (3, 3), padding='SAME', name='conv')(x))
+    y = shortcut + nn.Conv(self.features, (3, 3), padding='SAME', name='conv')(x)
+    return nn.relu(y) if self.activation else y
 
 
 class TokenPropDecoder(nn.Module):
-  """Tokens [B, g*g, width] -> image [B, 4g, 4g, channels] (Table 16)."""
+  """Tokens [B, g*g, width] -> image [B, output_size, output_size, channels] (Table 16)."""
   grid_size: int
   channels: int = 3
   hidden: int = 256
+  output_size: int = 64
 
   @nn.compact
   def __call__(self, tokens):
     b = tokens.shape[0]
     x = tokens.astype(jnp.float32).reshape(b, self.grid_size, self.grid_size, -1)
+    side = self.output_size // 4
+    if side != self.grid_size:
+      x = jax.image.resize(x, (b, side, side, x.shape[-1]), 'bilinear')
     x = ResidualConv(self.hidden, name='block_0')(x)
     x = ResidualConv(self.hidden, name='block_1')(x)
-    x = pixel_shuffle(x, 2)  # hidden / 4 = 64 channels at 2g
-    x = nn.relu(nn.Conv(self.hidden // 4, (3, 3), padding='SAME', name='conv_0')(x))
-    x = pixel_shuffle(x, 2)  # hidden / 16 = 16 channels at 4g
-    return nn.Conv(self.channels, (3, 3), padding='SAME', name='conv_out')(x)
+    x = pixel_shuffle(x, 2)  # hidden / 4 = 64 channels at output_size / 2
+    x = ResidualConv(self.hidden // 4, name='block_2')(x)
+    x = pixel_shuffle(x, 2)  # hidden / 16 = 16 channels at output_size
+    return ResidualConv(self.channels, activation=False, name='block_out')(x)
 
 
 def reconstruction_loss(pred, images):
@@ -78,7 +91,8 @@ class TokenProp(base.Plugin):
   def __init__(self, config, framework):
     super().__init__(config, framework)
     self.decoder = TokenPropDecoder(grid_size=framework.grid_size,
-                                    channels=config.data.channels, hidden=config.tokenprop.hidden)
+                                    channels=config.data.channels, hidden=config.tokenprop.hidden,
+                                    output_size=config.tokenprop.output_size)
 
   @classmethod
   def enabled(cls, config):
@@ -99,6 +113,10 @@ class TokenProp(base.Plugin):
       raise errors.ConfigError(
           f'config.tokenprop.hidden={config.tokenprop.hidden} must be a multiple of 16 (two x2 '
           'pixel shuffles divide the channels by 16); the paper uses 256.')
+    if config.tokenprop.output_size % 4 or config.tokenprop.output_size < 4:
+      raise errors.ConfigError(
+          f'config.tokenprop.output_size={config.tokenprop.output_size} must be a positive '
+          'multiple of 4 (two x2 pixel shuffles); the paper uses 64.')
 
   def init_params(self, rng, outputs):
     return self.decoder.init(rng, outputs.encoder['tokenizer'])['params']

@@ -62,7 +62,8 @@ ROWS = {
     'mae': Row('mae:runlocal', 'MAE', ('attention_distance', 'heterogeneity')),
     'mae_lut': Row('mae_lut:runlocal', 'MAE + LUT', ('attention_distance',)),
     'mae_mto': Row('mae_mto:runlocal', 'MAE + MTO (decoder)', ('heterogeneity',)),
-    'simmim': Row('simmim:runlocal', 'SimMIM', ('heterogeneity',)),
+    # Cosine, as simmim_mto (MTO's Table 3), so the pair differs only by MTO.
+    'simmim': Row('simmim:runlocal,cosine', 'SimMIM', ('heterogeneity',)),
     'simmim_mto': Row('simmim_mto:runlocal', 'SimMIM + MTO (encoder)', ('heterogeneity',)),
     'supervised': Row('supervised:runlocal', 'supervised ViT'),
     'supervised_moto': Row('supervised:runlocal,moto', 'supervised + MoTo', ('moto_layout',)),
