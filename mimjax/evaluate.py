@@ -16,6 +16,7 @@ from absl import flags
 from absl import logging
 
 from mimjax import errors
+from mimjax import workdir_io
 from mimjax.eval import attention
 from mimjax.eval import features as features_lib
 from mimjax.eval import finetune
@@ -108,8 +109,8 @@ def evaluate(workdir, protocol, step=None, compare_random_init=False, run=None, 
   else:
     raise errors.ConfigError(f'Unknown protocol {protocol!r}; choose one of '
                              f'{sorted({**PROTOCOLS, **CURVE_PROTOCOLS})}.')
-  with open(os.path.join(workdir, f'eval_{protocol}.json'), 'w') as f:
-    json.dump(result, f, indent=2)
+  workdir_io.write_atomic(workdir_io.path(workdir, f'eval_{protocol}.json'),
+                          json.dumps(result, indent=2))
   return result
 
 
