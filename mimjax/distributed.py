@@ -90,3 +90,22 @@ def claim_workdir(workdir):
         f'{workdir} is not one directory shared by every host. Use a gs:// bucket or a shared '
         'filesystem.')
   return lock
+
+
+def process_0_first(fn):
+  """fn() on process 0, then on the other processes once it has returned there (e.g. preparing a
+  dataset in a shared directory exactly once); a MimjaxError on process 0 stops every host."""
+  if jax.process_count() == 1:
+    return fn()
+  result, error = None, None
+  if jax.process_index() == 0:
+    try:
+      result = fn()
+    except errors.MimjaxError as e:
+      error = e
+  failed = int(multihost_utils.broadcast_one_to_all(np.int32(error is not None)))
+  if error:
+    raise error
+  if failed:
+    raise errors.DatasetError('Process 0 could not prepare the dataset; its log says why.')
+  return result if jax.process_index() == 0 else fn()

@@ -13,6 +13,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.image_classification import mnist as tfds_mnist
 
+from mimjax import distributed
 from mimjax import errors
 
 DEBIAN_FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
@@ -86,6 +87,14 @@ def get_builder(name, data_dir=None, download=True):
     hint = f' Did you mean {" or ".join(repr(c) for c in close)}?' if close else ''
     raise errors.DatasetError(f'Unknown dataset {name!r} (config.data.name).{hint} Use any TFDS dataset '
                               'name, e.g. fashion_mnist, cifar10, imagenette, imagenet2012.') from e
+  # Process 0 prepares a shared data_dir once; the other hosts then open it (or prepare their own
+  # copy when data_dir is not shared).
+  return distributed.process_0_first(lambda: _prepared(name, data_dir, download))
+
+
+def _prepared(name, data_dir, download):
+  """The builder for `name`, prepared first if it is not."""
+  builder = tfds.builder(name, data_dir=data_dir)
   if builder.is_prepared():
     return builder
   base_name = name.split(':')[0].split('/')[0]
