@@ -186,7 +186,7 @@ def test_each_slurm_task_gets_a_device_it_can_see(monkeypatch, visible, expected
   ids = distributed.slurm_local_device_ids()
   address, count, process_id, local = clusters.ClusterEnv.auto_detect_unset_distributed_params(
       None, None, None, ids, None, None)
-  assert (address, count, process_id) == ('gpu001:65074', 16, 11)  # 4242 % 4096 + 61440
+  assert (address, count, process_id) == ('gpu001:61586', 16, 11)  # 4242 % 4096 + 61440
   assert list(local) == expected
   assert all(i < len(visible.split(',')) for i in local)
 
