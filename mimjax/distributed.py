@@ -53,7 +53,7 @@ def check_same_on_all_hosts(value, message):
     return
   values = [int(v) for v in multihost_utils.process_allgather(np.int32(value))]
   if len(set(values)) > 1:
-    raise errors.ConfigError(message.format(values=values).capitalize() + '.')
+    raise errors.ConfigError(message.format(values=values))
 
 
 def claim_workdir(workdir):

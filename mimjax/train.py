@@ -303,8 +303,8 @@ def train(config, workdir):
   latest = ckpt.latest_step()
   distributed.check_same_on_all_hosts(
       -1 if latest is None else latest,
-      f'the latest checkpoint step in {ckpt.directory} differs between hosts (steps seen: '
-      '{values}): the workdir must be one shared directory or bucket that every host sees')
+      f'The latest checkpoint step in {ckpt.directory} differs between hosts (steps seen: '
+      '{values}): the workdir must be one shared directory or bucket that every host sees.')
   latest_meta = ckpt.read_meta(latest) if latest is not None else {}
   start_step = int(latest_meta.get('data_position', 0))
 

@@ -3,6 +3,7 @@ SIGTERM / preemption stops, the shared-workdir check, process-0 dataset preparat
 binding and the local launcher's Ctrl-C."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -115,14 +116,12 @@ def test_a_run_refuses_a_workdir_held_by_a_live_process(tiny_mae_config, tmp_pat
 
 
 def test_a_stale_lock_from_a_dead_process_does_not_block_a_resume(tiny_mae_config, tmp_path):
+  """A kill -9 after the step-3 checkpoint (the later one deleted) left its lock behind."""
   dead = subprocess.Popen(['true'])
   dead.wait()
-  with tiny_mae_config.unlocked():
-    tiny_mae_config.total_steps = 3
   train.train(tiny_mae_config, str(tmp_path))
-  (tmp_path / workdir_io.LOCK_NAME).write_text(_lock_of(dead.pid))  # a kill -9 left it
-  with tiny_mae_config.unlocked():
-    tiny_mae_config.total_steps = 6
+  shutil.rmtree(tmp_path / 'checkpoints' / '6')
+  (tmp_path / workdir_io.LOCK_NAME).write_text(_lock_of(dead.pid))
   assert train.train(tiny_mae_config, str(tmp_path))['step'] == 6
   assert not (tmp_path / workdir_io.LOCK_NAME).exists()  # released at the end
 
