@@ -3,7 +3,8 @@ r"""Train any mimjax framework: `python -m mimjax.train --config configs/mae.py:
 A second run of the same command with the same workdir resumes from the latest checkpoint (params,
 optimizer, step, RNG and data position) and reproduces the uninterrupted run. Ctrl-C saves a
 checkpoint at the current step before exiting, and the rerun's metrics.jsonl is the uninterrupted
-run's.
+run's. SIGTERM (a preemption notice; in a multi-host run every host stops at the same step) does
+the same and exits with PREEMPTED_EXIT_CODE (143), which schedulers treat as "requeue".
 """
 import itertools
 import json
