@@ -1,10 +1,12 @@
 """Multi-host start-up: `jax.distributed.initialize` from config.distributed or the environment,
 and the start-up checks that every host sees the same workdir."""
+import itertools
 import os
 
 import jax
 from jax.experimental import multihost_utils
 import numpy as np
+import orbax.checkpoint as ocp
 
 from mimjax import errors
 from mimjax import workdir_io
@@ -92,9 +94,17 @@ def claim_workdir(workdir):
   return lock
 
 
+# Preparing a large dataset takes hours; the others wait that long at the barrier.
+_PROCESS_0_FIRST_TIMEOUT_S = 12 * 3600
+_barriers = itertools.count()
+
+
 def process_0_first(fn):
   """fn() on process 0, then on the other processes once it has returned there (e.g. preparing a
-  dataset in a shared directory exactly once); a MimjaxError on process 0 stops every host."""
+  dataset in a shared directory exactly once); a MimjaxError on process 0 stops every host.
+
+  The wait is a coordination-service barrier: a collective (gloo, NCCL) times out in seconds.
+  """
   if jax.process_count() == 1:
     return fn()
   result, error = None, None
@@ -103,6 +113,8 @@ def process_0_first(fn):
       result = fn()
     except errors.MimjaxError as e:
       error = e
+  ocp.multihost.sync_global_processes(f'mimjax_process_0_first_{next(_barriers)}',
+                                      timeout=_PROCESS_0_FIRST_TIMEOUT_S)
   failed = int(multihost_utils.broadcast_one_to_all(np.int32(error is not None)))
   if error:
     raise error
