@@ -8,6 +8,8 @@
 # MIMJAX_PROCESS_ID, which mimjax.distributed passes to jax.distributed.initialize. Process i
 # logs to $LOG_DIR/process_i.log (LOG_DIR defaults to the current directory). The script waits
 # for all processes and fails if any fails. --dry-run (or DRY_RUN=1) prints the commands only.
+# Ctrl-C (or SIGTERM to this script) sends SIGTERM to every process: they checkpoint at one
+# common step, exit, and the script waits for them; re-running the command resumes.
 set -euo pipefail
 
 DRY_RUN="${DRY_RUN:-0}"
@@ -27,8 +29,16 @@ port="$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0
 coordinator="127.0.0.1:${port}"
 
 pids=()
-# Stopping the launcher stops the whole run.
-trap 'kill "${pids[@]}" 2>/dev/null || true; exit 130' INT TERM
+# Stopping the launcher stops the whole run. Background processes ignore SIGINT, so they get
+# SIGTERM, which JAX's preemption service turns into a checkpoint at a step common to all.
+# shellcheck disable=SC2329  # called by the trap
+stop() {
+  echo "stopping: the processes save a checkpoint and exit" >&2
+  kill -TERM "${pids[@]}" 2>/dev/null || true
+  wait "${pids[@]}" 2>/dev/null || true
+  exit 130
+}
+trap stop INT TERM
 
 for ((i = 0; i < num_processes; i++)); do
   cmd=(env "MIMJAX_COORDINATOR=${coordinator}" "MIMJAX_NUM_PROCESSES=${num_processes}"

@@ -4,14 +4,13 @@ Saves are asynchronous and atomic (Orbax writes to a temporary directory and ren
 write has finished), so a crash or Ctrl-C mid-save leaves the previous checkpoint intact. Restores
 take target shardings, so a run can resume on a different mesh or device count.
 """
-import os
-
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
 from mimjax import errors
 from mimjax import optim
+from mimjax import workdir_io
 
 
 
@@ -25,7 +24,7 @@ class Checkpointer:
   """Keeps the last `keep` checkpoints under WORKDIR/checkpoints/<step>/{state,meta}."""
 
   def __init__(self, workdir, keep=3, async_save=True):
-    self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+    self.directory = workdir_io.path(workdir, 'checkpoints')  # a gs:// URL stays a URL
     # create=False: opening a workdir to read it never creates anything; the first save makes
     # checkpoints/ inside the (existing) workdir.
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=False,
@@ -52,7 +51,7 @@ class Checkpointer:
     except Exception as e:  # orbax raises many types for unreadable files
       raise errors.CheckpointError(
           f'Checkpoint {step} in {self.directory} cannot be read ({type(e).__name__}: {e}). '
-          f'If it is damaged, move {os.path.join(self.directory, str(step))} away to resume from '
+          f'If it is damaged, move {self.directory / str(step)} away to resume from '
           'the one before, or start in a new --workdir.') from e
     return restored['meta']
 
@@ -89,7 +88,7 @@ class Checkpointer:
     except Exception as e:
       raise errors.CheckpointError(
           f'Checkpoint {step} in {self.directory} cannot be restored ({type(e).__name__}: {e}). '
-          f'If it is damaged, move {os.path.join(self.directory, str(step))} away to resume from '
+          f'If it is damaged, move {self.directory / str(step)} away to resume from '
           'the one before, or start in a new --workdir.') from e
     return restored['state']
 
@@ -103,7 +102,7 @@ class Checkpointer:
   def restore_host(self, step, item):
     """One top-level `item` of the state at `step` ('params', 'model_state') as numpy arrays;
     {} when the state holds none (e.g. a run without non-trained state)."""
-    path = os.path.join(self.directory, str(step), 'state')
+    path = self.directory / str(step) / 'state'
     try:
       checkpointer = ocp.PyTreeCheckpointer()
       saved = checkpointer.metadata(path).item_metadata.get(item)

@@ -21,6 +21,7 @@ import jax
 from mimjax import distributed
 from mimjax import errors
 from mimjax import workdir as workdir_lib
+from mimjax import workdir_io
 from mimjax.eval import attention
 from mimjax.eval import features as features_lib
 from mimjax.eval import finetune
@@ -117,10 +118,10 @@ def evaluate(workdir, protocol, step=None, compare_random_init=False, run=None, 
       result['random_init'] = fn(loading.load_run(workdir, random_init=True), **options)
   else:
     raise errors.ConfigError(f'Unknown protocol {protocol!r}; choose one of '
-                                 f'{sorted({**PROTOCOLS, **CURVE_PROTOCOLS})}.')
+                             f'{sorted({**PROTOCOLS, **CURVE_PROTOCOLS})}.')
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, f'eval_{protocol}.json'), 'w') as f:
-      json.dump(result, f, indent=2)
+    workdir_io.write_atomic(workdir_io.path(workdir, f'eval_{protocol}.json'),
+                            json.dumps(result, indent=2))
   return result
 
 

@@ -4,7 +4,6 @@ Only process 0 writes. Values arrive as host scalars at log steps, never inside 
 """
 import json
 import math
-import os
 import sys
 import time
 
@@ -12,15 +11,18 @@ import jax
 import tensorflow as tf
 import tqdm
 
+from mimjax import workdir_io
+
 
 def _drop_records_after(path, step):
-  """On resume, forget what an interrupted run logged after its last checkpoint."""
-  if not os.path.exists(path):
+  """On resume, forget what an interrupted run logged after its last checkpoint.
+
+  The file is replaced atomically, so a crash during this rewrite keeps the whole history.
+  """
+  if not path.exists():
     return
-  with open(path) as f:
-    kept = [line for line in f if line.strip() and json.loads(line)['step'] <= step]
-  with open(path, 'w') as f:
-    f.writelines(kept)
+  kept = [r for r in workdir_io.read_jsonl(path) if r['step'] <= step]
+  workdir_io.write_atomic(path, ''.join(json.dumps(r) + '\n' for r in kept))
 
 
 class MetricsWriter:
@@ -34,10 +36,11 @@ class MetricsWriter:
     self.bar = None
     if not self.active:
       return
-    path = os.path.join(workdir, 'metrics.jsonl')
+    self.workdir = workdir
+    path = workdir_io.path(workdir, 'metrics.jsonl')
     _drop_records_after(path, start_step)
-    self.jsonl = open(path, 'a')
-    self.tb = tf.summary.create_file_writer(os.path.join(workdir, 'tensorboard'))
+    self.jsonl = path.open('a')
+    self.tb = tf.summary.create_file_writer(str(workdir_io.path(workdir, 'tensorboard')))
     if progress_bar and sys.stderr.isatty():
       self.bar = tqdm.tqdm(total=total_steps, initial=start_step, unit='step', dynamic_ncols=True)
 
@@ -70,13 +73,14 @@ class MetricsWriter:
     if not self.active:
       return None
     from PIL import Image  # pylint: disable=g-import-not-at-top
-    directory = os.path.join(os.path.dirname(self.jsonl.name), 'images')
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, f'{name}_{step:07d}.png')
-    Image.fromarray(image).save(path)
+    directory = workdir_io.path(self.workdir, 'images')
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f'{name}_{step:07d}.png'
+    with path.open('wb') as f:
+      Image.fromarray(image).save(f, format='PNG')
     with self.tb.as_default(step=int(step)):
       tf.summary.image(name, image[None], step=int(step))
-    return path
+    return str(path)
 
   def close(self):
     if self.active:

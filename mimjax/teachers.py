@@ -15,6 +15,7 @@ from mimjax import checkpoint as checkpoint_lib
 from mimjax import config_lib
 from mimjax import errors
 from mimjax import losses
+from mimjax import workdir_io
 from mimjax.interop import clip as clip_interop
 from mimjax.models import flops
 from mimjax.models import vit
@@ -132,8 +133,8 @@ class CheckpointTeacher(_EncoderTeacher):
     if not workdir:
       raise errors.ConfigError('config.distill.teacher="checkpoint" needs '
                                'config.distill.teacher_workdir=<a mimjax workdir>.')
-    with open(os.path.join(workdir, 'config.json')) as f:
-      self.teacher_config = config_lib.from_json(f.read())
+    self.teacher_config = config_lib.from_json(
+        workdir_io.path(workdir, 'config.json').read_text())
     kwargs = vit.encoder_kwargs(self.teacher_config.model, self.teacher_config.data.image_size)
     kwargs.update(drop_path=0.0, num_classes=0, dtype=jnp.dtype(config.distill.teacher_dtype))
     encoder = vit.ViT(**kwargs)

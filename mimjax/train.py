@@ -3,11 +3,11 @@ r"""Train any mimjax framework: `python -m mimjax.train --config configs/mae.py:
 A second run of the same command with the same workdir resumes from the latest checkpoint (params,
 optimizer, step, RNG and data position) and reproduces the uninterrupted run. Ctrl-C saves a
 checkpoint at the current step before exiting, and the rerun's metrics.jsonl is the uninterrupted
-run's.
+run's. SIGTERM (a preemption notice; in a multi-host run every host stops at the same step) does
+the same and exits with PREEMPTED_EXIT_CODE (143), which schedulers treat as "requeue".
 """
 import itertools
 import json
-import os
 import signal
 import sys
 import time
@@ -16,6 +16,7 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
@@ -29,6 +30,7 @@ from mimjax import metrics_writer
 from mimjax import sharding
 from mimjax import train_step as train_step_lib
 from mimjax import validation
+from mimjax import workdir_io
 from mimjax.data import pipeline
 from mimjax.data import sources
 from mimjax.interop import pretrained as init_from
@@ -42,29 +44,59 @@ def define_flags():
 
 
 
-class _InterruptFlag:
-  """First Ctrl-C asks the loop to checkpoint and stop; a second one stops at once."""
+# 128 + SIGTERM: the status of a run stopped by SIGTERM, which schedulers (SLURM --requeue,
+# Kubernetes / GKE pod failure policies) treat as preemption; the rerun resumes.
+PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM
+
+
+class Preempted(Exception):
+  """The run stopped at a SIGTERM / preemption notice after saving a checkpoint at `step`."""
+
+  def __init__(self, step):
+    super().__init__(f'Preempted at step {step}; checkpoint saved.')
+    self.step = step
+
+
+class _StopRequest:
+  """Ctrl-C or SIGTERM asks the loop to checkpoint and stop at the end of a step.
+
+  One process: SIGINT and SIGTERM handlers (a second signal aborts at once). Several processes:
+  JAX's preemption service (started by jax.distributed.initialize) takes SIGTERM and every host
+  sees it at the same step through `reached_preemption_sync_point`, so all save that step.
+  """
 
   def __init__(self):
-    self.requested = False
-    self._previous = None
+    self.signum = None
+    self._previous = {}
+    self._multihost = jax.process_count() > 1
 
   def __enter__(self):
-    if jax.process_count() == 1:
-      self._previous = signal.signal(signal.SIGINT, self._handle)
+    if not self._multihost:
+      for signum in (signal.SIGINT, signal.SIGTERM):
+        self._previous[signum] = signal.signal(signum, self._handle)
     return self
 
   def _handle(self, signum, frame):
-    del signum, frame
-    if self.requested:
+    del frame
+    if self.signum is not None:
       raise KeyboardInterrupt
-    self.requested = True
-    print('\nInterrupt: saving a checkpoint at the end of this step (Ctrl-C again to abort).',
-          file=sys.stderr, flush=True)
+    self.signum = signum
+    print(f'\n{signal.Signals(signum).name}: saving a checkpoint at the end of this step (Ctrl-C '
+          'again to abort).', file=sys.stderr, flush=True)
+
+  def reached(self, step):
+    """True at the step where every host stops (read once per step, the same on all hosts)."""
+    if self._multihost and multihost_utils.reached_preemption_sync_point(step):
+      self.signum = signal.SIGTERM
+    return self.signum is not None
+
+  @property
+  def preempted(self):
+    return self.signum == signal.SIGTERM
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGINT, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
 
 
 def sample_batch(batch, n=2):
@@ -158,16 +190,14 @@ def record_eval(workdir, framework, step, results):
   """
   if jax.process_index() != 0:
     return
-  path = os.path.join(workdir, f'eval_{framework.name}.json')
+  path = workdir_io.path(workdir, f'eval_{framework.name}.json')
   history = []
-  if os.path.exists(path):
-    with open(path) as f:
-      history = [r for r in json.load(f)['history'] if r['step'] < step]
+  if path.exists():
+    history = [r for r in json.loads(path.read_text())['history'] if r['step'] < step]
   history.append(dict(step=int(step), **results))
   best = max(history, key=lambda r: r[framework.best_metric])
-  with open(path + '.tmp', 'w') as f:
-    json.dump(dict(best=best, final=history[-1], history=history), f, indent=2)
-  os.replace(path + '.tmp', path)
+  workdir_io.write_atomic(path, json.dumps(dict(best=best, final=history[-1], history=history),
+                                           indent=2))
 
 
 def restore_or_init(framework, config, ckpt, latest, sample, mesh):
@@ -224,7 +254,7 @@ class _Loop:
     returns the last logged metrics."""
     config, ckpt = self.config, self.ckpt
     last_metrics, last_good_ckpt, vis_batch = {}, ckpt.latest_step(), None
-    with _InterruptFlag() as interrupt:
+    with _StopRequest() as stop_request:
       for step in range(start_step + 1, config.total_steps + 1):
         batch = jax.make_array_from_process_local_data(self.batch_sharding, next(batches))
         vis_batch = batch if vis_batch is None else vis_batch
@@ -232,7 +262,7 @@ class _Loop:
         interval.add(metrics)
         is_last = step == config.total_steps
         checkpoint_due = is_last or step % config.checkpoint.every_steps == 0
-        stop = interrupt.requested  # read once: a Ctrl-C later in this step stops the next one
+        stop = stop_request.reached(step)  # read once: a signal later in this step stops the next
         save_now = checkpoint_due or stop
         eval_every = config.eval.every_steps
         eval_now = eval_every and (step % eval_every == 0 or is_last)
@@ -259,18 +289,27 @@ class _Loop:
           ckpt.wait()
           print(f'Stopped at step {step}; checkpoint saved. Re-run the same command to resume.',
                 file=sys.stderr, flush=True)
+          if stop_request.preempted:
+            raise Preempted(step)
           break
     return last_metrics
 
 
 def train(config, workdir):
-  """Runs (or resumes) training; returns the last logged metrics as a dict of floats."""
+  """Runs (or resumes) training; returns the last logged metrics as a dict of floats.
+
+  Raises Preempted after saving a checkpoint when SIGTERM (a preemption notice) stops the run.
+  """
   # Everything is validated and read (checkpoint, first batch, teacher and pre-trained weights)
   # before the workdir is created or written, so bad input leaves nothing behind.
   mesh = validation.check_run(config)
   framework = registry.build(config)
   ckpt = checkpoint_lib.Checkpointer(workdir, config.checkpoint.keep, config.checkpoint.async_save)
   latest = ckpt.latest_step()
+  distributed.check_same_on_all_hosts(
+      -1 if latest is None else latest,
+      f'The latest checkpoint step in {ckpt.directory} differs between hosts (steps seen: '
+      '{values}): the workdir must be one shared directory or bucket that every host sees.')
   latest_meta = ckpt.read_meta(latest) if latest is not None else {}
   start_step = int(latest_meta.get('step', 0))
   # Examples consumed so far (checkpoints from before data_examples existed: step * batch_size).
@@ -281,22 +320,23 @@ def train(config, workdir):
   batches = itertools.chain([first], batches)
   state, state_sharding, tx, lr_schedule = restore_or_init(
       framework, config, ckpt, latest, sample_batch(first), mesh)
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config_lib.to_json(config))
-    sources.write_labels(config, workdir)
-
-  loop = _Loop(framework, config, workdir, ckpt, state_sharding, tx, lr_schedule, mesh)
-  writer = metrics_writer.MetricsWriter(workdir, config.total_steps, start_step,
-                                        config.log.progress_bar)
+  lock = distributed.claim_workdir(workdir)
   try:
-    return loop.run(state, batches, start_step, data_start, IntervalAccumulator(latest_meta),
-                    writer)
+    if jax.process_index() == 0:
+      workdir_io.write_atomic(workdir_io.path(workdir, 'config.json'), config_lib.to_json(config))
+      sources.write_labels(config, workdir)
+    loop = _Loop(framework, config, workdir, ckpt, state_sharding, tx, lr_schedule, mesh)
+    writer = metrics_writer.MetricsWriter(workdir, config.total_steps, start_step,
+                                          config.log.progress_bar)
+    try:
+      return loop.run(state, batches, start_step, data_start, IntervalAccumulator(latest_meta),
+                      writer)
+    finally:
+      ckpt.wait()
+      ckpt.close()
+      writer.close()
   finally:
-    ckpt.wait()
-    ckpt.close()
-    writer.close()
+    lock.release()
 
 
 def main(argv):
@@ -309,7 +349,10 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   distributed.initialize(f.config)
   with errors.reported():
-    train(f.config, f.workdir)
+    try:
+      train(f.config, f.workdir)
+    except Preempted:
+      sys.exit(PREEMPTED_EXIT_CODE)
 
 
 if __name__ == '__main__':

@@ -38,9 +38,14 @@ def test_tpu_pod_dry_run_runs_the_trainer_on_all_workers():
   (command,) = [a.removeprefix('--command=') for a in train if a.startswith('--command=')]
   remote = shlex.split(command)
   assert remote[:3] == ['cd', 'mimjax', '&&']
+  # Detached (survives a dropped ssh session), with the Python 3.11 venv's interpreter.
+  assert remote[4:7] == ['setsid', 'nohup', '~/mimjax_venv/bin/python']
   start = remote.index('mimjax.train') + 1
   assert remote[start - 2:start] == ['-m', 'mimjax.train']
-  assert remote[start:] == TRAIN + ['--config.distributed.num_processes=-1']
+  assert remote[start:] == TRAIN + ['--config.distributed.num_processes=-1', '>', 'train.log',
+                                    '2>&1', '<', '/dev/null', '&']
+  (setup,) = [a for a in shlex.split(lines[-2]) if a.startswith('--command=')]
+  assert 'uv venv -q --python 3.11 ~/mimjax_venv' in setup  # TPU images ship Python 3.10
   assert len(_dry_run('launch/tpu_pod.sh', 'my-v4-32', 'zone', *TRAIN, DRY_RUN='1',
                       SETUP='0')) == len(lines) - 1  # no pip install
 

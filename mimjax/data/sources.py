@@ -18,7 +18,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.image_classification import mnist as tfds_mnist
 
+from mimjax import distributed
 from mimjax import errors
+from mimjax import workdir_io
 
 DEBIAN_FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
 _FASHION_MNIST_FILES = {
@@ -90,12 +92,20 @@ def get_builder(name, data_dir=None, download=True):
   """A prepared TFDS builder for `name`, preparing it (offline where possible) if needed."""
   data_dir = data_dir or default_data_dir()
   try:
-    builder = tfds.builder(name, data_dir=data_dir)
+    tfds.builder(name, data_dir=data_dir)  # only to name an unknown dataset before any barrier
   except tfds.core.registered.DatasetNotFoundError as e:
     close = difflib.get_close_matches(name, tfds.list_builders(), n=3)
     hint = f' Did you mean {" or ".join(repr(c) for c in close)}?' if close else ''
     raise errors.DatasetError(f'Unknown dataset {name!r} (config.data.name).{hint} Use any TFDS dataset '
                               'name, e.g. fashion_mnist, cifar10, imagenette, imagenet2012.') from e
+  # Process 0 prepares a shared data_dir once; the other hosts then open it (or prepare their own
+  # copy when data_dir is not shared).
+  return distributed.process_0_first(lambda: _prepared(name, data_dir, download))
+
+
+def _prepared(name, data_dir, download):
+  """The builder for `name`, prepared first if it is not."""
+  builder = tfds.builder(name, data_dir=data_dir)
   if builder.is_prepared():
     return builder
   base_name = name.split(':')[0].split('/')[0]
@@ -256,5 +266,4 @@ def write_labels(config, workdir):
     return
   names = folder_split(config.data.name, config.data.train_split, config.data.folder_holdout).class_names
   if names:
-    with open(os.path.join(workdir, LABELS_FILE), 'w') as f:
-      f.write(''.join(n + '\n' for n in names))
+    workdir_io.write_atomic(workdir_io.path(workdir, LABELS_FILE), ''.join(n + '\n' for n in names))

@@ -1,0 +1,313 @@
+"""Pod and reliability plumbing: the workdir path layer, crash-safe metrics, the workdir lock,
+SIGTERM / preemption stops, the shared-workdir check, process-0 dataset preparation, SLURM device
+binding and the local launcher's Ctrl-C."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+from jax._src import clusters
+import numpy as np
+import pytest
+
+from conftest import ROOT, config_flags, tiny_overrides
+from mimjax import checkpoint as checkpoint_lib
+from mimjax import distributed
+from mimjax import errors
+from mimjax import metrics_writer
+from mimjax import train
+from mimjax import workdir_io
+
+
+def _records(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+def _write_lines(path, lines):
+  with open(path, 'w') as f:
+    f.write(''.join(lines))
+
+
+# ------------------------------------------------------------------ path layer
+
+
+def test_urls_stay_urls_and_local_paths_become_absolute(tmp_path, monkeypatch):
+  assert str(workdir_io.path('gs://bucket/run', 'checkpoints')) == 'gs://bucket/run/checkpoints'
+  assert str(workdir_io.path('s3://b/r', 'metrics.jsonl')) == 's3://b/r/metrics.jsonl'
+  monkeypatch.chdir(tmp_path)
+  assert str(workdir_io.path('run', 'config.json')) == str(tmp_path / 'run' / 'config.json')
+
+
+# ------------------------------------------------------------------ metrics.jsonl (issue 18.1)
+
+
+def test_a_crash_between_truncate_and_rewrite_keeps_the_metrics_history(tmp_path, monkeypatch):
+  """The resume rewrite dies after writing its temporary file: the history is untouched."""
+  path = tmp_path / 'metrics.jsonl'
+  lines = [json.dumps({'step': s, 'loss': 1.0 / s}) + '\n' for s in range(1, 9)]
+  _write_lines(path, lines)
+
+  def crash(*args):
+    raise KeyboardInterrupt('kill -9 stand-in')
+
+  monkeypatch.setattr(os, 'replace', crash)
+  with pytest.raises(KeyboardInterrupt):
+    metrics_writer.MetricsWriter(str(tmp_path), 10, 4, progress_bar=False)
+  monkeypatch.undo()
+  assert path.read_text() == ''.join(lines)
+  writer = metrics_writer.MetricsWriter(str(tmp_path), 10, 4, progress_bar=False)  # the rerun
+  writer.close()
+  assert [r['step'] for r in _records(tmp_path)] == [1, 2, 3, 4]
+
+
+def test_a_torn_last_line_is_dropped_with_a_warning(tmp_path, capsys):
+  _write_lines(tmp_path / 'metrics.jsonl',
+               ['{"step": 1, "loss": 2.0}\n', '{"step": 2, "loss": 1.5}\n', '{"step": 3, "lo'])
+  writer = metrics_writer.MetricsWriter(str(tmp_path), 10, 3, progress_bar=False)
+  writer.write(3, {'loss': 1.25})
+  writer.close()
+  assert _records(tmp_path) == [{'step': 1, 'loss': 2.0}, {'step': 2, 'loss': 1.5},
+                                {'step': 3, 'loss': 1.25}]
+  assert 'torn last line' in capsys.readouterr().out
+
+
+def test_a_damaged_line_inside_the_history_is_an_error(tmp_path):
+  _write_lines(tmp_path / 'metrics.jsonl', ['{"step": 1}\n', 'garbage\n', '{"step": 2}\n'])
+  with pytest.raises(errors.CheckpointError, match='Line 2 of'):
+    metrics_writer.MetricsWriter(str(tmp_path), 10, 2, progress_bar=False)
+
+
+# ------------------------------------------------------------------ workdir lock (issue 18.2)
+
+
+def _lock_of(pid, host=None):
+  import socket  # pylint: disable=g-import-not-at-top
+  return json.dumps(dict(host=host or socket.gethostname(), pid=pid, started='earlier', nonce=7))
+
+
+def test_a_second_run_on_a_workdir_in_use_is_refused_naming_the_holder(tmp_path):
+  first = workdir_io.WorkdirLock(str(tmp_path))
+  first.acquire()
+  with pytest.raises(errors.CheckpointError, match=f'pid {os.getpid()}'):
+    workdir_io.WorkdirLock(str(tmp_path)).acquire()
+  first.release()
+  assert not (tmp_path / workdir_io.LOCK_NAME).exists()
+  # A lock held on another host (pid unknown here) is never taken over.
+  (tmp_path / workdir_io.LOCK_NAME).write_text(_lock_of(1, host='other-host'))
+  with pytest.raises(errors.CheckpointError, match='host other-host'):
+    workdir_io.WorkdirLock(str(tmp_path)).acquire()
+
+
+def test_a_run_refuses_a_workdir_held_by_a_live_process(tiny_mae_config, tmp_path):
+  holder = subprocess.Popen(['sleep', '60'])
+  try:
+    (tmp_path / workdir_io.LOCK_NAME).write_text(_lock_of(holder.pid))
+    with pytest.raises(errors.CheckpointError, match=f'pid {holder.pid}'):
+      train.train(tiny_mae_config, str(tmp_path))
+  finally:
+    holder.kill()
+    holder.wait()
+  assert sorted(os.listdir(tmp_path)) == [workdir_io.LOCK_NAME]  # nothing else written
+
+
+def test_a_stale_lock_from_a_dead_process_does_not_block_a_resume(tiny_mae_config, tmp_path):
+  """A kill -9 after the step-3 checkpoint (the later one deleted) left its lock behind."""
+  dead = subprocess.Popen(['true'])
+  dead.wait()
+  train.train(tiny_mae_config, str(tmp_path))
+  shutil.rmtree(tmp_path / 'checkpoints' / '6')
+  (tmp_path / workdir_io.LOCK_NAME).write_text(_lock_of(dead.pid))
+  assert train.train(tiny_mae_config, str(tmp_path))['step'] == 6
+  assert not (tmp_path / workdir_io.LOCK_NAME).exists()  # released at the end
+
+
+# ------------------------------------------------------------------ SIGTERM in one process
+
+
+def test_sigterm_saves_and_the_rerun_logs_the_uninterrupted_run(tiny_mae_config, tmp_path,
+                                                                monkeypatch):
+  with tiny_mae_config.unlocked():
+    tiny_mae_config.total_steps = 8
+    tiny_mae_config.log.every_steps = 2
+    tiny_mae_config.checkpoint.every_steps = 8
+  straight = str(tmp_path / 'straight')
+  train.train(tiny_mae_config, straight)
+
+  real_batches = train.pipeline.train_batches
+
+  def batches_that_terminate(config, start_step):
+    for i, batch in enumerate(real_batches(config, start_step)):
+      if i == 4:  # drawn by step 5
+        os.kill(os.getpid(), signal.SIGTERM)
+      yield batch
+
+  stopped = str(tmp_path / 'stopped')
+  with monkeypatch.context() as patch:
+    patch.setattr(train.pipeline, 'train_batches', batches_that_terminate)
+    with pytest.raises(train.Preempted) as preempted:
+      train.train(tiny_mae_config, stopped)
+  assert preempted.value.step == 5
+  ckpt = checkpoint_lib.Checkpointer(stopped)
+  assert ckpt.latest_step() == 5
+  ckpt.close()
+  assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handler restored
+  train.train(tiny_mae_config, stopped)
+  a, b = _records(straight), _records(stopped)
+  assert [r['step'] for r in b] == [r['step'] for r in a] == [2, 4, 6, 8]
+  for key in ('loss', 'grad_norm', 'lr'):
+    assert [r[key] for r in b] == [r[key] for r in a], key
+
+
+def test_the_preempted_exit_status_is_what_a_sigterm_kill_reports():
+  killed = subprocess.Popen(['sleep', '60'])
+  killed.terminate()
+  assert 128 - killed.wait() == train.PREEMPTED_EXIT_CODE  # Popen reports -15; a shell 143
+
+
+# ------------------------------------------------------------------ SLURM device binding
+
+_SLURM = {'SLURM_JOB_ID': '4242', 'SLURM_STEP_NODELIST': 'gpu[001-002]', 'SLURM_NTASKS': '16',
+          'SLURM_PROCID': '11', 'SLURM_LOCALID': '3', 'SLURM_STEP_NUM_NODES': '2'}
+
+
+@pytest.mark.parametrize('visible, expected', [
+    ('3', [0]),  # srun --gpu-bind=single:1 (launch/slurm_gpu.sbatch): one GPU, ordinal 0
+    ('0,1,2,3,4,5,6,7', [3]),  # no binding: every GPU of the node, JAX picks SLURM_LOCALID
+])
+def test_each_slurm_task_gets_a_device_it_can_see(monkeypatch, visible, expected):
+  for key, value in {**_SLURM, 'CUDA_VISIBLE_DEVICES': visible}.items():
+    monkeypatch.setenv(key, value)
+  ids = distributed.slurm_local_device_ids()
+  address, count, process_id, local = clusters.ClusterEnv.auto_detect_unset_distributed_params(
+      None, None, None, ids, None, None)
+  assert (address, count, process_id) == ('gpu001:61586', 16, 11)  # 4242 % 4096 + 61440
+  assert list(local) == expected
+  assert all(i < len(visible.split(',')) for i in local)
+
+
+def test_slurm_script_binds_one_gpu_per_task_and_requeues_on_preemption():
+  with open(os.path.join(ROOT, 'launch/slurm_gpu.sbatch')) as f:
+    text = f.read()
+  assert '--gpu-bind=single:1' in text
+  assert '#SBATCH --signal=TERM@' in text and '#SBATCH --requeue' in text
+  assert 'scontrol requeue' in text and '"$status" == 143' in text
+
+
+# ------------------------------------------------------------------ several processes
+
+# Joins a 2-process run (gloo) through mimjax.distributed, then runs one check.
+_WORKER = textwrap.dedent('''
+    import sys
+    import ml_collections
+    from mimjax import distributed, errors
+    distributed.initialize(ml_collections.ConfigDict(dict(distributed=dict(
+        num_processes=0, process_id=-1, coordinator_address=''))))
+    import jax
+    with errors.reported():
+      if sys.argv[1] == 'claim':
+        distributed.claim_workdir(sys.argv[2])
+        print('CLAIMED')
+      else:
+        from mimjax.data import sources
+        prepare = sources.LocalFashionMNIST.download_and_prepare
+        def traced(self, *a, **k):
+          print(f'PREPARING on process {jax.process_index()}', flush=True)
+          return prepare(self, *a, **k)
+        sources.LocalFashionMNIST.download_and_prepare = traced
+        builder = sources.get_builder('fashion_mnist', sys.argv[2])
+        print('EXAMPLES', builder.info.splits['train'].num_examples)
+''')
+
+
+def _free_port():
+  import socket  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def _two_processes(args_of_process, timeout=300):
+  """(returncode, output) of each of two processes running _WORKER with its own args."""
+  coordinator = f'127.0.0.1:{_free_port()}'
+  procs = []
+  for i, args in enumerate(args_of_process):
+    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL='3',
+               MIMJAX_COORDINATOR=coordinator, MIMJAX_NUM_PROCESSES='2', MIMJAX_PROCESS_ID=str(i))
+    env.pop('XLA_FLAGS', None)
+    procs.append(subprocess.Popen([sys.executable, '-c', _WORKER, *args], cwd=ROOT, env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+  return [(p.wait(timeout=timeout), p.stdout.read()) for p in procs]
+
+
+@pytest.mark.slow  # two JAX processes: ~30 s on 2 busy cores
+def test_a_workdir_not_shared_by_every_host_stops_both_with_an_error(tmp_path):
+  results = _two_processes([['claim', str(tmp_path / 'host0')], ['claim', str(tmp_path / 'host1')]])
+  for code, output in results:
+    assert code == 1 and 'not one directory shared by every host' in output, output
+  assert not (tmp_path / 'host1').exists()  # only process 0 creates the workdir
+  assert not (tmp_path / 'host0' / workdir_io.LOCK_NAME).exists()  # and gives the lock back
+  shared = _two_processes([['claim', str(tmp_path / 'shared')]] * 2)
+  assert [code for code, _ in shared] == [0, 0] and all('CLAIMED' in o for _, o in shared)
+
+
+@pytest.mark.slow  # process 0 prepares Fashion-MNIST (60k examples): minutes on busy cores
+def test_process_0_alone_prepares_an_empty_shared_data_dir(tmp_path):
+  """Process 1 waits far longer than a gloo collective's 30 s timeout, at a barrier."""
+  if not os.path.exists('/usr/share/datasets/fashion-mnist'):
+    pytest.skip('needs the Debian dataset-fashion-mnist files')
+  results = _two_processes([['prepare', str(tmp_path)]] * 2, timeout=1200)
+  for code, output in results:
+    assert code == 0 and 'EXAMPLES 60000' in output, output
+  assert 'PREPARING on process 0' in results[0][1]
+  assert 'PREPARING' not in results[1][1]
+
+
+@pytest.mark.slow  # three 2-process runs: ~4 minutes on 2 busy cores
+def test_ctrl_c_to_the_launcher_checkpoints_both_processes_at_one_step_and_resumes(tmp_path):
+  """SIGINT to launch/local_multiprocess.sh: it sends SIGTERM to both trainers, JAX's preemption
+  service stops them at one common step with a checkpoint, both exit 143, and the rerun ends
+  with the uninterrupted 2-process run's metrics."""
+  overrides = tiny_overrides(**{'mae.decoder_width': 32, 'mae.decoder_depth': 1,
+                                'mae.decoder_heads': 2, 'total_steps': 40,
+                                'checkpoint.every_steps': 40, 'log.every_steps': 1})
+  env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL='3')
+  env.pop('XLA_FLAGS', None)
+
+  def launch(workdir, logs):
+    return subprocess.Popen(
+        ['launch/local_multiprocess.sh', '2', '--config', 'configs/mae.py:runlocal',
+         *config_flags(overrides), f'--workdir={workdir}'],
+        cwd=ROOT, env=dict(env, LOG_DIR=str(logs)), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
+
+  straight = launch(tmp_path / 'straight', tmp_path / 'logs_straight')
+  assert straight.wait(timeout=900) == 0, straight.stdout.read()
+
+  stopped, logs = tmp_path / 'stopped', tmp_path / 'logs_stopped'
+  launcher = launch(stopped, logs)
+  deadline = time.time() + 1200  # two processes start and compile in ~10 minutes on busy cores
+  try:
+    while not (stopped / 'metrics.jsonl').exists() or len(_records(stopped)) < 3:
+      assert time.time() < deadline and launcher.poll() is None, launcher.stdout.read()
+      time.sleep(0.5)
+  finally:
+    launcher.send_signal(signal.SIGINT)  # also stops both trainers when the wait failed
+  assert launcher.wait(timeout=300) == 130, launcher.stdout.read()
+  outputs = [(logs / f'process_{i}.log').read_text() for i in range(2)]
+  steps = [int(o.split('Stopped at step ')[1].split(';')[0]) for o in outputs]
+  assert steps[0] == steps[1] < 40, outputs
+  ckpt = checkpoint_lib.Checkpointer(str(stopped))
+  assert ckpt.latest_step() == steps[0]
+  ckpt.close()
+
+  rerun = launch(stopped, logs)
+  assert rerun.wait(timeout=900) == 0, rerun.stdout.read()
+  a, b = _records(tmp_path / 'straight'), _records(stopped)
+  assert [r['step'] for r in b] == [r['step'] for r in a] == list(range(1, 41))
+  for key in ('loss', 'grad_norm'):
+    np.testing.assert_allclose([r[key] for r in b], [r[key] for r in a], rtol=1e-6)
