@@ -24,8 +24,9 @@ def validate(config):
     raise errors.ConfigError(f'config.total_steps must be positive, got {config.total_steps}.')
   if not 0 <= config.mae.mask_ratio < 1:
     raise errors.ConfigError(f'config.mae.mask_ratio must be in [0, 1), got {config.mae.mask_ratio}.')
-  if config.model.dtype not in ('float32', 'bfloat16', 'float16'):
-    raise errors.ConfigError(f'config.model.dtype={config.model.dtype!r}; use float32 or bfloat16.')
+  if config.model.dtype not in ('auto', 'float32', 'bfloat16', 'float16'):
+    raise errors.ConfigError(f'config.model.dtype={config.model.dtype!r}; use auto (bfloat16 on '
+                             'GPU/TPU, float32 on CPU), float32 or bfloat16.')
   if config.init.format not in ('timm', 'mae', 'mimjax'):
     raise errors.ConfigError(f'config.init.format={config.init.format!r}; use timm (a timm ViT state '
                       'dict), mae (an official MAE checkpoint) or mimjax (a mimjax workdir).')
