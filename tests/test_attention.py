@@ -69,9 +69,11 @@ def test_weights_path_matches_numpy():
 TINY = {'mae.decoder_width': 32, 'mae.decoder_depth': 1, 'mae.decoder_heads': 2}
 
 
-@pytest.mark.parametrize('spec', ['configs/mae.py:runlocal', 'configs/simmim.py:runlocal',
-                                  'configs/distill.py:runlocal,teacher=ema,dtm',
-                                  'configs/supervised.py:runlocal'])
+@pytest.mark.parametrize('spec', [
+    'configs/simmim.py:runlocal',
+    pytest.param('configs/mae.py:runlocal', marks=pytest.mark.slow),  # 20-70 s each on 2 cores
+    pytest.param('configs/distill.py:runlocal,teacher=ema,dtm', marks=pytest.mark.slow),
+    pytest.param('configs/supervised.py:runlocal', marks=pytest.mark.slow)])
 def test_every_framework_fused_equals_einsum(spec, monkeypatch):
   """Loss, metrics and every parameter gradient agree to 1e-5 with the einsum reference."""
   config = load_config(spec, **tiny_overrides(**TINY))
@@ -126,6 +128,7 @@ def _losses(dtype, steps):
   return np.asarray(losses)
 
 
+@pytest.mark.slow
 def test_bfloat16_training_follows_float32():
   """Over 20 MAE steps the bfloat16 loss stays within 2% of float32's at every step.
 
