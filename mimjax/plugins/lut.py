@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from mimjax import errors
 from mimjax import masking
+from mimjax.data import features
 from mimjax.frameworks import base
 
 # torch BatchNorm1d defaults: running = 0.9 * running + 0.1 * batch, eps 1e-5.
@@ -87,12 +88,11 @@ class LUT(base.Plugin):
 
   @classmethod
   def check_config(cls, config, framework):
-    from mimjax.data import augment  # pylint: disable=g-import-not-at-top
     if config.framework != 'mae':
       raise errors.ConfigError(
           f'config.lut.enabled needs config.framework="mae" (got {config.framework!r}): LUT takes '
           'its second masked view from MAE\'s patch order.')
-    if 'image2' not in augment.OUTPUTS.get(config.data.augment, ()):
+    if 'image2' not in features.outputs(config.data.augment):
       raise errors.ConfigError(
           f'config.lut.enabled needs a two-view augmentation; config.data.augment='
           f'{config.data.augment!r} gives no "image2". Set config.data.augment="lut_two_view".')
