@@ -138,3 +138,14 @@ def test_bfloat16_training_follows_float32():
   f32, bf16 = _losses('float32', 20), _losses('bfloat16', 20)
   assert f32[-1] < 0.9 * f32[0]  # the run trains, so agreement is not two flat lines
   np.testing.assert_allclose(bf16, f32, rtol=0.02)
+
+
+def test_gpu_half_precision_falls_back_to_xla_without_cudnn(monkeypatch):
+  """On a 'GPU' without cuDNN (here: CPU posing as one) the cuDNN request is refused at trace
+  time and the XLA path answers, with the same result."""
+  q, k, v, _ = _qkv()
+  q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
+  want, _ = vit.dot_product_attention(q, k, v)
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  got, _ = jax.jit(lambda *a: vit.dot_product_attention(*a))(q, k, v)
+  np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))

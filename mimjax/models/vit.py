@@ -58,11 +58,9 @@ class MlpBlock(nn.Module):
                     bias_init=nn.initializers.normal(1e-6))(x)
 
 
-def _attention_implementation(dtype):
-  """cuDNN's fused flash attention for half precision on GPUs, XLA's fused path otherwise."""
-  if jax.default_backend() == 'gpu' and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
-    return 'cudnn'
-  return None
+def _prefers_cudnn(dtype):
+  """Whether to ask for cuDNN's fused flash attention: half precision on a GPU (XLA's otherwise)."""
+  return jax.default_backend() == 'gpu' and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
 
 
 def dot_product_attention(q, k, v, bias=None, return_weights=False):
@@ -74,8 +72,7 @@ def dot_product_attention(q, k, v, bias=None, return_weights=False):
   einsum path and returns the [B, heads, N, N] float32 weights as well (else None).
   """
   if not return_weights:
-    impl = _attention_implementation(q.dtype)
-    if impl == 'cudnn':
+    if _prefers_cudnn(q.dtype):
       try:
         return jax.nn.dot_product_attention(q, k, v, bias, implementation='cudnn'), None
       except (ValueError, NotImplementedError, RuntimeError):
