@@ -44,7 +44,7 @@ def test_bad_arguments_fail_with_one_line(argv, message, capsys):
   assert message in str(e.value) + capsys.readouterr().err
 
 
-@pytest.mark.slow  # three subprocesses, ~20 compiles of mu/4 and a torch worker: minutes on 2 cores
+@pytest.mark.slow  # three subprocesses, ~10 compiles of mu/4 and a torch worker: minutes on 2 cores
 def test_tiny_check_end_to_end(tmp_path, no_tensorflow):
   out = tmp_path / 'check'
   result = subprocess.run(['bash', 'benchmarks/device_check.sh', str(out), '--tiny'], cwd=ROOT,
@@ -58,7 +58,7 @@ def test_tiny_check_end_to_end(tmp_path, no_tensorflow):
   (model,) = parts['models']['result']
   assert (model['model'], model['batch']) == ('mu/4', device_check.TINY['max_batch'])
   cases = {c['name']: c for c in parts['plugins']['result']['cases']}
-  assert set(device_check.PLUGIN_CASES.split(',')) <= set(cases)
+  assert set(device_check.TINY['plugin_cases'].split(',')) <= set(cases)
   assert cases['distill+dtm']['overhead']['host'] == 'distill'
   assert [p['status'] for p in parts['plugins']['result']['peer']] == ['ok']
   losses = parts['precision']['result']['losses']

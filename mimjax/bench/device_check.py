@@ -32,11 +32,14 @@ PLUGIN_CASES = ('mae,mae+lut,mae+mto,distill,distill+dtm,supervised,supervised+m
                 'supervised+tokenprop')
 # Settings of the GPU check and of the CPU smoke run inside the tests.
 FULL = dict(models='B/16,L/16', image_size=224, preset='recipe', max_batch=4096, probe_batch=32,
-            plugin_model='B/16', plugin_batch=256, rounds=3, steps=5, warmup=2, matmul_size=8192,
-            peer='eager,compile', precision_model='B/16', precision_batch=32, precision_steps=8)
+            plugin_model='B/16', plugin_batch=256, plugin_cases=PLUGIN_CASES, rounds=3, steps=5,
+            warmup=2, matmul_size=8192, peer='eager,compile', precision_model='B/16',
+            precision_batch=32, precision_steps=8)
+# Four plug-in cases only: compiles dominate on a CPU and the smoke run covers the same code.
 TINY = dict(models='mu/4', image_size=28, preset='small', max_batch=8, probe_batch=4,
-            plugin_model='mu/4', plugin_batch=8, rounds=1, steps=2, warmup=1, matmul_size=256,
-            peer='eager', precision_model='mu/4', precision_batch=8, precision_steps=4)
+            plugin_model='mu/4', plugin_batch=8, plugin_cases='mae,mae+lut,distill,distill+dtm',
+            rounds=1, steps=2, warmup=1, matmul_size=256, peer='eager', precision_model='mu/4',
+            precision_batch=8, precision_steps=4)
 # Per-part environment: XLA's share of device memory (the peer runs beside the plugins part).
 PART_ENV = {
     'models': dict(XLA_PYTHON_CLIENT_MEM_FRACTION='0.9'),
@@ -89,7 +92,7 @@ def part_models(s):
 
 def part_plugins(s):
   """The plug-in families; the PyTorch peer is timed in turn with the MAE family."""
-  return _bench_run(s, s['plugin_model'], s['plugin_batch'], PLUGIN_CASES, s['peer'])
+  return _bench_run(s, s['plugin_model'], s['plugin_batch'], s['plugin_cases'], s['peer'])
 
 
 def part_precision(s):
@@ -131,11 +134,14 @@ def run_all(settings, parts, out_dir, timeout_s):
     cmd = [sys.executable, '-m', 'mimjax.bench.device_check', '--part', name, '--part_out', path,
            '--settings', json.dumps(settings)]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, check=False,
-                          timeout=timeout_s)
-    if proc.returncode:
-      merged[name] = dict(part=name, error=proc.stderr.strip()[-3000:] or 'failed without output',
-                          wall_s=time.perf_counter() - start)
+    try:
+      proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, check=False,
+                            timeout=timeout_s)
+      error = proc.returncode and (proc.stderr.strip()[-3000:] or 'failed without output')
+    except subprocess.TimeoutExpired:
+      error = f'timed out after {timeout_s} s (--part_timeout_s)'
+    if error:
+      merged[name] = dict(part=name, error=error, wall_s=time.perf_counter() - start)
     else:
       with open(path) as f:
         merged[name] = json.load(f)
