@@ -254,7 +254,8 @@ def main(argv=None):
   print(text)
   failed = [n for n, p in merged.items() if 'error' in p]
   if failed:
-    raise SystemExit(f'error: device check parts failed: {failed}; see {args.out_dir}/device_check.md')
+    raise SystemExit(f'error: device check parts failed: {failed}; see '
+                     f'{args.out_dir}/device_check.md')
   return results
 
 
