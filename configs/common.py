@@ -69,7 +69,9 @@ def base_config():
   c.model.pool = 'tok'  # tok | gap
   c.model.layerscale = 0.0  # initial value of layer scale; 0 turns it off
   c.model.drop_path = 0.0
-  c.model.dtype = 'float32'  # compute dtype: float32 | bfloat16
+  # Compute dtype: auto | float32 | bfloat16. auto = bfloat16 on GPU/TPU, float32 on CPU; params,
+  # softmax, norms, losses and optimizer state stay float32 whatever the compute dtype.
+  c.model.dtype = 'auto'
   c.model.remat = False  # rematerialise each block in the backward pass
   c.model.num_classes = 0  # classification head size; 0 = no head
   c.model.tokenizer_norm = 'none'  # none (plain patch embedding) | moto (MoTo, Qian et al.)
@@ -139,7 +141,7 @@ def base_config():
   c.distill.clip_quick_gelu = True  # QuickGELU: OpenAI weights; False for open_clip GELU models
   c.distill.teacher_workdir = ml_collections.FieldReference(None, field_type=str)  # checkpoint
   c.distill.teacher_layer = -1  # ema/checkpoint: -1 = after the final norm; k = block k output
-  c.distill.teacher_dtype = 'float32'  # the teacher's compute dtype
+  c.distill.teacher_dtype = 'auto'  # the teacher's compute dtype, as model.dtype
   c.distill.teacher_own_norm = True  # re-normalise inputs with the teacher's mean/std (CLIP's)
   c.distill.ema_momentum = 0.999  # ema teacher: t <- m * t + (1 - m) * student
   c.distill.mask_ratio = 0.4  # BEiT block-wise masking: round(ratio * N) patches masked

@@ -112,7 +112,7 @@ class EMATeacher(_EncoderTeacher):
 
   def __init__(self, config, framework):
     encoder = framework.build_encoder(drop_path=0.0,
-                                      dtype=jnp.dtype(config.distill.teacher_dtype))
+                                      dtype=vit.compute_dtype(config.distill.teacher_dtype))
     super().__init__(config, encoder.num_patches, encoder)
 
   def init_state(self, params):
@@ -136,7 +136,7 @@ class CheckpointTeacher(_EncoderTeacher):
     self.teacher_config = config_lib.from_json(
         workdir_io.path(workdir, 'config.json').read_text())
     kwargs = vit.encoder_kwargs(self.teacher_config.model, self.teacher_config.data.image_size)
-    kwargs.update(drop_path=0.0, num_classes=0, dtype=jnp.dtype(config.distill.teacher_dtype))
+    kwargs.update(drop_path=0.0, num_classes=0, dtype=vit.compute_dtype(config.distill.teacher_dtype))
     encoder = vit.ViT(**kwargs)
     super().__init__(config, num_patches, encoder)
     self._check_grid(encoder.grid_size, 'checkpoint')
@@ -184,7 +184,7 @@ class CLIPTeacher(Teacher):
           f'config.distill.teacher="clip" needs config.distill.clip_path=<local CLIP checkpoint> '
           f'(OpenAI clip .pt or open_clip .bin/.safetensors); got {path!r}.')
     self.model, self.params = clip_interop.load(
-        path, config.distill.clip_quick_gelu, dtype=jnp.dtype(config.distill.teacher_dtype))
+        path, config.distill.clip_quick_gelu, dtype=vit.compute_dtype(config.distill.teacher_dtype))
     self.dim = self.model.out_dim
     self._check_grid(self.model.grid_size, 'CLIP')
 

@@ -8,12 +8,11 @@ pre-trained weights) before it creates the workdir.
 from mimjax import errors
 from mimjax import registry
 from mimjax import sharding
-from mimjax.data import augment
-from mimjax.data import pipeline
+from mimjax.data import features
 from mimjax.frameworks import base
 from mimjax.models import vit
 
-DTYPES = ('float32', 'bfloat16', 'float16')
+DTYPES = ('auto', 'float32', 'bfloat16', 'float16')
 INIT_FORMATS = ('timm', 'mae', 'mimjax')
 
 
@@ -46,7 +45,8 @@ def check_fields(config):
     raise errors.ConfigError(
         f'config.mae.mask_ratio must be in [0, 1), got {config.mae.mask_ratio}.')
   if config.model.dtype not in DTYPES:
-    raise errors.ConfigError(f'config.model.dtype={config.model.dtype!r}; use one of {DTYPES}.')
+    raise errors.ConfigError(f'config.model.dtype={config.model.dtype!r}; use one of {DTYPES} '
+                             '(auto: bfloat16 on GPU/TPU, float32 on CPU).')
   if config.init.format not in INIT_FORMATS:
     raise errors.ConfigError(
         f'config.init.format={config.init.format!r}; use timm (a timm ViT state dict), mae (an '
@@ -71,7 +71,7 @@ def check_fields(config):
 def provided(config):
   """The CAPABILITIES open to plug-ins: the framework's, plus a second view from the data."""
   framework = registry.FRAMEWORKS[config.framework]
-  two_views = 'image2' in augment.OUTPUTS.get(config.data.augment, ())
+  two_views = 'image2' in features.outputs(config.data.augment)
   return framework.provides(config) | ({'second_view'} if two_views else set())
 
 
@@ -95,6 +95,9 @@ def check_contract(config):
 
 def check_run(config):
   """`validate`, the dataset splits a training run reads, and the device mesh; returns the mesh."""
+  # Imported here: the data pipeline brings TensorFlow, which `validate` (and the benchmark) must
+  # not need.
+  from mimjax.data import pipeline  # pylint: disable=g-import-not-at-top
   validate(config)
   pipeline.check_splits(config)
   mesh = sharding.make_mesh(config.mesh)

@@ -95,3 +95,22 @@ def test_colab_notebook_runs_end_to_end(tmp_path, monkeypatch):
     result = json.load(f)
   assert result['step'] == 4 and result['test_examples'] == 128
   assert 0.0 <= result['top1'] <= 1.0 and 0.0 <= result['random_init']['top1'] <= 1.0
+
+
+def test_slurm_gpu_settings_are_flags_this_jaxlib_knows():
+  """The launcher's GPU settings block, evaluated, starts JAX: XLA aborts on an unknown flag."""
+  with open(os.path.join(ROOT, 'launch/slurm_gpu.sbatch')) as f:
+    text = f.read()
+  caller = '--xla_gpu_enable_latency_hiding_scheduler=false'
+  block = re.search(r'# --- BEGIN GPU runtime settings.*?# --- END GPU runtime settings',
+                    text, re.S).group(0)
+  probe = ('import os, jax; jax.numpy.ones(2).block_until_ready(); '
+           'print(os.environ["XLA_FLAGS"]); print(os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"])')
+  result = subprocess.run(['bash', '-c', f'set -eu\n{block}\nexec python3 -c \'{probe}\''],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, XLA_FLAGS=caller))
+  assert result.returncode == 0, result.stderr[-2000:]
+  flags, fraction = result.stdout.split('\n')[:2]
+  assert '--xla_gpu_enable_latency_hiding_scheduler=true' in flags
+  assert flags.endswith(caller)  # the caller's flags come last, so they win
+  assert fraction == '0.9'

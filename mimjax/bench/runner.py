@@ -35,6 +35,7 @@ from mimjax import registry
 from mimjax import sharding
 from mimjax import train_step as train_step_lib
 from mimjax import validation
+from mimjax.data import features
 
 # host: the case whose step the overhead is measured against. target: the issue's bound on the
 # overhead (fraction of the host's step time), 'flops' (no slower than the FLOP ratio), or None.
@@ -81,11 +82,10 @@ def load_config(spec, model, image_size, batch, preset, dtype):
 
 def synthetic_batch(config, seed=0):
   """Host batch with the features `config.data.augment` yields (e.g. image2 for LUT) and labels."""
-  from mimjax.data import augment  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
   rng = np.random.default_rng(seed)
   s, c = config.data.image_size, config.data.channels
   batch = {k: rng.standard_normal((config.batch_size, s, s, c), np.float32)
-           for k in augment.OUTPUTS[config.data.augment]}
+           for k in features.outputs(config.data.augment)}
   batch['label'] = rng.integers(0, max(config.model.num_classes, 1), config.batch_size,
                                 dtype=np.int32)
   return batch
@@ -101,35 +101,48 @@ def _timed(fn, *args):
   return out, time.perf_counter() - start
 
 
+Compiled = collections.namedtuple('Compiled',
+                                   'framework compiled init_fn state_sharding batch lower_s compile_s')
+
+
+def compile_step(config):
+  """The trainer's jitted, donated train step for `config` on a 1-device mesh, compiled for a
+  synthetic batch (on the device); nothing of the train state is allocated yet."""
+  framework = registry.build(config)
+  host = synthetic_batch(config)
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  init_fn, abstract, tx, lr = train_step_lib.build(
+      framework, config, jax.tree_util.tree_map(lambda x: x[:2], host))
+  state_sharding = train_step_lib.state_shardings(abstract, mesh, config.mesh)
+  step = train_step_lib.jit_train_step(
+      train_step_lib.make_train_step(framework, tx, lr, config.optim.accum_steps),
+      state_sharding, mesh)
+  batch = jax.device_put(host, sharding.batch_sharding(mesh))
+  start = time.perf_counter()
+  lowered = step.lower(train_step_lib.with_shardings(abstract, state_sharding), batch)
+  lower_s = time.perf_counter() - start
+  start = time.perf_counter()
+  compiled = lowered.compile()
+  return Compiled(framework, compiled, init_fn, state_sharding, batch, lower_s,
+                  time.perf_counter() - start)
+
+
 class JaxStep:
   """One case: the trainer's train step, compiled and initialised; `steps(k)` times k updates."""
 
   def __init__(self, name, config, warmup):
     self.name, self.config, self.times = name, config, []
     rss0 = max_rss_bytes()
-    framework = registry.build(config)
-    host = synthetic_batch(config)
-    mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-    init_fn, abstract, tx, lr = train_step_lib.build(
-        framework, config, jax.tree_util.tree_map(lambda x: x[:2], host))
-    state_sharding = train_step_lib.state_shardings(abstract, mesh, config.mesh)
-    step = train_step_lib.jit_train_step(
-        train_step_lib.make_train_step(framework, tx, lr, config.optim.accum_steps),
-        state_sharding, mesh)
-    self.batch = jax.device_put(host, sharding.batch_sharding(mesh))
-    start = time.perf_counter()
-    lowered = step.lower(train_step_lib.with_shardings(abstract, state_sharding), self.batch)
-    self.lower_s = time.perf_counter() - start
-    start = time.perf_counter()
-    self.compiled = lowered.compile()
-    self.compile_s = time.perf_counter() - start
-    self.state = jax.jit(init_fn, out_shardings=state_sharding)()
+    c = compile_step(config)
+    framework, self.compiled, self.batch = c.framework, c.compiled, c.batch
+    self.lower_s, self.compile_s = c.lower_s, c.compile_s
+    self.state = jax.jit(c.init_fn, out_shardings=c.state_sharding)()
     self.first_step_s = self.steps(1)[0]
     self.steps(warmup)
     self.rss_growth = max_rss_bytes() - rss0
     self.flops = _xla_flops(self.compiled)
     self.analytic = framework.step_flops()
-    self.memory = _memory(self.compiled)
+    self.memory = xla_memory(self.compiled)
     self.params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(self.state.params))
 
   def steps(self, k):
@@ -177,7 +190,7 @@ class TorchPeer:
            f'--channels={mae_config.data.channels}', f'--device={device}']
     if mode == 'compile':
       cmd.append('--compile')
-    if mae_config.model.dtype == 'bfloat16':
+    if kw['dtype'] == jnp.bfloat16:
       cmd.append('--bf16')
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root,
@@ -219,7 +232,7 @@ def _xla_flops(compiled):
   return float((analysis or {}).get('flops', float('nan')))
 
 
-def _memory(compiled):
+def xla_memory(compiled):
   """XLA's buffer assignment: arguments + outputs - donated aliases + temporaries, in bytes."""
   m = compiled.memory_analysis()
   if m is None:
@@ -268,7 +281,7 @@ def machine_info():
               time=time.strftime('%Y-%m-%d %H:%M:%S %Z'))
 
 
-def _case_result(runner, matmul_flops_s, nominal_peak):
+def case_result(runner, matmul_flops_s, nominal_peak):
   st = timing_stats(runner.times)
   analytic = sum(runner.analytic.values())
   achieved = runner.flops / st['median']
@@ -350,7 +363,7 @@ def run(args):
     results['matmul'].append(dict(family=kind or fam[0].name, n=matmul.n, dtype=args.dtype,
                                   step_s=mm_stats, flops_per_s=mm_flops_s))
     for r in runners:
-      entry = _case_result(r, mm_flops_s, nominal)
+      entry = case_result(r, mm_flops_s, nominal)
       (results['scaling'] if kind else results['cases']).append(entry)
     for p in pending_peer:
       st = timing_stats(p.times)

@@ -11,16 +11,17 @@ from typing import NamedTuple
 
 import tensorflow as tf
 
+from mimjax.data import features
 from mimjax.data import randaugment
 
 AUGMENTATIONS = {}
 OUTPUTS = {}  # name -> the image features it returns, e.g. ('image', 'image2') for two views
 
 
-def register(name, outputs=('image',)):
+def register(name):
   def wrap(fn):
     AUGMENTATIONS[name] = fn
-    OUTPUTS[name] = outputs
+    OUTPUTS[name] = features.outputs(name)
     return fn
   return wrap
 
@@ -289,7 +290,7 @@ def center(image, seed, data_config):
   return {'image': normalize(image, data_config)}
 
 
-@register('lut_two_view', outputs=('image', 'image2'))
+@register('lut_two_view')
 def lut_two_view(image, seed, data_config):
   """LUT's two views (reference `TwoGlobalViewAugmentation`): a simple resized crop each, drawn
   independently; `image2` also gets colour jitter (0.4, 0.4, 0.2, 0.1) with p = 0.8 and 3-augment.

@@ -10,6 +10,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mimjax.models import vit
+
 
 def quick_gelu(x):
   """OpenAI CLIP's activation: x * sigmoid(1.702 x)."""
@@ -34,10 +36,8 @@ class ResidualAttentionBlock(nn.Module):
     y = _layer_norm('ln_1')(x).astype(self.dtype)
     qkv = nn.Dense(3 * width, dtype=self.dtype, name='in_proj')(y)
     q, k, v = jnp.split(qkv.reshape(b, n, 3, self.num_heads, head_dim), 3, axis=2)
-    logits = jnp.einsum('bqhd,bkhd->bhqk', q[:, :, 0], k[:, :, 0],
-                        preferred_element_type=jnp.float32)
-    weights = jax.nn.softmax(logits * head_dim ** -0.5, axis=-1).astype(self.dtype)
-    y = jnp.einsum('bhqk,bkhd->bqhd', weights, v[:, :, 0]).reshape(b, n, width)
+    y, _ = vit.dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0])
+    y = y.reshape(b, n, width)
     x = x + nn.Dense(width, dtype=self.dtype, name='out_proj')(y)
     y = _layer_norm('ln_2')(x).astype(self.dtype)
     y = nn.Dense(self.mlp_dim, dtype=self.dtype, name='c_fc')(y)

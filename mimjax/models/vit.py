@@ -66,13 +66,42 @@ class MlpBlock(nn.Module):
                     bias_init=nn.initializers.normal(1e-6))(x)
 
 
+def _prefers_cudnn(dtype):
+  """Whether to ask for cuDNN's fused flash attention: half precision on a GPU (XLA's otherwise)."""
+  return jax.default_backend() == 'gpu' and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+
+
+def dot_product_attention(q, k, v, bias=None, return_weights=False):
+  """softmax(q k^T / sqrt(d) + bias) v for q, k, v [B, N, heads, d]; logits and softmax float32.
+
+  `bias` is an optional additive logit bias broadcastable to [B, heads, N, N] (e.g. relative
+  position bias). The default path is `jax.nn.dot_product_attention`, which never materialises
+  the weights; only `return_weights=True` (attention maps for MTO and analyses) takes the explicit
+  einsum path and returns the [B, heads, N, N] float32 weights as well (else None).
+  """
+  if not return_weights:
+    if _prefers_cudnn(q.dtype):
+      try:
+        return jax.nn.dot_product_attention(q, k, v, bias, implementation='cudnn'), None
+      except (ValueError, NotImplementedError, RuntimeError):
+        pass  # shapes, dtypes or cuDNN version the fused kernel does not cover: XLA below
+    return jax.nn.dot_product_attention(q, k, v, bias), None
+  logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
+  logits = logits / math.sqrt(q.shape[-1])
+  if bias is not None:
+    logits = logits + bias.astype(jnp.float32)
+  weights = jax.nn.softmax(logits, axis=-1)
+  return jnp.einsum('bhqk,bkhd->bqhd', weights.astype(v.dtype), v), weights
+
+
 class MultiHeadAttention(nn.Module):
   """Self-attention with q/k/v/out DenseGeneral params (flax/big_vision layout), f32 softmax."""
   num_heads: int
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, return_weights=False):
+  def __call__(self, x, return_weights=False, bias=None):
+    """x [B, N, width] -> ([B, N, width], weights or None); `bias`: see dot_product_attention."""
     width = x.shape[-1]
     if width % self.num_heads:
       raise ValueError(f'width {width} is not divisible by num_heads {self.num_heads}')
@@ -80,13 +109,11 @@ class MultiHeadAttention(nn.Module):
     proj = lambda name: nn.DenseGeneral(  # noqa: E731
         (self.num_heads, head_dim), dtype=self.dtype, name=name, kernel_init=qkv_init)
     q, k, v = proj('query')(x), proj('key')(x), proj('value')(x)
-    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
-    weights = jax.nn.softmax(logits / math.sqrt(head_dim), axis=-1)
-    out = jnp.einsum('bhqk,bkhd->bqhd', weights.astype(self.dtype), v)
+    out, weights = dot_product_attention(q, k, v, bias, return_weights)
     # DenseGeneral initialises the flattened 2-D kernel, so plain Xavier has the right fans.
     out = nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, name='out',
                           kernel_init=xavier)(out)
-    return out, (weights if return_weights else None)
+    return out, weights
 
 
 class LayerScale(nn.Module):
@@ -268,13 +295,21 @@ class ViT(nn.Module):
     return out
 
 
+def compute_dtype(name):
+  """A config's compute dtype name -> dtype; 'auto' is bfloat16 on GPU/TPU and float32 on CPU,
+  where bfloat16 matmuls are emulated and slower than float32."""
+  if name == 'auto':
+    return jnp.dtype(jnp.bfloat16 if jax.default_backend() in ('gpu', 'tpu') else jnp.float32)
+  return jnp.dtype(name)
+
+
 def encoder_kwargs(model_config, image_size):
   """Keyword arguments of `ViT` from a `config.model` section."""
   kw = parse_variant(model_config.variant)
   kw.update(image_size=image_size, posemb=model_config.posemb, cls_token=model_config.cls_token,
             pool=model_config.pool, layerscale=model_config.layerscale,
             drop_path=model_config.drop_path, num_classes=model_config.num_classes,
-            dtype=jnp.dtype(model_config.dtype), remat=model_config.remat)
+            dtype=compute_dtype(model_config.dtype), remat=model_config.remat)
   kw['tokenizer'] = moto.tokenizer_from_config(model_config, kw['width'], kw['patch_size'],
                                                kw['dtype'])
   return kw
