@@ -21,10 +21,10 @@ import numpy as np
 from ml_collections import config_flags
 
 from mimjax import checkpoint as checkpoint_lib
-from mimjax import config_lib
 from mimjax import distributed
 from mimjax import errors
 from mimjax import registry
+from mimjax import resume
 from mimjax import metrics_writer
 from mimjax import sharding
 from mimjax import train_step as train_step_lib
@@ -81,9 +81,9 @@ def _place(tree, shardings):
   return jax.tree_util.tree_map(place, tree, shardings)
 
 
-def _meta(config, state_params, step):
-  return dict(step=int(step), data_position=int(step), framework=config.framework,
-              config=config.to_dict(),
+def _meta(config, state_params, step, examples):
+  return dict(step=int(step), data_position=int(step), data_position_examples=int(examples),
+              framework=config.framework, config=config.to_dict(),
               param_shapes=checkpoint_lib.param_shapes(state_params))
 
 
@@ -114,11 +114,14 @@ class IntervalAccumulator:
     """The interval's sums as floats (one device fetch); raises NonFiniteError on a NaN step."""
     sums = {k: float(v) for k, v in jax.device_get(self._sums).items()}
     if sums['nonfinite'] > 0:
+      kept = (f'The last good checkpoint (step {last_good_ckpt}) in {ckpt_dir} is intact.'
+              if last_good_ckpt is not None else
+              'No checkpoint had been saved yet, so the run has nothing to resume from.')
       raise errors.NonFiniteError(
-          f'The loss or gradients became NaN/Inf between steps {step - self.steps + 1} '
-          f'and {step}; training stopped and those updates were not applied. The last good '
-          f'checkpoint (step {last_good_ckpt}) in {ckpt_dir} is intact. Lower '
-          'optim.base_lr, set optim.grad_clip, or check the input data.')
+          f'The loss, gradients or updated parameters became NaN/Inf between steps '
+          f'{step - self.steps + 1} and {step}; training stopped and those updates were not '
+          f'applied. {kept} Lower optim.base_lr, set optim.grad_clip, check optim.b1/b2 < 1, or '
+          'check the input data.')
     return sums
 
   def close(self, sums, batch_size):
@@ -217,8 +220,9 @@ class _Loop:
     for name, image in self.framework.visualize(outputs, host_batch).items():
       writer.write_image(name, step, np.asarray(jax.device_get(image)))
 
-  def run(self, state, batches, start_step, interval, writer):
-    """Steps from `start_step` to config.total_steps; returns the last logged metrics."""
+  def run(self, state, batches, start_step, start_examples, interval, writer):
+    """Steps from `start_step` (`start_examples` consumed) to config.total_steps; returns the
+    last logged metrics."""
     config, ckpt = self.config, self.ckpt
     last_metrics, last_good_ckpt, vis_batch = {}, ckpt.latest_step(), None
     with _InterruptFlag() as interrupt:
@@ -227,6 +231,7 @@ class _Loop:
         vis_batch = batch if vis_batch is None else vis_batch
         state, metrics = self.step_fn(state, batch)
         interval.add(metrics)
+        ckpt.poll()
         is_last = step == config.total_steps
         checkpoint_due = is_last or step % config.checkpoint.every_steps == 0
         stop = interrupt.requested  # read once: a Ctrl-C later in this step stops the next one
@@ -245,7 +250,8 @@ class _Loop:
         if images_every and (step % images_every == 0 or is_last):
           self.draw(writer, step, state, vis_batch)
         if save_now:
-          meta = _meta(config, state.params, step)
+          meta = _meta(config, state.params, step,
+                       start_examples + (step - start_step) * config.batch_size)
           open_interval = interval.snapshot(sums)
           if open_interval:
             meta['open_interval'] = open_interval
@@ -267,24 +273,29 @@ def train(config, workdir):
   framework = registry.build(config)
   ckpt = checkpoint_lib.Checkpointer(workdir, config.checkpoint.keep, config.checkpoint.async_save)
   latest = ckpt.latest_step()
+  if latest is not None:
+    ckpt.verify(latest)
   latest_meta = ckpt.read_meta(latest) if latest is not None else {}
-  start_step = int(latest_meta.get('data_position', 0))
+  start_step, start_examples = 0, 0
+  if latest is not None:
+    resume.check(config, latest_meta, ckpt.directory)
+    start_step = int(latest_meta['step'])
+    start_examples = resume.data_position_examples(latest_meta)
 
-  batches = pipeline.train_batches(config, start_step)
+  batches = pipeline.train_batches(config, start_examples // config.batch_size)
   first = next(batches)
   batches = itertools.chain([first], batches)
   state, state_sharding, tx, lr_schedule = restore_or_init(
       framework, config, ckpt, latest, sample_batch(first), mesh)
   os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config_lib.to_json(config))
+  resume.record(workdir, config, start_step)
 
   loop = _Loop(framework, config, workdir, ckpt, state_sharding, tx, lr_schedule, mesh)
   writer = metrics_writer.MetricsWriter(workdir, config.total_steps, start_step,
                                         config.log.progress_bar)
   try:
-    return loop.run(state, batches, start_step, IntervalAccumulator(latest_meta), writer)
+    return loop.run(state, batches, start_step, start_examples, IntervalAccumulator(latest_meta),
+                    writer)
   finally:
     ckpt.wait()
     ckpt.close()
