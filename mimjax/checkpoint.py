@@ -77,6 +77,7 @@ class Checkpointer:
     self.async_save = async_save
     self._pending = None  # the step whose (async) save has not been checked yet
     self.last_saved = self.manager.latest_step()  # the newest complete, checksummed save
+    self._verified = set()  # steps checked (or warned about) once already
 
   def latest_step(self):
     return self.manager.latest_step()
@@ -98,13 +99,15 @@ class Checkpointer:
     A damaged checkpoint raises CheckpointError naming the damaged files and the newest earlier
     checkpoint that verifies; one without checksums (an older mimjax) is read with a warning.
     """
+    if step in self._verified:
+      return
     self.check_exists(step)
     damaged = _mismatches(self._step_dir(step))
     if damaged is None:
       print(f'warning: checkpoint {step} in {self.directory} has no checksums; it is read '
             'unverified.', file=sys.stderr, flush=True)
-      return
     if not damaged:
+      self._verified.add(step)
       return
     earlier = [s for s in sorted(self.manager.all_steps(), reverse=True)
                if s < step and _mismatches(self._step_dir(s)) == []]
@@ -194,7 +197,7 @@ class Checkpointer:
 
   def restore(self, step, abstract_state):
     """Restores the state at `step` onto the shardings carried by `abstract_state`."""
-    self.check_exists(step)
+    self.verify(step)
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state)))

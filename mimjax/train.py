@@ -21,6 +21,7 @@ import numpy as np
 from ml_collections import config_flags
 
 from mimjax import checkpoint as checkpoint_lib
+from mimjax import config_lib
 from mimjax import distributed
 from mimjax import errors
 from mimjax import registry
@@ -269,6 +270,7 @@ def train(config, workdir):
   """Runs (or resumes) training; returns the last logged metrics as a dict of floats."""
   # Everything is validated and read (checkpoint, first batch, teacher and pre-trained weights)
   # before the workdir is created or written, so bad input leaves nothing behind.
+  validation.check_workdir(workdir)
   mesh = validation.check_run(config)
   framework = registry.build(config)
   ckpt = checkpoint_lib.Checkpointer(workdir, config.checkpoint.keep, config.checkpoint.async_save)
@@ -318,4 +320,4 @@ def main(argv):
 if __name__ == '__main__':
   define_flags()
   flags.mark_flag_as_required('config')
-  app.run(main)
+  app.run(main, flags_parser=config_lib.parse_flags)

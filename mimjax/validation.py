@@ -5,6 +5,8 @@ what a training run reads (the dataset and its splits) and the device mesh. The 
 `check_run` first, then reads every remaining input (checkpoint, first batch, teacher and
 pre-trained weights) before it creates the workdir.
 """
+import os
+
 from mimjax import errors
 from mimjax import registry
 from mimjax import sharding
@@ -97,3 +99,18 @@ def check_run(config):
   if config.eval.every_steps:
     sharding.check_batch_divides(config.eval.batch_size, mesh, 'eval.batch_size')
   return mesh
+
+
+def check_workdir(workdir):
+  """Refuses a workdir this process cannot create or write, before anything is read or written."""
+  path = os.path.abspath(workdir)
+  while not os.path.exists(path):
+    path = os.path.dirname(path)
+  if not os.path.isdir(path):
+    raise errors.ConfigError(f'--workdir {workdir}: {path} is a file, not a directory; choose '
+                             'another --workdir.')
+  if not os.access(path, os.W_OK | os.X_OK):
+    what = 'is not writable' if path == os.path.abspath(workdir) else (
+        f'cannot be created: {path} is not writable')
+    raise errors.ConfigError(f'--workdir {workdir} {what}; choose a writable directory (or fix '
+                             'its permissions / mount).')
