@@ -112,8 +112,9 @@ class Checkpointer:
     earlier = [s for s in sorted(self.manager.all_steps(), reverse=True)
                if s < step and _mismatches(self._step_dir(s)) == []]
     shown = ', '.join(damaged[:3]) + (f' and {len(damaged) - 3} more' * (len(damaged) > 3))
-    fix = (f'Checkpoint {earlier[0]} verifies: move the damaged one away (mv {self._step_dir(step)} '
-           f'{self._step_dir(step)}.damaged) and re-run to resume from step {earlier[0]}'
+    path = self._step_dir(step)
+    fix = (f'Checkpoint {earlier[0]} verifies: move the damaged one away (mv {path} '
+           f'{path}.damaged) and re-run to resume from step {earlier[0]}'
            if earlier else 'No earlier checkpoint verifies; start again in a new --workdir')
     raise errors.CheckpointError(
         f'Checkpoint {step} in {self.directory} is damaged: {shown} no longer match the '

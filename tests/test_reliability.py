@@ -5,6 +5,7 @@ import copy
 import errno
 import json
 import os
+import types
 
 import jax
 import jax.numpy as jnp
@@ -12,11 +13,16 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
+import tensorflow_datasets as tfds
 
+from conftest import run_module
 from mimjax import checkpoint as checkpoint_lib
 from mimjax import errors
+from mimjax import export
 from mimjax import train
 from mimjax import train_step as train_step_lib
+from mimjax.data import sources
+from mimjax.eval import loading
 from test_train import _LinearRegression
 
 
@@ -208,3 +214,129 @@ def test_enospc_in_the_async_save_stops_the_run_at_once(tiny_mae_config, tmp_pat
   assert calls == [3, 6]
   assert _steps(workdir) == [3]
   assert not os.path.exists(os.path.join(workdir, 'checkpoints', '6'))
+
+
+# Items 7-10: bad input is one `error:` line, creates nothing, and messages name what exists.
+
+def _one_line_error(e, *parts):
+  message = str(e.value)
+  assert '\n' not in message, message
+  for part in parts:
+    assert part in message, message
+
+
+def test_misspelt_config_key_names_the_near_miss(tmp_path):
+  workdir = tmp_path / 'run'
+  result = run_module(['mimjax.train', '--config', 'configs/mae.py:runlocal',
+                       '--config.mae.mask_ration=0.5', f'--workdir={workdir}'])
+  assert result.returncode == 1
+  assert 'Traceback' not in result.stderr
+  errors_shown = [line for line in result.stderr.splitlines() if line.startswith('error:')]
+  assert errors_shown == ['error: --config.mae.mask_ration is not a config key; did you mean '
+                          '--config.mae.mask_ratio?']
+  assert not workdir.exists()
+
+
+def _timm_state_dict():
+  import timm  # pylint: disable=g-import-not-at-top
+  return timm.create_model('vit_tiny_patch16_224', pretrained=False, img_size=28, patch_size=4,
+                           depth=1, num_classes=0).state_dict()
+
+
+class _Unsafe:
+  def __reduce__(self):
+    return (os.system, ('echo this must never run',))
+
+
+def _bad_init_files(directory):
+  """{case: (path, expected message part)} of files a fresh run must refuse to start from."""
+  import torch  # pylint: disable=g-import-not-at-top
+  sd = _timm_state_dict()
+  wrong_qkv = dict(sd, **{'blocks.0.attn.qkv.weight': sd['blocks.0.attn.qkv.weight'][:10]})
+  missing = {k: v for k, v in sd.items() if k != 'blocks.0.norm1.bias'}
+  cases = {'list': ([1, 2], 'holds a list, not a state dict'),
+           'unsafe': (_Unsafe(), 'refused as unsafe'),
+           'qkv': (wrong_qkv, 'blocks.0.attn.qkv.weight has shape (10, 192)'),
+           'missing': (missing, "no 'blocks.0.norm1.bias'")}
+  files = {}
+  for name, (obj, part) in cases.items():
+    path = os.path.join(directory, f'{name}.pth')
+    torch.save(obj, path)
+    files[name] = (path, part)
+  text = os.path.join(directory, 'notes.pth')
+  with open(text, 'w') as f:
+    f.write('not weights\n')
+  files['text'] = (text, 'is not a PyTorch checkpoint')
+  return files
+
+
+def test_malformed_init_files_are_one_line_errors(tiny_mae_config, tmp_path):
+  for name, (path, part) in _bad_init_files(str(tmp_path)).items():
+    config = _set(copy.deepcopy(tiny_mae_config), **{'init.checkpoint': path})
+    workdir = tmp_path / f'run_{name}'
+    with pytest.raises(errors.ConfigError) as e:
+      train.train(config, str(workdir))
+    _one_line_error(e, part, path)
+    assert not workdir.exists(), name
+
+
+@pytest.mark.parametrize('features,part', [
+    ({'text': tfds.features.Text()}, 'has no `image` feature'),
+    ({'image': tfds.features.Image(shape=(None, None, 4))}, 'has 4-channel images')])
+def test_dataset_without_image_or_with_4_channels(tiny_mae_config, tmp_path, monkeypatch, features,
+                                                  part):
+  info = types.SimpleNamespace(splits={'train': None, 'test': None},
+                               features=tfds.features.FeaturesDict(features))
+  monkeypatch.setattr(sources, 'get_builder', lambda *a: types.SimpleNamespace(info=info))
+  with pytest.raises(errors.DatasetError) as e:
+    train.train(tiny_mae_config, str(tmp_path / 'run'))
+  _one_line_error(e, part)
+  assert not (tmp_path / 'run').exists()
+
+
+def test_read_only_workdir(tiny_mae_config, tmp_path, monkeypatch):
+  """A read-only parent (simulated: tests run as root, for whom chmod does not bite)."""
+  parent = str(tmp_path / 'readonly')
+  os.mkdir(parent)
+  real_access = os.access
+  monkeypatch.setattr(os, 'access', lambda p, mode: p != parent and real_access(p, mode))
+  with pytest.raises(errors.ConfigError) as e:
+    train.train(tiny_mae_config, os.path.join(parent, 'run'))
+  _one_line_error(e, 'cannot be created', 'is not writable')
+  assert os.listdir(parent) == []
+
+
+def test_export_out_directory_and_npz_name(trained, tmp_path):
+  _, workdir = trained
+  with pytest.raises(errors.ConfigError) as e:
+    export.export_checkpoint(workdir, str(tmp_path))
+  _one_line_error(e, 'is a directory')
+  out = str(tmp_path / 'enc.bin')
+  export.export_checkpoint(workdir, out, fmt='npz')
+  assert sorted(os.listdir(tmp_path)) == sorted(['run', 'enc.bin', 'enc.bin.json'])
+  assert 'params/embedding/kernel' in np.load(out).files
+
+
+def test_missing_step_lists_the_steps_that_exist(trained):
+  _, workdir = trained
+  with pytest.raises(errors.CheckpointError) as e:
+    checkpoint_lib.restore_params(workdir, 999)
+  _one_line_error(e, 'no checkpoint 999', 'holds steps 3.')
+  with pytest.raises(errors.CheckpointError) as e:
+    loading.load_run(workdir, 999)  # `evaluate --step 999`
+  _one_line_error(e, 'no checkpoint 999', 'holds steps 3.')
+
+
+def test_truncated_checkpoint_error_has_no_tensorstore_spec(trained):
+  """Without checksums (an older checkpoint) a truncated file still gives a short message."""
+  _, workdir = trained
+  step_dir = os.path.join(workdir, 'checkpoints', '3')
+  os.remove(os.path.join(step_dir, checkpoint_lib.CHECKSUMS))
+  files = [os.path.join(r, n) for r, _, ns in os.walk(os.path.join(step_dir, 'state')) for n in ns]
+  for path in files:
+    if os.path.getsize(path) > 1000:
+      os.truncate(path, os.path.getsize(path) // 2)
+  with pytest.raises(errors.CheckpointError) as e:
+    checkpoint_lib.restore_params(workdir)
+  _one_line_error(e, 'cannot be read')
+  assert '{"' not in str(e.value) and len(str(e.value)) < 600
