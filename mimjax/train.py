@@ -178,7 +178,8 @@ def restore_or_init(framework, config, ckpt, latest, sample, mesh):
   init_fn, abstract_state, tx, lr_schedule = train_step_lib.build(framework, config, sample)
   state_sharding = train_step_lib.state_shardings(abstract_state, mesh, config.mesh)
   if latest is not None:
-    ckpt.check_compatible(latest, abstract_state.params, config.framework)
+    meta = ckpt.check_compatible(latest, abstract_state.params, config.framework)
+    resume.check(config, meta, ckpt.directory)
     state = ckpt.restore(latest, train_step_lib.with_shardings(abstract_state, state_sharding))
     print(f'Resuming from checkpoint {latest} in {ckpt.directory}', flush=True)
     return state, state_sharding, tx, lr_schedule
@@ -280,7 +281,6 @@ def train(config, workdir):
   latest_meta = ckpt.read_meta(latest) if latest is not None else {}
   start_step, start_examples = 0, 0
   if latest is not None:
-    resume.check(config, latest_meta, ckpt.directory)
     start_step = int(latest_meta['step'])
     start_examples = resume.data_position_examples(latest_meta)
 
