@@ -225,6 +225,12 @@ def base_config():
   c.checkpoint.keep = 3
   c.checkpoint.async_save = True
 
+  # Resuming a workdir with a config that changes the training trajectory (batch, lr, schedule,
+  # seed, data, model, losses) is refused; list here (comma-separated dotted keys, e.g.
+  # 'total_steps,optim.base_lr') the changes you make deliberately.
+  c.resume = ml_collections.ConfigDict()
+  c.resume.accept_changes = ''
+
   c.log = ml_collections.ConfigDict()
   c.log.every_steps = 50
   c.log.images_every_steps = 5000  # reconstruction PNGs; 0 turns them off

@@ -1,9 +1,15 @@
 """Orbax checkpoints of the train state plus a JSON record of the run (data position, model).
 
 Saves are asynchronous and atomic (Orbax writes to a temporary directory and renames it when the
-write has finished), so a crash or Ctrl-C mid-save leaves the previous checkpoint intact. Restores
-take target shardings, so a run can resume on a different mesh or device count.
+write has finished), so a crash or Ctrl-C mid-save leaves the previous checkpoint intact. Every
+save's outcome is checked (a failed one stops the run with one message); a finalised save gets
+SHA-256 checksums of its files, verified before the checkpoint is read again. Restores take target
+shardings, so a run can resume on a different mesh or device count.
 """
+import hashlib
+import json
+import sys
+
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -12,6 +18,42 @@ from mimjax import errors
 from mimjax import optim
 from mimjax import workdir_io
 
+CHECKSUMS = 'checksums.json'
+
+
+def _reason(e):
+  """`Type: message` of an exception, first line only and without TensorStore's spec dump."""
+  text = str(e).strip().splitlines()[0] if str(e).strip() else ''
+  text = text.split(' [source locations=')[0].split('{"')[0].rstrip(' :;,')
+  return f'{type(e).__name__}: {text[:300]}'
+
+
+def _digests(directory):
+  """{relative path: sha256 hex} of every file under `directory` (an epath) but the checksum
+  file."""
+  digests = {}
+  for root, _, names in directory.walk():
+    for name in names:
+      path = root / name
+      rel = str(path.relative_to(directory))
+      if rel == CHECKSUMS:
+        continue
+      sha = hashlib.sha256()
+      with path.open('rb') as f:
+        for chunk in iter(lambda: f.read(1 << 22), b''):  # pylint: disable=cell-var-from-loop
+          sha.update(chunk)
+      digests[rel] = sha.hexdigest()
+  return digests
+
+
+def _mismatches(directory):
+  """Files of a checkpoint that differ from its checksums (None when it has no checksums)."""
+  path = directory / CHECKSUMS
+  if not path.exists():
+    return None
+  expected = json.loads(path.read_text())
+  actual = _digests(directory)
+  return sorted(k for k in set(expected) | set(actual) if expected.get(k) != actual.get(k))
 
 
 def param_shapes(params):
@@ -31,27 +73,68 @@ class Checkpointer:
                                            enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=('state', 'meta'))
+    self.async_save = async_save
+    self._pending = None  # the step whose (async) save has not been checked yet
+    self.last_saved = self.manager.latest_step()  # the newest complete, checksummed save
+    self._verified = set()  # steps checked (or warned about) once already
 
   def latest_step(self):
     return self.manager.latest_step()
 
+  def _step_dir(self, step):
+    return self.directory / str(step)
+
   def resolve_step(self, step=None):
     """`step` (default: the latest) when this workdir holds it; CheckpointError otherwise."""
-    steps = sorted(self.manager.all_steps())
     step = self.latest_step() if step is None else step
-    if step is None or step not in steps:
-      raise errors.CheckpointError(
-          f'No checkpoint {"" if step is None else step} in {self.directory}; steps there: '
-          f'{steps}. Train first, or pass one of them as --step.')
+    if step is None:
+      raise errors.CheckpointError(f'No checkpoint in {self.directory}; train first.')
+    self.check_exists(step)
     return int(step)
 
+  def check_exists(self, step):
+    """Raises CheckpointError naming the steps that exist when there is no checkpoint `step`."""
+    steps = sorted(self.manager.all_steps())
+    if step not in steps:
+      raise errors.CheckpointError(
+          f'There is no checkpoint {step} in {self.directory}; it holds '
+          f'{"steps " + ", ".join(map(str, steps)) if steps else "no checkpoints"}.')
+
+  def verify(self, step):
+    """Checks checkpoint `step` against the checksums written when its save was finalised.
+
+    A damaged checkpoint raises CheckpointError naming the damaged files and the newest earlier
+    checkpoint that verifies; one without checksums (an older mimjax) is read with a warning.
+    """
+    if step in self._verified:
+      return
+    self.check_exists(step)
+    damaged = _mismatches(self._step_dir(step))
+    if damaged is None:
+      print(f'warning: checkpoint {step} in {self.directory} has no checksums; it is read '
+            'unverified.', file=sys.stderr, flush=True)
+    if not damaged:
+      self._verified.add(step)
+      return
+    earlier = [s for s in sorted(self.manager.all_steps(), reverse=True)
+               if s < step and _mismatches(self._step_dir(s)) == []]
+    shown = ', '.join(damaged[:3]) + (f' and {len(damaged) - 3} more' * (len(damaged) > 3))
+    path = self._step_dir(step)
+    fix = (f'Checkpoint {earlier[0]} verifies: move the damaged one away (mv {path} '
+           f'{path}.damaged) and re-run to resume from step {earlier[0]}'
+           if earlier else 'No earlier checkpoint verifies; start again in a new --workdir')
+    raise errors.CheckpointError(
+        f'Checkpoint {step} in {self.directory} is damaged: {shown} no longer match the '
+        f'checksums written when it was saved. {fix}.')
+
   def read_meta(self, step):
+    self.check_exists(step)
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
     except Exception as e:  # orbax raises many types for unreadable files
       raise errors.CheckpointError(
-          f'Checkpoint {step} in {self.directory} cannot be read ({type(e).__name__}: {e}). '
-          f'If it is damaged, move {self.directory / str(step)} away to resume from '
+          f'Checkpoint {step} in {self.directory} cannot be read ({_reason(e)}). '
+          f'If it is damaged, move {self._step_dir(step)} away to resume from '
           'the one before, or start in a new --workdir.') from e
     return restored['meta']
 
@@ -77,18 +160,60 @@ class Checkpointer:
     return meta
 
   def save(self, step, state, meta):
-    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                    meta=ocp.args.JsonSave(meta)))
+    """Starts saving `state` at `step`, after checking the previous save's outcome."""
+    self._settle()
+    self._pending = step
+    try:
+      self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                      meta=ocp.args.JsonSave(meta)))
+    except Exception as e:  # pylint: disable=broad-except
+      self._fail(e)
+    if not self.async_save:
+      self._settle()
+
+  def poll(self):
+    """Checks a finished background save at once (cheap; call every step): a failure stops the
+    run at the step where it is seen, not at the next save or at exit."""
+    if self._pending is not None and not self.manager.is_saving_in_progress():
+      self._settle()
+
+  def _settle(self):
+    """Waits for the pending save; raises CheckpointError if it failed, else checksums it."""
+    if self._pending is None:
+      return
+    step = self._pending
+    try:
+      self.manager.wait_until_finished()
+      if not (self._step_dir(step) / 'state').is_dir():
+        raise OSError(f'Orbax did not finalise {self._step_dir(step)}')
+      if jax.process_index() == 0:
+        workdir_io.write_atomic(self._step_dir(step) / CHECKSUMS,
+                                json.dumps(_digests(self._step_dir(step)), indent=1,
+                                           sort_keys=True))
+    except Exception as e:  # pylint: disable=broad-except
+      self._fail(e)
+    self._pending, self.last_saved = None, step
+
+  def _fail(self, e):
+    """Raises the one message of a failed save (the checkpoint is not finalised, so not used)."""
+    step, self._pending = self._pending, None
+    kept = (f'the last complete checkpoint is step {self.last_saved}'
+            if self.last_saved is not None else 'no checkpoint was completed')
+    raise errors.CheckpointError(
+        f'Saving checkpoint {step} to {self.directory} failed ({_reason(e)}); training stopped '
+        f'and {kept}. Fix the cause (e.g. free disk space) and re-run the same command to resume.'
+    ) from e
 
   def restore(self, step, abstract_state):
     """Restores the state at `step` onto the shardings carried by `abstract_state`."""
+    self.verify(step)
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state)))
     except Exception as e:
       raise errors.CheckpointError(
-          f'Checkpoint {step} in {self.directory} cannot be restored ({type(e).__name__}: {e}). '
-          f'If it is damaged, move {self.directory / str(step)} away to resume from '
+          f'Checkpoint {step} in {self.directory} cannot be restored ({_reason(e)}). '
+          f'If it is damaged, move {self._step_dir(step)} away to resume from '
           'the one before, or start in a new --workdir.') from e
     return restored['state']
 
@@ -102,7 +227,8 @@ class Checkpointer:
   def restore_host(self, step, item):
     """One top-level `item` of the state at `step` ('params', 'model_state') as numpy arrays;
     {} when the state holds none (e.g. a run without non-trained state)."""
-    path = self.directory / str(step) / 'state'
+    self.verify(step)
+    path = self._step_dir(step) / 'state'
     try:
       checkpointer = ocp.PyTreeCheckpointer()
       saved = checkpointer.metadata(path).item_metadata.get(item)
@@ -115,11 +241,11 @@ class Checkpointer:
           item=target, restore_args=restore_args, partial_restore=True))
     except Exception as e:
       raise errors.CheckpointError(f'The {item} of checkpoint {step} in {self.directory} cannot '
-                                   f'be read ({type(e).__name__}: {e}).') from e
+                                   f'be read ({_reason(e)}).') from e
     return restored[item]
 
   def wait(self):
-    self.manager.wait_until_finished()
+    self._settle()
 
   def close(self):
     self.manager.close()

@@ -1,6 +1,9 @@
-"""Config round-trips through the workdir's config.json."""
+"""Config round-trips through the workdir's config.json, and `--config.x.y` flag parsing."""
 import json
+import re
+import sys
 
+from absl import flags
 import ml_collections
 
 from mimjax import errors
@@ -33,3 +36,23 @@ def from_json(text):
   merge(config, values, '')
   config.lock()
   return config
+
+
+def parse_flags(argv):
+  """absl's flag parsing for `app.run(flags_parser=...)`: a misspelt `--config.x.y` or a bad
+  flag value ends in one `error:` line naming the flag and the nearest key, not a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:  # ml_collections: unknown key under --config
+    text = (str(e.args[0]) if e.args else str(e)).replace('\\', '')
+    key = re.search(r"'(\w+)'", text)
+    hint = re.search(r'Did you mean "(\w+)"', text)
+    given = [a.split('=')[0] for a in argv if key and re.search(rf'\.{key.group(1)}(=|$)', a)]
+    name = given[0] if given else f'--config.{key.group(1) if key else text}'
+    suggestion = f'did you mean {name.rsplit(".", 1)[0]}.{hint.group(1)}?' if hint else (
+        'every key and its default are in configs/common.py.')
+    message = f'{name} is not a config key; {suggestion}'
+  except flags.Error as e:
+    message = str(e)
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(1)

@@ -90,6 +90,9 @@ def export_params(config, encoder_params, out, fmt='safetensors', source=None):
   if fmt not in FORMATS:
     raise ValueError(f'format must be one of {FORMATS}, not {fmt!r}')
   check_exportable(config, encoder_params)
+  if os.path.isdir(out):
+    raise errors.ConfigError(f'--out {out} is a directory; give a file path, e.g. '
+                             f'{os.path.join(out, "encoder." + fmt)}.')
   grid = vit.grid_size(config.model, config.data.image_size)
   table = timm_lib.position_embedding(encoder_params, grid)
   in_chans = int(np.shape(encoder_params['embedding']['kernel'])[2])
@@ -100,7 +103,8 @@ def export_params(config, encoder_params, out, fmt='safetensors', source=None):
     save_file(timm_lib.to_timm(encoder_params, table), out)
   else:
     kwargs['init_values'] = None  # folded into the weights, see _npz_arrays
-    np.savez(out, **_npz_arrays(encoder_params, table))
+    with open(out, 'wb') as f:  # a file object: np.savez would append .npz to other names
+      np.savez(f, **_npz_arrays(encoder_params, table))
   mean, std = list(config.data.mean), list(config.data.std)
   kwargs['pretrained_cfg_overlay'] = dict(
       mean=mean, std=std, input_size=[in_chans, config.data.image_size, config.data.image_size],

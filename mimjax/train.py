@@ -26,6 +26,7 @@ from mimjax import config_lib
 from mimjax import distributed
 from mimjax import errors
 from mimjax import registry
+from mimjax import resume
 from mimjax import metrics_writer
 from mimjax import sharding
 from mimjax import train_step as train_step_lib
@@ -147,11 +148,14 @@ class IntervalAccumulator:
     """The interval's sums as floats (one device fetch); raises NonFiniteError on a NaN step."""
     sums = {k: float(v) for k, v in jax.device_get(self._sums).items()}
     if sums['nonfinite'] > 0:
+      kept = (f'The last good checkpoint (step {last_good_ckpt}) in {ckpt_dir} is intact.'
+              if last_good_ckpt is not None else
+              'No checkpoint had been saved yet, so the run has nothing to resume from.')
       raise errors.NonFiniteError(
-          f'The loss or gradients became NaN/Inf between steps {step - self.steps + 1} '
-          f'and {step}; training stopped and those updates were not applied. The last good '
-          f'checkpoint (step {last_good_ckpt}) in {ckpt_dir} is intact. Lower '
-          'optim.base_lr, set optim.grad_clip, or check the input data.')
+          f'The loss, gradients or updated parameters became NaN/Inf between steps '
+          f'{step - self.steps + 1} and {step}; training stopped and those updates were not '
+          f'applied. {kept} Lower optim.base_lr, set optim.grad_clip, check optim.b1/b2 < 1, or '
+          'check the input data.')
     return sums
 
   def close(self, sums, batch_size):
@@ -206,7 +210,8 @@ def restore_or_init(framework, config, ckpt, latest, sample, mesh):
   init_fn, abstract_state, tx, lr_schedule = train_step_lib.build(framework, config, sample)
   state_sharding = train_step_lib.state_shardings(abstract_state, mesh, config.mesh)
   if latest is not None:
-    ckpt.check_compatible(latest, abstract_state.params, config.framework)
+    meta = ckpt.check_compatible(latest, abstract_state.params, config.framework)
+    resume.check(config, meta, ckpt.directory)
     state = ckpt.restore(latest, train_step_lib.with_shardings(abstract_state, state_sharding))
     print(f'Resuming from checkpoint {latest} in {ckpt.directory}', flush=True)
     return state, state_sharding, tx, lr_schedule
@@ -260,6 +265,7 @@ class _Loop:
         vis_batch = batch if vis_batch is None else vis_batch
         state, metrics = self.step_fn(state, batch)
         interval.add(metrics)
+        ckpt.poll()
         is_last = step == config.total_steps
         checkpoint_due = is_last or step % config.checkpoint.every_steps == 0
         stop = stop_request.reached(step)  # read once: a signal later in this step stops the next
@@ -302,6 +308,7 @@ def train(config, workdir):
   """
   # Everything is validated and read (checkpoint, first batch, teacher and pre-trained weights)
   # before the workdir is created or written, so bad input leaves nothing behind.
+  validation.check_workdir(workdir)
   mesh = validation.check_run(config)
   framework = registry.build(config)
   ckpt = checkpoint_lib.Checkpointer(workdir, config.checkpoint.keep, config.checkpoint.async_save)
@@ -310,10 +317,12 @@ def train(config, workdir):
       -1 if latest is None else latest,
       f'The latest checkpoint step in {ckpt.directory} differs between hosts (steps seen: '
       '{values}): the workdir must be one shared directory or bucket that every host sees.')
+  if latest is not None:
+    ckpt.verify(latest)
   latest_meta = ckpt.read_meta(latest) if latest is not None else {}
   start_step = int(latest_meta.get('step', 0))
   # Examples consumed so far (checkpoints from before data_examples existed: step * batch_size).
-  data_start = int(latest_meta.get('data_examples', start_step * config.batch_size))
+  data_start = resume.data_position_examples(latest_meta) if latest is not None else 0
 
   batches = pipeline.train_batches(config, data_start)
   first = next(batches)
@@ -323,8 +332,8 @@ def train(config, workdir):
   lock = distributed.claim_workdir(workdir)
   try:
     if jax.process_index() == 0:
-      workdir_io.write_atomic(workdir_io.path(workdir, 'config.json'), config_lib.to_json(config))
       sources.write_labels(config, workdir)
+    resume.record(workdir, config, start_step)
     loop = _Loop(framework, config, workdir, ckpt, state_sharding, tx, lr_schedule, mesh)
     writer = metrics_writer.MetricsWriter(workdir, config.total_steps, start_step,
                                           config.log.progress_bar)
@@ -358,4 +367,4 @@ def main(argv):
 if __name__ == '__main__':
   define_flags()
   flags.mark_flag_as_required('config')
-  app.run(main)
+  app.run(main, flags_parser=config_lib.parse_flags)

@@ -59,9 +59,17 @@ def _split_microbatches(batch, accum_steps):
       lambda x: x.reshape((accum_steps, x.shape[0] // accum_steps) + x.shape[1:]), batch)
 
 
+def all_finite(tree):
+  """A bool scalar: every floating leaf of `tree` is free of NaN and Inf (integer leaves are)."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
 def make_train_step(framework, tx, lr_schedule, accum_steps=1):
-  """(state, batch) -> (state, metrics). Non-finite loss or gradients leave the state unchanged
-  (and set metrics['nonfinite'] = 1), so NaNs never reach the parameters or a checkpoint."""
+  """(state, batch) -> (state, metrics). A non-finite loss, gradient, or new param / optimizer /
+  model-state leaf leaves the state unchanged (and sets metrics['nonfinite'] = 1), so NaNs never
+  reach the parameters or a checkpoint, even when the loss itself is finite (e.g. Adam b2 = 1)."""
 
   def loss_and_grad(params, model_state, batch, rng, step):
     grad_fn = jax.value_and_grad(framework.loss, has_aux=True)
@@ -97,7 +105,10 @@ def make_train_step(framework, tx, lr_schedule, accum_steps=1):
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     model_state = framework.update_state(params, model_state, state.step)
-    finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(grad_norm)
+    # The update itself is checked, not only its inputs: a finite loss and gradient can still
+    # give NaN params (lr 1e40, Adam's b2 = 1 dividing by a zero second moment).
+    finite = (jnp.isfinite(metrics['loss']) & jnp.isfinite(grad_norm) & all_finite(params)
+              & all_finite(opt_state) & all_finite(model_state))
     keep = lambda new, old: jax.tree_util.tree_map(  # noqa: E731
         lambda n, o: jnp.where(finite, n, o), new, old)
     new_state = state.replace(step=state.step + 1, params=keep(params, state.params),

@@ -5,9 +5,12 @@ what a training run reads (the dataset and its splits) and the device mesh. The 
 `check_run` first, then reads every remaining input (checkpoint, first batch, teacher and
 pre-trained weights) before it creates the workdir.
 """
+import os
+
 from mimjax import errors
 from mimjax import registry
 from mimjax import sharding
+from mimjax import workdir_io
 from mimjax.data import features
 from mimjax.frameworks import base
 from mimjax.models import vit
@@ -106,3 +109,21 @@ def check_run(config):
   if config.eval.every_steps:
     sharding.check_batch_divides(config.eval.batch_size, mesh, 'eval.batch_size')
   return mesh
+
+
+def check_workdir(workdir):
+  """Refuses a local workdir this process cannot create or write, before anything is read or
+  written (an object-store URL is checked by its first write)."""
+  if workdir_io.is_url(workdir):
+    return
+  path = os.path.abspath(workdir)
+  while not os.path.exists(path):
+    path = os.path.dirname(path)
+  if not os.path.isdir(path):
+    raise errors.ConfigError(f'--workdir {workdir}: {path} is a file, not a directory; choose '
+                             'another --workdir.')
+  if not os.access(path, os.W_OK | os.X_OK):
+    what = 'is not writable' if path == os.path.abspath(workdir) else (
+        f'cannot be created: {path} is not writable')
+    raise errors.ConfigError(f'--workdir {workdir} {what}; choose a writable directory (or fix '
+                             'its permissions / mount).')

@@ -41,6 +41,16 @@ def _builder_with_split(config, split):
     raise errors.DatasetError(
         f'Dataset {config.data.name!r} has no split {split!r}; it has '
         f'{sorted(builder.info.splits)}. Set config.data.train_split / eval_split.')
+  features = builder.info.features
+  if 'image' not in features.keys():
+    raise errors.DatasetError(
+        f'Dataset {config.data.name!r} has no `image` feature (it has {sorted(features.keys())}); '
+        'mimjax trains on image datasets.')
+  channels = features['image'].shape[-1]
+  if channels not in (None, 1, 3):
+    raise errors.DatasetError(
+        f'Dataset {config.data.name!r} has {channels}-channel images; mimjax takes 1 (grayscale, '
+        'replicated to 3) or 3 (RGB). Choose an RGB or grayscale dataset.')
   return builder
 
 

@@ -13,6 +13,7 @@ first block and nothing else reads it, so `cls + pos_embed[:, :1]` without a slo
 import dataclasses
 import json
 import os
+import pickle
 import re
 
 import numpy as np
@@ -167,14 +168,33 @@ def load_state_dict(path):
   Torch files are read with `torch.load(weights_only=True)`, which never runs pickled code; a
   checkpoint that wraps the weights under 'model' or 'state_dict' is unwrapped.
   """
+  if not os.path.isfile(path):
+    raise errors.InteropError(f'{path} is not a file.')
   if path.endswith('.safetensors'):
     from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-    return {k: v.astype(np.float32) for k, v in load_file(path).items()}
+    try:
+      return {k: v.astype(np.float32) for k, v in load_file(path).items()}
+    except Exception as e:  # pylint: disable=broad-except  # safetensors raises its own types
+      raise errors.InteropError(f'{path} is not a readable .safetensors file ({e}).') from e
   import torch  # pylint: disable=g-import-not-at-top
-  sd = torch.load(path, map_location='cpu', weights_only=True)
+  try:
+    sd = torch.load(path, map_location='cpu', weights_only=True)
+  except pickle.UnpicklingError as e:
+    if 'weights_only' in str(e) or 'Weights only load failed' in str(e):
+      raise errors.InteropError(
+          f'{path} was refused as unsafe: it is a pickle that would run code or build objects '
+          'other than tensors when loaded, so it was not loaded. Save a plain state dict (or '
+          '.safetensors) from a trusted environment.') from e
+    raise errors.InteropError(f'{path} is not a PyTorch checkpoint ({e}).') from e
+  except Exception as e:  # pylint: disable=broad-except  # zip / EOF / runtime errors of torch
+    raise errors.InteropError(f'{path} is not a PyTorch checkpoint ({type(e).__name__}: '
+                              f'{str(e).splitlines()[0] if str(e) else ""}).') from e
   for key in ('model', 'state_dict'):
     if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
       sd = sd[key]
+  if not isinstance(sd, dict):
+    raise errors.InteropError(f'{path} holds a {type(sd).__name__}, not a state dict '
+                              '({name: tensor}).')
   return {k: v.float().numpy() for k, v in sd.items() if isinstance(v, torch.Tensor)}
 
 
@@ -214,6 +234,15 @@ def from_timm(sd, num_heads):
   has none, `no_embed_class=True`); a config with the fixed sin-cos embedding drops it (see
   `mimjax.interop.pretrained`).
   """
+  try:
+    return _from_timm(sd, num_heads)
+  except KeyError as e:
+    raise errors.InteropError(f'The state dict has no {e.args[0]!r}; it is not a complete timm '
+                              'ViT encoder.') from e
+
+
+def _from_timm(sd, num_heads):
+  """`from_timm` without the translation of a missing key into an InteropError."""
   arch = infer_arch(sd)
   if arch.width % num_heads:
     raise errors.InteropError(f'width {arch.width} is not divisible by num_heads={num_heads}.')
@@ -239,6 +268,10 @@ def block_from_timm(sd, prefix, num_heads):
   g = lambda name: sd[prefix + name]  # noqa: E731
   width = g('norm1.weight').shape[0]
   head_dim = width // num_heads
+  for name, shape in (('attn.qkv.weight', (3 * width, width)), ('attn.qkv.bias', (3 * width,))):
+    if g(name).shape != shape:
+      raise errors.InteropError(f'{prefix}{name} has shape {tuple(g(name).shape)}; a width-{width} '
+                                f'ViT block needs {shape}.')
   q, k, v = np.split(g('attn.qkv.weight'), 3)
   qb, kb, vb = np.split(g('attn.qkv.bias'), 3)
   attn = {n: {'kernel': w.T.reshape(width, num_heads, head_dim),
