@@ -4,6 +4,10 @@ A second run of the same command with the same workdir resumes from the latest c
 optimizer, step, RNG and data position) and reproduces the uninterrupted run. Ctrl-C saves a
 checkpoint at the current step before exiting, and the rerun's metrics.jsonl is the uninterrupted
 run's.
+
+The shipped recipes are found by name from any directory (`--config mae:runlocal`); any field is
+set with `--config.KEY=VALUE`. `--print_config` lists every field and exits; `--dry_run` checks the
+run and prints its start-up summary (devices, parameters, batch, steps, data) without writing.
 """
 import itertools
 import json
@@ -27,6 +31,7 @@ from mimjax import errors
 from mimjax import registry
 from mimjax import metrics_writer
 from mimjax import sharding
+from mimjax import startup
 from mimjax import train_step as train_step_lib
 from mimjax import validation
 from mimjax.data import pipeline
@@ -36,8 +41,9 @@ from mimjax.interop import pretrained as init_from
 
 def define_flags():
   """Command-line flags (defined only when run as a program, so importing is side-effect free)."""
-  config_flags.DEFINE_config_file('config', None, 'Config file[:args].', lock_config=True)
+  config_flags.DEFINE_config_file('config', None, startup.config_help(), lock_config=True)
   flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and images.')
+  startup.define_flags()
 
 
 
@@ -259,8 +265,11 @@ class _Loop:
     return last_metrics
 
 
-def train(config, workdir):
-  """Runs (or resumes) training; returns the last logged metrics as a dict of floats."""
+def train(config, workdir, dry_run=False):
+  """Runs (or resumes) training; returns the last logged metrics as a dict of floats.
+
+  With `dry_run`, stops after the start-up summary, having written nothing (returns None).
+  """
   # Everything is validated and read (checkpoint, first batch, teacher and pre-trained weights)
   # before the workdir is created or written, so bad input leaves nothing behind.
   mesh = validation.check_run(config)
@@ -275,6 +284,9 @@ def train(config, workdir):
   batches = itertools.chain([first], batches)
   state, state_sharding, tx, lr_schedule = restore_or_init(
       framework, config, ckpt, latest, sample_batch(first), mesh)
+  startup.print_summary(config, mesh, state.params, workdir, latest)
+  if dry_run:
+    return None
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
@@ -295,16 +307,19 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
+  if f.print_config:
+    print(startup.format_config(f.config))
+    return
   if not f.workdir:
     raise app.UsageError('--workdir is required.')
   if not f['verbosity'].present:  # Orbax is chatty at INFO; --verbosity=0 shows it.
     logging.set_verbosity(logging.WARNING)
   distributed.initialize(f.config)
   with errors.reported():
-    train(f.config, f.workdir)
+    train(f.config, f.workdir, f.dry_run)
 
 
 if __name__ == '__main__':
   define_flags()
   flags.mark_flag_as_required('config')
-  app.run(main)
+  app.run(main, argv=startup.resolve_config_argv(sys.argv))
