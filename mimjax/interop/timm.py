@@ -10,9 +10,11 @@ Into a config with the fixed sin-cos embedding, which has no slot, a cls slot is
 cls token (`mimjax.interop.pretrained`): timm adds `pos_embed[:, 0]` to the cls token before the
 first block and nothing else reads it, so `cls + pos_embed[:, :1]` without a slot is the same model.
 """
+import argparse
 import dataclasses
 import json
 import os
+import pickle
 import re
 
 import numpy as np
@@ -164,14 +166,24 @@ _TOP_KEYS = {'patch_embed.proj.weight', 'patch_embed.proj.bias', 'cls_token', 'p
 def load_state_dict(path):
   """{name: float32 numpy array} from a .safetensors file or a .pth/.pt/.bin torch checkpoint.
 
-  Torch files are read with `torch.load(weights_only=True)`, which never runs pickled code; a
-  checkpoint that wraps the weights under 'model' or 'state_dict' is unwrapped.
+  Torch files are read with `torch.load(weights_only=True)`, which never runs pickled code; the
+  one other type timm train.py checkpoints (`.pth.tar`) hold, its `args` (an argparse.Namespace of
+  plain values), is allowed explicitly. A checkpoint that wraps the weights under 'model' or
+  'state_dict' is unwrapped.
   """
   if path.endswith('.safetensors'):
     from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
     return {k: v.astype(np.float32) for k, v in load_file(path).items()}
   import torch  # pylint: disable=g-import-not-at-top
-  sd = torch.load(path, map_location='cpu', weights_only=True)
+  try:
+    with torch.serialization.safe_globals([argparse.Namespace]):
+      sd = torch.load(path, map_location='cpu', weights_only=True)
+  except pickle.UnpicklingError as e:
+    found = re.search(r'GLOBAL (\S+)', str(e))
+    raise errors.InteropError(
+        f'{path} holds a Python object that is not a tensor or plain value '
+        f'({found.group(1) if found else "see torch.load"}), which could run code when loaded; '
+        'refusing it. Re-save its state_dict alone, or convert it to .safetensors.') from e
   for key in ('model', 'state_dict'):
     if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
       sd = sd[key]
