@@ -143,6 +143,13 @@ def test_pip_install_then_train_from_another_directory(tmp_path):
   with open(workdir / 'metrics.jsonl') as f:
     assert [json.loads(line)['step'] for line in f] == [1, 2, 3]
   assert not os.listdir(elsewhere)
+  before = _tree(workdir)
+  dry = subprocess.run(
+      [python, '-m', 'mimjax.train', '--config', 'mae:runlocal', '--workdir', str(workdir),
+       '--dry_run', *config_flags(dict(_TINY, total_steps=6))],
+      cwd=elsewhere, env=_clean_env(), capture_output=True, text=True, timeout=900)
+  assert dry.returncode == 0, dry.stderr[-3000:]
+  assert 'resuming from step 3' in dry.stdout and _tree(workdir) == before
   shutil.rmtree(source)  # nothing may depend on the source tree after `pip install .`
   printed = subprocess.run([python, '-m', 'mimjax.train', '--config', 'simmim', '--print_config',
                             '--config.batch_size=24'], cwd=elsewhere, env=_clean_env(),
