@@ -209,8 +209,10 @@ class _Loop:
                           out_shardings=replicated)
     self.eval_fn = jax.jit(framework.eval_metrics, out_shardings=replicated)
     self.batch_sharding = sharding.batch_sharding(mesh)
+    self.lr_schedule = lr_schedule
 
   def log(self, writer, step, means, state, eval_now):
+    means['lr'] = float(self.lr_schedule(step - 1))  # this step's update, not the interval's mean
     if eval_now:
       results = evaluate(self.eval_fn, state, self.config, self.batch_sharding)
       record_eval(self.workdir, self.framework, step, results)

@@ -1,11 +1,13 @@
 """A user's workflows as the user runs them: install, discover and check a config."""
 import ast
 import json
+import math
 import os
 import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import ROOT, config_flags, load_config, tiny_overrides
@@ -171,3 +173,16 @@ def test_editable_install_imports_the_source_tree(tmp_path):
                           'print(configs.mae.__file__)'], cwd=tmp_path, env=_clean_env(),
                          capture_output=True, text=True, check=True).stdout.split()
   assert where == [str(source / 'mimjax' / '__init__.py'), str(source / 'configs' / 'mae.py')]
+
+
+def test_logged_lr_is_the_logged_steps_lr(tmp_path):
+  """Logging every 3 steps, warmup 2 then cosine over 4 (optax's warmup_cosine_decay_schedule)."""
+  config = load_config('configs/mae.py:runlocal', **dict(_TINY, **{
+      'log.every_steps': 3, 'optim.base_lr': 1e-3, 'optim.lr_base_batch': 16,
+      'optim.min_lr': 0.0}))
+  train.train(config, str(tmp_path))
+  with open(tmp_path / 'metrics.jsonl') as f:
+    lrs = [json.loads(line)['lr'] for line in f]
+  # Step 3 is update 2, the end of warmup: the peak 1e-3 * 16 / 16 (the interval's mean is 5e-4).
+  # Step 6 is update 5: 3 of the 4 cosine steps done.
+  np.testing.assert_allclose(lrs, [1e-3, 1e-3 * 0.5 * (1 + math.cos(math.pi * 3 / 4))], rtol=1e-6)
