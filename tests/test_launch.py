@@ -84,7 +84,8 @@ def test_colab_notebook_runs_end_to_end(tmp_path, monkeypatch):
   notebook = nbformat.read(os.path.join(ROOT, 'launch/colab.ipynb'), as_version=4)
   install, configure = notebook.cells[1], notebook.cells[3]
   # Cell by cell, each run twice where a user re-runs it: install, configure, install again.
-  notebook.cells[4:4] = [copy.deepcopy(install), copy.deepcopy(configure)]
+  notebook.cells[4:4] = [nbformat.from_dict(dict(copy.deepcopy(c), id=f'{c.id}-again'))
+                         for c in (install, configure)]
   nbclient.NotebookClient(notebook, timeout=600, kernel_name='python3',
                           resources={'metadata': {'path': ROOT}}).execute()
   outputs = [o for cell in notebook.cells if cell.cell_type == 'code' for o in cell.outputs]
