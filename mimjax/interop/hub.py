@@ -12,6 +12,7 @@ import os
 import shlex
 
 from configs import finetune as finetune_recipe
+from mimjax import errors
 from mimjax.data import sources
 from mimjax.interop import timm as timm_lib
 from mimjax.models import vit
@@ -20,8 +21,12 @@ COMMAND_FILE = 'finetune_timm.sh'
 
 
 def label_names(config):
-  """The dataset's class names from its TFDS metadata, or None when it has no `label` names."""
-  builder = sources.get_builder(config.data.name, config.data.data_dir, config.data.download)
+  """The dataset's class names from its TFDS metadata, or None when it has no `label` names or is
+  not prepared on this machine (an export needs the weights, not the data)."""
+  try:
+    builder = sources.get_builder(config.data.name, config.data.data_dir, download=False)
+  except errors.DatasetError:
+    return None
   features = builder.info.features
   names = getattr(features['label'], 'names', None) if 'label' in features else None
   return list(names) if names else None
