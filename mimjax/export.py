@@ -5,6 +5,8 @@ Writes the encoder of a checkpoint (the latest, or `--step`) as a timm VisionTra
 timm's own `.npz` loader reads (`--format npz`), plus `FILE.json`: the `timm.create_model` name and
 keyword arguments that rebuild the architecture, and the input normalisation. Everything outside
 `params['encoder']` (decoders, plug-in heads, mask tokens, EMA copies) is left out.
+`--format hub --out DIR` writes a timm model folder instead (mimjax/interop/hub.py):
+`timm.create_model('local-dir:DIR', pretrained=True)`, and prints its timm train.py command.
 
   sc = json.load(open('enc.safetensors.json'))
   model = timm.create_model(sc['timm_model'], **sc['timm_kwargs'])
@@ -24,10 +26,11 @@ import numpy as np
 from mimjax import checkpoint as checkpoint_lib
 from mimjax import errors
 from mimjax import workdir as workdir_lib
+from mimjax.interop import hub
 from mimjax.interop import timm as timm_lib
 from mimjax.models import vit
 
-FORMATS = ('safetensors', 'npz')
+FORMATS = ('safetensors', 'npz', 'hub')
 
 
 def load_encoder(workdir, step=None):
@@ -120,10 +123,14 @@ def export_params(config, encoder_params, out, fmt='safetensors', source=None):
 
 
 def export_checkpoint(workdir, out, step=None, fmt='safetensors'):
-  """Exports the encoder of `workdir`'s checkpoint `step` (default latest); returns the sidecar."""
+  """Exports the encoder of `workdir`'s checkpoint `step` (default latest); returns the sidecar
+  (for 'hub': the folder's config.json and the timm fine-tuning command)."""
   config, encoder_params, step = load_encoder(workdir, step)
-  return export_params(config, encoder_params, out, fmt,
-                       source=dict(workdir=os.path.abspath(workdir), step=int(step)))
+  source = dict(workdir=os.path.abspath(workdir), step=int(step))
+  if fmt == 'hub':
+    check_exportable(config, encoder_params)
+    return hub.export_hub(config, encoder_params, out, source)
+  return export_params(config, encoder_params, out, fmt, source=source)
 
 
 def create_timm_model(path):
@@ -140,10 +147,11 @@ def _define_flags():
   """Flags of the CLI, defined only when run as a program (mimjax.train defines --workdir too)."""
   flags.DEFINE_string('workdir', None, 'Training workdir holding config.json and checkpoints/.')
   flags.DEFINE_integer('step', None, 'Checkpoint step to export (default: the latest).')
-  flags.DEFINE_string('out', None, 'Output file (.safetensors or .npz); FILE.json is written next '
-                      'to it.')
+  flags.DEFINE_string('out', None, 'Output file (.safetensors or .npz; FILE.json is written next '
+                      'to it), or folder (--format hub).')
   flags.DEFINE_enum('format', None, FORMATS, 'Output format (default: from the --out extension, '
-                    'safetensors unless it ends in .npz).')
+                    'safetensors unless it ends in .npz); hub: a timm model folder for '
+                    'timm.create_model("local-dir:OUT") and the Hugging Face hub.')
 
 
 def main(argv):
@@ -156,12 +164,19 @@ def main(argv):
     logging.set_verbosity(logging.ERROR)
   fmt = f.format or ('npz' if f.out.endswith('.npz') else 'safetensors')
   try:
-    sidecar = export_checkpoint(f.workdir, f.out, f.step, fmt)
+    result = export_checkpoint(f.workdir, f.out, f.step, fmt)
   except (errors.InteropError, errors.CheckpointError, errors.ConfigError,
           FileNotFoundError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
-  print(f'Wrote {f.out} ({fmt}, step {sidecar["source"]["step"]}) and {f.out}.json')
+  if fmt == 'hub':
+    hub_config, command = result
+    step = hub_config['mimjax']['step']
+    print(f'Wrote the timm model folder {f.out} (step {step}); load it with '
+          f"timm.create_model('local-dir:{f.out}', pretrained=True). Fine-tune it with timm's "
+          f'train.py (also in {os.path.join(f.out, hub.COMMAND_FILE)}):\n{command}')
+    return
+  print(f'Wrote {f.out} ({fmt}, step {result["source"]["step"]}) and {f.out}.json')
 
 
 if __name__ == '__main__':

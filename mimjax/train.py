@@ -5,6 +5,10 @@ optimizer, step, RNG and data position) and reproduces the uninterrupted run. Ct
 checkpoint at the current step before exiting, and the rerun's metrics.jsonl is the uninterrupted
 run's. SIGTERM (a preemption notice; in a multi-host run every host stops at the same step) does
 the same and exits with PREEMPTED_EXIT_CODE (143), which schedulers treat as "requeue".
+
+The shipped recipes are found by name from any directory (`--config mae:runlocal`); any field is
+set with `--config.KEY=VALUE`. `--print_config` lists every field and exits; `--dry_run` checks the
+run and prints its start-up summary (devices, parameters, batch, steps, data) without writing.
 """
 import itertools
 import json
@@ -29,6 +33,7 @@ from mimjax import registry
 from mimjax import resume
 from mimjax import metrics_writer
 from mimjax import sharding
+from mimjax import startup
 from mimjax import train_step as train_step_lib
 from mimjax import validation
 from mimjax import workdir_io
@@ -40,8 +45,9 @@ from mimjax.interop import pretrained as init_from
 
 def define_flags():
   """Command-line flags (defined only when run as a program, so importing is side-effect free)."""
-  config_flags.DEFINE_config_file('config', None, 'Config file[:args].', lock_config=True)
+  config_flags.DEFINE_config_file('config', None, startup.config_help(), lock_config=True)
   flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and images.')
+  startup.define_flags()
 
 
 
@@ -240,8 +246,10 @@ class _Loop:
                           out_shardings=replicated)
     self.eval_fn = jax.jit(framework.eval_metrics, out_shardings=replicated)
     self.batch_sharding = sharding.batch_sharding(mesh)
+    self.lr_schedule = lr_schedule
 
   def log(self, writer, step, means, state, eval_now):
+    means['lr'] = float(self.lr_schedule(step - 1))  # this step's update, not the interval's mean
     if eval_now:
       results = held_out_metrics(self.eval_fn, state, self.config, self.batch_sharding)
       record_eval(self.workdir, self.framework, step, results)
@@ -301,10 +309,11 @@ class _Loop:
     return last_metrics
 
 
-def train(config, workdir):
+def train(config, workdir, dry_run=False):
   """Runs (or resumes) training; returns the last logged metrics as a dict of floats.
 
-  Raises Preempted after saving a checkpoint when SIGTERM (a preemption notice) stops the run.
+  With `dry_run`, stops after the start-up summary, having written nothing (returns None). Raises
+  Preempted after saving a checkpoint when SIGTERM (a preemption notice) stops the run.
   """
   # Everything is validated and read (checkpoint, first batch, teacher and pre-trained weights)
   # before the workdir is created or written, so bad input leaves nothing behind.
@@ -329,6 +338,9 @@ def train(config, workdir):
   batches = itertools.chain([first], batches)
   state, state_sharding, tx, lr_schedule = restore_or_init(
       framework, config, ckpt, latest, sample_batch(first), mesh)
+  startup.print_summary(config, mesh, state.params, workdir, latest)
+  if dry_run:
+    return None
   lock = distributed.claim_workdir(workdir)
   try:
     if jax.process_index() == 0:
@@ -352,6 +364,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
+  if f.print_config:
+    print(startup.format_config(f.config))
+    return
   if not f.workdir:
     raise app.UsageError('--workdir is required.')
   if not f['verbosity'].present:  # Orbax is chatty at INFO; --verbosity=0 shows it.
@@ -359,7 +374,7 @@ def main(argv):
   distributed.initialize(f.config)
   with errors.reported():
     try:
-      train(f.config, f.workdir)
+      train(f.config, f.workdir, f.dry_run)
     except Preempted:
       sys.exit(PREEMPTED_EXIT_CODE)
 
@@ -367,4 +382,4 @@ def main(argv):
 if __name__ == '__main__':
   define_flags()
   flags.mark_flag_as_required('config')
-  app.run(main, flags_parser=config_lib.parse_flags)
+  app.run(main, argv=startup.resolve_config_argv(sys.argv), flags_parser=config_lib.parse_flags)

@@ -1,5 +1,6 @@
 """Launchers: shellcheck-clean, their dry runs print the commands they would run, and the Colab
 notebook executes end to end (on CPU, with a tiny config)."""
+import copy
 import json
 import os
 import re
@@ -86,10 +87,19 @@ def test_colab_notebook_runs_end_to_end(tmp_path, monkeypatch):
   monkeypatch.setenv('TF_CPP_MIN_LOG_LEVEL', '3')
   monkeypatch.delenv('XLA_FLAGS', raising=False)
   notebook = nbformat.read(os.path.join(ROOT, 'launch/colab.ipynb'), as_version=4)
+  install, configure = notebook.cells[1], notebook.cells[3]
+  # Cell by cell, each run twice where a user re-runs it: install, configure, install again.
+  notebook.cells[4:4] = [nbformat.from_dict(dict(copy.deepcopy(c), id=f'{c.id}-again'))
+                         for c in (install, configure)]
   nbclient.NotebookClient(notebook, timeout=600, kernel_name='python3',
                           resources={'metadata': {'path': ROOT}}).execute()
   outputs = [o for cell in notebook.cells if cell.cell_type == 'code' for o in cell.outputs]
   assert not [o for o in outputs if o.output_type == 'error']
+  for cell in (install, notebook.cells[4]):
+    printed = ''.join(o.get('text', '') for o in cell.outputs)
+    # CPU runtime, CPU JAX; TensorFlow is installed here (as on Colab), so tensorflow-cpu is not.
+    assert printed.startswith('runtime: cpu; JAX: jax==0.10.2; requirements: ')
+    assert 'tensorflow-cpu' not in printed and 'tensorflow-datasets==' in printed
   assert any('image/png' in o.get('data', {}) for o in notebook.cells[-1].outputs)
   with open(tmp_path / 'eval_knn.json') as f:
     result = json.load(f)

@@ -10,6 +10,7 @@ Into a config with the fixed sin-cos embedding, which has no slot, a cls slot is
 cls token (`mimjax.interop.pretrained`): timm adds `pos_embed[:, 0]` to the cls token before the
 first block and nothing else reads it, so `cls + pos_embed[:, :1]` without a slot is the same model.
 """
+import argparse
 import dataclasses
 import json
 import os
@@ -165,8 +166,10 @@ _TOP_KEYS = {'patch_embed.proj.weight', 'patch_embed.proj.bias', 'cls_token', 'p
 def load_state_dict(path):
   """{name: float32 numpy array} from a .safetensors file or a .pth/.pt/.bin torch checkpoint.
 
-  Torch files are read with `torch.load(weights_only=True)`, which never runs pickled code; a
-  checkpoint that wraps the weights under 'model' or 'state_dict' is unwrapped.
+  Torch files are read with `torch.load(weights_only=True)`, which never runs pickled code; the
+  one other type timm train.py checkpoints (`.pth.tar`) hold, its `args` (an argparse.Namespace of
+  plain values), is allowed explicitly. A checkpoint that wraps the weights under 'model' or
+  'state_dict' is unwrapped.
   """
   if not os.path.isfile(path):
     raise errors.InteropError(f'{path} is not a file.')
@@ -178,13 +181,16 @@ def load_state_dict(path):
       raise errors.InteropError(f'{path} is not a readable .safetensors file ({e}).') from e
   import torch  # pylint: disable=g-import-not-at-top
   try:
-    sd = torch.load(path, map_location='cpu', weights_only=True)
+    with torch.serialization.safe_globals([argparse.Namespace]):  # timm train.py's `args`
+      sd = torch.load(path, map_location='cpu', weights_only=True)
   except pickle.UnpicklingError as e:
     if 'weights_only' in str(e) or 'Weights only load failed' in str(e):
+      found = re.search(r'GLOBAL (\S+)', str(e))
       raise errors.InteropError(
-          f'{path} was refused as unsafe: it is a pickle that would run code or build objects '
-          'other than tensors when loaded, so it was not loaded. Save a plain state dict (or '
-          '.safetensors) from a trusted environment.') from e
+          f'{path} was refused as unsafe: it holds a Python object that is not a tensor or plain '
+          f'value ({found.group(1) if found else "see torch.load"}), which could run code when '
+          'loaded, so it was not loaded. Re-save its state_dict alone (or .safetensors) from a '
+          'trusted environment.') from e
     raise errors.InteropError(f'{path} is not a PyTorch checkpoint ({e}).') from e
   except Exception as e:  # pylint: disable=broad-except  # zip / EOF / runtime errors of torch
     raise errors.InteropError(f'{path} is not a PyTorch checkpoint ({type(e).__name__}: '

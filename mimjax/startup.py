@@ -1,0 +1,112 @@
+"""What `python -m mimjax.train` says before it spends compute: --print_config, --dry_run, the
+start-up summary, and shipped recipes found by name from any directory.
+"""
+import importlib.util
+import os
+import pkgutil
+import sys
+
+from absl import flags
+import jax
+import numpy as np
+
+from mimjax.data import pipeline
+
+
+def config_names():
+  """The shipped recipes: every configs/NAME.py but the shared defaults (common.py)."""
+  import configs  # pylint: disable=g-import-not-at-top
+  return sorted(m.name for m in pkgutil.iter_modules(configs.__path__) if m.name != 'common')
+
+
+def config_help():
+  """Help text of --config: the recipes and how to override fields."""
+  return (f'Config file[:args]. A path, or a shipped recipe ({", ".join(config_names())}) as '
+          'configs/NAME.py or NAME, found in the installed package from any directory; e.g. '
+          'configs/mae.py:runlocal. Override any field with --config.KEY=VALUE (e.g. '
+          '--config.batch_size=64 --config.data.train_split=train[:10%]); --print_config lists '
+          'every field and its value.')
+
+
+def define_flags():
+  flags.DEFINE_bool('print_config', False,
+                    'Print the fully resolved config (every field and its value) and exit.')
+  flags.DEFINE_bool('dry_run', False,
+                    'Validate the config, build the data and the model (restoring the checkpoint '
+                    'if any), print the start-up summary, and exit without writing anything.')
+
+
+def resolve_config_path(spec):
+  """`configs/NAME.py[:args]` or `NAME[:args]` -> the shipped recipe's file when no such path
+  exists here, so a recipe named as in the README works outside the checkout."""
+  path, colon, arg = spec.partition(':')
+  if os.path.exists(path) or os.path.dirname(path) not in ('', 'configs'):
+    return spec
+  name = os.path.basename(path).removesuffix('.py')
+  if name not in config_names():
+    sys.exit(f'error: no config file {path!r}; give a path or a shipped recipe: '
+             f'{", ".join(config_names())}.')
+  return importlib.util.find_spec(f'configs.{name}').origin + colon + arg
+
+
+def resolve_config_argv(argv):
+  """argv with the value of --config passed through `resolve_config_path`."""
+  out = list(argv)
+  for i, arg in enumerate(out):
+    if arg.startswith('--config='):
+      out[i] = '--config=' + resolve_config_path(arg[len('--config='):])
+    elif arg == '--config' and i + 1 < len(out):
+      out[i + 1] = resolve_config_path(out[i + 1])
+  return out
+
+
+def _flatten(tree, prefix=''):
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      yield from _flatten(value, f'{prefix}{key}.')
+    else:
+      yield f'{prefix}{key}', value
+
+
+def format_config(config):
+  """Every field as `KEY = VALUE`, one a line, in the spelling --config.KEY=VALUE accepts."""
+  return '\n'.join(f'{key} = {value!r}' for key, value in _flatten(config.to_dict()))
+
+
+def param_counts(params):
+  """{top-level module: number of parameters}, plus 'total'."""
+  count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
+  counts = {name: count(sub) for name, sub in params.items()}
+  counts['total'] = sum(counts.values())
+  return counts
+
+
+def summary_lines(config, mesh, params, workdir, latest_step):
+  """The start-up summary: devices and mesh, parameters, batch, steps and epochs, data, workdir."""
+  devices = jax.devices()
+  train_size = pipeline.num_examples(config, config.data.train_split)
+  epochs = config.total_steps * config.batch_size / train_size
+  per_host = pipeline.local_batch_size(config.batch_size)
+  accum = config.optim.accum_steps
+  micro = f', {accum} accumulation steps of {config.batch_size // accum}' if accum > 1 else ''
+  data = f'{config.data.name}: {config.data.train_split} ({train_size:,} examples)'
+  if config.eval.every_steps:
+    data += (f', eval {config.data.eval_split} '
+             f'({pipeline.num_examples(config, config.data.eval_split):,} examples)')
+  params_line = ', '.join(f'{k} {v:,}' for k, v in param_counts(params).items())
+  return [
+      f'framework: {config.framework}, model {config.model.variant}',
+      f'devices: {len(devices)} x {devices[0].device_kind} ({devices[0].platform}) on '
+      f'{jax.process_count()} host(s); mesh {dict(mesh.shape)}',
+      f'parameters: {params_line}',
+      f'batch: {config.batch_size} global, {per_host} per host{micro}',
+      f'steps: {config.total_steps:,} ({epochs:.2f} epochs), warmup {config.warmup_steps:,}',
+      f'data: {data}',
+      f'workdir: {os.path.abspath(workdir)}',
+      f'resuming from step {latest_step}' if latest_step is not None else 'starting fresh',
+  ]
+
+
+def print_summary(config, mesh, params, workdir, latest_step):
+  if jax.process_index() == 0:
+    print('\n'.join(summary_lines(config, mesh, params, workdir, latest_step)), flush=True)

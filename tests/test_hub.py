@@ -1,0 +1,179 @@
+"""Fine-tuning in PyTorch: the timm model folder (`--format hub`) loads with `local-dir:` in a
+process that never imports mimjax, its fine-tuning command is accepted by timm, and timm train.py
+checkpoints import safely."""
+import argparse
+import json
+import os
+import runpy
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from test_export import images, make_config, random_params, trained_workdir  # noqa: F401
+from mimjax import errors
+from mimjax import export
+from mimjax.interop import hub
+from mimjax.interop import timm as timm_lib
+
+torch = pytest.importorskip('torch')
+timm = pytest.importorskip('timm')
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# timm's train.py is in its repository, not in the pip package: its parser is read from there.
+TIMM_TRAIN_PY = os.environ.get('TIMM_TRAIN_PY', '')
+
+# Runs with cwd outside the checkout and no PYTHONPATH: mimjax cannot be imported there.
+_PLAIN_TIMM = r'''
+import json, sys
+import numpy as np, timm, torch
+model = timm.create_model('local-dir:' + sys.argv[1], pretrained=True).eval()
+x = torch.from_numpy(np.load(sys.argv[2])).permute(0, 3, 1, 2)
+with torch.no_grad():
+  np.save(sys.argv[3], model.forward_features(x).numpy())
+cfg = timm.data.resolve_data_config({}, model=model)
+assert not any(m.startswith('mimjax') for m in sys.modules)
+print(json.dumps(dict(cfg, num_classes=model.num_classes, label_names=model.pretrained_cfg.get(
+    'label_names'))))
+'''
+
+
+def _plain_timm(folder, x, tmp_path):
+  """(features, data config) of the folder computed by timm in a process without mimjax."""
+  np.save(tmp_path / 'x.npy', x)
+  env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+  out = subprocess.run([sys.executable, '-c', _PLAIN_TIMM, str(folder), str(tmp_path / 'x.npy'),
+                        str(tmp_path / 'y.npy')], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return np.load(tmp_path / 'y.npy'), json.loads(out.stdout.splitlines()[-1])
+
+
+@pytest.mark.parametrize('variant', [('mu/4', 16, True, 'tok', 'sincos2d', 0.0, 0),
+                                     ('mu/8', 24, False, 'gap', 'learn', 0.1, 10)])
+def test_hub_folder_loads_in_plain_timm_with_its_transform(tmp_path, variant):
+  config = make_config(*variant)
+  config.data.eval_crop_fraction = 0.875
+  params = random_params(config)
+  folder = tmp_path / 'hub'
+  hub.export_hub(config, params, str(folder), dict(workdir='w', step=7))
+  assert sorted(os.listdir(folder)) == ['README.md', 'config.json', hub.COMMAND_FILE,
+                                        'model.safetensors']
+  x = images(config)
+  features, data_config = _plain_timm(folder, x, tmp_path)
+  np.testing.assert_allclose(features, export.forward_features(config, params, x), atol=1e-4,
+                             rtol=0)
+  size = variant[1]
+  assert data_config['input_size'] == [3, size, size] and data_config['crop_pct'] == 0.875
+  assert data_config['mean'] == [0.286] * 3 and data_config['std'] == [0.353] * 3
+  assert data_config['interpolation'] == 'bicubic' and data_config['crop_mode'] == 'center'
+  assert data_config['num_classes'] == variant[6]
+  if variant[6] == 10:  # Fashion-MNIST's classes, from its TFDS metadata
+    assert data_config['label_names'][:2] == ['T-shirt/top', 'Trouser']
+  card = (folder / 'README.md').read_text()
+  assert card.startswith('---\nlibrary_name: timm\n') and 'python train.py' in card
+
+
+def _recipe(args):
+  """{'--flag': [values]} of an argument list."""
+  out, key = {}, None
+  for a in args:
+    if a.startswith('-'):
+      key = a
+      out[key] = []
+    else:
+      out[key].append(a)
+  return out
+
+
+def test_finetune_command_runs_through_timm_training_api(tmp_path):
+  """Two steps of timm's own training pieces, configured with the command's values."""
+  import timm.loss, timm.optim, timm.scheduler  # noqa: E401  pylint: disable=g-import-not-at-top
+  config = make_config('mu/4', 16, True, 'tok', 'sincos2d', 0.0, 0)
+  folder = tmp_path / 'hub'
+  hub.export_hub(config, random_params(config), str(folder), dict(step=1))
+  r = _recipe(hub.finetune_args(config, str(folder), [str(i) for i in range(10)]))
+  assert r['--model'] == [f'local-dir:{folder}'] and r['--num-classes'] == ['10']
+  num = int(r['--num-classes'][0])
+  model = timm.create_model(r['--model'][0], pretrained=True, num_classes=num,
+                            drop_path_rate=float(r['--drop-path'][0]), global_pool=r['--gp'][0])
+  batch = int(r['-b'][0])
+  optimizer = timm.optim.create_optimizer_v2(
+      model, opt=r['--opt'][0], lr=float(r['--lr-base'][0]) * batch / int(r['--lr-base-size'][0]),
+      weight_decay=float(r['--weight-decay'][0]), layer_decay=float(r['--layer-decay'][0]),
+      betas=tuple(map(float, r['--opt-betas'])))
+  scheduler, epochs = timm.scheduler.create_scheduler_v2(
+      optimizer, sched=r['--sched'][0], num_epochs=int(r['--epochs'][0]),
+      warmup_epochs=int(r['--warmup-epochs'][0]), min_lr=float(r['--min-lr'][0]))
+  assert epochs == 100
+  transform = timm.data.create_transform(
+      **timm.data.resolve_data_config({}, model=model), is_training=True,
+      auto_augment=r['--aa'][0], re_prob=float(r['--reprob'][0]), re_mode=r['--remode'][0])
+  mixup = timm.data.Mixup(mixup_alpha=float(r['--mixup'][0]), cutmix_alpha=float(r['--cutmix'][0]),
+                          label_smoothing=float(r['--smoothing'][0]), num_classes=num)
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.RandomState(0)
+  pics = [Image.fromarray(rng.randint(0, 255, (20, 20, 3), np.uint8)) for _ in range(4)]
+  before = model.patch_embed.proj.weight.detach().clone()
+  for epoch in range(2):
+    x, y = mixup(torch.stack([transform(p) for p in pics]), torch.arange(4))
+    loss = timm.loss.SoftTargetCrossEntropy()(model(x), y)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    scheduler.step(epoch + 1)
+    assert torch.isfinite(loss)
+  assert x.shape == (4, 3, 16, 16)
+  assert not torch.equal(before, model.patch_embed.proj.weight)
+
+
+@pytest.mark.slow  # trains for 2 steps first
+def test_cli_hub_export_and_command_accepted_by_timm_train_parser(trained_workdir, tmp_path):  # noqa: F811
+  folder = tmp_path / 'hub'
+  result = subprocess.run([sys.executable, '-m', 'mimjax.export', '--workdir', trained_workdir,
+                           '--format', 'hub', '--out', str(folder)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  command = (folder / hub.COMMAND_FILE).read_text().splitlines()[-1]
+  assert command in result.stdout and command.startswith('python train.py ')
+  assert '--num-classes 10' in command  # Fashion-MNIST's labels
+  config, params, _ = export.load_encoder(trained_workdir)
+  x = images(config)
+  features, _ = _plain_timm(folder, x, tmp_path)
+  np.testing.assert_allclose(features, export.forward_features(config, params, x), atol=1e-4,
+                             rtol=0)
+  if not os.path.exists(TIMM_TRAIN_PY):
+    pytest.skip(f'timm train.py not at {TIMM_TRAIN_PY} (set TIMM_TRAIN_PY)')
+  parser = runpy.run_path(TIMM_TRAIN_PY, run_name='timm_train')['parser']
+  args = parser.parse_args(command.split()[2:])
+  assert args.model == f'local-dir:{folder}' and args.pretrained and args.num_classes == 10
+  assert (args.opt, args.opt_betas, args.lr_base, args.layer_decay) == ('adamw', [0.9, 0.999],
+                                                                        5e-4, 0.65)
+  assert (args.mixup, args.cutmix, args.smoothing, args.reprob) == (0.8, 1.0, 0.1, 0.25)
+
+
+def test_timm_train_checkpoint_imports_and_code_in_a_pickle_is_refused(tmp_path):
+  """A checkpoint written by timm's own CheckpointSaver (state_dict, args, optimizer) imports."""
+  import timm.optim, timm.utils  # noqa: E401  pylint: disable=g-import-not-at-top
+  model = timm.create_model('vit_base_patch16_224', img_size=16, patch_size=4, embed_dim=32,
+                            depth=1, num_heads=2, num_classes=10)
+  optimizer = timm.optim.create_optimizer_v2(model, opt='adamw', lr=1e-3)
+  model(torch.randn(2, 3, 16, 16)).sum().backward()
+  optimizer.step()
+  args = argparse.Namespace(model='local-dir:x', opt_betas=[0.9, 0.999], model_kwargs={})
+  saver = timm.utils.CheckpointSaver(model, optimizer, args=args, checkpoint_dir=str(tmp_path),
+                                     recovery_dir=str(tmp_path), max_history=1)
+  saver.save_checkpoint(0, metric=1.0)
+  path = str(tmp_path / 'model_best.pth.tar')
+  params, arch, model_values = timm_lib.import_timm(path)
+  assert arch.num_classes == 10 and model_values['variant'] == 'mu/4'
+  np.testing.assert_array_equal(params['head']['kernel'], model.head.weight.detach().numpy().T)
+
+  class Payload:
+    def __reduce__(self):
+      return (os.system, (f'touch {tmp_path}/ran',))
+  torch.save({'state_dict': model.state_dict(), 'args': Payload()}, tmp_path / 'evil.pth.tar')
+  with pytest.raises(errors.InteropError, match='posix.system'):
+    timm_lib.load_state_dict(str(tmp_path / 'evil.pth.tar'))
+  assert not os.path.exists(tmp_path / 'ran')
