@@ -64,7 +64,13 @@ def base_config():
 
   c.model = ml_collections.ConfigDict()
   c.model.variant = 'B/16'  # '<size>/<patch>', size in mimjax.models.vit.VARIANTS
-  c.model.posemb = 'sincos2d'  # learn | sincos2d
+  c.model.posemb = 'sincos2d'  # learn | sincos2d | none (e.g. with relative position bias only)
+  # BEiT relative position bias: none | block (one table per block) | shared (one for all blocks)
+  # | both (the DTM / BEiT v2 reference pre-training: each block adds its own and the shared one)
+  c.model.rel_pos = 'none'
+  # default (MAE: Xavier) | beit (BEiT: truncated normal 0.02, output projections of block l
+  # divided by sqrt(2 l), zero biases, no key bias)
+  c.model.weight_init = 'default'
   c.model.cls_token = True
   c.model.pool = 'tok'  # tok | gap
   c.model.layerscale = 0.0  # initial value of layer scale; 0 turns it off
