@@ -1,7 +1,8 @@
 r"""Export a mimjax encoder to timm: `python -m mimjax.export --workdir DIR --out FILE.safetensors`.
 
 Writes the encoder of a checkpoint (the latest, or `--step`) as a timm VisionTransformer state dict
-(`--format safetensors`, the default) or as a big_vision-style `.npz` with `params/...` keys that
+(`--format safetensors`, the default; an encoder with relative position bias, `model.rel_pos`,
+becomes a timm `Beit`, see `mimjax.interop.beit`) or as a big_vision-style `.npz` with `params/...` keys that
 timm's own `.npz` loader reads (`--format npz`), plus `FILE.json`: the `timm.create_model` name and
 keyword arguments that rebuild the architecture, and the input normalisation. Everything outside
 `params['encoder']` (decoders, plug-in heads, mask tokens, EMA copies) is left out.
@@ -24,6 +25,7 @@ import numpy as np
 from mimjax import checkpoint as checkpoint_lib
 from mimjax import config_lib
 from mimjax import errors
+from mimjax.interop import beit as beit_lib
 from mimjax.interop import timm as timm_lib
 from mimjax.models import vit
 
@@ -102,14 +104,22 @@ def export_params(config, encoder_params, out, fmt='safetensors', source=None):
   if fmt not in FORMATS:
     raise ValueError(f'format must be one of {FORMATS}, not {fmt!r}')
   check_exportable(config, encoder_params)
+  beit = beit_lib.is_beit(config.model)
+  if beit and fmt != 'safetensors':
+    raise errors.InteropError('An encoder with relative position bias exports to timm\'s Beit as '
+                              'safetensors only; use --format safetensors.')
   grid = config.data.image_size // vit.parse_variant(config.model.variant)['patch_size']
-  table = timm_lib.position_embedding(encoder_params, grid)
+  table = None
+  if config.model.posemb != 'none':
+    table = timm_lib.position_embedding(encoder_params, grid)
   in_chans = int(np.shape(encoder_params['embedding']['kernel'])[2])
-  kwargs = timm_lib.timm_kwargs(config.model, config.data.image_size, in_chans)
+  kwargs = (beit_lib if beit else timm_lib).timm_kwargs(config.model, config.data.image_size,
+                                                        in_chans)
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   if fmt == 'safetensors':
     from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-    save_file(timm_lib.to_timm(encoder_params, table), out)
+    save_file(beit_lib.to_beit(encoder_params, table) if beit else
+              timm_lib.to_timm(encoder_params, table), out)
   else:
     kwargs['init_values'] = None  # folded into the weights, see _npz_arrays
     np.savez(out, **_npz_arrays(encoder_params, table))
@@ -118,7 +128,7 @@ def export_params(config, encoder_params, out, fmt='safetensors', source=None):
       mean=mean, std=std, input_size=[in_chans, config.data.image_size, config.data.image_size],
       crop_pct=config.data.eval_crop_fraction, interpolation='bicubic',
       num_classes=config.model.num_classes)
-  sidecar = dict(timm_model=timm_lib.TIMM_MODEL, timm_kwargs=kwargs, format=fmt, mean=mean,
+  sidecar = dict(timm_model=(beit_lib if beit else timm_lib).TIMM_MODEL, timm_kwargs=kwargs, format=fmt, mean=mean,
                  std=std, image_size=config.data.image_size, input_range=[0.0, 1.0],
                  source=dict(source or {}, framework=config.framework,
                              variant=config.model.variant))
