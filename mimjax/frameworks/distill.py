@@ -46,6 +46,10 @@ def check_feature_config(config):
   if not 0 < d.mask_ratio < 1:
     raise errors.ConfigError(f'config.distill.mask_ratio must be in (0, 1), got '
                                  f'{d.mask_ratio}.')
+  num_patches = (config.data.image_size // vit.parse_variant(config.model.variant)['patch_size'])**2
+  if not 0 <= d.mask_count < num_patches:
+    raise errors.ConfigError(f'config.distill.mask_count={d.mask_count} must be in [0, '
+                             f'{num_patches}) for {num_patches} patches (0 = use mask_ratio).')
 
 
 def loss_mask(config, mask):
@@ -56,6 +60,10 @@ def loss_mask(config, mask):
 class Distill(teachers.WithTeacher, base.Framework):
   """Masked feature distillation with a token-wise loss (DTM replaces it when enabled)."""
   name = 'distill'
+
+  @classmethod
+  def check_config(cls, config):
+    check_feature_config(config)
 
   def build_model(self):
     check_feature_config(self.config)
@@ -68,7 +76,8 @@ class Distill(teachers.WithTeacher, base.Framework):
 
   def sample_mask(self, rng, batch_size):
     d = self.config.distill
-    return masking.block_mask(rng, batch_size, self.grid_size, d.mask_ratio, d.mask_min_block)
+    return masking.block_mask(rng, batch_size, self.grid_size, d.mask_ratio, d.mask_min_block,
+                              num_masked=d.mask_count)
 
   def init_model(self, rng, batch):
     images = batch['image']
