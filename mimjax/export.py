@@ -2,10 +2,11 @@ r"""Export a mimjax encoder to timm: `python -m mimjax.export --workdir DIR --ou
 
 Writes the encoder of a checkpoint (the latest, or `--step`) as a timm VisionTransformer state dict
 (`--format safetensors`, the default; an encoder with relative position bias, `model.rel_pos`,
-becomes a timm `Beit`, see `mimjax.interop.beit`) or as a big_vision-style `.npz` with `params/...` keys that
-timm's own `.npz` loader reads (`--format npz`), plus `FILE.json`: the `timm.create_model` name and
-keyword arguments that rebuild the architecture, and the input normalisation. Everything outside
-`params['encoder']` (decoders, plug-in heads, mask tokens, EMA copies) is left out.
+becomes a timm `Beit`, see `mimjax.interop.beit`) or as a big_vision-style `.npz` with
+`params/...` keys that timm's own `.npz` loader reads (`--format npz`), plus `FILE.json`: the
+`timm.create_model` name and keyword arguments that rebuild the architecture, and the input
+normalisation. Everything outside `params['encoder']` (decoders, plug-in heads, mask tokens, EMA
+copies) is left out.
 
   sc = json.load(open('enc.safetensors.json'))
   model = timm.create_model(sc['timm_model'], **sc['timm_kwargs'])
@@ -128,8 +129,9 @@ def export_params(config, encoder_params, out, fmt='safetensors', source=None):
       mean=mean, std=std, input_size=[in_chans, config.data.image_size, config.data.image_size],
       crop_pct=config.data.eval_crop_fraction, interpolation='bicubic',
       num_classes=config.model.num_classes)
-  sidecar = dict(timm_model=(beit_lib if beit else timm_lib).TIMM_MODEL, timm_kwargs=kwargs, format=fmt, mean=mean,
-                 std=std, image_size=config.data.image_size, input_range=[0.0, 1.0],
+  sidecar = dict(timm_model=(beit_lib if beit else timm_lib).TIMM_MODEL, timm_kwargs=kwargs,
+                 format=fmt, mean=mean, std=std, image_size=config.data.image_size,
+                 input_range=[0.0, 1.0],
                  source=dict(source or {}, framework=config.framework,
                              variant=config.model.variant))
   with open(out + '.json', 'w') as f:

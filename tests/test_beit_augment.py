@@ -1,4 +1,4 @@
-"""BEiT / DTM pre-training augmentation: colour jitter (0.4, 0.4, 0.4), flip, random-resized-crop."""
+"""BEiT / DTM pre-training augmentation: colour jitter (0.4, 0.4, 0.4), flip, resized crop."""
 import ml_collections
 import numpy as np
 import tensorflow as tf

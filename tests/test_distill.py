@@ -53,7 +53,7 @@ def test_block_mask_exact_count_of_the_reference():
 
 
 def test_recipe_learning_rate_follows_the_reference_code():
-  """lr = 1.5e-3 * sqrt(1024 / 2048) at the paper's batch, from 1e-6 at step 0 to 1e-5 at the end."""
+  """lr = 1.5e-3 * sqrt(1024 / 2048) at the paper's batch, 1e-6 at step 0, 1e-5 at the end."""
   c = load_config('configs/distill.py:model=B/16,dtm,clip_path=/clip.pt')
   assert c.batch_size == 1024
   lr = optim.learning_rate(c)

@@ -117,7 +117,7 @@ class MultiHeadAttention(nn.Module):
   """Self-attention with q/k/v/out DenseGeneral params (flax/big_vision layout), f32 softmax."""
   num_heads: int
   dtype: Dtype = jnp.float32
-  beit_layer: int = 0  # > 0: BEiT init of block beit_layer (1-based) and no key bias (BEiT's q/v bias)
+  beit_layer: int = 0  # > 0: BEiT init of block beit_layer (1-based), no key bias (q/v bias)
 
   @nn.compact
   def __call__(self, x, bias=None, return_weights=False):
