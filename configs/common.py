@@ -64,7 +64,13 @@ def base_config():
 
   c.model = ml_collections.ConfigDict()
   c.model.variant = 'B/16'  # '<size>/<patch>', size in mimjax.models.vit.VARIANTS
-  c.model.posemb = 'sincos2d'  # learn | sincos2d
+  c.model.posemb = 'sincos2d'  # learn | sincos2d | none (e.g. with relative position bias only)
+  # BEiT relative position bias: none | block (one table per block) | shared (one for all blocks)
+  # | both (the DTM / BEiT v2 reference pre-training: each block adds its own and the shared one)
+  c.model.rel_pos = 'none'
+  # default (MAE: Xavier) | beit (BEiT: truncated normal 0.02, output projections of block l
+  # divided by sqrt(2 l), zero biases, no key bias)
+  c.model.weight_init = 'default'
   c.model.cls_token = True
   c.model.pool = 'tok'  # tok | gap
   c.model.layerscale = 0.0  # initial value of layer scale; 0 turns it off
@@ -91,7 +97,8 @@ def base_config():
   c.data.channels = 3  # grayscale images are replicated to 3 channels
   c.data.mean = (0.485, 0.456, 0.406)
   c.data.std = (0.229, 0.224, 0.225)
-  c.data.augment = 'rrc_flip'  # rrc_flip | deit | center | lut_two_view (image + image2, LUT)
+  # rrc_flip | deit | center | lut_two_view (image + image2, LUT) | beit (colour jitter, flip, crop)
+  c.data.augment = 'rrc_flip'
   c.data.crop_scale = (0.2, 1.0)
   # 'deit' augmentation: RandAugment (timm's rand-m9-mstd0.5-inc1 by default) and random erasing.
   c.data.randaug_layers = 2  # ops applied per image (each with probability 0.5); 0 = off
@@ -113,6 +120,9 @@ def base_config():
   c.optim = ml_collections.ConfigDict()
   c.optim.base_lr = 1.5e-4  # lr = base_lr * batch_size / lr_base_batch
   c.optim.lr_base_batch = 256
+  # linear (above) | sqrt: lr = base_lr * sqrt(batch_size / lr_base_batch) (BEiT v2 / DTM code)
+  c.optim.lr_scaling = 'linear'
+  c.optim.warmup_init_lr = 0.0  # lr at step 0, warmed up linearly to the peak (BEiT: 1e-6)
   c.optim.min_lr = 0.0
   c.optim.schedule = 'cosine'  # after warmup: cosine (to min_lr) | multistep (SimMIM's official)
   c.optim.milestones = ()  # multistep: steps from which the lr is multiplied by gamma once more
@@ -145,6 +155,7 @@ def base_config():
   c.distill.teacher_own_norm = True  # re-normalise inputs with the teacher's mean/std (CLIP's)
   c.distill.ema_momentum = 0.999  # ema teacher: t <- m * t + (1 - m) * student
   c.distill.mask_ratio = 0.4  # BEiT block-wise masking: round(ratio * N) patches masked
+  c.distill.mask_count = 0  # > 0: exactly this many masked patches (reference: 75); 0: mask_ratio
   c.distill.mask_min_block = 16  # minimum patches per masked block
   c.distill.loss = 'cosine'  # per-token distance: cosine | smooth_l1 (beta 2) | l1 | l2
   c.distill.loss_tokens = 'all'  # all | masked: tokens the loss averages over
@@ -156,8 +167,12 @@ def base_config():
   c.dtm.weight = 1.0  # weight of the DTM loss
   c.dtm.num_schedules = 2  # L: morphing schedules per step, losses averaged
   c.dtm.max_rounds = 14  # K: rounds k ~ U{1..K}
-  c.dtm.min_tokens = 1  # N-bar: at least this many groups remain (N = token-wise loss)
+  # N-bar: merges drawn from U{0..N - min_tokens}; 0 = the reference code's n1 = N (196)
+  c.dtm.min_tokens = 1
   c.dtm.scheduler = 'paper'  # paper (eq. 1: floor(n/k), remainder last) | reference (ceil(n/k))
+  # G > 0: the batch splits into G equal groups, each with its own num_schedules draws (the
+  # reference draws per GPU: 8 GPUs x 2 = 16 per step); 0 = one draw for the whole batch
+  c.dtm.schedule_groups = 0
   c.dtm.protect_first = True  # the first token never merges away (reference code)
 
   # LUT (Kim et al.): pooled visible tokens of two disjointly masked views are pulled toward an EMA

@@ -1,12 +1,14 @@
 r"""Export a mimjax encoder to timm: `python -m mimjax.export --workdir DIR --out FILE.safetensors`.
 
 Writes the encoder of a checkpoint (the latest, or `--step`) as a timm VisionTransformer state dict
-(`--format safetensors`, the default) or as a big_vision-style `.npz` with `params/...` keys that
-timm's own `.npz` loader reads (`--format npz`), plus `FILE.json`: the `timm.create_model` name and
-keyword arguments that rebuild the architecture, and the input normalisation. Everything outside
-`params['encoder']` (decoders, plug-in heads, mask tokens, EMA copies) is left out.
-`--format hub --out DIR` writes a timm model folder instead (mimjax/interop/hub.py):
-`timm.create_model('local-dir:DIR', pretrained=True)`, and prints its timm train.py command.
+(`--format safetensors`, the default; an encoder with relative position bias, `model.rel_pos`,
+becomes a timm `Beit`, see `mimjax.interop.beit`) or as a big_vision-style `.npz` with
+`params/...` keys that timm's own `.npz` loader reads (`--format npz`), plus `FILE.json`: the
+`timm.create_model` name and keyword arguments that rebuild the architecture, and the input
+normalisation. Everything outside `params['encoder']` (decoders, plug-in heads, mask tokens, EMA
+copies) is left out. `--format hub --out DIR` writes a timm model folder instead
+(mimjax/interop/hub.py): `timm.create_model('local-dir:DIR', pretrained=True)`, and prints its
+timm train.py command.
 
   sc = json.load(open('enc.safetensors.json'))
   model = timm.create_model(sc['timm_model'], **sc['timm_kwargs'])
@@ -26,6 +28,7 @@ import numpy as np
 from mimjax import checkpoint as checkpoint_lib
 from mimjax import errors
 from mimjax import workdir as workdir_lib
+from mimjax.interop import beit as beit_lib
 from mimjax.interop import hub
 from mimjax.interop import timm as timm_lib
 from mimjax.models import vit
@@ -96,14 +99,22 @@ def export_params(config, encoder_params, out, fmt='safetensors', source=None):
   if os.path.isdir(out):
     raise errors.ConfigError(f'--out {out} is a directory; give a file path, e.g. '
                              f'{os.path.join(out, "encoder." + fmt)}.')
+  beit = beit_lib.is_beit(config.model)
+  if beit and fmt != 'safetensors':
+    raise errors.InteropError('An encoder with relative position bias exports to timm\'s Beit as '
+                              'safetensors only; use --format safetensors.')
   grid = vit.grid_size(config.model, config.data.image_size)
-  table = timm_lib.position_embedding(encoder_params, grid)
+  table = None
+  if config.model.posemb != 'none':
+    table = timm_lib.position_embedding(encoder_params, grid)
   in_chans = int(np.shape(encoder_params['embedding']['kernel'])[2])
-  kwargs = timm_lib.timm_kwargs(config.model, config.data.image_size, in_chans)
+  kwargs = (beit_lib if beit else timm_lib).timm_kwargs(config.model, config.data.image_size,
+                                                        in_chans)
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   if fmt == 'safetensors':
     from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-    save_file(timm_lib.to_timm(encoder_params, table), out)
+    save_file(beit_lib.to_beit(encoder_params, table) if beit else
+              timm_lib.to_timm(encoder_params, table), out)
   else:
     kwargs['init_values'] = None  # folded into the weights, see _npz_arrays
     with open(out, 'wb') as f:  # a file object: np.savez would append .npz to other names
@@ -113,8 +124,9 @@ def export_params(config, encoder_params, out, fmt='safetensors', source=None):
       mean=mean, std=std, input_size=[in_chans, config.data.image_size, config.data.image_size],
       crop_pct=config.data.eval_crop_fraction, interpolation='bicubic',
       num_classes=config.model.num_classes)
-  sidecar = dict(timm_model=timm_lib.TIMM_MODEL, timm_kwargs=kwargs, format=fmt, mean=mean,
-                 std=std, image_size=config.data.image_size, input_range=[0.0, 1.0],
+  sidecar = dict(timm_model=(beit_lib if beit else timm_lib).TIMM_MODEL, timm_kwargs=kwargs,
+                 format=fmt, mean=mean, std=std, image_size=config.data.image_size,
+                 input_range=[0.0, 1.0],
                  source=dict(source or {}, framework=config.framework,
                              variant=config.model.variant))
   with open(out + '.json', 'w') as f:

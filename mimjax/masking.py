@@ -54,8 +54,9 @@ def random_keep(rng, batch_size, num_patches, mask_ratio):
 
 
 def block_mask(rng, batch_size, grid_size, mask_ratio=0.4, min_block=16,
-               aspect=(0.3, 1 / 0.3), attempts=10):
-  """BEiT block-wise masking with exactly round(ratio * N) masked patches per sample, bool [B, N].
+               aspect=(0.3, 1 / 0.3), attempts=10, num_masked=0):
+  """BEiT block-wise masking with exactly round(ratio * N) masked patches per sample, bool [B, N]
+  (exactly `num_masked` when > 0, as BEiT's `--num_mask_patches`).
 
   Blocks are placed as in BEiT's MaskingGenerator: a block of area ~ U(min_block, remaining) and
   log-uniform aspect ratio is accepted when it masks between 1 and `remaining` new patches; up to
@@ -63,7 +64,7 @@ def block_mask(rng, batch_size, grid_size, mask_ratio=0.4, min_block=16,
   (BEiT stops there, short of the target), the remaining patches are drawn uniformly among the
   unmasked ones, so every sample has the same number of masked patches (static shapes downstream).
   """
-  n_mask = int(round(mask_ratio * grid_size ** 2))
+  n_mask = num_masked or int(round(mask_ratio * grid_size ** 2))
   rows = jnp.arange(grid_size)[:, None]
   cols = jnp.arange(grid_size)[None, :]
   log_aspect = (math.log(aspect[0]), math.log(aspect[1]))

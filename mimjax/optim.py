@@ -1,11 +1,14 @@
 """Optimizer and learning-rate schedule: AdamW with each reference's weight-decay groups, warmup +
-cosine or multi-step decay, and optional layer-wise lr decay (BEiT / MAE fine-tuning)."""
+cosine or multi-step decay, linear or square-root batch scaling of the lr, and optional layer-wise
+lr decay (BEiT / MAE fine-tuning)."""
+import math
 import re
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from mimjax import errors
 from mimjax.models import vit
 
 # Per framework, the parameters the reference code never decays besides 1-D ones and biases (its
@@ -38,15 +41,27 @@ def decay_mask(params, framework):
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
+LR_SCALINGS = ('linear', 'sqrt')
+
+
+def peak_lr(config):
+  """base_lr scaled by batch / lr_base_batch (linear, MAE) or its square root (sqrt, BEiT v2)."""
+  o = config.optim
+  if o.lr_scaling not in LR_SCALINGS:
+    raise errors.ConfigError(f'config.optim.lr_scaling={o.lr_scaling!r}; use one of {LR_SCALINGS}.')
+  ratio = config.batch_size / o.lr_base_batch
+  return o.base_lr * (math.sqrt(ratio) if o.lr_scaling == 'sqrt' else ratio)
+
+
 def learning_rate(config):
-  """Peak lr = base_lr * batch / lr_base_batch; linear warmup from 0, then cosine decay to min_lr
-  or (optim.schedule='multistep', SimMIM) x optim.gamma from each step in optim.milestones on."""
-  peak = config.optim.base_lr * config.batch_size / config.optim.lr_base_batch
+  """Peak lr `peak_lr`; linear warmup from optim.warmup_init_lr, then cosine decay to min_lr or
+  (optim.schedule='multistep', SimMIM) x optim.gamma from each step in optim.milestones on."""
+  peak = peak_lr(config)
   warmup = min(config.warmup_steps, config.total_steps)
   if config.optim.schedule == 'multistep':
     return multistep_schedule(peak, warmup, config.optim.milestones, config.optim.gamma)
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=peak, warmup_steps=warmup,
+      init_value=config.optim.warmup_init_lr, peak_value=peak, warmup_steps=warmup,
       decay_steps=max(config.total_steps, warmup + 1), end_value=config.optim.min_lr)
 
 

@@ -8,6 +8,7 @@ pre-trained weights) before it creates the workdir.
 import os
 
 from mimjax import errors
+from mimjax import optim
 from mimjax import registry
 from mimjax import sharding
 from mimjax import workdir_io
@@ -66,6 +67,11 @@ def check_fields(config):
   if config.model.tokenizer_norm not in ('none', 'moto'):
     raise errors.ConfigError(
         f'config.model.tokenizer_norm={config.model.tokenizer_norm!r}; use "none" or "moto".')
+  for key, value, choices in (('model.rel_pos', config.model.rel_pos, vit.RELPOS),
+                              ('model.weight_init', config.model.weight_init, vit.INITS),
+                              ('optim.lr_scaling', config.optim.lr_scaling, optim.LR_SCALINGS)):
+    if value not in choices:
+      raise errors.ConfigError(f'config.{key}={value!r}; use one of {choices}.')
   if config.eval.every_steps < 0:
     raise errors.ConfigError(f'config.eval.every_steps must be >= 0 (0 = off), got '
                              f'{config.eval.every_steps}.')

@@ -15,6 +15,7 @@ from conftest import load_config, tiny_overrides
 from mimjax import errors
 from mimjax import registry
 from mimjax import masking
+from mimjax import optim
 from mimjax import teachers
 from mimjax import train
 from mimjax import validation
@@ -39,6 +40,35 @@ def test_block_mask_exact_count(grid, ratio, min_block):
   np.testing.assert_array_equal(mask.sum(1), round(ratio * grid * grid))
   # Masks differ between samples and keys.
   assert len({tuple(m) for m in np.asarray(mask)}) > 50
+
+
+def test_block_mask_exact_count_of_the_reference():
+  """--num_mask_patches 75 at 224 / 16: 75 patches, not round(0.4 * 196) = 78."""
+  mask = masking.block_mask(jax.random.PRNGKey(3), 64, 14, 0.4, 16, num_masked=75)
+  np.testing.assert_array_equal(mask.sum(1), 75)
+  c = load_config('configs/distill.py:model=B/16,dtm,clip_path=/clip.pt')
+  fw_mask = masking.block_mask(jax.random.PRNGKey(4), 8, 14, c.distill.mask_ratio,
+                               c.distill.mask_min_block, num_masked=c.distill.mask_count)
+  np.testing.assert_array_equal(fw_mask.sum(1), 75)
+
+
+def test_recipe_learning_rate_follows_the_reference_code():
+  """lr = 1.5e-3 * sqrt(1024 / 2048) at the paper's batch, 1e-6 at step 0, 1e-5 at the end."""
+  c = load_config('configs/distill.py:model=B/16,dtm,clip_path=/clip.pt')
+  assert c.batch_size == 1024
+  lr = optim.learning_rate(c)
+  np.testing.assert_allclose(optim.peak_lr(c), 1.5e-3 * np.sqrt(0.5), rtol=1e-12)
+  np.testing.assert_allclose(float(lr(c.warmup_steps)), 1.5e-3 * np.sqrt(0.5), rtol=1e-6)
+  # optax interpolates in float32 from the peak: an error of about one ulp of 1e-3 (1.2e-10).
+  np.testing.assert_allclose(float(lr(0)), 1e-6, rtol=0, atol=2.5e-10)
+  np.testing.assert_allclose(float(lr(c.total_steps)), 1e-5, rtol=0, atol=2.5e-10)
+  c.unlock()
+  c.optim.lr_scaling = 'linear'
+  np.testing.assert_allclose(optim.peak_lr(c), 1.5e-3 * 0.5, rtol=1e-12)
+  validation.validate(c)
+  c.optim.lr_scaling = 'cubic'
+  with pytest.raises(errors.ConfigError, match='optim.lr_scaling'):
+    validation.validate(c)
 
 
 def test_block_mask_is_blocky():
@@ -78,7 +108,10 @@ def test_clip_import_matches_open_clip(tmp_path, quick_gelu):
   np.testing.assert_allclose(out['pooled'], pooled.numpy(), atol=1e-4)
 
 
-def test_clip_teacher_normalisation_and_targets(tmp_path):
+@pytest.mark.parametrize('own_norm', [True, False])
+def test_clip_teacher_normalisation_and_targets(tmp_path, own_norm):
+  """own_norm: CLIP sees its own normalisation; else the student's pixels as they are (the DTM
+  reference code feeds CLIP ImageNet-normalised images)."""
   import torch  # pylint: disable=g-import-not-at-top
   tower, path = _open_clip_tower(tmp_path, True)
   c = tiny('configs/distill.py:runlocal,dtm')
@@ -86,6 +119,7 @@ def test_clip_teacher_normalisation_and_targets(tmp_path):
   c.data.image_size = 32
   c.distill.teacher = 'clip'
   c.distill.clip_path = path
+  c.distill.teacher_own_norm = own_norm
   framework = registry.build(c)
   framework.teacher.model = framework.teacher.model.clone(num_heads=2)
   raw = np.random.default_rng(0).random((2, 32, 32, 3)).astype(np.float32)
@@ -93,6 +127,8 @@ def test_clip_teacher_normalisation_and_targets(tmp_path):
   state = framework.teacher.load_frozen(framework.teacher.init_state(None))
   got = framework.teacher.targets(state, jnp.asarray(student, jnp.float32))
   clip_input = (raw - np.array(teachers.CLIP_MEAN)) / np.array(teachers.CLIP_STD)
+  if not own_norm:
+    clip_input = student
   with torch.no_grad():
     _, tokens = tower(torch.from_numpy(clip_input.transpose(0, 3, 1, 2).astype(np.float32)))
     want = (tokens @ tower.proj).numpy()
@@ -102,7 +138,7 @@ def test_clip_teacher_normalisation_and_targets(tmp_path):
 def test_gradient_reaches_student_only():
   c = tiny('configs/distill.py:runlocal,dtm')
   framework = registry.build(c)
-  batch = {'image': jax.random.normal(jax.random.PRNGKey(0), (4, 28, 28, 3))}
+  batch = {'image': jax.random.normal(jax.random.PRNGKey(0), (8, 28, 28, 3))}  # 8 DTM groups
   params, model_state = framework.init(jax.random.PRNGKey(1), batch)
   assert set(params) == {'encoder', 'mask_token', 'head'}
   assert set(model_state) == {'teacher'}

@@ -1,5 +1,8 @@
 """Dynamic Token Morphing: morphing matrix, scheduler and loss against hand-worked and loop-based
 references."""
+import math
+import random
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -172,3 +175,55 @@ def test_gradient_reaches_predictions_only():
   g_pred, g_target = jax.grad(dtm.dtm_loss, argnums=(0, 1))(pred, target, schedules)
   assert float(jnp.abs(g_pred).sum()) > 0
   assert float(jnp.abs(g_target).sum()) == 0
+
+
+def reference_matching_r(num_merge, matching_iter, n1):
+  """The per-round merge count of naver-ai/dtm's engine_for_dtm.py, transcribed in plain Python."""
+  if math.ceil(num_merge / matching_iter) * matching_iter > n1:
+    return math.floor(num_merge / matching_iter)
+  return math.ceil(num_merge / matching_iter)
+
+
+def test_reference_scheduler_matches_the_reference_loop_at_n1_196():
+  """min_tokens=0 is n1 = N = 196: every (n, k) the reference can draw gives its rounds, and the
+  drawn n covers the reference's U{0..196}, k its U{1..14}."""
+  py_rng = random.Random(0)
+  draws = [(py_rng.randint(0, 196), py_rng.randint(1, 14)) for _ in range(5000)]
+  n, k = np.array(draws).T
+  got = np.asarray(dtm.schedule_rounds(n, k, 196, 14, 'reference'))
+  for (num_merge, iters), row in zip(draws, got):
+    r = reference_matching_r(num_merge, iters, 196)
+    np.testing.assert_array_equal(row, [r] * iters + [0] * (14 - iters))
+  r = np.asarray(dtm.sample_schedules(jax.random.PRNGKey(0), 196, 20000, 14, 0, 'reference'))
+  assert r.shape == (20000, 14)
+  counts = (r > 0).sum(1)
+  assert counts.max() == 14 and (counts == 0).any()
+  # n = 196 in k = 1 round asks for 196 merges: only possible when n1 = 196 (min_tokens = 0).
+  assert (r[:, 0] == 196).any()
+
+
+def test_group_means_equal_the_morphing_matrix():
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.normal(size=(3, 25, 6)), jnp.float32)
+  groups = dtm.morph_groups(x, jnp.array([4, 3, 2, 0]))
+  dense = np.einsum('bij,bjd->bid', np.asarray(dtm.group_matrix(groups), np.float64),
+                    np.asarray(x, np.float64))
+  np.testing.assert_allclose(dtm.group_means(x, groups), dense, atol=1e-6)
+
+
+def test_per_group_schedules_differ_and_compile_once():
+  rng = np.random.default_rng(6)
+  pred = jnp.asarray(rng.normal(size=(8, 16, 4)), jnp.float32)
+  target = jnp.asarray(rng.normal(size=(8, 16, 4)), jnp.float32)
+  schedules = dtm.sample_schedules(jax.random.PRNGKey(0), 16, 2, 3, groups=4)
+  assert schedules.shape == (4, 2, 3)
+  assert len({tuple(np.asarray(s).ravel()) for s in schedules}) > 1  # shards draw differently
+  loss_fn = jax.jit(lambda p, t, s: dtm.dtm_loss(p, t, s))  # a jit cache of its own
+  got = loss_fn(pred, target, schedules)
+  # Each group of 2 consecutive examples under its own schedules; the mean of the group losses.
+  want = np.mean([dtm.dtm_loss(pred[2 * g:2 * g + 2], target[2 * g:2 * g + 2], schedules[g])
+                  for g in range(4)])
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  for seed in range(1, 4):
+    loss_fn(pred, target, dtm.sample_schedules(jax.random.PRNGKey(seed), 16, 2, 3, groups=4))
+  assert loss_fn._cache_size() == 1  # pylint: disable=protected-access

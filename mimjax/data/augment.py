@@ -173,7 +173,8 @@ def adjust_hue(image, delta):
 
 def color_jitter(image, seed, brightness, contrast, saturation, hue):
   """torchvision's ColorJitter on float pixels in [0, 255]: the four adjustments in random order,
-  factors uniform in [1 - x, 1 + x] (hue: shift uniform in [-hue, hue] turns)."""
+  factors uniform in [1 - x, 1 + x] (hue: shift uniform in [-hue, hue] turns). As torchvision, an
+  adjustment of strength 0 is skipped (hue 0 leaves the pixels untouched)."""
   order_seed, b_seed, c_seed, s_seed, h_seed = tf.unstack(
       tf.random.experimental.stateless_split(seed, 5))
   uniform = lambda s, x: tf.random.stateless_uniform([], s, 1.0 - x, 1.0 + x)  # noqa: E731
@@ -183,6 +184,7 @@ def color_jitter(image, seed, brightness, contrast, saturation, hue):
       (adjust_saturation, uniform(s_seed, saturation)),
       (adjust_hue, tf.random.stateless_uniform([], h_seed, -hue, hue)),
   ]
+  ops = [op for op, strength in zip(ops, (brightness, contrast, saturation, hue)) if strength]
   order = tf.argsort(tf.random.stateless_uniform([len(ops)], order_seed))
   for i in range(len(ops)):
     image = tf.switch_case(order[i], [lambda op=op, v=v: op(image, v) for op, v in ops])
@@ -232,6 +234,20 @@ def rrc_flip(image, seed, data_config):
                               tuple(data_config.crop_scale))
   image = to_channels(image, data_config.channels)
   image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+  return {'image': normalize(image, data_config)}
+
+
+@register('beit')
+def beit(image, seed, data_config):
+  """BEiT / BEiT v2 / DTM pre-training (reference `DataAugmentationForBEiT`): colour jitter
+  (0.4, 0.4, 0.4) on the whole image, horizontal flip, then random-resized-crop (bicubic) with
+  `data.crop_scale` (the reference's min scale is 0.08)."""
+  jitter_seed, flip_seed, crop_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+  image = tf.cast(to_channels(image, data_config.channels), tf.float32)
+  image = color_jitter(image, jitter_seed, 0.4, 0.4, 0.4, 0.0)
+  image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+  image = random_resized_crop(image, crop_seed, data_config.image_size,
+                              tuple(data_config.crop_scale))
   return {'image': normalize(image, data_config)}
 
 

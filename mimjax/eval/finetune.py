@@ -12,8 +12,10 @@ from configs import finetune as finetune_config_lib
 from mimjax import train
 
 # Pre-training fields the fine-tuning run must share (the encoder's shape and the data).
+# model.weight_init belongs here too: 'beit' builds the attention without a key bias.
 SHARED = ('model.variant', 'model.posemb', 'model.cls_token', 'model.layerscale',
-          'model.tokenizer_norm', 'model.moto', 'data.name', 'data.data_dir', 'data.train_split',
+          'model.rel_pos', 'model.weight_init', 'model.tokenizer_norm', 'model.moto',
+          'data.name', 'data.data_dir', 'data.train_split',
           'data.eval_split', 'data.image_size', 'data.channels', 'data.mean', 'data.std', 'seed')
 
 

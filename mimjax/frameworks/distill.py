@@ -9,11 +9,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mimjax import errors
 from mimjax import losses
 from mimjax import masking
 from mimjax import teachers
 from mimjax.frameworks import base
 from mimjax.models import masked_encoder
+from mimjax.models import vit
 
 trunc_normal = nn.initializers.truncated_normal(0.02)
 
@@ -29,6 +31,11 @@ class Distill(teachers.WithTeacher, base.Framework):
   @classmethod
   def check_config(cls, config):
     teachers.check_feature_config(config)
+    num_patches = vit.grid_size(config.model, config.data.image_size) ** 2
+    if not 0 <= config.distill.mask_count < num_patches:
+      raise errors.ConfigError(
+          f'config.distill.mask_count={config.distill.mask_count} must be in [0, {num_patches}) '
+          f'for {num_patches} patches (0 = use mask_ratio).')
 
   def build_model(self):
     self.teacher = teachers.build(self.config, self)
@@ -38,7 +45,8 @@ class Distill(teachers.WithTeacher, base.Framework):
 
   def sample_mask(self, rng, batch_size):
     d = self.config.distill
-    return masking.block_mask(rng, batch_size, self.grid_size, d.mask_ratio, d.mask_min_block)
+    return masking.block_mask(rng, batch_size, self.grid_size, d.mask_ratio, d.mask_min_block,
+                              num_masked=d.mask_count)
 
   def flop_terms(self):
     return {**super().flop_terms(), **self.teacher_flop_terms()}

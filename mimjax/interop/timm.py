@@ -102,8 +102,10 @@ def to_timm(encoder_params, posemb_table):
     sd[pre + 'norm1.bias'] = blk['LayerNorm_0']['bias']
     sd[pre + 'attn.qkv.weight'] = np.concatenate(
         [_t(attn[n]['kernel'].reshape(width, -1)) for n in ('query', 'key', 'value')])
+    # A model without k bias (model.weight_init='beit') has the zero one timm's layout needs.
     sd[pre + 'attn.qkv.bias'] = np.concatenate(
-        [attn[n]['bias'].reshape(-1) for n in ('query', 'key', 'value')])
+        [attn[n].get('bias', np.zeros(width, np.float32)).reshape(-1)
+         for n in ('query', 'key', 'value')])
     sd[pre + 'attn.proj.weight'] = _t(attn['out']['kernel'].reshape(-1, width))
     sd[pre + 'attn.proj.bias'] = attn['out']['bias']
     for j in (0, 1):

@@ -33,6 +33,57 @@ xavier = nn.initializers.xavier_uniform()
 # Xavier-uniform of timm's fused [3D, D] qkv Linear (MAE, SimMIM, DeiT), applied to each of the
 # separate q/k/v kernels: variance 2 / (D + 3D), i.e. scale 1/2 of the per-kernel fan average D.
 qkv_init = nn.initializers.variance_scaling(0.5, 'fan_avg', 'uniform')
+RELPOS = ('none', 'block', 'shared', 'both')  # relative position bias: per block, shared, or both
+INITS = ('default', 'beit')
+
+
+def beit_normal(layer_id=0):
+  """BEiT's weight init as its reference code runs it: N(0, 0.02^2) truncated to +-0.02 (one std,
+  not the rescaled two-std flax default), divided by sqrt(2 * layer_id) when layer_id > 0 (the
+  attention and MLP output projections of block layer_id, 1-based)."""
+  scale = 0.02 / math.sqrt(2 * layer_id) if layer_id else 0.02
+
+  def init(key, shape, dtype=jnp.float32):
+    return scale * jax.random.truncated_normal(key, -1.0, 1.0, shape, dtype)
+  return init
+
+
+def relative_position_index(grid_size, cls_token=True):
+  """BEiT's int [T, T] index into a table of (2g-1)^2 + 3 relative-position entries (T = g*g + cls).
+
+  Patch pairs index their (dy, dx) offset; the last three entries are cls-to-token, token-to-cls
+  and cls-to-cls. Without a cls token, only the patch block remains.
+  """
+  g = grid_size
+  coords = np.stack(np.meshgrid(np.arange(g), np.arange(g), indexing='ij')).reshape(2, -1)
+  rel = coords[:, :, None] - coords[:, None, :] + (g - 1)
+  num = (2 * g - 1) ** 2 + 3
+  index = np.full((g * g + 1,) * 2, num - 3, np.int32)
+  index[1:, 1:] = rel[0] * (2 * g - 1) + rel[1]
+  index[1:, 0] = num - 2
+  index[0, 0] = num - 1
+  return index if cls_token else index[1:, 1:]
+
+
+class RelativePositionBias(nn.Module):
+  """Additive attention bias [1 or B, heads, T, T] from BEiT's learned table (zero init)."""
+  num_heads: int
+  grid_size: int
+  cls_token: bool = True
+
+  @nn.compact
+  def __call__(self, token_pos=None):
+    """token_pos: optional int [B, T] position of each token in the full (cls + grid) sequence,
+    for encoders that drop tokens (MAE); None = all tokens in order."""
+    num = (2 * self.grid_size - 1) ** 2 + 3
+    table = self.param('relative_position_bias_table', nn.initializers.zeros,
+                       (num, self.num_heads))
+    index = jnp.asarray(relative_position_index(self.grid_size, self.cls_token))
+    if token_pos is None:
+      index = index[None]
+    else:
+      index = index[token_pos[:, :, None], token_pos[:, None, :]]
+    return jnp.moveaxis(table[index], -1, 1)
 
 
 def parse_variant(variant):
@@ -55,15 +106,19 @@ class MlpBlock(nn.Module):
   """Transformer MLP: Dense -> exact GELU -> Dense (as timm's `Mlp`)."""
   mlp_dim: int
   dtype: Dtype = jnp.float32
+  beit_layer: int = 0  # > 0: BEiT init of block beit_layer (1-based); 0: MAE's init
 
   @nn.compact
   def __call__(self, x):
     width = x.shape[-1]
-    x = nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=xavier,
-                 bias_init=nn.initializers.normal(1e-6))(x)
+    if self.beit_layer:
+      inits = (beit_normal(), beit_normal(self.beit_layer)), nn.initializers.zeros
+    else:
+      inits = (xavier, xavier), nn.initializers.normal(1e-6)
+    (fc1_init, fc2_init), bias_init = inits
+    x = nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=fc1_init, bias_init=bias_init)(x)
     x = nn.gelu(x, approximate=False)
-    return nn.Dense(width, dtype=self.dtype, kernel_init=xavier,
-                    bias_init=nn.initializers.normal(1e-6))(x)
+    return nn.Dense(width, dtype=self.dtype, kernel_init=fc2_init, bias_init=bias_init)(x)
 
 
 def _prefers_cudnn(dtype):
@@ -98,21 +153,25 @@ class MultiHeadAttention(nn.Module):
   """Self-attention with q/k/v/out DenseGeneral params (flax/big_vision layout), f32 softmax."""
   num_heads: int
   dtype: Dtype = jnp.float32
+  beit_layer: int = 0  # > 0: BEiT init of block beit_layer (1-based), no key bias (q/v bias)
 
   @nn.compact
   def __call__(self, x, return_weights=False, bias=None):
-    """x [B, N, width] -> ([B, N, width], weights or None); `bias`: see dot_product_attention."""
+    """x [B, N, width] -> ([B, N, width], weights or None); `bias`: an additive attention-logit bias
+    [1 or B, heads, T, T] (relative position), see dot_product_attention."""
     width = x.shape[-1]
     if width % self.num_heads:
       raise ValueError(f'width {width} is not divisible by num_heads {self.num_heads}')
     head_dim = width // self.num_heads
+    beit = self.beit_layer > 0
     proj = lambda name: nn.DenseGeneral(  # noqa: E731
-        (self.num_heads, head_dim), dtype=self.dtype, name=name, kernel_init=qkv_init)
+        (self.num_heads, head_dim), dtype=self.dtype, name=name,
+        kernel_init=beit_normal() if beit else qkv_init, use_bias=not (beit and name == 'key'))
     q, k, v = proj('query')(x), proj('key')(x), proj('value')(x)
     out, weights = dot_product_attention(q, k, v, bias, return_weights)
     # DenseGeneral initialises the flattened 2-D kernel, so plain Xavier has the right fans.
     out = nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, name='out',
-                          kernel_init=xavier)(out)
+                          kernel_init=beit_normal(self.beit_layer) if beit else xavier)(out)
     return out, weights
 
 
@@ -133,21 +192,32 @@ class Encoder1DBlock(nn.Module):
   layerscale: float = 0.0
   drop_path: float = 0.0
   dtype: Dtype = jnp.float32
+  rel_pos_grid: int = 0  # > 0: a relative position bias of its own over this grid (BEiT)
+  cls_token: bool = True
+  beit_layer: int = 0  # > 0: BEiT init of this block (its 1-based index)
 
   @nn.compact
-  def __call__(self, x, train=False, return_weights=False):
+  def __call__(self, x, train=False, return_weights=False, shared_bias=None, token_pos=None):
+    """shared_bias: optional attention bias from the Transformer; token_pos: see
+    `RelativePositionBias`."""
     def branch(y, idx):
       if self.layerscale:
         y = LayerScale(self.layerscale, name=f'LayerScale_{idx}')(y)
       # Stochastic depth: drop the whole branch per sample (broadcast over tokens and channels).
       return nn.Dropout(self.drop_path, broadcast_dims=(1, 2), deterministic=not train)(y)
 
+    bias = shared_bias
+    if self.rel_pos_grid:
+      own = RelativePositionBias(self.num_heads, self.rel_pos_grid, self.cls_token,
+                                 name='rel_pos_bias')(token_pos)
+      bias = own if bias is None else bias + own
     y = nn.LayerNorm(epsilon=1e-6, dtype=jnp.float32, name='LayerNorm_0')(x)
-    y, weights = MultiHeadAttention(self.num_heads, self.dtype,
-                                    name='MultiHeadDotProductAttention_0')(y, return_weights)
+    attention = MultiHeadAttention(self.num_heads, self.dtype, self.beit_layer,
+                                   name='MultiHeadDotProductAttention_0')
+    y, weights = attention(y, return_weights=return_weights, bias=bias)
     x = x + branch(y, 0).astype(x.dtype)
     y = nn.LayerNorm(epsilon=1e-6, dtype=jnp.float32, name='LayerNorm_1')(x)
-    y = MlpBlock(self.mlp_dim, self.dtype, name='MlpBlock_0')(y)
+    y = MlpBlock(self.mlp_dim, self.dtype, self.beit_layer, name='MlpBlock_0')(y)
     x = x + branch(y, 1).astype(x.dtype)
     return x, weights
 
@@ -162,17 +232,30 @@ class Transformer(nn.Module):
   dtype: Dtype = jnp.float32
   remat: bool = False
   norm_name: str = 'encoder_norm'
+  rel_pos: str = 'none'  # one of RELPOS
+  grid_size: int = 0  # patch grid side, needed with rel_pos
+  cls_token: bool = True
+  weight_init: str = 'default'  # one of INITS
 
   @nn.compact
-  def __call__(self, x, train=False, capture_layers=False, capture_attention=False):
+  def __call__(self, x, train=False, capture_layers=False, capture_attention=False,
+               token_pos=None):
+    """token_pos: see `RelativePositionBias` (only read with relative position bias)."""
     block_cls = Encoder1DBlock
     if self.remat:
       block_cls = nn.remat(Encoder1DBlock, static_argnums=(2, 3))
+    shared_bias = None
+    if self.rel_pos in ('shared', 'both'):
+      shared_bias = RelativePositionBias(self.num_heads, self.grid_size, self.cls_token,
+                                         name='rel_pos_bias')(token_pos)
+    block_grid = self.grid_size if self.rel_pos in ('block', 'both') else 0
     layers, attention = [x], []
     for i in range(self.depth):
       x, weights = block_cls(self.mlp_dim, self.num_heads, self.layerscale,
                              self.drop_path * i / max(self.depth - 1, 1), self.dtype,
-                             name=f'encoderblock_{i}')(x, train, capture_attention)
+                             block_grid, self.cls_token, i + 1 if self.weight_init == 'beit' else 0,
+                             name=f'encoderblock_{i}')(x, train, capture_attention, shared_bias,
+                                                       token_pos)
       if capture_layers:
         layers.append(x)
       if capture_attention:
@@ -199,6 +282,8 @@ class ViT(nn.Module):
   dtype: Dtype = jnp.float32
   remat: bool = False
   tokenizer: Optional[nn.Module] = None  # replaces the plain patch embedding (e.g. MoTo)
+  rel_pos: str = 'none'  # relative position bias (BEiT): one of RELPOS
+  weight_init: str = 'default'  # default (MAE's Xavier) | beit (see `beit_normal`)
 
   @property
   def grid_size(self):
@@ -220,22 +305,30 @@ class ViT(nn.Module):
       raise ValueError(f'model.pool must be "tok" or "gap", not {self.pool!r}')
     if self.pool == 'tok' and not self.cls_token:
       raise ValueError('model.pool="tok" needs model.cls_token=True; use pool="gap" without it.')
+    if self.rel_pos not in RELPOS:
+      raise ValueError(f'model.rel_pos must be one of {RELPOS}, not {self.rel_pos!r}')
+    if self.weight_init not in INITS:
+      raise ValueError(f'model.weight_init must be one of {INITS}, not {self.weight_init!r}')
+    beit = self.weight_init == 'beit'
+    token_init = beit_normal() if beit else nn.initializers.normal(0.02)
     if self.tokenizer is None:
       # Xavier-uniform over the flattened [p*p*C, width] kernel, as MAE initialises it.
       self.embedding = nn.Conv(self.width, (self.patch_size,) * 2, strides=(self.patch_size,) * 2,
                                padding='VALID', dtype=self.dtype, name='embedding',
-                               kernel_init=nn.initializers.xavier_uniform(in_axis=(0, 1, 2),
-                                                                          out_axis=3))
+                               kernel_init=beit_normal() if beit else
+                               nn.initializers.xavier_uniform(in_axis=(0, 1, 2), out_axis=3))
     if self.posemb == 'learn':
       # As timm / MAE: the cls token has a learned position slot of its own (index 0).
-      self.pos_embedding = self.param('pos_embedding', nn.initializers.normal(0.02),
+      self.pos_embedding = self.param('pos_embedding', token_init,
                                       (1, self.num_prefix + self.num_patches, self.width))
-    elif self.posemb != 'sincos2d':
-      raise ValueError(f'model.posemb must be "learn" or "sincos2d", not {self.posemb!r}')
+    elif self.posemb not in ('sincos2d', 'none'):
+      raise ValueError(f'model.posemb must be "learn", "sincos2d" or "none", not {self.posemb!r}')
     if self.cls_token:
-      self.cls = self.param('cls', nn.initializers.normal(0.02), (1, 1, self.width))
+      self.cls = self.param('cls', token_init, (1, 1, self.width))
     self.Transformer = Transformer(self.depth, self.mlp_dim, self.num_heads, self.layerscale,
-                                   self.drop_path, self.dtype, self.remat)
+                                   self.drop_path, self.dtype, self.remat, rel_pos=self.rel_pos,
+                                   grid_size=self.grid_size, cls_token=self.cls_token,
+                                   weight_init=self.weight_init)
     if self.num_classes:
       self.head = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, name='head')
 
@@ -243,10 +336,12 @@ class ViT(nn.Module):
     """([1, N, width] patch position embedding, [1, 1, width] cls one or None).
 
     Fixed sin-cos embeddings give the cls token none (MAE's zero slot); learned ones give it its
-    own learned slot.
+    own learned slot. posemb 'none' (BEiT with relative position bias only) gives (None, None).
     """
     if self.posemb == 'learn':
       return self.pos_embedding[:, self.num_prefix:], self.pos_embedding[:, :self.num_prefix]
+    if self.posemb == 'none':
+      return None, None
     return jnp.asarray(posemb_lib.sincos_2d(self.grid_size, self.width))[None], None
 
   def tokenize(self, images, train=False):
@@ -279,14 +374,19 @@ class ViT(nn.Module):
     if mask is not None:
       x = jnp.where(mask[..., None], jnp.reshape(mask_token, (1, 1, -1)).astype(x.dtype), x)
     patch_pos, cls_pos = self.position_embedding()
-    x = x + patch_pos.astype(x.dtype)
+    if patch_pos is not None:
+      x = x + patch_pos.astype(x.dtype)
+    token_pos = None
     if keep_idx is not None:
       x = jnp.take_along_axis(x, keep_idx[..., None], axis=1)
+      if self.rel_pos != 'none':  # positions of the kept tokens in the full (cls + grid) sequence
+        cls_pos_idx = jnp.zeros((x.shape[0], self.num_prefix), keep_idx.dtype)
+        token_pos = jnp.concatenate([cls_pos_idx, keep_idx + self.num_prefix], axis=1)
     if self.cls_token:
       cls = self.cls if cls_pos is None else self.cls + cls_pos
       cls = jnp.broadcast_to(cls, (x.shape[0], 1, self.width)).astype(x.dtype)
       x = jnp.concatenate([cls, x], axis=1)
-    x, extras = self.Transformer(x, train, capture_layers, capture_attention)
+    x, extras = self.Transformer(x, train, capture_layers, capture_attention, token_pos)
     patch_tokens = x[:, self.num_prefix:]
     pooled = x[:, 0] if self.pool == 'tok' else patch_tokens.mean(axis=1)
     out = dict(tokens=x, patch_tokens=patch_tokens, pooled=pooled, tokenizer=tokens, **extras)
@@ -309,7 +409,8 @@ def encoder_kwargs(model_config, image_size):
   kw.update(image_size=image_size, posemb=model_config.posemb, cls_token=model_config.cls_token,
             pool=model_config.pool, layerscale=model_config.layerscale,
             drop_path=model_config.drop_path, num_classes=model_config.num_classes,
-            dtype=compute_dtype(model_config.dtype), remat=model_config.remat)
+            dtype=compute_dtype(model_config.dtype), remat=model_config.remat,
+            rel_pos=model_config.rel_pos, weight_init=model_config.weight_init)
   kw['tokenizer'] = moto.tokenizer_from_config(model_config, kw['width'], kw['patch_size'],
                                                kw['dtype'])
   return kw

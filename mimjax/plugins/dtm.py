@@ -76,9 +76,11 @@ def morph_groups(tokens, r_per_round, protect_first=True):
   def one(x):
     idx = jnp.arange(n, dtype=jnp.int32)
     carry = (idx, jnp.int32(n), x, idx)
+    # Unrolled: the rounds are small latency-bound kernels; one straight-line program lets XLA
+    # fuse across rounds and avoids a while loop's per-iteration predicate round trip on GPU.
     carry = jax.lax.fori_loop(
         0, r_per_round.shape[0],
-        lambda k, c: _merge_round(c, r_per_round[k], protect_first), carry)
+        lambda k, c: _merge_round(c, r_per_round[k], protect_first), carry, unroll=True)
     return carry[3]
 
   return jax.vmap(one)(tokens)
@@ -102,22 +104,17 @@ def morph_matrix(tokens, r_per_round, protect_first=True):
   return group_matrix(morph_groups(tokens, r_per_round, protect_first))
 
 
-def sample_schedules(rng, num_tokens, num_schedules=2, max_rounds=14, min_tokens=1,
-                     scheme='paper'):
-  """Per-round merge counts, int32 [num_schedules, max_rounds].
+def schedule_rounds(n, k, n_max, max_rounds, scheme='paper'):
+  """Per-round merge counts int32 [..., max_rounds] of schedules removing n tokens in k rounds.
 
-  Each schedule removes n ~ U{0, ..., N - min_tokens} tokens in k ~ U{1, ..., max_rounds} rounds.
   'paper' (eq. 1): floor(n / k) per round, the remainder in round k. 'reference' (the authors'
-  code): ceil(n / k) in each of the k rounds, or floor(n / k) when k * ceil(n / k) would exceed
-  N - min_tokens.
+  code, with n1 = n_max): ceil(n / k) in each of the k rounds, or floor(n / k) when k * ceil(n / k)
+  would exceed n_max. Rounds after k are 0 (inactive).
   """
   if scheme not in SCHEDULERS:
     raise ValueError(f'DTM scheduler {scheme!r} is unknown; use one of {SCHEDULERS}.')
-  n_max = num_tokens - min_tokens
-  n_rng, k_rng = jax.random.split(rng)
-  n = jax.random.randint(n_rng, (num_schedules, 1), 0, n_max + 1)
-  k = jax.random.randint(k_rng, (num_schedules, 1), 1, max_rounds + 1)
-  rounds = jnp.arange(max_rounds)[None]
+  n, k = jnp.asarray(n)[..., None], jnp.asarray(k)[..., None]
+  rounds = jnp.arange(max_rounds)
   if scheme == 'paper':
     base = n // k
     r = jnp.where(rounds < k - 1, base, jnp.where(rounds == k - 1, n - (k - 1) * base, 0))
@@ -128,6 +125,34 @@ def sample_schedules(rng, num_tokens, num_schedules=2, max_rounds=14, min_tokens
   return r.astype(jnp.int32)
 
 
+def sample_schedules(rng, num_tokens, num_schedules=2, max_rounds=14, min_tokens=1,
+                     scheme='paper', groups=0):
+  """Per-round merge counts, int32 [num_schedules, max_rounds] ([groups, num_schedules,
+  max_rounds] when groups > 0: an independent draw for each group of examples).
+
+  Each schedule removes n ~ U{0, ..., N - min_tokens} tokens in k ~ U{1, ..., max_rounds} rounds
+  (see `schedule_rounds`); min_tokens = 0 is the reference code's n1 = N (196 at 224 / 16).
+  """
+  n_max = num_tokens - min_tokens
+  shape = (groups, num_schedules) if groups else (num_schedules,)
+  n_rng, k_rng = jax.random.split(rng)
+  n = jax.random.randint(n_rng, shape, 0, n_max + 1)
+  k = jax.random.randint(k_rng, shape, 1, max_rounds + 1)
+  return schedule_rounds(n, k, n_max, max_rounds, scheme)
+
+
+def group_means(x, groups):
+  """x [B, N, D] with every token replaced by the mean of its group (`groups` int [B, N]).
+
+  Equals `group_matrix(groups) @ x` in O(B N D) instead of a dense [B, N, N] product.
+  """
+  b, n = groups.shape
+  seg = (groups + n * jnp.arange(b, dtype=groups.dtype)[:, None]).reshape(-1)
+  sums = jax.ops.segment_sum(x.reshape(b * n, -1), seg, num_segments=b * n)
+  counts = jax.ops.segment_sum(jnp.ones(b * n, x.dtype), seg, num_segments=b * n)
+  return (sums / jnp.maximum(counts, 1)[:, None])[seg].reshape(x.shape)
+
+
 def dtm_loss(pred, target, schedules, distance='cosine', mask=None, norm_target=False,
              protect_first=True):
   """Mean over schedules of the per-token distance between morphed predictions and targets.
@@ -135,7 +160,9 @@ def dtm_loss(pred, target, schedules, distance='cosine', mask=None, norm_target=
   Args:
     pred: [B, N, D] student predictions.
     target: [B, N, D] teacher tokens (gradient stopped here); they also define the grouping.
-    schedules: int32 [L, K] per-round merge counts (see `sample_schedules`).
+    schedules: int32 [L, K] per-round merge counts (see `sample_schedules`), or [G, L, K]: the
+      batch splits into G equal consecutive groups (e.g. data-parallel shards), each morphed with
+      its own L schedules; the loss is the mean of the G group losses (as DDP averages the GPUs).
     distance: 'cosine' | 'smooth_l1' | 'l1' | 'l2' (see `losses.token_distance`).
     mask: optional bool [B, N]; average only over tokens where True (e.g. masked patches).
     norm_target: standardise every morphed target token (after morphing, as the reference code).
@@ -144,12 +171,21 @@ def dtm_loss(pred, target, schedules, distance='cosine', mask=None, norm_target=
   """
   pred = pred.astype(jnp.float32)
   target = jax.lax.stop_gradient(target).astype(jnp.float32)
+  schedules = jnp.asarray(schedules)
+  if schedules.ndim == 3:
+    g = schedules.shape[0]
+    if pred.shape[0] % g:
+      raise errors.ConfigError(f'config.dtm.schedule_groups={g} does not divide the batch of '
+                               f'{pred.shape[0]} examples; choose a divisor of it.')
+    split = lambda x: None if x is None else x.reshape(g, -1, *x.shape[1:])  # noqa: E731
+    per_group = lambda p, t, m, s: dtm_loss(p, t, s, distance, m, norm_target,  # noqa: E731
+                                            protect_first)
+    return jax.vmap(per_group)(split(pred), split(target), split(mask), schedules).mean()
 
   def one(r):
-    s = morph_matrix(target, r, protect_first)
-    morph = lambda x: jnp.einsum('bij,bjd->bid', s, x,  # noqa: E731
-                                 precision=jax.lax.Precision.HIGHEST)
-    return losses.feature_loss(morph(pred), morph(target), distance, mask, norm_target)
+    groups = morph_groups(target, r, protect_first)
+    return losses.feature_loss(group_means(pred, groups), group_means(target, groups), distance,
+                               mask, norm_target)
 
   return jax.vmap(one)(schedules).mean()
 
@@ -180,13 +216,18 @@ class DTM(base.Plugin):
     if c.scheduler not in SCHEDULERS:
       raise errors.ConfigError(f'config.dtm.scheduler={c.scheduler!r}; use one of '
                                f'{SCHEDULERS}.')
-    if c.num_schedules < 1 or c.max_rounds < 1 or c.min_tokens < 1:
-      raise errors.ConfigError('config.dtm.num_schedules, max_rounds and min_tokens must be '
-                               '>= 1.')
+    if c.num_schedules < 1 or c.max_rounds < 1 or c.min_tokens < 0 or c.schedule_groups < 0:
+      raise errors.ConfigError('config.dtm.num_schedules and max_rounds must be >= 1, min_tokens '
+                               'and schedule_groups >= 0.')
     num_tokens = vit.grid_size(config.model, config.data.image_size) ** 2
     if c.min_tokens > num_tokens:
       raise errors.ConfigError(f'config.dtm.min_tokens={c.min_tokens} exceeds the '
                                f'{num_tokens} tokens per image; use at most {num_tokens}.')
+    micro_batch = config.batch_size // config.optim.accum_steps
+    if c.schedule_groups and micro_batch % c.schedule_groups:
+      raise errors.ConfigError(
+          f'config.dtm.schedule_groups={c.schedule_groups} does not divide the batch of '
+          f'{micro_batch} examples per step (batch_size / optim.accum_steps); choose a divisor.')
 
   def loss(self, params, state, outputs, batch, rng, step, train):
     del params, state, batch, step, train
@@ -194,7 +235,7 @@ class DTM(base.Plugin):
     features = outputs.features
     num_tokens = features.pred.shape[1]
     schedules = sample_schedules(rng, num_tokens, c.num_schedules, c.max_rounds,
-                                     c.min_tokens, c.scheduler)
+                                 c.min_tokens, c.scheduler, c.schedule_groups)
     loss = dtm_loss(features.pred, features.target, schedules, d.loss, features.mask,
                     d.norm_target, c.protect_first)
     metrics = {'loss_dtm': loss, 'dtm_merges': schedules.sum(-1).astype(jnp.float32).mean()}
