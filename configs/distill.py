@@ -4,7 +4,7 @@ The DTM recipe as its authors ran it (naver-ai/dtm `run_pretrain_dtm.py` + `docs
 ImageNet-1k, CLIP ViT-B/16 teacher, 300 epochs): BEiT v2 backbone (relative position bias per
 block and shared, no absolute position embedding, BEiT init), lr 1.5e-3 * sqrt(batch / 2048),
 colour jitter before the crop, 75 masked patches, CLIP fed ImageNet-normalised pixels unchanged,
-2 morphing schedules per 128-example shard. docs/recipes_distill.md lists every value, the paper's
+2 morphing schedules per 128-example shard. docs/recipes.md lists every value, the paper's
 and the reference code's, and why they differ.
 
   python -m mimjax.train --workdir DIR \
