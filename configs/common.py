@@ -232,7 +232,8 @@ def base_config():
 
   c.distributed = ml_collections.ConfigDict()
   c.distributed.coordinator_address = ml_collections.FieldReference(None, field_type=str)
-  c.distributed.num_processes = 0  # 0: single process; -1: auto-detect (TPU pod, SLURM); N: explicit
+  # 0: single process; -1: auto-detect (TPU pod, SLURM); N: explicit.
+  c.distributed.num_processes = 0
   c.distributed.process_id = -1
 
   c.checkpoint = ml_collections.ConfigDict()

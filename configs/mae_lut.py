@@ -25,7 +25,8 @@ def get_config(arg=None):
                      f'(the paper uses {ALPHA}).')
   # LUT keeps MAE's recipe: AdamW (0.9, 0.95), wd 0.05, base lr 1.5e-4, 40 warmup epochs, mask
   # ratio 0.75, decoder 8 x 512, norm_pix_loss.
-  c = mae.get_config(f'model={arg.model},epochs={arg.epochs}' + (',runlocal' if arg.runlocal else ''))
+  c = mae.get_config(f'model={arg.model},epochs={arg.epochs}'
+                     + (',runlocal' if arg.runlocal else ''))
   c.data.augment = 'lut_two_view'
   c.lut.enabled = True
   c.lut.alpha = arg.alpha if arg.alpha >= 0 else ALPHA[size]

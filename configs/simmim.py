@@ -3,8 +3,8 @@ r"""SimMIM pre-training (Xie et al., 2022): SimMIM's official ViT-B/16 ImageNet-
   python -m mimjax.train --config configs/simmim.py:runlocal --workdir /tmp/simmim
   python -m mimjax.train --config configs/simmim.py:model=B/16,epochs=800 --workdir gs://...
 
-Arguments: model=<variant>, epochs=<int>, cosine (MTO's Table 3 schedule), runlocal (offline default data, small ViT, a few minutes
-on 2 CPU cores).
+Arguments: model=<variant>, epochs=<int>, cosine (MTO's Table 3 schedule), runlocal (offline
+default data, small ViT, a few minutes on 2 CPU cores).
 
 Recipe: SimMIM's configs/vit_base__800ep/simmim_pretrain__vit_base__img224__800ep.yaml with its
 config.py defaults (the `cosine=True` argument gives the MTO supplement's Table 3, as

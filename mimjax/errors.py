@@ -28,7 +28,7 @@ class InteropError(MimjaxError, ValueError):
 
 
 class NonFiniteError(MimjaxError, RuntimeError):
-  """Training produced NaN/Inf; the update was not applied and the last good checkpoint is intact."""
+  """Training produced NaN/Inf; the update was not applied, the last good checkpoint is intact."""
 
 
 @contextlib.contextmanager

@@ -58,7 +58,8 @@ class MetricsWriter:
     self._progress(step, record)
 
   def _progress(self, step, record):
-    shown = f"loss {record.get('loss', float('nan')):.4f}  {record.get('images_per_sec', 0):.0f} img/s"
+    loss, speed = record.get('loss', float('nan')), record.get('images_per_sec', 0)
+    shown = f'loss {loss:.4f}  {speed:.0f} img/s'
     if self.bar is not None:
       self.bar.n = step
       self.bar.set_postfix_str(shown, refresh=True)

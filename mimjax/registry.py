@@ -1,4 +1,5 @@
-"""The one place naming every framework and plug-in: `config.framework` -> class, plug-ins by config.
+"""The one place naming every framework and plug-in: `config.framework` -> class, plug-ins by
+config.
 
 Adding a framework or a plug-in is one new module plus one line here (see docs/design.md).
 """

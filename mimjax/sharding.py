@@ -27,8 +27,9 @@ def make_mesh(mesh_config, devices=None):
                                f'set config.mesh so the fixed axes divide {n}.')
     sizes[unknown[0]] = n // known
   if int(np.prod(list(sizes.values()))) != n:
-    raise errors.ConfigError(f'config.mesh {dict(sizes)} needs {np.prod(list(sizes.values()))} devices, '
-                             f'but {n} are available; use -1 for one axis to fill the rest.')
+    raise errors.ConfigError(f'config.mesh {dict(sizes)} needs {np.prod(list(sizes.values()))} '
+                             f'devices, but {n} are available; use -1 for one axis to fill the '
+                             'rest.')
   return jax.make_mesh(tuple(sizes.values()), tuple(sizes), devices=devices,
                        axis_types=(AxisType.Auto,) * len(sizes))
 
@@ -45,8 +46,8 @@ def replicated(mesh):
 def check_batch_divides(global_batch, mesh, what='batch_size'):
   n = mesh.shape['data'] * mesh.shape['fsdp']
   if global_batch % n:
-    raise errors.ConfigError(f'{what} {global_batch} does not divide over the {n} devices of the batch '
-                             f'axes (data x fsdp); choose a multiple of {n}.')
+    raise errors.ConfigError(f'{what} {global_batch} does not divide over the {n} devices of the '
+                             f'batch axes (data x fsdp); choose a multiple of {n}.')
 
 
 def _fsdp_spec(shape, fsdp_size, min_size):
@@ -75,8 +76,8 @@ def param_specs(params, mesh, mesh_config):
           return P()
         if rule == 'fsdp':
           return _fsdp_spec(leaf.shape, mesh.shape['fsdp'], mesh_config.fsdp_min_size)
-        raise errors.ConfigError(f'Unknown sharding rule {rule!r} for {pattern!r} in config.mesh.param_rules;'
-                                 ' use "fsdp" or "replicate".')
+        raise errors.ConfigError(f'Unknown sharding rule {rule!r} for {pattern!r} in '
+                                 'config.mesh.param_rules; use "fsdp" or "replicate".')
     return P()
   return jax.tree_util.tree_map_with_path(spec, params)
 

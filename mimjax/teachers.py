@@ -1,4 +1,5 @@
-"""Frozen feature teachers for distillation: CLIP's image tower, a mimjax checkpoint, an EMA student.
+"""Frozen feature teachers for distillation: CLIP's image tower, a mimjax checkpoint or an EMA
+student.
 
 A teacher keeps its weights in `model_state['teacher']` (never trained; saved with checkpoints) and
 maps the student's normalised images to target tokens [B, N, dim] in float32 without gradient,
@@ -136,7 +137,8 @@ class CheckpointTeacher(_EncoderTeacher):
     self.teacher_config = config_lib.from_json(
         workdir_io.path(workdir, 'config.json').read_text())
     kwargs = vit.encoder_kwargs(self.teacher_config.model, self.teacher_config.data.image_size)
-    kwargs.update(drop_path=0.0, num_classes=0, dtype=vit.compute_dtype(config.distill.teacher_dtype))
+    kwargs.update(drop_path=0.0, num_classes=0,
+                  dtype=vit.compute_dtype(config.distill.teacher_dtype))
     encoder = vit.ViT(**kwargs)
     super().__init__(config, num_patches, encoder)
     self._check_grid(encoder.grid_size, 'checkpoint')

@@ -1,4 +1,4 @@
-r"""Train any mimjax framework: `python -m mimjax.train --config configs/mae.py:runlocal --workdir DIR`.
+r"""Train any mimjax framework: `python -m mimjax.train --config mae:runlocal --workdir DIR`.
 
 A second run of the same command with the same workdir resumes from the latest checkpoint (params,
 optimizer, step, RNG and data position) and reproduces the uninterrupted run. Ctrl-C saves a

@@ -20,7 +20,7 @@ class TrainState:
 
 
 def build(framework, config, sample_batch):
-  """(init_fn, abstract_state, tx, lr_schedule) for `framework` on batches shaped like `sample_batch`.
+  """(init_fn, abstract_state, tx, lr_schedule) for `framework` on batches like `sample_batch`.
 
   Shapes come from `jax.eval_shape`, so nothing is allocated until the caller jits `init_fn` with
   the target shardings or restores a checkpoint onto them.

@@ -39,7 +39,8 @@ def check_fields(config):
   if size % patch:
     raise errors.ConfigError(
         f'config.data.image_size={size} is not a multiple of the patch size {patch} of model '
-        f'{config.model.variant!r}; use a multiple of {patch} (e.g. {size // patch * patch or patch}).')
+        f'{config.model.variant!r}; use a multiple of {patch} '
+        f'(e.g. {size // patch * patch or patch}).')
   if config.batch_size % config.optim.accum_steps:
     raise errors.ConfigError(f'config.batch_size={config.batch_size} is not divisible by '
                              f'config.optim.accum_steps={config.optim.accum_steps}.')

@@ -19,8 +19,8 @@ from mimjax.models import vit
 
 torch = pytest.importorskip('torch')
 timm = pytest.importorskip('timm')
-from timm.layers import PatchEmbed  # pylint: disable=g-import-not-at-top,g-bad-import-order
-from timm.models.vision_transformer import Block  # pylint: disable=g-import-not-at-top
+from timm.layers import PatchEmbed  # noqa: E402  (after the importorskip above)
+from timm.models.vision_transformer import Block  # noqa: E402
 
 
 def randomize_(module, seed=0):

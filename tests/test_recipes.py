@@ -58,7 +58,8 @@ def test_document_has_every_recipe():
 
 
 def test_parser_reads_a_known_row():
-  text = ('## X (`configs/mae.py:runlocal`)\n\n| ' + ' | '.join(COLUMNS) + ' |\n|---|---|---|---|---|---|\n'
+  text = ('## X (`configs/mae.py:runlocal`)\n\n| ' + ' | '.join(COLUMNS)
+          + ' |\n|---|---|---|---|---|---|\n'
           '| a | `optim.b2` | p \\| q | r | 0.95 | |\n| b | | p | r | free text | |\n')
   assert parse(text) == {('X', 'configs/mae.py:runlocal'): [('optim.b2', '0.95')]}
 
@@ -68,4 +69,5 @@ def test_document_states_config_values(name, spec):
   config = load_config(spec)
   for key, stated in SECTIONS[(name, spec)]:
     actual = _value(config, key)
-    assert ast.literal_eval(stated) == actual, f'{name}: {key} is {actual!r}, document says {stated}'
+    assert ast.literal_eval(stated) == actual, (
+        f'{name}: {key} is {actual!r}, document says {stated}')

@@ -82,7 +82,8 @@ def test_summarise_keeps_numbers_and_pictures():
 
 
 def test_verdict_reads_the_sign_on_every_seed():
-  assert report.verdict([0.03, 0.001]) == 'above the baseline on every seed (Δ per seed +3.0, +0.1 pp)'
+  assert report.verdict([0.03, 0.001]) == (
+      'above the baseline on every seed (Δ per seed +3.0, +0.1 pp)')
   assert report.verdict([-0.03, -0.02]).startswith('below the baseline on every seed')
   assert report.verdict([0.05, -0.001]) == ('no consistent direction over seeds '
                                             '(Δ per seed +5.0, -0.1 pp)')

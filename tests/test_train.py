@@ -138,16 +138,16 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tiny_mae_config, tmp_pat
   with tiny_mae_config.unlocked():
     tiny_mae_config.total_steps = 3
   train.train(tiny_mae_config, workdir)
-  before = {p: os.path.getmtime(os.path.join(dp, p)) for dp, _, ps in os.walk(workdir + '/checkpoints')
-            for p in ps}
+  before = {p: os.path.getmtime(os.path.join(dp, p))
+            for dp, _, ps in os.walk(workdir + '/checkpoints') for p in ps}
   with tiny_mae_config.unlocked():
     tiny_mae_config.total_steps = 6
     tiny_mae_config.optim.base_lr = float('nan')
     tiny_mae_config.resume.accept_changes = 'total_steps,optim.base_lr'
   with pytest.raises(errors.NonFiniteError, match='last good checkpoint .step 3. .* intact'):
     train.train(tiny_mae_config, workdir)
-  after = {p: os.path.getmtime(os.path.join(dp, p)) for dp, _, ps in os.walk(workdir + '/checkpoints')
-           for p in ps}
+  after = {p: os.path.getmtime(os.path.join(dp, p))
+           for dp, _, ps in os.walk(workdir + '/checkpoints') for p in ps}
   assert after == before  # nothing in the good checkpoint was rewritten
   ckpt = checkpoint_lib.Checkpointer(workdir)
   assert ckpt.latest_step() == 3

@@ -101,8 +101,8 @@ def _timed(fn, *args):
   return out, time.perf_counter() - start
 
 
-Compiled = collections.namedtuple('Compiled',
-                                   'framework compiled init_fn state_sharding batch lower_s compile_s')
+Compiled = collections.namedtuple(
+    'Compiled', 'framework compiled init_fn state_sharding batch lower_s compile_s')
 
 
 def compile_step(config):

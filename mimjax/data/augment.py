@@ -85,7 +85,8 @@ def _crop(image, seed, scale, ratio):
   if not isinstance(image, Encoded):
     begin, crop_size = _crop_box(tf.shape(image), seed, scale, ratio)
     crop = tf.slice(image, begin, crop_size)
-    crop.set_shape([None, None, image.shape[-1]])  # tf.slice with a tensor size forgets the channels
+    # tf.slice with a tensor size forgets the channels.
+    crop.set_shape([None, None, image.shape[-1]])
     return crop
 
   def jpeg():

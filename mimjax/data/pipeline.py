@@ -138,8 +138,8 @@ def _finish(ds, config):
 def local_batch_size(global_batch, process_count=None):
   process_count = process_count or jax.process_count()
   if global_batch % process_count:
-    raise errors.ConfigError(f'batch_size {global_batch} does not divide over {process_count} processes; '
-                             f'choose a multiple of {process_count}.')
+    raise errors.ConfigError(f'batch_size {global_batch} does not divide over {process_count} '
+                             f'processes; choose a multiple of {process_count}.')
   return global_batch // process_count
 
 
@@ -192,8 +192,9 @@ def eval_batches(config, split, batch_size, process_index=None, process_count=No
   process_count = process_count or jax.process_count()
   source = _source(config, split, process_index, process_count)
   process = _augmenter(config, 'center', source)
-  ds = _skip_undecodable(source.ordered.enumerate().map(lambda i, ex: process(i, ex, 0),
-                                                        num_parallel_calls=tf.data.AUTOTUNE), config)
+  ds = source.ordered.enumerate().map(lambda i, ex: process(i, ex, 0),
+                                      num_parallel_calls=tf.data.AUTOTUNE)
+  ds = _skip_undecodable(ds, config)
   ds = _finish(ds.batch(batch_size), config)
   num_batches = -(-max(host_sizes(config, split, process_count)) // batch_size)
   pad = lambda v, n: np.concatenate([v, np.zeros((n,) + v.shape[1:], v.dtype)])  # noqa: E731

@@ -1,9 +1,9 @@
-"""Dataset sources: any TFDS dataset by name (Fashion-MNIST preparable offline), or a folder of images.
+"""Dataset sources: any TFDS dataset by name (Fashion-MNIST preparable offline), or an image folder.
 
 Debian's `dataset-fashion-mnist` package ships the original Fashion-MNIST files. When they are
-present and TFDS has not prepared `fashion_mnist` yet, we prepare it from those files with TFDS's own
-builder (same name, version and features), so the rest of mimjax reads it exactly as it would read a
-copy TFDS downloaded itself.
+present and TFDS has not prepared `fashion_mnist` yet, we prepare it from those files with TFDS's
+own builder (same name, version and features), so the rest of mimjax reads it exactly as it would
+read a copy TFDS downloaded itself.
 """
 import concurrent.futures
 import difflib
@@ -75,8 +75,9 @@ def read_idx(path, num_items, item_shape):
   array = np.frombuffer(data, dtype=np.uint8, offset=header)
   expected = num_items * int(np.prod(item_shape, dtype=np.int64))
   if array.size != expected:
-    raise errors.DatasetError(f'{path} holds {array.size} values, expected {expected}: the file is '
-                              'truncated or not the Fashion-MNIST file; reinstall dataset-fashion-mnist.')
+    raise errors.DatasetError(f'{path} holds {array.size} values, expected {expected}: the file '
+                              'is truncated or not the Fashion-MNIST file; reinstall '
+                              'dataset-fashion-mnist.')
   return array.reshape((num_items,) + tuple(item_shape))
 
 
@@ -96,8 +97,9 @@ def get_builder(name, data_dir=None, download=True):
   except tfds.core.registered.DatasetNotFoundError as e:
     close = difflib.get_close_matches(name, tfds.list_builders(), n=3)
     hint = f' Did you mean {" or ".join(repr(c) for c in close)}?' if close else ''
-    raise errors.DatasetError(f'Unknown dataset {name!r} (config.data.name).{hint} Use any TFDS dataset '
-                              'name, e.g. fashion_mnist, cifar10, imagenette, imagenet2012.') from e
+    raise errors.DatasetError(f'Unknown dataset {name!r} (config.data.name).{hint} Use any TFDS '
+                              'dataset name, e.g. fashion_mnist, cifar10, imagenette, '
+                              'imagenet2012.') from e
   # Process 0 prepares a shared data_dir once; the other hosts then open it (or prepare their own
   # copy when data_dir is not shared).
   return distributed.process_0_first(lambda: _prepared(name, data_dir, download))
@@ -187,7 +189,8 @@ def _warn_skipped(directory, skipped):
 @functools.lru_cache(maxsize=16)  # each folder is listed (and warned about) once per process
 def _scan(directory, class_names=None):
   """FolderSplit of `directory`: labelled by its class subfolders if it has any, else flat."""
-  subdirs = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith('.'))
+  subdirs = sorted(e.name for e in os.scandir(directory)
+                   if e.is_dir() and not e.name.startswith('.'))
   if not subdirs:
     paths, skipped = _list_images(directory)
     _warn_skipped(directory, skipped)
@@ -195,8 +198,8 @@ def _scan(directory, class_names=None):
   class_names = class_names or tuple(subdirs)
   unknown = sorted(set(subdirs) - set(class_names))
   if unknown:
-    raise errors.DatasetError(f'{directory} has class folders {unknown[:5]} that the training split '
-                              'lacks; give every split the same class folders.')
+    raise errors.DatasetError(f'{directory} has class folders {unknown[:5]} that the training '
+                              'split lacks; give every split the same class folders.')
   paths, labels, skipped = [], [], []
   for label, name in enumerate(class_names):
     if name in subdirs:
@@ -264,6 +267,7 @@ def write_labels(config, workdir):
   """Writes WORKDIR/labels.txt (class name of label i on line i) for a labelled image folder."""
   if not is_folder(config.data.name):
     return
-  names = folder_split(config.data.name, config.data.train_split, config.data.folder_holdout).class_names
+  names = folder_split(config.data.name, config.data.train_split,
+                       config.data.folder_holdout).class_names
   if names:
     workdir_io.write_atomic(workdir_io.path(workdir, LABELS_FILE), ''.join(n + '\n' for n in names))

@@ -24,7 +24,8 @@ Metrics = Dict[str, jax.Array]
 CAPABILITIES = {
     'mask': 'a per-patch mask of the images (ForwardOutputs.mask)',
     'patch_order': "MAE's random patch order, from which further disjoint views are drawn",
-    'teacher_features': 'student predictions and teacher targets per token (ForwardOutputs.features)',
+    'teacher_features':
+        'student predictions and teacher targets per token (ForwardOutputs.features)',
     'tokenizer': "the patch tokenizer's output for all N patches (encoder['tokenizer'])",
     'second_view': 'a second augmented view of every image (batch["image2"], from the data)',
     'encoder_mask_tokens': 'a learned mask token standing in for masked patches in the encoder',
@@ -223,8 +224,9 @@ class Framework(abc.ABC):
       loss = jnp.zeros_like(jax.lax.stop_gradient(loss))
     new_state = dict(model_state)
     for i, plugin in enumerate(self.plugins):
-      term, plugin_metrics, state = plugin.loss(params, model_state.get(plugin.name), outputs, batch,
-                                                jax.random.fold_in(plugin_rng, i), step, train)
+      term, plugin_metrics, state = plugin.loss(
+          params, model_state.get(plugin.name), outputs, batch, jax.random.fold_in(plugin_rng, i),
+          step, train)
       loss = loss + term
       metrics.update(plugin_metrics)
       if state is not None:

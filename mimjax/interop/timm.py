@@ -225,7 +225,8 @@ def infer_arch(sd):
   num_pos = sd['pos_embed'].shape[1]
   grid = int(round(np.sqrt(num_pos - cls_token)))
   if grid * grid not in (num_pos, num_pos - 1) or (grid * grid != num_pos and not cls_token):
-    raise errors.InteropError(f'pos_embed has {num_pos} positions: not a square grid (plus a cls slot).')
+    raise errors.InteropError(
+        f'pos_embed has {num_pos} positions: not a square grid (plus a cls slot).')
   patch_table = sd['pos_embed'][:, num_pos - grid * grid:]
   fixed = posemb_lib.sincos_2d(grid, width)[None]
   is_sincos = np.allclose(patch_table, fixed, atol=1e-5)  # a cls slot is folded on import
@@ -334,8 +335,8 @@ def import_timm(path, num_heads=None):
       model['layerscale'] = kw['init_values']
   num_heads = num_heads or arch.num_heads()
   if num_heads is None:
-    raise errors.InteropError(f'Cannot tell the number of attention heads of a width-{arch.width} ViT '
-                              'from its weights; pass num_heads.')
+    raise errors.InteropError(f'Cannot tell the number of attention heads of a width-{arch.width} '
+                              'ViT from its weights; pass num_heads.')
   params, arch = from_timm(sd, num_heads)
   if arch.size_name():
     model['variant'] = f'{arch.size_name()}/{arch.patch_size}'
