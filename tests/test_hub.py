@@ -16,6 +16,7 @@ from mimjax import errors
 from mimjax import export
 from mimjax.interop import hub
 from mimjax.interop import timm as timm_lib
+from mimjax.interop import torch_files
 
 torch = pytest.importorskip('torch')
 timm = pytest.importorskip('timm')
@@ -175,5 +176,5 @@ def test_timm_train_checkpoint_imports_and_code_in_a_pickle_is_refused(tmp_path)
       return (os.system, (f'touch {tmp_path}/ran',))
   torch.save({'state_dict': model.state_dict(), 'args': Payload()}, tmp_path / 'evil.pth.tar')
   with pytest.raises(errors.InteropError, match='posix.system'):
-    timm_lib.load_state_dict(str(tmp_path / 'evil.pth.tar'))
+    torch_files.read_state_dict(str(tmp_path / 'evil.pth.tar'))
   assert not os.path.exists(tmp_path / 'ran')

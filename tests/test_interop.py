@@ -15,6 +15,7 @@ from mimjax import train_step
 from mimjax.interop import mae as mae_lib
 from mimjax.interop import pretrained
 from mimjax.interop import timm as timm_lib
+from mimjax.interop import torch_files
 from mimjax.models import vit
 
 torch = pytest.importorskip('torch')
@@ -106,8 +107,8 @@ def test_safetensors_and_pth_files_load_the_same(tmp_path):
   sd = timm_vit().state_dict()
   save_file(dict(sd), str(tmp_path / 'a.safetensors'))
   torch.save({'model': sd}, str(tmp_path / 'b.pth'))
-  a = timm_lib.load_state_dict(str(tmp_path / 'a.safetensors'))
-  b = timm_lib.load_state_dict(str(tmp_path / 'b.pth'))
+  a = torch_files.read_state_dict(str(tmp_path / 'a.safetensors'))
+  b = torch_files.read_state_dict(str(tmp_path / 'b.pth'))
   assert sorted(a) == sorted(b) == sorted(sd)
   for k in a:
     np.testing.assert_array_equal(a[k], b[k])

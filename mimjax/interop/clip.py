@@ -6,32 +6,11 @@ load with `torch.load(weights_only=True)`, which executes no pickled code; Torch
 (the OpenAI release format) go through `torch.jit.load`, which runs no Python either.
 """
 import re
-import zipfile
 
 import numpy as np
 
+from mimjax.interop import torch_files
 from mimjax.models import clip_vit
-
-
-def read_state_dict(path):
-  """{name: float32 numpy array} of the checkpoint at `path` (no internet, no pickle execution)."""
-  if path.endswith('.safetensors'):
-    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-    return {k: np.asarray(v, np.float32) for k, v in load_file(path).items()}
-  import torch  # pylint: disable=g-import-not-at-top
-  if zipfile.is_zipfile(path):
-    with zipfile.ZipFile(path) as archive:
-      is_torchscript = any(n.endswith('constants.pkl') for n in archive.namelist())
-  else:
-    is_torchscript = False
-  if is_torchscript:
-    state = torch.jit.load(path, map_location='cpu').state_dict()
-  else:
-    state = torch.load(path, map_location='cpu', weights_only=True)
-    for key in ('state_dict', 'model'):  # training checkpoints wrap the weights
-      if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-        state = state[key]
-  return {k: v.detach().float().numpy() for k, v in state.items() if hasattr(v, 'detach')}
 
 
 def visual_weights(state):
@@ -86,7 +65,7 @@ def load(path, quick_gelu=True, num_heads=None, dtype=np.float32):
   `quick_gelu`: True for OpenAI weights and open_clip's `-quickgelu` models, False for other
   open_clip models. `num_heads` defaults to width / 64, as in every released CLIP ViT.
   """
-  state = visual_weights(read_state_dict(path))
+  state = visual_weights(torch_files.read_state_dict(path))
   model = clip_vit.CLIPVisionTransformer(**module_kwargs(state, quick_gelu, num_heads),
                                          dtype=dtype)
   return model, convert(state)

@@ -11,6 +11,7 @@ import numpy as np
 
 from mimjax import errors
 from mimjax.interop import timm as timm_lib
+from mimjax.interop import torch_files
 from mimjax.models import posemb as posemb_lib
 
 
@@ -56,4 +57,4 @@ def from_mae(sd, num_heads, decoder_heads):
 
 def import_mae(path, num_heads, decoder_heads=16):
   """An official MAE checkpoint file (.pth, read without running pickled code) -> `from_mae`."""
-  return from_mae(timm_lib.load_state_dict(path), num_heads, decoder_heads)
+  return from_mae(torch_files.read_state_dict(path), num_heads, decoder_heads)

@@ -16,6 +16,7 @@ from mimjax import errors
 from mimjax import optim
 from mimjax.interop import mae as mae_lib
 from mimjax.interop import timm as timm_lib
+from mimjax.interop import torch_files
 from mimjax.models import vit
 
 
@@ -23,7 +24,8 @@ def _read(config):
   """(params, Arch, config.mae values) of the file named by config.init."""
   num_heads = vit.parse_variant(config.model.variant)['num_heads']
   if config.init.format == 'timm':
-    params, arch = timm_lib.from_timm(timm_lib.load_state_dict(config.init.checkpoint), num_heads)
+    state = torch_files.read_state_dict(config.init.checkpoint)
+    params, arch = timm_lib.from_timm(state, num_heads)
     return {'encoder': params}, arch, {}
   params, arch, _, mae = mae_lib.import_mae(config.init.checkpoint, num_heads,
                                             config.mae.decoder_heads)

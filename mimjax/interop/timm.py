@@ -10,16 +10,15 @@ Into a config with the fixed sin-cos embedding, which has no slot, a cls slot is
 cls token (`mimjax.interop.pretrained`): timm adds `pos_embed[:, 0]` to the cls token before the
 first block and nothing else reads it, so `cls + pos_embed[:, :1]` without a slot is the same model.
 """
-import argparse
 import dataclasses
 import json
 import os
-import pickle
 import re
 
 import numpy as np
 
 from mimjax import errors
+from mimjax.interop import torch_files
 from mimjax.models import posemb as posemb_lib
 from mimjax.models import vit
 
@@ -165,47 +164,6 @@ _TOP_KEYS = {'patch_embed.proj.weight', 'patch_embed.proj.bias', 'cls_token', 'p
              'norm.weight', 'norm.bias', 'head.weight', 'head.bias'}
 
 
-def load_state_dict(path):
-  """{name: float32 numpy array} from a .safetensors file or a .pth/.pt/.bin torch checkpoint.
-
-  Torch files are read with `torch.load(weights_only=True)`, which never runs pickled code; the
-  one other type timm train.py checkpoints (`.pth.tar`) hold, its `args` (an argparse.Namespace of
-  plain values), is allowed explicitly. A checkpoint that wraps the weights under 'model' or
-  'state_dict' is unwrapped.
-  """
-  if not os.path.isfile(path):
-    raise errors.InteropError(f'{path} is not a file.')
-  if path.endswith('.safetensors'):
-    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-    try:
-      return {k: v.astype(np.float32) for k, v in load_file(path).items()}
-    except Exception as e:  # pylint: disable=broad-except  # safetensors raises its own types
-      raise errors.InteropError(f'{path} is not a readable .safetensors file ({e}).') from e
-  import torch  # pylint: disable=g-import-not-at-top
-  try:
-    with torch.serialization.safe_globals([argparse.Namespace]):  # timm train.py's `args`
-      sd = torch.load(path, map_location='cpu', weights_only=True)
-  except pickle.UnpicklingError as e:
-    if 'weights_only' in str(e) or 'Weights only load failed' in str(e):
-      found = re.search(r'GLOBAL (\S+)', str(e))
-      raise errors.InteropError(
-          f'{path} was refused as unsafe: it holds a Python object that is not a tensor or plain '
-          f'value ({found.group(1) if found else "see torch.load"}), which could run code when '
-          'loaded, so it was not loaded. Re-save its state_dict alone (or .safetensors) from a '
-          'trusted environment.') from e
-    raise errors.InteropError(f'{path} is not a PyTorch checkpoint ({e}).') from e
-  except Exception as e:  # pylint: disable=broad-except  # zip / EOF / runtime errors of torch
-    raise errors.InteropError(f'{path} is not a PyTorch checkpoint ({type(e).__name__}: '
-                              f'{str(e).splitlines()[0] if str(e) else ""}).') from e
-  for key in ('model', 'state_dict'):
-    if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
-      sd = sd[key]
-  if not isinstance(sd, dict):
-    raise errors.InteropError(f'{path} holds a {type(sd).__name__}, not a state dict '
-                              '({name: tensor}).')
-  return {k: v.float().numpy() for k, v in sd.items() if isinstance(v, torch.Tensor)}
-
-
 def infer_arch(sd):
   """The architecture of a timm ViT state dict; InteropError for layouts mimjax cannot hold."""
   unknown = sorted(k for k in sd if k not in _TOP_KEYS and not (
@@ -323,7 +281,7 @@ def import_timm(path, num_heads=None):
   config values are what a mimjax config needs to hold these weights (pool only when a sidecar
   says it; otherwise the weights do not determine it).
   """
-  sd = load_state_dict(path)
+  sd = torch_files.read_state_dict(path)
   arch = infer_arch(sd)
   sidecar = read_sidecar(path)
   model = {}

@@ -1,0 +1,64 @@
+"""Reading PyTorch weight files (safetensors, state dicts, timm training checkpoints, TorchScript
+archives) into float32 numpy arrays without running pickled code; torch is imported only here and
+only when a torch file is read."""
+import argparse
+import os
+import pickle
+import re
+import zipfile
+
+import numpy as np
+
+from mimjax import errors
+
+
+def _is_torchscript(path):
+  if not zipfile.is_zipfile(path):
+    return False
+  with zipfile.ZipFile(path) as archive:
+    return any(n.endswith('constants.pkl') for n in archive.namelist())
+
+
+def read_state_dict(path):
+  """{name: float32 numpy array} from a .safetensors file or a .pth/.pt/.bin torch checkpoint.
+
+  Torch files are read with `torch.load(weights_only=True)`, which never runs pickled code; the
+  one other type timm train.py checkpoints (`.pth.tar`) hold, its `args` (an argparse.Namespace of
+  plain values), is allowed explicitly. A TorchScript archive (OpenAI's CLIP release) goes through
+  `torch.jit.load`, which runs no Python either. A checkpoint that wraps the weights under 'model'
+  or 'state_dict' is unwrapped.
+  """
+  if not os.path.isfile(path):
+    raise errors.InteropError(f'{path} is not a file.')
+  if path.endswith('.safetensors'):
+    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+    try:
+      return {k: v.astype(np.float32) for k, v in load_file(path).items()}
+    except Exception as e:  # pylint: disable=broad-except  # safetensors raises its own types
+      raise errors.InteropError(f'{path} is not a readable .safetensors file ({e}).') from e
+  import torch  # pylint: disable=g-import-not-at-top
+  if _is_torchscript(path):
+    state = torch.jit.load(path, map_location='cpu').state_dict()
+    return {k: v.detach().float().numpy() for k, v in state.items()}
+  try:
+    with torch.serialization.safe_globals([argparse.Namespace]):  # timm train.py's `args`
+      sd = torch.load(path, map_location='cpu', weights_only=True)
+  except pickle.UnpicklingError as e:
+    if 'weights_only' in str(e) or 'Weights only load failed' in str(e):
+      found = re.search(r'GLOBAL (\S+)', str(e))
+      raise errors.InteropError(
+          f'{path} was refused as unsafe: it holds a Python object that is not a tensor or plain '
+          f'value ({found.group(1) if found else "see torch.load"}), which could run code when '
+          'loaded, so it was not loaded. Re-save its state_dict alone (or .safetensors) from a '
+          'trusted environment.') from e
+    raise errors.InteropError(f'{path} is not a PyTorch checkpoint ({e}).') from e
+  except Exception as e:  # pylint: disable=broad-except  # zip / EOF / runtime errors of torch
+    raise errors.InteropError(f'{path} is not a PyTorch checkpoint ({type(e).__name__}: '
+                              f'{str(e).splitlines()[0] if str(e) else ""}).') from e
+  for key in ('model', 'state_dict'):
+    if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+      sd = sd[key]
+  if not isinstance(sd, dict):
+    raise errors.InteropError(f'{path} holds a {type(sd).__name__}, not a state dict '
+                              '({name: tensor}).')
+  return {k: v.float().numpy() for k, v in sd.items() if isinstance(v, torch.Tensor)}
