@@ -13,10 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from mimjax import checkpoint as checkpoint_lib
-from mimjax import config_lib
 from mimjax import errors
 from mimjax import losses
-from mimjax import workdir_io
+from mimjax import workdir as workdir_lib
 from mimjax.interop import clip as clip_interop
 from mimjax.models import flops
 from mimjax.models import vit
@@ -134,8 +133,7 @@ class CheckpointTeacher(_EncoderTeacher):
     if not workdir:
       raise errors.ConfigError('config.distill.teacher="checkpoint" needs '
                                'config.distill.teacher_workdir=<a mimjax workdir>.')
-    self.teacher_config = config_lib.from_json(
-        workdir_io.path(workdir, 'config.json').read_text())
+    self.teacher_config = workdir_lib.read_config(workdir)
     kwargs = vit.encoder_kwargs(self.teacher_config.model, self.teacher_config.data.image_size)
     kwargs.update(drop_path=0.0, num_classes=0,
                   dtype=vit.compute_dtype(config.distill.teacher_dtype))

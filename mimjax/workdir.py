@@ -3,21 +3,19 @@
 With `checkpoint.restore` (the latest or a given checkpoint's params), this is all evaluation,
 export and pictures need: no framework, teacher, data pipeline or optimizer state.
 """
-import os
-
 from mimjax import config_lib
 from mimjax import errors
+from mimjax import workdir_io
 from mimjax.models import vit
 
 
 def read_config(workdir):
-  """The locked config a mimjax.train run wrote to WORKDIR/config.json."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
+  """The locked config a mimjax.train run wrote to WORKDIR/config.json (local or gs://)."""
+  path = workdir_io.path(workdir, 'config.json')
+  if not path.exists():
     raise errors.CheckpointError(
         f'{path} does not exist: --workdir must be the directory a mimjax.train run wrote.')
-  with open(path) as f:
-    return config_lib.from_json(f.read())
+  return config_lib.from_json(path.read_text())
 
 
 def build_encoder(config, **overrides):
