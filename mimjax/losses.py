@@ -66,11 +66,18 @@ def soft_cross_entropy(logits, targets):
 DISTANCES = ('cosine', 'smooth_l1', 'l1', 'l2')
 
 
-def cosine_similarity(a, b, eps):
-  """cos(a, b) over the last axis in float32, each norm clamped at `eps` from below."""
+def cosine_similarity(a, b, eps, normalize_first=False):
+  """cos(a, b) over the last axis in float32, each norm clamped at `eps` from below.
+
+  Two operation orders, each its reference's to the last bit: the dot product over the norms
+  (torch's CosineSimilarity: distillation, DTM) or the dot product of the normalised vectors
+  (`normalize_first`, torch's F.normalize: LUT). They differ by float32 rounding only.
+  """
   a, b = a.astype(jnp.float32), b.astype(jnp.float32)
-  norm = lambda x: jnp.maximum(jnp.linalg.norm(x, axis=-1), eps)  # noqa: E731
-  return jnp.sum(a * b, -1) / (norm(a) * norm(b))
+  norm = lambda x: jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)  # noqa: E731
+  if normalize_first:
+    return jnp.sum((a / norm(a)) * (b / norm(b)), -1)
+  return jnp.sum(a * b, -1) / (norm(a) * norm(b))[..., 0]
 
 
 def token_distance(pred, target, distance='cosine'):

@@ -76,7 +76,8 @@ def pool_visible(patch_tokens):
 def cosine_distance(prediction, target):
   """Per-sample 2 - 2 cos(prediction, target) = |p/|p| - t/|t||^2, [B] (norms clamped at 1e-12,
   as torch's F.normalize in the reference)."""
-  return 2.0 - 2.0 * losses.cosine_similarity(prediction, target, eps=1e-12)
+  return 2.0 - 2.0 * losses.cosine_similarity(prediction, target, eps=1e-12,
+                                               normalize_first=True)
 
 
 def broader_context_loss(student1, student2, context1, context2):
