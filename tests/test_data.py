@@ -127,16 +127,19 @@ def test_repeated_augmentation_each_image_three_times_differently_augmented():
   # augmented three different ways.
   config = _repeated('rrc_flip')
   labels_center = np.concatenate([b['label'] for b in
-                                  [next(pipeline.train_batches(_repeated('center'), s, 0, 1))
+                                  [next(pipeline.train_batches(_repeated('center'), 24 * s, 0, 1))
                                    for s in range(4)]])
   stream = pipeline.train_batches(config, 0, 0, 1)
   batches = [next(stream) for _ in range(4)]
   np.testing.assert_array_equal(np.concatenate([b['label'] for b in batches]), labels_center)
   augmented = np.concatenate([b['image'] for b in batches]).reshape(32, 3, -1)
   assert not any(np.array_equal(t[i], t[j]) for t in augmented for i, j in ((0, 1), (0, 2), (1, 2)))
-  # Resuming at step 3 continues the repeated stream exactly; two hosts read disjoint images.
-  np.testing.assert_array_equal(next(pipeline.train_batches(config, 3, 0, 1))['image'],
+  # Resuming at step 3 (example 72) continues the repeated stream exactly, also from the middle of
+  # an image's copies (example 73); two hosts read disjoint images.
+  np.testing.assert_array_equal(next(pipeline.train_batches(config, 72, 0, 1))['image'],
                                 batches[3]['image'])
+  np.testing.assert_array_equal(next(pipeline.train_batches(config, 73, 0, 1))['image'][:23],
+                                batches[3]['image'][1:])
   host0 = next(pipeline.train_batches(_repeated('center'), 0, 0, 2))['image'][::3]
   host1 = next(pipeline.train_batches(_repeated('center'), 0, 1, 2))['image'][::3]
   assert not any(np.array_equal(x, y) for x in host0 for y in host1)

@@ -202,7 +202,7 @@ def test_fused_jpeg_crop_equals_decoding_then_cropping(tmp_path):
 
 def test_missing_folder_fails_validation_naming_the_fix(tmp_path):
   with pytest.raises(errors.DatasetError, match='does not exist'):
-    validation.validate(_config(tmp_path / 'nowhere'))
+    validation.check_run(_config(tmp_path / 'nowhere'))
   assert not os.path.exists(tmp_path / 'nowhere')
 
 

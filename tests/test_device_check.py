@@ -25,8 +25,8 @@ def test_benchmark_path_builds_every_case_without_tensorflow(no_tensorflow):
   probe = ('from mimjax.bench import device_check, runner, torch_peer\n'
            'from mimjax import registry\n'
            'for c in runner.CASES:\n'
-           '  registry.build(runner.load_config(c.config, "mu/4", 28, 4, "small", "bfloat16"))\n'
-           '  runner.synthetic_batch(runner.load_config(c.config, "mu/4", 28, 4, "small", '
+           '  registry.build(runner.load_config(c.config, "mu/4", 28, 8, "small", "bfloat16"))\n'
+           '  runner.synthetic_batch(runner.load_config(c.config, "mu/4", 28, 8, "small", '
            '"bfloat16"))\n')
   result = subprocess.run([sys.executable, '-c', probe], cwd=ROOT, capture_output=True, text=True,
                           timeout=300, env=dict(os.environ, PYTHONPATH=f'{no_tensorflow}:{ROOT}'),
