@@ -171,7 +171,9 @@ def test_training_and_knn_and_linear_evaluation_on_a_folder(folder, tmp_path):
   config = load_config('configs/mae.py:runlocal', **tiny_overrides(**{
       'data.name': str(folder), 'data.train_split': 'train', 'data.eval_split': 'val',
       'data.cache': False, 'batch_size': 8, 'total_steps': 3, 'eval.batch_size': 8,
-      'mae.decoder_width': 32, 'mae.decoder_depth': 1, 'mae.decoder_heads': 2}))
+      'mae.decoder_width': 32, 'mae.decoder_depth': 1, 'mae.decoder_heads': 2,
+      'eval.linear.batch_size': 8, 'eval.linear.train_split': 'train[:16]',
+      'eval.linear.holdout_split': 'train[16:]'}))
   workdir = str(tmp_path / 'run')
   final = train.train(config, workdir)
   assert final['step'] == 3 and np.isfinite(final['loss'])

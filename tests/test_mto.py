@@ -214,7 +214,7 @@ def test_sparsity_gradient_is_of_the_order_of_distinctiveness_at_init(config_mod
   def grad_norm(term):
     def f(p):
       _, _, outputs = fw.forward(p, state, batch, jax.random.PRNGKey(2), True)
-      return term(plugin.layers(outputs)[0], outputs['mask'])
+      return term(plugin.layers(outputs)[0], outputs.mask)
     grads = jax.jit(jax.grad(f))(params)
     return math.sqrt(sum(float(jnp.sum(g ** 2)) for g in jax.tree_util.tree_leaves(grads)))
 

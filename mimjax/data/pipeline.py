@@ -87,8 +87,11 @@ def _folder_source(config, split, process_index, process_count, seed):
   """Files read by index; an epoch's order is a permutation of the host's files seeded by
   (seed, epoch), so skipping examples reads nothing."""
   part = sources.folder_split(config.data.name, split, config.data.folder_holdout)
+  if not len(part.paths):
+    raise errors.DatasetError(f'Split {split!r} of the image folder {config.data.name} holds no '
+                              'images; choose a split (or slice) that does.')
   take = slice(process_index, None, process_count)  # strided: every host sees every class
-  records = {'image': np.asarray(part.paths[take])}
+  records = {'image': np.asarray(part.paths[take], dtype=str)}
   if part.labels is not None:
     records['label'] = part.labels[take]
   num_examples = len(records['image'])
