@@ -134,7 +134,7 @@ def test_accepted_change_resumes_keeps_history_and_counts_examples(trained):
   ckpt = checkpoint_lib.Checkpointer(workdir)
   meta = ckpt.read_meta(5)
   ckpt.close()
-  assert meta['data_position_examples'] == 3 * 16 + 2 * 32
+  assert meta['data_examples'] == 3 * 16 + 2 * 32
   with open(os.path.join(workdir, 'config_history.jsonl')) as f:
     history = [json.loads(line) for line in f]
   assert [(h['start_step'], h['config']['batch_size']) for h in history] == [(0, 16), (3, 32)]
@@ -168,7 +168,7 @@ def test_flipped_byte_in_latest_checkpoint_is_reported_with_the_good_one(tiny_ma
   workdir = str(tmp_path)
   train.train(_set(tiny_mae_config, **{'total_steps': 6}), workdir)  # checkpoints 3 and 6
   _flip_a_byte_in_state(os.path.join(workdir, 'checkpoints', '6'))
-  _set(tiny_mae_config, **{'total_steps': 9})
+  _set(tiny_mae_config, **{'total_steps': 9, 'resume.accept_changes': 'total_steps'})
   with pytest.raises(errors.CheckpointError,
                      match=r'Checkpoint 6 .* is damaged: .* Checkpoint 3 verifies: move'):
     train.train(tiny_mae_config, workdir)

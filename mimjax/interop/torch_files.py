@@ -36,6 +36,11 @@ def read_state_dict(path):
       return {k: v.astype(np.float32) for k, v in load_file(path).items()}
     except Exception as e:  # pylint: disable=broad-except  # safetensors raises its own types
       raise errors.InteropError(f'{path} is not a readable .safetensors file ({e}).') from e
+  with open(path, 'rb') as f:
+    head = f.read(2)
+  if not (head.startswith(b'PK') or head[:1] == b'\x80'):  # torch's zip format or a raw pickle
+    raise errors.InteropError(f'{path} is not a PyTorch checkpoint (neither a zip archive nor a '
+                              'pickle); give a .pth/.pt/.bin state dict or a .safetensors file.')
   import torch  # pylint: disable=g-import-not-at-top
   if _is_torchscript(path):
     state = torch.jit.load(path, map_location='cpu').state_dict()
