@@ -102,6 +102,7 @@ def test_dry_run_on_a_trained_workdir_says_resuming_and_changes_nothing(tmp_path
   capsys.readouterr()
   with config.unlocked():
     config.total_steps = 9
+    config.resume.accept_changes = 'total_steps'  # extending a run is a deliberate change
   train.train(config, workdir, dry_run=True)
   assert 'resuming from step 3' in capsys.readouterr().out
   assert _tree(workdir) == before
