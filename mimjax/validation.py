@@ -68,6 +68,9 @@ def check_fields(config):
   if config.model.tokenizer_norm not in ('none', 'moto'):
     raise errors.ConfigError(
         f'config.model.tokenizer_norm={config.model.tokenizer_norm!r}; use "none" or "moto".')
+  if config.model.head_init_std < 0:
+    raise errors.ConfigError(f'config.model.head_init_std={config.model.head_init_std} must be '
+                             '>= 0 (0 = a zero head; MAE fine-tuning uses 2e-5).')
   moto = config.model.moto
   if config.model.tokenizer_norm == 'moto' and (
       moto.stem_stride < 1 or patch % moto.stem_stride

@@ -10,6 +10,7 @@ from conftest import load_config
 from mimjax import errors
 from mimjax import export
 from mimjax import optim
+from mimjax import validation
 
 torch = pytest.importorskip('torch')
 timm = pytest.importorskip('timm')
@@ -107,3 +108,8 @@ def test_npz_export_of_fc_norm_is_refused(tmp_path):
   with pytest.raises(errors.InteropError, match='fc_norm'):
     export.export_params(config, init_params(config), str(tmp_path / 'ft.npz'), fmt='npz')
   assert not list(tmp_path.iterdir())
+
+
+def test_negative_head_init_std_is_refused():
+  with pytest.raises(errors.ConfigError, match='head_init_std'):
+    validation.validate(finetune_config(**{'model.head_init_std': -2e-5}))
