@@ -51,8 +51,8 @@ def finetune_args(config, out_dir, names):
   The same recipe as configs/finetune.py: AdamW (0.9, 0.999), weight decay 0.05, base lr per 256
   images (scaled linearly to the global batch; 1024 in the paper = 8 processes x 128), layer-wise
   lr decay, drop path and epochs per model size (5e-4, 0.65, 0.1, 100 for B), 5 warmup epochs then
-  cosine to 1e-6,
-  RandAugment m9, mixup 0.8, cutmix 1.0, label smoothing 0.1, random erasing 0.25, average pooling.
+  cosine to 1e-6, RandAugment m9, mixup 0.8, cutmix 1.0, label smoothing 0.1, random erasing 0.25,
+  average pooling (after the exported final norm: timm has no MAE-style norm swap on loading).
   """
   size = config.model.variant.partition('/')[0]
   in_chans = config.data.channels
