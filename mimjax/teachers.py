@@ -10,7 +10,6 @@ import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from mimjax import checkpoint as checkpoint_lib
 from mimjax import errors
@@ -150,16 +149,7 @@ class CheckpointTeacher(_EncoderTeacher):
         lambda: self.encoder.init(jax.random.PRNGKey(0), image)['params']))
 
   def load_frozen(self, state):
-    ckpt = checkpoint_lib.Checkpointer(self.workdir, async_save=False)
-    try:
-      step = ckpt.latest_step()
-      if step is None:
-        raise errors.ConfigError(f'config.distill.teacher_workdir={self.workdir!r} holds no '
-                                 'checkpoint.')
-      restored = ckpt.restore(step, None)['params']['encoder']
-    finally:
-      ckpt.close()
-    restored = jax.tree_util.tree_map(np.asarray, restored)
+    restored = dict(checkpoint_lib.restore_params(self.workdir)['encoder'])
     restored.pop('head', None)  # a supervised run's classifier is no part of the teacher's tokens
     if checkpoint_lib.param_shapes(restored) != checkpoint_lib.param_shapes(state):
       raise errors.ConfigError(
