@@ -229,7 +229,7 @@ def overrides(text):
 
 
 def define_flags(flag_values):
-  """The command's flags (`mimjax.bench.cli`); --part, --part_out and --settings are the worker's."""
+  """The command's flags (`mimjax.bench.cli`); --part, --part_out, --settings: a worker's."""
   fv = dict(flag_values=flag_values)
   flags.DEFINE_bool('tiny', False, 'the CPU smoke setting (mu/4, 28 px)', **fv)
   flags.DEFINE_string('out_dir', 'benchmarks/device_check',
