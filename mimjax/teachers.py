@@ -87,9 +87,9 @@ class _EncoderTeacher(Teacher):
 
   def __init__(self, config, num_patches, source_config, **overrides):
     super().__init__(config, num_patches)
-    encoder = vit.from_config(source_config, drop_path=0.0,
-                              dtype=vit.compute_dtype(config.distill.teacher_dtype), **overrides)
-    self.encoder = encoder
+    self.encoder = encoder = vit.from_config(
+        source_config, drop_path=0.0, dtype=vit.compute_dtype(config.distill.teacher_dtype),
+        **overrides)
     self.dim = encoder.width
     self.layer = config.distill.teacher_layer
     if not -1 <= self.layer < encoder.depth:
@@ -149,7 +149,10 @@ class CheckpointTeacher(_EncoderTeacher):
         lambda: self.encoder.init(jax.random.PRNGKey(0), image)['params']))
 
   def load_frozen(self, state):
-    restored = dict(checkpoint_lib.restore_params(self.workdir)['encoder'])
+    try:
+      restored = dict(checkpoint_lib.restore_params(self.workdir)['encoder'])
+    except errors.CheckpointError as e:
+      raise errors.ConfigError(f'config.distill.teacher_workdir={self.workdir!r}: {e}') from e
     restored.pop('head', None)  # a supervised run's classifier is no part of the teacher's tokens
     if checkpoint_lib.param_shapes(restored) != checkpoint_lib.param_shapes(state):
       raise errors.ConfigError(
