@@ -165,6 +165,10 @@ class IntervalAccumulator:
           'check the input data.')
     return sums
 
+  def exclude(self, seconds):
+    """Leaves `seconds` spent off the train step (evaluation, pictures) out of images/s."""
+    self._start += seconds
+
   def close(self, sums, batch_size):
     """Means of the interval (with images/s), and a fresh interval."""
     means = {k: v / self.steps for k, v in sums.items() if k != 'nonfinite'}
@@ -317,11 +321,15 @@ class _Loop:
         if log_now or save_now:
           sums = interval.host_sums(step, last_good_ckpt, ckpt.directory)
         if log_now:
-          last_metrics = self.log(writer, step, interval.close(sums, config.batch_size), state,
-                                  eval_now)
+          means = interval.close(sums, config.batch_size)
+          started = time.time()
+          last_metrics = self.log(writer, step, means, state, eval_now)
+          interval.exclude(time.time() - started)
         images_every = config.log.images_every_steps
         if images_every and (step % images_every == 0 or is_last):
+          started = time.time()
           self.draw(writer, step, state)
+          interval.exclude(time.time() - started)
         if save_now:
           meta = _meta(config, state.params, step,
                        data_start + (step - start_step) * config.batch_size)
