@@ -99,7 +99,7 @@ def test_rauc_compares_only_a_metric_both_objectives_share(tmp_path):
   result = evaluate.evaluate(mto, 'rauc', other_workdir=base, e1=100, e2=300)
   assert result['metric'] == 'loss_mae' and result['rauc'] == pytest.approx(3.5)
   with open(tmp_path / 'mto' / 'eval_rauc.json') as f:
-    assert json.load(f)['rauc'] == pytest.approx(3.5)
+    assert json.load(f)['results'][-1]['rauc'] == pytest.approx(3.5)
   with pytest.raises(errors.ConfigError, match='different terms'):
     evaluate.evaluate(mto, 'rauc', other_workdir=base, metric='loss')
   for metric in ('loss_mto', 'eval_top1'):
