@@ -314,7 +314,7 @@ def apply_runlocal(c):
   c.checkpoint.every_steps = 500
   c.log.every_steps = 25
   c.log.images_every_steps = 500
-  c.eval.knn_monitor.bank_examples = 2_000  # a few seconds per evaluation on a CPU
+  c.eval.knn_monitor.bank_examples = 2_000  # small: the monitor is a progress signal
   c.eval.knn_monitor.query_examples = 1_000
   c.eval.linear.optimizer = 'sgd'  # LARS's trust ratio moves too little in a few hundred steps
   c.eval.linear.train_split = 'train[:10000]'  # a small probe budget: minutes on a CPU
