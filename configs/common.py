@@ -257,10 +257,24 @@ def base_config():
   c.log.every_steps = 50
   c.log.images_every_steps = 5000  # reconstruction PNGs; 0 turns them off
   c.log.progress_bar = True
+  # Weights & Biases tracking (`pip install '.[wandb]'`; WANDB_MODE=offline keeps it on disk): the
+  # logged scalars and pictures, the config, one W&B run per workdir (resuming continues it).
+  c.log.wandb = False
+  c.log.wandb_project = 'mimjax'
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 256
-  c.eval.every_steps = 0  # held-out evaluation while training (eval_metrics frameworks); 0 = off
+  # Held-out evaluation while training, every this many steps (0 = off): top-1 / top-5 for
+  # supervised runs, the kNN monitor below for self-supervised ones (mae, simmim, distill).
+  c.eval.every_steps = 0
+  # kNN monitor: the first bank_examples of data.train_split (centre crops) are the memory, the
+  # first query_examples of data.eval_split the queries, k neighbours vote (cosine similarity of
+  # eval.feature, weights exp(sim / eval.knn_temperature)). TFDS stores splits shuffled, so the
+  # first N are a sample of every class; an image folder's splits are sorted by class.
+  c.eval.knn_monitor = ml_collections.ConfigDict()
+  c.eval.knn_monitor.bank_examples = 10_000
+  c.eval.knn_monitor.query_examples = 5_000
+  c.eval.knn_monitor.k = 20
   c.eval.knn_k = (20, 200)  # kNN protocol (DINO / MAE): neighbour counts, cosine similarity
   c.eval.knn_temperature = 0.07  # kNN votes weighted by exp(similarity / T)
   # frozen-feature protocols: pooled (the encoder's pool) | cls | gap (mean patch token after the
@@ -306,6 +320,8 @@ def apply_runlocal(c):
   c.checkpoint.every_steps = 500
   c.log.every_steps = 25
   c.log.images_every_steps = 500
+  c.eval.knn_monitor.bank_examples = 2_000  # small: the monitor is a progress signal
+  c.eval.knn_monitor.query_examples = 1_000
   c.eval.linear.optimizer = 'sgd'  # LARS's trust ratio moves too little in a few hundred steps
   c.eval.linear.train_split = 'train[:10000]'  # a small probe budget: minutes on a CPU
   c.eval.linear.holdout_split = 'train[58000:]'

@@ -2,7 +2,10 @@ r"""Evaluate a training run: `python -m mimjax.evaluate --workdir DIR --protocol
 
 Protocols (see docs/evaluation.md): knn, linear, linear_cached, finetune; analyses
 attention_distance, spectrum, heterogeneity, rauc; pictures reconstruction, morphing, moto_layout.
-Each writes DIR/eval_<P>.json (and its PNGs next to it). With --compare_random_init the protocol
+Each adds its result to DIR/eval_<P>.json, a list of entries keyed by the options given, the
+random-init comparison and the checkpoint step: a run with other options or at another step adds
+an entry, and only the same evaluation run again replaces its own (PNGs are written next to it).
+With --compare_random_init the protocol
 also runs on the randomly initialised encoder of the same architecture, so the gain from
 pre-training is visible. In a multi-process job (initialised like the trainer, from
 config.distributed or MIMJAX_* variables) every process reads its part of each split, results
@@ -10,7 +13,6 @@ equal a single process's, and only process 0 writes.
 """
 import inspect
 import json
-import os
 import sys
 
 from absl import app
@@ -96,8 +98,34 @@ def _check_options(protocol, fn, options):
                              f'{sorted(accepted) or "none"}.')
 
 
+def results_path(workdir, protocol):
+  return workdir_io.path(workdir, f'eval_{protocol}.json')
+
+
+def read_results(workdir, protocol):
+  """The entries of DIR/eval_<protocol>.json, oldest first ([] when there is none). A file from
+  before entries were kept (one result) is read as one entry."""
+  path = results_path(workdir, protocol)
+  if not path.exists():
+    return []
+  data = json.loads(path.read_text())
+  return data['results'] if 'results' in data else [dict(options={}, **data)]
+
+
+def record_result(workdir, protocol, result, options, compare_random_init):
+  """Adds `result` (with its options) to DIR/eval_<protocol>.json, replacing only an entry of the
+  same options, random-init comparison and step; the file is replaced atomically."""
+  entry = dict(options=json.loads(json.dumps(options)), compare_random_init=compare_random_init,
+               **result)
+  key = lambda e: (json.dumps(e['options'], sort_keys=True),  # noqa: E731
+                   bool(e.get('compare_random_init')), e.get('step'))
+  kept = [e for e in read_results(workdir, protocol) if key(e) != key(entry)]
+  workdir_io.write_atomic(results_path(workdir, protocol),
+                          json.dumps(dict(protocol=protocol, results=kept + [entry]), indent=2))
+
+
 def evaluate(workdir, protocol, step=None, compare_random_init=False, run=None, **options):
-  """Runs `protocol` on a workdir; writes and returns DIR/eval_<protocol>.json.
+  """Runs `protocol` on a workdir; returns its result and adds it to DIR/eval_<protocol>.json.
 
   `options` go to the protocol function (e.g. feature=, k= for knn). `run`, a Run already loaded
   from this workdir (`step` is then ignored), lets several protocols share its extracted features.
@@ -120,8 +148,7 @@ def evaluate(workdir, protocol, step=None, compare_random_init=False, run=None, 
     raise errors.ConfigError(f'Unknown protocol {protocol!r}; choose one of '
                              f'{sorted({**PROTOCOLS, **CURVE_PROTOCOLS})}.')
   if jax.process_index() == 0:
-    workdir_io.write_atomic(workdir_io.path(workdir, f'eval_{protocol}.json'),
-                            json.dumps(result, indent=2))
+    record_result(workdir, protocol, result, options, compare_random_init)
   return result
 
 
@@ -155,7 +182,7 @@ def main(argv):
   line = f'{f.protocol} ({f.workdir}, step {result.get("step", "-")}): {_summary(result)}'
   if 'random_init' in result:
     line += f'   randomly initialised encoder: {_summary(result["random_init"])}'
-  print(line + f'\nwrote {os.path.join(f.workdir, f"eval_{f.protocol}.json")}')
+  print(line + f'\nadded to {results_path(f.workdir, f.protocol)}')
 
 
 if __name__ == '__main__':

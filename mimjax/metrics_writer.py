@@ -1,9 +1,12 @@
-"""Training observability: WORKDIR/metrics.jsonl, TensorBoard events and a terminal progress line.
+"""Training observability: WORKDIR/metrics.jsonl, TensorBoard events, a terminal progress line and,
+with config.log.wandb, a Weights & Biases run.
 
 Only process 0 writes. Values arrive as host scalars at log steps, never inside the train step.
 """
+import hashlib
 import json
 import math
+import os
 import sys
 import time
 
@@ -25,15 +28,42 @@ def _drop_records_after(path, step):
   workdir_io.write_atomic(path, ''.join(json.dumps(r) + '\n' for r in kept))
 
 
-class MetricsWriter:
-  """Appends one JSON object per logged step and mirrors scalars to TensorBoard."""
+class WandbRun:
+  """The Weights & Biases run of a workdir (the optional `wandb` extra; WANDB_MODE=offline keeps it
+  on disk). Its id is derived from the workdir, so a resumed training run continues the same W&B
+  run; local workdirs keep W&B's files in WORKDIR/wandb."""
 
-  def __init__(self, workdir, total_steps, start_step, progress_bar=True):
+  def __init__(self, config, workdir):
+    import wandb  # pylint: disable=g-import-not-at-top
+    self.wandb = wandb
+    url = workdir_io.is_url(workdir)
+    where = workdir if url else os.path.abspath(workdir)
+    self.run = wandb.init(
+        project=config.log.wandb_project, name=os.path.basename(where.rstrip('/')),
+        id=hashlib.sha256(where.encode()).hexdigest()[:16], resume='allow',
+        dir=None if url else where, config=config.to_dict())
+
+  def log(self, step, scalars):
+    self.run.log(scalars, step=int(step))
+
+  def log_image(self, name, step, image):
+    self.run.log({name: self.wandb.Image(image)}, step=int(step))
+
+  def finish(self):
+    self.run.finish()
+
+
+class MetricsWriter:
+  """Appends one JSON object per logged step and mirrors scalars to TensorBoard (and to W&B when
+  `config.log.wandb`)."""
+
+  def __init__(self, workdir, total_steps, start_step, progress_bar=True, config=None):
     self.active = jax.process_index() == 0
     self.total_steps = total_steps
     self.start_step = start_step
     self.start_time = time.time()
     self.bar = None
+    self.wandb = None
     if not self.active:
       return
     self.workdir = workdir
@@ -43,6 +73,8 @@ class MetricsWriter:
     self.tb = tf.summary.create_file_writer(str(workdir_io.path(workdir, 'tensorboard')))
     if progress_bar and sys.stderr.isatty():
       self.bar = tqdm.tqdm(total=total_steps, initial=start_step, unit='step', dynamic_ncols=True)
+    if config is not None and config.log.wandb:
+      self.wandb = WandbRun(config, workdir)
 
   def write(self, step, scalars):
     if not self.active:
@@ -55,19 +87,25 @@ class MetricsWriter:
         if key != 'step' and math.isfinite(value):
           tf.summary.scalar(key, value)
     self.tb.flush()
+    if self.wandb is not None:
+      self.wandb.log(step, {k: v for k, v in record.items() if k != 'step'})
     self._progress(step, record)
 
   def _progress(self, step, record):
     loss, speed = record.get('loss', float('nan')), record.get('images_per_sec', 0)
     shown = f'loss {loss:.4f}  {speed:.0f} img/s'
+    evaluated = '  '.join(f'{k} {v:.4f}' for k, v in record.items() if k.startswith('eval_'))
     if self.bar is not None:
       self.bar.n = step
       self.bar.set_postfix_str(shown, refresh=True)
+      if evaluated:
+        self.bar.write(f'step {step}: {evaluated}')
       return
     done = step - self.start_step
     elapsed = time.time() - self.start_time
     eta = elapsed / max(done, 1) * (self.total_steps - step)
-    print(f'step {step}/{self.total_steps}  {shown}  ETA {eta / 60:.1f} min', flush=True)
+    print(f'step {step}/{self.total_steps}  {shown}  ETA {eta / 60:.1f} min'
+          + (f'  {evaluated}' if evaluated else ''), flush=True)
 
   def write_image(self, name, step, image):
     """Saves a uint8 [H, W, 3] image as WORKDIR/images/<name>_<step>.png and to TensorBoard."""
@@ -81,6 +119,8 @@ class MetricsWriter:
       Image.fromarray(image).save(f, format='PNG')
     with self.tb.as_default(step=int(step)):
       tf.summary.image(name, image[None], step=int(step))
+    if self.wandb is not None:
+      self.wandb.log_image(name, step, image)
     return str(path)
 
   def close(self):
@@ -89,3 +129,5 @@ class MetricsWriter:
         self.bar.close()
       self.jsonl.close()
       self.tb.close()
+      if self.wandb is not None:
+        self.wandb.finish()

@@ -39,6 +39,7 @@ from mimjax import validation
 from mimjax import workdir_io
 from mimjax.data import pipeline
 from mimjax.data import sources
+from mimjax.eval import monitor
 from mimjax.interop import pretrained as init_from
 
 
@@ -164,6 +165,10 @@ class IntervalAccumulator:
           'check the input data.')
     return sums
 
+  def exclude(self, seconds):
+    """Leaves `seconds` spent off the train step (evaluation, pictures) out of images/s."""
+    self._start += seconds
+
   def close(self, sums, batch_size):
     """Means of the interval (with images/s), and a fresh interval."""
     means = {k: v / self.steps for k, v in sums.items() if k != 'nonfinite'}
@@ -179,21 +184,49 @@ class IntervalAccumulator:
     return dict(steps=self.steps, sums=sums, seconds=time.time() - self._start)
 
 
-def held_out_metrics(eval_fn, state, config, batch_sharding):
-  """Means over `config.data.eval_split` of the framework's `eval_metrics` sums (the in-training
-  evaluation; `mimjax.evaluate` runs the protocols on a saved checkpoint)."""
-  local_batch = pipeline.local_batch_size(config.eval.batch_size)
-  sums = None
-  for local in pipeline.eval_batches(config, config.data.eval_split, local_batch):
-    batch = jax.make_array_from_process_local_data(batch_sharding, local)
-    out = eval_fn(state.params, state.model_state, batch)
-    sums = out if sums is None else jax.tree_util.tree_map(jnp.add, sums, out)
-  sums = {k: float(v) for k, v in jax.device_get(sums).items()}
-  count = max(sums.pop('count'), 1.0)
-  return {k: v / count for k, v in sums.items()}
+class HeldOutMetrics:
+  """`evaluate(state)`: means over `config.data.eval_split` of the framework's `eval_metrics` sums
+  (supervised top-1 / top-5; `mimjax.evaluate` runs the protocols on a saved checkpoint)."""
+
+  def __init__(self, framework, config, mesh):
+    self.config, self.best_metric = config, framework.best_metric
+    self.eval_fn = jax.jit(framework.eval_metrics, out_shardings=sharding.replicated(mesh))
+    self.batch_sharding = sharding.batch_sharding(mesh)
+
+  def __call__(self, state):
+    local_batch = pipeline.local_batch_size(self.config.eval.batch_size)
+    sums = None
+    for local in pipeline.eval_batches(self.config, self.config.data.eval_split, local_batch):
+      batch = jax.make_array_from_process_local_data(self.batch_sharding, local)
+      out = self.eval_fn(state.params, state.model_state, batch)
+      sums = out if sums is None else jax.tree_util.tree_map(jnp.add, sums, out)
+    sums = {k: float(v) for k, v in jax.device_get(sums).items()}
+    count = max(sums.pop('count'), 1.0)
+    return {k: v / count for k, v in sums.items()}
 
 
-def record_eval(workdir, framework, step, results):
+def make_evaluator(framework, config, mesh):
+  """The in-training evaluation: the framework's held-out metrics, or for a framework without a
+  classifier (mae, simmim, distill) the kNN monitor; None when eval.every_steps is 0."""
+  if not config.eval.every_steps:
+    return None
+  if framework.best_metric:
+    return HeldOutMetrics(framework, config, mesh)
+  return monitor.KnnMonitor(framework, config, mesh)
+
+
+def held_out_pictures_batch(config, mesh):
+  """The first images of `config.data.eval_split` as a global batch, for reconstruction grids:
+  at least 8 and a multiple of the devices along the batch axes and of the processes."""
+  unit = int(np.lcm(mesh.shape['data'] * mesh.shape['fsdp'], jax.process_count()))
+  local = pipeline.local_batch_size(-(-8 // unit) * unit)
+  batches = pipeline.eval_batches(config, config.data.eval_split, local)
+  host = {k: v for k, v in next(batches).items() if k != 'valid'}
+  batches.close()
+  return jax.make_array_from_process_local_data(sharding.batch_sharding(mesh), host)
+
+
+def record_eval(workdir, framework, best_metric, step, results):
   """Adds `results` at `step` to WORKDIR/eval_<framework>.json: history, best and final.
 
   Records from later steps (left by a run that was interrupted and resumed) are dropped.
@@ -205,7 +238,7 @@ def record_eval(workdir, framework, step, results):
   if path.exists():
     history = [r for r in json.loads(path.read_text())['history'] if r['step'] < step]
   history.append(dict(step=int(step), **results))
-  best = max(history, key=lambda r: r[framework.best_metric])
+  best = max(history, key=lambda r: r[best_metric])
   workdir_io.write_atomic(path, json.dumps(dict(best=best, final=history[-1], history=history),
                                            indent=2))
 
@@ -240,25 +273,28 @@ class _Loop:
         train_step_lib.make_train_step(framework, tx, lr_schedule, config.optim.accum_steps),
         state_sharding, mesh)
     # Replicated outputs, so every host can read them (a batch-sharded array spans other hosts).
-    replicated = sharding.replicated(mesh)
     self.vis_fn = jax.jit(lambda s, b: (framework.forward(s.params, s.model_state, b,
                                                           jax.random.PRNGKey(0), False)[2], b),
-                          out_shardings=replicated)
-    self.eval_fn = jax.jit(framework.eval_metrics, out_shardings=replicated)
+                          out_shardings=sharding.replicated(mesh))
+    self.evaluator = make_evaluator(framework, config, mesh)
     self.batch_sharding = sharding.batch_sharding(mesh)
+    self.mesh, self.vis_batch = mesh, None
     self.lr_schedule = lr_schedule
 
   def log(self, writer, step, means, state, eval_now):
     means['lr'] = float(self.lr_schedule(step - 1))  # this step's update, not the interval's mean
     if eval_now:
-      results = held_out_metrics(self.eval_fn, state, self.config, self.batch_sharding)
-      record_eval(self.workdir, self.framework, step, results)
+      results = self.evaluator(state)
+      record_eval(self.workdir, self.framework, self.evaluator.best_metric, step, results)
       means.update({f'eval_{k}': v for k, v in results.items()})
     writer.write(step, means)
     return dict(step=step, **means)
 
-  def draw(self, writer, step, state, vis_batch):
-    outputs, host_batch = jax.device_get(self.vis_fn(state, vis_batch))
+  def draw(self, writer, step, state):
+    """Reconstruction grids of the same held-out images at every drawing step."""
+    if self.vis_batch is None:
+      self.vis_batch = held_out_pictures_batch(self.config, self.mesh)
+    outputs, host_batch = jax.device_get(self.vis_fn(state, self.vis_batch))
     for name, image in self.framework.visualize(outputs, host_batch).items():
       writer.write_image(name, step, np.asarray(jax.device_get(image)))
 
@@ -266,11 +302,10 @@ class _Loop:
     """Steps from `start_step` to config.total_steps (the data stream at example `data_start`);
     returns the last logged metrics."""
     config, ckpt = self.config, self.ckpt
-    last_metrics, last_good_ckpt, vis_batch = {}, ckpt.latest_step(), None
+    last_metrics, last_good_ckpt = {}, ckpt.latest_step()
     with _StopRequest() as stop_request:
       for step in range(start_step + 1, config.total_steps + 1):
         batch = jax.make_array_from_process_local_data(self.batch_sharding, next(batches))
-        vis_batch = batch if vis_batch is None else vis_batch
         state, metrics = self.step_fn(state, batch)
         interval.add(metrics)
         ckpt.poll()
@@ -286,11 +321,15 @@ class _Loop:
         if log_now or save_now:
           sums = interval.host_sums(step, last_good_ckpt, ckpt.directory)
         if log_now:
-          last_metrics = self.log(writer, step, interval.close(sums, config.batch_size), state,
-                                  eval_now)
+          means = interval.close(sums, config.batch_size)
+          started = time.time()
+          last_metrics = self.log(writer, step, means, state, eval_now)
+          interval.exclude(time.time() - started)
         images_every = config.log.images_every_steps
         if images_every and (step % images_every == 0 or is_last):
-          self.draw(writer, step, state, vis_batch)
+          started = time.time()
+          self.draw(writer, step, state)
+          interval.exclude(time.time() - started)
         if save_now:
           meta = _meta(config, state.params, step,
                        data_start + (step - start_step) * config.batch_size)
@@ -348,7 +387,7 @@ def train(config, workdir, dry_run=False):
     resume.record(workdir, config, start_step)
     loop = _Loop(framework, config, workdir, ckpt, state_sharding, tx, lr_schedule, mesh)
     writer = metrics_writer.MetricsWriter(workdir, config.total_steps, start_step,
-                                          config.log.progress_bar)
+                                          config.log.progress_bar, config)
     try:
       return loop.run(state, batches, start_step, data_start, IntervalAccumulator(latest_meta),
                       writer)

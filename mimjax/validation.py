@@ -5,6 +5,7 @@ what a training run reads (the dataset and its splits) and the device mesh. The 
 `check_run` first, then reads every remaining input (checkpoint, first batch, teacher and
 pre-trained weights) before it creates the workdir.
 """
+import importlib.util
 import os
 
 from mimjax import errors
@@ -83,6 +84,9 @@ def check_fields(config):
                               ('optim.lr_scaling', config.optim.lr_scaling, optim.LR_SCALINGS)):
     if value not in choices:
       raise errors.ConfigError(f'config.{key}={value!r}; use one of {choices}.')
+  if config.log.wandb and importlib.util.find_spec('wandb') is None:
+    raise errors.ConfigError("config.log.wandb=True, but wandb is not installed; pip install "
+                             "'mimjax[wandb]' (or wandb), or set config.log.wandb=False.")
   if config.eval.every_steps < 0:
     raise errors.ConfigError(f'config.eval.every_steps must be >= 0 (0 = off), got '
                              f'{config.eval.every_steps}.')
@@ -99,9 +103,7 @@ def check_contract(config):
   """The framework's own checks, each enabled plug-in's, and every capability a plug-in needs."""
   framework = registry.FRAMEWORKS[config.framework]
   if config.eval.every_steps and not framework.best_metric:
-    raise errors.ConfigError(
-        f'config.eval.every_steps={config.eval.every_steps}, but framework '
-        f'{config.framework!r} has no held-out evaluation; set eval.every_steps=0.')
+    check_knn_monitor(config)
   framework.check_config(config)
   available = provided(config)
   for plugin in registry.enabled_plugins(config):
@@ -111,6 +113,19 @@ def check_contract(config):
         raise errors.ConfigError(
             f'config.{plugin.name}.enabled: {plugin.name} needs {base.CAPABILITIES[capability]}, '
             f'which framework {config.framework!r} does not provide under this config; {fix}.')
+
+
+def check_knn_monitor(config):
+  """The kNN monitor's subset sizes (self-supervised frameworks with eval.every_steps)."""
+  monitor = config.eval.knn_monitor
+  for key in ('bank_examples', 'query_examples', 'k'):
+    if monitor[key] < 1:
+      raise errors.ConfigError(f'config.eval.knn_monitor.{key} must be positive, got '
+                               f'{monitor[key]}.')
+  if monitor.k > monitor.bank_examples:
+    raise errors.ConfigError(
+        f'config.eval.knn_monitor.k={monitor.k} neighbours need at least as many bank images, but '
+        f'bank_examples={monitor.bank_examples}; lower k or raise bank_examples.')
 
 
 def check_run(config):
@@ -125,6 +140,15 @@ def check_run(config):
                                'batch_size / optim.accum_steps')
   if config.eval.every_steps:
     sharding.check_batch_divides(config.eval.batch_size, mesh, 'eval.batch_size')
+    if not registry.FRAMEWORKS[config.framework].best_metric:
+      pipeline.num_classes(config)  # the kNN monitor needs labels
+      for split, key in ((config.data.train_split, 'bank_examples'),
+                         (config.data.eval_split, 'query_examples')):
+        size = pipeline.num_examples(config, split)
+        if config.eval.knn_monitor[key] > size:
+          raise errors.ConfigError(
+              f'config.eval.knn_monitor.{key}={config.eval.knn_monitor[key]}, but split '
+              f'{split!r} holds {size} examples; use at most {size}.')
   return mesh
 
 

@@ -59,6 +59,32 @@ def reconstruction_grid(images, pred, mask, patch_size, data_config):
              to_image(np.where(mask, pred, target))]
   return image_grid(columns, data_config)
 
+
+def standardized_to_uint8(x):
+  """Per-patch standardised values (mean 0, std 1) -> uint8: 0 is mid-grey, -2 / +2 standard
+  deviations black / white (clipped beyond)."""
+  return (np.clip(np.asarray(x, np.float32) / 4 + 0.5, 0, 1) * 255).round().astype(np.uint8)
+
+
+def norm_pix_reconstruction_grid(images, pred, mask, patch_size, data_config):
+  """For MAE with norm_pix_loss, whose prediction is each patch standardised by its own mean and
+  variance: original | masked input | target (every patch standardised) | prediction on the
+  masked patches, the visible ones pasted from the target; the last two in standardised space
+  (`standardized_to_uint8`), so the grid shows exactly what the model predicts.
+  """
+  images = np.asarray(images, np.float32)
+  mask = np.asarray(mask)[..., None]
+  patches = losses.patchify(images, patch_size)
+  target = np.asarray(losses.normalize_patches(patches))
+  to_image = lambda p: losses.unpatchify(p, patch_size, images.shape[-1])  # noqa: E731
+  rows = slice(0, 8)
+  pixels = [to_uint8(c[rows], data_config)
+            for c in (images, to_image(np.where(mask, np.nan, patches)))]
+  standardized = [standardized_to_uint8(c[rows]) for c in (
+      to_image(target), to_image(np.where(mask, np.asarray(pred, np.float32), target)))]
+  return uint8_grid(pixels + standardized)
+
+
 def layout_colours(layout):
   """Soft layout [..., H, W, n] -> uint8 [..., H, W, 3]: pixels coloured by their argmax entity."""
   return PALETTE[np.argmax(np.asarray(layout), axis=-1) % len(PALETTE)]

@@ -99,7 +99,7 @@ def test_rauc_compares_only_a_metric_both_objectives_share(tmp_path):
   result = evaluate.evaluate(mto, 'rauc', other_workdir=base, e1=100, e2=300)
   assert result['metric'] == 'loss_mae' and result['rauc'] == pytest.approx(3.5)
   with open(tmp_path / 'mto' / 'eval_rauc.json') as f:
-    assert json.load(f)['rauc'] == pytest.approx(3.5)
+    assert json.load(f)['results'][-1]['rauc'] == pytest.approx(3.5)
   with pytest.raises(errors.ConfigError, match='different terms'):
     evaluate.evaluate(mto, 'rauc', other_workdir=base, metric='loss')
   for metric in ('loss_mto', 'eval_top1'):
@@ -467,7 +467,7 @@ def test_two_processes_give_the_one_process_results(pretrained, tmp_path, monkey
   two = {}
   for protocol in MULTI_PROTOCOLS:
     with open(workdir / f'eval_{protocol}.json') as f:
-      two[protocol] = json.load(f)
+      two[protocol] = json.load(f)['results'][-1]  # the latest entry: this run's
   monkeypatch.setattr(pipeline, 'train_batches', _two_host_probe_stream(pipeline.train_batches))
   one = {p: evaluate.evaluate(pretrained, p) for p in MULTI_PROTOCOLS}
   assert two['knn']['top1_by_k'] == one['knn']['top1_by_k']

@@ -102,7 +102,7 @@ def test_colab_notebook_runs_end_to_end(tmp_path, monkeypatch):
     assert 'tensorflow-cpu' not in printed and 'tensorflow-datasets==' in printed
   assert any('image/png' in o.get('data', {}) for o in notebook.cells[-1].outputs)
   with open(tmp_path / 'eval_knn.json') as f:
-    result = json.load(f)
+    (result,) = json.load(f)['results']
   assert result['step'] == 4 and result['test_examples'] == 128
   assert 0.0 <= result['top1'] <= 1.0 and 0.0 <= result['random_init']['top1'] <= 1.0
 

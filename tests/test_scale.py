@@ -178,7 +178,8 @@ def test_two_processes_match_one_and_their_checkpoint_resumes_in_one(tmp_path, m
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   logs = ''.join(open(tmp_path / f'process_{i}.log').read()[-2000:] for i in range(2))
   assert result.returncode == 0, result.stderr + logs
-  assert os.path.exists(workdir / 'images' / 'reconstruction_0000006.png')  # process 0 wrote it
+  # process 0 wrote it
+  assert os.path.exists(workdir / 'images' / 'reconstruction_norm_pix_0000006.png')
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['3', '6']
 
   monkeypatch.setattr(pipeline, 'train_batches', _two_host_stream)

@@ -106,8 +106,10 @@ def test_config_checks():
     validation.validate(config)
   config = mae_config.get_config('runlocal')
   config.unlock()
-  config.eval.every_steps = 10
-  with pytest.raises(errors.ConfigError, match='eval.every_steps'):
+  config.eval.every_steps = 10  # self-supervised: the kNN monitor, whose bank must hold k images
+  validation.validate(config)
+  config.eval.knn_monitor.k = config.eval.knn_monitor.bank_examples + 1
+  with pytest.raises(errors.ConfigError, match='eval.knn_monitor.k'):
     validation.validate(config)
   config = supervised_config.get_config('runlocal')
   config.unlock()

@@ -43,7 +43,7 @@ def test_tiny_run_writes_everything_and_learns(tiny_mae_config, tmp_path):
   assert np.mean([r['loss'] for r in records[-5:]]) < np.mean([r['loss'] for r in records[:5]])
   assert final['step'] == 30
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['15', '30']
-  assert os.path.exists(os.path.join(workdir, 'images', 'reconstruction_0000030.png'))
+  assert os.path.exists(os.path.join(workdir, 'images', 'reconstruction_norm_pix_0000030.png'))
   assert os.listdir(os.path.join(workdir, 'tensorboard'))
   saved = config_lib.from_json(open(os.path.join(workdir, 'config.json')).read())
   assert saved.model.variant == 'mu/4' and saved.total_steps == 30

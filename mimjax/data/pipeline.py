@@ -61,7 +61,7 @@ def check_splits(config):
     sources.check_folder(config.data.name)
     return
   _builder_with_split(config, config.data.train_split)
-  if config.eval.every_steps:
+  if config.eval.every_steps or config.log.images_every_steps:  # held-out evaluation, pictures
     _builder_with_split(config, config.data.eval_split)
 
 
@@ -219,3 +219,19 @@ def host_sizes(config, split, process_count):
 
 def num_examples(config, split):
   return _source(config, split, 0, 1).num_examples
+
+
+def num_classes(config):
+  """The number of classes of the data's labels; DatasetError when the data has none."""
+  if sources.is_folder(config.data.name):
+    count = len(sources.folder_split(config.data.name, config.data.train_split,
+                                     config.data.folder_holdout).class_names)
+  else:
+    features = _builder_with_split(config, config.data.train_split).info.features
+    count = features['label'].num_classes if 'label' in features.keys() else 0
+  if not count:
+    raise errors.DatasetError(
+        f'{config.data.name} has no class labels (a flat image folder or an unlabelled dataset); '
+        'the kNN monitor (config.eval.every_steps) needs them: use class subfolders, or set '
+        'config.eval.every_steps=0.')
+  return count

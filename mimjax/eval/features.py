@@ -45,11 +45,10 @@ def select_feature(encoded, feature, num_prefix):
   return out.astype(jnp.float32)
 
 
-def embed_fn(run, feature):
-  """fn(params, images) -> features [B, D] of `run`'s encoder."""
-  if feature == 'cls' and not run.config.model.cls_token:
+def embed_fn(encoder, feature):
+  """fn(encoder params, images) -> features [B, D] of the ViT module `encoder`."""
+  if feature == 'cls' and not encoder.cls_token:
     raise errors.ConfigError('feature "cls" needs a model with a cls token; use "gap".')
-  encoder = run.encoder
 
   def embed(params, images):
     encoded = encoder.apply({'params': params}, images, capture_layers=feature == 'mae_gap')
@@ -92,6 +91,17 @@ def map_batches(run, split, fn, max_examples=None, mesh=None, params=None):
   batch_sharding = sharding.batch_sharding(mesh)
   jitted = jax.jit(fn, out_shardings=batch_sharding)
   params = replicate(run.params if params is None else params, mesh)
+  for batch in subset_batches(config, split, local_batch, max_examples):
+    images = jax.make_array_from_process_local_data(batch_sharding, batch['image'])
+    out = multihost_utils.global_array_to_host_local_array(
+        jitted(params, images), mesh, batch_sharding.spec)
+    yield jax.tree_util.tree_map(np.asarray, out), batch['valid'], batch
+
+
+def subset_batches(config, split, local_batch, max_examples=None):
+  """This host's padded eval batches (`pipeline.eval_batches`) of the first `max_examples`
+  examples of `split` (all by default) in split order: `valid` is False beyond them, and every
+  process yields the same number of batches, so a fixed subset always has the same shapes."""
   sizes = pipeline.host_sizes(config, split, jax.process_count())
   offset = sum(sizes[:jax.process_index()])  # index in `split` of this host's first example
   num_batches = None
@@ -101,13 +111,10 @@ def map_batches(run, split, fn, max_examples=None, mesh=None, params=None):
   for i, batch in enumerate(pipeline.eval_batches(config, split, local_batch)):
     if num_batches is not None and i >= num_batches:
       return
-    valid = batch['valid']
     if max_examples is not None:
-      valid = valid & (offset + i * local_batch + np.arange(local_batch) < max_examples)
-    images = jax.make_array_from_process_local_data(batch_sharding, batch['image'])
-    out = multihost_utils.global_array_to_host_local_array(
-        jitted(params, images), mesh, batch_sharding.spec)
-    yield jax.tree_util.tree_map(np.asarray, out), valid, batch
+      batch['valid'] = batch['valid'] & (
+          offset + i * local_batch + np.arange(local_batch) < max_examples)
+    yield batch
 
 
 def extract(run, split, feature='pooled'):
@@ -121,7 +128,7 @@ def extract(run, split, feature='pooled'):
 
 def _extract(run, split, feature):
   feats, labels, valids = [], [], []
-  for out, valid, batch in map_batches(run, split, embed_fn(run, feature),
+  for out, valid, batch in map_batches(run, split, embed_fn(run.encoder, feature),
                                        params=run.encoder_params):
     if 'label' not in batch:
       raise errors.DatasetError(f'{run.config.data.name} has no labels (a flat image folder); kNN '

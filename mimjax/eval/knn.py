@@ -4,8 +4,6 @@ Cosine similarity between L2-normalised features, computed in float32 (`Precisio
 the bf16 / TF32 default of TPUs and recent GPUs); each of the k nearest training samples votes for
 its class with weight exp(similarity / T).
 """
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,21 +11,34 @@ import numpy as np
 from mimjax.eval import features as features_lib
 
 
-@functools.partial(jax.jit, static_argnames=('k', 'num_classes'))
-def _predict_chunk(test, train, train_labels, k, num_classes, temperature):
+def l2_normalize(x):
+  """Rows of `x` [n, D] scaled to unit L2 norm (zero rows stay zero)."""
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def class_votes(test, train, train_labels, k, num_classes, temperature, train_valid=None):
+  """Summed votes [n_test, num_classes] of the k most similar rows of `train` (both unit-norm).
+
+  Rows of `train` where `train_valid` is False (padding) are never among the k nearest; `k` must
+  not exceed the number of valid rows.
+  """
   sims = jnp.matmul(test, train.T, precision=jax.lax.Precision.HIGHEST)
+  if train_valid is not None:
+    sims = jnp.where(train_valid[None], sims, -jnp.inf)
   top_sims, top_idx = jax.lax.top_k(sims, k)
   weights = jnp.exp(top_sims / temperature)
   votes = jax.nn.one_hot(train_labels[top_idx], num_classes) * weights[..., None]
   return votes.sum(axis=1)
 
 
+_predict_chunk = jax.jit(class_votes, static_argnames=('k', 'num_classes'))
+
+
 def knn_scores(train_feats, train_labels, test_feats, k, temperature=0.07, num_classes=None,
                chunk=1024):
   """Class scores [n_test, num_classes] from the k nearest training samples."""
-  normalize = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)  # noqa
-  train = jnp.asarray(normalize(np.asarray(train_feats, np.float32)))
-  test = normalize(np.asarray(test_feats, np.float32))
+  train = l2_normalize(jnp.asarray(train_feats, jnp.float32))
+  test = np.asarray(l2_normalize(jnp.asarray(test_feats, jnp.float32)))
   labels = jnp.asarray(train_labels, jnp.int32)
   num_classes = num_classes or int(np.max(train_labels)) + 1
   k = min(k, train.shape[0])

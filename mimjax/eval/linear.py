@@ -180,7 +180,7 @@ def _train_step_fn(run, feature, optimizer, lrs, schedule):
   """One jitted MAE-probe step on a global batch: frozen features, BatchNorm with batch
   statistics (running averages updated), then every lr's head one optimizer step."""
   lin = run.config.eval.linear
-  embed = features_lib.embed_fn(run, feature)
+  embed = features_lib.embed_fn(run.encoder, feature)
 
   def tx_of(lr):
     return _optimizer(optimizer, lambda step: lr * schedule(step), lin.momentum,

@@ -4,7 +4,6 @@ With `mae.target = 'teacher'` the decoder predicts the tokens of the `config.dis
 instead ("MAE + CLIP"), with the `config.distill` feature loss."""
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from mimjax import errors
 from mimjax import losses
@@ -111,14 +110,14 @@ class MAE(teachers.WithTeacher, base.Framework):
     return loss, {}, outputs.replace(features=features)
 
   def visualize(self, outputs, batch):
-    """Original | masked input | reconstruction | reconstruction with visible patches pasted."""
+    """Original | masked input | reconstruction | reconstruction with visible patches pasted; with
+    norm_pix_loss the last two are the standardised target and prediction
+    ('reconstruction_norm_pix', see visualize.norm_pix_reconstruction_grid)."""
     from mimjax import visualize  # pylint: disable=g-import-not-at-top
     if self.teacher is not None:
       return {}
-    images = batch['image'].astype(jnp.float32)
-    pred = outputs.reconstruction
-    if self.config.mae.norm_pix_loss:  # undo the per-patch normalisation with the true statistics
-      mean, std = losses.patch_stats(losses.patchify(images, self.patch_size))
-      pred = pred * std + mean
-    return {'reconstruction': visualize.reconstruction_grid(images, pred, outputs.mask,
-                                                            self.patch_size, self.config.data)}
+    args = (batch['image'], outputs.reconstruction, outputs.mask, self.patch_size,
+            self.config.data)
+    if self.config.mae.norm_pix_loss:
+      return {'reconstruction_norm_pix': visualize.norm_pix_reconstruction_grid(*args)}
+    return {'reconstruction': visualize.reconstruction_grid(*args)}
