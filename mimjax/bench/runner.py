@@ -95,6 +95,15 @@ def max_rss_bytes():
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def process_cpu_s(pid=None):
+  """CPU seconds (user + system, all threads) process `pid` has used so far; None = this one."""
+  if pid is None:
+    return time.process_time()
+  with open(f'/proc/{pid}/stat') as f:  # fields after the ')' closing the command name
+    fields = f.read().rsplit(')', 1)[1].split()
+  return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
+
+
 def _timed(fn, *args):
   start = time.perf_counter()
   out = jax.block_until_ready(fn(*args))
@@ -132,6 +141,7 @@ class JaxStep:
 
   def __init__(self, name, config, warmup):
     self.name, self.config, self.times = name, config, []
+    self.pid, self.others_cpu_s, self.timed_wall_s = None, 0.0, 0.0
     rss0 = max_rss_bytes()
     c = compile_step(config)
     framework, self.compiled, self.batch = c.framework, c.compiled, c.batch
@@ -161,6 +171,7 @@ class Matmul:
 
   def __init__(self, n, dtype):
     self.name, self.n, self.times = 'matmul', n, []
+    self.pid, self.others_cpu_s, self.timed_wall_s = None, 0.0, 0.0
     keys = jax.random.split(jax.random.PRNGKey(0))
     self.a, self.b = (jax.random.normal(k, (n, n), jnp.dtype(dtype)) for k in keys)
     self.fn = jax.jit(jnp.matmul).lower(self.a, self.b).compile()
@@ -179,6 +190,7 @@ class TorchPeer:
 
   def __init__(self, mode, mae_config, warmup, device):
     self.name, self.mode, self.times = f'torch_{mode}', mode, []
+    self.others_cpu_s, self.timed_wall_s = 0.0, 0.0
     kw = vit_kwargs(mae_config)
     m = mae_config.mae
     cmd = [sys.executable, '-m', 'mimjax.bench.torch_peer', f'--batch={mae_config.batch_size}',
@@ -193,10 +205,13 @@ class TorchPeer:
     if kw['dtype'] == jnp.bfloat16:
       cmd.append('--bf16')
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root,
-                                                                    os.environ.get('PYTHONPATH')])))
+    # Passive OpenMP waiting: torch's idle threads sleep at once instead of spinning on the cores
+    # while mimjax's step is timed (run_rounds measures that they do).
+    env = dict(os.environ, OMP_WAIT_POLICY='PASSIVE', PYTHONPATH=os.pathsep.join(
+        filter(None, [root, os.environ.get('PYTHONPATH')])))
     self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                  env=env, stderr=subprocess.DEVNULL)
+    self.pid = self.proc.pid
     self.info = self._read()
     self.first_step_s = self.steps(1)[0]
     self.steps(warmup)
@@ -250,10 +265,27 @@ def timing_stats(times):
 
 
 def run_rounds(runners, rounds, steps):
-  """Round-robin: every runner does `steps` timed steps per round, in the same order each round."""
+  """Round-robin: every runner does `steps` timed steps per round, in the same order each round.
+
+  Runners take turns, so no two are ever timed at once; while one is timed, the CPU time used by
+  the runners' other processes (the PyTorch worker, or this process while the worker is timed)
+  is added to its `others_cpu_s`, which shows whether an idle side still competed for the cores.
+  """
+  pids = {r.pid for r in runners}
   for _ in range(rounds):
     for r in runners:
+      others = [p for p in pids if p != r.pid]
+      before = [process_cpu_s(p) for p in others]
+      start = time.perf_counter()
       r.times += r.steps(steps)
+      r.timed_wall_s += time.perf_counter() - start
+      r.others_cpu_s += sum(process_cpu_s(p) - b for p, b in zip(others, before))
+
+
+def others_cpu(runner):
+  """CPU seconds the other side used while `runner` was timed, in total and per timed second."""
+  return dict(others_cpu_s=runner.others_cpu_s,
+              others_cpu_fraction=runner.others_cpu_s / max(runner.timed_wall_s, 1e-9))
 
 
 def _cpu_model():
@@ -294,7 +326,7 @@ def case_result(runner, matmul_flops_s, nominal_peak):
                  analytic_terms_per_example=runner.analytic,
                  xla_over_analytic=runner.flops / (analytic * runner.config.batch_size)),
       achieved_flops_per_s=achieved, frac_matmul_peak=achieved / matmul_flops_s,
-      mfu=achieved / nominal_peak if nominal_peak else None,
+      mfu=achieved / nominal_peak if nominal_peak else None, **others_cpu(runner),
       memory=dict(xla=runner.memory, device_peak_bytes=_device_peak(),
                   rss_growth_bytes=runner.rss_growth))
 
@@ -368,8 +400,9 @@ def run(args):
     for p in pending_peer:
       st = timing_stats(p.times)
       results['peer'].append(dict(name=p.name, status='ok', mode=p.mode, threads=p.info['threads'],
+                                  torch=p.info['torch'], torch_build=p.info.get('torch_build'),
                                   params=p.info['params'], first_step_s=p.first_step_s, step_s=st,
-                                  images_per_s=args.batch / st['median'],
+                                  images_per_s=args.batch / st['median'], **others_cpu(p),
                                   mimjax_speedup=st['median'] / _median(results, 'mae')))
     for r in everyone:
       r.close()

@@ -121,6 +121,13 @@ def parse(argv):
   return p.parse_args(argv)
 
 
+def _build():
+  """The torch build facts that decide CPU speed: CUDA version, MKL, oneDNN, OpenMP."""
+  return (f'CUDA {torch.version.cuda or "none"}, MKL {torch.backends.mkl.is_available()}, '
+          f'oneDNN {torch.backends.mkldnn.is_available()}, '
+          f'OpenMP {torch.backends.openmp.is_available()}')
+
+
 def _say(obj):
   sys.stdout.write(json.dumps(obj) + '\n')
   sys.stdout.flush()
@@ -132,7 +139,7 @@ def main(argv=None):
     start = time.perf_counter()
     step, model = make_step(a)
     _say(dict(ready=True, build_s=time.perf_counter() - start, torch=torch.__version__,
-              threads=torch.get_num_threads(),
+              torch_build=_build(), threads=torch.get_num_threads(),
               params=int(sum(np.prod(p.shape) for p in model.parameters()))))
     for line in sys.stdin:
       if not line.strip():
