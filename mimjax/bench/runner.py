@@ -55,6 +55,7 @@ CASES = (
     Case('supervised+moto+tokenprop', 'supervised', 'supervised:moto,tokenprop', None),
 )
 PEER_MODES = ('eager', 'compile')
+PEER_TASKS = ('mae', 'supervised')  # cases with a PyTorch peer (torch_peer --task)
 
 
 def _literal(text):
@@ -186,20 +187,28 @@ class Matmul:
 
 
 class TorchPeer:
-  """The PyTorch MAE step (mimjax.bench.torch_peer) in a worker subprocess, timed step by step."""
+  """The PyTorch peer (mimjax.bench.torch_peer) of an MAE or supervised step in a worker
+  subprocess, timed step by step."""
 
-  def __init__(self, mode, mae_config, warmup, device):
+  def __init__(self, mode, config, warmup, device):
     self.name, self.mode, self.times = f'torch_{mode}', mode, []
     self.others_cpu_s, self.timed_wall_s = 0.0, 0.0
-    kw = vit_kwargs(mae_config)
-    m = mae_config.mae
-    cmd = [sys.executable, '-m', 'mimjax.bench.torch_peer', f'--batch={mae_config.batch_size}',
-           f'--image_size={kw["image_size"]}', f'--patch_size={kw["patch_size"]}',
-           f'--width={kw["width"]}', f'--depth={kw["depth"]}', f'--heads={kw["num_heads"]}',
-           f'--mlp_dim={kw["mlp_dim"]}', f'--decoder_width={m.decoder_width}',
-           f'--decoder_depth={m.decoder_depth}', f'--decoder_heads={m.decoder_heads}',
-           f'--decoder_mlp_ratio={m.decoder_mlp_ratio}', f'--mask_ratio={m.mask_ratio}',
-           f'--channels={mae_config.data.channels}', f'--device={device}']
+    kw = vit_kwargs(config)
+    cmd = [sys.executable, '-m', 'mimjax.bench.torch_peer', f'--task={config.framework}',
+           f'--batch={config.batch_size}', f'--image_size={kw["image_size"]}',
+           f'--patch_size={kw["patch_size"]}', f'--width={kw["width"]}', f'--depth={kw["depth"]}',
+           f'--heads={kw["num_heads"]}', f'--mlp_dim={kw["mlp_dim"]}',
+           f'--channels={config.data.channels}', f'--device={device}']
+    if config.framework == 'mae':
+      m = config.mae
+      cmd += [f'--decoder_width={m.decoder_width}', f'--decoder_depth={m.decoder_depth}',
+              f'--decoder_heads={m.decoder_heads}', f'--decoder_mlp_ratio={m.decoder_mlp_ratio}',
+              f'--mask_ratio={m.mask_ratio}']
+    else:
+      s = config.supervised
+      cmd += [f'--num_classes={kw["num_classes"]}', f'--drop_path={kw["drop_path"]}',
+              f'--mixup_alpha={s.mixup_alpha}', f'--cutmix_alpha={s.cutmix_alpha}',
+              f'--label_smoothing={s.label_smoothing}']
     if mode == 'compile':
       cmd.append('--compile')
     if kw['dtype'] == jnp.bfloat16:
@@ -379,7 +388,7 @@ def run(args):
         runners.append(make(c.name, c.config))
       print(f'[bench] built {runners[-1].name}: compile {runners[-1].compile_s:.1f}s',
             file=sys.stderr, flush=True)
-    if kind is None and fam[0].name == 'mae' and runners and runners[0].name == 'mae':
+    if kind is None and runners and runners[0].name in PEER_TASKS:
       for mode in args.peer:
         try:
           pending_peer.append(TorchPeer(mode, runners[0].config, args.warmup, args.peer_device))
@@ -403,7 +412,8 @@ def run(args):
                                   torch=p.info['torch'], torch_build=p.info.get('torch_build'),
                                   params=p.info['params'], first_step_s=p.first_step_s, step_s=st,
                                   images_per_s=args.batch / st['median'], **others_cpu(p),
-                                  mimjax_speedup=st['median'] / _median(results, 'mae')))
+                                  task=runners[0].name,
+                                  mimjax_speedup=st['median'] / _median(results, runners[0].name)))
     for r in everyone:
       r.close()
   results['machine']['load_average_end'] = os.getloadavg()
@@ -431,7 +441,8 @@ def parse_args(argv=None):
   p.add_argument('--warmup', type=int, default=2, help='untimed steps after the first one')
   p.add_argument('--peer', default='eager,compile',
                  type=lambda s: [m for m in s.split(',') if m],
-                 help='PyTorch peer modes to run next to MAE: eager, compile ("" = none)')
+                 help='PyTorch peer modes to run next to MAE and supervised: eager, compile '
+                      '("" = none)')
   p.add_argument('--peer_device', default='cuda' if jax.default_backend() == 'gpu' else 'cpu')
   p.add_argument('--scaling_case', default='mae', help='case timed at other batch sizes and '
                  'resolutions ("" = none)')

@@ -1,9 +1,12 @@
-"""PyTorch peer of mimjax's MAE train step, run by `mimjax.bench` as a worker subprocess.
+"""PyTorch peers of mimjax's MAE and supervised train steps, run by `mimjax.bench` as a worker.
 
-The same model and step as mimjax's MAE: a timm ViT encoder (`PatchEmbed`, `Block`s with qkv bias,
-LayerNorm eps 1e-6, fixed sin-cos position embeddings, a cls token) on a random 25% of the patches,
-the MAE decoder (embedding, mask tokens, `Block`s on all patches, prediction) and the normalised
-per-patch pixel loss on the masked patches, then an AdamW update. Written from the papers' text.
+`--task mae`, the same model and step as mimjax's MAE: a timm ViT encoder (`PatchEmbed`, `Block`s
+with qkv bias, LayerNorm eps 1e-6, fixed sin-cos position embeddings, a cls token) on a random 25%
+of the patches, the MAE decoder (embedding, mask tokens, `Block`s on all patches, prediction) and
+the normalised per-patch pixel loss on the masked patches, then an AdamW update. Written from the
+papers' text. `--task supervised`, DeiT's step: timm's `VisionTransformer` (cls-token head, drop
+path) on a timm `Mixup` batch (mixup / cutmix, label smoothing) with soft-target cross-entropy,
+then an AdamW update.
 
 It runs in its own process because torch and TensorFlow (imported by mimjax's data modules) cannot
 share one. Protocol on stdin / stdout, one JSON object per line: after start-up the worker writes
@@ -19,6 +22,8 @@ import traceback
 
 import numpy as np
 import torch
+from timm import data as timm_data
+from timm import loss as timm_loss
 from timm.models import vision_transformer as tv
 from torch import nn
 
@@ -85,20 +90,46 @@ class TorchMAE(nn.Module):
     return (per_patch * mask).sum() / mask.sum()
 
 
+class TorchDeiT(nn.Module):
+  """DeiT's supervised objective: forward(images, soft targets) -> soft-target cross-entropy."""
+
+  def __init__(self, a):
+    super().__init__()
+    self.vit = tv.VisionTransformer(
+        img_size=a.image_size, patch_size=a.patch_size, in_chans=a.channels,
+        num_classes=a.num_classes, embed_dim=a.width, depth=a.depth, num_heads=a.heads,
+        mlp_ratio=a.mlp_dim / a.width, qkv_bias=True, drop_path_rate=a.drop_path)
+    self.loss = timm_loss.SoftTargetCrossEntropy()
+
+  def forward(self, images, targets):
+    return self.loss(self.vit(images), targets)
+
+
+def _inputs(a):
+  """The step's model inputs, drawn anew each step as the trainer's data would be."""
+  images = torch.randn(a.batch, a.channels, a.image_size, a.image_size, device=a.device)
+  if a.task == 'mae':
+    return lambda: (images,)
+  mix = timm_data.Mixup(mixup_alpha=a.mixup_alpha, cutmix_alpha=a.cutmix_alpha,
+                        label_smoothing=a.label_smoothing, num_classes=a.num_classes)
+  labels = torch.arange(a.batch, device=a.device) % a.num_classes
+  return lambda: mix(images.clone(), labels)
+
+
 def make_step(a):
   """(step function running one AdamW update, its module); `a.compile` runs the model (forward
   and backward, through AOTAutograd) under torch.compile, the optimizer eagerly."""
   torch.manual_seed(0)
-  model = TorchMAE(a)
+  model = TorchMAE(a) if a.task == 'mae' else TorchDeiT(a)
   model.to(a.device)
   opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
-  images = torch.randn(a.batch, a.channels, a.image_size, a.image_size, device=a.device)
+  inputs = _inputs(a)
   forward = torch.compile(model) if a.compile else model
 
   def step():
     opt.zero_grad(set_to_none=True)
     with torch.autocast(a.device, torch.bfloat16, enabled=a.bf16):
-      loss = forward(images)
+      loss = forward(*inputs())
     loss.backward()
     opt.step()
     if a.device == 'cuda':
@@ -110,11 +141,16 @@ def make_step(a):
 
 def parse(argv):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  for name in ('batch', 'image_size', 'patch_size', 'width', 'depth', 'heads', 'mlp_dim',
-               'decoder_width', 'decoder_depth', 'decoder_heads', 'decoder_mlp_ratio'):
+  p.add_argument('--task', default='mae', choices=('mae', 'supervised'))
+  for name in ('batch', 'image_size', 'patch_size', 'width', 'depth', 'heads', 'mlp_dim'):
     p.add_argument('--' + name, type=int, required=True)
+  for name in ('decoder_width', 'decoder_depth', 'decoder_heads', 'decoder_mlp_ratio'):
+    p.add_argument('--' + name, type=int, help='MAE decoder')
   p.add_argument('--channels', type=int, default=3)
   p.add_argument('--mask_ratio', type=float, default=0.75)
+  p.add_argument('--num_classes', type=int, default=1000)
+  for name in ('drop_path', 'mixup_alpha', 'cutmix_alpha', 'label_smoothing'):
+    p.add_argument('--' + name, type=float, default=0.0, help='supervised')
   p.add_argument('--compile', action='store_true')
   p.add_argument('--device', default='cpu', choices=('cpu', 'cuda'))
   p.add_argument('--bf16', action='store_true', help='autocast to bfloat16 (mixed precision)')
