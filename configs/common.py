@@ -73,6 +73,9 @@ def base_config():
   c.model.weight_init = 'default'
   c.model.cls_token = True
   c.model.pool = 'tok'  # tok | gap
+  # True: no final norm on the tokens, a fresh LayerNorm of the pooled feature instead (MAE's
+  # fine-tuning with global_pool, timm's fc_norm=True)
+  c.model.fc_norm = False
   c.model.layerscale = 0.0  # initial value of layer scale; 0 turns it off
   c.model.drop_path = 0.0
   # Compute dtype: auto | float32 | bfloat16. auto = bfloat16 on GPU/TPU, float32 on CPU; params,
@@ -80,10 +83,13 @@ def base_config():
   c.model.dtype = 'auto'
   c.model.remat = False  # rematerialise each block in the backward pass
   c.model.num_classes = 0  # classification head size; 0 = no head
+  # head kernel init: 0 = zeros, else timm's trunc_normal_(std) (MAE's fine-tuning: 2e-5)
+  c.model.head_init_std = 0.0
   c.model.tokenizer_norm = 'none'  # none (plain patch embedding) | moto (MoTo, Qian et al.)
   c.model.moto = ml_collections.ConfigDict()
   c.model.moto.entities = 8  # n, the number of soft semantic entities
   c.model.moto.stem_channels = 16  # c of the 3x3 conv stem before MoTo; 0 = MoTo on the image
+  c.model.moto.stem_stride = 1  # s of that stem: MoTo at 1/s of the image side
   c.model.moto.key_dim = 16  # output channels of the 1x1 convs k and q
   c.model.moto.temperature = 0.1  # tau in L = softmax(tau * Z), multiplied as the paper writes it
   c.model.moto.eps = 1e-5  # added to the weighted standard deviation

@@ -103,6 +103,9 @@ def export_params(config, encoder_params, out, fmt='safetensors', source=None):
   if beit and fmt != 'safetensors':
     raise errors.InteropError('An encoder with relative position bias exports to timm\'s Beit as '
                               'safetensors only; use --format safetensors.')
+  if config.model.fc_norm and fmt == 'npz':
+    raise errors.InteropError('timm\'s npz loader does not read fc_norm (config.model.fc_norm, '
+                              'MAE\'s fine-tuning model); use --format safetensors.')
   grid = vit.grid_size(config.model, config.data.image_size)
   table = None
   if config.model.posemb != 'none':

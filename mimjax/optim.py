@@ -78,14 +78,15 @@ def multistep_schedule(peak, warmup, milestones, gamma):
 
 def layer_id(path, depth):
   """Depth of a parameter in the encoder: 0 for the patch/position embeddings and cls token,
-  i + 1 for `encoderblock_i`, depth + 1 for the final norm, the head and everything outside."""
+  i + 1 for `encoderblock_i`, depth + 1 for the final norm (or fc_norm), the head and everything
+  outside (MAE's `get_layer_id_for_vit`)."""
   name = path_str(path)
   if not name.startswith('encoder/'):
     return depth + 1
   block = re.match(r'encoder/Transformer/encoderblock_(\d+)/', name)
   if block:
     return int(block.group(1)) + 1
-  if name.startswith('encoder/Transformer/') or name.startswith('encoder/head/'):
+  if name.startswith(('encoder/Transformer/', 'encoder/head/', 'encoder/fc_norm/')):
     return depth + 1
   return 0  # embedding, pos_embedding, cls, the tokenizer (e.g. MoTo)
 

@@ -68,6 +68,16 @@ def check_fields(config):
   if config.model.tokenizer_norm not in ('none', 'moto'):
     raise errors.ConfigError(
         f'config.model.tokenizer_norm={config.model.tokenizer_norm!r}; use "none" or "moto".')
+  if config.model.head_init_std < 0:
+    raise errors.ConfigError(f'config.model.head_init_std={config.model.head_init_std} must be '
+                             '>= 0 (0 = a zero head; MAE fine-tuning uses 2e-5).')
+  moto = config.model.moto
+  if config.model.tokenizer_norm == 'moto' and (
+      moto.stem_stride < 1 or patch % moto.stem_stride
+      or (moto.stem_stride > 1 and not moto.stem_channels)):
+    raise errors.ConfigError(
+        f'config.model.moto.stem_stride={moto.stem_stride} must be >= 1, divide the patch size '
+        f'{patch} and, above 1, have a stem (model.moto.stem_channels > 0); use 1 or a divisor.')
   for key, value, choices in (('model.rel_pos', config.model.rel_pos, vit.RELPOS),
                               ('model.weight_init', config.model.weight_init, vit.INITS),
                               ('optim.lr_scaling', config.optim.lr_scaling, optim.LR_SCALINGS)):

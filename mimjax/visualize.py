@@ -83,5 +83,7 @@ def moto_layout_grid(config, encoder_params, images):
   if pixels.shape[-1] == 1:
     pixels = np.repeat(pixels, 3, axis=-1)
   colours = layout_colours(layout)
+  up = pixels.shape[1] // colours.shape[1]  # a strided MoTo stem: the layout is 1/s of the image
+  colours = colours.repeat(up, axis=1).repeat(up, axis=2)
   overlay = (0.5 * pixels + 0.5 * colours).round().astype(np.uint8)
   return uint8_grid([pixels, colours, overlay])

@@ -335,6 +335,29 @@ def test_finetune_starts_from_the_pretrained_encoder(pretrained):
   assert np.abs(post - pre).max() < 0.05 * np.abs(pre).max()
 
 
+def test_finetune_init_trains_the_sincos_table_and_drops_the_final_norm(pretrained):
+  from mimjax import checkpoint  # pylint: disable=g-import-not-at-top
+  from mimjax import workdir  # pylint: disable=g-import-not-at-top
+  from mimjax.eval import finetune  # pylint: disable=g-import-not-at-top
+  from mimjax.eval import loading  # pylint: disable=g-import-not-at-top
+  from mimjax.interop import pretrained as pretrained_lib  # pylint: disable=g-import-not-at-top
+  config = finetune.derive_config(loading.load_run(pretrained))
+  assert config.model.posemb == 'learn' and config.model.fc_norm
+  size = config.data.image_size
+  abstract = {'encoder': jax.eval_shape(
+      workdir.build_encoder(config).init, jax.random.PRNGKey(0),
+      np.zeros((1, size, size, config.data.channels), np.float32))['params']}
+  encoder = pretrained_lib.load(config, abstract)['encoder']
+  table = np.asarray(encoder['pos_embedding'])
+  assert table.shape == (1, 50, 32) and not table[0, 0].any()  # MAE's zero cls slot
+  # MAE's sin-cos table: channel 0 is sin(column index), so patch row 0 reads sin(0..6).
+  np.testing.assert_allclose(table[0, 1:8, 0], np.sin(np.arange(7)), atol=1e-6)
+  assert 'encoder_norm' not in encoder['Transformer'] and 'fc_norm' not in encoder
+  pre = checkpoint.restore_params(pretrained)['encoder']['Transformer']['encoderblock_0']
+  np.testing.assert_array_equal(encoder['Transformer']['encoderblock_0']['LayerNorm_0']['scale'],
+                                pre['LayerNorm_0']['scale'])
+
+
 @pytest.mark.slow
 def test_pretrained_encoder_beats_random_init_on_knn_and_linear(tmp_path):
   config = load_config('configs/mae.py:runlocal', **tiny_overrides(**{

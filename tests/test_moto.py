@@ -1,10 +1,15 @@
-"""MoTo: instance-norm limit, partition weights, weighted statistics, and ViT wiring."""
+"""MoTo: instance-norm limit, partition weights, weighted statistics, ViT wiring, and the
+recipe's parameter overhead against the paper's Table 2."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from configs import common
+from conftest import load_config
+from mimjax import errors
+from mimjax import validation
 from mimjax.models import moto
 from mimjax.models import vit
 
@@ -114,3 +119,42 @@ def test_patch_embedding_equals_strided_conv():
       np.shape, conv.init(jax.random.PRNGKey(0), x))
   np.testing.assert_allclose(emb.apply(variables, x), conv.apply(variables, x), rtol=1e-5,
                              atol=1e-5)
+
+
+def test_strided_stem_keeps_one_token_per_patch():
+  c = common.base_config()
+  c.model.variant = 'mu/4'
+  c.model.tokenizer_norm = 'moto'
+  c.model.moto.stem_channels, c.model.moto.stem_stride = 5, 2
+  model = vit.ViT(**vit.encoder_kwargs(c.model, 28))
+  images = jnp.ones((2, 28, 28, 3))
+  variables = model.init(jax.random.PRNGKey(0), images)
+  params = variables['params']['tokenizer']
+  assert params['stem']['kernel'].shape == (3, 3, 3, 5)
+  assert params['embedding']['kernel'].shape == (2, 2, 5, 32)  # 4 px = 2 cells of the 14 x 14 map
+  out, state = model.apply(variables, images, mutable=['intermediates'])
+  assert out['tokenizer'].shape == (2, 49, 32)
+  assert state['intermediates']['tokenizer']['moto']['layout'][0].shape == (2, 14, 14, 8)
+
+
+@pytest.mark.parametrize('stride,channels', [(3, 16), (2, 0)])
+def test_stem_stride_that_cannot_work_is_refused(stride, channels):
+  c = load_config('configs/supervised.py:runlocal,moto', **{
+      'model.moto.stem_stride': stride, 'model.moto.stem_channels': channels})
+  with pytest.raises(errors.ConfigError, match='stem_stride'):
+    validation.validate(c)
+
+
+# DeiT's parameter counts (timm deit_small_patch16_224 / deit_base_patch16_224) and MoTo's
+# Table 2: DeiT-S 22.1M -> 22.5M (+0.4M), DeiT-B 86.6M -> 86.9M (+0.3M).
+@pytest.mark.parametrize('variant,deit,table2', [('S/16', 22_050_664, 0.4e6),
+                                                 ('B/16', 86_567_656, 0.3e6)])
+def test_moto_parameter_overhead_matches_table_2(variant, deit, table2):
+  counts = []
+  for moto_arg in ('', ',moto'):
+    c = load_config(f'configs/supervised.py:model={variant}{moto_arg}')
+    model = vit.ViT(**vit.encoder_kwargs(c.model, c.data.image_size))
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3)))
+    counts.append(vit.count_params(shapes['params']))
+  assert counts[0] == deit
+  assert abs(counts[1] - counts[0] - table2) <= 0.05e6, counts[1] - counts[0]

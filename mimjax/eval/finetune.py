@@ -1,6 +1,7 @@
 """Fine-tuning protocol: the supervised trainer on `configs/finetune.py`, started from the run.
 
-The recipe (layer-wise lr decay, drop path, mixup, cutmix, label smoothing, warmup + cosine) comes
+The recipe (layer-wise lr decay, drop path, mixup, cutmix, label smoothing, warmup + cosine) and
+MAE's fine-tuning model (global pool, a fresh fc_norm, head init, learned position embedding) come
 from `configs/finetune.py`; the architecture and data come from the pre-training run, and the
 encoder is initialised from its checkpoint (`init.format='mimjax'`). Training writes into
 WORKDIR/finetune (WORKDIR/finetune_random_init for the baseline), so a second call resumes.
@@ -12,8 +13,9 @@ from configs import finetune as finetune_config_lib
 from mimjax import train
 
 # Pre-training fields the fine-tuning run must share (the encoder's shape and the data).
-# model.weight_init belongs here too: 'beit' builds the attention without a key bias.
-SHARED = ('model.variant', 'model.posemb', 'model.cls_token', 'model.layerscale',
+# model.weight_init belongs here too: 'beit' builds the attention without a key bias. The position
+# embedding is not shared: a run's table, fixed or learned, becomes the recipe's learned one.
+SHARED = ('model.variant', 'model.cls_token', 'model.layerscale',
           'model.rel_pos', 'model.weight_init', 'model.tokenizer_norm', 'model.moto',
           'data.name', 'data.data_dir', 'data.train_split',
           'data.eval_split', 'data.image_size', 'data.channels', 'data.mean', 'data.std', 'seed')
@@ -22,7 +24,8 @@ SHARED = ('model.variant', 'model.posemb', 'model.cls_token', 'model.layerscale'
 def derive_config(run, recipe=None, total_steps=None):
   """The fine-tuning config of `run`: `recipe` (an argument string of configs/finetune.py,
   default model=<the run's variant>, plus runlocal for a Fashion-MNIST run) with SHARED fields
-  copied from the run and the encoder initialised from its checkpoint at `run.step`."""
+  copied from the run and the encoder initialised from its checkpoint at `run.step`. A run
+  without an absolute position embedding (posemb 'none', BEiT's relative bias) keeps none."""
   pre = run.config
   if recipe is None:
     runlocal = ',runlocal' if pre.data.name == 'fashion_mnist' else ''
@@ -32,6 +35,8 @@ def derive_config(run, recipe=None, total_steps=None):
     for key in SHARED:
       section, _, field = key.rpartition('.')
       (config[section] if section else config)[field] = (pre[section] if section else pre)[field]
+    if pre.model.posemb == 'none':
+      config.model.posemb = 'none'
     config.init.checkpoint = '' if run.random_init else os.path.abspath(run.workdir)
     config.init.step = run.step
     if total_steps:

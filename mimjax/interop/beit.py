@@ -37,7 +37,8 @@ def timm_kwargs(model_config, image_size, in_chans):
       mlp_ratio=kw['mlp_dim'] / kw['width'], qkv_bias=True,
       use_abs_pos_emb=model_config.posemb != 'none', use_rel_pos_bias=True,
       use_shared_rel_pos_bias=False, init_values=float(model_config.layerscale),  # 0: none
-      global_pool='token' if model_config.pool == 'tok' else 'avg', use_fc_norm=False,
+      global_pool='token' if model_config.pool == 'tok' else 'avg',
+      use_fc_norm=bool(model_config.fc_norm),
       num_classes=model_config.num_classes)
 
 
@@ -89,8 +90,8 @@ def from_beit(sd, num_heads, key_bias=False):
     if key not in sd:
       raise errors.InteropError(f'The state dict has no {key!r}; it is not a timm Beit encoder.')
   if any(k.startswith('fc_norm.') for k in sd):
-    raise errors.InteropError('The Beit has fc_norm (norm after average pooling); the mimjax ViT '
-                              'pools after its final norm. Import a model with use_fc_norm=False.')
+    raise errors.InteropError('The Beit has fc_norm (norm after average pooling), which the Beit '
+                              'import does not read. Import a model with use_fc_norm=False.')
   depth = len({k.split('.')[1] for k in sd if k.startswith('blocks.')})
   block_tables = f'blocks.0.attn.{_TABLE}' in sd
   shared = f'rel_pos_bias.{_TABLE}' in sd

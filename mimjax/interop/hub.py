@@ -48,10 +48,11 @@ def pretrained_cfg(config, in_chans, names):
 def finetune_args(config, out_dir, names):
   """timm train.py arguments that fine-tune the export with MAE's recipe (He et al., 2022, A.1).
 
-  The same recipe as configs/finetune.py: AdamW (0.9, 0.999), weight decay 0.05, base lr 5e-4 per
-  256 images (scaled linearly to the global batch; 1024 in the paper = 8 processes x 128),
-  layer-wise lr decay and drop path per model size, 100 epochs with 5 warmup then cosine to 1e-6,
-  RandAugment m9, mixup 0.8, cutmix 1.0, label smoothing 0.1, random erasing 0.25, average pooling.
+  The same recipe as configs/finetune.py: AdamW (0.9, 0.999), weight decay 0.05, base lr per 256
+  images (scaled linearly to the global batch; 1024 in the paper = 8 processes x 128), layer-wise
+  lr decay, drop path and epochs per model size (5e-4, 0.65, 0.1, 100 for B), 5 warmup epochs then
+  cosine to 1e-6, RandAugment m9, mixup 0.8, cutmix 1.0, label smoothing 0.1, random erasing 0.25,
+  average pooling (after the exported final norm: timm has no MAE-style norm swap on loading).
   """
   size = config.model.variant.partition('/')[0]
   in_chans = config.data.channels
@@ -63,9 +64,11 @@ def finetune_args(config, out_dir, names):
       '--data-dir', 'DATA_DIR', *dataset,
       '--num-classes', str(len(names)) if names else 'NUM_CLASSES',
       *(['--in-chans', str(in_chans)] if in_chans != 3 else []),
-      '--gp', 'avg', '--epochs', '100', '--warmup-epochs', '5', '-b', '128',
+      '--gp', 'avg', '--epochs', str(finetune_recipe.EPOCHS.get(size, 100)),
+      '--warmup-epochs', '5', '-b', '128',
       '--opt', 'adamw', '--opt-betas', '0.9', '0.999', '--weight-decay', '0.05',
-      '--lr-base', '5e-4', '--lr-base-size', '256', '--lr-base-scale', 'linear',
+      '--lr-base', str(finetune_recipe.BASE_LR.get(size, 5e-4)), '--lr-base-size', '256',
+      '--lr-base-scale', 'linear',
       '--min-lr', '1e-6', '--sched', 'cosine',
       '--layer-decay', str(finetune_recipe.LAYER_DECAY.get(size, 0.65)),
       '--drop-path', str(finetune_recipe.DROP_PATH.get(size, 0.1)),

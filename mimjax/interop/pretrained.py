@@ -14,6 +14,7 @@ import jax
 from mimjax import checkpoint as checkpoint_lib
 from mimjax import errors
 from mimjax import optim
+from mimjax import workdir as workdir_lib
 from mimjax.interop import mae as mae_lib
 from mimjax.interop import timm as timm_lib
 from mimjax.interop import torch_files
@@ -87,20 +88,41 @@ def _select(config, params, mae):
 
 def _read_mimjax(config):
   """(params, notes): the encoder of the mimjax workdir `config.init.checkpoint`, head dropped
-  unless it has `config.model.num_classes` outputs."""
+  unless it has `config.model.num_classes` outputs. A learned position embedding in the config
+  starts from the run's fixed sin-cos table (zero cls slot), as MAE's fine-tuning trains it."""
   step = None if config.init.step < 0 else config.init.step
+  src = f'config.init.checkpoint={config.init.checkpoint!r} (format mimjax, a workdir)'
   try:
     encoder = dict(checkpoint_lib.restore_params(config.init.checkpoint, step)['encoder'])
+    posemb = workdir_lib.read_config(config.init.checkpoint).model.posemb
   except errors.CheckpointError as e:
-    raise errors.ConfigError(f'config.init.checkpoint={config.init.checkpoint!r} (format '
-                             f'mimjax, a workdir): {e}') from e
+    raise errors.ConfigError(f'{src}: {e}') from e
   notes = []
+  if config.model.posemb == 'learn' and posemb != 'learn':
+    if posemb != 'sincos2d':
+      raise errors.ConfigError(f'{src} has no absolute position embedding (model.posemb='
+                               f'{posemb!r}); set --config.model.posemb={posemb}.')
+    grid = vit.grid_size(config.model, config.data.image_size)
+    encoder['pos_embedding'] = timm_lib.position_embedding(encoder, grid)
+    notes.append('the learned position embedding starts from the fixed sin-cos table')
   head = encoder.pop('head', None)
   if head is not None and config.model.num_classes == head['bias'].shape[0]:
     encoder['head'] = head
   elif config.model.num_classes:
     notes.append(f'the classifier head ({config.model.num_classes} classes) starts random')
   return {'encoder': encoder}, notes
+
+
+def _fresh_fc_norm(config, selected, notes):
+  """MAE's fine-tuning model: the pre-trained final norm is dropped and `fc_norm` starts fresh
+  (`models_vit.py` deletes `norm`; `main_finetune.py` loads with fc_norm missing)."""
+  encoder = selected['encoder']
+  if not config.model.fc_norm or 'fc_norm' in encoder:
+    return
+  transformer = dict(encoder['Transformer'])
+  if transformer.pop('encoder_norm', None) is not None:
+    notes.append("the pre-trained final norm is dropped, fc_norm starts fresh")
+  encoder['Transformer'] = transformer
 
 
 def _flat_shapes(tree):
@@ -120,10 +142,11 @@ def load(config, abstract_params):
           f'config.init.checkpoint={config.init.checkpoint!r}: {e}') from e
     _check_arch(config, arch)
     selected, notes = _select(config, params, mae)
+  _fresh_fc_norm(config, selected, notes)
   have, want = _flat_shapes(selected), _flat_shapes(abstract_params)
   wrong = sorted(k for k in have if want.get(k) != have[k])
   missing = sorted(k for k in want if k.startswith('encoder/') and k not in have
-                   and not k.startswith('encoder/head/'))
+                   and not k.startswith(('encoder/head/', 'encoder/fc_norm/')))
   if wrong or missing:
     raise errors.ConfigError(
         f'config.init.checkpoint={config.init.checkpoint!r} does not fit this config: '

@@ -2,8 +2,10 @@
 
 mimjax encoders map onto timm's ViT with its default layout: `pos_embed` holds a slot for the cls
 token at index 0 (`no_embed_class=False`): mimjax's learned slot, or zeros for the fixed sin-cos
-table, which gives the cls token no position (as MAE). `fc_norm=False` because mimjax pools after
-the final norm. Conversion is a pure reshuffle of arrays, so timm -> mimjax -> timm is exact.
+table, which gives the cls token no position (as MAE). An encoder with `config.model.fc_norm`
+(MAE's fine-tuning model: no final norm, a LayerNorm after pooling) exports as timm's
+`fc_norm=True` (`norm` is then the identity); otherwise `fc_norm=False`, timm's final `norm`.
+Conversion is a pure reshuffle of arrays, so timm -> mimjax -> timm is exact.
 
 A timm model with `no_embed_class=True` (no cls slot) imports with a zero slot, the same function.
 Into a config with the fixed sin-cos embedding, which has no slot, a cls slot is folded into the
@@ -26,7 +28,7 @@ from mimjax.models import vit
 # keyword arguments written next to it.
 TIMM_MODEL = 'vit_base_patch16_224'
 
-_ENCODER_KEYS = {'embedding', 'pos_embedding', 'cls', 'Transformer', 'head'}
+_ENCODER_KEYS = {'embedding', 'pos_embedding', 'cls', 'Transformer', 'fc_norm', 'head'}
 
 
 
@@ -115,8 +117,9 @@ def to_timm(encoder_params, posemb_table):
     for j in (0, 1):
       sd[pre + f'mlp.fc{j + 1}.weight'] = _t(blk['MlpBlock_0'][f'Dense_{j}']['kernel'])
       sd[pre + f'mlp.fc{j + 1}.bias'] = blk['MlpBlock_0'][f'Dense_{j}']['bias']
-  sd['norm.weight'] = tr['encoder_norm']['scale']
-  sd['norm.bias'] = tr['encoder_norm']['bias']
+  norm = 'fc_norm' if 'fc_norm' in p else 'norm'
+  final = p['fc_norm'] if 'fc_norm' in p else tr['encoder_norm']
+  sd[f'{norm}.weight'], sd[f'{norm}.bias'] = final['scale'], final['bias']
   if 'head' in p:
     sd['head.weight'] = _t(p['head']['kernel'])
     sd['head.bias'] = p['head']['bias']
@@ -150,8 +153,8 @@ def timm_kwargs(model_config, image_size, in_chans):
       embed_dim=kw['width'], depth=kw['depth'], num_heads=kw['num_heads'],
       mlp_ratio=kw['mlp_dim'] / kw['width'], qkv_bias=True, class_token=model_config.cls_token,
       global_pool='token' if model_config.pool == 'tok' else 'avg', no_embed_class=False,
-      pos_embed='learn', fc_norm=False, init_values=model_config.layerscale or None,
-      num_classes=model_config.num_classes)
+      pos_embed='learn', fc_norm=bool(model_config.fc_norm),
+      init_values=model_config.layerscale or None, num_classes=model_config.num_classes)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,8 +9,16 @@ regions before the patch embedding:
   MoTo(X) = sum_i ((X - mu_i) / (sigma_i + eps) * beta_i + alpha_i) * L_i   (eq. 5)
 
 Choices the paper leaves open, and what this module does:
-- X is a linear 3x3 conv stem (stride 1, no activation) to `stem_channels` = 16 channels, or the
-  normalised image itself with `stem_channels` = 0.
+- X is a linear 3x3 conv stem (no activation) to `stem_channels` channels at stride
+  `stem_stride` (s), or the normalised image itself with `stem_channels` = 0. The patch embedding
+  after MoTo then patchifies X with (p/s) x (p/s) cells, so each token still covers p x p pixels.
+- Parameter overhead over the plain ViT (Table 2: +0.4M for DeiT-S, +0.3M for DeiT-B): almost all
+  of it is the patch embedding reading c channels instead of 3, (p/s)^2 c D - p^2 3 D. Table 2's
+  overhead *falls* with width D, which no single (c, s) reproduces, so `configs/supervised.py`
+  sets them per size: a stride-1 stem is too coarse for B (one channel costs p^2 D = 197k: 0.20M
+  or 0.39M), a stride-2 one costs 64 D per channel (25k for S, 49k for B), and c = 28 (S) / 18 (B)
+  give +0.396M / +0.296M (`tests/test_moto.py`). The library default (16 channels, stride 1,
+  +1.28M on S) keeps MoTo at pixel resolution, as Table 3 times it (16 channels at 224 px).
 - f, k and q are 1x1 convs with bias, with n, `key_dim` and `key_dim` outputs.
 - The n feature points are k(X) at the centres of the cells of a gh x gw grid (gh * gw = n, gh the
   largest divisor of n not above sqrt(n): 8 -> 2 x 4, 16 -> 4 x 4), nearest pixel, no interpolation.
@@ -121,12 +129,14 @@ class MoToTokenizer(nn.Module):
   """Images [B, H, W, C] -> stem -> MoTo -> patch embedding [B, H/p, W/p, width].
 
   Used as `ViT.tokenizer`; params: stem (absent with stem_channels=0), moto/{f,k,q,u,beta,alpha},
-  embedding.
+  embedding. A stem of stride s runs MoTo at 1/s of the image side; the embedding's cells are then
+  p/s wide.
   """
   width: int
   patch_size: int
   entities: int = 8
   stem_channels: int = 16
+  stem_stride: int = 1
   key_dim: int = 16
   temperature: float = 0.1
   eps: float = 1e-5
@@ -136,10 +146,15 @@ class MoToTokenizer(nn.Module):
   def __call__(self, images, train=False):
     del train  # no randomness or batch statistics
     x = images.astype(self.dtype)
+    s = self.stem_stride
+    if self.patch_size % s or (s > 1 and not self.stem_channels):
+      raise ValueError(f'model.moto.stem_stride={s} needs a stem (stem_channels > 0) and must '
+                       f'divide the patch size {self.patch_size}.')
     if self.stem_channels:
-      x = nn.Conv(self.stem_channels, (3, 3), padding='SAME', dtype=self.dtype, name='stem')(x)
+      x = nn.Conv(self.stem_channels, (3, 3), strides=(s, s), padding='SAME', dtype=self.dtype,
+                  name='stem')(x)
     x = MoTo(self.entities, self.key_dim, self.temperature, self.eps, self.dtype, name='moto')(x)
-    return PatchEmbedding(self.width, self.patch_size, self.dtype, name='embedding')(x)
+    return PatchEmbedding(self.width, self.patch_size // s, self.dtype, name='embedding')(x)
 
 
 def tokenizer_from_config(model_config, width, patch_size, dtype):
@@ -151,5 +166,6 @@ def tokenizer_from_config(model_config, width, patch_size, dtype):
                      f'{model_config.tokenizer_norm!r}')
   m = model_config.moto
   return MoToTokenizer(width=width, patch_size=patch_size, entities=m.entities,
-                       stem_channels=m.stem_channels, key_dim=m.key_dim,
+                       stem_channels=m.stem_channels, stem_stride=m.stem_stride,
+                       key_dim=m.key_dim,
                        temperature=m.temperature, eps=m.eps, dtype=dtype)

@@ -48,6 +48,14 @@ def beit_normal(layer_id=0):
   return init
 
 
+def timm_trunc_normal(std):
+  """timm's `trunc_normal_(w, std=std)`: N(0, std^2) cut at the *absolute* bounds +-2 (its
+  defaults a=-2, b=2), so for a small std (MAE's head, 2e-5) the cut is never reached."""
+  def init(key, shape, dtype=jnp.float32):
+    return std * jax.random.truncated_normal(key, -2.0 / std, 2.0 / std, shape, dtype)
+  return init
+
+
 def relative_position_index(grid_size, cls_token=True):
   """BEiT's int [T, T] index into a table of (2g-1)^2 + 3 relative-position entries (T = g*g + cls).
 
@@ -254,7 +262,8 @@ class Encoder1DBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-  """Stack of blocks plus the final norm; optionally records every layer's input/output."""
+  """Stack of blocks plus the final norm (unless `final_norm=False`); optionally records every
+  layer's input/output."""
   depth: int
   mlp_dim: int
   num_heads: int
@@ -267,6 +276,7 @@ class Transformer(nn.Module):
   grid_size: int = 0  # patch grid side, needed with rel_pos
   cls_token: bool = True
   weight_init: str = 'default'  # one of INITS
+  final_norm: bool = True  # False: the blocks' output as is (the ViT's fc_norm normalises later)
 
   @nn.compact
   def __call__(self, x, train=False, capture_layers=False, capture_attention=False,
@@ -291,13 +301,14 @@ class Transformer(nn.Module):
         layers.append(x)
       if capture_attention:
         attention.append(weights)
-    out = nn.LayerNorm(epsilon=1e-6, dtype=jnp.float32, name=self.norm_name)(x)
-    return out, dict(layers=layers if capture_layers else None,
+    if self.final_norm:
+      x = nn.LayerNorm(epsilon=1e-6, dtype=jnp.float32, name=self.norm_name)(x)
+    return x, dict(layers=layers if capture_layers else None,
                      attention=attention if capture_attention else None)
 
 
 class ViT(nn.Module):
-  """ViT encoder. Params: embedding, pos_embedding, cls, Transformer/..., head."""
+  """ViT encoder. Params: embedding, pos_embedding, cls, Transformer/..., fc_norm, head."""
   width: int
   depth: int
   mlp_dim: int
@@ -315,6 +326,10 @@ class ViT(nn.Module):
   tokenizer: Optional[nn.Module] = None  # replaces the plain patch embedding (e.g. MoTo)
   rel_pos: str = 'none'  # relative position bias (BEiT): one of RELPOS
   weight_init: str = 'default'  # default (MAE's Xavier) | beit (see `beit_normal`)
+  # MAE's fine-tuning model (`models_vit.py` with global_pool) and timm's fc_norm=True: no final
+  # norm on the tokens; the pooled feature gets a LayerNorm of its own, `fc_norm`.
+  fc_norm: bool = False
+  head_init_std: float = 0.0  # the head kernel's init: 0 = zeros; else timm's trunc_normal_(std)
 
   @property
   def grid_size(self):
@@ -359,9 +374,13 @@ class ViT(nn.Module):
     self.Transformer = Transformer(self.depth, self.mlp_dim, self.num_heads, self.layerscale,
                                    self.drop_path, self.dtype, self.remat, rel_pos=self.rel_pos,
                                    grid_size=self.grid_size, cls_token=self.cls_token,
-                                   weight_init=self.weight_init)
+                                   weight_init=self.weight_init, final_norm=not self.fc_norm)
+    if self.fc_norm:
+      self.fc_norm_layer = nn.LayerNorm(epsilon=1e-6, dtype=jnp.float32, name='fc_norm')
     if self.num_classes:
-      self.head = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, name='head')
+      kernel_init = (timm_trunc_normal(self.head_init_std) if self.head_init_std
+                     else nn.initializers.zeros)
+      self.head = nn.Dense(self.num_classes, kernel_init=kernel_init, name='head')
 
   def position_embedding(self):
     """([1, N, width] patch position embedding, [1, 1, width] cls one or None).
@@ -395,8 +414,9 @@ class ViT(nn.Module):
       mask_token: [width] or [1, 1, width] learned token, required with `mask`.
       capture_layers / capture_attention: also return every layer's tokens / attention maps.
 
-    Returns a dict: `tokens` [B, T, width] after the final norm (cls first when present),
-    `patch_tokens` (without cls), `pooled` [B, width], `tokenizer` [B, N, width] (the tokenizer's
+    Returns a dict: `tokens` [B, T, width] after the final norm (cls first when present; the
+    last block's output with `fc_norm`), `patch_tokens` (without cls), `pooled` [B, width] (with
+    `fc_norm`, normalised by it), `tokenizer` [B, N, width] (the tokenizer's
     output), `logits` with a head, and `layers` (input of block 0, then each block's output, each
     [B, T, width]) and `attention` ([B, heads, T, T] per block) when captured.
     """
@@ -420,6 +440,8 @@ class ViT(nn.Module):
     x, extras = self.Transformer(x, train, capture_layers, capture_attention, token_pos)
     patch_tokens = x[:, self.num_prefix:]
     pooled = x[:, 0] if self.pool == 'tok' else patch_tokens.mean(axis=1)
+    if self.fc_norm:
+      pooled = self.fc_norm_layer(pooled)
     out = dict(tokens=x, patch_tokens=patch_tokens, pooled=pooled, tokenizer=tokens, **extras)
     if self.num_classes:
       out['logits'] = self.head(pooled).astype(jnp.float32)
@@ -441,7 +463,8 @@ def encoder_kwargs(model_config, image_size):
             pool=model_config.pool, layerscale=model_config.layerscale,
             drop_path=model_config.drop_path, num_classes=model_config.num_classes,
             dtype=compute_dtype(model_config.dtype), remat=model_config.remat,
-            rel_pos=model_config.rel_pos, weight_init=model_config.weight_init)
+            rel_pos=model_config.rel_pos, weight_init=model_config.weight_init,
+            fc_norm=model_config.fc_norm, head_init_std=model_config.head_init_std)
   kw['tokenizer'] = moto.tokenizer_from_config(model_config, kw['width'], kw['patch_size'],
                                                kw['dtype'])
   return kw
