@@ -7,7 +7,8 @@
 #   bash benchmarks/device_check.sh /tmp/check --tiny        # the CPU smoke setting of the tests
 #   bash benchmarks/device_check.sh OUT_DIR --parts models --set 'models=L/16;max_batch=512'
 #
-# Needs JAX (with CUDA on a GPU), flax, optax, orbax, timm, torch and ml-collections; neither
+# Needs JAX (with CUDA on a GPU), flax, optax, orbax (which brings absl-py: every flag is an absl
+# flag, `--help` lists them), timm, torch and ml-collections; neither
 # TensorFlow nor a network. ml-collections is pure Python: carry it as a wheel made elsewhere with
 #   pip download --no-deps -d wheels ml-collections   and install it with
 #   pip install --no-index --no-deps wheels/ml_collections-*.whl

@@ -217,13 +217,6 @@ class Checkpointer:
           'the one before, or start in a new --workdir.') from e
     return restored['state']
 
-  def restore_params(self, step):
-    """Only `params` of the state at `step`, as host numpy arrays (no mesh, no model needed).
-
-    For export and for starting new runs from a checkpoint's weights.
-    """
-    return self.restore_host(step, 'params')
-
   def restore_host(self, step, item):
     """One top-level `item` of the state at `step` ('params', 'model_state') as numpy arrays;
     {} when the state holds none (e.g. a run without non-trained state)."""

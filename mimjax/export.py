@@ -44,7 +44,7 @@ def load_encoder(workdir, step=None):
 
 def build_encoder(config):
   """The float32 mimjax ViT of `config` (inference: no drop path)."""
-  return workdir_lib.build_encoder(config, dtype=jnp.float32, drop_path=0.0, remat=False)
+  return vit.from_config(config, dtype=jnp.float32, drop_path=0.0, remat=False)
 
 
 def forward_features(config, encoder_params, images):

@@ -10,7 +10,6 @@ import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from mimjax import checkpoint as checkpoint_lib
 from mimjax import errors
@@ -80,11 +79,17 @@ class Teacher(abc.ABC):
 
 
 class _EncoderTeacher(Teacher):
-  """A mimjax ViT teacher: tokens after the final norm (layer -1) or block `layer`'s output."""
+  """A mimjax ViT teacher: tokens after the final norm (layer -1) or block `layer`'s output.
 
-  def __init__(self, config, num_patches, encoder):
+  Its encoder is the ViT of `source_config` (the student's or the teacher run's) without drop
+  path, in config.distill.teacher_dtype, with `overrides`.
+  """
+
+  def __init__(self, config, num_patches, source_config, **overrides):
     super().__init__(config, num_patches)
-    self.encoder = encoder
+    self.encoder = encoder = vit.from_config(
+        source_config, drop_path=0.0, dtype=vit.compute_dtype(config.distill.teacher_dtype),
+        **overrides)
     self.dim = encoder.width
     self.layer = config.distill.teacher_layer
     if not -1 <= self.layer < encoder.depth:
@@ -111,9 +116,7 @@ class EMATeacher(_EncoderTeacher):
   """Exponential moving average of the student's encoder (BYOL / data2vec style)."""
 
   def __init__(self, config, framework):
-    encoder = framework.build_encoder(drop_path=0.0,
-                                      dtype=vit.compute_dtype(config.distill.teacher_dtype))
-    super().__init__(config, encoder.num_patches, encoder)
+    super().__init__(config, framework.num_patches, config)
 
   def init_state(self, params):
     return jax.tree_util.tree_map(jnp.copy, params['encoder'])
@@ -134,12 +137,8 @@ class CheckpointTeacher(_EncoderTeacher):
       raise errors.ConfigError('config.distill.teacher="checkpoint" needs '
                                'config.distill.teacher_workdir=<a mimjax workdir>.')
     self.teacher_config = workdir_lib.read_config(workdir)
-    kwargs = vit.encoder_kwargs(self.teacher_config.model, self.teacher_config.data.image_size)
-    kwargs.update(drop_path=0.0, num_classes=0,
-                  dtype=vit.compute_dtype(config.distill.teacher_dtype))
-    encoder = vit.ViT(**kwargs)
-    super().__init__(config, num_patches, encoder)
-    self._check_grid(encoder.grid_size, 'checkpoint')
+    super().__init__(config, num_patches, self.teacher_config, num_classes=0)
+    self._check_grid(self.encoder.grid_size, 'checkpoint')
     self.workdir = workdir
 
   def init_state(self, params):
@@ -150,16 +149,10 @@ class CheckpointTeacher(_EncoderTeacher):
         lambda: self.encoder.init(jax.random.PRNGKey(0), image)['params']))
 
   def load_frozen(self, state):
-    ckpt = checkpoint_lib.Checkpointer(self.workdir, async_save=False)
     try:
-      step = ckpt.latest_step()
-      if step is None:
-        raise errors.ConfigError(f'config.distill.teacher_workdir={self.workdir!r} holds no '
-                                 'checkpoint.')
-      restored = ckpt.restore(step, None)['params']['encoder']
-    finally:
-      ckpt.close()
-    restored = jax.tree_util.tree_map(np.asarray, restored)
+      restored = dict(checkpoint_lib.restore_params(self.workdir)['encoder'])
+    except errors.CheckpointError as e:
+      raise errors.ConfigError(f'config.distill.teacher_workdir={self.workdir!r}: {e}') from e
     restored.pop('head', None)  # a supervised run's classifier is no part of the teacher's tokens
     if checkpoint_lib.param_shapes(restored) != checkpoint_lib.param_shapes(state):
       raise errors.ConfigError(

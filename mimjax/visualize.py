@@ -71,12 +71,12 @@ def moto_layout_grid(config, encoder_params, images):
   """
   # pylint: disable=g-import-not-at-top
   import jax
-  from mimjax import workdir as workdir_lib
+  from mimjax.models import vit
   # pylint: enable=g-import-not-at-top
   if config.model.tokenizer_norm != 'moto':
     raise errors.ConfigError(f'The run has model.tokenizer_norm='
                              f'{config.model.tokenizer_norm!r}; the layout needs "moto".')
-  model = workdir_lib.build_encoder(config)
+  model = vit.from_config(config)
   _, state = model.apply({'params': encoder_params}, images, mutable=['intermediates'])
   layout = np.asarray(jax.device_get(state['intermediates']['tokenizer']['moto']['layout'][0]))
   pixels = to_uint8(images, config.data)

@@ -1,12 +1,10 @@
-"""A training workdir read back: its config and the encoder its checkpoints' params fit.
-
-With `checkpoint.restore` (the latest or a given checkpoint's params), this is all evaluation,
-export and pictures need: no framework, teacher, data pipeline or optimizer state.
+"""A training workdir read back: its config, which with `vit.from_config` (the encoder its
+checkpoints' params fit) and `checkpoint.restore` (the latest or a given checkpoint's params) is
+all evaluation, export and pictures need: no framework, teacher, data pipeline or optimizer state.
 """
 from mimjax import config_lib
 from mimjax import errors
 from mimjax import workdir_io
-from mimjax.models import vit
 
 
 def read_config(workdir):
@@ -16,8 +14,3 @@ def read_config(workdir):
     raise errors.CheckpointError(
         f'{path} does not exist: --workdir must be the directory a mimjax.train run wrote.')
   return config_lib.from_json(path.read_text())
-
-
-def build_encoder(config, **overrides):
-  """The mimjax ViT of `config` (the module stored under params['encoder']), with `overrides`."""
-  return vit.ViT(**{**vit.encoder_kwargs(config.model, config.data.image_size), **overrides})

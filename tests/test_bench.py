@@ -4,12 +4,17 @@ Timings are never asserted: they belong to the benchmark's written results.
 """
 import json
 import os
+import subprocess
+import sys
 
+from absl import flags
 import jax
 import ml_collections
 import numpy as np
 import pytest
 
+from conftest import ROOT
+from mimjax.bench import cli
 from mimjax.bench import runner as bench
 from mimjax.models import flops
 from mimjax.models import vit
@@ -50,13 +55,43 @@ def test_xla_cost_analysis_matches_analytic_vit_forward():
   assert 1.0 <= xla / analytic < 1.25, (xla, analytic)
 
 
+def test_flags_parse_privately_into_the_commands_own_names():
+  argv = ['--model', 'mu/4', '--peer=', '--batch_scales', '0.25,4', '--grid_scales', '']
+  first = cli.parse(bench.define_flags, argv)
+  again = cli.parse(bench.define_flags, argv)  # a second parse in one process: no clash
+  assert vars(first) == vars(again)
+  assert set(vars(first)) == set(cli.flag_names(bench.define_flags))
+  assert 'verbosity' not in vars(first)  # absl's own flags stay out of the results' settings
+  assert (first.model, first.peer, first.batch_scales, first.grid_scales) == (
+      'mu/4', [], [0.25, 4.0], [])
+  assert cli.parse(bench.define_flags, []).peer == list(bench.PEER_MODES)
+  with pytest.raises(flags.IllegalFlagValueError, match=r"--peer \['jit'\]: choose from"):
+    cli.parse(bench.define_flags, ['--peer', 'eager,jit'])
+  with pytest.raises(flags.IllegalFlagValueError, match='batch_scales'):
+    cli.parse(bench.define_flags, ['--batch_scales', 'half'])
+
+
+def test_report_only_command_rerenders_a_results_file(tmp_path):
+  """`python -m mimjax.bench --report` end to end through absl, on committed results."""
+  md, results = tmp_path / 'r.md', os.path.join(ROOT, 'benchmarks', 'cpu_b16_224px_mto.json')
+  result = subprocess.run([sys.executable, '-m', 'mimjax.bench', '--report', results,
+                           '--markdown', str(md)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  text = md.read_text()
+  assert text.strip() == result.stdout.strip()
+  with open(results) as f:
+    names = [c['name'] for c in json.load(f)['cases']]
+  assert all(f'| {name} |' in text for name in names)
+
+
 @pytest.mark.slow  # the benchmark command end to end: compiles 3 cases and a torch peer
 def test_command_output_schema(tmp_path):
   out, md = tmp_path / 'r.json', tmp_path / 'r.md'
-  bench.main(['--model', 'mu/4', '--image_size', '28', '--batch', '8', '--steps', '2',
-              '--rounds', '1', '--warmup', '0', '--cases', 'mae,mae+lut,mae+mto',
-              '--peer', 'eager', '--batch_scales', '2', '--grid_scales', '', '--matmul_size', '256',
-              '--out', str(out), '--markdown', str(md)])
+  bench.main(cli.parse(bench.define_flags, [
+      '--model', 'mu/4', '--image_size', '28', '--batch', '8', '--steps', '2', '--rounds', '1',
+      '--warmup', '0', '--cases', 'mae,mae+lut,mae+mto', '--peer', 'eager', '--batch_scales', '2',
+      '--grid_scales', '', '--matmul_size', '256', '--out', str(out), '--markdown', str(md)]))
   results = json.loads(out.read_text())
   machine = results['machine']
   assert machine['cores'] >= 1 and machine['platform'] == jax.default_backend()
@@ -95,8 +130,9 @@ def test_input_benchmark_writes_jpegs_and_reports_every_augmentation(tmp_path):
   from mimjax.bench import input as input_bench  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
   root = str(tmp_path / 'images')
-  results = input_bench.main(['--root', root, '--images', '20', '--batch', '4', '--batches', '1',
-                              '--image_size', '32', '--out', str(tmp_path / 'input.json')])
+  results = input_bench.main(cli.parse(input_bench.define_flags, [
+      '--root', root, '--images', '20', '--batch', '4', '--batches', '1', '--image_size', '32',
+      '--out', str(tmp_path / 'input.json')]))
   files = [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs]
   assert len(files) == 20 and all(f.endswith('.jpg') for f in files)
   sizes = np.array([Image.open(f).size for f in files])

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from conftest import ROOT
+from mimjax.bench import cli
 from mimjax.bench import device_check
 
 
@@ -35,13 +36,25 @@ def test_benchmark_path_builds_every_case_without_tensorflow(no_tensorflow):
 
 
 @pytest.mark.parametrize('argv, message', [
-    (['--parts', 'models,speed'], 'speed'),
-    (['--set', 'modelz=B/16'], 'modelz'),
+    (['--parts', 'models,speed'], "--parts ['speed']: choose from"),
+    (['--set', 'modelz=B/16'], "--set 'modelz' is not a setting"),
+    (['--set', 'max_batch=many'], 'max_batch takes a value of type int'),
 ])
-def test_bad_arguments_fail_with_one_line(argv, message, capsys):
-  with pytest.raises(SystemExit) as e:
-    device_check.main(argv)
-  assert message in str(e.value) + capsys.readouterr().err
+def test_bad_arguments_fail_with_one_line_before_writing(argv, message, tmp_path):
+  out = tmp_path / 'check'
+  result = subprocess.run([sys.executable, '-m', 'mimjax.bench.device_check', '--out_dir',
+                           str(out), *argv], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, check=False)
+  assert result.returncode == 1
+  [line] = result.stderr.strip().splitlines()
+  assert line.startswith('error: ') and message in line, line
+  assert not out.exists()
+
+
+def test_set_overrides_are_typed_like_the_settings():
+  args = cli.parse(device_check.define_flags, ['--tiny', '--set', 'models=L/16;max_batch=512'])
+  assert args.tiny and args.parts == list(device_check.PARTS)
+  assert device_check.overrides(args.set) == {'models': 'L/16', 'max_batch': 512}
 
 
 @pytest.mark.slow  # three subprocesses, ~10 compiles of mu/4 and a torch worker: minutes on 2 cores

@@ -12,6 +12,7 @@ import pytest
 
 from conftest import load_config, tiny_overrides
 
+from mimjax import config_lib
 from mimjax import errors
 from mimjax import registry
 from mimjax import masking
@@ -181,6 +182,17 @@ def test_runlocal_distill_dtm_ema_loss_decreases(tmp_path):
   assert metrics[-1]['loss'] < 0.9 * metrics[0]['loss'], metrics
   assert metrics[0]['loss'] == metrics[0]['loss_dtm']  # DTM replaced the token-wise loss
   assert 0 < metrics[-1]['dtm_merges'] < 49
+
+
+def test_checkpoint_teacher_without_checkpoints_names_the_key(tmp_path):
+  teacher_dir = tmp_path / 'mae'
+  teacher_dir.mkdir()
+  (teacher_dir / 'config.json').write_text(config_lib.to_json(tiny('configs/mae.py:runlocal')))
+  c = tiny(f'configs/distill.py:runlocal,teacher=checkpoint,teacher_workdir={teacher_dir}')
+  teacher = registry.build(c).teacher
+  with pytest.raises(errors.ConfigError, match='config.distill.teacher_workdir=.*No checkpoint'):
+    teacher.load_frozen(teacher.init_state(None))
+  assert sorted(os.listdir(teacher_dir)) == ['config.json']  # reading created nothing
 
 
 @pytest.mark.slow

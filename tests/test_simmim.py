@@ -17,6 +17,7 @@ from mimjax import losses
 from mimjax import masking
 from mimjax import train
 from mimjax import validation
+from mimjax.models import vit
 
 
 @pytest.mark.parametrize('grid,cell,ratio,cells_masked', [
@@ -85,7 +86,7 @@ def test_model_substitutes_the_mask_token_and_predicts_pixels():
   enc, pred = fw.model.apply({'params': params}, batch['image'], mask,
                              capture=frozenset({'encoder_layers'}))
   assert pred.shape == (4, 49, 48)
-  posemb = fw.build_encoder().bind({'params': params['encoder']}).position_embedding()[0]
+  posemb = vit.from_config(config).bind({'params': params['encoder']}).position_embedding()[0]
   layer0 = np.asarray(enc['layers'][0][:, 1:] - posemb)  # cls first
   mask = np.asarray(mask)
   np.testing.assert_allclose(layer0[mask], np.broadcast_to(params['mask_token'][0],

@@ -10,6 +10,7 @@ from configs import supervised as supervised_config
 from mimjax import errors
 from mimjax import registry
 from mimjax import validation
+from mimjax.models import vit
 from mimjax.plugins import tokenprop
 
 
@@ -81,7 +82,7 @@ def test_plugin_on_supervised_owns_decoder_outside_encoder():
   batch = _batch(config)
   params, _ = framework.init(jax.random.PRNGKey(0), batch)
   assert set(params) == {'encoder', 'tokenprop'}
-  plain = framework.build_encoder().init(jax.random.PRNGKey(0), batch['image'])['params']
+  plain = vit.from_config(config).init(jax.random.PRNGKey(0), batch['image'])['params']
   assert jax.tree_util.tree_structure(params['encoder']) == jax.tree_util.tree_structure(plain)
   assert set(params['tokenprop']) == {'block_0', 'block_1', 'block_2', 'block_out'}
 

@@ -14,7 +14,6 @@ JAX allocator never hands memory back, and the PyTorch peer needs its share next
   precision  the same MAE steps in float32 and bfloat16 from the same init: per-step losses.
 Nothing on this path imports TensorFlow; each part records whether it was imported.
 """
-import argparse
 import json
 import math
 import os
@@ -22,8 +21,10 @@ import subprocess
 import sys
 import time
 
+from absl import flags
 import jax
 
+from mimjax.bench import cli
 from mimjax.bench import report as bench_report
 from mimjax.bench import runner
 
@@ -50,7 +51,7 @@ PART_ENV = {
 
 def _bench_run(s, model, batch, cases, peer):
   """Results of `mimjax.bench`'s runner (bfloat16, no scaling family) at these settings."""
-  return runner.run(runner.parse_args([
+  return runner.run(cli.parse(runner.define_flags, [
       f'--model={model}', f'--image_size={s["image_size"]}', f'--batch={batch}',
       f'--preset={s["preset"]}', '--dtype=bfloat16', f'--cases={cases}', f'--peer={peer}',
       '--scaling_case=', f'--rounds={s["rounds"]}', f'--steps={s["steps"]}',
@@ -211,40 +212,47 @@ def markdown(merged):
   return '\n'.join(out) + '\n'
 
 
-def parse_args(argv=None):
-  p = argparse.ArgumentParser(prog='python -m mimjax.bench.device_check',
-                              description=__doc__.split('\n\n')[0])
-  p.add_argument('--tiny', action='store_true', help='the CPU smoke setting (mu/4, 28 px)')
-  p.add_argument('--out_dir', default='benchmarks/device_check',
-                 help='writes device_check.json and device_check.md here')
-  p.add_argument('--parts', default=','.join(PARTS), help=f'comma-separated subset of {PARTS}')
-  p.add_argument('--part_timeout_s', type=int, default=600)
-  p.add_argument('--set', default='', help='setting overrides "key=value;key=value", e.g. '
-                 '"models=L/16;max_batch=512" (keys: FULL / TINY in this module)')
-  p.add_argument('--part', default='', help=argparse.SUPPRESS)  # a worker: run one part only
-  p.add_argument('--part_out', default='', help=argparse.SUPPRESS)
-  p.add_argument('--settings', default='', help=argparse.SUPPRESS)
-  args = p.parse_args(argv)
-  unknown = set(filter(None, args.parts.split(','))) - set(PARTS)
-  if unknown:
-    p.error(f'--parts {sorted(unknown)}; choose from {PARTS}')
-  return args
+def overrides(text):
+  """--set "key=value;..." as {key: value of the type FULL (and TINY) give it}; a key that is not
+  a setting or a value that does not convert raises flags.ValidationError naming it."""
+  out = {}
+  for item in filter(None, text.split(';')):
+    key, _, value = item.partition('=')
+    if key not in FULL:
+      raise flags.ValidationError(f'--set {key!r} is not a setting; choose from {sorted(FULL)}')
+    try:
+      out[key] = type(FULL[key])(value)
+    except ValueError as e:
+      raise flags.ValidationError(
+          f'--set {key}={value!r}: {key} takes a value of type {type(FULL[key]).__name__}') from e
+  return out
 
 
-def main(argv=None):
-  args = parse_args(argv)
+def define_flags(flag_values):
+  """The command's flags (`mimjax.bench.cli`); --part, --part_out, --settings: a worker's."""
+  fv = dict(flag_values=flag_values)
+  flags.DEFINE_bool('tiny', False, 'the CPU smoke setting (mu/4, 28 px)', **fv)
+  flags.DEFINE_string('out_dir', 'benchmarks/device_check',
+                      'writes device_check.json and device_check.md here', **fv)
+  flags.DEFINE_list('parts', ','.join(PARTS), f'comma-separated subset of {PARTS}', **fv)
+  cli.require_subset('parts', PARTS, flag_values)
+  flags.DEFINE_integer('part_timeout_s', 600, 'Seconds each part may run.', **fv)
+  flags.DEFINE_string('set', '', 'setting overrides "key=value;key=value", e.g. '
+                      '"models=L/16;max_batch=512" (keys: FULL / TINY in this module)', **fv)
+  flags.register_validator('set', lambda text: overrides(text) is not None, **fv)
+  flags.DEFINE_enum('part', '', ('',) + PARTS, 'worker only: run this one part', **fv)
+  flags.DEFINE_string('part_out', '', 'worker only: its JSON file', **fv)
+  flags.DEFINE_string('settings', '', 'worker only: the settings as JSON', **fv)
+
+
+def main(args):
+  """Runs the check (or, in a worker, one part) for parsed flags `args`."""
   if args.part:
     run_part(args.part, json.loads(args.settings), args.part_out)
     return None
-  settings = dict(TINY if args.tiny else FULL)
-  for item in filter(None, args.set.split(';')):
-    key, _, value = item.partition('=')
-    if key not in settings:
-      raise SystemExit(f'error: --set {key!r} is not a setting; choose from {sorted(settings)}')
-    settings[key] = type(settings[key])(value)
+  settings = dict(TINY if args.tiny else FULL, **overrides(args.set))
   start = time.perf_counter()
-  merged = run_all(settings, [x for x in args.parts.split(',') if x], args.out_dir,
-                   args.part_timeout_s)
+  merged = run_all(settings, args.parts, args.out_dir, args.part_timeout_s)
   results = dict(settings=settings, parts=merged, wall_s=time.perf_counter() - start)
   with open(os.path.join(args.out_dir, 'device_check.json'), 'w') as f:
     json.dump(results, f, indent=2, default=float)
@@ -260,4 +268,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-  main()
+  cli.run(define_flags, main)

@@ -9,16 +9,17 @@ pipeline (`mimjax.data.pipeline.train_batches`, image-folder source) with tf.dat
 and on all cores, so images/s per core and in total are both measured. Resume: time to the first
 batch at the positions of steps 0, 10k and 100k (simulated: only the data position changes).
 """
-import argparse
 import json
 import os
 import platform
 import time
 
+from absl import flags
 import numpy as np
 from PIL import Image
 
 from configs import mae as mae_config
+from mimjax.bench import cli
 from mimjax.data import pipeline
 
 AUGMENTATIONS = ('rrc_flip', 'deit', 'lut_two_view', 'center')
@@ -99,15 +100,20 @@ def run(root, num_images, batch, batches, image_size):
   return results
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--root', default='/tmp/mimjax_bench_images')
-  parser.add_argument('--images', type=int, default=2000)
-  parser.add_argument('--batch', type=int, default=128)
-  parser.add_argument('--batches', type=int, default=10, help='timed batches per measurement')
-  parser.add_argument('--image_size', type=int, default=224)
-  parser.add_argument('--out', help='write the results here as JSON')
-  args = parser.parse_args(argv)
+def define_flags(flag_values):
+  """The command's flags (`mimjax.bench.cli`)."""
+  fv = dict(flag_values=flag_values)
+  flags.DEFINE_string('root', '/tmp/mimjax_bench_images', 'Folder of the synthetic JPEGs (reused '
+                      'when present).', **fv)
+  flags.DEFINE_integer('images', 2000, 'Synthetic JPEGs to write.', **fv)
+  flags.DEFINE_integer('batch', 128, 'Batch size.', **fv)
+  flags.DEFINE_integer('batches', 10, 'timed batches per measurement', **fv)
+  flags.DEFINE_integer('image_size', 224, 'Side of the augmented images in pixels.', **fv)
+  flags.DEFINE_string('out', '', 'write the results here as JSON', **fv)
+
+
+def main(args):
+  """Runs the measurements for parsed flags `args`; returns the results."""
   results = run(args.root, args.images, args.batch, args.batches, args.image_size)
   if args.out:
     with open(args.out, 'w') as f:
@@ -116,4 +122,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-  main()
+  cli.run(define_flags, main)

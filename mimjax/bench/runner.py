@@ -12,7 +12,6 @@ other so that only one family's train states are alive at a time.
 
 A case is one row of `CASES`: (name, host, config spec, target).
 """
-import argparse
 import ast
 import collections
 import importlib
@@ -26,10 +25,12 @@ import subprocess
 import sys
 import time
 
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mimjax.bench import cli
 from mimjax.bench import report as bench_report
 from mimjax import registry
 from mimjax import sharding
@@ -427,43 +428,38 @@ def _median(results, name):
   return next(c['step_s']['median'] for c in results['cases'] if c['name'] == name)
 
 
-def parse_args(argv=None):
-  p = argparse.ArgumentParser(prog='python -m mimjax.bench', description=__doc__.split('\n\n')[0])
-  p.add_argument('--model', default='pico/4', help='ViT variant, e.g. mu/4, S/16, B/16')
-  p.add_argument('--image_size', type=int, default=28)
-  p.add_argument('--batch', type=int, default=32)
-  p.add_argument('--preset', default='small', choices=('small', 'recipe'),
-                 help='small: each config\'s runlocal heads and decoders; recipe: the paper sizes')
-  p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
-  p.add_argument('--cases', default='all', help='comma-separated case names, or "all"')
-  p.add_argument('--steps', type=int, default=3, help='timed steps per case per round')
-  p.add_argument('--rounds', type=int, default=3, help='round-robin rounds over the cases')
-  p.add_argument('--warmup', type=int, default=2, help='untimed steps after the first one')
-  p.add_argument('--peer', default='eager,compile',
-                 type=lambda s: [m for m in s.split(',') if m],
-                 help='PyTorch peer modes to run next to MAE and supervised: eager, compile '
-                      '("" = none)')
-  p.add_argument('--peer_device', default='cuda' if jax.default_backend() == 'gpu' else 'cpu')
-  p.add_argument('--scaling_case', default='mae', help='case timed at other batch sizes and '
-                 'resolutions ("" = none)')
-  p.add_argument('--batch_scales', default=(0.5, 2.0),
-                 type=lambda s: [float(x) for x in s.split(',') if x])
-  p.add_argument('--grid_scales', default=(0.5, 2.0),
-                 type=lambda s: [float(x) for x in s.split(',') if x],
-                 help='factors on the patch grid side (token count grows as the square)')
-  p.add_argument('--matmul_size', type=int, default=2048)
-  p.add_argument('--out', default='', help='JSON results file')
-  p.add_argument('--markdown', default='', help='markdown tables file')
-  p.add_argument('--report', default='', help='only re-render the tables of this JSON results file')
-  args = p.parse_args(argv)
-  bad = set(args.peer) - set(PEER_MODES)
-  if bad:
-    p.error(f'--peer modes {sorted(bad)}; choose from {PEER_MODES}')
-  return args
+def define_flags(flag_values):
+  """The command's flags (`mimjax.bench.cli`)."""
+  fv = dict(flag_values=flag_values)
+  flags.DEFINE_string('model', 'pico/4', 'ViT variant, e.g. mu/4, S/16, B/16', **fv)
+  flags.DEFINE_integer('image_size', 28, 'Image side in pixels.', **fv)
+  flags.DEFINE_integer('batch', 32, 'Batch size of every case.', **fv)
+  flags.DEFINE_enum('preset', 'small', ('small', 'recipe'), "small: each config's runlocal heads "
+                    'and decoders; recipe: the paper sizes', **fv)
+  flags.DEFINE_enum('dtype', 'float32', ('float32', 'bfloat16'), 'Compute dtype.', **fv)
+  flags.DEFINE_string('cases', 'all', 'comma-separated case names, or "all"', **fv)
+  flags.DEFINE_integer('steps', 3, 'timed steps per case per round', **fv)
+  flags.DEFINE_integer('rounds', 3, 'round-robin rounds over the cases', **fv)
+  flags.DEFINE_integer('warmup', 2, 'untimed steps after the first one', **fv)
+  flags.DEFINE_list('peer', 'eager,compile', 'PyTorch peer modes to run next to MAE and '
+                    'supervised: eager, compile ("" = none)', **fv)
+  cli.require_subset('peer', PEER_MODES, flag_values)
+  flags.DEFINE_string('peer_device', 'cuda' if jax.default_backend() == 'gpu' else 'cpu',
+                      'Device of the PyTorch peer (cpu, cuda).', **fv)
+  flags.DEFINE_string('scaling_case', 'mae', 'case timed at other batch sizes and resolutions '
+                      '("" = none)', **fv)
+  cli.define_float_list('batch_scales', '0.5,2', 'factors on --batch of the scaling case',
+                        flag_values)
+  cli.define_float_list('grid_scales', '0.5,2', 'factors on the patch grid side (token count '
+                        'grows as the square)', flag_values)
+  flags.DEFINE_integer('matmul_size', 2048, 'Side of the reference matmul.', **fv)
+  flags.DEFINE_string('out', '', 'JSON results file', **fv)
+  flags.DEFINE_string('markdown', '', 'markdown tables file', **fv)
+  flags.DEFINE_string('report', '', 'only re-render the tables of this JSON results file', **fv)
 
 
-def main(argv=None):
-  args = parse_args(argv)
+def main(args):
+  """Runs the benchmark (or re-renders --report) for parsed flags `args`; returns the results."""
   if args.report:
     with open(args.report) as f:
       results = json.load(f)

@@ -13,13 +13,13 @@ share one. Protocol on stdin / stdout, one JSON object per line: after start-up 
 {"ready": true, "build_s": ...}; each line "K" read from stdin runs K steps and answers
 {"times": [seconds per step]}; an empty line or EOF ends it. Errors are reported as {"error": ...}.
 """
-import argparse
 import functools
 import json
 import sys
 import time
 import traceback
 
+from absl import flags
 import numpy as np
 import torch
 from timm import data as timm_data
@@ -27,6 +27,7 @@ from timm import loss as timm_loss
 from timm.models import vision_transformer as tv
 from torch import nn
 
+from mimjax.bench import cli
 from mimjax.models import posemb
 
 
@@ -139,22 +140,22 @@ def make_step(a):
   return step, model
 
 
-def parse(argv):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument('--task', default='mae', choices=('mae', 'supervised'))
+def define_flags(flag_values):
+  """The worker's flags (`mimjax.bench.cli`): the model sizes are required."""
+  fv = dict(flag_values=flag_values)
+  flags.DEFINE_enum('task', 'mae', ('mae', 'supervised'), 'Which step.', **fv)
   for name in ('batch', 'image_size', 'patch_size', 'width', 'depth', 'heads', 'mlp_dim'):
-    p.add_argument('--' + name, type=int, required=True)
+    flags.DEFINE_integer(name, None, f'{name} of the ViT', required=True, **fv)
   for name in ('decoder_width', 'decoder_depth', 'decoder_heads', 'decoder_mlp_ratio'):
-    p.add_argument('--' + name, type=int, help='MAE decoder')
-  p.add_argument('--channels', type=int, default=3)
-  p.add_argument('--mask_ratio', type=float, default=0.75)
-  p.add_argument('--num_classes', type=int, default=1000)
+    flags.DEFINE_integer(name, None, f'{name} of the MAE decoder (--task=mae)', **fv)
+  flags.DEFINE_integer('channels', 3, 'Image channels.', **fv)
+  flags.DEFINE_float('mask_ratio', 0.75, 'Fraction of patches masked (--task=mae).', **fv)
+  flags.DEFINE_integer('num_classes', 1000, 'Classes (--task=supervised).', **fv)
   for name in ('drop_path', 'mixup_alpha', 'cutmix_alpha', 'label_smoothing'):
-    p.add_argument('--' + name, type=float, default=0.0, help='supervised')
-  p.add_argument('--compile', action='store_true')
-  p.add_argument('--device', default='cpu', choices=('cpu', 'cuda'))
-  p.add_argument('--bf16', action='store_true', help='autocast to bfloat16 (mixed precision)')
-  return p.parse_args(argv)
+    flags.DEFINE_float(name, 0.0, f'{name} (--task=supervised)', **fv)
+  flags.DEFINE_bool('compile', False, 'torch.compile the step.', **fv)
+  flags.DEFINE_enum('device', 'cpu', ('cpu', 'cuda'), 'Torch device.', **fv)
+  flags.DEFINE_bool('bf16', False, 'autocast to bfloat16 (mixed precision)', **fv)
 
 
 def _build():
@@ -169,8 +170,8 @@ def _say(obj):
   sys.stdout.flush()
 
 
-def main(argv=None):
-  a = parse(argv)
+def main(a):
+  """Serves the protocol of the module docstring for parsed flags `a`."""
   try:
     start = time.perf_counter()
     step, model = make_step(a)
@@ -191,4 +192,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-  main()
+  cli.run(define_flags, main)

@@ -13,6 +13,7 @@ from mimjax import errors
 from mimjax import registry
 from mimjax.eval import features as features_lib
 from mimjax.eval import plots
+from mimjax.models import vit
 from mimjax.plugins import mto
 
 
@@ -33,7 +34,7 @@ def protocol(run, num_images=None):
         f'framework {config.framework!r} of {run.workdir} has no mask tokens; heterogeneity '
         'needs a framework with mask tokens (simmim, mae).')
   framework = registry.build(config, captures=[f'{site}_layers' for site in sites])
-  num_prefix = framework.build_encoder().num_prefix
+  num_prefix = vit.from_config(config).num_prefix
   rng = jax.random.PRNGKey(config.seed)
   kw = mto.affinity_options(config.mto)  # the run's own affinity (eq. 2 by default)
   one = jax.vmap(lambda x, m: mto.heterogeneity(x[None], m[None], **kw))

@@ -16,6 +16,7 @@ import numpy as np
 from mimjax import checkpoint as checkpoint_lib
 from mimjax import registry
 from mimjax import workdir as workdir_lib
+from mimjax.models import vit
 
 
 @dataclasses.dataclass
@@ -38,7 +39,7 @@ class Run:
   @functools.cached_property
   def encoder(self):
     """The ViT that `encoder_params` belong to."""
-    return workdir_lib.build_encoder(self.config)
+    return vit.from_config(self.config)
 
   @functools.cached_property
   def framework(self):
@@ -73,7 +74,7 @@ def random_encoder_params(config):
   """Encoder params freshly initialised from the run's seed (host numpy arrays)."""
   data = config.data
   images = np.zeros((1, data.image_size, data.image_size, data.channels), np.float32)
-  params = jax.jit(workdir_lib.build_encoder(config).init)(
+  params = jax.jit(vit.from_config(config).init)(
       jax.random.PRNGKey(config.seed), images)['params']
   return jax.tree_util.tree_map(np.asarray, params)
 

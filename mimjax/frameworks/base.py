@@ -162,10 +162,6 @@ class Framework(abc.ABC):
   def captures(self):
     return {c for p in self.plugins for c in p.captures} | self.extra_captures
 
-  def build_encoder(self, **overrides):
-    """The mimjax ViT of this config (the module stored under params['encoder'])."""
-    return vit.ViT(**{**self.encoder_kwargs, **overrides})
-
   @abc.abstractmethod
   def build_model(self):
     """The trainable Flax module."""

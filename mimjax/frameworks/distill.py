@@ -40,7 +40,7 @@ class Distill(teachers.WithTeacher, base.Framework):
   def build_model(self):
     self.teacher = teachers.build(self.config, self)
     return masked_encoder.MaskedEncoderWithHead(
-        self.build_encoder(), out_dim=self.teacher.dim, mask_token_init=trunc_normal,
+        vit.from_config(self.config), out_dim=self.teacher.dim, mask_token_init=trunc_normal,
         head_init=trunc_normal)
 
   def sample_mask(self, rng, batch_size):

@@ -50,7 +50,7 @@ class MAE(teachers.WithTeacher, base.Framework):
 
   def build_model(self):
     mae = self.config.mae
-    encoder = self.build_encoder()
+    encoder = vit.from_config(self.config)
     out_dim = self.patch_size ** 2 * self.config.data.channels
     if mae.target == 'teacher':
       self.teacher = teachers.build(self.config, self)

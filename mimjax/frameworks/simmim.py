@@ -37,7 +37,7 @@ class SimMIM(base.Framework):
 
   def build_model(self):
     return masked_encoder.MaskedEncoderWithHead(
-        self.build_encoder(), out_dim=self.patch_size ** 2 * self.config.data.channels,
+        vit.from_config(self.config), out_dim=self.patch_size ** 2 * self.config.data.channels,
         mask_token_init=nn.initializers.normal(0.02), head_init=vit.xavier)
 
   def sample_mask(self, rng, batch_size):

@@ -11,6 +11,7 @@ from mimjax import errors
 from mimjax import losses
 from mimjax import mixup
 from mimjax.frameworks import base
+from mimjax.models import vit
 
 
 class Supervised(base.Framework):
@@ -26,7 +27,7 @@ class Supervised(base.Framework):
           f'config.data.name={config.data.name!r}, e.g. 1000 for imagenet2012).')
 
   def build_model(self):
-    return self.build_encoder()
+    return vit.from_config(self.config)
 
   def init_model(self, rng, batch):
     return {'encoder': self.model.init(rng, batch['image'])['params']}

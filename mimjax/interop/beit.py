@@ -13,6 +13,7 @@ import numpy as np
 
 from mimjax import errors
 from mimjax.interop import timm as timm_lib
+from mimjax.interop import torch_files
 from mimjax.models import vit
 
 # Selects timm's Beit class; the architecture comes from the keyword arguments written next to it.
@@ -92,7 +93,7 @@ def from_beit(sd, num_heads, key_bias=False):
   if any(k.startswith('fc_norm.') for k in sd):
     raise errors.InteropError('The Beit has fc_norm (norm after average pooling), which the Beit '
                               'import does not read. Import a model with use_fc_norm=False.')
-  depth = len({k.split('.')[1] for k in sd if k.startswith('blocks.')})
+  depth = torch_files.num_blocks(sd)
   block_tables = f'blocks.0.attn.{_TABLE}' in sd
   shared = f'rel_pos_bias.{_TABLE}' in sd
   p = {'embedding': {'kernel': sd['patch_embed.proj.weight'].transpose(2, 3, 1, 0),

@@ -18,7 +18,7 @@ from mimjax.models import posemb as posemb_lib
 def _decoder_from_mae(sd, num_heads, grid_size):
   """The `decoder_*` / `mask_token` weights -> (MAEDecoder params, decoder settings)."""
   width = sd['decoder_embed.weight'].shape[0]
-  depth = len({k.split('.')[1] for k in sd if k.startswith('decoder_blocks.')})
+  depth = torch_files.num_blocks(sd, 'decoder_blocks')
   pos = sd['decoder_pos_embed']
   fixed = posemb_lib.sincos_2d(grid_size, width)[None]
   if pos.shape[1] != grid_size ** 2 + 1 or pos[:, 0].any() or not np.allclose(

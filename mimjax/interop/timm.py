@@ -181,7 +181,7 @@ def infer_arch(sd):
     if key not in sd:
       raise errors.InteropError(f'The state dict has no {key!r}; it is not a timm ViT encoder.')
   width, in_chans, patch, _ = sd['patch_embed.proj.weight'].shape
-  depth = len({k.split('.')[1] for k in sd if k.startswith('blocks.')})
+  depth = torch_files.num_blocks(sd)
   cls_token = 'cls_token' in sd
   num_pos = sd['pos_embed'].shape[1]
   grid = int(round(np.sqrt(num_pos - cls_token)))

@@ -67,3 +67,8 @@ def read_state_dict(path):
     raise errors.InteropError(f'{path} holds a {type(sd).__name__}, not a state dict '
                               '({name: tensor}).')
   return {k: v.float().numpy() for k, v in sd.items() if isinstance(v, torch.Tensor)}
+
+
+def num_blocks(state_dict, prefix='blocks'):
+  """How many transformer blocks a PyTorch state dict holds: the distinct i of `prefix.i.*`."""
+  return len({k.split('.')[1] for k in state_dict if k.startswith(prefix + '.')})

@@ -470,5 +470,12 @@ def encoder_kwargs(model_config, image_size):
   return kw
 
 
+def from_config(config, **overrides):
+  """The mimjax ViT of a run's `config` (config.model at config.data.image_size): the one module
+  every framework keeps under params['encoder'] and that teachers, evaluation and export build
+  again. `overrides` replace single arguments (e.g. drop_path=0.0 for a frozen copy)."""
+  return ViT(**{**encoder_kwargs(config.model, config.data.image_size), **overrides})
+
+
 def count_params(params):
   return int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(params)))

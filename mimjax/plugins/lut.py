@@ -21,6 +21,7 @@ from mimjax import masking
 from mimjax import teachers
 from mimjax.models import flops
 from mimjax.frameworks import base
+from mimjax.models import vit
 
 # torch BatchNorm1d defaults: running = 0.9 * running + 0.1 * batch, eps 1e-5.
 BN_MOMENTUM = 0.9
@@ -100,7 +101,7 @@ class LUT(base.Plugin):
   def __init__(self, config, framework):
     super().__init__(config, framework)
     width = framework.encoder_kwargs['width']
-    self.encoder = framework.build_encoder()
+    self.encoder = vit.from_config(config)
     self.projector = MLPHead(config.lut.head_dim, width)
     self.predictor = MLPHead(config.lut.head_dim, width)
 

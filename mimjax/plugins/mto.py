@@ -31,6 +31,7 @@ import jax.numpy as jnp
 
 from mimjax import errors
 from mimjax.frameworks import base
+from mimjax.models import vit
 
 RANKINGS = ('decrease', 'printed')
 
@@ -160,7 +161,7 @@ class MTO(base.Plugin):
     """Per-layer patch tokens [B, N, D] (cls removed) of the configured site."""
     if self.config.mto.where == 'decoder':
       return outputs.decoder['layers']
-    num_prefix = self.framework.build_encoder().num_prefix
+    num_prefix = vit.from_config(self.config).num_prefix
     return [layer[:, num_prefix:] for layer in outputs.encoder['layers']]
 
   def loss(self, params, state, outputs, batch, rng, step, train):
