@@ -142,3 +142,21 @@ def test_input_benchmark_writes_jpegs_and_reports_every_augmentation(tmp_path):
              for v in results['throughput'].values())
   assert sorted(results['resume_first_batch_s']) == [0, 10_000, 100_000]
   assert json.loads((tmp_path / 'input.json').read_text())['images'] == 20
+
+
+@pytest.mark.slow  # starts the torch worker and compiles a tiny MAE step (~40 s)
+def test_torch_worker_is_idle_while_mimjax_is_timed():
+  """The two sides take turns: the worker's CPU time barely moves during mimjax's timed steps,
+  while it does grow during its own (so the measurement is live, not always zero)."""
+  config = bench.load_config('mae', 'mu/4', 28, 8, 'recipe', 'float32')
+  mimjax_side = bench.JaxStep('mae', config, warmup=1)
+  peer = bench.TorchPeer('eager', config, warmup=1, device='cpu')
+  try:
+    busy_before = bench.process_cpu_s(peer.pid)
+    bench.run_rounds([mimjax_side, peer], rounds=3, steps=2)
+    peer_busy = bench.process_cpu_s(peer.pid) - busy_before - mimjax_side.others_cpu_s
+  finally:
+    peer.close()
+  assert mimjax_side.timed_wall_s > 0.1
+  assert mimjax_side.others_cpu_s / mimjax_side.timed_wall_s < 0.05
+  assert peer_busy > 0.5 * peer.timed_wall_s  # at least half a core while its own steps ran

@@ -138,3 +138,34 @@ def test_qkv_init_has_the_fused_xavier_std():
     assert kernel.shape == (width, 6, 64)
     np.testing.assert_allclose(kernel.std(), want, rtol=0.01)
     assert np.abs(kernel).max() <= math.sqrt(3) * want  # uniform on [-a, a], a = sqrt(3) std
+
+
+@pytest.mark.parametrize('beit_layer', [0, 2])
+def test_fused_qkv_equals_three_dense_generals(beit_layer):
+  """The one [D, 3D] product gives flax DenseGeneral's q/k/v on the same params (and the same
+  param tree and initial values as three DenseGenerals named query/key/value)."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  heads, width = 4, 32
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 5, width))
+  attention = vit.MultiHeadAttention(heads, beit_layer=beit_layer)
+  params = attention.init(jax.random.PRNGKey(0), x)['params']
+
+  class Reference(nn.Module):  # the separate DenseGeneral layout the fused path replaces
+    @nn.compact
+    def __call__(self, x):
+      init = vit.beit_normal() if beit_layer else vit.qkv_init
+      proj = lambda name: nn.DenseGeneral((heads, width // heads), name=name, kernel_init=init,  # noqa: E731
+                                          use_bias=not (beit_layer and name == 'key'))
+      q, k, v = proj('query')(x), proj('key')(x), proj('value')(x)
+      out, _ = vit.dot_product_attention(q, k, v)
+      return nn.DenseGeneral(width, axis=(-2, -1), name='out')(out)
+
+  ref_params = Reference().init(jax.random.PRNGKey(0), x)['params']
+  assert jax.tree_util.tree_structure(ref_params) == jax.tree_util.tree_structure(params)
+  for name in ('query', 'key', 'value'):
+    for leaf in ref_params[name]:
+      np.testing.assert_array_equal(ref_params[name][leaf], params[name][leaf])
+  params = jax.tree_util.tree_map(  # non-zero biases, so the bias path is checked too
+      lambda p: p + 0.1 * jax.random.normal(jax.random.PRNGKey(p.size), p.shape), params)
+  out, _ = attention.apply({'params': params}, x)
+  np.testing.assert_allclose(out, Reference().apply({'params': params}, x), rtol=1e-5, atol=1e-6)

@@ -59,6 +59,11 @@ def _spread(st):
   return f'{_ms(st["median"])} [{_ms(st["p25"])}–{_ms(st["p75"])}] (min {_ms(st["min"])})'
 
 
+def _cpu_share(entry):
+  share = entry.get('others_cpu_fraction')
+  return '' if share is None else f'{share:.3f} s/s'
+
+
 def _case_rows(entries):
   rows = []
   for c in entries:
@@ -104,14 +109,23 @@ def markdown(results):
       out.append(f'| {c["name"]} | {o["host"]} | {100 * o["time"]:+.1f}% | '
                  f'{100 * o["time_min"]:+.1f}% | {100 * o["flops"]:+.1f}% | {target} | {met} |')
   if results['peer']:
-    out += ['', '| PyTorch peer (MAE step) | first step s | step ms median [p25–p75] (min) | '
-            'img/s | peer time / mimjax time |', '|---|---|---|---|---|']
+    cases = {c['name']: c for c in results['cases']}
+    out += ['', '| PyTorch peer (same step) | first step s | step ms median [p25–p75] (min) | '
+            'img/s | peer time / mimjax time | peer CPU while mimjax timed | mimjax CPU while '
+            'peer timed |', '|---|---|---|---|---|---|---|']
     for p in results['peer']:
       if p['status'] != 'ok':
-        out.append(f'| {p["name"]} | failed: {p["error"].strip().splitlines()[-1]} | | | |')
+        out.append(f'| {p["name"]} | failed: {p["error"].strip().splitlines()[-1]} | | | | | |')
         continue
-      out.append(f'| {p["name"]} ({p["threads"]} threads) | {p["first_step_s"]:.1f} | '
-                 f'{_spread(p["step_s"])} | {p["images_per_s"]:.1f} | {p["mimjax_speedup"]:.2f} |')
+      host = cases.get(p.get('task', 'mae'), {})
+      out.append(f'| {p["name"]} {p.get("task", "mae")} ({p["threads"]} threads) | '
+                 f'{p["first_step_s"]:.1f} | '
+                 f'{_spread(p["step_s"])} | {p["images_per_s"]:.1f} | {p["mimjax_speedup"]:.2f} | '
+                 f'{_cpu_share(host)} | {_cpu_share(p)} |')
+    builds = sorted({f'torch {p["torch"]} ({p["torch_build"]})' for p in results['peer']
+                     if p.get('torch_build')})
+    out += ['', 'CPU columns: CPU seconds the idle side used per second of the other side\'s timed '
+            'steps (the sides take turns and never overlap). ' + '; '.join(builds)]
   if results['scaling']:
     out += ['', 'Scaling', '', CASE_HEADER] + _case_rows(results['scaling'])
   return '\n'.join(out) + '\n'

@@ -56,6 +56,7 @@ CASES = (
     Case('supervised+moto+tokenprop', 'supervised', 'supervised:moto,tokenprop', None),
 )
 PEER_MODES = ('eager', 'compile')
+PEER_TASKS = ('mae', 'supervised')  # cases with a PyTorch peer (torch_peer --task)
 
 
 def _literal(text):
@@ -96,6 +97,15 @@ def max_rss_bytes():
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def process_cpu_s(pid=None):
+  """CPU seconds (user + system, all threads) process `pid` has used so far; None = this one."""
+  if pid is None:
+    return time.process_time()
+  with open(f'/proc/{pid}/stat') as f:  # fields after the ')' closing the command name
+    fields = f.read().rsplit(')', 1)[1].split()
+  return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
+
+
 def _timed(fn, *args):
   start = time.perf_counter()
   out = jax.block_until_ready(fn(*args))
@@ -133,6 +143,7 @@ class JaxStep:
 
   def __init__(self, name, config, warmup):
     self.name, self.config, self.times = name, config, []
+    self.pid, self.others_cpu_s, self.timed_wall_s = None, 0.0, 0.0
     rss0 = max_rss_bytes()
     c = compile_step(config)
     framework, self.compiled, self.batch = c.framework, c.compiled, c.batch
@@ -162,6 +173,7 @@ class Matmul:
 
   def __init__(self, n, dtype):
     self.name, self.n, self.times = 'matmul', n, []
+    self.pid, self.others_cpu_s, self.timed_wall_s = None, 0.0, 0.0
     keys = jax.random.split(jax.random.PRNGKey(0))
     self.a, self.b = (jax.random.normal(k, (n, n), jnp.dtype(dtype)) for k in keys)
     self.fn = jax.jit(jnp.matmul).lower(self.a, self.b).compile()
@@ -176,28 +188,40 @@ class Matmul:
 
 
 class TorchPeer:
-  """The PyTorch MAE step (mimjax.bench.torch_peer) in a worker subprocess, timed step by step."""
+  """The PyTorch peer (mimjax.bench.torch_peer) of an MAE or supervised step in a worker
+  subprocess, timed step by step."""
 
-  def __init__(self, mode, mae_config, warmup, device):
+  def __init__(self, mode, config, warmup, device):
     self.name, self.mode, self.times = f'torch_{mode}', mode, []
-    kw = vit_kwargs(mae_config)
-    m = mae_config.mae
-    cmd = [sys.executable, '-m', 'mimjax.bench.torch_peer', f'--batch={mae_config.batch_size}',
-           f'--image_size={kw["image_size"]}', f'--patch_size={kw["patch_size"]}',
-           f'--width={kw["width"]}', f'--depth={kw["depth"]}', f'--heads={kw["num_heads"]}',
-           f'--mlp_dim={kw["mlp_dim"]}', f'--decoder_width={m.decoder_width}',
-           f'--decoder_depth={m.decoder_depth}', f'--decoder_heads={m.decoder_heads}',
-           f'--decoder_mlp_ratio={m.decoder_mlp_ratio}', f'--mask_ratio={m.mask_ratio}',
-           f'--channels={mae_config.data.channels}', f'--device={device}']
+    self.others_cpu_s, self.timed_wall_s = 0.0, 0.0
+    kw = vit_kwargs(config)
+    cmd = [sys.executable, '-m', 'mimjax.bench.torch_peer', f'--task={config.framework}',
+           f'--batch={config.batch_size}', f'--image_size={kw["image_size"]}',
+           f'--patch_size={kw["patch_size"]}', f'--width={kw["width"]}', f'--depth={kw["depth"]}',
+           f'--heads={kw["num_heads"]}', f'--mlp_dim={kw["mlp_dim"]}',
+           f'--channels={config.data.channels}', f'--device={device}']
+    if config.framework == 'mae':
+      m = config.mae
+      cmd += [f'--decoder_width={m.decoder_width}', f'--decoder_depth={m.decoder_depth}',
+              f'--decoder_heads={m.decoder_heads}', f'--decoder_mlp_ratio={m.decoder_mlp_ratio}',
+              f'--mask_ratio={m.mask_ratio}']
+    else:
+      s = config.supervised
+      cmd += [f'--num_classes={kw["num_classes"]}', f'--drop_path={kw["drop_path"]}',
+              f'--mixup_alpha={s.mixup_alpha}', f'--cutmix_alpha={s.cutmix_alpha}',
+              f'--label_smoothing={s.label_smoothing}']
     if mode == 'compile':
       cmd.append('--compile')
     if kw['dtype'] == jnp.bfloat16:
       cmd.append('--bf16')
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root,
-                                                                    os.environ.get('PYTHONPATH')])))
+    # Passive OpenMP waiting: torch's idle threads sleep at once instead of spinning on the cores
+    # while mimjax's step is timed (run_rounds measures that they do).
+    env = dict(os.environ, OMP_WAIT_POLICY='PASSIVE', PYTHONPATH=os.pathsep.join(
+        filter(None, [root, os.environ.get('PYTHONPATH')])))
     self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                  env=env, stderr=subprocess.DEVNULL)
+    self.pid = self.proc.pid
     self.info = self._read()
     self.first_step_s = self.steps(1)[0]
     self.steps(warmup)
@@ -251,10 +275,27 @@ def timing_stats(times):
 
 
 def run_rounds(runners, rounds, steps):
-  """Round-robin: every runner does `steps` timed steps per round, in the same order each round."""
+  """Round-robin: every runner does `steps` timed steps per round, in the same order each round.
+
+  Runners take turns, so no two are ever timed at once; while one is timed, the CPU time used by
+  the runners' other processes (the PyTorch worker, or this process while the worker is timed)
+  is added to its `others_cpu_s`, which shows whether an idle side still competed for the cores.
+  """
+  pids = {r.pid for r in runners}
   for _ in range(rounds):
     for r in runners:
+      others = [p for p in pids if p != r.pid]
+      before = [process_cpu_s(p) for p in others]
+      start = time.perf_counter()
       r.times += r.steps(steps)
+      r.timed_wall_s += time.perf_counter() - start
+      r.others_cpu_s += sum(process_cpu_s(p) - b for p, b in zip(others, before))
+
+
+def others_cpu(runner):
+  """CPU seconds the other side used while `runner` was timed, in total and per timed second."""
+  return dict(others_cpu_s=runner.others_cpu_s,
+              others_cpu_fraction=runner.others_cpu_s / max(runner.timed_wall_s, 1e-9))
 
 
 def _cpu_model():
@@ -295,7 +336,7 @@ def case_result(runner, matmul_flops_s, nominal_peak):
                  analytic_terms_per_example=runner.analytic,
                  xla_over_analytic=runner.flops / (analytic * runner.config.batch_size)),
       achieved_flops_per_s=achieved, frac_matmul_peak=achieved / matmul_flops_s,
-      mfu=achieved / nominal_peak if nominal_peak else None,
+      mfu=achieved / nominal_peak if nominal_peak else None, **others_cpu(runner),
       memory=dict(xla=runner.memory, device_peak_bytes=_device_peak(),
                   rss_growth_bytes=runner.rss_growth))
 
@@ -348,7 +389,7 @@ def run(args):
         runners.append(make(c.name, c.config))
       print(f'[bench] built {runners[-1].name}: compile {runners[-1].compile_s:.1f}s',
             file=sys.stderr, flush=True)
-    if kind is None and fam[0].name == 'mae' and runners and runners[0].name == 'mae':
+    if kind is None and runners and runners[0].name in PEER_TASKS:
       for mode in args.peer:
         try:
           pending_peer.append(TorchPeer(mode, runners[0].config, args.warmup, args.peer_device))
@@ -369,9 +410,11 @@ def run(args):
     for p in pending_peer:
       st = timing_stats(p.times)
       results['peer'].append(dict(name=p.name, status='ok', mode=p.mode, threads=p.info['threads'],
+                                  torch=p.info['torch'], torch_build=p.info.get('torch_build'),
                                   params=p.info['params'], first_step_s=p.first_step_s, step_s=st,
-                                  images_per_s=args.batch / st['median'],
-                                  mimjax_speedup=st['median'] / _median(results, 'mae')))
+                                  images_per_s=args.batch / st['median'], **others_cpu(p),
+                                  task=runners[0].name,
+                                  mimjax_speedup=st['median'] / _median(results, runners[0].name)))
     for r in everyone:
       r.close()
   results['machine']['load_average_end'] = os.getloadavg()
@@ -398,8 +441,8 @@ def define_flags(flag_values):
   flags.DEFINE_integer('steps', 3, 'timed steps per case per round', **fv)
   flags.DEFINE_integer('rounds', 3, 'round-robin rounds over the cases', **fv)
   flags.DEFINE_integer('warmup', 2, 'untimed steps after the first one', **fv)
-  flags.DEFINE_list('peer', 'eager,compile', 'PyTorch peer modes to run next to MAE: eager, '
-                    'compile ("" = none)', **fv)
+  flags.DEFINE_list('peer', 'eager,compile', 'PyTorch peer modes to run next to MAE and '
+                    'supervised: eager, compile ("" = none)', **fv)
   cli.require_subset('peer', PEER_MODES, flag_values)
   flags.DEFINE_string('peer_device', 'cuda' if jax.default_backend() == 'gpu' else 'cpu',
                       'Device of the PyTorch peer (cpu, cuda).', **fv)

@@ -1,9 +1,12 @@
-"""PyTorch peer of mimjax's MAE train step, run by `mimjax.bench` as a worker subprocess.
+"""PyTorch peers of mimjax's MAE and supervised train steps, run by `mimjax.bench` as a worker.
 
-The same model and step as mimjax's MAE: a timm ViT encoder (`PatchEmbed`, `Block`s with qkv bias,
-LayerNorm eps 1e-6, fixed sin-cos position embeddings, a cls token) on a random 25% of the patches,
-the MAE decoder (embedding, mask tokens, `Block`s on all patches, prediction) and the normalised
-per-patch pixel loss on the masked patches, then an AdamW update. Written from the papers' text.
+`--task mae`, the same model and step as mimjax's MAE: a timm ViT encoder (`PatchEmbed`, `Block`s
+with qkv bias, LayerNorm eps 1e-6, fixed sin-cos position embeddings, a cls token) on a random 25%
+of the patches, the MAE decoder (embedding, mask tokens, `Block`s on all patches, prediction) and
+the normalised per-patch pixel loss on the masked patches, then an AdamW update. Written from the
+papers' text. `--task supervised`, DeiT's step: timm's `VisionTransformer` (cls-token head, drop
+path) on a timm `Mixup` batch (mixup / cutmix, label smoothing) with soft-target cross-entropy,
+then an AdamW update.
 
 It runs in its own process because torch and TensorFlow (imported by mimjax's data modules) cannot
 share one. Protocol on stdin / stdout, one JSON object per line: after start-up the worker writes
@@ -19,6 +22,8 @@ import traceback
 from absl import flags
 import numpy as np
 import torch
+from timm import data as timm_data
+from timm import loss as timm_loss
 from timm.models import vision_transformer as tv
 from torch import nn
 
@@ -86,20 +91,46 @@ class TorchMAE(nn.Module):
     return (per_patch * mask).sum() / mask.sum()
 
 
+class TorchDeiT(nn.Module):
+  """DeiT's supervised objective: forward(images, soft targets) -> soft-target cross-entropy."""
+
+  def __init__(self, a):
+    super().__init__()
+    self.vit = tv.VisionTransformer(
+        img_size=a.image_size, patch_size=a.patch_size, in_chans=a.channels,
+        num_classes=a.num_classes, embed_dim=a.width, depth=a.depth, num_heads=a.heads,
+        mlp_ratio=a.mlp_dim / a.width, qkv_bias=True, drop_path_rate=a.drop_path)
+    self.loss = timm_loss.SoftTargetCrossEntropy()
+
+  def forward(self, images, targets):
+    return self.loss(self.vit(images), targets)
+
+
+def _inputs(a):
+  """The step's model inputs, drawn anew each step as the trainer's data would be."""
+  images = torch.randn(a.batch, a.channels, a.image_size, a.image_size, device=a.device)
+  if a.task == 'mae':
+    return lambda: (images,)
+  mix = timm_data.Mixup(mixup_alpha=a.mixup_alpha, cutmix_alpha=a.cutmix_alpha,
+                        label_smoothing=a.label_smoothing, num_classes=a.num_classes)
+  labels = torch.arange(a.batch, device=a.device) % a.num_classes
+  return lambda: mix(images.clone(), labels)
+
+
 def make_step(a):
   """(step function running one AdamW update, its module); `a.compile` runs the model (forward
   and backward, through AOTAutograd) under torch.compile, the optimizer eagerly."""
   torch.manual_seed(0)
-  model = TorchMAE(a)
+  model = TorchMAE(a) if a.task == 'mae' else TorchDeiT(a)
   model.to(a.device)
   opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
-  images = torch.randn(a.batch, a.channels, a.image_size, a.image_size, device=a.device)
+  inputs = _inputs(a)
   forward = torch.compile(model) if a.compile else model
 
   def step():
     opt.zero_grad(set_to_none=True)
     with torch.autocast(a.device, torch.bfloat16, enabled=a.bf16):
-      loss = forward(images)
+      loss = forward(*inputs())
     loss.backward()
     opt.step()
     if a.device == 'cuda':
@@ -112,14 +143,26 @@ def make_step(a):
 def define_flags(flag_values):
   """The worker's flags (`mimjax.bench.cli`): the model sizes are required."""
   fv = dict(flag_values=flag_values)
-  for name in ('batch', 'image_size', 'patch_size', 'width', 'depth', 'heads', 'mlp_dim',
-               'decoder_width', 'decoder_depth', 'decoder_heads', 'decoder_mlp_ratio'):
-    flags.DEFINE_integer(name, None, f'{name} of the MAE step', required=True, **fv)
+  flags.DEFINE_enum('task', 'mae', ('mae', 'supervised'), 'Which step.', **fv)
+  for name in ('batch', 'image_size', 'patch_size', 'width', 'depth', 'heads', 'mlp_dim'):
+    flags.DEFINE_integer(name, None, f'{name} of the ViT', required=True, **fv)
+  for name in ('decoder_width', 'decoder_depth', 'decoder_heads', 'decoder_mlp_ratio'):
+    flags.DEFINE_integer(name, None, f'{name} of the MAE decoder (--task=mae)', **fv)
   flags.DEFINE_integer('channels', 3, 'Image channels.', **fv)
-  flags.DEFINE_float('mask_ratio', 0.75, 'Fraction of patches masked.', **fv)
+  flags.DEFINE_float('mask_ratio', 0.75, 'Fraction of patches masked (--task=mae).', **fv)
+  flags.DEFINE_integer('num_classes', 1000, 'Classes (--task=supervised).', **fv)
+  for name in ('drop_path', 'mixup_alpha', 'cutmix_alpha', 'label_smoothing'):
+    flags.DEFINE_float(name, 0.0, f'{name} (--task=supervised)', **fv)
   flags.DEFINE_bool('compile', False, 'torch.compile the step.', **fv)
   flags.DEFINE_enum('device', 'cpu', ('cpu', 'cuda'), 'Torch device.', **fv)
   flags.DEFINE_bool('bf16', False, 'autocast to bfloat16 (mixed precision)', **fv)
+
+
+def _build():
+  """The torch build facts that decide CPU speed: CUDA version, MKL, oneDNN, OpenMP."""
+  return (f'CUDA {torch.version.cuda or "none"}, MKL {torch.backends.mkl.is_available()}, '
+          f'oneDNN {torch.backends.mkldnn.is_available()}, '
+          f'OpenMP {torch.backends.openmp.is_available()}')
 
 
 def _say(obj):
@@ -133,7 +176,7 @@ def main(a):
     start = time.perf_counter()
     step, model = make_step(a)
     _say(dict(ready=True, build_s=time.perf_counter() - start, torch=torch.__version__,
-              threads=torch.get_num_threads(),
+              torch_build=_build(), threads=torch.get_num_threads(),
               params=int(sum(np.prod(p.shape) for p in model.parameters()))))
     for line in sys.stdin:
       if not line.strip():

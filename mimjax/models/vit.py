@@ -157,8 +157,35 @@ def dot_product_attention(q, k, v, bias=None, return_weights=False):
   return jnp.einsum('bhqk,bkhd->bqhd', weights.astype(v.dtype), v), weights
 
 
+class ProjectionParams(nn.Module):
+  """The kernel [width, heads, head_dim] and bias [heads, head_dim] of one q/k/v projection.
+
+  Created exactly as `nn.DenseGeneral` creates them (same names, shapes, and the flattened
+  [width, heads * head_dim] kernel initialisation), so checkpoints and big_vision names are
+  unchanged; `MultiHeadAttention` applies q, k and v together as one fused product.
+  """
+  num_heads: int
+  head_dim: int
+  kernel_init: Any
+  use_bias: bool = True
+
+  @nn.compact
+  def __call__(self, width):
+    shape = (width, self.num_heads, self.head_dim)
+    flat_init = lambda key, shape, dtype=jnp.float32: self.kernel_init(  # noqa: E731
+        key, (shape[0], shape[1] * shape[2]), dtype).reshape(shape)
+    kernel = self.param('kernel', flat_init, shape)
+    if self.use_bias:
+      return kernel, self.param('bias', nn.initializers.zeros, shape[1:])
+    return kernel, jnp.zeros(shape[1:], kernel.dtype)
+
+
 class MultiHeadAttention(nn.Module):
-  """Self-attention with q/k/v/out DenseGeneral params (flax/big_vision layout), f32 softmax."""
+  """Self-attention with q/k/v/out DenseGeneral params (flax/big_vision layout), f32 softmax.
+
+  q, k and v are computed by one [width, 3 * width] matrix product (as timm's fused `qkv`
+  Linear): one larger product instead of three, and one for their input gradient.
+  """
   num_heads: int
   dtype: Dtype = jnp.float32
   beit_layer: int = 0  # > 0: BEiT init of block beit_layer (1-based), no key bias (q/v bias)
@@ -172,10 +199,14 @@ class MultiHeadAttention(nn.Module):
       raise ValueError(f'width {width} is not divisible by num_heads {self.num_heads}')
     head_dim = width // self.num_heads
     beit = self.beit_layer > 0
-    proj = lambda name: nn.DenseGeneral(  # noqa: E731
-        (self.num_heads, head_dim), dtype=self.dtype, name=name,
-        kernel_init=beit_normal() if beit else qkv_init, use_bias=not (beit and name == 'key'))
-    q, k, v = proj('query')(x), proj('key')(x), proj('value')(x)
+    kernels, biases = zip(*(
+        ProjectionParams(self.num_heads, head_dim, beit_normal() if beit else qkv_init,
+                         use_bias=not (beit and name == 'key'), name=name)(width)
+        for name in ('query', 'key', 'value')))
+    kernel = jnp.stack(kernels, axis=1).astype(self.dtype)  # [width, 3, heads, head_dim]
+    qkv = jnp.einsum('...d,dthk->...thk', x.astype(self.dtype), kernel)
+    qkv = qkv + jnp.stack(biases).astype(self.dtype)
+    q, k, v = (qkv[..., i, :, :] for i in range(3))
     out, weights = dot_product_attention(q, k, v, bias, return_weights)
     # DenseGeneral initialises the flattened 2-D kernel, so plain Xavier has the right fans.
     out = nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, name='out',
