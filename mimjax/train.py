@@ -348,7 +348,7 @@ def train(config, workdir, dry_run=False):
     resume.record(workdir, config, start_step)
     loop = _Loop(framework, config, workdir, ckpt, state_sharding, tx, lr_schedule, mesh)
     writer = metrics_writer.MetricsWriter(workdir, config.total_steps, start_step,
-                                          config.log.progress_bar)
+                                          config.log.progress_bar, config.log.tensorboard)
     try:
       return loop.run(state, batches, start_step, data_start, IntervalAccumulator(latest_meta),
                       writer)

@@ -9,6 +9,8 @@ import subprocess
 import sys
 import textwrap
 import time
+import urllib.parse
+import urllib.request
 
 from jax._src import clusters
 import numpy as np
@@ -41,6 +43,108 @@ def test_urls_stay_urls_and_local_paths_become_absolute(tmp_path, monkeypatch):
   assert str(workdir_io.path('s3://b/r', 'metrics.jsonl')) == 's3://b/r/metrics.jsonl'
   monkeypatch.chdir(tmp_path)
   assert str(workdir_io.path('run', 'config.json')) == str(tmp_path / 'run' / 'config.json')
+
+
+# ------------------------------------------------------------------ a gs:// workdir (GCS emulator)
+
+_BUCKET = 'mimjax-test'
+_TINY_DECODER = {'mae.decoder_width': 32, 'mae.decoder_depth': 1, 'mae.decoder_heads': 2}
+
+
+@pytest.fixture
+def gcs_emulator():
+  """(url, env): an in-memory GCS emulator (PyPI gcp-storage-emulator) holding bucket _BUCKET, and
+  the environment that points every library of a gs:// workdir at it: epath on its fsspec backend
+  (gcsfs; tf.io.gfile's GCS client has a fixed endpoint) and TensorStore, which writes Orbax's
+  arrays, with a test token instead of a metadata-server lookup."""
+  pytest.importorskip('gcp_storage_emulator')
+  pytest.importorskip('gcsfs')
+  url = f'http://127.0.0.1:{_free_port()}'
+  server = subprocess.Popen(
+      [sys.executable, '-m', 'gcp_storage_emulator', 'start', '--port', url.rsplit(':', 1)[1],
+       '--in-memory', '--default-bucket', _BUCKET, '--quiet'],
+      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  try:
+    deadline = time.time() + 120
+    while True:
+      try:
+        urllib.request.urlopen(url + '/', timeout=5).close()
+        break
+      except OSError:
+        assert time.time() < deadline and server.poll() is None, 'the emulator did not start'
+        time.sleep(0.2)
+    env = dict(STORAGE_EMULATOR_HOST=url, EPATH_USE_TF='false', TENSORSTORE_GCS_HTTP_URL=url,
+               GOOGLE_AUTH_TOKEN_FOR_TESTING='emulator')
+    yield url, env
+  finally:
+    server.terminate()
+    server.wait()
+
+
+def _bucket_objects(url, prefix):
+  """The object names under `prefix`, read over the emulator's JSON API (not the path layer)."""
+  query = urllib.parse.urlencode(dict(prefix=prefix))
+  with urllib.request.urlopen(f'{url}/storage/v1/b/{_BUCKET}/o?{query}') as r:
+    return sorted(item['name'] for item in json.load(r).get('items', []))
+
+
+def _bucket_object(url, name, method='GET'):
+  quoted = urllib.parse.quote(name, safe='')
+  request = urllib.request.Request(f'{url}/storage/v1/b/{_BUCKET}/o/{quoted}?alt=media',
+                                   method=method)
+  with urllib.request.urlopen(request) as r:
+    return r.read()
+
+
+@pytest.mark.slow  # two trainer runs in fresh processes: ~3 minutes on 2 busy cores
+def test_a_gs_workdir_keeps_the_run_in_the_bucket_and_a_rerun_resumes_from_it(gcs_emulator,
+                                                                             tmp_path):
+  """The real trainer on gs://: checkpoints, metrics, config, eval JSON and images are objects in
+  the bucket, nothing lands on the local disk (the old `abspath` bug wrote ./gs:/...), and after
+  losing the last checkpoint the rerun resumes from the bucket's step-3 checkpoint and logs the
+  first run's steps 4-6 again."""
+  url, emulator_env = gcs_emulator
+  overrides = tiny_overrides(**_TINY_DECODER, **{
+      'eval.every_steps': 3, 'log.images_every_steps': 3, 'log.tensorboard': False})
+  env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL='3', **emulator_env)
+  local = tmp_path / 'cwd'
+  local.mkdir()
+
+  def train_on_gs():
+    result = subprocess.run(
+        [sys.executable, '-m', 'mimjax.train', '--config', 'configs/mae.py:runlocal',
+         *config_flags(overrides), f'--workdir=gs://{_BUCKET}/run'],
+        cwd=local, env=env, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+  train_on_gs()
+  names = _bucket_objects(url, 'run/')
+  for name in ('run/config.json', 'run/metrics.jsonl', 'run/eval_mae.json', 'run/labels.txt',
+               'run/images/reconstruction_0000003.png', 'run/images/reconstruction_0000006.png',
+               'run/checkpoints/3/checksums.json', 'run/checkpoints/6/checksums.json'):
+    assert name in names, (name, names)
+  assert any(n.startswith('run/checkpoints/6/state/') for n in names), names
+  assert 'run/lock.json' not in names  # released at the end
+  assert os.listdir(local) == []  # nothing written to the local disk
+  read = lambda name: _bucket_object(url, name).decode()
+  first = [json.loads(line) for line in read('run/metrics.jsonl').splitlines()]
+  assert [r['step'] for r in first] == [1, 2, 3, 4, 5, 6]
+  assert json.loads(read('run/config.json'))['total_steps'] == 6
+  assert [r['step'] for r in json.loads(read('run/eval_mae.json'))['history']] == [3, 6]
+  assert _bucket_object(url, 'run/images/reconstruction_0000006.png')[:8] == b'\x89PNG\r\n\x1a\n'
+
+  for name in names:  # lose the step-6 checkpoint: the rerun must resume from step 3 in the bucket
+    if name.startswith('run/checkpoints/6/'):
+      _bucket_object(url, name, method='DELETE')
+  output = train_on_gs()
+  assert f'Resuming from checkpoint 3 in gs://{_BUCKET}/run/checkpoints' in output, output
+  again = [json.loads(line) for line in read('run/metrics.jsonl').splitlines()]
+  assert [r['step'] for r in again] == [1, 2, 3, 4, 5, 6]
+  for key in ('loss', 'grad_norm', 'lr', 'eval_loss'):
+    assert [r.get(key) for r in again] == [r.get(key) for r in first], key
+  assert 'run/checkpoints/6/checksums.json' in _bucket_objects(url, 'run/checkpoints/6/')
+  assert os.listdir(local) == []
 
 
 # ------------------------------------------------------------------ metrics.jsonl (issue 18.1)
@@ -272,9 +376,10 @@ def test_process_0_alone_prepares_an_empty_shared_data_dir(tmp_path):
 
 @pytest.mark.slow  # three 2-process runs: ~4 minutes on 2 busy cores
 def test_ctrl_c_to_the_launcher_checkpoints_both_processes_at_one_step_and_resumes(tmp_path):
-  """SIGINT to launch/local_multiprocess.sh: it sends SIGTERM to both trainers, JAX's preemption
-  service stops them at one common step with a checkpoint, both exit 143, and the rerun ends
-  with the uninterrupted 2-process run's metrics."""
+  """SIGINT to launch/local_multiprocess.sh: it sends SIGTERM to both trainers (what SLURM's
+  --signal and a TPU maintenance event do), JAX's preemption service stops them at one common
+  step with a checkpoint, both exit 143 (requeue), and the rerun ends with the uninterrupted
+  2-process run's metrics."""
   overrides = tiny_overrides(**{'mae.decoder_width': 32, 'mae.decoder_depth': 1,
                                 'mae.decoder_heads': 2, 'total_steps': 40,
                                 'checkpoint.every_steps': 40, 'log.every_steps': 1})
@@ -301,6 +406,9 @@ def test_ctrl_c_to_the_launcher_checkpoints_both_processes_at_one_step_and_resum
   finally:
     launcher.send_signal(signal.SIGINT)  # also stops both trainers when the wait failed
   assert launcher.wait(timeout=300) == 130, launcher.stdout.read()
+  said = launcher.stdout.read()
+  for i in range(2):
+    assert f'process {i} exited with status {train.PREEMPTED_EXIT_CODE}' in said, said
   outputs = [(logs / f'process_{i}.log').read_text() for i in range(2)]
   steps = [int(o.split('Stopped at step ')[1].split(';')[0]) for o in outputs]
   assert steps[0] == steps[1] < 40, outputs
