@@ -51,6 +51,26 @@ _BUCKET = 'mimjax-test'
 _TINY_DECODER = {'mae.decoder_width': 32, 'mae.decoder_depth': 1, 'mae.decoder_heads': 2}
 
 
+# gcp-storage-emulator's command line, with the one header it leaves out added: GCS sends each
+# object's generation (x-goog-generation) with its download, and TensorStore reads Orbax's OCDBT
+# manifests by it ("Malformed StorageGeneration" without it).
+_EMULATOR = textwrap.dedent('''
+    import sys
+    from gcp_storage_emulator.handlers import objects
+    plain_download = objects.download
+    def download(request, response, storage, *args, **kwargs):
+      try:
+        obj = storage.get_file_obj(request.params['bucket_name'], request.params['object_id'])
+        response['x-goog-generation'] = obj['generation']
+      except Exception:  # a missing object: the plain handler answers 404
+        pass
+      return plain_download(request, response, storage, *args, **kwargs)
+    objects.download = download  # before the server module builds its routes from it
+    from gcp_storage_emulator import __main__ as cli
+    sys.exit(cli.main(sys.argv[1:]))
+''')
+
+
 @pytest.fixture
 def gcs_emulator():
   """(url, env): an in-memory GCS emulator (PyPI gcp-storage-emulator) holding bucket _BUCKET, and
@@ -61,7 +81,7 @@ def gcs_emulator():
   pytest.importorskip('gcsfs')
   url = f'http://127.0.0.1:{_free_port()}'
   server = subprocess.Popen(
-      [sys.executable, '-m', 'gcp_storage_emulator', 'start', '--port', url.rsplit(':', 1)[1],
+      [sys.executable, '-c', _EMULATOR, 'start', '--port', url.rsplit(':', 1)[1],
        '--in-memory', '--default-bucket', _BUCKET, '--quiet'],
       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   try:
