@@ -319,12 +319,65 @@ def test_each_slurm_task_gets_a_device_it_can_see(monkeypatch, visible, expected
   assert all(i < len(visible.split(',')) for i in local)
 
 
-def test_slurm_script_binds_one_gpu_per_task_and_requeues_on_preemption():
-  with open(os.path.join(ROOT, 'launch/slurm_gpu.sbatch')) as f:
-    text = f.read()
-  assert '--gpu-bind=single:1' in text
-  assert '#SBATCH --signal=TERM@' in text and '#SBATCH --requeue' in text
-  assert 'scontrol requeue' in text and '"$status" == 143' in text
+# Stand-ins for SLURM's commands. srun starts 2 tasks on node gpu001 as `--gpu-bind=single:1`
+# does (each task sees only its own GPU) or, without that flag, each seeing all 4 GPUs; `python`
+# records the environment and arguments a task's trainer would start with, then exits $PROBE_EXIT.
+_FAKE_SLURM = {
+    'srun': """#!/usr/bin/env bash
+bound=0
+while [[ "$1" == --* ]]; do [[ "$1" == --gpu-bind=single:1 ]] && bound=1; shift; done
+status=0
+for i in 0 1; do
+  visible=0,1,2,3; [[ $bound == 1 ]] && visible=$i
+  SLURM_PROCID=$i SLURM_LOCALID=$i SLURM_NTASKS=2 SLURM_STEP_NODELIST=gpu001 \\
+    SLURM_STEP_NUM_NODES=1 CUDA_VISIBLE_DEVICES=$visible "$@" || status=$?
+done
+exit $status
+""",
+    'python': """#!/usr/bin/env bash
+python3 -c 'import json, os, sys; json.dump(dict(env=dict(os.environ), argv=sys.argv[1:]), \\
+  open(os.path.join(os.environ["PROBE_DIR"], "task_" + os.environ["SLURM_PROCID"]), "w"))' "$@"
+exit "${PROBE_EXIT:-0}"
+""",
+    'scontrol': 'echo "$@" >> "$PROBE_DIR/scontrol.log"\n',
+}
+
+
+def test_the_sbatch_script_gives_each_task_a_device_it_sees_and_requeues_on_143(tmp_path,
+                                                                              monkeypatch):
+  """launch/slurm_gpu.sbatch run under stand-in srun / scontrol: each task's environment (bound to
+  one GPU) makes JAX's SLURM detection pick that task's process id and local device 0, the only
+  ordinal it can see; a run that exits 143 (preempted) requeues the job."""
+  bin_dir = tmp_path / 'bin'
+  bin_dir.mkdir()
+  for name, text in _FAKE_SLURM.items():
+    (bin_dir / name).write_text(text if text.startswith('#!') else '#!/usr/bin/env bash\n' + text)
+    (bin_dir / name).chmod(0o755)
+  env = dict(os.environ, PATH=f'{bin_dir}:{os.environ["PATH"]}', PROBE_DIR=str(tmp_path),
+             SLURM_JOB_ID='4242', SLURM_SUBMIT_DIR=ROOT)
+  script = ['bash', 'launch/slurm_gpu.sbatch', '--config', 'configs/mae.py', '--workdir', '/w']
+  assert subprocess.run(script, cwd=ROOT, env=env, timeout=120).returncode == 0
+  assert not (tmp_path / 'scontrol.log').exists()
+  for i in range(2):
+    task = json.loads((tmp_path / f'task_{i}').read_text())
+    assert task['argv'][-1] == '--config.distributed.num_processes=-1'
+    assert '--xla_gpu_enable_latency_hiding_scheduler=true' in task['env']['XLA_FLAGS']
+    assert task['env']['CUDA_VISIBLE_DEVICES'] == str(i)  # only its own GPU
+    for key in [k for k in os.environ if k.startswith('SLURM_')]:
+      monkeypatch.delenv(key)
+    for key, value in task['env'].items():
+      if key.startswith('SLURM_') or key == 'CUDA_VISIBLE_DEVICES':
+        monkeypatch.setenv(key, value)
+    local = distributed.slurm_local_device_ids()  # what mimjax.distributed.initialize passes
+    address, count, process_id, local = (
+        clusters.ClusterEnv.auto_detect_unset_distributed_params(None, None, None, local, None,
+                                                                 None))
+    assert (address, count, process_id, list(local)) == ('gpu001:61586', 2, i, [0])
+
+  preempted = subprocess.run(script, cwd=ROOT, env=dict(env, PROBE_EXIT='143'), timeout=120,
+                             capture_output=True, text=True)
+  assert preempted.returncode == 143, preempted.stderr
+  assert (tmp_path / 'scontrol.log').read_text() == 'requeue 4242\n'
 
 
 # ------------------------------------------------------------------ several processes
