@@ -142,7 +142,7 @@ def test_a_gs_workdir_keeps_the_run_in_the_bucket_and_a_rerun_resumes_from_it(gc
 
   train_on_gs()
   names = _bucket_objects(url, 'run/')
-  for name in ('run/config.json', 'run/metrics.jsonl', 'run/labels.txt',
+  for name in ('run/config.json', 'run/metrics.jsonl',
                'run/images/reconstruction_0000003.png', 'run/images/reconstruction_0000006.png',
                'run/checkpoints/3/checksums.json', 'run/checkpoints/6/checksums.json'):
     assert name in names, (name, names)
