@@ -257,6 +257,9 @@ def base_config():
   c.log.every_steps = 50
   c.log.images_every_steps = 5000  # reconstruction PNGs; 0 turns them off
   c.log.progress_bar = True
+  # TensorBoard events under WORKDIR/tensorboard, written by TensorFlow's own file layer (it reaches
+  # gs:// itself but cannot be pointed at a GCS emulator); metrics.jsonl has every value anyway.
+  c.log.tensorboard = True
   # Weights & Biases tracking (`pip install '.[wandb]'`; WANDB_MODE=offline keeps it on disk): the
   # logged scalars and pictures, the config, one W&B run per workdir (resuming continues it).
   c.log.wandb = False

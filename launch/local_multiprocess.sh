@@ -7,9 +7,11 @@
 # Every process gets MIMJAX_COORDINATOR (a free localhost port), MIMJAX_NUM_PROCESSES and
 # MIMJAX_PROCESS_ID, which mimjax.distributed passes to jax.distributed.initialize. Process i
 # logs to $LOG_DIR/process_i.log (LOG_DIR defaults to the current directory). The script waits
-# for all processes and fails if any fails. --dry-run (or DRY_RUN=1) prints the commands only.
+# for all processes and exits with the first non-zero status among them (143 when they were
+# preempted by SIGTERM). --dry-run (or DRY_RUN=1) prints the commands only.
 # Ctrl-C (or SIGTERM to this script) sends SIGTERM to every process: they checkpoint at one
-# common step, exit, and the script waits for them; re-running the command resumes.
+# common step and exit with 143; the script reports each status and exits 130. Re-running the
+# command resumes.
 set -euo pipefail
 
 DRY_RUN="${DRY_RUN:-0}"
@@ -35,8 +37,23 @@ pids=()
 stop() {
   echo "stopping: the processes save a checkpoint and exit" >&2
   kill -TERM "${pids[@]}" 2>/dev/null || true
-  wait "${pids[@]}" 2>/dev/null || true
+  wait_all
   exit 130
+}
+
+# Waits for every process, reporting each non-zero exit status; the first one is kept in $status.
+status=0
+wait_all() {
+  for i in "${!pids[@]}"; do
+    code=0
+    wait "${pids[$i]}" || code=$?
+    if [[ "$code" != 0 ]]; then
+      echo "process ${i} exited with status ${code}; see ${LOG_DIR}/process_${i}.log" >&2
+      if [[ "$status" == 0 ]]; then
+        status="$code"
+      fi
+    fi
+  done
 }
 trap stop INT TERM
 
@@ -53,11 +70,5 @@ for ((i = 0; i < num_processes; i++)); do
   fi
 done
 
-status=0
-for i in "${!pids[@]}"; do
-  if ! wait "${pids[$i]}"; then
-    echo "process ${i} failed; see ${LOG_DIR}/process_${i}.log" >&2
-    status=1
-  fi
-done
+wait_all
 exit "$status"

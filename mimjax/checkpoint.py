@@ -28,21 +28,28 @@ def _reason(e):
   return f'{type(e).__name__}: {text[:300]}'
 
 
+def _files(directory, prefix=''):
+  """(relative path, epath) of every file under `directory`, listed name by name: epath's fsspec
+  backend (gcsfs) yields `walk` roots without their gs://, which no longer lie under `directory`."""
+  for child in directory.iterdir():
+    if child.is_dir():
+      yield from _files(child, f'{prefix}{child.name}/')
+    else:
+      yield f'{prefix}{child.name}', child
+
+
 def _digests(directory):
   """{relative path: sha256 hex} of every file under `directory` (an epath) but the checksum
   file."""
   digests = {}
-  for root, _, names in directory.walk():
-    for name in names:
-      path = root / name
-      rel = str(path.relative_to(directory))
-      if rel == CHECKSUMS:
-        continue
-      sha = hashlib.sha256()
-      with path.open('rb') as f:
-        for chunk in iter(lambda: f.read(1 << 22), b''):  # pylint: disable=cell-var-from-loop
-          sha.update(chunk)
-      digests[rel] = sha.hexdigest()
+  for rel, path in _files(directory):
+    if rel == CHECKSUMS:
+      continue
+    sha = hashlib.sha256()
+    with path.open('rb') as f:
+      for chunk in iter(lambda: f.read(1 << 22), b''):  # pylint: disable=cell-var-from-loop
+        sha.update(chunk)
+    digests[rel] = sha.hexdigest()
   return digests
 
 

@@ -18,14 +18,16 @@ from mimjax import workdir_io
 
 
 def _drop_records_after(path, step):
-  """On resume, forget what an interrupted run logged after its last checkpoint.
+  """On resume, forget what an interrupted run logged after its last checkpoint; returns the
+  records kept.
 
   The file is replaced atomically, so a crash during this rewrite keeps the whole history.
   """
   if not path.exists():
-    return
+    return []
   kept = [r for r in workdir_io.read_jsonl(path) if r['step'] <= step]
   workdir_io.write_atomic(path, ''.join(json.dumps(r) + '\n' for r in kept))
+  return kept
 
 
 class WandbRun:
@@ -54,8 +56,8 @@ class WandbRun:
 
 
 class MetricsWriter:
-  """Appends one JSON object per logged step and mirrors scalars to TensorBoard (and to W&B when
-  `config.log.wandb`)."""
+  """Appends one JSON object per logged step and mirrors scalars to TensorBoard (unless
+  `config.log.tensorboard` is False) and to W&B (when `config.log.wandb`)."""
 
   def __init__(self, workdir, total_steps, start_step, progress_bar=True, config=None):
     self.active = jax.process_index() == 0
@@ -68,9 +70,9 @@ class MetricsWriter:
       return
     self.workdir = workdir
     path = workdir_io.path(workdir, 'metrics.jsonl')
-    _drop_records_after(path, start_step)
-    self.jsonl = path.open('a')
-    self.tb = tf.summary.create_file_writer(str(workdir_io.path(workdir, 'tensorboard')))
+    self.jsonl = workdir_io.JsonLines(path, _drop_records_after(path, start_step))
+    self.tb = (tf.summary.create_file_writer(str(workdir_io.path(workdir, 'tensorboard')))
+               if config is None or config.log.tensorboard else None)
     if progress_bar and sys.stderr.isatty():
       self.bar = tqdm.tqdm(total=total_steps, initial=start_step, unit='step', dynamic_ncols=True)
     if config is not None and config.log.wandb:
@@ -80,13 +82,13 @@ class MetricsWriter:
     if not self.active:
       return
     record = {'step': int(step), **{k: float(v) for k, v in scalars.items()}}
-    self.jsonl.write(json.dumps(record) + '\n')
-    self.jsonl.flush()
-    with self.tb.as_default(step=int(step)):
-      for key, value in record.items():
-        if key != 'step' and math.isfinite(value):
-          tf.summary.scalar(key, value)
-    self.tb.flush()
+    self.jsonl.append(record)
+    if self.tb is not None:
+      with self.tb.as_default(step=int(step)):
+        for key, value in record.items():
+          if key != 'step' and math.isfinite(value):
+            tf.summary.scalar(key, value)
+      self.tb.flush()
     if self.wandb is not None:
       self.wandb.log(step, {k: v for k, v in record.items() if k != 'step'})
     self._progress(step, record)
@@ -117,8 +119,9 @@ class MetricsWriter:
     path = directory / f'{name}_{step:07d}.png'
     with path.open('wb') as f:
       Image.fromarray(image).save(f, format='PNG')
-    with self.tb.as_default(step=int(step)):
-      tf.summary.image(name, image[None], step=int(step))
+    if self.tb is not None:
+      with self.tb.as_default(step=int(step)):
+        tf.summary.image(name, image[None], step=int(step))
     if self.wandb is not None:
       self.wandb.log_image(name, step, image)
     return str(path)
@@ -128,6 +131,7 @@ class MetricsWriter:
       if self.bar is not None:
         self.bar.close()
       self.jsonl.close()
-      self.tb.close()
+      if self.tb is not None:
+        self.tb.close()
       if self.wandb is not None:
         self.wandb.finish()

@@ -10,6 +10,7 @@ from absl import flags
 import jax
 import numpy as np
 
+from mimjax import workdir_io
 from mimjax.data import pipeline
 
 
@@ -102,7 +103,7 @@ def summary_lines(config, mesh, params, workdir, latest_step):
       f'batch: {config.batch_size} global, {per_host} per host{micro}',
       f'steps: {config.total_steps:,} ({epochs:.2f} epochs), warmup {config.warmup_steps:,}',
       f'data: {data}',
-      f'workdir: {os.path.abspath(workdir)}',
+      f'workdir: {workdir_io.path(workdir)}',  # a gs:// URL stays a URL
       f'resuming from step {latest_step}' if latest_step is not None else 'starting fresh',
   ]
 

@@ -69,6 +69,34 @@ def read_jsonl(target):
   return records
 
 
+class JsonLines:
+  """A JSON-lines file that grows one record at a time, complete on storage after every record.
+
+  A local file is appended to and flushed. An object (gs://) cannot be appended to, so after each
+  record the whole text is uploaded again, replacing the object at once (tf.io.gfile re-uploads a
+  GCS file whole at every flush too); a log has one record per log interval, so this stays small.
+  """
+
+  def __init__(self, target, records=()):
+    """Continues `target` from `records` (what it holds now)."""
+    self.target = epath.Path(target)
+    self._lines = [json.dumps(r) + '\n' for r in records] if is_url(target) else None
+    self._file = None if is_url(target) else open(str(target), 'a')
+
+  def append(self, record):
+    line = json.dumps(record) + '\n'
+    if self._file is not None:
+      self._file.write(line)
+      self._file.flush()
+      return
+    self._lines.append(line)
+    self.target.write_text(''.join(self._lines))
+
+  def close(self):
+    if self._file is not None:
+      self._file.close()
+
+
 def _pid_alive(pid):
   try:
     os.kill(pid, 0)

@@ -77,6 +77,46 @@ def test_local_multiprocess_dry_run_gives_each_process_its_id():
   assert bad.returncode == 2 and 'usage' in bad.stderr
 
 
+def _doc_commands(path):
+  """The commands in the ```bash blocks of a Markdown file (continuations joined, comments
+  dropped), each as a list of words."""
+  with open(os.path.join(ROOT, path)) as f:
+    blocks = re.findall(r'```bash\n(.*?)```', f.read(), re.S)
+  lines = '\n'.join(blocks).replace('\\\n', ' ').splitlines()
+  return [words for words in map(lambda line: shlex.split(line, comments=True), lines) if words]
+
+
+# Commands of docs/scale.md that need the network and a cloud project (not run here).
+_EXTERNAL = {('tfds', 'build'), ('export', 'TFDS_DATA_DIR=gs://my-bucket/tensorflow_datasets'),
+             ('gcloud', 'compute')}
+
+
+def test_every_launcher_command_in_scale_md_dry_runs_with_its_training_flags():
+  """Each launcher command of docs/scale.md, as written, succeeds as a dry run and hands the
+  trainer its flags unchanged; the rest are the known cloud commands."""
+  ran = []
+  for words in _doc_commands('docs/scale.md'):
+    if words[0] == 'sbatch':  # sbatch OPTIONS SCRIPT FLAGS: the script's own dry run
+      script = next(w for w in words if w.startswith('launch/'))
+      flags = words[words.index(script) + 1:]
+      printed = _dry_run(script, *flags, DRY_RUN='1')
+    elif words[0].startswith('launch/'):
+      script, flags = words[0], words[1:]
+      printed = _dry_run(script, '--dry-run', *flags)
+      flags = flags[1:] if script == 'launch/local_multiprocess.sh' else flags[2:]  # N / TPU ZONE
+    else:
+      assert tuple(words[:2]) in _EXTERNAL, words
+      continue
+    # The last printed command starts the trainer (for the TPU, inside --command='...').
+    trainer = shlex.split(printed[-1])
+    if script == 'launch/tpu_pod.sh':
+      trainer = shlex.split(trainer[-1].removeprefix('--command='))
+    start = trainer.index('mimjax.train') + 1
+    assert trainer[start:start + len(flags)] == flags, (words, printed[-1])
+    ran.append(script)
+  assert sorted(ran) == sorted(SCRIPTS)
+
+
 @pytest.mark.slow  # executes every notebook cell: a training run and its evaluation
 def test_colab_notebook_runs_end_to_end(tmp_path, monkeypatch):
   nbformat = pytest.importorskip('nbformat')

@@ -9,6 +9,8 @@ import subprocess
 import sys
 import textwrap
 import time
+import urllib.parse
+import urllib.request
 
 from jax._src import clusters
 import numpy as np
@@ -41,6 +43,133 @@ def test_urls_stay_urls_and_local_paths_become_absolute(tmp_path, monkeypatch):
   assert str(workdir_io.path('s3://b/r', 'metrics.jsonl')) == 's3://b/r/metrics.jsonl'
   monkeypatch.chdir(tmp_path)
   assert str(workdir_io.path('run', 'config.json')) == str(tmp_path / 'run' / 'config.json')
+
+
+# ------------------------------------------------------------------ a gs:// workdir (GCS emulator)
+
+_BUCKET = 'mimjax-test'
+_TINY_DECODER = {'mae.decoder_width': 32, 'mae.decoder_depth': 1, 'mae.decoder_heads': 2}
+
+
+# gcp-storage-emulator's command line, with the one header it leaves out added: GCS sends each
+# object's generation (x-goog-generation) with its download, and TensorStore reads Orbax's OCDBT
+# manifests by it ("Malformed StorageGeneration" without it).
+_EMULATOR = textwrap.dedent('''
+    import sys
+    from gcp_storage_emulator.handlers import objects
+    plain_download = objects.download
+    def download(request, response, storage, *args, **kwargs):
+      try:
+        obj = storage.get_file_obj(request.params['bucket_name'], request.params['object_id'])
+        response['x-goog-generation'] = obj['generation']
+      except Exception:  # a missing object: the plain handler answers 404
+        pass
+      return plain_download(request, response, storage, *args, **kwargs)
+    objects.download = download  # before the server module builds its routes from it
+    from gcp_storage_emulator import __main__ as cli
+    sys.exit(cli.main(sys.argv[1:]))
+''')
+
+
+@pytest.fixture
+def gcs_emulator():
+  """(url, env): an in-memory GCS emulator (PyPI gcp-storage-emulator) holding bucket _BUCKET, and
+  the environment that points every library of a gs:// workdir at it: epath on its fsspec backend
+  (gcsfs; tf.io.gfile's GCS client has a fixed endpoint) and TensorStore, which writes Orbax's
+  arrays, with a test token instead of a metadata-server lookup."""
+  pytest.importorskip('gcp_storage_emulator')
+  pytest.importorskip('gcsfs')
+  url = f'http://127.0.0.1:{_free_port()}'
+  server = subprocess.Popen(
+      [sys.executable, '-c', _EMULATOR, 'start', '--port', url.rsplit(':', 1)[1],
+       '--in-memory', '--default-bucket', _BUCKET, '--quiet'],
+      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  try:
+    deadline = time.time() + 120
+    while True:
+      try:
+        urllib.request.urlopen(url + '/', timeout=5).close()
+        break
+      except OSError:
+        assert time.time() < deadline and server.poll() is None, 'the emulator did not start'
+        time.sleep(0.2)
+    env = dict(STORAGE_EMULATOR_HOST=url, EPATH_USE_TF='false', TENSORSTORE_GCS_HTTP_URL=url,
+               GOOGLE_AUTH_TOKEN_FOR_TESTING='emulator')
+    yield url, env
+  finally:
+    server.terminate()
+    server.wait()
+
+
+def _bucket_objects(url, prefix):
+  """The object names under `prefix`, read over the emulator's JSON API (not the path layer)."""
+  query = urllib.parse.urlencode(dict(prefix=prefix))
+  with urllib.request.urlopen(f'{url}/storage/v1/b/{_BUCKET}/o?{query}') as r:
+    return sorted(item['name'] for item in json.load(r).get('items', []))
+
+
+def _bucket_object(url, name, method='GET'):
+  quoted = urllib.parse.quote(name, safe='')
+  request = urllib.request.Request(f'{url}/storage/v1/b/{_BUCKET}/o/{quoted}?alt=media',
+                                   method=method)
+  with urllib.request.urlopen(request) as r:
+    return r.read()
+
+
+@pytest.mark.slow  # two trainer runs in fresh processes: ~3 minutes on 2 busy cores
+def test_a_gs_workdir_keeps_the_run_in_the_bucket_and_a_rerun_resumes_from_it(gcs_emulator,
+                                                                             tmp_path):
+  """The real trainer on gs://: checkpoints, metrics, config and images are objects in the
+  bucket, nothing lands on the local disk (the old `abspath` bug wrote ./gs:/...); after losing
+  the last checkpoint the rerun resumes from the bucket's step-3 checkpoint and logs the first
+  run's steps 4-6 again; `mimjax.evaluate` reads the run from the bucket and writes its JSON
+  there."""
+  url, emulator_env = gcs_emulator
+  overrides = tiny_overrides(**_TINY_DECODER, **{'log.images_every_steps': 3,
+                                                 'log.tensorboard': False})
+  env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL='3', **emulator_env)
+  local = tmp_path / 'cwd'
+  local.mkdir()
+
+  def run(*args):
+    result = subprocess.run([sys.executable, '-m', *args, f'--workdir=gs://{_BUCKET}/run'],
+                            cwd=local, env=env, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+  def train_on_gs():
+    return run('mimjax.train', '--config', 'configs/mae.py:runlocal', *config_flags(overrides))
+
+  train_on_gs()
+  names = _bucket_objects(url, 'run/')
+  for name in ('run/config.json', 'run/metrics.jsonl',
+               'run/images/reconstruction_0000003.png', 'run/images/reconstruction_0000006.png',
+               'run/checkpoints/3/checksums.json', 'run/checkpoints/6/checksums.json'):
+    assert name in names, (name, names)
+  assert any(n.startswith('run/checkpoints/6/state/') for n in names), names
+  assert 'run/lock.json' not in names  # released at the end
+  assert os.listdir(local) == []  # nothing written to the local disk
+  read = lambda name: _bucket_object(url, name).decode()
+  first = [json.loads(line) for line in read('run/metrics.jsonl').splitlines()]
+  assert [r['step'] for r in first] == [1, 2, 3, 4, 5, 6]
+  assert json.loads(read('run/config.json'))['total_steps'] == 6
+  assert _bucket_object(url, 'run/images/reconstruction_0000006.png')[:8] == b'\x89PNG\r\n\x1a\n'
+
+  for name in names:  # lose the step-6 checkpoint: the rerun must resume from step 3 in the bucket
+    if name.startswith('run/checkpoints/6/'):
+      _bucket_object(url, name, method='DELETE')
+  output = train_on_gs()
+  assert f'Resuming from checkpoint 3 in gs://{_BUCKET}/run/checkpoints' in output, output
+  again = [json.loads(line) for line in read('run/metrics.jsonl').splitlines()]
+  assert [r['step'] for r in again] == [1, 2, 3, 4, 5, 6]
+  for key in ('loss', 'grad_norm', 'lr'):
+    assert [r[key] for r in again] == [r[key] for r in first], key
+  assert 'run/checkpoints/6/checksums.json' in _bucket_objects(url, 'run/checkpoints/6/')
+
+  run('mimjax.evaluate', '--protocol=knn')
+  knn = json.loads(read('run/eval_knn.json'))
+  assert knn['step'] == 6 and 0 <= knn['top1'] <= 1, knn
+  assert os.listdir(local) == []
 
 
 # ------------------------------------------------------------------ metrics.jsonl (issue 18.1)
@@ -190,12 +319,65 @@ def test_each_slurm_task_gets_a_device_it_can_see(monkeypatch, visible, expected
   assert all(i < len(visible.split(',')) for i in local)
 
 
-def test_slurm_script_binds_one_gpu_per_task_and_requeues_on_preemption():
-  with open(os.path.join(ROOT, 'launch/slurm_gpu.sbatch')) as f:
-    text = f.read()
-  assert '--gpu-bind=single:1' in text
-  assert '#SBATCH --signal=TERM@' in text and '#SBATCH --requeue' in text
-  assert 'scontrol requeue' in text and '"$status" == 143' in text
+# Stand-ins for SLURM's commands. srun starts 2 tasks on node gpu001 as `--gpu-bind=single:1`
+# does (each task sees only its own GPU) or, without that flag, each seeing all 4 GPUs; `python`
+# records the environment and arguments a task's trainer would start with, then exits $PROBE_EXIT.
+_FAKE_SLURM = {
+    'srun': """#!/usr/bin/env bash
+bound=0
+while [[ "$1" == --* ]]; do [[ "$1" == --gpu-bind=single:1 ]] && bound=1; shift; done
+status=0
+for i in 0 1; do
+  visible=0,1,2,3; [[ $bound == 1 ]] && visible=$i
+  SLURM_PROCID=$i SLURM_LOCALID=$i SLURM_NTASKS=2 SLURM_STEP_NODELIST=gpu001 \\
+    SLURM_STEP_NUM_NODES=1 CUDA_VISIBLE_DEVICES=$visible "$@" || status=$?
+done
+exit $status
+""",
+    'python': """#!/usr/bin/env bash
+python3 -c 'import json, os, sys; json.dump(dict(env=dict(os.environ), argv=sys.argv[1:]), \\
+  open(os.path.join(os.environ["PROBE_DIR"], "task_" + os.environ["SLURM_PROCID"]), "w"))' "$@"
+exit "${PROBE_EXIT:-0}"
+""",
+    'scontrol': 'echo "$@" >> "$PROBE_DIR/scontrol.log"\n',
+}
+
+
+def test_the_sbatch_script_gives_each_task_a_device_it_sees_and_requeues_on_143(tmp_path,
+                                                                              monkeypatch):
+  """launch/slurm_gpu.sbatch run under stand-in srun / scontrol: each task's environment (bound to
+  one GPU) makes JAX's SLURM detection pick that task's process id and local device 0, the only
+  ordinal it can see; a run that exits 143 (preempted) requeues the job."""
+  bin_dir = tmp_path / 'bin'
+  bin_dir.mkdir()
+  for name, text in _FAKE_SLURM.items():
+    (bin_dir / name).write_text(text if text.startswith('#!') else '#!/usr/bin/env bash\n' + text)
+    (bin_dir / name).chmod(0o755)
+  env = dict(os.environ, PATH=f'{bin_dir}:{os.environ["PATH"]}', PROBE_DIR=str(tmp_path),
+             SLURM_JOB_ID='4242', SLURM_SUBMIT_DIR=ROOT)
+  script = ['bash', 'launch/slurm_gpu.sbatch', '--config', 'configs/mae.py', '--workdir', '/w']
+  assert subprocess.run(script, cwd=ROOT, env=env, timeout=120).returncode == 0
+  assert not (tmp_path / 'scontrol.log').exists()
+  for i in range(2):
+    task = json.loads((tmp_path / f'task_{i}').read_text())
+    assert task['argv'][-1] == '--config.distributed.num_processes=-1'
+    assert '--xla_gpu_enable_latency_hiding_scheduler=true' in task['env']['XLA_FLAGS']
+    assert task['env']['CUDA_VISIBLE_DEVICES'] == str(i)  # only its own GPU
+    for key in [k for k in os.environ if k.startswith('SLURM_')]:
+      monkeypatch.delenv(key)
+    for key, value in task['env'].items():
+      if key.startswith('SLURM_') or key == 'CUDA_VISIBLE_DEVICES':
+        monkeypatch.setenv(key, value)
+    local = distributed.slurm_local_device_ids()  # what mimjax.distributed.initialize passes
+    address, count, process_id, local = (
+        clusters.ClusterEnv.auto_detect_unset_distributed_params(None, None, None, local, None,
+                                                                 None))
+    assert (address, count, process_id, list(local)) == ('gpu001:61586', 2, i, [0])
+
+  preempted = subprocess.run(script, cwd=ROOT, env=dict(env, PROBE_EXIT='143'), timeout=120,
+                             capture_output=True, text=True)
+  assert preempted.returncode == 143, preempted.stderr
+  assert (tmp_path / 'scontrol.log').read_text() == 'requeue 4242\n'
 
 
 # ------------------------------------------------------------------ several processes
@@ -220,7 +402,10 @@ _WORKER = textwrap.dedent('''
           return prepare(self, *a, **k)
         sources.LocalFashionMNIST.download_and_prepare = traced
         builder = sources.get_builder('fashion_mnist', sys.argv[2])
-        print('EXAMPLES', builder.info.splits['train'].num_examples)
+        print('EXAMPLES', builder.info.splits['train'].num_examples, flush=True)
+        if jax.process_index() == 0:  # a reopen by one host alone (the start-up summary) must
+          sources.get_builder('fashion_mnist', sys.argv[2])  # not wait for the others
+          print('REOPENED', flush=True)
 ''')
 
 
@@ -263,15 +448,16 @@ def test_process_0_alone_prepares_an_empty_shared_data_dir(tmp_path):
   results = _two_processes([['prepare', str(tmp_path)]] * 2, timeout=1200)
   for code, output in results:
     assert code == 0 and 'EXAMPLES 60000' in output, output
-  assert 'PREPARING on process 0' in results[0][1]
+  assert 'PREPARING on process 0' in results[0][1] and 'REOPENED' in results[0][1]
   assert 'PREPARING' not in results[1][1]
 
 
 @pytest.mark.slow  # three 2-process runs: ~4 minutes on 2 busy cores
 def test_ctrl_c_to_the_launcher_checkpoints_both_processes_at_one_step_and_resumes(tmp_path):
-  """SIGINT to launch/local_multiprocess.sh: it sends SIGTERM to both trainers, JAX's preemption
-  service stops them at one common step with a checkpoint, both exit 143, and the rerun ends
-  with the uninterrupted 2-process run's metrics."""
+  """SIGINT to launch/local_multiprocess.sh: it sends SIGTERM to both trainers (what SLURM's
+  --signal and a TPU maintenance event do), JAX's preemption service stops them at one common
+  step with a checkpoint, both exit 143 (requeue), and the rerun ends with the uninterrupted
+  2-process run's metrics."""
   overrides = tiny_overrides(**{'mae.decoder_width': 32, 'mae.decoder_depth': 1,
                                 'mae.decoder_heads': 2, 'total_steps': 40,
                                 'checkpoint.every_steps': 40, 'log.every_steps': 1})
@@ -298,6 +484,9 @@ def test_ctrl_c_to_the_launcher_checkpoints_both_processes_at_one_step_and_resum
   finally:
     launcher.send_signal(signal.SIGINT)  # also stops both trainers when the wait failed
   assert launcher.wait(timeout=300) == 130, launcher.stdout.read()
+  said = launcher.stdout.read()
+  for i in range(2):
+    assert f'process {i} exited with status {train.PREEMPTED_EXIT_CODE}' in said, said
   outputs = [(logs / f'process_{i}.log').read_text() for i in range(2)]
   steps = [int(o.split('Stopped at step ')[1].split(';')[0]) for o in outputs]
   assert steps[0] == steps[1] < 40, outputs

@@ -89,9 +89,20 @@ def _local_fashion_mnist_available(source_dir=DEBIAN_FASHION_MNIST_DIR):
   return all(os.path.exists(os.path.join(source_dir, f)) for f in _FASHION_MNIST_FILES.values())
 
 
+# (name, data_dir) already prepared (or found prepared) on every host of this run.
+_READY = set()
+
+
 def get_builder(name, data_dir=None, download=True):
-  """A prepared TFDS builder for `name`, preparing it (offline where possible) if needed."""
+  """A prepared TFDS builder for `name`, preparing it (offline where possible) if needed.
+
+  The first call for a dataset is a step every host takes together (process 0 prepares, the others
+  wait at a barrier); later calls only open it, so one host alone may make them (the start-up
+  summary on process 0).
+  """
   data_dir = data_dir or default_data_dir()
+  if (name, data_dir) in _READY:
+    return tfds.builder(name, data_dir=data_dir)
   try:
     tfds.builder(name, data_dir=data_dir)  # only to name an unknown dataset before any barrier
   except tfds.core.registered.DatasetNotFoundError as e:
@@ -102,7 +113,9 @@ def get_builder(name, data_dir=None, download=True):
                               'imagenet2012.') from e
   # Process 0 prepares a shared data_dir once; the other hosts then open it (or prepare their own
   # copy when data_dir is not shared).
-  return distributed.process_0_first(lambda: _prepared(name, data_dir, download))
+  builder = distributed.process_0_first(lambda: _prepared(name, data_dir, download))
+  _READY.add((name, data_dir))
+  return builder
 
 
 def _prepared(name, data_dir, download):

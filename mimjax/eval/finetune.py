@@ -7,10 +7,10 @@ encoder is initialised from its checkpoint (`init.format='mimjax'`). Training wr
 WORKDIR/finetune (WORKDIR/finetune_random_init for the baseline), so a second call resumes.
 """
 import json
-import os
 
 from configs import finetune as finetune_config_lib
 from mimjax import train
+from mimjax import workdir_io
 
 # Pre-training fields the fine-tuning run must share (the encoder's shape and the data).
 # model.weight_init belongs here too: 'beit' builds the attention without a key bias. The position
@@ -37,7 +37,7 @@ def derive_config(run, recipe=None, total_steps=None):
       (config[section] if section else config)[field] = (pre[section] if section else pre)[field]
     if pre.model.posemb == 'none':
       config.model.posemb = 'none'
-    config.init.checkpoint = '' if run.random_init else os.path.abspath(run.workdir)
+    config.init.checkpoint = '' if run.random_init else str(workdir_io.path(run.workdir))
     config.init.step = run.step
     if total_steps:
       config.total_steps = int(total_steps)
@@ -49,11 +49,11 @@ def derive_config(run, recipe=None, total_steps=None):
 def protocol(run, finetune_config=None, total_steps=None):
   """Fine-tunes the encoder end to end; final / best held-out top-1 of the supervised run."""
   config = derive_config(run, finetune_config, total_steps)
-  workdir = os.path.join(run.workdir, 'finetune_random_init' if run.random_init else 'finetune')
+  workdir = str(workdir_io.path(run.workdir,
+                                'finetune_random_init' if run.random_init else 'finetune'))
   config.log.progress_bar = False
   train.train(config, workdir)
-  with open(os.path.join(workdir, 'eval_supervised.json')) as f:
-    record = json.load(f)
+  record = json.loads(workdir_io.path(workdir, 'eval_supervised.json').read_text())
   return dict(top1=record['final']['top1'], top5=record['final']['top5'],
               best_top1=record['best']['top1'], best_step=record['best']['step'],
               steps=config.total_steps, layer_decay=config.optim.layer_decay,

@@ -16,6 +16,7 @@ import numpy as np
 from mimjax import checkpoint as checkpoint_lib
 from mimjax import registry
 from mimjax import workdir as workdir_lib
+from mimjax import workdir_io
 from mimjax.models import vit
 
 
@@ -33,8 +34,8 @@ class Run:
   def output_path(self, name):
     """WORKDIR/eval_<name> for files a protocol writes; '_random_init' marks the baseline's."""
     stem, ext = os.path.splitext(name)
-    return os.path.join(self.workdir,
-                        f'eval_{stem}{"_random_init" if self.random_init else ""}{ext}')
+    return str(workdir_io.path(self.workdir,
+                               f'eval_{stem}{"_random_init" if self.random_init else ""}{ext}'))
 
   @functools.cached_property
   def encoder(self):

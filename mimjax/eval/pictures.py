@@ -7,6 +7,7 @@ from PIL import Image
 
 from mimjax import errors
 from mimjax import visualize
+from mimjax import workdir_io
 from mimjax.data import pipeline
 from mimjax.plugins import dtm
 
@@ -19,7 +20,8 @@ def _images(run, num_images):
 
 def _save(run, name, grid):
   path = run.output_path(f'{name}.png')
-  Image.fromarray(np.asarray(grid)).save(path)
+  with workdir_io.path(path).open('wb') as f:
+    Image.fromarray(np.asarray(grid)).save(f, format='PNG')
   return path
 
 

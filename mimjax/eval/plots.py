@@ -2,6 +2,8 @@
 import jax
 import numpy as np
 
+from mimjax import workdir_io
+
 
 def _pyplot():
   import matplotlib  # pylint: disable=g-import-not-at-top
@@ -11,9 +13,11 @@ def _pyplot():
 
 
 def _save(plt, fig, path):
-  """Writes the figure from process 0 only (every process of a job draws the same one)."""
+  """Writes the figure (a PNG, locally or to a gs:// workdir) from process 0 only (every process
+  of a job draws the same one)."""
   if jax.process_index() == 0:
-    fig.savefig(path, dpi=120)
+    with workdir_io.path(path).open('wb') as f:
+      fig.savefig(f, format='png', dpi=120)
   plt.close(fig)
 
 

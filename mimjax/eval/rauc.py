@@ -6,13 +6,12 @@ S1 is the baseline and S2 the run compared with it; both curves are read as piec
 between their recorded points, so the trapezoidal rule over the union of the points is exact.
 Above 1: S2 gains more over S1's starting value than S1 does.
 """
-import json
-import os
 
 import numpy as np
 
 from mimjax import errors
 from mimjax import workdir as workdir_lib
+from mimjax import workdir_io
 
 
 def _integral(x, y):
@@ -36,15 +35,13 @@ def rauc(steps1, values1, steps2, values2, e1, e2):
 
 def read_records(workdir):
   """The metrics of WORKDIR/metrics.jsonl merged by step (a resumed run rewrites later steps)."""
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
+  path = workdir_io.path(workdir, 'metrics.jsonl')
+  if not path.exists():
     raise errors.ConfigError(f'{path} does not exist: RAUC reads the curves of two '
                              'mimjax.train workdirs.')
   records = {}
-  with open(path) as f:
-    for line in f:
-      record = json.loads(line)
-      records.setdefault(int(record['step']), {}).update(record)
+  for record in workdir_io.read_jsonl(path):
+    records.setdefault(int(record['step']), {}).update(record)
   return records
 
 
