@@ -212,7 +212,7 @@ def make_evaluator(framework, config, mesh):
     return None
   if framework.best_metric:
     return HeldOutMetrics(framework, config, mesh)
-  return monitor.KnnMonitor(framework, config, mesh)
+  return monitor.KnnMonitor(config, mesh)
 
 
 def held_out_pictures_batch(config, mesh):

@@ -337,7 +337,7 @@ def test_finetune_starts_from_the_pretrained_encoder(pretrained):
 
 def test_finetune_init_trains_the_sincos_table_and_drops_the_final_norm(pretrained):
   from mimjax import checkpoint  # pylint: disable=g-import-not-at-top
-  from mimjax import workdir  # pylint: disable=g-import-not-at-top
+  from mimjax.models import vit  # pylint: disable=g-import-not-at-top
   from mimjax.eval import finetune  # pylint: disable=g-import-not-at-top
   from mimjax.eval import loading  # pylint: disable=g-import-not-at-top
   from mimjax.interop import pretrained as pretrained_lib  # pylint: disable=g-import-not-at-top
@@ -345,7 +345,7 @@ def test_finetune_init_trains_the_sincos_table_and_drops_the_final_norm(pretrain
   assert config.model.posemb == 'learn' and config.model.fc_norm
   size = config.data.image_size
   abstract = {'encoder': jax.eval_shape(
-      workdir.build_encoder(config).init, jax.random.PRNGKey(0),
+      vit.from_config(config).init, jax.random.PRNGKey(0),
       np.zeros((1, size, size, config.data.channels), np.float32))['params']}
   encoder = pretrained_lib.load(config, abstract)['encoder']
   table = np.asarray(encoder['pos_embedding'])

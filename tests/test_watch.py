@@ -18,7 +18,6 @@ from conftest import ROOT, config_flags, load_config, tiny_overrides
 from mimjax import checkpoint
 from mimjax import errors
 from mimjax import evaluate
-from mimjax import registry
 from mimjax import sharding
 from mimjax import train
 from mimjax import validation
@@ -92,8 +91,7 @@ def test_knn_monitor_logs_the_knn_of_the_held_out_subset(watched):
 
 def test_knn_monitor_compiles_once_and_repeats_the_logged_values(watched):
   config = load_config('configs/mae.py:runlocal', **WATCHED)
-  knn_monitor = monitor.KnnMonitor(registry.build(config), config,
-                                   sharding.make_mesh(config.mesh))
+  knn_monitor = monitor.KnnMonitor(config, sharding.make_mesh(config.mesh))
   logged = {r['step']: r['eval_knn_top1'] for r in _records(watched) if 'eval_knn_top1' in r}
   for step in (3, 6):
     params, _ = checkpoint.restore(watched, step)

@@ -19,6 +19,7 @@ from mimjax import sharding
 from mimjax.data import pipeline
 from mimjax.eval import features as features_lib
 from mimjax.eval import knn
+from mimjax.models import vit
 
 
 def knn_hits(bank, queries, k, num_classes, temperature):
@@ -36,12 +37,12 @@ class KnnMonitor:
   """`monitor(state)` -> {'knn_top1': accuracy in [0, 1]} of the state's encoder."""
   best_metric = 'knn_top1'
 
-  def __init__(self, framework, config, mesh):
+  def __init__(self, config, mesh):
     self.config = config
     settings = config.eval.knn_monitor
     self.local_batch = pipeline.local_batch_size(config.eval.batch_size)
     self.batch_sharding = sharding.batch_sharding(mesh)
-    self._embed = jax.jit(features_lib.embed_fn(framework.build_encoder(), config.eval.feature),
+    self._embed = jax.jit(features_lib.embed_fn(vit.from_config(config), config.eval.feature),
                           out_shardings=self.batch_sharding)
     self._hits = jax.jit(functools.partial(
         knn_hits, k=settings.k, num_classes=pipeline.num_classes(config),
