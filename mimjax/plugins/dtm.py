@@ -25,7 +25,7 @@ def _merge_round(carry, r, gram, protect_first):
   carry: (seq [N] group id at each position (N = padding), t (current length), assign [N] group
   id of each original token). gram: [N, N] dot products of the original tokens.
 
-  A group is the sum of its tokens (cosine is scale-invariant, so sums match exactly as ToMe's
+  A group is the sum of its tokens (cosine is scale-invariant, so sums match as ToMe's
   size-weighted means), and dot products of sums are sums of `gram` entries: one one-hot [N, N]
   membership matrix and two small matrix products give every cosine of the round, so no [N, D]
   feature array is gathered, normalised or scattered per round.
