@@ -227,3 +227,23 @@ def test_per_group_schedules_differ_and_compile_once():
   for seed in range(1, 4):
     loss_fn(pred, target, dtm.sample_schedules(jax.random.PRNGKey(seed), 16, 2, 3, groups=4))
   assert loss_fn._cache_size() == 1  # pylint: disable=protected-access
+
+
+def test_merge_rounds_do_no_per_feature_work():
+  """The rounds read dot products of tokens ([N, N]), never the [N, D] features: nothing inside
+  the loop over rounds has a feature-sized axis, so a round costs the same at any width D."""
+  n, d = 10, 7  # D differs from every size of the rounds' own arrays (N, N / 2, rounds)
+  jaxpr = jax.make_jaxpr(dtm.morph_groups)(jnp.ones((2, n, d)), jnp.zeros(4, jnp.int32))
+
+  def shapes_in(eqns, in_loop):
+    for eqn in eqns:
+      if in_loop:
+        yield from (tuple(v.aval.shape) for v in [*eqn.invars, *eqn.outvars]
+                    if hasattr(v.aval, 'shape'))
+      loop = in_loop or eqn.primitive.name in ('while', 'scan')
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        yield from shapes_in(sub.eqns, loop)
+
+  shapes = set(shapes_in(jaxpr.jaxpr.eqns, False))
+  assert (2, n, n) in shapes  # the loop was found: it reads the [B, N, N] dot products
+  assert not any(d in s for s in shapes), shapes

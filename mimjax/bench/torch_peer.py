@@ -76,7 +76,8 @@ class TorchMAE(nn.Module):
     for blk in self.blocks:
       x = blk(x)
     x = self.decoder_embed(self.norm(x))
-    full = self.mask_token.expand(b, self.num_patches, -1).clone()
+    # In the decoder's dtype: under bf16 autocast `x` is bfloat16, and scatter needs one dtype.
+    full = self.mask_token.to(x.dtype).expand(b, self.num_patches, -1).clone()
     full = full.scatter(1, keep[..., None].expand(-1, -1, full.shape[-1]), x[:, 1:])
     x = torch.cat([x[:, :1], full + self.decoder_pos], dim=1)
     for blk in self.decoder_blocks:

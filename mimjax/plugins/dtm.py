@@ -19,20 +19,27 @@ from mimjax.models import vit
 SCHEDULERS = ('paper', 'reference')
 
 
-def _merge_round(carry, r, protect_first):
+def _merge_round(carry, r, gram, protect_first):
   """One round of bipartite soft matching on one sample.
 
-  carry: (seq [N] group id at each position (N = padding), t (current length), sums [N, D]
-  feature sums per group id, assign [N] group id of each original token).
+  carry: (seq [N] group id at each position (N = padding), t (current length), assign [N] group
+  id of each original token). gram: [N, N] dot products of the original tokens.
+
+  A group is the sum of its tokens (cosine is scale-invariant, so sums match as ToMe's
+  size-weighted means), and dot products of sums are sums of `gram` entries: one one-hot [N, N]
+  membership matrix and two small matrix products give every cosine of the round, so no [N, D]
+  feature array is gathered, normalised or scattered per round.
   """
-  seq, t, sums, assign = carry
+  seq, t, assign = carry
   n = seq.shape[0]
   n_a, n_b = (n + 1) // 2, n // 2
-  # Cosine is scale-invariant, so group sums give the same matching as ToMe's size-weighted means.
-  x = jnp.take(sums, seq, axis=0, mode='clip')
-  x = x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, -1, keepdims=True), 1e-24))
-  a, b = x[0::2], x[1::2]
-  scores = jnp.einsum('id,jd->ij', a, b, precision=jax.lax.Precision.HIGHEST)
+  # member[p, i] = 1 where original token i is in the group at sequence position p.
+  member = (seq[:, None] == assign[None, :]).astype(jnp.float32)
+  dots = jnp.dot(member, gram, precision=jax.lax.Precision.HIGHEST)  # <group at p, token i>
+  inv_norm = jax.lax.rsqrt(jnp.maximum(jnp.sum(dots * member, -1), 1e-24))
+  scores = jnp.einsum('ij,kj->ik', dots[0::2], member[1::2],
+                      precision=jax.lax.Precision.HIGHEST)
+  scores = scores * inv_norm[0::2, None] * inv_norm[None, 1::2]
   b_valid = 2 * jnp.arange(n_b) + 1 < t
   scores = jnp.where(b_valid[None], scores, -jnp.inf)
   node_max, node_idx = scores.max(-1), scores.argmax(-1)
@@ -42,26 +49,29 @@ def _merge_round(carry, r, protect_first):
     a_ok &= a_idx > 0
   node_max = jnp.where(a_ok, node_max, -jnp.inf)
   r = jnp.clip(r, 0, (t - int(protect_first)) // 2)
-  # The r A-tokens with the highest best-similarity merge (protected/padded ones sort last).
-  rank = jnp.zeros(n_a, jnp.int32).at[jnp.argsort(-node_max, stable=True)].set(a_idx)
-  merged = rank < r
+  # The r A-tokens with the highest best-similarity merge (protected/padded ones sort last): the
+  # rank of a stable descending sort, counted by comparisons instead of a sort and a scatter.
+  ahead = (node_max[None, :] > node_max[:, None]) | (
+      (node_max[None, :] == node_max[:, None]) & (a_idx[None, :] < a_idx[:, None]))
+  merged = ahead.sum(-1) < r
+  # Every token of a merged A group moves to its partner's group.
   g_a = seq[0::2]
   g_dst = seq[1::2][node_idx]
-  parent = jnp.arange(n).at[g_a].set(jnp.where(merged, g_dst, g_a), mode='drop')
-  sums = jax.ops.segment_sum(sums, parent, num_segments=n)
-  assign = parent[assign]
+  moves = merged[:, None] & (assign[None, :] == g_a[:, None])
+  assign = assign + jnp.sum(jnp.where(moves, (g_dst - g_a)[:, None], 0), 0, dtype=assign.dtype)
   # New order: unmerged A tokens in their order, then all B tokens; a round with r = 0 keeps all.
   pos = jnp.arange(n)
   is_a = pos % 2 == 0
   valid = pos < t
-  merged_pos = jnp.zeros(n, bool).at[0::2].set(merged)
-  keep_a = is_a & valid & ~merged_pos
+  keep_a = is_a & valid & ~merged[pos // 2]
   keep_b = ~is_a & valid
   new_pos = jnp.where(keep_a, jnp.cumsum(keep_a) - 1,
                       jnp.where(keep_b, keep_a.sum() + jnp.cumsum(keep_b) - 1, n))
-  new_seq = jnp.full(n, n, seq.dtype).at[new_pos].set(seq, mode='drop')
+  # new_seq[q] = seq[p] for the one p with new_pos[p] = q, else n (padding): a compare and a min
+  # rather than a scatter.
+  new_seq = jnp.min(jnp.where(new_pos[None, :] == pos[:, None], seq[None, :], n), -1)
   seq = jnp.where(r > 0, new_seq, seq)
-  return seq, t - r, sums, assign
+  return seq, t - r, assign
 
 
 def morph_groups(tokens, r_per_round, protect_first=True):
@@ -72,18 +82,20 @@ def morph_groups(tokens, r_per_round, protect_first=True):
   tokens = jax.lax.stop_gradient(tokens).astype(jnp.float32)
   r_per_round = jnp.asarray(r_per_round, jnp.int32)
   n = tokens.shape[1]
+  # Once per sample, shared by every round and, under a vmap over schedules, by every schedule.
+  grams = jnp.einsum('bid,bjd->bij', tokens, tokens, precision=jax.lax.Precision.HIGHEST)
 
-  def one(x):
+  def one(gram):
     idx = jnp.arange(n, dtype=jnp.int32)
-    carry = (idx, jnp.int32(n), x, idx)
+    carry = (idx, jnp.int32(n), idx)
     # A rolled loop: unrolling the rounds (tried for GPU latency) made XLA:CPU's compile of the
     # vmapped, per-group loss take minutes and over 15 GB at 14 rounds.
     carry = jax.lax.fori_loop(
         0, r_per_round.shape[0],
-        lambda k, c: _merge_round(c, r_per_round[k], protect_first), carry)
-    return carry[3]
+        lambda k, c: _merge_round(c, r_per_round[k], gram, protect_first), carry)
+    return carry[2]
 
-  return jax.vmap(one)(tokens)
+  return jax.vmap(one)(grams)
 
 
 def group_matrix(groups):
