@@ -1,4 +1,5 @@
 """Derived figures and markdown tables of `mimjax.bench` results."""
+import math
 
 # Nominal dense bf16 peaks (FLOP/s) by a substring of `device_kind`, for MFU on accelerators.
 NOMINAL_BF16_PEAK = (
@@ -61,7 +62,7 @@ def _spread(st):
 
 def _cpu_share(entry):
   share = entry.get('others_cpu_fraction')
-  return '' if share is None else f'{share:.3f} s/s'
+  return f'{share:.3f} s/s' if share is not None and math.isfinite(share) else ''
 
 
 def _case_rows(entries):

@@ -98,9 +98,12 @@ def max_rss_bytes():
 
 
 def process_cpu_s(pid=None):
-  """CPU seconds (user + system, all threads) process `pid` has used so far; None = this one."""
+  """CPU seconds (user + system, all threads) process `pid` has used so far; None = this one.
+  NaN where another process's time cannot be read (no /proc, e.g. macOS)."""
   if pid is None:
     return time.process_time()
+  if not os.path.exists(f'/proc/{pid}/stat'):
+    return float('nan')
   with open(f'/proc/{pid}/stat') as f:  # fields after the ')' closing the command name
     fields = f.read().rsplit(')', 1)[1].split()
   return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
