@@ -108,7 +108,8 @@ class TorchDeiT(nn.Module):
 
 
 def _inputs(a):
-  """The step's model inputs, drawn anew each step as the trainer's data would be."""
+  """The step's model inputs: fixed synthetic images (as mimjax's bench batch); for the supervised
+  step, mixup / cutmix and smoothed targets redrawn each step, as mimjax's step does on device."""
   images = torch.randn(a.batch, a.channels, a.image_size, a.image_size, device=a.device)
   if a.task == 'mae':
     return lambda: (images,)
