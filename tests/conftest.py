@@ -1,8 +1,11 @@
 """Shared test helpers: tiny configs on the real offline Fashion-MNIST, subprocess runners."""
+import atexit
 import importlib
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -16,6 +19,18 @@ except ImportError:
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+
+# JAX's persistent compilation cache for this pytest run and every subprocess it starts (they
+# inherit the environment): most runs compile the same few tiny-ViT programs, so each is compiled
+# once per session. It only skips XLA's compile of an identical program; tracing, and so every
+# `_cache_size()` recompilation check, is unaffected (test_architecture holds that). A fresh
+# directory per session unless MIMJAX_TEST_XLA_CACHE names one to keep across runs.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = (
+      os.environ.get('MIMJAX_TEST_XLA_CACHE') or tempfile.mkdtemp(prefix='mimjax-xla-cache-'))
+  if 'MIMJAX_TEST_XLA_CACHE' not in os.environ:
+    atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.2')
 
 
 def load_config(spec, **overrides):

@@ -143,7 +143,8 @@ def test_a_gs_workdir_keeps_the_run_in_the_bucket_and_a_rerun_resumes_from_it(gc
   train_on_gs()
   names = _bucket_objects(url, 'run/')
   for name in ('run/config.json', 'run/metrics.jsonl',
-               'run/images/reconstruction_0000003.png', 'run/images/reconstruction_0000006.png',
+               'run/images/reconstruction_norm_pix_0000003.png',
+               'run/images/reconstruction_norm_pix_0000006.png',
                'run/checkpoints/3/checksums.json', 'run/checkpoints/6/checksums.json'):
     assert name in names, (name, names)
   assert any(n.startswith('run/checkpoints/6/state/') for n in names), names
@@ -153,7 +154,8 @@ def test_a_gs_workdir_keeps_the_run_in_the_bucket_and_a_rerun_resumes_from_it(gc
   first = [json.loads(line) for line in read('run/metrics.jsonl').splitlines()]
   assert [r['step'] for r in first] == [1, 2, 3, 4, 5, 6]
   assert json.loads(read('run/config.json'))['total_steps'] == 6
-  assert _bucket_object(url, 'run/images/reconstruction_0000006.png')[:8] == b'\x89PNG\r\n\x1a\n'
+  png = _bucket_object(url, 'run/images/reconstruction_norm_pix_0000006.png')
+  assert png[:8] == b'\x89PNG\r\n\x1a\n'
 
   for name in names:  # lose the step-6 checkpoint: the rerun must resume from step 3 in the bucket
     if name.startswith('run/checkpoints/6/'):

@@ -57,7 +57,7 @@ _WORKER = textwrap.dedent('''
     import json, sys
     import jax
     jax.config.update('jax_num_cpu_devices', int(sys.argv[1]))
-    from mimjax import config_lib, frameworks, sharding, train, train_step
+    from mimjax import config_lib, registry, sharding, train, train_step
     from mimjax.data import pipeline
     jobs = json.loads(sys.argv[2])
     report = {}

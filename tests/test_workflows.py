@@ -149,7 +149,8 @@ def test_pip_install_then_train_from_another_directory(tmp_path):
   before = _tree(workdir)
   dry = subprocess.run(
       [python, '-m', 'mimjax.train', '--config', 'mae:runlocal', '--workdir', str(workdir),
-       '--dry_run', *config_flags(dict(_TINY, total_steps=6))],
+       '--dry_run', *config_flags(dict(_TINY, total_steps=6)),
+       '--config.resume.accept_changes=total_steps'],  # extending a run is a deliberate change
       cwd=elsewhere, env=_clean_env(), capture_output=True, text=True, timeout=900)
   assert dry.returncode == 0, dry.stderr[-3000:]
   assert 'resuming from step 3' in dry.stdout and _tree(workdir) == before
