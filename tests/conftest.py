@@ -1,5 +1,6 @@
 """Shared test helpers: tiny configs on the real offline Fashion-MNIST, subprocess runners."""
 import atexit
+import copy
 import importlib
 import os
 import shutil
@@ -57,10 +58,31 @@ def tiny_overrides(**extra):
   return base
 
 
+TINY_DECODER = {'mae.decoder_width': 32, 'mae.decoder_depth': 1, 'mae.decoder_heads': 2}
+
+
 @pytest.fixture
 def tiny_mae_config():
-  return load_config('configs/mae.py:runlocal', **tiny_overrides(**{
-      'mae.decoder_width': 32, 'mae.decoder_depth': 1, 'mae.decoder_heads': 2}))
+  return load_config('configs/mae.py:runlocal', **tiny_overrides(**TINY_DECODER))
+
+
+@pytest.fixture(scope='session')
+def tiny_mae_run(tmp_path_factory):
+  """One 3-step tiny MAE run (checkpoint at step 3) trained once per session: (config, workdir).
+  Read it only; a test that resumes, damages or extends a run takes `trained` (a copy)."""
+  from mimjax import train  # pylint: disable=import-outside-toplevel
+  config = load_config('configs/mae.py:runlocal', **tiny_overrides(**TINY_DECODER, total_steps=3))
+  workdir = str(tmp_path_factory.mktemp('tiny_mae_run') / 'run')
+  train.train(config, workdir)
+  return config, workdir
+
+
+@pytest.fixture
+def trained(tiny_mae_run, tmp_path):
+  """A private copy of `tiny_mae_run` (config, workdir) that the test may change."""
+  config, workdir = tiny_mae_run
+  shutil.copytree(workdir, tmp_path / 'run')
+  return copy.deepcopy(config), str(tmp_path / 'run')
 
 
 def run_module(args, env=None, timeout=600, input_signal=None):

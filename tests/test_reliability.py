@@ -17,8 +17,10 @@ import tensorflow_datasets as tfds
 
 from conftest import run_module
 from mimjax import checkpoint as checkpoint_lib
+from mimjax import config_lib
 from mimjax import errors
 from mimjax import export
+from mimjax import resume
 from mimjax import train
 from mimjax import train_step as train_step_lib
 from mimjax.data import sources
@@ -93,36 +95,38 @@ def test_nan_params_are_never_checkpointed_and_no_step_none(tiny_mae_config, tmp
 
 # Item 4: a changed config does not resume silently.
 
-@pytest.fixture
-def trained(tiny_mae_config, tmp_path):
-  """A 3-step run (checkpoint at 3) and its config, for resuming with changes."""
-  _set(tiny_mae_config, **{'total_steps': 3})
-  workdir = str(tmp_path / 'run')
-  train.train(tiny_mae_config, workdir)
-  return tiny_mae_config, workdir
-
-
 @pytest.mark.parametrize('key,value', [
     ('batch_size', 32), ('optim.base_lr', 1e-3), ('seed', 1), ('mae.mask_ratio', 0.5),
     ('warmup_steps', 1), ('data.train_split', 'train[:256]')])
-def test_trajectory_changing_resume_is_refused_with_the_diff(trained, key, value):
-  config, workdir = trained
-  config = _set(copy.deepcopy(config), **{key: value, 'total_steps': 6})
-  config_before = open(os.path.join(workdir, 'config.json')).read()
+def test_trajectory_changing_resume_is_refused_with_the_diff(tiny_mae_config, key, value):
+  """resume.check's decision on the checkpoint's stored config, without training."""
+  _set(tiny_mae_config, total_steps=3)  # the run that wrote the checkpoint
+  meta = {'step': 3, 'config': json.loads(config_lib.to_json(tiny_mae_config))}
+  config = _set(copy.deepcopy(tiny_mae_config), **{key: value, 'total_steps': 6})
   with pytest.raises(errors.ConfigError) as e:
-    train.train(config, workdir)
+    resume.check(config, meta, '/runs/x/checkpoints')
   message = str(e.value)
   accept = message.split('--config.resume.accept_changes=')[1].split(';')[0]
   assert f'{key}: ' in message and set(accept.split(',')) == {key, 'total_steps'}
   assert 'stretches the warmup + cosine schedule' in message  # total_steps changed too
+  _set(config, **{'resume.accept_changes': f'total_steps, {key}'})
+  resume.check(config, meta, '/runs/x/checkpoints')  # named, the same change is accepted
+
+
+def test_refused_resume_of_a_real_run_changes_nothing(trained):
+  config, workdir = trained
+  config = _set(config, **{'batch_size': 32, 'total_steps': 6})
+  config_before = open(os.path.join(workdir, 'config.json')).read()
+  with pytest.raises(errors.ConfigError, match='batch_size: 16 -> 32'):
+    train.train(config, workdir)
   assert open(os.path.join(workdir, 'config.json')).read() == config_before
   assert _steps(workdir) == [3]
 
 
-def test_total_steps_below_the_checkpoint_is_an_error(trained):
-  config, workdir = trained
+def test_total_steps_below_the_checkpoint_is_an_error(tiny_mae_config):
+  meta = {'step': 3, 'config': json.loads(config_lib.to_json(tiny_mae_config))}
   with pytest.raises(errors.ConfigError, match=r'total_steps=2 is below .* checkpoint \(3\)'):
-    train.train(_set(copy.deepcopy(config), **{'total_steps': 2}), workdir)
+    resume.check(_set(tiny_mae_config, **{'total_steps': 2}), meta, '/runs/x/checkpoints')
 
 
 def test_accepted_change_resumes_keeps_history_and_counts_examples(trained):
