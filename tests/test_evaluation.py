@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -292,12 +293,11 @@ def test_group_colours_give_each_group_one_distinct_colour():
 
 
 @pytest.fixture(scope='module')
-def pretrained(tmp_path_factory):
-  """A few MAE steps of a mu/4 encoder."""
-  config = load_config('configs/mae.py:runlocal', **tiny_overrides(**{
-      'mae.decoder_width': 32, 'mae.decoder_depth': 1, 'mae.decoder_heads': 2}))
-  workdir = str(tmp_path_factory.mktemp('mae'))
-  train.train(config, workdir)
+def pretrained(tiny_mae_run, tmp_path_factory):
+  """A few MAE steps of a mu/4 encoder: this module's copy of the session's tiny run (the
+  evaluations write their results into it)."""
+  workdir = str(tmp_path_factory.mktemp('mae') / 'run')
+  shutil.copytree(tiny_mae_run[1], workdir)
   return workdir
 
 
@@ -404,7 +404,6 @@ def test_knn_needs_no_teacher_file_nor_training_pipeline(pretrained, tmp_path, m
   # does not exist (the encoder params are what both store), and the training pipeline is made
   # to fail: kNN still runs, on the same features.
   workdir = tmp_path / 'run'
-  import shutil  # pylint: disable=g-import-not-at-top
   shutil.copytree(pretrained, workdir)
   with open(workdir / 'config.json') as f:
     raw = json.load(f)
@@ -443,7 +442,6 @@ def test_two_processes_give_the_one_process_results(pretrained, tmp_path, monkey
   """Each process reads half of every split; gathered features make kNN, the cached probe and
   the spectrum equal one process's. MAE's probe trains on global batches of per-host streams,
   so its reference is one process fed exactly those batches (as tests/test_scale.py does)."""
-  import shutil  # pylint: disable=g-import-not-at-top
   import socket  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top

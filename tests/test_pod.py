@@ -3,7 +3,6 @@ SIGTERM / preemption stops, the shared-workdir check, process-0 dataset preparat
 binding and the local launcher's Ctrl-C."""
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from jax._src import clusters
 import numpy as np
 import pytest
 
-from conftest import ROOT, config_flags, tiny_overrides
+from conftest import ROOT, TINY_DECODER, config_flags, tiny_overrides
 from mimjax import checkpoint as checkpoint_lib
 from mimjax import distributed
 from mimjax import errors
@@ -48,7 +47,6 @@ def test_urls_stay_urls_and_local_paths_become_absolute(tmp_path, monkeypatch):
 # ------------------------------------------------------------------ a gs:// workdir (GCS emulator)
 
 _BUCKET = 'mimjax-test'
-_TINY_DECODER = {'mae.decoder_width': 32, 'mae.decoder_depth': 1, 'mae.decoder_heads': 2}
 
 
 # gcp-storage-emulator's command line, with the one header it leaves out added: GCS sends each
@@ -125,7 +123,7 @@ def test_a_gs_workdir_keeps_the_run_in_the_bucket_and_a_rerun_resumes_from_it(gc
   run's steps 4-6 again; `mimjax.evaluate` reads the run from the bucket and writes its JSON
   there."""
   url, emulator_env = gcs_emulator
-  overrides = tiny_overrides(**_TINY_DECODER, **{'log.images_every_steps': 3,
+  overrides = tiny_overrides(**TINY_DECODER, **{'log.images_every_steps': 3,
                                                  'log.tensorboard': False})
   env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL='3', **emulator_env)
   local = tmp_path / 'cwd'
@@ -246,15 +244,18 @@ def test_a_run_refuses_a_workdir_held_by_a_live_process(tiny_mae_config, tmp_pat
   assert sorted(os.listdir(tmp_path)) == [workdir_io.LOCK_NAME]  # nothing else written
 
 
-def test_a_stale_lock_from_a_dead_process_does_not_block_a_resume(tiny_mae_config, tmp_path):
-  """A kill -9 after the step-3 checkpoint (the later one deleted) left its lock behind."""
+def test_a_stale_lock_from_a_dead_process_does_not_block_a_resume(trained):
+  """A kill -9 after the step-3 checkpoint left its lock behind; the rerun trains step 4."""
+  config, workdir = trained
   dead = subprocess.Popen(['true'])
   dead.wait()
-  train.train(tiny_mae_config, str(tmp_path))
-  shutil.rmtree(tmp_path / 'checkpoints' / '6')
-  (tmp_path / workdir_io.LOCK_NAME).write_text(_lock_of(dead.pid))
-  assert train.train(tiny_mae_config, str(tmp_path))['step'] == 6
-  assert not (tmp_path / workdir_io.LOCK_NAME).exists()  # released at the end
+  lock = os.path.join(workdir, workdir_io.LOCK_NAME)
+  with open(lock, 'w') as f:
+    f.write(_lock_of(dead.pid))
+  with config.unlocked():
+    config.total_steps, config.resume.accept_changes = 4, 'total_steps'
+  assert train.train(config, workdir)['step'] == 4
+  assert not os.path.exists(lock)  # released at the end
 
 
 # ------------------------------------------------------------------ SIGTERM in one process

@@ -17,25 +17,24 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import ROOT, config_flags, load_config, tiny_overrides
+from conftest import ROOT, TINY_DECODER, config_flags, load_config, tiny_overrides
 from mimjax import config_lib
 from mimjax import registry
 from mimjax import train
 from mimjax import train_step as train_step_lib
 from mimjax.data import pipeline
 
-TINY_MAE = {'mae.decoder_width': 32, 'mae.decoder_depth': 1, 'mae.decoder_heads': 2}
 # Small enough that the mu/4 kernels (e.g. MlpBlock_0/Dense_0 [32, 128]) are fsdp-sharded.
 FSDP_MIN_SIZE = 256
 
 
 def _mae_config(**extra):
-  return load_config('configs/mae.py:runlocal', **tiny_overrides(**TINY_MAE, **extra))
+  return load_config('configs/mae.py:runlocal', **tiny_overrides(**TINY_DECODER, **extra))
 
 
 def _lut_config(**extra):
   return load_config('configs/mae_lut.py:runlocal',
-                     **tiny_overrides(**TINY_MAE, **{'lut.head_dim': 32}, **extra))
+                     **tiny_overrides(**TINY_DECODER, **{'lut.head_dim': 32}, **extra))
 
 
 def _records(workdir):
@@ -168,7 +167,7 @@ def test_two_processes_match_one_and_their_checkpoint_resumes_in_one(tmp_path, m
   the 2-process losses must equal it. Resuming the 2-process checkpoint in one process then must
   continue that same trajectory, which needs params, optimizer state and step restored intact.
   """
-  overrides = tiny_overrides(**TINY_MAE, **{'log.images_every_steps': 6})  # 6 steps
+  overrides = tiny_overrides(**TINY_DECODER, **{'log.images_every_steps': 6})  # 6 steps
   workdir = tmp_path / 'two'
   env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL='3', LOG_DIR=str(tmp_path))
   env.pop('XLA_FLAGS', None)

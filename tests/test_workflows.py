@@ -10,12 +10,12 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT, config_flags, load_config, tiny_overrides
+from conftest import ROOT, TINY_DECODER, config_flags, load_config, tiny_overrides
 from configs import common
 from mimjax import startup
 from mimjax import train
 
-_TINY = tiny_overrides(**{'mae.decoder_width': 32, 'mae.decoder_depth': 1, 'mae.decoder_heads': 2})
+_TINY = tiny_overrides(**TINY_DECODER)
 
 
 def _leaf_keys(tree, prefix=''):
