@@ -4,7 +4,9 @@ checkpoints import safely."""
 import argparse
 import json
 import os
+import random
 import runpy
+import shlex
 import subprocess
 import sys
 
@@ -58,9 +60,20 @@ def test_hub_folder_loads_in_plain_timm_with_its_transform(tmp_path, variant):
   config.data.eval_crop_fraction = 0.875
   params = random_params(config)
   folder = tmp_path / 'hub'
-  hub.export_hub(config, params, str(folder), dict(workdir='w', step=7))
+  umask = os.umask(0o022)
+  try:
+    hub_config, _ = export.export_params(config, params, str(folder), 'hub',
+                                         dict(workdir=str(tmp_path / 'my_run'), step=7))
+  finally:
+    os.umask(umask)
   assert sorted(os.listdir(folder)) == ['README.md', 'config.json', hub.COMMAND_FILE,
                                         'model.safetensors']
+  assert all(os.stat(folder / n).st_mode & 0o777 == 0o644 for n in os.listdir(folder))
+  assert hub_config['verified'] < 1e-5
+  for name in os.listdir(folder):  # nothing of this machine would be published with the folder
+    assert str(tmp_path) not in (folder / name).read_bytes().decode('latin-1'), name
+  # a 32-wide model is not named as timm's 768-wide base; timm's tiny is its smallest ViT
+  assert hub_config['architecture'] == 'vit_tiny_patch16_224'
   x = images(config)
   features, data_config = _plain_timm(folder, x, tmp_path)
   np.testing.assert_allclose(features, export.forward_features(config, params, x), atol=1e-4,
@@ -74,12 +87,13 @@ def test_hub_folder_loads_in_plain_timm_with_its_transform(tmp_path, variant):
     assert data_config['label_names'][:2] == ['T-shirt/top', 'Trouser']
   card = (folder / 'README.md').read_text()
   assert card.startswith('---\nlibrary_name: timm\n') and 'python train.py' in card
+  assert 'run `my_run`' in card and 'v1.0.31/train.py' in card and '--device cpu' in card
 
 
-def _recipe(args):
-  """{'--flag': [values]} of an argument list."""
+def _recipe(command):
+  """{'--flag': [values]} of a printed `python train.py ...` command."""
   out, key = {}, None
-  for a in args:
+  for a in shlex.split(command)[2:]:
     if a.startswith('-'):
       key = a
       out[key] = []
@@ -88,13 +102,26 @@ def _recipe(args):
   return out
 
 
-def test_finetune_command_runs_through_timm_training_api(tmp_path):
-  """Two steps of timm's own training pieces, configured with the command's values."""
-  import timm.loss, timm.optim, timm.scheduler  # noqa: E401  pylint: disable=g-import-not-at-top
+def _printed_command(tmp_path):
+  """(folder, parsed command) of the hub export of a small ViT, as the CLI prints it."""
   config = make_config('mu/4', 16, True, 'tok', 'sincos2d', 0.0, 0)
   folder = tmp_path / 'hub'
-  hub.export_hub(config, random_params(config), str(folder), dict(step=1))
-  r = _recipe(hub.finetune_args(config, str(folder), [str(i) for i in range(10)]))
+  _, command = export.export_params(config, random_params(config), str(folder), 'hub',
+                                    dict(step=1))
+  return folder, _recipe(command)
+
+
+def _train_transform(model, r):
+  """timm's training transform with the printed command's augmentation settings."""
+  return timm.data.create_transform(
+      **timm.data.resolve_data_config({}, model=model), is_training=True,
+      auto_augment=r['--aa'][0], re_prob=float(r['--reprob'][0]), re_mode=r['--remode'][0])
+
+
+def test_finetune_command_runs_through_timm_training_api(tmp_path):
+  """Two steps of timm's own training pieces, configured with the printed command's values."""
+  import timm.loss, timm.optim, timm.scheduler  # noqa: E401  pylint: disable=g-import-not-at-top
+  folder, r = _printed_command(tmp_path)
   assert r['--model'] == [f'local-dir:{folder}'] and r['--num-classes'] == ['10']
   num = int(r['--num-classes'][0])
   model = timm.create_model(r['--model'][0], pretrained=True, num_classes=num,
@@ -108,9 +135,7 @@ def test_finetune_command_runs_through_timm_training_api(tmp_path):
       optimizer, sched=r['--sched'][0], num_epochs=int(r['--epochs'][0]),
       warmup_epochs=int(r['--warmup-epochs'][0]), min_lr=float(r['--min-lr'][0]))
   assert epochs == 100
-  transform = timm.data.create_transform(
-      **timm.data.resolve_data_config({}, model=model), is_training=True,
-      auto_augment=r['--aa'][0], re_prob=float(r['--reprob'][0]), re_mode=r['--remode'][0])
+  transform = _train_transform(model, r)
   mixup = timm.data.Mixup(mixup_alpha=float(r['--mixup'][0]), cutmix_alpha=float(r['--cutmix'][0]),
                           label_smoothing=float(r['--smoothing'][0]), num_classes=num)
   from PIL import Image  # pylint: disable=g-import-not-at-top
@@ -129,6 +154,34 @@ def test_finetune_command_runs_through_timm_training_api(tmp_path):
   assert not torch.equal(before, model.patch_embed.proj.weight)
 
 
+def _first_failure(transform, image, n):
+  """Index of the first of n draws (Python's random seeded 0, as timm's RandAugment samples with
+  it) where `transform(image)` raises ValueError, or None."""
+  random.seed(0)
+  torch.manual_seed(0)
+  for i in range(n):
+    try:
+      transform(image)
+    except ValueError as e:
+      assert 'bits must be between' in str(e)  # Pillow 13's refusal of timm's 0-bit posterize
+      return i
+  return None
+
+
+def test_printed_augmentation_survives_20000_images_where_the_old_one_crashes(tmp_path):
+  """The printed `--aa` through timm's whole training transform (crop, flip, RandAugment,
+  normalise, erasing) on 20,000 draws, as one epoch of train.py would: the same transform with
+  the command before the magnitude cap (`rand-m9-mstd0.5-inc1`) dies on the same draws, within
+  a few hundred (about 1 image in 600 with timm 1.0.31 and Pillow 13)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  folder, r = _printed_command(tmp_path)
+  model = timm.create_model(r['--model'][0], pretrained=True)
+  image = Image.fromarray(np.random.RandomState(0).randint(0, 255, (16, 16, 3), np.uint8))
+  old = dict(r, **{'--aa': ['rand-m9-mstd0.5-inc1']})
+  assert _first_failure(_train_transform(model, old), image, 2000) is not None
+  assert _first_failure(_train_transform(model, r), image, 20_000) is None
+
+
 @pytest.mark.slow  # trains for 2 steps first
 def test_cli_hub_export_and_command_accepted_by_timm_train_parser(trained_workdir, tmp_path):  # noqa: F811
   folder = tmp_path / 'hub'
@@ -136,8 +189,11 @@ def test_cli_hub_export_and_command_accepted_by_timm_train_parser(trained_workdi
                            '--format', 'hub', '--out', str(folder)], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
-  command = (folder / hub.COMMAND_FILE).read_text().splitlines()[-1]
-  assert command in result.stdout and command.startswith('python train.py ')
+  command = [line for line in result.stdout.splitlines() if line.startswith('python train.py ')]
+  assert len(command) == 1 and 'Checked: ' in result.stdout
+  command = command[0]
+  in_folder = (folder / hub.COMMAND_FILE).read_text().splitlines()[-1]  # names the folder "$HERE"
+  assert in_folder.replace('"local-dir:$HERE"', shlex.quote(f'local-dir:{folder}')) == command
   assert '--num-classes 10' in command  # Fashion-MNIST's labels
   config, params, _ = export.load_encoder(trained_workdir)
   x = images(config)
@@ -147,7 +203,7 @@ def test_cli_hub_export_and_command_accepted_by_timm_train_parser(trained_workdi
   if not os.path.exists(TIMM_TRAIN_PY):
     pytest.skip(f'timm train.py not at {TIMM_TRAIN_PY} (set TIMM_TRAIN_PY)')
   parser = runpy.run_path(TIMM_TRAIN_PY, run_name='timm_train')['parser']
-  args = parser.parse_args(command.split()[2:])
+  args = parser.parse_args(shlex.split(command)[2:] + ['--device', 'cpu'])
   assert args.model == f'local-dir:{folder}' and args.pretrained and args.num_classes == 10
   assert (args.opt, args.opt_betas, args.lr_base, args.layer_decay) == ('adamw', [0.9, 0.999],
                                                                         5e-4, 0.65)
