@@ -28,8 +28,11 @@ def read_state_dict(path):
   one other type timm train.py checkpoints (`.pth.tar`) hold, its `args` (an argparse.Namespace of
   plain values), is allowed explicitly. A TorchScript archive (OpenAI's CLIP release) goes through
   `torch.jit.load`, which runs no Python either. A checkpoint that wraps the weights under 'model'
-  or 'state_dict' is unwrapped.
+  or 'state_dict' is unwrapped. A timm model folder (`local-dir:` / Hugging Face hub layout, e.g. a
+  `mimjax.export --format hub` export) is read from its model.safetensors.
   """
+  if os.path.isfile(os.path.join(path, 'model.safetensors')):
+    path = os.path.join(path, 'model.safetensors')
   if not os.path.isfile(path):
     raise errors.InteropError(f'{path} is not a file.')
   if path.endswith('.safetensors'):
