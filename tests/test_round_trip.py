@@ -117,3 +117,80 @@ def test_round_trip(tmp_path, family, fmts):
     loaded = pretrained.load(fresh, abstract)['encoder']
     assert sorted(loaded) == sorted(abstract['encoder'])  # head and fc_norm come back too
     _close(_jax(fresh, loaded, x), stepped)
+
+
+def _timm_native(kind, seed=0):
+  """A timm model built by timm, every parameter N(0, 0.3^2) (its zero tables and biases too)."""
+  torch.manual_seed(seed)
+  if kind == 'vit':
+    model = timm.create_model('vit_base_patch16_224', img_size=16, patch_size=4, embed_dim=32,
+                              depth=1, num_heads=2, global_pool='avg', fc_norm=True,
+                              num_classes=5)
+  else:  # timm's default Beit pooling is avg, which gives it fc_norm and no final norm
+    model = timm.create_model('beit_base_patch16_224', img_size=16, patch_size=4, embed_dim=32,
+                              depth=1, num_heads=2, global_pool='avg', num_classes=5)
+  with torch.no_grad():
+    for p in model.parameters():
+      p.copy_(0.3 * torch.randn_like(p))
+  return model.eval()
+
+
+@pytest.mark.parametrize('kind,where', [('vit', 'pth.tar'), ('beit', 'safetensors'),
+                                        ('beit', 'hub')])
+def test_timm_fc_norm_models_import_into_the_fine_tuning_model(tmp_path, kind, where):
+  """timm's own fc_norm models (ViT fc_norm=True, Beit avg pooling) start a mimjax fine-tuning run
+  (model.fc_norm, gap) and compute timm's tokens and logits; a timm train.py checkpoint
+  (CheckpointSaver's `.pth.tar`), a .safetensors file and a timm model folder alike."""
+  import safetensors.torch  # pylint: disable=g-import-not-at-top
+  import timm.utils  # pylint: disable=g-import-not-at-top
+  model = _timm_native(kind)
+  assert 'fc_norm.weight' in model.state_dict() and 'norm.weight' not in model.state_dict()
+  if where == 'pth.tar':
+    optimizer = timm_optim.create_optimizer_v2(model, opt='adamw', lr=1e-3)
+    saver = timm.utils.CheckpointSaver(model, optimizer, args=argparse.Namespace(model='x'),
+                                       checkpoint_dir=str(tmp_path), recovery_dir=str(tmp_path))
+    saver.save_checkpoint(0, metric=1.0)
+    path = str(tmp_path / 'model_best.pth.tar')
+  elif where == 'safetensors':
+    path = str(tmp_path / 'beit.safetensors')
+    safetensors.torch.save_file(model.state_dict(), path)
+  else:
+    path = str(tmp_path / 'folder')
+    model.pretrained_cfg = dict(model.pretrained_cfg, input_size=(3, 16, 16))
+    timm.models.save_for_hf(model, path, model_args=dict(
+        img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, global_pool='avg'))
+  config = finetune.get_config('runlocal')
+  with config.unlocked():
+    config.model.variant, config.data.image_size, config.model.num_classes = 'mu/4', 16, 5
+    config.model.posemb = 'learn' if kind == 'vit' else 'none'
+    if kind == 'beit':  # beit_base_patch16_224 has layer scale (init_values 0.1)
+      config.model.rel_pos, config.model.weight_init, config.model.layerscale = 'block', 'beit', 0.1
+    config.init.checkpoint, config.init.format = path, 'timm'
+  abstract = {'encoder': jax.eval_shape(lambda: export.build_encoder(config).init(
+      jax.random.PRNGKey(0), np.zeros((1, 16, 16, 3), np.float32)))['params']}
+  loaded = pretrained.load(config, abstract)['encoder']
+  x = np.random.RandomState(5).randn(2, 16, 16, 3).astype(np.float32)
+  _close(_jax(config, loaded, x), _timm(model, x))
+
+
+def test_import_errors_name_the_real_reason(tmp_path):
+  """A Beit without fc_norm is no longer refused for it, and the message of a broken file names
+  what is wrong with it rather than a check that ran first."""
+  import safetensors.torch  # pylint: disable=g-import-not-at-top
+  sd = _timm_native('beit').state_dict()
+  sd.pop('fc_norm.weight')
+  sd.pop('fc_norm.bias')
+  path = str(tmp_path / 'no_norm.safetensors')
+  safetensors.torch.save_file(sd, path)
+  config = finetune.get_config('runlocal')
+  with config.unlocked():
+    config.model.variant, config.data.image_size = 'mu/4', 16
+    config.model.posemb, config.model.rel_pos = 'none', 'block'
+    config.init.checkpoint, config.init.format = path, 'timm'
+  with pytest.raises(errors.ConfigError, match='neither norm nor fc_norm'):
+    pretrained.load(config, {})
+  with config.unlocked():
+    config.model.rel_pos = 'none'
+  safetensors.torch.save_file(_timm_native('beit').state_dict(), path)
+  with pytest.raises(errors.ConfigError, match='is a timm Beit .*rel_pos=both'):
+    pretrained.load(config, {})

@@ -29,10 +29,14 @@ def read_state_dict(path):
   plain values), is allowed explicitly. A TorchScript archive (OpenAI's CLIP release) goes through
   `torch.jit.load`, which runs no Python either. A checkpoint that wraps the weights under 'model'
   or 'state_dict' is unwrapped. A timm model folder (`local-dir:` / Hugging Face hub layout, e.g. a
-  `mimjax.export --format hub` export) is read from its model.safetensors.
+  `mimjax.export --format hub` export, or timm's `save_for_hf`) is read from its model.safetensors,
+  else its pytorch_model.bin.
   """
-  if os.path.isfile(os.path.join(path, 'model.safetensors')):
-    path = os.path.join(path, 'model.safetensors')
+  for name in ('model.safetensors', 'pytorch_model.bin'):
+    if os.path.isfile(os.path.join(path, 'config.json')) and os.path.isfile(
+        os.path.join(path, name)):
+      path = os.path.join(path, name)
+      break
   if not os.path.isfile(path):
     raise errors.InteropError(f'{path} is not a file.')
   if path.endswith('.safetensors'):
