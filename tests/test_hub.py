@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import load_config
 from test_export import images, make_config, random_params, trained_workdir  # noqa: F401
 from mimjax import errors
 from mimjax import export
@@ -234,3 +235,79 @@ def test_timm_train_checkpoint_imports_and_code_in_a_pickle_is_refused(tmp_path)
   with pytest.raises(errors.InteropError, match='posix.system'):
     torch_files.read_state_dict(str(tmp_path / 'evil.pth.tar'))
   assert not os.path.exists(tmp_path / 'ran')
+
+
+def test_dtm_backbone_hub_folder_is_a_timm_beit_with_the_same_tokens(tmp_path):
+  """configs/distill.py:dtm's backbone (rel-pos per block and shared, no absolute table, layer
+  scale), fresh random weights with non-zero tables: the folder loads with `local-dir:` in plain
+  timm and gives the JAX tokens to 1e-4 relative."""
+  config = load_config('configs/distill.py:runlocal,dtm')
+  assert (config.model.rel_pos, config.model.posemb) == ('both', 'none') and config.model.layerscale
+  params = random_params(config)
+  tables = [params['Transformer']['rel_pos_bias']['relative_position_bias_table']] + [
+      params['Transformer'][f'encoderblock_{i}']['rel_pos_bias']['relative_position_bias_table']
+      for i in range(4)]
+  assert all(np.all(np.asarray(t) != 0) for t in tables)
+  folder = tmp_path / 'dtm'
+  hub_config, _ = export.export_params(config, params, str(folder), 'hub', dict(step=1))
+  assert hub_config['architecture'].startswith('beit_')
+  x = images(config)
+  features, _ = _plain_timm(folder, x, tmp_path)
+  ours = export.forward_features(config, params, x)
+  assert np.max(np.abs(features - ours)) <= 1e-4 * np.max(np.abs(ours))
+
+
+def test_an_export_that_timm_reads_differently_is_deleted(tmp_path, monkeypatch):
+  """The self-check: weights written wrong (here one block's qkv bias dropped to zero) make timm
+  compute something else, so the export fails with the difference and leaves nothing behind."""
+  config = make_config('mu/4', 16, True, 'tok', 'sincos2d', 0.0, 0)
+  params = random_params(config)
+  to_timm = timm_lib.to_timm
+
+  def broken(*args):
+    sd = to_timm(*args)
+    sd['blocks.0.attn.qkv.bias'] = np.zeros_like(sd['blocks.0.attn.qkv.bias'])
+    return sd
+  monkeypatch.setattr(timm_lib, 'to_timm', broken)
+  for fmt, out in (('safetensors', tmp_path / 'e.safetensors'), ('hub', tmp_path / 'folder')):
+    with pytest.raises(errors.InteropError, match='does not compute what the JAX encoder'):
+      export.export_params(config, params, str(out), fmt)
+    assert sorted(os.listdir(tmp_path)) == [], fmt
+
+
+_TF_FIRST = r'''
+import sys
+{first}
+import jax, numpy as np
+from configs import mae
+from mimjax import errors, export
+config = mae.get_config('runlocal')
+config.model.variant, config.data.image_size = 'mu/4', 16
+params = export.build_encoder(config).init(jax.random.PRNGKey(0), np.zeros((1, 16, 16, 3)))
+try:
+  export.export_params(config, params['params'], sys.argv[1], 'hub')
+except errors.InteropError as e:
+  print('refused:', e)
+  sys.exit(3)
+import torch
+from mimjax.data import pipeline  # TensorFlow, loaded after the export as a training run would
+assert 'tensorflow' in sys.modules
+torch.optim.AdamW([torch.zeros(2, requires_grad=True)]).step()
+print('ok')
+'''
+
+
+@pytest.mark.parametrize('first', ['', 'import tensorflow'])
+def test_export_is_safe_next_to_tensorflow(tmp_path, first):
+  """TensorFlow loaded before torch._dynamo segfaults torch (rc 139 on `import tensorflow, torch;
+  torch.optim.AdamW(...)`). An export, which loads both, must leave torch usable; where the
+  caller loaded TensorFlow first it must refuse with the reason instead of crashing."""
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, 'tests')]))
+  out = subprocess.run([sys.executable, '-c', _TF_FIRST.format(first=first),
+                        str(tmp_path / 'hub')], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=300)
+  if first:
+    assert out.returncode == 3 and 'TensorFlow was loaded in this process before' in out.stdout
+    assert not os.path.exists(tmp_path / 'hub')
+  else:
+    assert out.returncode == 0 and out.stdout.splitlines()[-1] == 'ok', out.stderr[-2000:]
