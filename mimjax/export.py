@@ -268,8 +268,8 @@ def main(argv):
   else:
     print(f'Wrote {f.out} ({fmt}, step {result["source"]["step"]}) and {f.out}.json')
   if result['verified'] is None:
-    print('Not checked against timm: torch and timm are not installed (pip install '
-          "'mimjax[torch]'); the export is unverified.")
+    print("Not checked against timm: torch and timm are not installed (pip install '.[torch]' in "
+          'the mimjax checkout); the export is unverified.')
   else:
     print(f"Checked: timm's model from these files computes the encoder's tokens, pooled features "
           f"and logits to {result['verified']:.1e} relative.")
