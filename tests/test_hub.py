@@ -311,3 +311,25 @@ def test_export_is_safe_next_to_tensorflow(tmp_path, first):
     assert not os.path.exists(tmp_path / 'hub')
   else:
     assert out.returncode == 0 and out.stdout.splitlines()[-1] == 'ok', out.stderr[-2000:]
+
+
+_TRAIN_READS_TORCH = r'''
+import sys
+from mimjax import train  # noqa: F401  the trainer's imports: the TensorFlow data pipeline
+from mimjax.interop import torch_files
+assert 'tensorflow' in sys.modules and 'torch' not in sys.modules
+sd = torch_files.read_state_dict(sys.argv[1])  # config.init.checkpoint: torch.load after TF
+print(sorted(sd))
+'''
+
+
+def test_training_reads_torch_checkpoints_after_tensorflow(tmp_path):
+  """mimjax.train loads TensorFlow at import and reads a torch `config.init.checkpoint` later, with
+  `torch.load` alone, which (unlike torch._dynamo and the optimizers) is safe in that order."""
+  torch.save({'state_dict': {'w': torch.ones(2)}, 'args': argparse.Namespace(model='x')},
+             tmp_path / 'model_best.pth.tar')
+  env = dict(os.environ, PYTHONPATH=REPO)
+  out = subprocess.run([sys.executable, '-c', _TRAIN_READS_TORCH,
+                        str(tmp_path / 'model_best.pth.tar')], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0 and out.stdout.splitlines()[-1] == "['w']", out.stderr[-2000:]
