@@ -277,7 +277,11 @@ def test_an_export_that_timm_reads_differently_is_deleted(tmp_path, monkeypatch)
 
 _TF_FIRST = r'''
 import sys
-{first}
+if sys.argv[2] == 'train-first':  # mimjax.train's order: TensorFlow (its data pipeline) at import,
+  from mimjax import train  # noqa: F401  then config.init.checkpoint read with torch.load alone,
+  from mimjax.interop import torch_files  # which, unlike torch._dynamo, is safe after TensorFlow
+  assert 'tensorflow' in sys.modules and 'torch' not in sys.modules
+  assert sorted(torch_files.read_state_dict(sys.argv[3])) == ['w']
 import jax, numpy as np
 from configs import mae
 from mimjax import errors, export
@@ -297,39 +301,21 @@ print('ok')
 '''
 
 
-@pytest.mark.parametrize('first', ['', 'import tensorflow'])
-def test_export_is_safe_next_to_tensorflow(tmp_path, first):
+@pytest.mark.parametrize('order', ['export-first', 'train-first'])
+def test_entry_points_are_safe_next_to_tensorflow(tmp_path, order):
   """TensorFlow loaded before torch._dynamo segfaults torch (rc 139 on `import tensorflow, torch;
-  torch.optim.AdamW(...)`). An export, which loads both, must leave torch usable; where the
-  caller loaded TensorFlow first it must refuse with the reason instead of crashing."""
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, 'tests')]))
-  out = subprocess.run([sys.executable, '-c', _TF_FIRST.format(first=first),
-                        str(tmp_path / 'hub')], cwd=REPO, env=env, capture_output=True,
-                       text=True, timeout=300)
-  if first:
+  torch.optim.AdamW(...)`). An export, which loads both, must leave torch usable after the data
+  pipeline loads TensorFlow; the trainer (TensorFlow first) reads torch checkpoints; and an export
+  called after TensorFlow was loaded refuses with the reason instead of crashing."""
+  checkpoint = tmp_path / 'model_best.pth.tar'
+  torch.save({'state_dict': {'w': torch.ones(2)}, 'args': argparse.Namespace(model='x')},
+             checkpoint)
+  env = dict(os.environ, PYTHONPATH=REPO)
+  out = subprocess.run([sys.executable, '-c', _TF_FIRST, str(tmp_path / 'hub'), order,
+                        str(checkpoint)], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=300)
+  if order == 'train-first':
     assert out.returncode == 3 and 'TensorFlow was loaded in this process before' in out.stdout
     assert not os.path.exists(tmp_path / 'hub')
   else:
     assert out.returncode == 0 and out.stdout.splitlines()[-1] == 'ok', out.stderr[-2000:]
-
-
-_TRAIN_READS_TORCH = r'''
-import sys
-from mimjax import train  # noqa: F401  the trainer's imports: the TensorFlow data pipeline
-from mimjax.interop import torch_files
-assert 'tensorflow' in sys.modules and 'torch' not in sys.modules
-sd = torch_files.read_state_dict(sys.argv[1])  # config.init.checkpoint: torch.load after TF
-print(sorted(sd))
-'''
-
-
-def test_training_reads_torch_checkpoints_after_tensorflow(tmp_path):
-  """mimjax.train loads TensorFlow at import and reads a torch `config.init.checkpoint` later, with
-  `torch.load` alone, which (unlike torch._dynamo and the optimizers) is safe in that order."""
-  torch.save({'state_dict': {'w': torch.ones(2)}, 'args': argparse.Namespace(model='x')},
-             tmp_path / 'model_best.pth.tar')
-  env = dict(os.environ, PYTHONPATH=REPO)
-  out = subprocess.run([sys.executable, '-c', _TRAIN_READS_TORCH,
-                        str(tmp_path / 'model_best.pth.tar')], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=300)
-  assert out.returncode == 0 and out.stdout.splitlines()[-1] == "['w']", out.stderr[-2000:]
