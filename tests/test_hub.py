@@ -257,6 +257,16 @@ def test_dtm_backbone_hub_folder_is_a_timm_beit_with_the_same_tokens(tmp_path):
   assert np.max(np.abs(features - ours)) <= 1e-4 * np.max(np.abs(ours))
 
 
+def test_hub_export_without_a_timm_architecture_is_refused_and_writes_nothing(tmp_path):
+  """timm's Beit always has a cls token: a rel-pos encoder without one has no timm class."""
+  config = make_config('mu/4', 16, False, 'gap', 'sincos2d', 0.0, 0)
+  with config.unlocked():
+    config.model.rel_pos, config.model.posemb = 'block', 'none'
+  with pytest.raises(errors.InteropError, match='cls token'):
+    export.export_params(config, random_params(config), str(tmp_path / 'hub'), 'hub')
+  assert os.listdir(tmp_path) == []
+
+
 def test_an_export_that_timm_reads_differently_is_deleted(tmp_path, monkeypatch):
   """The self-check: weights written wrong (here one block's qkv bias dropped to zero) make timm
   compute something else, so the export fails with the difference and leaves nothing behind."""
