@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import random
+import re
 import runpy
 import shlex
 import subprocess
@@ -329,3 +330,14 @@ def test_entry_points_are_safe_next_to_tensorflow(tmp_path, order):
     assert not os.path.exists(tmp_path / 'hub')
   else:
     assert out.returncode == 0 and out.stdout.splitlines()[-1] == 'ok', out.stderr[-2000:]
+
+
+def test_colab_notebook_never_loads_torch_next_to_its_tensorflow():
+  """The notebook trains (TensorFlow) in its own kernel; nothing in it may load torch or timm
+  there (directly or through an in-process export), which would crash that kernel."""
+  with open(os.path.join(REPO, 'launch', 'colab.ipynb')) as f:
+    cells = json.load(f)['cells']
+  code = '\n'.join(''.join(c['source']) for c in cells if c['cell_type'] == 'code')
+  assert 'from mimjax import train' in code  # the check reads the cells that matter
+  assert not re.search(r'\b(import|from)\s+(torch|timm|open_clip)\b|mimjax\.export|'
+                       r'from mimjax import .*\bexport\b|mimjax\.interop', code)
