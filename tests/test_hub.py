@@ -258,6 +258,24 @@ def test_dtm_backbone_hub_folder_is_a_timm_beit_with_the_same_tokens(tmp_path):
   assert np.max(np.abs(features - ours)) <= 1e-4 * np.max(np.abs(ours))
 
 
+@pytest.mark.parametrize('variant,beit,name', [
+    ('S/16', False, 'vit_small_patch16_224'), ('H/14', False, 'vit_huge_patch14_224'),
+    ('B/16', True, 'beit_base_patch16_224'), ('L/16', True, 'beit_large_patch16_224'),
+    ('pico/4', False, 'vit_tiny_patch16_224'), ('M/16', True, 'beit_base_patch16_224')])
+def test_config_json_names_timms_model_of_that_size(variant, beit, name):
+  """config.json's `architecture` is timm's registered model of the same dimensions where timm has
+  one (checked against timm's own default arguments), else the smallest of the class."""
+  config = make_config(variant, 224, True, 'tok', 'sincos2d', 0.0, 0)
+  assert hub.architecture(config, beit) == name and timm.is_model(name)
+  kw = export.vit.parse_variant(variant)
+  with torch.device('meta'):  # the architecture without allocating H/14's weights
+    model = timm.create_model(name, pretrained=False)
+  same = (model.embed_dim, len(model.blocks), model.blocks[0].attn.num_heads,
+          model.patch_embed.patch_size[0]) == (kw['width'], kw['depth'], kw['num_heads'],
+                                               kw['patch_size'])
+  assert same == (variant.partition('/')[0] not in ('pico', 'M'))
+
+
 def test_hub_export_without_a_timm_architecture_is_refused_and_writes_nothing(tmp_path):
   """timm's Beit always has a cls token: a rel-pos encoder without one has no timm class."""
   config = make_config('mu/4', 16, False, 'gap', 'sincos2d', 0.0, 0)
