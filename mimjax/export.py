@@ -8,7 +8,9 @@ becomes a timm `Beit`, see `mimjax.interop.beit`) or as a big_vision-style `.npz
 normalisation. Everything outside `params['encoder']` (decoders, plug-in heads, mask tokens, EMA
 copies) is left out. `--format hub --out DIR` writes a timm model folder instead
 (mimjax/interop/hub.py): `timm.create_model('local-dir:DIR', pretrained=True)`, and prints its
-timm train.py command.
+timm train.py command. Every export then checks itself: timm builds the model from the files just
+written and must compute the JAX encoder's outputs on a fixed input, or the files are deleted and
+the export fails (`verify_export`).
 
   sc = json.load(open('enc.safetensors.json'))
   model = timm.create_model(sc['timm_model'], **sc['timm_kwargs'])
@@ -31,9 +33,13 @@ from mimjax import workdir as workdir_lib
 from mimjax.interop import beit as beit_lib
 from mimjax.interop import hub
 from mimjax.interop import timm as timm_lib
+from mimjax.interop import torch_files
 from mimjax.models import vit
 
 FORMATS = ('safetensors', 'npz', 'hub')
+# How far timm's outputs from an export may be from the JAX encoder's (relative; float32 gives
+# about 1e-6 on these shapes).
+VERIFY_TOLERANCE = 1e-4
 
 
 def load_encoder(workdir, step=None):
@@ -89,20 +95,41 @@ def _npz_arrays(encoder_params, posemb_table):
 
 
 def export_params(config, encoder_params, out, fmt='safetensors', source=None):
-  """Writes `out` (+ `out.json`) from encoder params of a model built by `config`.
+  """Writes `out` (+ `out.json`; for 'hub' the folder `out`) from encoder params of a model built
+  by `config`, then checks it (`verify_export`).
 
-  Returns the sidecar dict. `source` (e.g. workdir and step) is recorded in the sidecar.
+  Returns the sidecar dict, for 'hub' (config.json dict, fine-tuning command); either way with
+  `verified`: the checked relative difference, or None where timm is not installed. `source`
+  (e.g. workdir and step) is recorded in the sidecar (and, without the workdir path, config.json).
+  Raises InteropError / ConfigError with nothing written (or, for a failed check, nothing left).
   """
   if fmt not in FORMATS:
     raise ValueError(f'format must be one of {FORMATS}, not {fmt!r}')
   check_exportable(config, encoder_params)
+  # Before anything loads TensorFlow (hub: the dataset's label names), see torch_files.load_timm.
+  timm = torch_files.load_timm()
+  if fmt == 'hub':
+    written = [os.path.join(out, name) for name in hub.FILES]
+    hub_config, command = hub.export_hub(config, encoder_params, out, source or {})
+    hub_config['verified'] = verify_export(
+        timm, config, encoder_params, written,
+        lambda: timm.create_model(f'local-dir:{out}', pretrained=True))
+    return hub_config, command
+  sidecar = _write_file(config, encoder_params, out, fmt, source)
+  sidecar['verified'] = verify_export(timm, config, encoder_params, [out, out + '.json'],
+                                      lambda: create_timm_model(out))
+  return sidecar
+
+
+def _write_file(config, encoder_params, out, fmt, source):
+  """Writes the safetensors or npz export and its sidecar; returns the sidecar dict."""
   if os.path.isdir(out):
     raise errors.ConfigError(f'--out {out} is a directory; give a file path, e.g. '
                              f'{os.path.join(out, "encoder." + fmt)}.')
   beit = beit_lib.is_beit(config.model)
   if beit and fmt != 'safetensors':
     raise errors.InteropError('An encoder with relative position bias exports to timm\'s Beit as '
-                              'safetensors only; use --format safetensors.')
+                              'safetensors or a hub folder only; use --format safetensors or hub.')
   if config.model.fc_norm and fmt == 'npz':
     raise errors.InteropError('timm\'s npz loader does not read fc_norm (config.model.fc_norm, '
                               'MAE\'s fine-tuning model); use --format safetensors.')
@@ -113,15 +140,16 @@ def export_params(config, encoder_params, out, fmt='safetensors', source=None):
   in_chans = int(np.shape(encoder_params['embedding']['kernel'])[2])
   kwargs = (beit_lib if beit else timm_lib).timm_kwargs(config.model, config.data.image_size,
                                                         in_chans)
+  weights = (beit_lib.to_beit(encoder_params, table) if beit else
+             timm_lib.to_timm(encoder_params, table) if fmt == 'safetensors' else
+             _npz_arrays(encoder_params, table))
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   if fmt == 'safetensors':
-    from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-    save_file(beit_lib.to_beit(encoder_params, table) if beit else
-              timm_lib.to_timm(encoder_params, table), out)
+    torch_files.save_safetensors(weights, out)
   else:
     kwargs['init_values'] = None  # folded into the weights, see _npz_arrays
     with open(out, 'wb') as f:  # a file object: np.savez would append .npz to other names
-      np.savez(f, **_npz_arrays(encoder_params, table))
+      np.savez(f, **weights)
   mean, std = list(config.data.mean), list(config.data.std)
   kwargs['pretrained_cfg_overlay'] = dict(
       mean=mean, std=std, input_size=[in_chans, config.data.image_size, config.data.image_size],
@@ -137,19 +165,68 @@ def export_params(config, encoder_params, out, fmt='safetensors', source=None):
   return sidecar
 
 
+def check_images(config, in_chans):
+  """The fixed input every export is checked on: 2 images of N(0, 1) pixels (seed 0), NHWC."""
+  size = config.data.image_size
+  return np.random.RandomState(0).randn(2, size, size, in_chans).astype(np.float32)
+
+
+def relative_difference(ours, theirs):
+  """max |ours - theirs| / max |ours|: 1e-6 is float32 rounding, 1 a different function."""
+  ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
+  return float(np.max(np.abs(ours - theirs)) / max(np.max(np.abs(ours)), 1e-12))
+
+
+def verify_export(timm, config, encoder_params, written, build):
+  """Checks an export as its user will load it: timm's model from the written files (`build()`)
+  must compute the JAX encoder's tokens, pooled features and logits on `check_images` to
+  VERIFY_TOLERANCE relative. Returns the largest relative difference, or None without timm
+  (`timm` None: nothing to check with). A failed check deletes `written` (and a folder emptied by
+  that) and raises InteropError: an export that computes something else must not be used.
+  """
+  if timm is None:
+    return None
+  import torch  # pylint: disable=g-import-not-at-top
+  in_chans = int(np.shape(encoder_params['embedding']['kernel'])[2])
+  x = check_images(config, in_chans)
+  ours = build_encoder(config).apply({'params': encoder_params}, jnp.asarray(x))
+  try:
+    model = build().eval()
+    with torch.no_grad():
+      tokens = model.forward_features(torch.from_numpy(x).permute(0, 3, 1, 2))
+      theirs = dict(tokens=tokens, pooled=model.forward_head(tokens, pre_logits=True))
+      if 'logits' in ours:
+        theirs['logits'] = model.forward_head(tokens)
+    diffs = {k: relative_difference(ours[k], v.numpy()) for k, v in theirs.items()}
+    failure = None if max(diffs.values()) <= VERIFY_TOLERANCE else ', '.join(
+        f'{k} {d:.2g}' for k, d in diffs.items())
+  except Exception as e:  # pylint: disable=broad-except  # timm refusing the files is a failure too
+    failure = f'timm could not build it ({type(e).__name__}: {str(e).splitlines()[0][:200]})'
+  if failure is None:
+    return max(diffs.values())
+  for path in written:
+    if os.path.isfile(path):
+      os.remove(path)
+  folder = os.path.dirname(written[0])
+  if written[0].endswith('config.json') and os.path.isdir(folder) and not os.listdir(folder):
+    os.rmdir(folder)
+  raise errors.InteropError(
+      f'The export does not compute what the JAX encoder computes when timm loads it ({failure}; '
+      f'relative, tolerance {VERIFY_TOLERANCE}); it was deleted. This is a mimjax bug: please '
+      'report it with the config.')
+
+
 def export_checkpoint(workdir, out, step=None, fmt='safetensors'):
-  """Exports the encoder of `workdir`'s checkpoint `step` (default latest); returns the sidecar
-  (for 'hub': the folder's config.json and the timm fine-tuning command)."""
+  """Exports the encoder of `workdir`'s checkpoint `step` (default latest); returns what
+  `export_params` returns."""
   config, encoder_params, step = load_encoder(workdir, step)
   source = dict(workdir=os.path.abspath(workdir), step=int(step))
-  if fmt == 'hub':
-    check_exportable(config, encoder_params)
-    return hub.export_hub(config, encoder_params, out, source)
   return export_params(config, encoder_params, out, fmt, source=source)
 
 
 def create_timm_model(path):
-  """The timm model of an export, with its weights loaded (needs torch and timm)."""
+  """The timm model of a safetensors or npz export, with its weights loaded (needs torch and
+  timm; for a hub folder: `timm.create_model('local-dir:DIR', pretrained=True)`)."""
   import timm  # pylint: disable=g-import-not-at-top
   sidecar = timm_lib.read_sidecar(path)
   kwargs = dict(sidecar['timm_kwargs'])
@@ -185,14 +262,21 @@ def main(argv):
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
   if fmt == 'hub':
-    hub_config, command = result
-    step = hub_config['mimjax']['step']
-    print(f'Wrote the timm model folder {f.out} (step {step}); load it with '
-          f"timm.create_model('local-dir:{f.out}', pretrained=True). Fine-tune it with timm's "
-          f'train.py (also in {os.path.join(f.out, hub.COMMAND_FILE)}):\n{command}')
-    return
-  print(f'Wrote {f.out} ({fmt}, step {result["source"]["step"]}) and {f.out}.json')
-
+    result, command = result
+    print(f'Wrote the timm model folder {f.out} (step {result["mimjax"]["step"]}); load it with '
+          f"timm.create_model('local-dir:{f.out}', pretrained=True).")
+  else:
+    print(f'Wrote {f.out} ({fmt}, step {result["source"]["step"]}) and {f.out}.json')
+  if result['verified'] is None:
+    print("Not checked against timm: torch and timm are not installed (pip install '.[torch]' in "
+          'the mimjax checkout); the export is unverified.')
+  else:
+    print(f"Checked: timm's model from these files computes the encoder's tokens, pooled features "
+          f"and logits to {result['verified']:.1e} relative.")
+  if fmt == 'hub':
+    print(f"Fine-tune it with the train.py of timm 1.0.31 ({hub.TIMM_TRAIN_PY}), run in timm's "
+          f'checkout; add --device cpu on a machine without a CUDA GPU (also in '
+          f'{os.path.join(f.out, hub.COMMAND_FILE)}):\n{command}')
 
 if __name__ == '__main__':
   _define_flags()

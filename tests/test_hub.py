@@ -4,13 +4,17 @@ checkpoints import safely."""
 import argparse
 import json
 import os
+import random
+import re
 import runpy
+import shlex
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+from conftest import load_config
 from test_export import images, make_config, random_params, trained_workdir  # noqa: F401
 from mimjax import errors
 from mimjax import export
@@ -58,9 +62,20 @@ def test_hub_folder_loads_in_plain_timm_with_its_transform(tmp_path, variant):
   config.data.eval_crop_fraction = 0.875
   params = random_params(config)
   folder = tmp_path / 'hub'
-  hub.export_hub(config, params, str(folder), dict(workdir='w', step=7))
+  umask = os.umask(0o022)
+  try:
+    hub_config, _ = export.export_params(config, params, str(folder), 'hub',
+                                         dict(workdir=str(tmp_path / 'my_run'), step=7))
+  finally:
+    os.umask(umask)
   assert sorted(os.listdir(folder)) == ['README.md', 'config.json', hub.COMMAND_FILE,
                                         'model.safetensors']
+  assert all(os.stat(folder / n).st_mode & 0o777 == 0o644 for n in os.listdir(folder))
+  assert hub_config['verified'] < 1e-5
+  for name in os.listdir(folder):  # nothing of this machine would be published with the folder
+    assert str(tmp_path) not in (folder / name).read_bytes().decode('latin-1'), name
+  # a 32-wide model is not named as timm's 768-wide base; timm's tiny is its smallest ViT
+  assert hub_config['architecture'] == 'vit_tiny_patch16_224'
   x = images(config)
   features, data_config = _plain_timm(folder, x, tmp_path)
   np.testing.assert_allclose(features, export.forward_features(config, params, x), atol=1e-4,
@@ -74,12 +89,13 @@ def test_hub_folder_loads_in_plain_timm_with_its_transform(tmp_path, variant):
     assert data_config['label_names'][:2] == ['T-shirt/top', 'Trouser']
   card = (folder / 'README.md').read_text()
   assert card.startswith('---\nlibrary_name: timm\n') and 'python train.py' in card
+  assert 'run `my_run`' in card and 'v1.0.31/train.py' in card and '--device cpu' in card
 
 
-def _recipe(args):
-  """{'--flag': [values]} of an argument list."""
+def _recipe(command):
+  """{'--flag': [values]} of a printed `python train.py ...` command."""
   out, key = {}, None
-  for a in args:
+  for a in shlex.split(command)[2:]:
     if a.startswith('-'):
       key = a
       out[key] = []
@@ -88,13 +104,26 @@ def _recipe(args):
   return out
 
 
-def test_finetune_command_runs_through_timm_training_api(tmp_path):
-  """Two steps of timm's own training pieces, configured with the command's values."""
-  import timm.loss, timm.optim, timm.scheduler  # noqa: E401  pylint: disable=g-import-not-at-top
+def _printed_command(tmp_path):
+  """(folder, parsed command) of the hub export of a small ViT, as the CLI prints it."""
   config = make_config('mu/4', 16, True, 'tok', 'sincos2d', 0.0, 0)
   folder = tmp_path / 'hub'
-  hub.export_hub(config, random_params(config), str(folder), dict(step=1))
-  r = _recipe(hub.finetune_args(config, str(folder), [str(i) for i in range(10)]))
+  _, command = export.export_params(config, random_params(config), str(folder), 'hub',
+                                    dict(step=1))
+  return folder, _recipe(command)
+
+
+def _train_transform(model, r):
+  """timm's training transform with the printed command's augmentation settings."""
+  return timm.data.create_transform(
+      **timm.data.resolve_data_config({}, model=model), is_training=True,
+      auto_augment=r['--aa'][0], re_prob=float(r['--reprob'][0]), re_mode=r['--remode'][0])
+
+
+def test_finetune_command_runs_through_timm_training_api(tmp_path):
+  """Two steps of timm's own training pieces, configured with the printed command's values."""
+  import timm.loss, timm.optim, timm.scheduler  # noqa: E401  pylint: disable=g-import-not-at-top
+  folder, r = _printed_command(tmp_path)
   assert r['--model'] == [f'local-dir:{folder}'] and r['--num-classes'] == ['10']
   num = int(r['--num-classes'][0])
   model = timm.create_model(r['--model'][0], pretrained=True, num_classes=num,
@@ -108,9 +137,7 @@ def test_finetune_command_runs_through_timm_training_api(tmp_path):
       optimizer, sched=r['--sched'][0], num_epochs=int(r['--epochs'][0]),
       warmup_epochs=int(r['--warmup-epochs'][0]), min_lr=float(r['--min-lr'][0]))
   assert epochs == 100
-  transform = timm.data.create_transform(
-      **timm.data.resolve_data_config({}, model=model), is_training=True,
-      auto_augment=r['--aa'][0], re_prob=float(r['--reprob'][0]), re_mode=r['--remode'][0])
+  transform = _train_transform(model, r)
   mixup = timm.data.Mixup(mixup_alpha=float(r['--mixup'][0]), cutmix_alpha=float(r['--cutmix'][0]),
                           label_smoothing=float(r['--smoothing'][0]), num_classes=num)
   from PIL import Image  # pylint: disable=g-import-not-at-top
@@ -129,6 +156,34 @@ def test_finetune_command_runs_through_timm_training_api(tmp_path):
   assert not torch.equal(before, model.patch_embed.proj.weight)
 
 
+def _first_failure(transform, image, n):
+  """Index of the first of n draws (Python's random seeded 0, as timm's RandAugment samples with
+  it) where `transform(image)` raises ValueError, or None."""
+  random.seed(0)
+  torch.manual_seed(0)
+  for i in range(n):
+    try:
+      transform(image)
+    except ValueError as e:
+      assert 'bits must be between' in str(e)  # Pillow 13's refusal of timm's 0-bit posterize
+      return i
+  return None
+
+
+def test_printed_augmentation_survives_20000_images_where_the_old_one_crashes(tmp_path):
+  """The printed `--aa` through timm's whole training transform (crop, flip, RandAugment,
+  normalise, erasing) on 20,000 draws, as one epoch of train.py would: the same transform with
+  the command before the magnitude cap (`rand-m9-mstd0.5-inc1`) dies on the same draws, within
+  a few hundred (about 1 image in 600 with timm 1.0.31 and Pillow 13)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  folder, r = _printed_command(tmp_path)
+  model = timm.create_model(r['--model'][0], pretrained=True)
+  image = Image.fromarray(np.random.RandomState(0).randint(0, 255, (16, 16, 3), np.uint8))
+  old = dict(r, **{'--aa': ['rand-m9-mstd0.5-inc1']})
+  assert _first_failure(_train_transform(model, old), image, 2000) is not None
+  assert _first_failure(_train_transform(model, r), image, 20_000) is None
+
+
 @pytest.mark.slow  # trains for 2 steps first
 def test_cli_hub_export_and_command_accepted_by_timm_train_parser(trained_workdir, tmp_path):  # noqa: F811
   folder = tmp_path / 'hub'
@@ -136,8 +191,11 @@ def test_cli_hub_export_and_command_accepted_by_timm_train_parser(trained_workdi
                            '--format', 'hub', '--out', str(folder)], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
-  command = (folder / hub.COMMAND_FILE).read_text().splitlines()[-1]
-  assert command in result.stdout and command.startswith('python train.py ')
+  command = [line for line in result.stdout.splitlines() if line.startswith('python train.py ')]
+  assert len(command) == 1 and 'Checked: ' in result.stdout
+  command = command[0]
+  in_folder = (folder / hub.COMMAND_FILE).read_text().splitlines()[-1]  # names the folder "$HERE"
+  assert in_folder.replace('"local-dir:$HERE"', shlex.quote(f'local-dir:{folder}')) == command
   assert '--num-classes 10' in command  # Fashion-MNIST's labels
   config, params, _ = export.load_encoder(trained_workdir)
   x = images(config)
@@ -147,7 +205,7 @@ def test_cli_hub_export_and_command_accepted_by_timm_train_parser(trained_workdi
   if not os.path.exists(TIMM_TRAIN_PY):
     pytest.skip(f'timm train.py not at {TIMM_TRAIN_PY} (set TIMM_TRAIN_PY)')
   parser = runpy.run_path(TIMM_TRAIN_PY, run_name='timm_train')['parser']
-  args = parser.parse_args(command.split()[2:])
+  args = parser.parse_args(shlex.split(command)[2:] + ['--device', 'cpu'])
   assert args.model == f'local-dir:{folder}' and args.pretrained and args.num_classes == 10
   assert (args.opt, args.opt_betas, args.lr_base, args.layer_decay) == ('adamw', [0.9, 0.999],
                                                                         5e-4, 0.65)
@@ -178,3 +236,126 @@ def test_timm_train_checkpoint_imports_and_code_in_a_pickle_is_refused(tmp_path)
   with pytest.raises(errors.InteropError, match='posix.system'):
     torch_files.read_state_dict(str(tmp_path / 'evil.pth.tar'))
   assert not os.path.exists(tmp_path / 'ran')
+
+
+def test_dtm_backbone_hub_folder_is_a_timm_beit_with_the_same_tokens(tmp_path):
+  """configs/distill.py:dtm's backbone (rel-pos per block and shared, no absolute table, layer
+  scale), fresh random weights with non-zero tables: the folder loads with `local-dir:` in plain
+  timm and gives the JAX tokens to 1e-4 relative."""
+  config = load_config('configs/distill.py:runlocal,dtm')
+  assert (config.model.rel_pos, config.model.posemb) == ('both', 'none') and config.model.layerscale
+  params = random_params(config)
+  tables = [params['Transformer']['rel_pos_bias']['relative_position_bias_table']] + [
+      params['Transformer'][f'encoderblock_{i}']['rel_pos_bias']['relative_position_bias_table']
+      for i in range(4)]
+  assert all(np.all(np.asarray(t) != 0) for t in tables)
+  folder = tmp_path / 'dtm'
+  hub_config, _ = export.export_params(config, params, str(folder), 'hub', dict(step=1))
+  assert hub_config['architecture'].startswith('beit_')
+  x = images(config)
+  features, _ = _plain_timm(folder, x, tmp_path)
+  ours = export.forward_features(config, params, x)
+  assert np.max(np.abs(features - ours)) <= 1e-4 * np.max(np.abs(ours))
+
+
+@pytest.mark.parametrize('variant,beit,name', [
+    ('S/16', False, 'vit_small_patch16_224'), ('H/14', False, 'vit_huge_patch14_224'),
+    ('B/16', True, 'beit_base_patch16_224'), ('L/16', True, 'beit_large_patch16_224'),
+    ('pico/4', False, 'vit_tiny_patch16_224'), ('M/16', True, 'beit_base_patch16_224')])
+def test_config_json_names_timms_model_of_that_size(variant, beit, name):
+  """config.json's `architecture` is timm's registered model of the same dimensions where timm has
+  one (checked against timm's own default arguments), else the smallest of the class."""
+  config = make_config(variant, 224, True, 'tok', 'sincos2d', 0.0, 0)
+  assert hub.architecture(config, beit) == name and timm.is_model(name)
+  kw = export.vit.parse_variant(variant)
+  with torch.device('meta'):  # the architecture without allocating H/14's weights
+    model = timm.create_model(name, pretrained=False)
+  same = (model.embed_dim, len(model.blocks), model.blocks[0].attn.num_heads,
+          model.patch_embed.patch_size[0]) == (kw['width'], kw['depth'], kw['num_heads'],
+                                               kw['patch_size'])
+  assert same == (variant.partition('/')[0] not in ('pico', 'M'))
+
+
+def test_hub_export_without_a_timm_architecture_is_refused_and_writes_nothing(tmp_path):
+  """timm's Beit always has a cls token: a rel-pos encoder without one has no timm class."""
+  config = make_config('mu/4', 16, False, 'gap', 'sincos2d', 0.0, 0)
+  with config.unlocked():
+    config.model.rel_pos, config.model.posemb = 'block', 'none'
+  with pytest.raises(errors.InteropError, match='cls token'):
+    export.export_params(config, random_params(config), str(tmp_path / 'hub'), 'hub')
+  assert os.listdir(tmp_path) == []
+
+
+def test_an_export_that_timm_reads_differently_is_deleted(tmp_path, monkeypatch):
+  """The self-check: weights written wrong (here one block's qkv bias dropped to zero) make timm
+  compute something else, so the export fails with the difference and leaves nothing behind."""
+  config = make_config('mu/4', 16, True, 'tok', 'sincos2d', 0.0, 0)
+  params = random_params(config)
+  to_timm = timm_lib.to_timm
+
+  def broken(*args):
+    sd = to_timm(*args)
+    sd['blocks.0.attn.qkv.bias'] = np.zeros_like(sd['blocks.0.attn.qkv.bias'])
+    return sd
+  monkeypatch.setattr(timm_lib, 'to_timm', broken)
+  for fmt, out in (('safetensors', tmp_path / 'e.safetensors'), ('hub', tmp_path / 'folder')):
+    with pytest.raises(errors.InteropError, match='does not compute what the JAX encoder'):
+      export.export_params(config, params, str(out), fmt)
+    assert sorted(os.listdir(tmp_path)) == [], fmt
+
+
+_TF_FIRST = r'''
+import sys
+if sys.argv[2] == 'train-first':  # mimjax.train's order: TensorFlow (its data pipeline) at import,
+  from mimjax import train  # noqa: F401  then config.init.checkpoint read with torch.load alone,
+  from mimjax.interop import torch_files  # which, unlike torch._dynamo, is safe after TensorFlow
+  assert 'tensorflow' in sys.modules and 'torch' not in sys.modules
+  assert sorted(torch_files.read_state_dict(sys.argv[3])) == ['w']
+import jax, numpy as np
+from configs import mae
+from mimjax import errors, export
+config = mae.get_config('runlocal')
+config.model.variant, config.data.image_size = 'mu/4', 16
+params = export.build_encoder(config).init(jax.random.PRNGKey(0), np.zeros((1, 16, 16, 3)))
+try:
+  export.export_params(config, params['params'], sys.argv[1], 'hub')
+except errors.InteropError as e:
+  print('refused:', e)
+  sys.exit(3)
+import torch
+from mimjax.data import pipeline  # TensorFlow, loaded after the export as a training run would
+assert 'tensorflow' in sys.modules
+torch.optim.AdamW([torch.zeros(2, requires_grad=True)]).step()
+print('ok')
+'''
+
+
+@pytest.mark.parametrize('order', ['export-first', 'train-first'])
+def test_entry_points_are_safe_next_to_tensorflow(tmp_path, order):
+  """TensorFlow loaded before torch._dynamo segfaults torch (rc 139 on `import tensorflow, torch;
+  torch.optim.AdamW(...)`). An export, which loads both, must leave torch usable after the data
+  pipeline loads TensorFlow; the trainer (TensorFlow first) reads torch checkpoints; and an export
+  called after TensorFlow was loaded refuses with the reason instead of crashing."""
+  checkpoint = tmp_path / 'model_best.pth.tar'
+  torch.save({'state_dict': {'w': torch.ones(2)}, 'args': argparse.Namespace(model='x')},
+             checkpoint)
+  env = dict(os.environ, PYTHONPATH=REPO)
+  out = subprocess.run([sys.executable, '-c', _TF_FIRST, str(tmp_path / 'hub'), order,
+                        str(checkpoint)], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=300)
+  if order == 'train-first':
+    assert out.returncode == 3 and 'TensorFlow was loaded in this process before' in out.stdout
+    assert not os.path.exists(tmp_path / 'hub')
+  else:
+    assert out.returncode == 0 and out.stdout.splitlines()[-1] == 'ok', out.stderr[-2000:]
+
+
+def test_colab_notebook_never_loads_torch_next_to_its_tensorflow():
+  """The notebook trains (TensorFlow) in its own kernel; nothing in it may load torch or timm
+  there (directly or through an in-process export), which would crash that kernel."""
+  with open(os.path.join(REPO, 'launch', 'colab.ipynb')) as f:
+    cells = json.load(f)['cells']
+  code = '\n'.join(''.join(c['source']) for c in cells if c['cell_type'] == 'code')
+  assert 'from mimjax import train' in code  # the check reads the cells that matter
+  assert not re.search(r'\b(import|from)\s+(torch|timm|open_clip)\b|mimjax\.export|'
+                       r'from mimjax import .*\bexport\b|mimjax\.interop', code)

@@ -115,9 +115,12 @@ def test_safetensors_and_pth_files_load_the_same(tmp_path):
 
 
 def test_unsupported_timm_layouts_are_refused():
-  fc_norm = timm_vit(class_token=False, global_pool='avg')  # fc_norm=True by default with avg
-  with pytest.raises(errors.InteropError, match='fc_norm'):
-    timm_lib.from_timm(state_dict_np(fc_norm), num_heads=2)
+  fc_norm = state_dict_np(timm_vit(class_token=False, global_pool='avg'))  # fc_norm=True with avg
+  params, arch = timm_lib.from_timm(fc_norm, num_heads=2)  # imports (into model.fc_norm)
+  assert arch.fc_norm and 'fc_norm' in params and 'encoder_norm' not in params['Transformer']
+  fc_norm['norm.weight'], fc_norm['norm.bias'] = fc_norm['fc_norm.weight'], fc_norm['fc_norm.bias']
+  with pytest.raises(errors.InteropError, match='both norm and fc_norm'):
+    timm_lib.from_timm(fc_norm, num_heads=2)
   regs = timm_vit(reg_tokens=4, no_embed_class=True)
   with pytest.raises(errors.InteropError, match='reg_token'):
     timm_lib.from_timm(state_dict_np(regs), num_heads=2)

@@ -83,16 +83,15 @@ def to_beit(encoder_params, posemb_table):
 def from_beit(sd, num_heads, key_bias=False):
   """timm Beit state dict -> (mimjax encoder params as numpy, `config.model` values).
 
-  Per-block tables go to each block, a shared table (`rel_pos_bias.*`) to the Transformer. The
+  `fc_norm` (timm's default avg pooling: `norm` is the identity, the pooled feature is normalised)
+  goes to the encoder's `fc_norm` (`config.model.fc_norm`), `norm` to the final norm. Per-block
+  tables go to each block, a shared table (`rel_pos_bias.*`) to the Transformer. The
   params have no k bias (as `model.weight_init='beit'` builds them) unless `key_bias`, which adds a
   zero one (an encoder built with the default init).
   """
-  for key in ('patch_embed.proj.weight', 'cls_token', 'norm.weight', 'blocks.0.attn.q_bias'):
+  for key in ('patch_embed.proj.weight', 'cls_token', 'blocks.0.attn.q_bias'):
     if key not in sd:
       raise errors.InteropError(f'The state dict has no {key!r}; it is not a timm Beit encoder.')
-  if any(k.startswith('fc_norm.') for k in sd):
-    raise errors.InteropError('The Beit has fc_norm (norm after average pooling), which the Beit '
-                              'import does not read. Import a model with use_fc_norm=False.')
   depth = torch_files.num_blocks(sd)
   block_tables = f'blocks.0.attn.{_TABLE}' in sd
   shared = f'rel_pos_bias.{_TABLE}' in sd
@@ -120,7 +119,7 @@ def from_beit(sd, num_heads, key_bias=False):
     if block_tables:
       blk['rel_pos_bias'] = {_TABLE: sd[pre + f'attn.{_TABLE}']}
     tr[f'encoderblock_{i}'] = blk
-  tr['encoder_norm'] = {'scale': sd['norm.weight'], 'bias': sd['norm.bias']}
+  fc_norm = timm_lib.final_norm(sd, p, tr)
   if shared:
     tr['rel_pos_bias'] = {_TABLE: sd[f'rel_pos_bias.{_TABLE}']}
   p['Transformer'] = tr
@@ -130,5 +129,57 @@ def from_beit(sd, num_heads, key_bias=False):
              (False, False): 'none'}[(block_tables, shared)]
   model = dict(rel_pos=rel_pos, posemb='learn' if 'pos_embed' in sd else 'none', cls_token=True,
                num_classes=sd['head.weight'].shape[0] if 'head.weight' in sd else 0,
-               weight_init='default' if key_bias else 'beit')
+               weight_init='default' if key_bias else 'beit', fc_norm=fc_norm)
   return timm_lib.as_float32(p), model
+
+
+def is_beit_state_dict(sd):
+  """Whether a state dict is a timm Beit's (q and v biases apart, no fused qkv bias)."""
+  return 'blocks.0.attn.q_bias' in sd
+
+
+def infer_arch(sd):
+  """The `timm_lib.Arch` of a timm Beit state dict (posemb 'none' without an absolute table); the
+  grid comes from the relative position table's (2 grid - 1)^2 + 3 rows."""
+  table = next((v for k, v in sd.items() if k.endswith(_TABLE)), None)
+  if table is None:
+    raise errors.InteropError('The Beit has no relative position bias table; mimjax imports Beit '
+                              'models with use_rel_pos_bias or use_shared_rel_pos_bias only.')
+  grid = (int(round(np.sqrt(table.shape[0] - 3))) + 1) // 2
+  width, in_chans, patch, _ = sd['patch_embed.proj.weight'].shape
+  return timm_lib.Arch(
+      width=width, depth=torch_files.num_blocks(sd), mlp_dim=sd['blocks.0.mlp.fc1.weight'].shape[0],
+      patch_size=patch, grid_size=grid, in_chans=in_chans, cls_token='cls_token' in sd,
+      posemb='learn' if 'pos_embed' in sd else 'none', layerscale='blocks.0.gamma_1' in sd,
+      num_classes=sd['head.weight'].shape[0] if 'head.weight' in sd else 0,
+      fc_norm='fc_norm.weight' in sd)
+
+
+def fit_rel_pos(encoder_params, rel_pos):
+  """Imported Beit params rearranged for a config's `model.rel_pos`, the same function.
+
+  The bias is a lookup of (per-block + shared) tables, so a shared table folds into every block's
+  ('block'), and a missing block or shared table is zeros ('both'; timm exports, which write
+  per-block tables only, go back into the DTM recipe's 'both' this way). Only 'shared' cannot
+  hold different tables per block: InteropError.
+  """
+  tr = dict(encoder_params['Transformer'])
+  blocks = sorted(k for k in tr if k.startswith('encoderblock_'))
+  shared = tr.pop('rel_pos_bias', {}).get(_TABLE)
+  own = [tr[b].get('rel_pos_bias', {}).get(_TABLE) for b in blocks]
+  like = shared if shared is not None else own[0]
+  if rel_pos == 'shared':
+    if any(t is not None for t in own):
+      raise errors.InteropError('The Beit has a relative position table per block; a config with '
+                                'model.rel_pos="shared" has one for all; use "block" or "both".')
+    tr['rel_pos_bias'] = {_TABLE: shared}
+  else:
+    zeros = np.zeros_like(like)
+    for b, t in zip(blocks, own):
+      table = zeros if t is None else t
+      if rel_pos == 'block' and shared is not None:
+        table = table + shared
+      tr[b] = dict(tr[b], rel_pos_bias={_TABLE: table})
+    if rel_pos == 'both':
+      tr['rel_pos_bias'] = {_TABLE: zeros if shared is None else shared}
+  return dict(encoder_params, Transformer=tr)

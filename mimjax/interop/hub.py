@@ -2,10 +2,11 @@
 
 The folder has the layout timm reads from the Hugging Face hub and from `local-dir:`: config.json
 (`architecture`, `model_args`, a `pretrained_cfg` with this model's input size, mean, std, crop and
-interpolation), model.safetensors and a model card (README.md). So
+interpolation), model.safetensors, a model card (README.md) and finetune_timm.sh. So
 `timm.create_model('local-dir:DIR', pretrained=True)` rebuilds the model without mimjax, and
 `timm.data.resolve_data_config({}, model=model)` gives its transforms. The same folder uploaded to
-the hub loads with `hf-hub:USER/NAME`.
+the hub loads with `hf-hub:USER/NAME`; nothing in it names a path of the machine that wrote it.
+An encoder with relative position bias (BEiT / DTM backbones) becomes a timm `Beit` folder.
 """
 import json
 import os
@@ -13,16 +14,28 @@ import shlex
 
 from configs import finetune as finetune_recipe
 from mimjax import errors
-from mimjax.data import sources
+from mimjax.interop import beit as beit_lib
 from mimjax.interop import timm as timm_lib
+from mimjax.interop import torch_files
 from mimjax.models import vit
 
 COMMAND_FILE = 'finetune_timm.sh'
+FILES = ('config.json', 'model.safetensors', 'README.md', COMMAND_FILE)
+# timm's train.py is in its repository, not in the pip package: the one of the pinned release.
+TIMM_TRAIN_PY = 'https://github.com/huggingface/pytorch-image-models/blob/v1.0.31/train.py'
+# RandAugment as MAE's fine-tuning (rand-m9-mstd0.5-inc1) with the sampled magnitude capped at 9
+# (`mmax9`; timm's default cap is 10): at magnitude 10 timm's increasing posterize keeps 0 bits,
+# which Pillow >= 13 refuses (`ValueError: bits must be between or equal to 1 and 8`, about 1
+# image in 600); at 9 it keeps 1. The cap moves only the draws above 9 of N(9, 0.5^2).
+RAND_AUGMENT = 'rand-m9-mstd0.5-inc1-mmax9'
+# timm's names of mimjax's sizes (same width, depth, heads and MLP), for config.json.
+_TIMM_SIZES = {'Ti': 'tiny', 'S': 'small', 'B': 'base', 'L': 'large', 'H': 'huge'}
 
 
 def label_names(config):
   """The dataset's class names from its TFDS metadata, or None when it has no `label` names or is
   not prepared on this machine (an export needs the weights, not the data)."""
+  from mimjax.data import sources  # pylint: disable=g-import-not-at-top  # loads TensorFlow
   try:
     builder = sources.get_builder(config.data.name, config.data.data_dir, download=False)
   except errors.DatasetError:
@@ -45,14 +58,36 @@ def pretrained_cfg(config, in_chans, names):
   return cfg
 
 
-def finetune_args(config, out_dir, names):
-  """timm train.py arguments that fine-tune the export with MAE's recipe (He et al., 2022, A.1).
+def architecture(config, beit):
+  """timm's registered model name for config.json's `architecture`.
+
+  timm builds `architecture` with `model_args` on top, so the name selects the class and the
+  model_args every dimension; the name is timm's model of the same size where timm has one
+  (`vit_small_patch16_224` for S/16, `beit_large_patch16_224` for a BEiT L/16) and otherwise
+  timm's smallest model of the class, so it never claims a larger model than the folder holds.
+  """
+  kw = vit.parse_variant(config.model.variant)
+  size = _TIMM_SIZES.get(config.model.variant.partition('/')[0])
+  if beit:
+    return (f'beit_{size}_patch16_224' if size in ('base', 'large') and kw['patch_size'] == 16
+            else beit_lib.TIMM_MODEL)
+  known = {('tiny', 16), ('small', 16), ('base', 16), ('large', 16), ('huge', 14), ('small', 32),
+           ('base', 32), ('large', 32), ('small', 8), ('base', 8), ('large', 14)}
+  if (size, kw['patch_size']) in known:
+    return f'vit_{size}_patch{kw["patch_size"]}_224'
+  return 'vit_tiny_patch16_224'
+
+
+def finetune_args(config, names):
+  """timm train.py arguments (all but `--model`) that fine-tune the export with MAE's recipe (He et
+  al., 2022, A.1).
 
   The same recipe as configs/finetune.py: AdamW (0.9, 0.999), weight decay 0.05, base lr per 256
   images (scaled linearly to the global batch; 1024 in the paper = 8 processes x 128), layer-wise
   lr decay, drop path and epochs per model size (5e-4, 0.65, 0.1, 100 for B), 5 warmup epochs then
-  cosine to 1e-6, RandAugment m9, mixup 0.8, cutmix 1.0, label smoothing 0.1, random erasing 0.25,
-  average pooling (after the exported final norm: timm has no MAE-style norm swap on loading).
+  cosine to 1e-6, RandAugment m9 (RAND_AUGMENT), mixup 0.8, cutmix 1.0, label smoothing 0.1, random
+  erasing 0.25, average pooling (after the exported final norm: timm has no MAE-style norm swap on
+  loading).
   """
   size = config.model.variant.partition('/')[0]
   in_chans = config.data.channels
@@ -60,8 +95,7 @@ def finetune_args(config, out_dir, names):
       '--dataset', f'tfds/{config.data.name}', '--dataset-download',
       '--val-split', config.data.eval_split]
   return [
-      '--model', f'local-dir:{os.path.abspath(out_dir)}', '--pretrained',
-      '--data-dir', 'DATA_DIR', *dataset,
+      '--pretrained', '--data-dir', 'DATA_DIR', *dataset,
       '--num-classes', str(len(names)) if names else 'NUM_CLASSES',
       *(['--in-chans', str(in_chans)] if in_chans != 3 else []),
       '--gp', 'avg', '--epochs', str(finetune_recipe.EPOCHS.get(size, 100)),
@@ -72,19 +106,22 @@ def finetune_args(config, out_dir, names):
       '--min-lr', '1e-6', '--sched', 'cosine',
       '--layer-decay', str(finetune_recipe.LAYER_DECAY.get(size, 0.65)),
       '--drop-path', str(finetune_recipe.DROP_PATH.get(size, 0.1)),
-      '--aa', 'rand-m9-mstd0.5-inc1', '--reprob', '0.25', '--remode', 'pixel',
+      '--aa', RAND_AUGMENT, '--reprob', '0.25', '--remode', 'pixel',
       '--mixup', '0.8', '--cutmix', '1.0', '--smoothing', '0.1',
   ]
 
 
-def finetune_command(args):
-  """The shell command line (timm's train.py is in its repository, not in the pip package)."""
-  return 'python train.py ' + ' '.join(shlex.quote(a) for a in args)
+def finetune_command(model, args):
+  """The shell command line: timm's train.py (TIMM_TRAIN_PY) with `--model model` (a shell word,
+  quoted by the caller: the folder is a `$HERE` expansion in finetune_timm.sh) and `args`."""
+  return f'python train.py --model {model} ' + ' '.join(shlex.quote(a) for a in args)
 
 
 def _model_card(config, hub_config, source, command):
   framework, step = config.framework, source.get('step')
   cfg = hub_config['pretrained_cfg']
+  workdir = os.path.basename(os.path.normpath(source['workdir'])) if source.get('workdir') else None
+  origin = f'run `{workdir}`' if workdir else 'a mimjax run'
   return f"""---
 library_name: timm
 pipeline_tag: image-feature-extraction
@@ -92,9 +129,10 @@ tags: [timm, mimjax, {framework}, masked-image-modeling]
 ---
 # mimjax {framework} ViT ({config.model.variant}), step {step}
 
-A ViT encoder pre-trained with mimjax's `{framework}` framework on `{config.data.name}`
-(`{config.data.train_split}`), exported from `{source.get('workdir')}` at step {step}. Only the
-encoder is here (no decoder or plug-in heads); `num_classes` is {cfg['num_classes']}.
+A ViT encoder (timm `{hub_config['architecture']}` class with this folder's `model_args`)
+pre-trained with mimjax's `{framework}` framework on `{config.data.name}`
+(`{config.data.train_split}`), exported from {origin} at step {step}. Only the encoder is here
+(no decoder or plug-in heads); `num_classes` is {cfg['num_classes']}.
 
 Input: {cfg['input_size'][1]}x{cfg['input_size'][2]} px, {cfg['input_size'][0]} channels,
 mean {cfg['mean']}, std {cfg['std']}, bicubic resize, centre crop {cfg['crop_pct']}.
@@ -105,8 +143,9 @@ model = timm.create_model('local-dir:THIS_FOLDER', pretrained=True)  # or hf-hub
 transform = timm.data.create_transform(**timm.data.resolve_data_config({{}}, model=model))
 ```
 
-Fine-tune with timm's `train.py` and MAE's fine-tuning recipe (also in `{COMMAND_FILE}`; set the
-data directory, and `--num-classes` for your labels):
+Fine-tune with the `train.py` of timm 1.0.31 ({TIMM_TRAIN_PY}) and MAE's fine-tuning recipe
+(`sh {COMMAND_FILE}` runs it on this folder; set the data directory, `--num-classes` for your
+labels, and add `--device cpu` on a machine without a CUDA GPU):
 
 ```
 {command}
@@ -115,26 +154,44 @@ data directory, and `--num-classes` for your labels):
 
 
 def export_hub(config, encoder_params, out_dir, source):
-  """Writes the timm model folder `out_dir`; returns (config.json dict, fine-tuning command)."""
-  grid = config.data.image_size // vit.parse_variant(config.model.variant)['patch_size']
-  table = timm_lib.position_embedding(encoder_params, grid)
+  """Writes the timm model folder `out_dir`; returns (config.json dict, fine-tuning command).
+
+  The command names the folder by its absolute path (to print); the files in the folder never do.
+  Nothing is written when the encoder cannot be a timm model (InteropError).
+  """
+  beit = beit_lib.is_beit(config.model)
+  grid = vit.grid_size(config.model, config.data.image_size)
   in_chans = int(encoder_params['embedding']['kernel'].shape[2])
-  model_args = timm_lib.timm_kwargs(config.model, config.data.image_size, in_chans)
+  model_args = (beit_lib if beit else timm_lib).timm_kwargs(config.model, config.data.image_size,
+                                                             in_chans)
   model_args.pop('num_classes')  # the top-level num_classes, which train.py's --num-classes sets
+  if beit:
+    table = (timm_lib.position_embedding(encoder_params, grid)
+             if config.model.posemb != 'none' else None)
+    weights = beit_lib.to_beit(encoder_params, table)
+  else:
+    weights = timm_lib.to_timm(encoder_params, timm_lib.position_embedding(encoder_params, grid))
   names = label_names(config)
-  hub_config = dict(architecture=timm_lib.TIMM_MODEL, num_classes=config.model.num_classes,
+  published = {k: v for k, v in source.items() if k != 'workdir'}
+  hub_config = dict(architecture=architecture(config, beit),
+                    num_classes=config.model.num_classes,
                     num_features=model_args['embed_dim'], model_args=model_args,
                     pretrained_cfg=pretrained_cfg(config, in_chans, names),
-                    mimjax=dict(source, framework=config.framework, variant=config.model.variant))
+                    mimjax=dict(published, framework=config.framework,
+                                variant=config.model.variant))
+  if os.path.isfile(out_dir):
+    raise errors.ConfigError(f'--out {out_dir} is a file; --format hub writes a folder.')
   os.makedirs(out_dir, exist_ok=True)
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  save_file(timm_lib.to_timm(encoder_params, table), os.path.join(out_dir, 'model.safetensors'))
+  torch_files.save_safetensors(weights, os.path.join(out_dir, 'model.safetensors'))
   with open(os.path.join(out_dir, 'config.json'), 'w') as f:
     json.dump(hub_config, f, indent=2)
-  command = finetune_command(finetune_args(config, out_dir, names))
+  args = finetune_args(config, names)
   with open(os.path.join(out_dir, COMMAND_FILE), 'w') as f:
-    f.write('# Fine-tunes this export with timm train.py (MAE recipe); set DATA_DIR.\n'
-            f'{command}\n')
+    f.write(f'# Fine-tunes this folder with MAE\'s recipe: run it in a checkout of timm 1.0.31 '
+            f'({TIMM_TRAIN_PY}),\n# with DATA_DIR set; add --device cpu without a CUDA GPU.\n'
+            'HERE="$(cd "$(dirname "$0")" && pwd)"\n'
+            + finetune_command('"local-dir:$HERE"', args) + '\n')
   with open(os.path.join(out_dir, 'README.md'), 'w') as f:
-    f.write(_model_card(config, hub_config, source, command))
-  return hub_config, command
+    f.write(_model_card(config, hub_config, source,
+                        finetune_command('hf-hub:USER/NAME', args)))
+  return hub_config, finetune_command(shlex.quote(f'local-dir:{os.path.abspath(out_dir)}'), args)

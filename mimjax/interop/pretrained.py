@@ -15,6 +15,7 @@ from mimjax import checkpoint as checkpoint_lib
 from mimjax import errors
 from mimjax import optim
 from mimjax import workdir as workdir_lib
+from mimjax.interop import beit as beit_lib
 from mimjax.interop import mae as mae_lib
 from mimjax.interop import timm as timm_lib
 from mimjax.interop import torch_files
@@ -26,7 +27,17 @@ def _read(config):
   num_heads = vit.parse_variant(config.model.variant)['num_heads']
   if config.init.format == 'timm':
     state = torch_files.read_state_dict(config.init.checkpoint)
-    params, arch = timm_lib.from_timm(state, num_heads)
+    if beit_lib.is_beit_state_dict(state):  # relative position bias: BEiT / DTM backbones
+      arch = beit_lib.infer_arch(state)
+      params, _ = beit_lib.from_beit(state, num_heads,
+                                     key_bias=config.model.weight_init != 'beit')
+      if config.model.rel_pos == 'none':
+        raise errors.ConfigError(
+            f'config.init.checkpoint={config.init.checkpoint!r} is a timm Beit (relative position '
+            'bias), but config.model.rel_pos="none"; set --config.model.rel_pos=both (or block).')
+      params = beit_lib.fit_rel_pos(params, config.model.rel_pos)
+    else:
+      params, arch = timm_lib.from_timm(state, num_heads)
     return {'encoder': params}, arch, {}
   params, arch, _, mae = mae_lib.import_mae(config.init.checkpoint, num_heads,
                                             config.mae.decoder_heads)
@@ -51,8 +62,10 @@ def _check_arch(config, arch):
       ('model.layerscale > 0', bool(config.model.layerscale), arch.layerscale,
        1e-4 if arch.layerscale else 0),
   ]
-  if arch.posemb == 'learn':  # a fixed sin-cos table may initialise a learned one, not vice versa
-    checks.append(('model.posemb', config.model.posemb, 'learn', 'learn'))
+  if arch.posemb in ('learn', 'none'):  # a fixed sin-cos table may initialise a learned one
+    checks.append(('model.posemb', config.model.posemb, arch.posemb, arch.posemb))
+  if arch.fc_norm:  # a norm on the pooled feature only (timm fc_norm=True, Beit avg pooling)
+    checks.append(('model.fc_norm', config.model.fc_norm, True, True))
   for key, have, need, fix in checks:
     if have != need:
       raise errors.ConfigError(

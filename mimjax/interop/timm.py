@@ -45,6 +45,7 @@ class Arch:
   posemb: str  # 'sincos2d' when pos_embed's patch part is the fixed MAE table, else 'learn'
   layerscale: bool
   num_classes: int
+  fc_norm: bool = False  # timm fc_norm=True / Beit avg pooling: a norm on the pooled feature only
 
   @property
   def image_size(self):
@@ -164,7 +165,27 @@ _BLOCK_KEYS = {'norm1.weight', 'norm1.bias', 'attn.qkv.weight', 'attn.qkv.bias',
                'attn.proj.bias', 'norm2.weight', 'norm2.bias', 'mlp.fc1.weight', 'mlp.fc1.bias',
                'mlp.fc2.weight', 'mlp.fc2.bias', 'ls1.gamma', 'ls2.gamma'}
 _TOP_KEYS = {'patch_embed.proj.weight', 'patch_embed.proj.bias', 'cls_token', 'pos_embed',
-             'norm.weight', 'norm.bias', 'head.weight', 'head.bias'}
+             'norm.weight', 'norm.bias', 'fc_norm.weight', 'fc_norm.bias', 'head.weight',
+             'head.bias'}
+
+
+def final_norm(sd, p, transformer):
+  """Puts a timm state dict's final norm into mimjax params: `norm` (on every token) into the
+  Transformer's `encoder_norm`, `fc_norm` (on the pooled feature, timm's `fc_norm=True` and Beit's
+  avg pooling, where `norm` is the identity) into `fc_norm`. Returns whether it was fc_norm."""
+  has_norm, has_fc_norm = 'norm.weight' in sd, 'fc_norm.weight' in sd
+  if has_norm == has_fc_norm:
+    raise errors.InteropError(
+        'The state dict has '
+        + ('both norm and fc_norm' if has_norm else 'neither norm nor fc_norm')
+        + ' weights; a timm ViT or Beit has exactly one of them (fc_norm with global_pool avg).')
+  name = 'fc_norm' if has_fc_norm else 'norm'
+  norm = {'scale': sd[f'{name}.weight'], 'bias': sd[f'{name}.bias']}
+  if has_fc_norm:
+    p['fc_norm'] = norm
+  else:
+    transformer['encoder_norm'] = norm
+  return has_fc_norm
 
 
 def infer_arch(sd):
@@ -175,9 +196,9 @@ def infer_arch(sd):
   if unknown:
     raise errors.InteropError(
         f'The state dict has weights the mimjax ViT has no place for: {unknown[:5]}. Only plain '
-        'timm VisionTransformers import (no fc_norm/norm_pre, register tokens, qk-norm or '
-        'attention pooling); for official MAE or CLIP checkpoints use mimjax.interop.mae / clip.')
-  for key in ('patch_embed.proj.weight', 'pos_embed', 'norm.weight'):
+        'timm VisionTransformers import (no norm_pre, register tokens, qk-norm or attention '
+        'pooling); for official MAE or CLIP checkpoints use mimjax.interop.mae / clip.')
+  for key in ('patch_embed.proj.weight', 'pos_embed'):
     if key not in sd:
       raise errors.InteropError(f'The state dict has no {key!r}; it is not a timm ViT encoder.')
   width, in_chans, patch, _ = sd['patch_embed.proj.weight'].shape
@@ -194,7 +215,8 @@ def infer_arch(sd):
   return Arch(width=width, depth=depth, mlp_dim=sd['blocks.0.mlp.fc1.weight'].shape[0],
               patch_size=patch, grid_size=grid, in_chans=in_chans, cls_token=cls_token,
               posemb='sincos2d' if is_sincos else 'learn', layerscale='blocks.0.ls1.gamma' in sd,
-              num_classes=sd['head.weight'].shape[0] if 'head.weight' in sd else 0)
+              num_classes=sd['head.weight'].shape[0] if 'head.weight' in sd else 0,
+              fc_norm='fc_norm.weight' in sd)
 
 
 def from_timm(sd, num_heads):
@@ -202,7 +224,8 @@ def from_timm(sd, num_heads):
 
   The params always hold `pos_embedding` [1, cls + N, width] (a zero cls slot is added when timm
   has none, `no_embed_class=True`); a config with the fixed sin-cos embedding drops it (see
-  `mimjax.interop.pretrained`).
+  `mimjax.interop.pretrained`). A timm `fc_norm` goes to `fc_norm` (`config.model.fc_norm`, MAE's
+  fine-tuning model), timm's `norm` to the final norm (`final_norm`).
   """
   try:
     return _from_timm(sd, num_heads)
@@ -226,7 +249,7 @@ def _from_timm(sd, num_heads):
       p['pos_embedding'] = np.concatenate([np.zeros_like(pos[:, :1]), pos], axis=1)
   tr = {f'encoderblock_{i}': block_from_timm(sd, f'blocks.{i}.', num_heads)
         for i in range(arch.depth)}
-  tr['encoder_norm'] = {'scale': sd['norm.weight'], 'bias': sd['norm.bias']}
+  final_norm(sd, p, tr)
   p['Transformer'] = tr
   if 'head.weight' in sd:
     p['head'] = {'kernel': sd['head.weight'].T, 'bias': sd['head.bias']}
@@ -301,5 +324,6 @@ def import_timm(path, num_heads=None):
   params, arch = from_timm(sd, num_heads)
   if arch.size_name():
     model['variant'] = f'{arch.size_name()}/{arch.patch_size}'
-  model.update(posemb=arch.posemb, cls_token=arch.cls_token, num_classes=arch.num_classes)
+  model.update(posemb=arch.posemb, cls_token=arch.cls_token, num_classes=arch.num_classes,
+               fc_norm=arch.fc_norm)
   return params, arch, model

@@ -1,10 +1,12 @@
 """Reading PyTorch weight files (safetensors, state dicts, timm training checkpoints, TorchScript
-archives) into float32 numpy arrays without running pickled code; torch is imported only here and
-only when a torch file is read."""
+archives) into float32 numpy arrays without running pickled code, writing .safetensors, and
+importing timm safely next to TensorFlow; torch is imported only here and only when needed."""
 import argparse
+import importlib.util
 import os
 import pickle
 import re
+import sys
 import zipfile
 
 import numpy as np
@@ -26,8 +28,15 @@ def read_state_dict(path):
   one other type timm train.py checkpoints (`.pth.tar`) hold, its `args` (an argparse.Namespace of
   plain values), is allowed explicitly. A TorchScript archive (OpenAI's CLIP release) goes through
   `torch.jit.load`, which runs no Python either. A checkpoint that wraps the weights under 'model'
-  or 'state_dict' is unwrapped.
+  or 'state_dict' is unwrapped. A timm model folder (`local-dir:` / Hugging Face hub layout, e.g. a
+  `mimjax.export --format hub` export, or timm's `save_for_hf`) is read from its model.safetensors,
+  else its pytorch_model.bin.
   """
+  for name in ('model.safetensors', 'pytorch_model.bin'):
+    if os.path.isfile(os.path.join(path, 'config.json')) and os.path.isfile(
+        os.path.join(path, name)):
+      path = os.path.join(path, name)
+      break
   if not os.path.isfile(path):
     raise errors.InteropError(f'{path} is not a file.')
   if path.endswith('.safetensors'):
@@ -72,3 +81,34 @@ def read_state_dict(path):
 def num_blocks(state_dict, prefix='blocks'):
   """How many transformer blocks a PyTorch state dict holds: the distinct i of `prefix.i.*`."""
   return len({k.split('.')[1] for k in state_dict if k.startswith(prefix + '.')})
+
+
+def save_safetensors(tensors, path):
+  """Writes {name: array} to `path` as .safetensors with the permissions of any new file (0666 less
+  the umask, 0644 usually): safetensors itself creates files 0600, which teammates on a shared
+  filesystem cannot read."""
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  save_file(tensors, path)
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(path, 0o666 & ~umask)
+
+
+def load_timm():
+  """The timm module, or None where torch or timm is not installed (mimjax's `torch` extra).
+
+  In the pinned environment a process that loads TensorFlow before `torch._dynamo` (which timm
+  and every torch optimizer load) dies with a segmentation fault; loaded first, torch._dynamo is
+  safe next to TensorFlow. So this loads it before timm, and refuses with an InteropError instead
+  of crashing where TensorFlow is already loaded without it.
+  """
+  if importlib.util.find_spec('torch') is None or importlib.util.find_spec('timm') is None:
+    return None
+  if 'tensorflow' in sys.modules and 'torch._dynamo' not in sys.modules:
+    raise errors.InteropError(
+        'TensorFlow was loaded in this process before torch, and loading timm (torch._dynamo) now '
+        'would crash it (a segmentation fault in the pinned TensorFlow + torch); import torch and '
+        'timm before TensorFlow or mimjax.data, or run `python -m mimjax.export`.')
+  import torch._dynamo  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  import timm  # pylint: disable=g-import-not-at-top
+  return timm
