@@ -15,7 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from mimjax import errors
-from mimjax import optim
+from mimjax import tree_util
 from mimjax import workdir_io
 
 CHECKSUMS = 'checksums.json'
@@ -66,7 +66,7 @@ def _mismatches(directory):
 def param_shapes(params):
   """{'encoder/embedding/kernel': [4, 4, 3, 128], ...} for comparing architectures."""
   flat = jax.tree_util.tree_flatten_with_path(params)[0]
-  return {optim.path_str(path): list(np.shape(leaf)) for path, leaf in flat}
+  return {tree_util.path_str(path): list(np.shape(leaf)) for path, leaf in flat}
 
 
 class Checkpointer:

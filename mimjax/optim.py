@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from mimjax import errors
+from mimjax.tree_util import path_str
 from mimjax.models import vit
 
 # Per framework, the parameters the reference code never decays besides 1-D ones and biases (its
@@ -22,11 +23,6 @@ NO_DECAY_NAMES = {
     'distill': ('pos_embedding', 'cls'),
     'supervised': ('pos_embedding', 'cls'),
 }
-
-
-def path_str(path):
-  """'encoder/Transformer/encoderblock_0/...' from a jax tree path."""
-  return '/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path)
 
 
 def decay_mask(params, framework):

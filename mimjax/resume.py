@@ -12,6 +12,7 @@ import jax
 
 from mimjax import config_lib
 from mimjax import errors
+from mimjax import tree_util
 from mimjax import workdir_io
 
 # Dotted keys (or prefixes) of settings that do not change the sequence of parameters a run
@@ -23,19 +24,9 @@ FREE = ('log.', 'checkpoint.', 'eval.', 'mesh.', 'distributed.', 'resume.', 'ini
 HISTORY = 'config_history.jsonl'
 
 
-def _flatten(tree, prefix=''):
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(_flatten(value, f'{prefix}{key}.'))
-    else:
-      flat[prefix + key] = value
-  return flat
-
-
 def _plain(config):
   """The config as flat {dotted key: JSON value}, tuples and lists alike."""
-  return _flatten(json.loads(config_lib.to_json(config)))
+  return tree_util.flatten_dict(json.loads(config_lib.to_json(config)))
 
 
 def changed_keys(saved, config):

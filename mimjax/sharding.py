@@ -6,8 +6,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from mimjax import optim
 from mimjax import errors
+from mimjax import tree_util
 
 BATCH_AXES = ('data', 'fsdp')
 
@@ -69,7 +69,7 @@ def param_specs(params, mesh, mesh_config):
   EMA copies of those kernels, whose paths contain the parameter path.
   """
   def spec(path, leaf):
-    name = optim.path_str(path)
+    name = tree_util.path_str(path)
     for pattern, rule in mesh_config.param_rules:
       if re.search(pattern, name):
         if rule == 'replicate':

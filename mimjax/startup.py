@@ -10,6 +10,7 @@ from absl import flags
 import jax
 import numpy as np
 
+from mimjax import tree_util
 from mimjax import workdir_io
 from mimjax.data import pipeline
 
@@ -61,17 +62,10 @@ def resolve_config_argv(argv):
   return out
 
 
-def _flatten(tree, prefix=''):
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      yield from _flatten(value, f'{prefix}{key}.')
-    else:
-      yield f'{prefix}{key}', value
-
-
 def format_config(config):
   """Every field as `KEY = VALUE`, one a line, in the spelling --config.KEY=VALUE accepts."""
-  return '\n'.join(f'{key} = {value!r}' for key, value in _flatten(config.to_dict()))
+  fields = tree_util.flatten_dict(config.to_dict())
+  return '\n'.join(f'{key} = {value!r}' for key, value in fields.items())
 
 
 def param_counts(params):

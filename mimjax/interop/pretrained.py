@@ -13,7 +13,7 @@ import jax
 
 from mimjax import checkpoint as checkpoint_lib
 from mimjax import errors
-from mimjax import optim
+from mimjax import tree_util
 from mimjax import workdir as workdir_lib
 from mimjax.interop import beit as beit_lib
 from mimjax.interop import mae as mae_lib
@@ -139,7 +139,7 @@ def _fresh_fc_norm(config, selected, notes):
 
 
 def _flat_shapes(tree):
-  return {optim.path_str(path): tuple(leaf.shape)
+  return {tree_util.path_str(path): tuple(leaf.shape)
           for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
