@@ -12,24 +12,11 @@ from mimjax import errors
 from mimjax.tree_util import path_str
 from mimjax.models import vit
 
-# Per framework, the parameters the reference code never decays besides 1-D ones and biases (its
-# `no_weight_decay()` list, in mimjax names). MAE's and LUT's pre-training call timm's
-# add_weight_decay without a skip list, so their cls and mask tokens are decayed; SimMIM's ViT,
-# BEiT's (distillation) and timm's (DeiT, MAE/LUT fine-tuning) skip pos_embed and cls_token only,
-# so SimMIM's and BEiT's mask tokens are decayed too.
-NO_DECAY_NAMES = {
-    'mae': (),
-    'simmim': ('pos_embedding', 'cls'),
-    'distill': ('pos_embedding', 'cls'),
-    'supervised': ('pos_embedding', 'cls'),
-}
-
-
-def decay_mask(params, framework):
-  """True for the parameters that get weight decay in `framework`'s reference: all but 1-D ones,
-  biases (mimjax's q/k/v biases are [heads, head_dim], timm's fused qkv bias is 1-D) and the
-  reference's `no_weight_decay()` names."""
-  skip = NO_DECAY_NAMES[framework]
+def decay_mask(params, no_decay_names=()):
+  """True for the parameters that get weight decay: all but 1-D ones, biases (mimjax's q/k/v
+  biases are [heads, head_dim], timm's fused qkv bias is 1-D) and `no_decay_names` (a
+  framework's `no_weight_decay`, its reference's list in mimjax names)."""
+  skip = tuple(no_decay_names)
 
   def decays(path, leaf):
     name = path_str(path).split('/')[-1]
@@ -101,8 +88,9 @@ def scale_by_tree(factors):
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
-def make_optimizer(config, params):
-  """AdamW (decoupled decay on `decay_mask`) with optional global-norm clipping.
+def make_optimizer(config, params, no_decay_names=()):
+  """AdamW (decoupled decay on `decay_mask(params, no_decay_names)`) with optional global-norm
+  clipping.
 
   With `optim.layer_decay` < 1 the whole AdamW step of a parameter (weight decay included, as in
   PyTorch's per-group lr) is scaled by its layer-wise factor.
@@ -113,7 +101,7 @@ def make_optimizer(config, params):
     chain.append(optax.clip_by_global_norm(config.optim.grad_clip))
   chain.append(optax.adamw(lr, b1=config.optim.b1, b2=config.optim.b2,
                            weight_decay=config.optim.weight_decay,
-                           mask=decay_mask(params, config.framework)))
+                           mask=decay_mask(params, no_decay_names)))
   if config.optim.layer_decay < 1:
     depth = vit.parse_variant(config.model.variant)['depth']
     chain.append(scale_by_tree(layer_decay_factors(params, depth, config.optim.layer_decay)))

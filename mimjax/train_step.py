@@ -26,7 +26,7 @@ def build(framework, config, sample_batch):
   the target shardings or restores a checkpoint onto them.
   """
   probe_params = jax.eval_shape(lambda: framework.init(jax.random.PRNGKey(0), sample_batch)[0])
-  tx, lr_schedule = optim.make_optimizer(config, probe_params)
+  tx, lr_schedule = optim.make_optimizer(config, probe_params, framework.no_weight_decay)
   init_fn = init_state_fn(framework, tx, sample_batch, config.seed)
   return init_fn, jax.eval_shape(init_fn), tx, lr_schedule
 

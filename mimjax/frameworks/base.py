@@ -127,6 +127,9 @@ class Framework(abc.ABC):
   name: str = ''
   # The `eval_metrics` key whose maximum marks the best evaluation; empty without eval_metrics.
   best_metric: str = ''
+  # Parameter names (last path element) that never get weight decay besides 1-D ones and biases:
+  # the reference's `no_weight_decay()` list in mimjax names, as timm's models declare it.
+  no_weight_decay: tuple = ()
 
   @classmethod
   def provides(cls, config) -> frozenset:

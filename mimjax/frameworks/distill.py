@@ -23,6 +23,8 @@ trunc_normal = nn.initializers.truncated_normal(0.02)
 class Distill(teachers.WithTeacher, base.Framework):
   """Masked feature distillation with a token-wise loss (DTM replaces it when enabled)."""
   name = 'distill'
+  # BEiT v2's no_weight_decay(): pos_embed and cls_token (the mask token is decayed).
+  no_weight_decay = ('pos_embedding', 'cls')
 
   @classmethod
   def provides(cls, config):

@@ -31,6 +31,9 @@ class MAEModel(nn.Module):
 class MAE(teachers.WithTeacher, base.Framework):
   """Masked autoencoder with per-patch (optionally normalised) pixel or teacher-token targets."""
   name = 'mae'
+  # MAE's and LUT's main_pretrain.py call timm's add_weight_decay without a skip list: cls and
+  # mask tokens are decayed.
+  no_weight_decay = ()
 
   @classmethod
   def provides(cls, config):

@@ -16,6 +16,8 @@ from mimjax.models import vit
 class SimMIM(base.Framework):
   """Inpainting-style MIM: the encoder sees every position, masked ones as the mask token."""
   name = 'simmim'
+  # SimMIM's ViT skips pos_embed and cls_token only: its mask token is decayed.
+  no_weight_decay = ('pos_embedding', 'cls')
 
   @classmethod
   def provides(cls, config):

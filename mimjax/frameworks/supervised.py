@@ -17,6 +17,8 @@ from mimjax.models import vit
 class Supervised(base.Framework):
   """ViT with a classification head (`params['encoder']['head']`)."""
   name = 'supervised'
+  # timm's VisionTransformer.no_weight_decay() (DeiT, MAE/LUT fine-tuning): pos_embed, cls_token.
+  no_weight_decay = ('pos_embedding', 'cls')
   best_metric = 'top1'
 
   @classmethod
