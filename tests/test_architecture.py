@@ -123,3 +123,71 @@ def test_unknown_combination_refused_before_the_workdir_exists(tmp_path):
   last = proc.stderr.strip().splitlines()[-1]
   assert last.startswith('error: config.dtm.min_tokens=1000 exceeds the 49 tokens')
   assert not workdir.exists()
+
+
+# A framework written the way docs/design.md says: one module, here a file outside the package.
+_ONE_MODULE_FRAMEWORK = '''
+"""Regresses each image's mean colour from the ViT's classifier output."""
+import jax.numpy as jnp
+
+from mimjax.frameworks import base
+from mimjax.models import vit
+
+
+class MeanColour(base.Framework):
+  name = 'mean_colour'
+  no_weight_decay = ('cls',)
+
+  def build_model(self):
+    return vit.from_config(self.config, num_classes=3)
+
+  def init_model(self, rng, batch):
+    return {'encoder': self.model.init(rng, batch['image'])['params']}
+
+  def forward(self, params, model_state, batch, rng, train):
+    del model_state
+    enc = self.model.apply({'params': params['encoder']}, batch['image'], train=train,
+                           rngs={'dropout': rng})
+    loss = jnp.mean((enc['logits'] - batch['image'].mean(axis=(1, 2))) ** 2)
+    return loss, {}, base.ForwardOutputs(encoder=enc, image=batch['image'])
+'''
+
+
+def test_a_framework_is_one_module_plus_one_registry_line(tmp_path, monkeypatch):
+  """A new framework, its own weight-decay exclusions and a plug-in (TokenProp) train through the
+  real trainer with nothing else of mimjax touched."""
+  import importlib  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from conftest import load_config, tiny_overrides  # pylint: disable=import-outside-toplevel
+  from mimjax import train  # pylint: disable=import-outside-toplevel
+  from mimjax import train_step  # pylint: disable=import-outside-toplevel
+  (tmp_path / 'one_module_framework.py').write_text(_ONE_MODULE_FRAMEWORK)
+  monkeypatch.syspath_prepend(str(tmp_path))
+  module = importlib.import_module('one_module_framework')
+  monkeypatch.setitem(registry.FRAMEWORKS, 'mean_colour', module.MeanColour)  # the one line
+
+  config = load_config('configs/mae.py:runlocal', **tiny_overrides(**{
+      'framework': 'mean_colour', 'total_steps': 2, 'checkpoint.every_steps': 2,
+      'eval.every_steps': 0, 'tokenprop.enabled': True, 'tokenprop.hidden': 16,
+      'optim.weight_decay': 0.5}))
+  workdir = tmp_path / 'run'
+  final = train.train(config, str(workdir))
+  assert final['step'] == 2 and np.isfinite(final['loss']) and 'loss_tokenprop' in final
+
+  # With zero gradients an AdamW step is pure decay, -lr * wd * p: the framework's `cls` and the
+  # 1-D parameters stay, every other matrix shrinks.
+  fw = registry.build(config)
+  batch = {'image': jnp.zeros((2, 28, 28, 3)), 'label': jnp.zeros((2,), jnp.int32)}
+  params = jax.jit(fw.init)(jax.random.PRNGKey(0), batch)[0]
+  _, _, tx, lr = train_step.build(fw, config, batch)
+  state = tx.init(params)
+  zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+  for _ in range(int(config.warmup_steps) + 1):  # the last update at the peak lr, past warmup
+    updates, state = tx.update(zeros, state, params)
+  encoder, peak = updates['encoder'], float(lr(int(config.warmup_steps)))
+  assert peak > 0 and not np.any(encoder['cls']) and not np.any(encoder['embedding']['bias'])
+  np.testing.assert_allclose(encoder['embedding']['kernel'],
+                             -peak * 0.5 * np.asarray(params['encoder']['embedding']['kernel']),
+                             rtol=1e-5)
