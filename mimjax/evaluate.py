@@ -64,7 +64,8 @@ OPTIONS = {
     'optimizer': (lambda n, d, h: flags.DEFINE_enum(n, d, linear.OPTIMIZERS, h),
                   'linear, linear_cached: optimizer (default: config.eval.linear.optimizer).'),
     'finetune_config': (flags.DEFINE_string, 'finetune: configs/finetune.py argument string '
-                        '(default: model=<the run\'s variant>[,runlocal]).'),
+                        '(default: model=<the run\'s variant>[,runlocal]; without recipe=, the '
+                        'recipe of the run\'s method).'),
     'total_steps': (flags.DEFINE_integer, 'finetune: number of steps (default: the recipe\'s).'),
     'num_images': (flags.DEFINE_integer, 'Analyses and pictures: eval images used (default: '
                    'config.eval.analysis_examples; spectrum: the whole eval split).'),
