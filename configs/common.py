@@ -69,8 +69,8 @@ def base_config():
   # | both (the DTM / BEiT v2 reference pre-training: each block adds its own and the shared one)
   c.model.rel_pos = 'none'
   # default (MAE: Xavier) | beit (BEiT: truncated normal 0.02, output projections of block l
-  # divided by sqrt(2 l), zero biases, no key bias) | simmim (BEiT's, timm's untruncated draw)
-  # | timm (DeiT: trunc-normal 0.02 on every Linear, zero biases)
+  # divided by sqrt(2 l), zero biases, no key bias; SimMIM's ViT too) | timm (DeiT: trunc-normal
+  # 0.02 on every Linear, zero biases)
   c.model.weight_init = 'default'
   c.model.cls_token = True
   c.model.pool = 'tok'  # tok | gap

@@ -14,7 +14,7 @@ warmup epochs, then a multi-step schedule: x0.1 from epoch 700 of 800. Gradient 
 drop path 0.1, layer scale 0.1, random resized crops of scale (0.67, 1), 32-pixel mask cells, mask
 ratio 0.6. SimMIM's own ViT (`models/vision_transformer.py` as the yaml builds it): no absolute
 position embedding, one relative position bias shared by all blocks, q and v biases without a k
-bias, BEiT's init as SimMIM draws it ('simmim'); the same parameters as timm's
+bias, BEiT's init (std 0.02 cut at +-1 std); the same parameters as timm's
 `Beit(use_shared_rel_pos_bias=True, use_abs_pos_emb=False)`. Difference, in docs/recipes.md: the
 warmup starts from 0 rather than 5e-7 * batch / 512.
 """
@@ -28,9 +28,8 @@ def get_config(arg=None):
   c.model.variant = arg.model
   c.model.posemb = 'none'  # yaml USE_APE False
   c.model.rel_pos = 'shared'  # yaml USE_SHARED_RPB True
-  # models/vision_transformer.py: BEiT's layout (q/v bias, rescaled output projections) drawn
-  # with timm's trunc_normal_ (cut at +-2 absolute, not BEiT's +-1 std)
-  c.model.weight_init = 'simmim'
+  # models/simmim.py's VisionTransformerForSimMIM overrides _trunc_normal_ with BEiT's +-1 std cut
+  c.model.weight_init = 'beit'
   c.model.drop_path = 0.1
   c.model.layerscale = 0.1
   c.batch_size = 2048

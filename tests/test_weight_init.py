@@ -1,7 +1,6 @@
 """Initialisation against the references' own: timm's VisionTransformer as DeiT builds it ('timm'),
-SimMIM's ViT ('simmim', the init of timm's Beit plus a std-0.02 patch embedding) and its mask
-token, and zero MLP biases as MAE's `_init_weights` sets them. Distributions are compared with
-two-sample KS tests against freshly initialised torch models."""
+SimMIM's ViT and mask token (BEiT's +-1 std cut), and zero MLP biases as MAE's `_init_weights` sets
+them. Distributions are compared with two-sample KS tests against torch's own draws."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +13,6 @@ from mimjax.models import vit
 
 torch = pytest.importorskip('torch')
 timm_vit = pytest.importorskip('timm.models.vision_transformer')
-timm_beit = pytest.importorskip('timm.models.beit')
 
 SHAPE = dict(width=192, depth=2, mlp_dim=768, num_heads=3, patch_size=16, image_size=64)
 
@@ -57,37 +55,20 @@ def test_timm_init_is_deits_vit():
     assert not np.any(np.asarray(bias))
 
 
-def test_simmim_init_is_timm_beits_with_a_trunc_normal_patch_embedding():
-  params = init(weight_init='simmim', posemb='none', rel_pos='shared', layerscale=0.1)
-  torch.manual_seed(0)
-  ref = torch_params(timm_beit.Beit(
-      img_size=64, patch_size=16, embed_dim=192, depth=2, num_heads=3, num_classes=0,
-      use_abs_pos_emb=False, use_rel_pos_bias=False, use_shared_rel_pos_bias=True,
-      init_values=0.1))
-  blk = params['Transformer']['encoderblock_1']
-  attn, mlp = blk['MultiHeadDotProductAttention_0'], blk['MlpBlock_0']
-  pairs = [(attn['query']['kernel'], ref['blocks.1.attn.qkv.weight'][:192]),
-           (attn['out']['kernel'], ref['blocks.1.attn.proj.weight']),  # / sqrt(2 * 2)
-           (mlp['Dense_0']['kernel'], ref['blocks.1.mlp.fc1.weight']),
-           (mlp['Dense_1']['kernel'], ref['blocks.1.mlp.fc2.weight']),
-           (params['cls'], ref['cls_token'])]
-  for ours, theirs in pairs:
-    assert same_distribution(ours, theirs)
-  assert 'bias' not in attn['key'] and not np.any(np.asarray(mlp['Dense_1']['bias']))
-  # SimMIM's _init_weights also draws the patch-embedding conv with trunc_normal_(std=.02)
-  # (timm's Beit leaves it at PyTorch's default): an untruncated N(0, 0.02^2).
-  kernel = np.asarray(params['embedding']['kernel']).ravel()
-  assert abs(kernel.std() / 0.02 - 1) < 0.03 and 0.035 < np.mean(np.abs(kernel) > 0.04) < 0.056
-
-
-def test_simmim_mask_token_is_an_untruncated_trunc_normal():
-  # models/simmim.py: trunc_normal_(mask_token, std=.02), timm's cut at +-2 absolute.
-  fw = registry.build(load_config('configs/simmim.py:runlocal'))
+def test_simmim_backbone_and_mask_token_are_cut_at_one_std():
+  # models/simmim.py: VisionTransformerForSimMIM._trunc_normal_ is trunc_normal_(a=-std, b=std),
+  # and it draws every Linear / Conv weight, the cls token and the mask token (std 0.02).
+  config = load_config('configs/simmim.py:runlocal')
+  assert config.model.weight_init == 'beit'
+  fw = registry.build(config)
   draws = np.asarray(fw.model.mask_token_init(jax.random.PRNGKey(0), (100_000,)))
   torch.manual_seed(0)
-  ref = torch.nn.init.trunc_normal_(torch.empty(100_000), std=0.02)
+  ref = torch.nn.init.trunc_normal_(torch.empty(100_000), std=0.02, a=-0.02, b=0.02)
   assert same_distribution(draws, ref)
-  assert 0.04 < np.mean(np.abs(draws) > 0.04) < 0.051  # 4.55% beyond 2 std: no cut there
+  params = init(weight_init='beit', posemb='none', rel_pos='shared')
+  out = params['Transformer']['encoderblock_1']['MultiHeadDotProductAttention_0']['out']['kernel']
+  assert same_distribution(out, ref[:out.size] / 2)  # block 2: divided by sqrt(2 * 2)
+  assert same_distribution(params['embedding']['kernel'], ref[:params['embedding']['kernel'].size])
 
 
 def test_default_init_has_zero_mlp_biases_as_mae():

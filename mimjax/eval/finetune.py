@@ -16,7 +16,7 @@ from mimjax import workdir_io
 from mimjax.eval import loading
 
 # Pre-training fields the fine-tuning run must share (the encoder's shape and the data).
-# model.weight_init belongs here too: 'beit' and 'simmim' build the attention without a key bias.
+# model.weight_init belongs here too: 'beit' builds the attention without a key bias.
 # The position embedding is not shared: a run's table, fixed or learned, becomes the recipe's
 # learned one; nor is the relative position bias: any kind is fine-tuned per block ('block').
 SHARED = ('model.variant', 'model.cls_token', 'model.layerscale', 'model.weight_init',

@@ -37,8 +37,8 @@ class SimMIM(base.Framework):
   def build_model(self):
     return masked_encoder.MaskedEncoderWithHead(
         vit.from_config(self.config), out_dim=self.patch_size ** 2 * self.config.data.channels,
-        # models/simmim.py: trunc_normal_(self.mask_token, std=.02), timm's cut at +-2 absolute
-        mask_token_init=vit.timm_trunc_normal(0.02), head_init=vit.xavier)
+        # models/simmim.py: self._trunc_normal_(self.mask_token, std=.02), cut at +-1 std
+        mask_token_init=vit.beit_normal(), head_init=vit.xavier)
 
   def sample_mask(self, rng, batch_size):
     """bool [B, N], True where the mask token replaces the patch."""

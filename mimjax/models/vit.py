@@ -34,12 +34,9 @@ xavier = nn.initializers.xavier_uniform()
 # separate q/k/v kernels: variance 2 / (D + 3D), i.e. scale 1/2 of the per-kernel fan average D.
 qkv_init = nn.initializers.variance_scaling(0.5, 'fan_avg', 'uniform')
 RELPOS = ('none', 'block', 'shared', 'both')  # relative position bias: per block, shared, or both
-# default: MAE's (Xavier); beit: BEiT's; simmim: SimMIM's ViT (BEiT's with timm's truncation);
-# timm: timm's VisionTransformer as DeiT runs it. See `normal_02`.
-INITS = ('default', 'beit', 'simmim', 'timm')
-# BEiT-style inits: attention with q and v biases but no k bias, and the output projections of
-# block l (attention `out`, MLP fc2) divided by sqrt(2 l).
-BEIT_STYLE = ('beit', 'simmim')
+# default: MAE's (Xavier); beit: BEiT's (and SimMIM's ViT's); timm: timm's VisionTransformer as
+# DeiT runs it. See `normal_02` and `layer_kernel_inits`.
+INITS = ('default', 'beit', 'timm')
 
 
 def beit_normal(layer_id=0):
@@ -63,8 +60,8 @@ def timm_trunc_normal(std):
 
 def normal_02(weight_init, layer_id=0):
   """The std-0.02 init of a non-default `weight_init` (Linear and patch-embedding weights, tokens):
-  BEiT cuts it at +-1 std (`beit_normal`); SimMIM and timm/DeiT call timm's `trunc_normal_`, cut
-  at +-2 absolute (`timm_trunc_normal`). layer_id > 0 divides it by sqrt(2 * layer_id)."""
+  BEiT cuts it at +-1 std (`beit_normal`); timm/DeiT call timm's `trunc_normal_`, cut at +-2
+  absolute (`timm_trunc_normal`). layer_id > 0 divides it by sqrt(2 * layer_id)."""
   if weight_init == 'beit':
     return beit_normal(layer_id)
   return timm_trunc_normal(0.02 / math.sqrt(2 * layer_id) if layer_id else 0.02)
@@ -72,11 +69,11 @@ def normal_02(weight_init, layer_id=0):
 
 def layer_kernel_inits(weight_init, layer_id):
   """(q/k/v, attention out, MLP fc1, MLP fc2) kernel inits and the MLP bias init of block
-  `layer_id` (1-based) under `weight_init`: MAE's Xavier (fused-qkv fans), or std 0.02, BEiT-style
-  inits rescaling the two output projections. Biases start at zero, as in all four references."""
+  `layer_id` (1-based) under `weight_init`: MAE's Xavier (fused-qkv fans), or std 0.02, BEiT's
+  rescaling the two output projections. Biases start at zero, as in all four references."""
   if weight_init == 'default':
     return qkv_init, xavier, xavier, xavier, nn.initializers.zeros
-  out_id = layer_id if weight_init in BEIT_STYLE else 0
+  out_id = layer_id if weight_init == 'beit' else 0
   plain, rescaled = normal_02(weight_init), normal_02(weight_init, out_id)
   return plain, rescaled, plain, rescaled, nn.initializers.zeros
 
@@ -140,7 +137,7 @@ class MlpBlock(nn.Module):
   mlp_dim: int
   dtype: Dtype = jnp.float32
   weight_init: str = 'default'  # one of INITS
-  layer_id: int = 1  # the block's 1-based index (BEiT-style inits rescale fc2 by it)
+  layer_id: int = 1  # the block's 1-based index (BEiT's init rescales fc2 by it)
 
   @nn.compact
   def __call__(self, x):
@@ -210,8 +207,8 @@ class MultiHeadAttention(nn.Module):
   """
   num_heads: int
   dtype: Dtype = jnp.float32
-  weight_init: str = 'default'  # one of INITS; BEIT_STYLE ones have no key bias (q/v bias)
-  layer_id: int = 1  # the block's 1-based index (BEiT-style inits rescale `out` by it)
+  weight_init: str = 'default'  # one of INITS; 'beit' has no key bias (q/v bias)
+  layer_id: int = 1  # the block's 1-based index (BEiT's init rescales `out` by it)
 
   @nn.compact
   def __call__(self, x, return_weights=False, bias=None):
@@ -222,7 +219,7 @@ class MultiHeadAttention(nn.Module):
       raise ValueError(f'width {width} is not divisible by num_heads {self.num_heads}')
     head_dim = width // self.num_heads
     qkv_kernel_init, out_init, _, _, _ = layer_kernel_inits(self.weight_init, self.layer_id)
-    no_key_bias = self.weight_init in BEIT_STYLE
+    no_key_bias = self.weight_init == 'beit'
     kernels, biases = zip(*(
         ProjectionParams(self.num_heads, head_dim, qkv_kernel_init,
                          use_bias=not (no_key_bias and name == 'key'), name=name)(width)
