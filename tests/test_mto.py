@@ -238,7 +238,7 @@ def test_sparsity_gradient_is_live_on_simmims_backbone():
     return mto.sparsity_loss(plugin.layers(outputs)[0], outputs.mask, **kw)
   grads = jax.tree_util.tree_leaves(jax.jit(jax.grad(f))(params))
   norm = math.sqrt(sum(float(jnp.sum(g ** 2)) for g in grads))
-  assert math.isfinite(norm) and norm > 1e-2
+  assert math.isfinite(norm) and norm > 1e-3  # 0.027; with the self term it would be ~1e-5
 
 
 def test_logged_heterogeneity_and_single_compile_under_jit():
