@@ -69,7 +69,8 @@ def base_config():
   # | both (the DTM / BEiT v2 reference pre-training: each block adds its own and the shared one)
   c.model.rel_pos = 'none'
   # default (MAE: Xavier) | beit (BEiT: truncated normal 0.02, output projections of block l
-  # divided by sqrt(2 l), zero biases, no key bias)
+  # divided by sqrt(2 l), zero biases, no key bias; SimMIM's ViT too) | timm (DeiT: trunc-normal
+  # 0.02 on every Linear, zero biases)
   c.model.weight_init = 'default'
   c.model.cls_token = True
   c.model.pool = 'tok'  # tok | gap
@@ -103,7 +104,8 @@ def base_config():
   c.data.channels = 3  # grayscale images are replicated to 3 channels
   c.data.mean = (0.485, 0.456, 0.406)
   c.data.std = (0.229, 0.224, 0.225)
-  # rrc_flip | deit | center | lut_two_view (image + image2, LUT) | beit (colour jitter, flip, crop)
+  # rrc_flip | simmim (its crop bilinear) | deit | center | lut_two_view (image + image2, LUT)
+  # | beit (colour jitter, flip, crop)
   c.data.augment = 'rrc_flip'
   c.data.crop_scale = (0.2, 1.0)
   # 'deit' augmentation: RandAugment (timm's rand-m9-mstd0.5-inc1 by default) and random erasing.

@@ -12,9 +12,11 @@ configs/simmim_mto.py). AdamW (0.9, 0.999), weight decay 0.05 (not on 1-D params
 pos_embed, cls_token), base lr 1e-4 scaled linearly by batch / 512 (4e-4 at the batch of 2048), 10
 warmup epochs, then a multi-step schedule: x0.1 from epoch 700 of 800. Gradient clipping at 5,
 drop path 0.1, layer scale 0.1, random resized crops of scale (0.67, 1), 32-pixel mask cells, mask
-ratio 0.6. Differences, in docs/recipes.md: SimMIM's ViT uses a shared relative position bias,
-which mimjax's ViT does not have (the fixed sin-cos position embedding stands in for it), and its
-warmup starts from 5e-7 * batch / 512 rather than 0.
+ratio 0.6. SimMIM's own ViT (`models/vision_transformer.py` as the yaml builds it): no absolute
+position embedding, one relative position bias shared by all blocks, q and v biases without a k
+bias, BEiT's init (std 0.02 cut at +-1 std); the same parameters as timm's
+`Beit(use_shared_rel_pos_bias=True, use_abs_pos_emb=False)`. Difference, in docs/recipes.md: the
+warmup starts from 0 rather than 5e-7 * batch / 512.
 """
 from configs import common
 
@@ -24,7 +26,10 @@ def get_config(arg=None):
   c = common.base_config()
   c.framework = 'simmim'
   c.model.variant = arg.model
-  c.model.posemb = 'sincos2d'
+  c.model.posemb = 'none'  # yaml USE_APE False
+  c.model.rel_pos = 'shared'  # yaml USE_SHARED_RPB True
+  # models/simmim.py's VisionTransformerForSimMIM overrides _trunc_normal_ with BEiT's +-1 std cut
+  c.model.weight_init = 'beit'
   c.model.drop_path = 0.1
   c.model.layerscale = 0.1
   c.batch_size = 2048
@@ -42,6 +47,7 @@ def get_config(arg=None):
   c.optim.b2 = 0.999
   c.optim.weight_decay = 0.05
   c.optim.grad_clip = 5.0
+  c.data.augment = 'simmim'  # data_simmim.py: torchvision's RandomResizedCrop, bilinear
   c.data.crop_scale = (0.67, 1.0)
   c.simmim.mask_ratio = 0.6
   c.simmim.mask_patch_size = 32

@@ -27,6 +27,10 @@ def get_config(arg=None):
   c.model.pool = 'tok'
   c.model.drop_path = 0.1
   c.model.num_classes = 1000
+  # timm's VisionTransformer as DeiT builds it: trunc_normal_(std=.02) on every Linear, the head
+  # included, zero biases; the patch embedding keeps PyTorch's Conv2d default.
+  c.model.weight_init = 'timm'
+  c.model.head_init_std = 0.02
   c.model.tokenizer_norm = 'moto' if arg.moto else 'none'
   c.tokenprop.enabled = arg.tokenprop
 

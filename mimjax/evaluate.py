@@ -64,7 +64,8 @@ OPTIONS = {
     'optimizer': (lambda n, d, h: flags.DEFINE_enum(n, d, linear.OPTIMIZERS, h),
                   'linear, linear_cached: optimizer (default: config.eval.linear.optimizer).'),
     'finetune_config': (flags.DEFINE_string, 'finetune: configs/finetune.py argument string '
-                        '(default: model=<the run\'s variant>[,runlocal]).'),
+                        '(default: model=<the run\'s variant>[,runlocal]; without recipe=, the '
+                        'recipe of the run\'s method).'),
     'total_steps': (flags.DEFINE_integer, 'finetune: number of steps (default: the recipe\'s).'),
     'num_images': (flags.DEFINE_integer, 'Analyses and pictures: eval images used (default: '
                    'config.eval.analysis_examples; spectrum: the whole eval split).'),
@@ -84,6 +85,8 @@ def define_flags():
   flags.DEFINE_enum('protocol', 'knn', sorted({**PROTOCOLS, **CURVE_PROTOCOLS}),
                     'Evaluation protocol.')
   flags.DEFINE_integer('step', None, 'Checkpoint step (default: latest).')
+  flags.DEFINE_bool('print_config', False, 'finetune: print the fine-tuning config derived from '
+                    'the run (its method\'s recipe, docs/recipes.md) and exit, training nothing.')
   flags.DEFINE_bool('compare_random_init', False,
                     'Also evaluate the randomly initialised encoder of the same architecture.')
   for name, (define, help_text) in OPTIONS.items():
@@ -172,6 +175,12 @@ def main(argv):
   f = flags.FLAGS
   options = {name: f[name].value for name in OPTIONS if f[name].value is not None}
   try:
+    if f.print_config:
+      if f.protocol != 'finetune':
+        raise errors.ConfigError('--print_config shows the fine-tuning config: it needs '
+                                 '--protocol finetune.')
+      print(finetune.planned_config(f.workdir, f.step, **options))
+      return
     distributed.initialize(workdir_lib.read_config(f.workdir))
     result = evaluate(f.workdir, f.protocol, f.step, f.compare_random_init, **options)
   except (errors.MimjaxError, ValueError) as e:

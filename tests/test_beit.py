@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
+from conftest import load_config
 from configs import common
 from mimjax import export
 from mimjax.interop import beit as beit_lib
@@ -12,6 +13,7 @@ from mimjax.models import vit
 
 torch = pytest.importorskip('torch')
 timm_beit = pytest.importorskip('timm.models.beit')
+safetensors_torch = pytest.importorskip('safetensors.torch')
 
 KW = dict(width=32, depth=2, mlp_dim=64, num_heads=2, patch_size=4, image_size=16,
           layerscale=0.1, weight_init='beit')
@@ -50,9 +52,33 @@ def test_export_equals_timm_beit(rel_pos, posemb):
   table = np.asarray(params['pos_embedding']) if posemb == 'learn' else None
   sd = beit_lib.to_beit(params, table)
   ref = timm_beit.Beit(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2,
-                       mlp_ratio=2.0, use_abs_pos_emb=posemb == 'learn', use_rel_pos_bias=True,
-                       init_values=0.1, global_pool='token', use_fc_norm=False, num_classes=0)
+                       mlp_ratio=2.0, use_abs_pos_emb=posemb == 'learn',
+                       use_rel_pos_bias=rel_pos != 'shared',
+                       use_shared_rel_pos_bias=rel_pos == 'shared', init_values=0.1,
+                       global_pool='token', use_fc_norm=False, num_classes=0)
   ref.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})
+  np.testing.assert_allclose(timm_tokens(ref, x), ours, atol=1e-4, rtol=0)
+
+
+def test_simmim_backbone_is_timm_beit_with_a_shared_bias(tmp_path):
+  # configs/simmim.py's encoder (shrunk): SimMIM's ViT, i.e. timm's Beit without an absolute
+  # position embedding and with one shared relative position bias, loaded strictly.
+  config = load_config('configs/simmim.py', **{'model.variant': 'mu/4', 'data.image_size': 16})
+  model = export.build_encoder(config)
+  x = images()
+  params = randomize(model.init(jax.random.PRNGKey(0), x)['params'])
+  out = str(tmp_path / 'simmim.safetensors')
+  kwargs = dict(export.export_params(config, params, out)['timm_kwargs'])
+  del kwargs['pretrained_cfg_overlay']
+  assert (kwargs['use_abs_pos_emb'], kwargs['use_rel_pos_bias'],
+          kwargs['use_shared_rel_pos_bias']) == (False, False, True)
+  ref = timm_beit.Beit(**kwargs)
+  mine = safetensors_torch.load_file(out)
+  assert {k: tuple(v.shape) for k, v in mine.items()} == {
+      k: tuple(v.shape) for k, v in ref.state_dict().items()}
+  assert not any(k.startswith('blocks.0.attn.k_bias') for k in mine)
+  ref.load_state_dict(mine, strict=True)
+  ours = np.asarray(model.apply({'params': params}, x)['tokens'])
   np.testing.assert_allclose(timm_tokens(ref, x), ours, atol=1e-4, rtol=0)
 
 

@@ -40,7 +40,13 @@ def parse(text):
   return sections
 
 
-def _value(config, key):
+def literal(cell):
+  """The Python value a `mimjax` cell states."""
+  return ast.literal_eval(cell)
+
+
+def value(config, key):
+  """config[<dotted key>]."""
   for part in key.split('.'):
     config = config[part]
   return config
@@ -68,6 +74,6 @@ def test_parser_reads_a_known_row():
 def test_document_states_config_values(name, spec):
   config = load_config(spec)
   for key, stated in SECTIONS[(name, spec)]:
-    actual = _value(config, key)
-    assert ast.literal_eval(stated) == actual, (
+    actual = value(config, key)
+    assert literal(stated) == actual, (
         f'{name}: {key} is {actual!r}, document says {stated}')

@@ -140,22 +140,23 @@ def test_qkv_init_has_the_fused_xavier_std():
     assert np.abs(kernel).max() <= math.sqrt(3) * want  # uniform on [-a, a], a = sqrt(3) std
 
 
-@pytest.mark.parametrize('beit_layer', [0, 2])
-def test_fused_qkv_equals_three_dense_generals(beit_layer):
+@pytest.mark.parametrize('weight_init', ['default', 'beit'])
+def test_fused_qkv_equals_three_dense_generals(weight_init):
   """The one [D, 3D] product gives flax DenseGeneral's q/k/v on the same params (and the same
   param tree and initial values as three DenseGenerals named query/key/value)."""
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   heads, width = 4, 32
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 5, width))
-  attention = vit.MultiHeadAttention(heads, beit_layer=beit_layer)
+  attention = vit.MultiHeadAttention(heads, weight_init=weight_init, layer_id=2)
   params = attention.init(jax.random.PRNGKey(0), x)['params']
 
   class Reference(nn.Module):  # the separate DenseGeneral layout the fused path replaces
     @nn.compact
     def __call__(self, x):
-      init = vit.beit_normal() if beit_layer else vit.qkv_init
+      beit = weight_init == 'beit'
+      init = vit.beit_normal() if beit else vit.qkv_init
       proj = lambda name: nn.DenseGeneral((heads, width // heads), name=name, kernel_init=init,  # noqa: E731
-                                          use_bias=not (beit_layer and name == 'key'))
+                                          use_bias=not (beit and name == 'key'))
       q, k, v = proj('query')(x), proj('key')(x), proj('value')(x)
       out, _ = vit.dot_product_attention(q, k, v)
       return nn.DenseGeneral(width, axis=(-2, -1), name='out')(out)

@@ -62,19 +62,42 @@ def normalize(image, data_config):
   return (image - mean) / std
 
 
-def resize(image, size):
-  """Bicubic resize to [size, size] with values clipped back to the pixel range."""
-  image = tf.image.resize(tf.cast(image, tf.float32), (size, size), method='bicubic')
+def resize(image, size, method='bicubic'):
+  """Resize to [size, size] (bicubic or bilinear), antialiased when shrinking as PIL's resize (and
+  so torchvision's on PIL images) is, values clipped back to the pixel range."""
+  image = tf.image.resize(tf.cast(image, tf.float32), (size, size), method=method, antialias=True)
   return tf.clip_by_value(image, 0.0, 255.0)
 
 
-def _crop_box(shape, seed, scale, ratio):
-  """(begin, size) of torchvision's RandomResizedCrop box in an image of `shape` [h, w, c]."""
-  begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
-      shape, bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]), seed=seed,
-      area_range=scale, aspect_ratio_range=ratio, max_attempts=10,
-      use_image_if_no_bounding_boxes=True, min_object_covered=0.0)
-  return begin, crop_size
+def _crop_box(shape, seed, scale, ratio, attempts=10):
+  """(begin, size) of torchvision's RandomResizedCrop box in an image of `shape` [h, w, c].
+
+  Up to `attempts` draws of an area fraction uniform in `scale` and an aspect ratio log-uniform in
+  `ratio`; the first box that fits is placed uniformly. When none fits, the central crop of the
+  whole image with its aspect clamped into `ratio` (torchvision's fallback).
+  """
+  area_seed, ratio_seed, top_seed, left_seed = tf.unstack(
+      tf.random.experimental.stateless_split(seed, 4))
+  h, w = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
+  area = tf.random.stateless_uniform([attempts], area_seed, *scale) * h * w
+  aspect = tf.exp(tf.random.stateless_uniform([attempts], ratio_seed, math.log(ratio[0]),
+                                              math.log(ratio[1])))
+  box_w = tf.round(tf.sqrt(area * aspect))
+  box_h = tf.round(tf.sqrt(area / aspect))
+  fits = (box_w > 0) & (box_w <= w) & (box_h > 0) & (box_h <= h)
+  first = tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int32)
+  in_ratio = w / h
+  fallback_w = tf.where(in_ratio > ratio[1], tf.round(h * ratio[1]), w)
+  fallback_h = tf.where(in_ratio < ratio[0], tf.round(w / ratio[0]), h)
+  found = tf.reduce_any(fits)
+  crop_h = tf.cast(tf.where(found, box_h[first], fallback_h), tf.int32)
+  crop_w = tf.cast(tf.where(found, box_w[first], fallback_w), tf.int32)
+  h, w = tf.cast(shape[0], tf.int32), tf.cast(shape[1], tf.int32)
+  top = tf.where(found, tf.random.stateless_uniform([], top_seed, 0, h - crop_h + 1, tf.int32),
+                 (h - crop_h) // 2)
+  left = tf.where(found, tf.random.stateless_uniform([], left_seed, 0, w - crop_w + 1, tf.int32),
+                  (w - crop_w) // 2)
+  return tf.stack([top, left, 0]), tf.stack([crop_h, crop_w, -1])
 
 
 def _crop(image, seed, scale, ratio):
@@ -101,20 +124,21 @@ def _crop(image, seed, scale, ratio):
   return crop
 
 
-def random_resized_crop(image, seed, size, scale, ratio=(3 / 4, 4 / 3)):
+def random_resized_crop(image, seed, size, scale, ratio=(3 / 4, 4 / 3), method='bicubic'):
   """torchvision's RandomResizedCrop: a random box of `scale` area and `ratio` aspect, resized."""
-  return resize(_crop(image, seed, scale, ratio), size)
+  return resize(_crop(image, seed, scale, ratio), size, method)
 
 
 def resize_short_side(image, short):
-  """Bicubic resize keeping the aspect ratio so that the shorter side is `short` pixels."""
+  """Bicubic resize keeping the aspect ratio so that the shorter side is `short` pixels
+  (antialiased when shrinking, as PIL)."""
   shape = tf.shape(image)
   h, w = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
   scale = tf.cast(short, tf.float32) / tf.minimum(h, w)
   new_h = tf.cast(tf.round(h * scale), tf.int32)
   new_w = tf.cast(tf.round(w * scale), tf.int32)
   return tf.clip_by_value(tf.image.resize(tf.cast(image, tf.float32), (new_h, new_w),
-                                          method='bicubic'), 0.0, 255.0)
+                                          method='bicubic', antialias=True), 0.0, 255.0)
 
 
 def center_crop(image, size, crop_fraction):
@@ -227,15 +251,27 @@ def three_augment(image, seed, blur_sigma=(0.1, 2.0)):
                                  lambda: gaussian_blur(image, sigma, radius)])
 
 
-@register('rrc_flip')
-def rrc_flip(image, seed, data_config):
-  """MAE's pre-training augmentation: random-resized-crop (bicubic) and horizontal flip."""
+def _crop_flip(image, seed, data_config, method):
+  """Random-resized-crop with `method` interpolation, then a horizontal flip."""
   crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
   image = random_resized_crop(image, crop_seed, data_config.image_size,
-                              tuple(data_config.crop_scale))
+                              tuple(data_config.crop_scale), method=method)
   image = to_channels(image, data_config.channels)
   image = tf.image.stateless_random_flip_left_right(image, flip_seed)
   return {'image': normalize(image, data_config)}
+
+
+@register('rrc_flip')
+def rrc_flip(image, seed, data_config):
+  """MAE's pre-training augmentation: random-resized-crop (bicubic) and horizontal flip."""
+  return _crop_flip(image, seed, data_config, 'bicubic')
+
+
+@register('simmim')
+def simmim(image, seed, data_config):
+  """SimMIM's pre-training augmentation (`data/data_simmim.py`): torchvision's RandomResizedCrop
+  at its default, bilinear, interpolation, and horizontal flip."""
+  return _crop_flip(image, seed, data_config, 'bilinear')
 
 
 @register('beit')

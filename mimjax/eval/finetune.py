@@ -2,7 +2,8 @@
 
 The recipe (layer-wise lr decay, drop path, mixup, cutmix, label smoothing, warmup + cosine) and
 MAE's fine-tuning model (global pool, a fresh fc_norm, head init, learned position embedding) come
-from `configs/finetune.py`; the architecture and data come from the pre-training run, and the
+from `configs/finetune.py`, the pre-training method's own recipe unless another is named; the
+architecture and data come from the pre-training run, and the
 encoder is initialised from its checkpoint (`init.format='mimjax'`). Training writes into
 WORKDIR/finetune (WORKDIR/finetune_random_init for the baseline), so a second call resumes.
 """
@@ -10,26 +11,33 @@ import json
 
 from configs import finetune as finetune_config_lib
 from mimjax import train
+from mimjax import workdir as workdir_lib
 from mimjax import workdir_io
+from mimjax.eval import loading
 
 # Pre-training fields the fine-tuning run must share (the encoder's shape and the data).
-# model.weight_init belongs here too: 'beit' builds the attention without a key bias. The position
-# embedding is not shared: a run's table, fixed or learned, becomes the recipe's learned one.
-SHARED = ('model.variant', 'model.cls_token', 'model.layerscale',
-          'model.rel_pos', 'model.weight_init', 'model.tokenizer_norm', 'model.moto',
+# model.weight_init belongs here too: 'beit' builds the attention without a key bias.
+# The position embedding is not shared: a run's table, fixed or learned, becomes the recipe's
+# learned one; nor is the relative position bias: any kind is fine-tuned per block ('block').
+SHARED = ('model.variant', 'model.cls_token', 'model.layerscale', 'model.weight_init',
+          'model.tokenizer_norm', 'model.moto',
           'data.name', 'data.data_dir', 'data.train_split',
           'data.eval_split', 'data.image_size', 'data.channels', 'data.mean', 'data.std', 'seed')
 
 
 def derive_config(run, recipe=None, total_steps=None):
   """The fine-tuning config of `run`: `recipe` (an argument string of configs/finetune.py,
-  default model=<the run's variant>, plus runlocal for a Fashion-MNIST run) with SHARED fields
-  copied from the run and the encoder initialised from its checkpoint at `run.step`. A run
-  without an absolute position embedding (posemb 'none', BEiT's relative bias) keeps none."""
+  default model=<the run's variant>, plus runlocal for a Fashion-MNIST run; without `recipe=` the
+  run's own, `finetune.recipe_for`) with SHARED fields copied from the run and the encoder
+  initialised from its checkpoint at `run.step`. A run without an absolute position embedding
+  (posemb 'none', BEiT's relative bias) keeps none; one with a relative position bias (block,
+  shared or both) is fine-tuned with one per block, started from its own plus the shared table."""
   pre = run.config
   if recipe is None:
     runlocal = ',runlocal' if pre.data.name == 'fashion_mnist' else ''
     recipe = f'model={pre.model.variant}{runlocal}'
+  if not any(item.partition('=')[0] == 'recipe' for item in recipe.split(',')):
+    recipe += f',recipe={finetune_config_lib.recipe_for(pre)}'
   config = finetune_config_lib.get_config(recipe)
   with config.unlocked():
     for key in SHARED:
@@ -37,6 +45,7 @@ def derive_config(run, recipe=None, total_steps=None):
       (config[section] if section else config)[field] = (pre[section] if section else pre)[field]
     if pre.model.posemb == 'none':
       config.model.posemb = 'none'
+    config.model.rel_pos = 'none' if pre.model.rel_pos == 'none' else 'block'
     config.init.checkpoint = '' if run.random_init else str(workdir_io.path(run.workdir))
     config.init.step = run.step
     if total_steps:
@@ -44,6 +53,13 @@ def derive_config(run, recipe=None, total_steps=None):
       config.eval.every_steps = min(config.eval.every_steps, config.total_steps)
       config.checkpoint.every_steps = min(config.checkpoint.every_steps, config.total_steps)
   return config
+
+
+def planned_config(workdir, step=None, finetune_config=None, total_steps=None):
+  """The config `protocol` would train for the run in `workdir`, read from its config alone (no
+  checkpoint is loaded): `evaluate --protocol finetune --print_config`."""
+  run = loading.Run(workdir_lib.read_config(workdir), None, -1 if step is None else step, workdir)
+  return derive_config(run, finetune_config, total_steps)
 
 
 def protocol(run, finetune_config=None, total_steps=None):

@@ -2,7 +2,6 @@
 linear head regresses the raw pixels of every patch, and an L1 loss scores the masked ones."""
 import math
 
-import flax.linen as nn
 import jax
 
 from mimjax import errors
@@ -40,7 +39,8 @@ class SimMIM(base.Framework):
   def build_model(self):
     return masked_encoder.MaskedEncoderWithHead(
         vit.from_config(self.config), out_dim=self.patch_size ** 2 * self.config.data.channels,
-        mask_token_init=nn.initializers.normal(0.02), head_init=vit.xavier)
+        # models/simmim.py: self._trunc_normal_(self.mask_token, std=.02), cut at +-1 std
+        mask_token_init=vit.beit_normal(), head_init=vit.xavier)
 
   def sample_mask(self, rng, batch_size):
     """bool [B, N], True where the mask token replaces the patch."""

@@ -2,8 +2,9 @@
 
 timm's `Beit` is the BEiT / BEiT v2 / DTM backbone: q and v biases without a k bias, a relative
 position bias table per block (and optionally one shared by all blocks), an optional absolute
-position embedding, layer scale `gamma_1` / `gamma_2`. Export writes per-block tables only: a
-shared table is added into every block's table (the bias is a lookup of the table, so
+position embedding, layer scale `gamma_1` / `gamma_2`. A shared table alone (SimMIM's backbone) is
+exported as timm's shared `rel_pos_bias` (`use_shared_rel_pos_bias=True`); with per-block tables
+too ('both'), it is added into every block's table (the bias is a lookup of the table, so
 `T_block[idx] + T_shared[idx] = (T_block + T_shared)[idx]`), so any timm reads it as plain BEiT.
 A mimjax k bias is dropped: it adds `q . b_k` to every logit of a query row, which softmax ignores.
 """
@@ -36,8 +37,10 @@ def timm_kwargs(model_config, image_size, in_chans):
       img_size=image_size, patch_size=kw['patch_size'], in_chans=in_chans,
       embed_dim=kw['width'], depth=kw['depth'], num_heads=kw['num_heads'],
       mlp_ratio=kw['mlp_dim'] / kw['width'], qkv_bias=True,
-      use_abs_pos_emb=model_config.posemb != 'none', use_rel_pos_bias=True,
-      use_shared_rel_pos_bias=False, init_values=float(model_config.layerscale),  # 0: none
+      use_abs_pos_emb=model_config.posemb != 'none',
+      use_rel_pos_bias=model_config.rel_pos != 'shared',
+      use_shared_rel_pos_bias=model_config.rel_pos == 'shared',
+      init_values=float(model_config.layerscale),  # 0: none
       global_pool='token' if model_config.pool == 'tok' else 'avg',
       use_fc_norm=bool(model_config.fc_norm),
       num_classes=model_config.num_classes)
@@ -70,13 +73,16 @@ def to_beit(encoder_params, posemb_table):
     else:
       sd[key] = value
   depth = len([k for k in tr if k.startswith('encoderblock_')])
-  for i in range(depth):
-    own = tr[f'encoderblock_{i}'].get('rel_pos_bias', {}).get(_TABLE)
-    tables = [t for t in (own, shared) if t is not None]
-    if not tables:
+  own_tables = [tr[f'encoderblock_{i}'].get('rel_pos_bias', {}).get(_TABLE) for i in range(depth)]
+  if shared is not None and all(own is None for own in own_tables):
+    sd[f'rel_pos_bias.{_TABLE}'] = shared
+  for i, own in enumerate(own_tables):
+    if own is None and shared is None:
       raise errors.InteropError('This encoder has no relative position bias; export it as a timm '
                                 'VisionTransformer (config.model.rel_pos="none").')
-    sd[f'blocks.{i}.attn.{_TABLE}'] = np.asarray(sum(tables), np.float32)
+    if own is not None:
+      sd[f'blocks.{i}.attn.{_TABLE}'] = np.asarray(own if shared is None else own + shared,
+                                                   np.float32)
   return {k: np.ascontiguousarray(v, np.float32) for k, v in sd.items()}
 
 

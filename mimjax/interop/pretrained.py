@@ -10,6 +10,7 @@ reshapes (a classifier head of another size, an MAE decoder for another framewor
 random initialisation and are reported.
 """
 import jax
+import numpy as np
 
 from mimjax import checkpoint as checkpoint_lib
 from mimjax import errors
@@ -83,6 +84,9 @@ def _select(config, params, mae):
     table = encoder.pop('pos_embedding')
     if config.model.cls_token:
       encoder['cls'] = encoder['cls'] + table[:, :1]
+  if config.model.rel_pos == 'block' and 'rel_pos_bias' in encoder['Transformer']:
+    encoder['Transformer'] = _shared_into_blocks(dict(encoder['Transformer']))
+    notes.append("each block's relative position bias starts from its own plus the shared table")
   head = encoder.pop('head', None)
   if head is not None and config.model.num_classes == head['bias'].shape[0]:
     encoder['head'] = head
@@ -118,12 +122,28 @@ def _read_mimjax(config):
     grid = vit.grid_size(config.model, config.data.image_size)
     encoder['pos_embedding'] = timm_lib.position_embedding(encoder, grid)
     notes.append('the learned position embedding starts from the fixed sin-cos table')
+  if config.model.rel_pos == 'block' and 'rel_pos_bias' in encoder['Transformer']:
+    encoder['Transformer'] = _shared_into_blocks(dict(encoder['Transformer']))
+    notes.append("each block's relative position bias starts from its own plus the shared table")
   head = encoder.pop('head', None)
   if head is not None and config.model.num_classes == head['bias'].shape[0]:
     encoder['head'] = head
   elif config.model.num_classes:
     notes.append(f'the classifier head ({config.model.num_classes} classes) starts random')
   return {'encoder': encoder}, notes
+
+
+def _shared_into_blocks(transformer):
+  """A Transformer's params with the shared relative position table added into every block's
+  own (zero where a block has none), as BEiT's and DTM's `--init_both_rpb` and SimMIM's
+  `load_pretrained` start a per-block fine-tuning from a shared (and per-block) pre-training."""
+  shared = transformer.pop('rel_pos_bias')['relative_position_bias_table']
+  for name, block in transformer.items():
+    if name.startswith('encoderblock_'):
+      own = block.get('rel_pos_bias', {}).get('relative_position_bias_table', 0.0)
+      transformer[name] = {**block, 'rel_pos_bias': {
+          'relative_position_bias_table': np.asarray(own) + np.asarray(shared)}}
+  return transformer
 
 
 def _fresh_fc_norm(config, selected, notes):

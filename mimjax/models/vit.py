@@ -34,7 +34,9 @@ xavier = nn.initializers.xavier_uniform()
 # separate q/k/v kernels: variance 2 / (D + 3D), i.e. scale 1/2 of the per-kernel fan average D.
 qkv_init = nn.initializers.variance_scaling(0.5, 'fan_avg', 'uniform')
 RELPOS = ('none', 'block', 'shared', 'both')  # relative position bias: per block, shared, or both
-INITS = ('default', 'beit')
+# default: MAE's (Xavier); beit: BEiT's (and SimMIM's ViT's); timm: timm's VisionTransformer as
+# DeiT runs it. See `normal_02` and `layer_kernel_inits`.
+INITS = ('default', 'beit', 'timm')
 
 
 def beit_normal(layer_id=0):
@@ -54,6 +56,26 @@ def timm_trunc_normal(std):
   def init(key, shape, dtype=jnp.float32):
     return std * jax.random.truncated_normal(key, -2.0 / std, 2.0 / std, shape, dtype)
   return init
+
+
+def normal_02(weight_init, layer_id=0):
+  """The std-0.02 init of a non-default `weight_init` (Linear and patch-embedding weights, tokens):
+  BEiT cuts it at +-1 std (`beit_normal`); timm/DeiT call timm's `trunc_normal_`, cut at +-2
+  absolute (`timm_trunc_normal`). layer_id > 0 divides it by sqrt(2 * layer_id)."""
+  if weight_init == 'beit':
+    return beit_normal(layer_id)
+  return timm_trunc_normal(0.02 / math.sqrt(2 * layer_id) if layer_id else 0.02)
+
+
+def layer_kernel_inits(weight_init, layer_id):
+  """(q/k/v, attention out, MLP fc1, MLP fc2) kernel inits and the MLP bias init of block
+  `layer_id` (1-based) under `weight_init`: MAE's Xavier (fused-qkv fans), or std 0.02, BEiT's
+  rescaling the two output projections. Biases start at zero, as in all four references."""
+  if weight_init == 'default':
+    return qkv_init, xavier, xavier, xavier, nn.initializers.zeros
+  out_id = layer_id if weight_init == 'beit' else 0
+  plain, rescaled = normal_02(weight_init), normal_02(weight_init, out_id)
+  return plain, rescaled, plain, rescaled, nn.initializers.zeros
 
 
 def relative_position_index(grid_size, cls_token=True):
@@ -114,16 +136,13 @@ class MlpBlock(nn.Module):
   """Transformer MLP: Dense -> exact GELU -> Dense (as timm's `Mlp`)."""
   mlp_dim: int
   dtype: Dtype = jnp.float32
-  beit_layer: int = 0  # > 0: BEiT init of block beit_layer (1-based); 0: MAE's init
+  weight_init: str = 'default'  # one of INITS
+  layer_id: int = 1  # the block's 1-based index (BEiT's init rescales fc2 by it)
 
   @nn.compact
   def __call__(self, x):
     width = x.shape[-1]
-    if self.beit_layer:
-      inits = (beit_normal(), beit_normal(self.beit_layer)), nn.initializers.zeros
-    else:
-      inits = (xavier, xavier), nn.initializers.normal(1e-6)
-    (fc1_init, fc2_init), bias_init = inits
+    _, _, fc1_init, fc2_init, bias_init = layer_kernel_inits(self.weight_init, self.layer_id)
     x = nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=fc1_init, bias_init=bias_init)(x)
     x = nn.gelu(x, approximate=False)
     return nn.Dense(width, dtype=self.dtype, kernel_init=fc2_init, bias_init=bias_init)(x)
@@ -188,7 +207,8 @@ class MultiHeadAttention(nn.Module):
   """
   num_heads: int
   dtype: Dtype = jnp.float32
-  beit_layer: int = 0  # > 0: BEiT init of block beit_layer (1-based), no key bias (q/v bias)
+  weight_init: str = 'default'  # one of INITS; 'beit' has no key bias (q/v bias)
+  layer_id: int = 1  # the block's 1-based index (BEiT's init rescales `out` by it)
 
   @nn.compact
   def __call__(self, x, return_weights=False, bias=None):
@@ -198,10 +218,11 @@ class MultiHeadAttention(nn.Module):
     if width % self.num_heads:
       raise ValueError(f'width {width} is not divisible by num_heads {self.num_heads}')
     head_dim = width // self.num_heads
-    beit = self.beit_layer > 0
+    qkv_kernel_init, out_init, _, _, _ = layer_kernel_inits(self.weight_init, self.layer_id)
+    no_key_bias = self.weight_init == 'beit'
     kernels, biases = zip(*(
-        ProjectionParams(self.num_heads, head_dim, beit_normal() if beit else qkv_init,
-                         use_bias=not (beit and name == 'key'), name=name)(width)
+        ProjectionParams(self.num_heads, head_dim, qkv_kernel_init,
+                         use_bias=not (no_key_bias and name == 'key'), name=name)(width)
         for name in ('query', 'key', 'value')))
     kernel = jnp.stack(kernels, axis=1).astype(self.dtype)  # [width, 3, heads, head_dim]
     qkv = jnp.einsum('...d,dthk->...thk', x.astype(self.dtype), kernel)
@@ -210,7 +231,7 @@ class MultiHeadAttention(nn.Module):
     out, weights = dot_product_attention(q, k, v, bias, return_weights)
     # DenseGeneral initialises the flattened 2-D kernel, so plain Xavier has the right fans.
     out = nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, name='out',
-                          kernel_init=beit_normal(self.beit_layer) if beit else xavier)(out)
+                          kernel_init=out_init)(out)
     return out, weights
 
 
@@ -233,7 +254,8 @@ class Encoder1DBlock(nn.Module):
   dtype: Dtype = jnp.float32
   rel_pos_grid: int = 0  # > 0: a relative position bias of its own over this grid (BEiT)
   cls_token: bool = True
-  beit_layer: int = 0  # > 0: BEiT init of this block (its 1-based index)
+  weight_init: str = 'default'  # one of INITS
+  layer_id: int = 1  # this block's 1-based index
 
   @nn.compact
   def __call__(self, x, train=False, return_weights=False, shared_bias=None, token_pos=None):
@@ -251,12 +273,12 @@ class Encoder1DBlock(nn.Module):
                                  name='rel_pos_bias')(token_pos)
       bias = own if bias is None else bias + own
     y = nn.LayerNorm(epsilon=1e-6, dtype=jnp.float32, name='LayerNorm_0')(x)
-    attention = MultiHeadAttention(self.num_heads, self.dtype, self.beit_layer,
+    attention = MultiHeadAttention(self.num_heads, self.dtype, self.weight_init, self.layer_id,
                                    name='MultiHeadDotProductAttention_0')
     y, weights = attention(y, return_weights=return_weights, bias=bias)
     x = x + branch(y, 0).astype(x.dtype)
     y = nn.LayerNorm(epsilon=1e-6, dtype=jnp.float32, name='LayerNorm_1')(x)
-    y = MlpBlock(self.mlp_dim, self.dtype, self.beit_layer, name='MlpBlock_0')(y)
+    y = MlpBlock(self.mlp_dim, self.dtype, self.weight_init, self.layer_id, name='MlpBlock_0')(y)
     x = x + branch(y, 1).astype(x.dtype)
     return x, weights
 
@@ -294,7 +316,7 @@ class Transformer(nn.Module):
     for i in range(self.depth):
       x, weights = block_cls(self.mlp_dim, self.num_heads, self.layerscale,
                              self.drop_path * i / max(self.depth - 1, 1), self.dtype,
-                             block_grid, self.cls_token, i + 1 if self.weight_init == 'beit' else 0,
+                             block_grid, self.cls_token, self.weight_init, i + 1,
                              name=f'encoderblock_{i}')(x, train, capture_attention, shared_bias,
                                                        token_pos)
       if capture_layers:
@@ -325,7 +347,7 @@ class ViT(nn.Module):
   remat: bool = False
   tokenizer: Optional[nn.Module] = None  # replaces the plain patch embedding (e.g. MoTo)
   rel_pos: str = 'none'  # relative position bias (BEiT): one of RELPOS
-  weight_init: str = 'default'  # default (MAE's Xavier) | beit (see `beit_normal`)
+  weight_init: str = 'default'  # one of INITS (see `normal_02`, `layer_kernel_inits`)
   # MAE's fine-tuning model (`models_vit.py` with global_pool) and timm's fc_norm=True: no final
   # norm on the tokens; the pooled feature gets a LayerNorm of its own, `fc_norm`.
   fc_norm: bool = False
@@ -355,14 +377,19 @@ class ViT(nn.Module):
       raise ValueError(f'model.rel_pos must be one of {RELPOS}, not {self.rel_pos!r}')
     if self.weight_init not in INITS:
       raise ValueError(f'model.weight_init must be one of {INITS}, not {self.weight_init!r}')
-    beit = self.weight_init == 'beit'
-    token_init = beit_normal() if beit else nn.initializers.normal(0.02)
+    default = self.weight_init == 'default'
+    token_init = nn.initializers.normal(0.02) if default else normal_02(self.weight_init)
     if self.tokenizer is None:
-      # Xavier-uniform over the flattened [p*p*C, width] kernel, as MAE initialises it.
+      if default:  # Xavier-uniform over the flattened [p*p*C, width] kernel, as MAE's
+        embedding_init = nn.initializers.xavier_uniform(in_axis=(0, 1, 2), out_axis=3)
+      elif self.weight_init == 'timm':  # timm leaves PyTorch's Conv2d default, U(+-1/sqrt(fan_in))
+        embedding_init = nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform',
+                                                          in_axis=(0, 1, 2), out_axis=3)
+      else:
+        embedding_init = normal_02(self.weight_init)
       self.embedding = nn.Conv(self.width, (self.patch_size,) * 2, strides=(self.patch_size,) * 2,
                                padding='VALID', dtype=self.dtype, name='embedding',
-                               kernel_init=beit_normal() if beit else
-                               nn.initializers.xavier_uniform(in_axis=(0, 1, 2), out_axis=3))
+                               kernel_init=embedding_init)
     if self.posemb == 'learn':
       # As timm / MAE: the cls token has a learned position slot of its own (index 0).
       self.pos_embedding = self.param('pos_embedding', token_init,
