@@ -37,6 +37,7 @@ from mimjax import startup
 from mimjax import train_step as train_step_lib
 from mimjax import validation
 from mimjax import workdir_io
+from mimjax.data import fit
 from mimjax.data import pipeline
 from mimjax.data import sources
 from mimjax.eval import monitor
@@ -357,6 +358,9 @@ def train(config, workdir, dry_run=False):
   # Everything is validated and read (checkpoint, first batch, teacher and pre-trained weights)
   # before the workdir is created or written, so bad input leaves nothing behind.
   validation.check_workdir(workdir)
+  notes = fit.note(fit.fit(config), config.data.name)
+  if notes and jax.process_index() == 0:
+    print(notes, flush=True)
   mesh = validation.check_run(config)
   framework = registry.build(config)
   ckpt = checkpoint_lib.Checkpointer(workdir, config.checkpoint.keep, config.checkpoint.async_save)
