@@ -1,10 +1,12 @@
 """A quiet console: the start-up banners TensorFlow prints on import (one per bundled copy of its
 C++ logging library, so each twice: the absl::InitializeLog notice, oneDNN, CPU features) are
-dropped; every other line the import prints is passed on, so real warnings still show.
+dropped; every other line the import prints is passed on, so real warnings still show. Known
+empty log warnings of a single call can be dropped too (`without_log_messages`).
 """
 import contextlib
 import importlib.abc
 import importlib.util
+import logging
 import os
 import re
 import sys
@@ -58,3 +60,24 @@ def quiet_tensorflow_import():
   if 'tensorflow' not in sys.modules and not any(
       isinstance(f, _QuietTensorFlow) for f in sys.meta_path):
     sys.meta_path.insert(0, _QuietTensorFlow())
+
+
+class _DropPrefix(logging.Filter):
+  def __init__(self, prefix):
+    super().__init__()
+    self.prefix = prefix
+
+  def filter(self, record):
+    return not record.getMessage().startswith(self.prefix)
+
+
+@contextlib.contextmanager
+def without_log_messages(prefix, logger='absl'):
+  """Drops the log records of `logger` (absl's: Orbax logs there) that start with `prefix` while
+  the body runs; every other record passes."""
+  drop = _DropPrefix(prefix)
+  logging.getLogger(logger).addFilter(drop)
+  try:
+    yield
+  finally:
+    logging.getLogger(logger).removeFilter(drop)
