@@ -18,6 +18,19 @@ TRAIN_EXAMPLES = {
 }
 
 
+# An argument string item that makes `parse_arg` raise RecipeArguments: how --help lists each
+# recipe's arguments without a second list to keep in step with the recipe.
+ARGUMENTS_PROBE = '__arguments__'
+
+
+class RecipeArguments(Exception):
+  """Raised by `parse_arg` for ARGUMENTS_PROBE, carrying the recipe's argument defaults."""
+
+  def __init__(self, defaults):
+    super().__init__(defaults)
+    self.defaults = defaults
+
+
 def parse_arg(arg, **defaults):
   """Parses 'key=value,flag' strings from `--config file.py:ARG` into a ConfigDict.
 
@@ -27,6 +40,8 @@ def parse_arg(arg, **defaults):
   result = ml_collections.ConfigDict(defaults)
   if not arg:
     return result
+  if ARGUMENTS_PROBE in arg.split(','):
+    raise RecipeArguments(defaults)
   for item in arg.split(','):
     if not item:
       continue

@@ -7,8 +7,9 @@ run's. SIGTERM (a preemption notice; in a multi-host run every host stops at the
 the same and exits with PREEMPTED_EXIT_CODE (143), which schedulers treat as "requeue".
 
 The shipped recipes are found by name from any directory (`--config mae:runlocal`); any field is
-set with `--config.KEY=VALUE`. `--print_config` lists every field and exits; `--dry_run` checks the
-run and prints its start-up summary (devices, parameters, batch, steps, data) without writing.
+set with `--config.KEY=VALUE`. `--print_config` lists the fields the run reads (`--print_all`: every
+field) and exits; `--dry_run` checks the run and prints its start-up summary (devices, parameters,
+batch, steps, data) without writing.
 """
 import itertools
 import json
@@ -408,7 +409,7 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
   if f.print_config:
-    print(startup.format_config(f.config))
+    print(startup.format_config(f.config, f.print_all))
     return
   if not f.workdir:
     raise app.UsageError('--workdir is required.')

@@ -222,6 +222,6 @@ def test_a_truncated_jpeg_is_skipped_not_fatal(tmp_path):
     _write(tmp_path / f'{i}.jpg', (40 * i, 90, 90), 'RGB', 'JPEG', (40, 40))
   data = (tmp_path / '0.jpg').read_bytes()
   (tmp_path / '0.jpg').write_bytes(data[:len(data) // 3])  # passes the header check, fails decoding
-  config = _config(tmp_path, **{'data.folder_holdout': 0.0})
+  config = _config(tmp_path, **{'data.folder_holdout': 0.0, 'data.folder_holdout_min': 0})
   batches = list(pipeline.eval_batches(config, 'train', 8, 0, 1))
   assert sum(int(b['valid'].sum()) for b in batches) == 5

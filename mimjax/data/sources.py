@@ -262,12 +262,19 @@ def _holdout_mask(root, split, fraction, min_per_class):
 
 
 def _shuffled(root, split):
-  """`split` with its files in a fixed pseudo-random order (by path hash), so that any slice of
-  it, e.g. train[:1000], mixes the classes rather than taking the first class folders."""
-  order = sorted(range(len(split.paths)), key=lambda i: (_hash(root, split.paths[i]),
-                                                         split.paths[i]))
-  labels = None if split.labels is None else split.labels[order]
-  return FolderSplit([split.paths[i] for i in order], labels, split.class_names)
+  """`split` with its files in a fixed mixed order: each class's files in path-hash order, the
+  classes interleaved in proportion to their sizes, so that any slice (train[:1000]) and every
+  host's strided part hold every class in its share."""
+  labels = np.zeros(len(split.paths), np.int64) if split.labels is None else split.labels
+  hashes = np.asarray([_hash(root, p) for p in split.paths], np.int64)
+  place = np.zeros(len(split.paths))
+  for label in np.unique(labels):
+    members = np.flatnonzero(labels == label)
+    ranked = members[np.argsort(hashes[members], kind='stable')]
+    place[ranked] = (np.arange(len(ranked)) + 0.5) / len(ranked)
+  order = np.lexsort((hashes, place))
+  return FolderSplit([split.paths[i] for i in order],
+                     None if split.labels is None else split.labels[order], split.class_names)
 
 
 def folder_split(root, split, holdout, holdout_min=0):
