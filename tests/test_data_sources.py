@@ -19,6 +19,7 @@ from mimjax import evaluate
 from mimjax import train
 from mimjax import validation
 from mimjax.data import augment
+from mimjax.data import fit
 from mimjax.data import pipeline
 from mimjax.data import sources
 
@@ -225,3 +226,63 @@ def test_a_truncated_jpeg_is_skipped_not_fatal(tmp_path):
   config = _config(tmp_path, **{'data.folder_holdout': 0.0, 'data.folder_holdout_min': 0})
   batches = list(pipeline.eval_batches(config, 'train', 8, 0, 1))
   assert sum(int(b['valid'].sum()) for b in batches) == 5
+
+
+def write_small_jpegs(root, per_class, side=16, seed=0):
+  """root/<class>/<i>.jpg: `per_class` small noisy JPEGs per class of CLASSES (a user's folder)."""
+  rng = np.random.default_rng(seed)
+  for (name, colour), count in zip(CLASSES.items(), per_class):
+    os.makedirs(root / name)
+    for i in range(count):
+      pixels = np.clip(rng.normal(colour, 30, (side, side, 3)), 0, 255).astype(np.uint8)
+      Image.fromarray(pixels).save(root / name / f'{i}.jpg', quality=90)
+
+
+@pytest.fixture(scope='module')
+def user_folder(tmp_path_factory):
+  """300 images, 3 classes, no train/ or val/ folders: the folder of the issue's new user."""
+  root = tmp_path_factory.mktemp('user_images')
+  write_small_jpegs(root, (100, 100, 100))
+  return root
+
+
+def test_folder_hold_out_is_stratified_and_slices_mix_classes(tmp_path):
+  write_small_jpegs(tmp_path, (30, 50, 120), side=8)
+  held = sources.folder_split(str(tmp_path), 'val', 0.1, 10)
+  train_part = sources.folder_split(str(tmp_path), 'train', 0.1, 10)
+  assert list(np.bincount(held.labels)) == [10, 10, 12]  # max(10 %, 10) of each class
+  assert list(np.bincount(train_part.labels)) == [20, 40, 108]
+  assert not set(held.paths) & set(train_part.paths)
+  assert list(np.bincount(sources.folder_split(str(tmp_path), 'val', 0.1, 0).labels)) == [3, 5, 12]
+  # Any slice holds every class in its share of the split (files were written class by class).
+  first = sources.folder_split(str(tmp_path), 'train[:42]', 0.1, 10)
+  share = np.array([20, 40, 108]) * 42 / 168
+  assert np.abs(np.bincount(first.labels, minlength=3) - share).max() <= 1, first.labels
+  assert first.paths == train_part.paths[:42]  # the same fixed order every time
+
+
+def test_an_existing_directory_is_a_folder_unless_a_tfds_name(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  os.makedirs('my_images')
+  os.makedirs('fashion_mnist')  # e.g. run from inside the TFDS data directory
+  assert sources.is_folder('my_images') and sources.is_folder('./my_images')
+  assert not sources.is_folder('fashion_mnist') and not sources.is_folder('my_imagez')
+  with pytest.raises(errors.DatasetError, match=r'\./my_imagez'):
+    sources.get_builder('my_imagez')
+
+
+def test_fit_sizes_the_monitor_and_probe_and_measures_the_folder(user_folder):
+  config = load_config('configs/mae.py:runlocal', **{
+      'data.name': str(user_folder), 'eval.every_steps': 10})
+  changes = fit.fit(config)
+  mon, lin = config.eval.knn_monitor, config.eval.linear
+  assert (mon.bank_examples, mon.query_examples) == (270, 30)  # 10 held out per class
+  assert (lin.train_split, lin.holdout_split, lin.batch_size) == ('train[:243]', 'train[243:]', 128)
+  pixels = np.concatenate([np.asarray(Image.open(p), np.float64).reshape(-1, 3)
+                           for p in sorted(user_folder.glob('*/*.jpg'))[::10]]) / 255
+  np.testing.assert_allclose(config.data.mean, pixels.mean(0), atol=0.02)
+  np.testing.assert_allclose(config.data.std, pixels.std(0), atol=0.03)
+  assert len(changes) == 7 and all(any(c.startswith(k) for c in changes) for k in (
+      'data.mean', 'data.std', 'eval.knn_monitor.bank_examples', 'eval.linear.batch_size'))
+  assert fit.fit(config) == []  # fitted once: nothing left to change
+  assert fit.note([], 'x') == '' and fit.note(changes, 'x').count('\n') == 0
