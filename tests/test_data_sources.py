@@ -286,3 +286,26 @@ def test_fit_sizes_the_monitor_and_probe_and_measures_the_folder(user_folder):
       'data.mean', 'data.std', 'eval.knn_monitor.bank_examples', 'eval.linear.batch_size'))
   assert fit.fit(config) == []  # fitted once: nothing left to change
   assert fit.note([], 'x') == '' and fit.note(changes, 'x').count('\n') == 0
+
+
+def test_a_users_folder_trains_and_evaluates_given_only_its_name(user_folder, tmp_path, capsys):
+  """The default-suite representative of the slow test below: MAE, 2 steps, a tiny ViT."""
+  config = load_config('configs/mae.py:runlocal', **{
+      'data.name': str(user_folder), 'eval.every_steps': 2, 'total_steps': 2, 'warmup_steps': 1,
+      'model.variant': 'mu/4', 'batch_size': 16, 'mae.decoder_width': 32, 'mae.decoder_depth': 1,
+      'mae.decoder_heads': 2, 'log.progress_bar': False, 'log.images_every_steps': 0,
+      'eval.batch_size': 32})
+  workdir = str(tmp_path / 'run')
+  assert 0 <= train.train(config, workdir)['eval_knn_top1'] <= 1
+  assert capsys.readouterr().out.startswith('note: fitted to the data of ')
+  knn = evaluate.evaluate(workdir, 'knn', k=[5])
+  assert (knn['test_examples'], knn['train_examples']) == (30, 270)
+  overrides = {'eval.linear.epochs': 1, 'eval.linear.base_lrs': (0.1,)}
+  probe = evaluate.evaluate(workdir, 'linear', config_overrides=overrides)
+  assert (probe['test_examples'], probe['train_examples'], probe['holdout_examples']) == (
+      30, 243, 27) and probe['epochs'] == 1
+  assert 'n=30 train_n=243 holdout_n=27' in evaluate._summary(probe)  # pylint: disable=protected-access
+  assert evaluate.read_results(workdir, 'linear')[-1]['options'] == {
+      'config': {'eval.linear.epochs': 1, 'eval.linear.base_lrs': [0.1]}}
+  with pytest.raises(errors.ConfigError, match='only config.eval.*not data.name'):
+    evaluate.evaluate(workdir, 'knn', config_overrides={'data.name': 'x'})
