@@ -6,6 +6,7 @@ files that must be skipped (garbage bytes with a .jpg name, a text file).
 """
 import copy
 import os
+import re
 
 import numpy as np
 import pytest
@@ -13,9 +14,11 @@ import tensorflow as tf
 from PIL import Image
 
 from conftest import load_config
+from conftest import run_module
 from conftest import tiny_overrides
 from mimjax import errors
 from mimjax import evaluate
+from mimjax import startup
 from mimjax import train
 from mimjax import validation
 from mimjax.data import augment
@@ -309,3 +312,19 @@ def test_a_users_folder_trains_and_evaluates_given_only_its_name(user_folder, tm
       'config': {'eval.linear.epochs': 1, 'eval.linear.base_lrs': [0.1]}}
   with pytest.raises(errors.ConfigError, match='only config.eval.*not data.name'):
     evaluate.evaluate(workdir, 'knn', config_overrides={'data.name': 'x'})
+
+
+@pytest.mark.slow  # every recipe: a training and two evaluations, ~1 min each on 2 CPU cores
+@pytest.mark.parametrize('recipe', startup.config_names())
+def test_every_recipe_runs_on_a_users_folder_given_only_its_name(recipe, user_folder, tmp_path):
+  """The commands a new user types: only data.name added (and a 3-step run with the monitor)."""
+  workdir = str(tmp_path / 'run')
+  trained = run_module(['mimjax.train', '--config', f'{recipe}:runlocal', '--workdir', workdir,
+                        f'--config.data.name={user_folder}', '--config.total_steps=3',
+                        '--config.eval.every_steps=3'])
+  assert trained.returncode == 0, trained.stderr[-3000:]
+  assert 'note: fitted to the data' in trained.stdout and 'eval_' in trained.stdout
+  for protocol in ('knn', 'linear'):
+    evaluated = run_module(['mimjax.evaluate', '--workdir', workdir, '--protocol', protocol])
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert re.search(r'top1=[\d.]+ .*\bn=30\b', evaluated.stdout), evaluated.stdout

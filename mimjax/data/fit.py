@@ -3,8 +3,9 @@ a small image folder the first time.
 
 Recipes size the kNN monitor and the linear probe, and set the normalisation, for their own dataset
 (runlocal: Fashion-MNIST). `fit` lowers monitor sizes that exceed the splits, gives an image folder
-linear-probe splits and a probe batch that it holds, and measures the folder's mean and std; the
-trainer and `mimjax.evaluate` print what it changed as one note.
+linear-probe splits and a probe batch that it holds, a classifier one output per class, and
+measures the folder's mean and std; the trainer and `mimjax.evaluate` print what it changed as
+one note.
 """
 import math
 
@@ -54,9 +55,9 @@ def _size(config, split):
 def fit(config, training=True):
   """Changes `config` in place to fit its data; returns the changes as 'key old -> new' strings.
 
-  `training` also fits what only training reads: the kNN monitor's sizes (when the monitor runs)
-  and an image folder's mean and std (data.folder_stats). Evaluation keeps the statistics the run
-  was trained with.
+  `training` also fits what only training reads: the kNN monitor's sizes (when the monitor runs),
+  an image folder's mean and std (data.folder_stats) and a classifier head's size (one output per
+  class folder). Evaluation keeps the model and statistics the run was trained with.
   """
   changes = []
 
@@ -78,7 +79,10 @@ def fit(config, training=True):
     change(monitor, 'query_examples', min(monitor.query_examples, _size(config, data.eval_split)),
            'eval.knn_monitor')
     change(monitor, 'k', min(monitor.k, monitor.bank_examples), 'eval.knn_monitor')
-  if folder and sources.config_split(config, data.train_split).class_names:  # probes need labels
+  classes = len(sources.config_split(config, data.train_split).class_names) if folder else 0
+  if training and classes and config.model.num_classes:  # a classifier's head: one per class
+    change(config.model, 'num_classes', classes, 'model')
+  if classes:  # the linear probe needs labels
     base = data.train_split.split('[')[0]
     total = _size(config, base)
     if not _size(config, lin.train_split) or not _size(config, lin.holdout_split):
