@@ -145,10 +145,10 @@ def test_norm_pix_grid_shows_the_prediction_in_standardised_space():
 
 
 def _tile(grid, column, size=4, scale=24, pad=2):
-  """The [size, size] grey values of one image of a one-row grid (tiles enlarged `scale` times to
-  at least 96 px, `pad` px apart)."""
-  x = pad + column * (size * scale + pad)
-  return grid[pad:pad + size * scale:scale, x:x + size * scale:scale, 0]
+  """The [size, size] grey values of one image of a one-row titled grid (tiles enlarged `scale`
+  times to at least 96 px, `pad` px apart)."""
+  x, y = pad + column * (size * scale + pad), visualize.TITLE_HEIGHT + pad
+  return grid[y:y + size * scale:scale, x:x + size * scale:scale, 0]
 
 
 def test_monitor_settings_and_data_are_checked_before_anything_is_written(tmp_path):

@@ -3,6 +3,7 @@ import ast
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -187,3 +188,36 @@ def test_logged_lr_is_the_logged_steps_lr(tmp_path):
   # Step 3 is update 2, the end of warmup: the peak 1e-3 * 16 / 16 (the interval's mean is 5e-4).
   # Step 6 is update 5: 3 of the 4 cosine steps done.
   np.testing.assert_allclose(lrs, [1e-3, 1e-3 * 0.5 * (1 + math.cos(math.pi * 3 / 4))], rtol=1e-6)
+
+
+def _console(args):
+  """stdout and stderr of `python -m mimjax.<args>` interleaved, as a terminal shows them (the
+  user's environment: TensorFlow's log level left unset)."""
+  env = {k: v for k, v in os.environ.items() if k != 'TF_CPP_MIN_LOG_LEVEL'}
+  done = subprocess.run([sys.executable, '-m', *args], cwd=ROOT, env=dict(env, PYTHONPATH=ROOT),
+                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+  assert done.returncode == 0, done.stdout[-3000:]
+  return done.stdout.splitlines()
+
+
+def test_help_and_a_short_run_print_what_they_mean_and_no_banner(tmp_path):
+  """What a user reads before training starts: `--help` from its first line, and a 3-step runlocal
+  (monitor and pictures on) exactly its summary before the first progress line; no library banner,
+  no TensorFlow cache warning, no line twice."""
+  helped = _console(['mimjax.train', '--help'])
+  assert helped[0].startswith('Train any mimjax framework')  # nothing printed before the help
+  ran = _console(['mimjax.train', '--config', 'mae:runlocal', '--workdir', str(tmp_path / 'run'),
+                  *config_flags(dict(_TINY, total_steps=3, **{
+                      'eval.every_steps': 3, 'eval.knn_monitor.bank_examples': 64,
+                      'eval.knn_monitor.query_examples': 64, 'eval.knn_monitor.k': 5,
+                      'log.images_every_steps': 3}))])
+  first_step = next(i for i, line in enumerate(ran) if line.startswith('step 1/3'))
+  assert [line.split(':')[0] for line in ran[:first_step]] == [
+      'framework', 'devices', 'parameters', 'batch', 'steps', 'warning', 'data', 'workdir',
+      'starting fresh'], ran[:first_step]
+  assert 'warmup_steps=2 is 67% of total_steps=3' in ran[5]
+  for output in (helped, ran):
+    shown = [line for line in output if line.strip()]
+    assert len(shown) == len(set(shown)), output
+    assert not [line for line in output if re.search(
+        r'absl::InitializeLog|oneDNN|cpu_feature_guard|did not fully read', line)], output
