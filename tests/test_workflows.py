@@ -49,6 +49,14 @@ def test_print_config_lists_every_field_with_its_value():
   assert sorted(values) == sorted(_leaf_keys(common.base_config()))
   assert values['batch_size'] == 48 and values['framework'] == 'simmim'
   assert values['data.name'] == config.data.name and values['mesh.data'] == config.mesh.data
+  shown = startup.format_config(config, everything=False).splitlines()
+  assert shown[-1] == ('# not read by this run, not shown (--print_all shows them): distill, dtm, '
+                       'lut, mae, mto, supervised, tokenprop')
+  assert 'simmim.mask_ratio = 0.6' in shown and 'data.name = ' + repr(config.data.name) in shown
+  assert not [line for line in shown[:-1] if line.startswith(('mae.', 'distill.', 'lut.'))]
+  with config.unlocked():
+    config.framework, config.mae.target = 'mae', 'teacher'  # MAE reads the distill teacher's
+  assert 'distill.teacher' in startup.format_config(config, everything=False)
 
 
 def test_shipped_recipe_is_found_from_another_directory(tmp_path, monkeypatch):
@@ -72,7 +80,10 @@ def test_config_help_names_every_recipe_and_the_override_syntax():
                    if f.endswith('.py') and f not in ('__init__.py', 'common.py'))
   assert startup.config_names() == shipped
   text = startup.config_help()
-  assert all(name in text for name in shipped) and '--config.KEY=VALUE' in text
+  assert '--config.KEY=VALUE' in text
+  assert all(f'\n  {name}: ' in text for name in shipped)  # one line per recipe
+  assert startup.recipe_arguments('mae') == 'model=B/16, epochs=800, runlocal'
+  assert startup.recipe_arguments('mae_mto') == startup.recipe_arguments('mae')  # as it delegates
 
 
 def test_dry_run_prints_the_summary_and_writes_nothing(tmp_path, capsys):

@@ -233,13 +233,21 @@ def _scan(directory, class_names=None):
 
 
 def _split_slice(split):
-  """('train', slice) from 'train', 'train[:1000]' or 'train[10:20]' (TFDS's absolute syntax)."""
-  match = re.fullmatch(r'(\w+)(?:\[(-?\d*):(-?\d*)\])?', split)
+  """('train', (start, stop)) from 'train', 'train[:1000]', 'train[10:20]' or 'train[:90%]'
+  (TFDS's syntax; `_bound` turns each into an index)."""
+  match = re.fullmatch(r'(\w+)(?:\[(-?\d*%?):(-?\d*%?)\])?', split)
   if not match:
     raise errors.DatasetError(f'Split {split!r} of an image folder must be a name, optionally with '
-                              'an absolute slice such as train[:1000].')
+                              'a slice such as train[:1000] or train[:90%].')
   name, start, stop = match.groups()
-  return name, slice(int(start) if start else None, int(stop) if stop else None)
+  return name, (start, stop)
+
+
+def _bound(text, size):
+  """A slice bound of `_split_slice` as an index into `size` images (a percentage rounded)."""
+  if not text:
+    return None
+  return round(int(text[:-1]) * size / 100) if text.endswith('%') else int(text)
 
 
 def _hash(root, path):
@@ -312,6 +320,7 @@ def folder_split(root, split, holdout, holdout_min=0):
   if not result.paths:
     raise errors.DatasetError(f'No readable images for split {split!r} in {root}.')
   result = _shuffled(root, result)
+  part = slice(*(_bound(b, len(result.paths)) for b in part))
   labels = None if result.labels is None else result.labels[part]
   return FolderSplit(result.paths[part], labels, result.class_names)
 
