@@ -262,6 +262,7 @@ def test_folder_hold_out_is_stratified_and_slices_mix_classes(tmp_path):
   share = np.array([20, 40, 108]) * 42 / 168
   assert np.abs(np.bincount(first.labels, minlength=3) - share).max() <= 1, first.labels
   assert first.paths == train_part.paths[:42]  # the same fixed order every time
+  assert sources.folder_split(str(tmp_path), 'train[25%:]', 0.1, 10).paths == train_part.paths[42:]
 
 
 def test_an_existing_directory_is_a_folder_unless_a_tfds_name(tmp_path, monkeypatch):
