@@ -70,12 +70,13 @@ def _tfds_source(config, split, process_index, process_count, seed, reads):
 
   With data.cache the records are kept in memory only when `reads` (records the caller will read)
   goes past one pass: a cache read in part is discarded, with a TensorFlow warning, and one pass
-  never reads it again.
+  never reads it again. (TFDS's own automatic cache of small datasets is off for that reason.)
   """
   builder = _builder_with_split(config, split)
   host_split = tfds.even_splits(split, n=process_count)[process_index]
   ds = builder.as_dataset(split=host_split, shuffle_files=False,
-                          decoders={'image': tfds.decode.SkipDecoding()})
+                          decoders={'image': tfds.decode.SkipDecoding()},
+                          read_config=tfds.ReadConfig(try_autocache=False))  # data.cache decides
   if config.data.cache and reads > builder.info.splits[host_split].num_examples:
     ds = ds.cache()
 
