@@ -213,15 +213,14 @@ def _console(args, returncode=0):
 
 def test_help_and_a_short_run_print_what_they_mean_and_no_banner(tmp_path):
   """What a user reads before training starts: `--help` from its first line, and a 3-step runlocal
-  (monitor and pictures on) exactly its summary before the first progress line; no library banner,
-  no TensorFlow cache warning, no line twice."""
+  (monitor on: it reads the eval split in part) exactly its summary before the first progress
+  line; no library banner, no TensorFlow cache warning, no line twice."""
   helped = _console(['mimjax.train', '--help'], returncode=1)  # absl's --help exits with 1
   assert helped[0].startswith('Train any mimjax framework')  # nothing printed before the help
   ran = _console(['mimjax.train', '--config', 'mae:runlocal', '--workdir', str(tmp_path / 'run'),
                   *config_flags(dict(_TINY, total_steps=3, **{
                       'eval.every_steps': 3, 'eval.knn_monitor.bank_examples': 64,
-                      'eval.knn_monitor.query_examples': 64, 'eval.knn_monitor.k': 5,
-                      'log.images_every_steps': 3}))])
+                      'eval.knn_monitor.query_examples': 64, 'eval.knn_monitor.k': 5}))])
   first_step = next(i for i, line in enumerate(ran) if line.startswith('step 1/3'))
   assert [line.split(':')[0] for line in ran[:first_step]] == [
       'framework', 'devices', 'parameters', 'batch', 'steps', 'warning', 'data', 'workdir',
