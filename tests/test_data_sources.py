@@ -5,6 +5,7 @@ against its pixels, in every format the issue names (RGB/CMYK JPEG, RGBA/graysca
 files that must be skipped (garbage bytes with a .jpg name, a text file).
 """
 import copy
+import logging
 import os
 import re
 
@@ -292,7 +293,8 @@ def test_fit_sizes_the_monitor_and_probe_and_measures_the_folder(user_folder):
   assert fit.note([], 'x') == '' and fit.note(changes, 'x').count('\n') == 0
 
 
-def test_a_users_folder_trains_and_evaluates_given_only_its_name(user_folder, tmp_path, capsys):
+def test_a_users_folder_trains_and_evaluates_given_only_its_name(user_folder, tmp_path, capsys,
+                                                                caplog):
   """The default-suite representative of the slow test below: MAE, 2 steps, a tiny ViT."""
   config = load_config('configs/mae.py:runlocal', **{
       'data.name': str(user_folder), 'eval.every_steps': 2, 'total_steps': 2, 'warmup_steps': 1,
@@ -302,7 +304,9 @@ def test_a_users_folder_trains_and_evaluates_given_only_its_name(user_folder, tm
   workdir = str(tmp_path / 'run')
   assert 0 <= train.train(config, workdir)['eval_knn_top1'] <= 1
   assert capsys.readouterr().out.startswith('note: fitted to the data of ')
-  knn = evaluate.evaluate(workdir, 'knn', k=[5])
+  with caplog.at_level(logging.WARNING):  # Orbax's warning of a missing step metadata: dropped
+    knn = evaluate.evaluate(workdir, 'knn', k=[5])
+  assert not [r for r in caplog.records if '_CHECKPOINT_METADATA' in r.getMessage()]
   assert (knn['test_examples'], knn['train_examples']) == (30, 270)
   overrides = {'eval.linear.epochs': 1, 'eval.linear.base_lrs': (0.1,)}
   probe = evaluate.evaluate(workdir, 'linear', config_overrides=overrides)

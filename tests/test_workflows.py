@@ -13,6 +13,7 @@ import pytest
 
 from conftest import ROOT, config_flags, load_config, tiny_overrides
 from configs import common
+from mimjax import console
 from mimjax import startup
 from mimjax import train
 
@@ -231,3 +232,15 @@ def test_help_and_a_short_run_print_what_they_mean_and_no_banner(tmp_path):
     assert len(shown) == len(set(shown)), output
     assert not [line for line in output if re.search(
         r'absl::InitializeLog|oneDNN|cpu_feature_guard|did not fully read', line)], output
+
+
+def test_import_banners_are_dropped_and_other_stderr_lines_kept(capfd):
+  real = 'W0000 00:00:1796649663.740163    8336 cache.cc:912] a real warning\n'
+  with console.stderr_filtered(console.BANNERS):  # what `import tensorflow` writes to fd 2
+    os.write(2, (
+        'WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n'
+        'I0000 00:00:1796649663.740163    8336 port.cc:153] oneDNN custom operations are on.\n'
+        + real + 'I0000 00:00:1796649663.89    8336 cpu_feature_guard.cc:227] This TensorFlow\n'
+        'To enable the following instructions: AVX2 AVX512F, in other operations, rebuild\n'
+        'a plain line\n').encode())
+  assert capfd.readouterr().err == real + 'a plain line\n'
