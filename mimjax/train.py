@@ -359,6 +359,7 @@ def train(config, workdir, dry_run=False):
   # Everything is validated and read (checkpoint, first batch, teacher and pre-trained weights)
   # before the workdir is created or written, so bad input leaves nothing behind.
   validation.check_workdir(workdir)
+  validation.validate(config)  # before `fit` reads the fields it fits
   notes = fit.note(fit.fit(config), config.data.name)
   if notes and jax.process_index() == 0:
     print(notes, flush=True)
