@@ -219,9 +219,11 @@ def make_evaluator(framework, config, mesh):
 
 def held_out_pictures_batch(config, mesh):
   """The first images of `config.data.eval_split` as a global batch, for reconstruction grids:
-  at least 8 and a multiple of the devices along the batch axes and of the processes."""
+  8 (all of a smaller split, so the grid has no blank rows), rounded up to a multiple of the
+  devices along the batch axes and of the processes."""
   unit = int(np.lcm(mesh.shape['data'] * mesh.shape['fsdp'], jax.process_count()))
-  local = pipeline.local_batch_size(-(-8 // unit) * unit)
+  rows = min(8, pipeline.num_examples(config, config.data.eval_split))
+  local = pipeline.local_batch_size(-(-rows // unit) * unit)
   batches = pipeline.eval_batches(config, config.data.eval_split, local)
   host = {k: v for k, v in next(batches).items() if k != 'valid'}
   batches.close()

@@ -19,6 +19,7 @@ from conftest import run_module
 from conftest import tiny_overrides
 from mimjax import errors
 from mimjax import evaluate
+from mimjax import sharding
 from mimjax import startup
 from mimjax import train
 from mimjax import validation
@@ -333,3 +334,10 @@ def test_every_recipe_runs_on_a_users_folder_given_only_its_name(recipe, user_fo
     evaluated = run_module(['mimjax.evaluate', '--workdir', workdir, '--protocol', protocol])
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert re.search(r'top1=[\d.]+ .*\bn=30\b', evaluated.stdout), evaluated.stdout
+
+
+def test_reconstruction_grids_of_a_small_split_have_no_blank_rows(tmp_path):
+  write_small_jpegs(tmp_path, (3, 2, 2), side=8)
+  config = _config(tmp_path, **{'data.eval_split': 'val'})  # all but one image per class held out
+  batch = train.held_out_pictures_batch(config, sharding.make_mesh(config.mesh))
+  assert batch['image'].shape[0] == 4 and sorted(np.asarray(batch['label'])) == [0, 0, 1, 2]
