@@ -18,6 +18,19 @@ TRAIN_EXAMPLES = {
 }
 
 
+# An argument string item that makes `parse_arg` raise RecipeArguments: how --help lists each
+# recipe's arguments without a second list to keep in step with the recipe.
+ARGUMENTS_PROBE = '__arguments__'
+
+
+class RecipeArguments(Exception):
+  """Raised by `parse_arg` for ARGUMENTS_PROBE, carrying the recipe's argument defaults."""
+
+  def __init__(self, defaults):
+    super().__init__(defaults)
+    self.defaults = defaults
+
+
 def parse_arg(arg, **defaults):
   """Parses 'key=value,flag' strings from `--config file.py:ARG` into a ConfigDict.
 
@@ -27,6 +40,8 @@ def parse_arg(arg, **defaults):
   result = ml_collections.ConfigDict(defaults)
   if not arg:
     return result
+  if ARGUMENTS_PROBE in arg.split(','):
+    raise RecipeArguments(defaults)
   for item in arg.split(','):
     if not item:
       continue
@@ -119,9 +134,14 @@ def base_config():
   c.data.eval_crop_fraction = 0.875  # evaluation: resize to size / fraction, then centre crop
   c.data.cache = False  # keep the raw (encoded) split in memory; for small datasets
   c.data.shuffle_buffer = 50_000
-  # Image folder without train/ and val/ subfolders: this fraction of its images (chosen by a hash
-  # of each file's path, so adding images never moves others) is the eval split, the rest train.
-  c.data.folder_holdout = 0.02
+  # Image folder without train/ and val/ subfolders: in each class, max(this fraction of its
+  # images, folder_holdout_min) are the eval split (those of lowest path hash, so adding images
+  # moves few), the rest train; a class always keeps one image to train on.
+  c.data.folder_holdout = 0.1
+  c.data.folder_holdout_min = 10
+  # Image folder: data.mean / data.std measured from (up to 1000 of) its training images at start,
+  # replacing the recipe's values; False keeps data.mean / data.std as set.
+  c.data.folder_stats = True
   c.data.threads = 0  # tf.data worker threads per host; 0 = all cores (bench.input sets 1 per core)
   c.data.download = True  # let TFDS download and prepare datasets that are not on disk
 
@@ -274,8 +294,9 @@ def base_config():
   c.eval.every_steps = 0
   # kNN monitor: the first bank_examples of data.train_split (centre crops) are the memory, the
   # first query_examples of data.eval_split the queries, k neighbours vote (cosine similarity of
-  # eval.feature, weights exp(sim / eval.knn_temperature)). TFDS stores splits shuffled, so the
-  # first N are a sample of every class; an image folder's splits are sorted by class.
+  # eval.feature, weights exp(sim / eval.knn_temperature)). TFDS stores splits shuffled and an
+  # image folder's files are in a fixed shuffled order, so the first N are a sample of every class.
+  # Sizes larger than the splits are lowered to fit them, with a note.
   c.eval.knn_monitor = ml_collections.ConfigDict()
   c.eval.knn_monitor.bank_examples = 10_000
   c.eval.knn_monitor.query_examples = 5_000

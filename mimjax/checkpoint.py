@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from mimjax import console
 from mimjax import errors
 from mimjax import tree_util
 from mimjax import workdir_io
@@ -224,6 +225,9 @@ class Checkpointer:
           'the one before, or start in a new --workdir.') from e
     return restored['state']
 
+  # Orbax looks for the step's _CHECKPOINT_METADATA in the item directory read here and warns that
+  # it is missing: it lives one level up, and the item's own metadata is what is read.
+  @console.without_log_messages('Metadata file does not exist')
   def restore_host(self, step, item):
     """One top-level `item` of the state at `step` ('params', 'model_state') as numpy arrays;
     {} when the state holds none (e.g. a run without non-trained state)."""

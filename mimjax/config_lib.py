@@ -1,4 +1,5 @@
 """Config round-trips through the workdir's config.json, and `--config.x.y` flag parsing."""
+import contextlib
 import json
 import re
 import sys
@@ -39,10 +40,20 @@ def from_json(text):
 
 
 def parse_flags(argv):
-  """absl's flag parsing for `app.run(flags_parser=...)`: a misspelt `--config.x.y` or a bad
-  flag value ends in one `error:` line naming the flag and the nearest key, not a traceback."""
-  try:
+  """absl's flag parsing for `app.run(flags_parser=...)`, errors reported as `flag_errors_reported`
+  reports them."""
+  with flag_errors_reported(argv):
     return flags.FLAGS(argv)
+
+
+@contextlib.contextmanager
+def flag_errors_reported(argv):
+  """A misspelt `--config.x.y` or a bad flag value in `argv`, met while the body parses flags
+  (a config_dict flag parses them when defined), ends in one `error:` line naming the flag and
+  the nearest key, not a traceback."""
+  try:
+    yield
+    return
   except (AttributeError, KeyError) as e:  # ml_collections: unknown key under --config
     text = (str(e.args[0]) if e.args else str(e)).replace('\\', '')
     key = re.search(r"'(\w+)'", text)

@@ -5,6 +5,8 @@ attention_distance, spectrum, heterogeneity, rauc; pictures reconstruction, morp
 Each adds its result to DIR/eval_<P>.json, a list of entries keyed by the options given, the
 random-init comparison and the checkpoint step: a run with other options or at another step adds
 an entry, and only the same evaluation run again replaces its own (PNGs are written next to it).
+`--config.eval.KEY=VALUE` changes the run's evaluation settings for one evaluation (checked as
+training checks them); sizes the data cannot fill are lowered with a note (mimjax/data/fit.py).
 With --compare_random_init the protocol
 also runs on the randomly initialised encoder of the same architecture, so the gain from
 pre-training is visible. In a multi-process job (initialised like the trainer, from
@@ -19,7 +21,11 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
+from ml_collections import config_flags
 
+from configs import common
+
+from mimjax import config_lib
 from mimjax import distributed
 from mimjax import errors
 from mimjax import workdir as workdir_lib
@@ -89,6 +95,10 @@ def define_flags():
                     'the run (its method\'s recipe, docs/recipes.md) and exit, training nothing.')
   flags.DEFINE_bool('compare_random_init', False,
                     'Also evaluate the randomly initialised encoder of the same architecture.')
+  config_flags.DEFINE_config_dict(
+      'config', common.base_config(), 'Evaluation settings of the run to change for this '
+      'evaluation: --config.eval.KEY=VALUE (e.g. --config.eval.linear.epochs=5), checked as '
+      'training checks them; kept in the result\'s options.', lock_config=True)
   for name, (define, help_text) in OPTIONS.items():
     define(name, None, help_text)
 
@@ -127,11 +137,14 @@ def record_result(workdir, protocol, result, options, compare_random_init):
                           json.dumps(dict(protocol=protocol, results=kept + [entry]), indent=2))
 
 
-def evaluate(workdir, protocol, step=None, compare_random_init=False, run=None, **options):
+def evaluate(workdir, protocol, step=None, compare_random_init=False, run=None,
+             config_overrides=None, **options):
   """Runs `protocol` on a workdir; returns its result and adds it to DIR/eval_<protocol>.json.
 
   `options` go to the protocol function (e.g. feature=, k= for knn). `run`, a Run already loaded
-  from this workdir (`step` is then ignored), lets several protocols share its extracted features.
+  from this workdir (`step` and `config_overrides` are then ignored), lets several protocols share
+  its extracted features. `config_overrides` ({'eval.KEY': value}) change the run's evaluation
+  settings for this evaluation; they are recorded with the options.
   """
   if protocol in CURVE_PROTOCOLS:
     _check_options(protocol, CURVE_PROTOCOLS[protocol], options)
@@ -142,21 +155,29 @@ def evaluate(workdir, protocol, step=None, compare_random_init=False, run=None, 
   elif protocol in PROTOCOLS:
     fn = PROTOCOLS[protocol]
     _check_options(protocol, fn, options)
-    run = run or loading.load_run(workdir, step)
+    if run is None:
+      config, note = loading.eval_config(workdir, config_overrides)
+      if note and jax.process_index() == 0:
+        print(note, flush=True)
+      run = loading.load_run(workdir, step, config=config)
     result = dict(protocol=protocol, step=run.step, split=run.config.data.eval_split,
                   **fn(run, **options))
     if compare_random_init:
-      result['random_init'] = fn(loading.load_run(workdir, random_init=True), **options)
+      result['random_init'] = fn(loading.load_run(workdir, random_init=True, config=run.config),
+                                 **options)
   else:
     raise errors.ConfigError(f'Unknown protocol {protocol!r}; choose one of '
                              f'{sorted({**PROTOCOLS, **CURVE_PROTOCOLS})}.')
+  if config_overrides:
+    options = dict(options, config=dict(config_overrides))
   if jax.process_index() == 0:
     record_result(workdir, protocol, result, options, compare_random_init)
   return result
 
 
 def _summary(result):
-  """The float results and short float lists, e.g. 'top1=0.7512 aad_per_layer=[0.31 0.42]'."""
+  """The float results and short float lists, then the images they count, e.g. 'top1=0.7512
+  n=10000 train_n=60000' or 'aad_per_layer=[0.31 0.42]'."""
   parts = []
   for key, value in result.items():
     if isinstance(value, float) and key not in ('e1', 'e2'):
@@ -164,6 +185,10 @@ def _summary(result):
     elif (isinstance(value, list) and 0 < len(value) <= 32
           and all(isinstance(v, float) for v in value)):
       parts.append(f'{key}=[{" ".join(f"{v:.3f}" for v in value)}]')
+  for key, name in (('test_examples', 'n'), ('train_examples', 'train_n'),
+                    ('holdout_examples', 'holdout_n')):
+    if isinstance(result.get(key), int):
+      parts.append(f'{name}={result[key]}')
   return ' '.join(parts)
 
 
@@ -174,6 +199,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   f = flags.FLAGS
   options = {name: f[name].value for name in OPTIONS if f[name].value is not None}
+  overrides = config_flags.get_override_values(f['config'])
   try:
     if f.print_config:
       if f.protocol != 'finetune':
@@ -182,7 +208,8 @@ def main(argv):
       print(finetune.planned_config(f.workdir, f.step, **options))
       return
     distributed.initialize(workdir_lib.read_config(f.workdir))
-    result = evaluate(f.workdir, f.protocol, f.step, f.compare_random_init, **options)
+    result = evaluate(f.workdir, f.protocol, f.step, f.compare_random_init,
+                      config_overrides=overrides, **options)
   except (errors.MimjaxError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
@@ -195,6 +222,7 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  define_flags()
+  with config_lib.flag_errors_reported(sys.argv):
+    define_flags()
   flags.mark_flag_as_required('workdir')
-  app.run(main)
+  app.run(main, flags_parser=config_lib.parse_flags)

@@ -1,6 +1,7 @@
 """What `python -m mimjax.train` says before it spends compute: --print_config, --dry_run, the
 start-up summary, and shipped recipes found by name from any directory.
 """
+import importlib
 import importlib.util
 import os
 import pkgutil
@@ -10,6 +11,8 @@ from absl import flags
 import jax
 import numpy as np
 
+from configs import common
+from mimjax import registry
 from mimjax import tree_util
 from mimjax import workdir_io
 from mimjax.data import pipeline
@@ -21,18 +24,35 @@ def config_names():
   return sorted(m.name for m in pkgutil.iter_modules(configs.__path__) if m.name != 'common')
 
 
+def recipe_arguments(name):
+  """The arguments of shipped recipe `name` as written after NAME:, e.g. 'model=B/16,
+  epochs=800, runlocal' (a bare word is a switch, off by default)."""
+  module = importlib.import_module(f'configs.{name}')
+  try:
+    module.get_config(common.ARGUMENTS_PROBE)
+  except common.RecipeArguments as e:
+    return ', '.join(k if isinstance(v, bool) else f'{k}={v}' for k, v in e.defaults.items())
+  return 'none'
+
+
 def config_help():
-  """Help text of --config: the recipes and how to override fields."""
-  return (f'Config file[:args]. A path, or a shipped recipe ({", ".join(config_names())}) as '
-          'configs/NAME.py or NAME, found in the installed package from any directory; e.g. '
-          'configs/mae.py:runlocal. Override any field with --config.KEY=VALUE (e.g. '
+  """Help text of --config: the recipes with their arguments, and how to override fields."""
+  recipes = ''.join(f'\n  {name}: {recipe_arguments(name)}' for name in config_names())
+  return ('Config file[:args]. A path, or a shipped recipe as configs/NAME.py or NAME, found in '
+          'the installed package from any directory; e.g. configs/mae.py:runlocal or '
+          'mae:model=S/16,epochs=100. Override any field with --config.KEY=VALUE (e.g. '
           '--config.batch_size=64 --config.data.train_split=train[:10%]); --print_config lists '
-          'every field and its value.')
+          'the fields and their values. Recipes and their arguments (default values; a bare word '
+          f'is a switch, e.g. runlocal: the offline default data, a small ViT):{recipes}\n')
 
 
 def define_flags():
   flags.DEFINE_bool('print_config', False,
-                    'Print the fully resolved config (every field and its value) and exit.')
+                    'Print the fully resolved config (each field the run reads and its value) and '
+                    'exit.')
+  flags.DEFINE_bool('print_all', False,
+                    'With --print_config: also the sections this run does not read (the other '
+                    'frameworks\' and the disabled plug-ins\').')
   flags.DEFINE_bool('dry_run', False,
                     'Validate the config, build the data and the model (restoring the checkpoint '
                     'if any), print the start-up summary, and exit without writing anything.')
@@ -62,10 +82,24 @@ def resolve_config_argv(argv):
   return out
 
 
-def format_config(config):
-  """Every field as `KEY = VALUE`, one a line, in the spelling --config.KEY=VALUE accepts."""
-  fields = tree_util.flatten_dict(config.to_dict())
-  return '\n'.join(f'{key} = {value!r}' for key, value in fields.items())
+def unused_sections(config):
+  """Top-level sections the run does not read: the other frameworks' and the disabled plug-ins'
+  (`distill` is also the teacher of mae.target=teacher)."""
+  used = {config.framework} | {p.name for p in registry.enabled_plugins(config)}
+  if config.framework == 'mae' and config.mae.target == 'teacher':
+    used.add('distill')
+  return sorted((set(registry.FRAMEWORKS) | {p.name for p in registry.PLUGINS}) - used)
+
+
+def format_config(config, everything=True):
+  """The fields as `KEY = VALUE`, one a line, in the spelling --config.KEY=VALUE accepts; without
+  `everything`, the unused sections are left out and named in a last `#` line."""
+  hidden = () if everything else unused_sections(config)
+  lines = [f'{key} = {value!r}' for key, value in tree_util.flatten_dict(config.to_dict()).items()
+           if key.split('.')[0] not in hidden]
+  if hidden:
+    lines.append(f'# not read by this run, not shown (--print_all shows them): {", ".join(hidden)}')
+  return '\n'.join(lines)
 
 
 def param_counts(params):
@@ -96,10 +130,22 @@ def summary_lines(config, mesh, params, workdir, latest_step):
       f'parameters: {params_line}',
       f'batch: {config.batch_size} global, {per_host} per host{micro}',
       f'steps: {config.total_steps:,} ({epochs:.2f} epochs), warmup {config.warmup_steps:,}',
+      *warmup_warning(config),
       f'data: {data}',
       f'workdir: {workdir_io.path(workdir)}',  # a gs:// URL stays a URL
       f'resuming from step {latest_step}' if latest_step is not None else 'starting fresh',
   ]
+
+
+def warmup_warning(config):
+  """A warning line when warmup takes over a quarter of the run (a recipe's warmup kept after
+  total_steps was shortened); none otherwise."""
+  if config.warmup_steps * 4 <= config.total_steps:
+    return []
+  return [f'warning: warmup_steps={config.warmup_steps:,} is '
+          f'{config.warmup_steps / config.total_steps:.0%} of total_steps={config.total_steps:,}: '
+          'the lr peaks late or never; lower --config.warmup_steps (e.g. to '
+          f'{max(config.total_steps // 20, 1)}).']
 
 
 def print_summary(config, mesh, params, workdir, latest_step):

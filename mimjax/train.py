@@ -7,8 +7,9 @@ run's. SIGTERM (a preemption notice; in a multi-host run every host stops at the
 the same and exits with PREEMPTED_EXIT_CODE (143), which schedulers treat as "requeue".
 
 The shipped recipes are found by name from any directory (`--config mae:runlocal`); any field is
-set with `--config.KEY=VALUE`. `--print_config` lists every field and exits; `--dry_run` checks the
-run and prints its start-up summary (devices, parameters, batch, steps, data) without writing.
+set with `--config.KEY=VALUE`. `--print_config` lists the fields the run reads (`--print_all`: every
+field) and exits; `--dry_run` checks the run and prints its start-up summary (devices, parameters,
+batch, steps, data) without writing.
 """
 import itertools
 import json
@@ -37,6 +38,7 @@ from mimjax import startup
 from mimjax import train_step as train_step_lib
 from mimjax import validation
 from mimjax import workdir_io
+from mimjax.data import fit
 from mimjax.data import pipeline
 from mimjax.data import sources
 from mimjax.eval import monitor
@@ -217,9 +219,11 @@ def make_evaluator(framework, config, mesh):
 
 def held_out_pictures_batch(config, mesh):
   """The first images of `config.data.eval_split` as a global batch, for reconstruction grids:
-  at least 8 and a multiple of the devices along the batch axes and of the processes."""
+  8 (all of a smaller split, so the grid has no blank rows), rounded up to a multiple of the
+  devices along the batch axes and of the processes."""
   unit = int(np.lcm(mesh.shape['data'] * mesh.shape['fsdp'], jax.process_count()))
-  local = pipeline.local_batch_size(-(-8 // unit) * unit)
+  rows = min(8, pipeline.num_examples(config, config.data.eval_split))
+  local = pipeline.local_batch_size(-(-rows // unit) * unit)
   batches = pipeline.eval_batches(config, config.data.eval_split, local)
   host = {k: v for k, v in next(batches).items() if k != 'valid'}
   batches.close()
@@ -357,6 +361,10 @@ def train(config, workdir, dry_run=False):
   # Everything is validated and read (checkpoint, first batch, teacher and pre-trained weights)
   # before the workdir is created or written, so bad input leaves nothing behind.
   validation.check_workdir(workdir)
+  validation.validate(config)  # before `fit` reads the fields it fits
+  notes = fit.note(fit.fit(config), config.data.name)
+  if notes and jax.process_index() == 0:
+    print(notes, flush=True)
   mesh = validation.check_run(config)
   framework = registry.build(config)
   ckpt = checkpoint_lib.Checkpointer(workdir, config.checkpoint.keep, config.checkpoint.async_save)
@@ -404,7 +412,7 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
   if f.print_config:
-    print(startup.format_config(f.config))
+    print(startup.format_config(f.config, f.print_all))
     return
   if not f.workdir:
     raise app.UsageError('--workdir is required.')

@@ -9,6 +9,8 @@ PALETTE = np.array([
     (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
     (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128),
     (170, 110, 40)], np.uint8)
+TITLE_HEIGHT = 14  # pixels of the column-title band above a titled grid
+RECONSTRUCTION_TITLES = ('original', 'masked input', 'reconstruction', 'visible pasted')
 
 
 def to_uint8(images, data_config):
@@ -19,13 +21,14 @@ def to_uint8(images, data_config):
   return (np.clip(pixels, 0, 1) * 255).round().astype(np.uint8)
 
 
-def image_grid(columns, data_config, max_rows=8, pad=2):
+def image_grid(columns, data_config, max_rows=8, pad=2, titles=None):
   """Rows = samples, columns = the given [B, H, W, C] arrays; uint8 [rows*(H+pad), ..., 3]."""
-  return uint8_grid([to_uint8(c[:max_rows], data_config) for c in columns], pad)
+  return uint8_grid([to_uint8(c[:max_rows], data_config) for c in columns], pad, titles=titles)
 
 
-def uint8_grid(columns, pad=2, min_tile=96):
-  """Lays out uint8 [B, H, W, C] columns (C = 1 or 3) on a white uint8 [.., .., 3] canvas.
+def uint8_grid(columns, pad=2, min_tile=96, titles=None):
+  """Lays out uint8 [B, H, W, C] columns (C = 1 or 3) on a white uint8 [.., .., 3] canvas, with
+  `titles` (one per column) written in a TITLE_HEIGHT band above them when given.
 
   Small tiles (e.g. 28 px Fashion-MNIST) are enlarged by an integer factor (nearest neighbour, so
   patch boundaries stay sharp) until they are at least `min_tile` pixels tall.
@@ -33,14 +36,22 @@ def uint8_grid(columns, pad=2, min_tile=96):
   scale = max(1, -(-min_tile // columns[0].shape[1]))
   columns = [np.repeat(np.repeat(np.asarray(c), scale, axis=1), scale, axis=2) for c in columns]
   rows, h, w, _ = columns[0].shape
-  grid = np.full((rows * (h + pad) + pad, len(columns) * (w + pad) + pad, 3), 255, np.uint8)
+  top = TITLE_HEIGHT if titles else 0
+  grid = np.full((top + rows * (h + pad) + pad, len(columns) * (w + pad) + pad, 3), 255, np.uint8)
   for j, col in enumerate(columns):
     for i in range(rows):
       tile = col[i]
       if tile.shape[-1] == 1:
         tile = np.repeat(tile, 3, axis=-1)
-      y, x = pad + i * (h + pad), pad + j * (w + pad)
+      y, x = top + pad + i * (h + pad), pad + j * (w + pad)
       grid[y:y + h, x:x + w] = tile
+  if titles:
+    from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
+    canvas = Image.fromarray(grid)
+    draw = ImageDraw.Draw(canvas)
+    for j, title in enumerate(titles):
+      draw.text((pad + j * (w + pad) + 2, 2), title, fill=(0, 0, 0))  # PIL's built-in font
+    grid = np.asarray(canvas)
   return grid
 
 
@@ -57,7 +68,7 @@ def reconstruction_grid(images, pred, mask, patch_size, data_config):
   to_image = lambda p: losses.unpatchify(p, patch_size, images.shape[-1])  # noqa: E731
   columns = [images, to_image(np.where(mask, np.nan, target)), to_image(pred),
              to_image(np.where(mask, pred, target))]
-  return image_grid(columns, data_config)
+  return image_grid(columns, data_config, titles=RECONSTRUCTION_TITLES)
 
 
 def standardized_to_uint8(x):
@@ -82,7 +93,8 @@ def norm_pix_reconstruction_grid(images, pred, mask, patch_size, data_config):
             for c in (images, to_image(np.where(mask, np.nan, patches)))]
   standardized = [standardized_to_uint8(c[rows]) for c in (
       to_image(target), to_image(np.where(mask, np.asarray(pred, np.float32), target)))]
-  return uint8_grid(pixels + standardized)
+  return uint8_grid(pixels + standardized,
+                    titles=('original', 'masked input', 'target (std. patches)', 'prediction'))
 
 
 def layout_colours(layout):

@@ -5,7 +5,9 @@ against its pixels, in every format the issue names (RGB/CMYK JPEG, RGBA/graysca
 files that must be skipped (garbage bytes with a .jpg name, a text file).
 """
 import copy
+import logging
 import os
+import re
 
 import numpy as np
 import pytest
@@ -13,12 +15,16 @@ import tensorflow as tf
 from PIL import Image
 
 from conftest import load_config
+from conftest import run_module
 from conftest import tiny_overrides
 from mimjax import errors
 from mimjax import evaluate
+from mimjax import sharding
+from mimjax import startup
 from mimjax import train
 from mimjax import validation
 from mimjax.data import augment
+from mimjax.data import fit
 from mimjax.data import pipeline
 from mimjax.data import sources
 
@@ -222,6 +228,116 @@ def test_a_truncated_jpeg_is_skipped_not_fatal(tmp_path):
     _write(tmp_path / f'{i}.jpg', (40 * i, 90, 90), 'RGB', 'JPEG', (40, 40))
   data = (tmp_path / '0.jpg').read_bytes()
   (tmp_path / '0.jpg').write_bytes(data[:len(data) // 3])  # passes the header check, fails decoding
-  config = _config(tmp_path, **{'data.folder_holdout': 0.0})
+  config = _config(tmp_path, **{'data.folder_holdout': 0.0, 'data.folder_holdout_min': 0})
   batches = list(pipeline.eval_batches(config, 'train', 8, 0, 1))
   assert sum(int(b['valid'].sum()) for b in batches) == 5
+
+
+def write_small_jpegs(root, per_class, side=16, seed=0):
+  """root/<class>/<i>.jpg: `per_class` small noisy JPEGs per class of CLASSES (a user's folder)."""
+  rng = np.random.default_rng(seed)
+  for (name, colour), count in zip(CLASSES.items(), per_class):
+    os.makedirs(root / name)
+    for i in range(count):
+      pixels = np.clip(rng.normal(colour, 30, (side, side, 3)), 0, 255).astype(np.uint8)
+      Image.fromarray(pixels).save(root / name / f'{i}.jpg', quality=90)
+
+
+@pytest.fixture(scope='module')
+def user_folder(tmp_path_factory):
+  """300 images, 3 classes, no train/ or val/ folders: the folder of the issue's new user."""
+  root = tmp_path_factory.mktemp('user_images')
+  write_small_jpegs(root, (100, 100, 100))
+  return root
+
+
+def test_folder_hold_out_is_stratified_and_slices_mix_classes(tmp_path):
+  write_small_jpegs(tmp_path, (30, 50, 120), side=8)
+  held = sources.folder_split(str(tmp_path), 'val', 0.1, 10)
+  train_part = sources.folder_split(str(tmp_path), 'train', 0.1, 10)
+  assert list(np.bincount(held.labels)) == [10, 10, 12]  # max(10 %, 10) of each class
+  assert list(np.bincount(train_part.labels)) == [20, 40, 108]
+  assert not set(held.paths) & set(train_part.paths)
+  assert list(np.bincount(sources.folder_split(str(tmp_path), 'val', 0.1, 0).labels)) == [3, 5, 12]
+  # Any slice holds every class in its share of the split (files were written class by class).
+  first = sources.folder_split(str(tmp_path), 'train[:42]', 0.1, 10)
+  share = np.array([20, 40, 108]) * 42 / 168
+  assert np.abs(np.bincount(first.labels, minlength=3) - share).max() <= 1, first.labels
+  assert first.paths == train_part.paths[:42]  # the same fixed order every time
+  assert sources.folder_split(str(tmp_path), 'train[25%:]', 0.1, 10).paths == train_part.paths[42:]
+
+
+def test_an_existing_directory_is_a_folder_unless_a_tfds_name(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  os.makedirs('my_images')
+  os.makedirs('fashion_mnist')  # e.g. run from inside the TFDS data directory
+  assert sources.is_folder('my_images') and sources.is_folder('./my_images')
+  assert not sources.is_folder('fashion_mnist') and not sources.is_folder('my_imagez')
+  with pytest.raises(errors.DatasetError, match=r'\./my_imagez'):
+    sources.get_builder('my_imagez')
+
+
+def test_fit_sizes_the_monitor_and_probe_and_measures_the_folder(user_folder):
+  config = load_config('configs/mae.py:runlocal', **{
+      'data.name': str(user_folder), 'eval.every_steps': 10})
+  changes = fit.fit(config)
+  mon, lin = config.eval.knn_monitor, config.eval.linear
+  assert (mon.bank_examples, mon.query_examples) == (270, 30)  # 10 held out per class
+  assert (lin.train_split, lin.holdout_split, lin.batch_size) == ('train[:243]', 'train[243:]', 128)
+  pixels = np.concatenate([np.asarray(Image.open(p), np.float64).reshape(-1, 3)
+                           for p in sorted(user_folder.glob('*/*.jpg'))[::10]]) / 255
+  np.testing.assert_allclose(config.data.mean, pixels.mean(0), atol=0.02)
+  np.testing.assert_allclose(config.data.std, pixels.std(0), atol=0.03)
+  assert len(changes) == 7 and all(any(c.startswith(k) for c in changes) for k in (
+      'data.mean', 'data.std', 'eval.knn_monitor.bank_examples', 'eval.linear.batch_size'))
+  assert fit.fit(config) == []  # fitted once: nothing left to change
+  assert fit.note([], 'x') == '' and fit.note(changes, 'x').count('\n') == 0
+
+
+def test_a_users_folder_trains_and_evaluates_given_only_its_name(user_folder, tmp_path, capsys,
+                                                                caplog):
+  """The default-suite representative of the slow test below: MAE, 2 steps, a tiny ViT."""
+  config = load_config('configs/mae.py:runlocal', **{
+      'data.name': str(user_folder), 'eval.every_steps': 2, 'total_steps': 2, 'warmup_steps': 1,
+      'model.variant': 'mu/4', 'batch_size': 16, 'mae.decoder_width': 32, 'mae.decoder_depth': 1,
+      'mae.decoder_heads': 2, 'log.progress_bar': False, 'log.images_every_steps': 0,
+      'eval.batch_size': 32})
+  workdir = str(tmp_path / 'run')
+  assert 0 <= train.train(config, workdir)['eval_knn_top1'] <= 1
+  assert capsys.readouterr().out.startswith('note: fitted to the data of ')
+  with caplog.at_level(logging.WARNING):  # Orbax's warning of a missing step metadata: dropped
+    knn = evaluate.evaluate(workdir, 'knn', k=[5])
+  assert not [r for r in caplog.records if '_CHECKPOINT_METADATA' in r.getMessage()]
+  assert (knn['test_examples'], knn['train_examples']) == (30, 270)
+  overrides = {'eval.linear.epochs': 1, 'eval.linear.base_lrs': (0.1,)}
+  probe = evaluate.evaluate(workdir, 'linear', config_overrides=overrides)
+  assert (probe['test_examples'], probe['train_examples'], probe['holdout_examples']) == (
+      30, 243, 27) and probe['epochs'] == 1
+  assert 'n=30 train_n=243 holdout_n=27' in evaluate._summary(probe)  # pylint: disable=protected-access
+  assert evaluate.read_results(workdir, 'linear')[-1]['options'] == {
+      'config': {'eval.linear.epochs': 1, 'eval.linear.base_lrs': [0.1]}}
+  with pytest.raises(errors.ConfigError, match='only config.eval.*not data.name'):
+    evaluate.evaluate(workdir, 'knn', config_overrides={'data.name': 'x'})
+
+
+@pytest.mark.slow  # every recipe: a training and two evaluations, ~1 min each on 2 CPU cores
+@pytest.mark.parametrize('recipe', startup.config_names())
+def test_every_recipe_runs_on_a_users_folder_given_only_its_name(recipe, user_folder, tmp_path):
+  """The commands a new user types: only data.name added (and a 3-step run with the monitor)."""
+  workdir = str(tmp_path / 'run')
+  trained = run_module(['mimjax.train', '--config', f'{recipe}:runlocal', '--workdir', workdir,
+                        f'--config.data.name={user_folder}', '--config.total_steps=3',
+                        '--config.eval.every_steps=3'])
+  assert trained.returncode == 0, trained.stderr[-3000:]
+  assert 'note: fitted to the data' in trained.stdout and 'eval_' in trained.stdout
+  for protocol in ('knn', 'linear'):
+    evaluated = run_module(['mimjax.evaluate', '--workdir', workdir, '--protocol', protocol])
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert re.search(r'top1=[\d.]+ .*\bn=30\b', evaluated.stdout), evaluated.stdout
+
+
+def test_reconstruction_grids_of_a_small_split_have_no_blank_rows(tmp_path):
+  write_small_jpegs(tmp_path, (3, 2, 2), side=8)
+  config = _config(tmp_path, **{'data.eval_split': 'val'})  # all but one image per class held out
+  batch = train.held_out_pictures_batch(config, sharding.make_mesh(config.mesh))
+  assert batch['image'].shape[0] == 4 and sorted(np.asarray(batch['label'])) == [0, 0, 1, 2]

@@ -14,6 +14,7 @@ from configs import simmim
 from mimjax import errors
 from mimjax import registry
 from mimjax import losses
+from mimjax import visualize
 from mimjax import masking
 from mimjax import train
 from mimjax import validation
@@ -112,8 +113,9 @@ def test_forward_loss_is_l1_on_masked_patches_and_jits_once():
   want = losses.simmim_loss(outputs.reconstruction, batch['image'], outputs.mask, 4)
   np.testing.assert_allclose(loss, want, rtol=1e-6)
   grid = fw.visualize(jax.device_get(outputs), jax.device_get(batch))['reconstruction']
-  # 4 rows x 4 columns of 28 px tiles, enlarged 4x (to at least 96 px), 2 px gaps.
-  assert grid.dtype == np.uint8 and grid.shape == (4 * 114 + 2, 4 * 114 + 2, 3)
+  # 4 rows x 4 columns of 28 px tiles, enlarged 4x (to at least 96 px), 2 px gaps, titles above.
+  assert grid.dtype == np.uint8 and grid.shape == (
+      visualize.TITLE_HEIGHT + 4 * 114 + 2, 4 * 114 + 2, 3)
 
 
 @pytest.mark.parametrize('key,value,match', [

@@ -3,6 +3,7 @@ import ast
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import pytest
 
 from conftest import ROOT, TINY_DECODER, config_flags, load_config, tiny_overrides
 from configs import common
+from mimjax import console
 from mimjax import startup
 from mimjax import train
 
@@ -48,6 +50,14 @@ def test_print_config_lists_every_field_with_its_value():
   assert sorted(values) == sorted(_leaf_keys(common.base_config()))
   assert values['batch_size'] == 48 and values['framework'] == 'simmim'
   assert values['data.name'] == config.data.name and values['mesh.data'] == config.mesh.data
+  shown = startup.format_config(config, everything=False).splitlines()
+  assert shown[-1] == ('# not read by this run, not shown (--print_all shows them): distill, dtm, '
+                       'lut, mae, mto, supervised, tokenprop')
+  assert 'simmim.mask_ratio = 0.6' in shown and 'data.name = ' + repr(config.data.name) in shown
+  assert not [line for line in shown[:-1] if line.startswith(('mae.', 'distill.', 'lut.'))]
+  with config.unlocked():
+    config.framework, config.mae.target = 'mae', 'teacher'  # MAE reads the distill teacher's
+  assert 'distill.teacher' in startup.format_config(config, everything=False)
 
 
 def test_shipped_recipe_is_found_from_another_directory(tmp_path, monkeypatch):
@@ -71,7 +81,10 @@ def test_config_help_names_every_recipe_and_the_override_syntax():
                    if f.endswith('.py') and f not in ('__init__.py', 'common.py'))
   assert startup.config_names() == shipped
   text = startup.config_help()
-  assert all(name in text for name in shipped) and '--config.KEY=VALUE' in text
+  assert '--config.KEY=VALUE' in text
+  assert all(f'\n  {name}: ' in text for name in shipped)  # one line per recipe
+  assert startup.recipe_arguments('mae') == 'model=B/16, epochs=800, runlocal'
+  assert startup.recipe_arguments('mae_mto') == startup.recipe_arguments('mae')  # as it delegates
 
 
 def test_dry_run_prints_the_summary_and_writes_nothing(tmp_path, capsys):
@@ -188,3 +201,47 @@ def test_logged_lr_is_the_logged_steps_lr(tmp_path):
   # Step 3 is update 2, the end of warmup: the peak 1e-3 * 16 / 16 (the interval's mean is 5e-4).
   # Step 6 is update 5: 3 of the 4 cosine steps done.
   np.testing.assert_allclose(lrs, [1e-3, 1e-3 * 0.5 * (1 + math.cos(math.pi * 3 / 4))], rtol=1e-6)
+
+
+def _console(args, returncode=0):
+  """stdout and stderr of `python -m mimjax.<args>` interleaved, as a terminal shows them (the
+  user's environment: TensorFlow's log level left unset)."""
+  env = {k: v for k, v in os.environ.items() if k != 'TF_CPP_MIN_LOG_LEVEL'}
+  done = subprocess.run([sys.executable, '-m', *args], cwd=ROOT, env=dict(env, PYTHONPATH=ROOT),
+                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+  assert done.returncode == returncode, done.stdout[-3000:]
+  return done.stdout.splitlines()
+
+
+def test_help_and_a_short_run_print_what_they_mean_and_no_banner(tmp_path):
+  """What a user reads before training starts: `--help` from its first line, and a 3-step runlocal
+  (monitor on: it reads the eval split in part) exactly its summary before the first progress
+  line; no library banner, no TensorFlow cache warning, no line twice."""
+  helped = _console(['mimjax.train', '--help'], returncode=1)  # absl's --help exits with 1
+  assert helped[0].startswith('Train any mimjax framework')  # nothing printed before the help
+  ran = _console(['mimjax.train', '--config', 'mae:runlocal', '--workdir', str(tmp_path / 'run'),
+                  *config_flags(dict(_TINY, total_steps=3, **{
+                      'eval.every_steps': 3, 'eval.knn_monitor.bank_examples': 64,
+                      'eval.knn_monitor.query_examples': 64, 'eval.knn_monitor.k': 5}))])
+  first_step = next(i for i, line in enumerate(ran) if line.startswith('step 1/3'))
+  assert [line.split(':')[0] for line in ran[:first_step]] == [
+      'framework', 'devices', 'parameters', 'batch', 'steps', 'warning', 'data', 'workdir',
+      'starting fresh'], ran[:first_step]
+  assert 'warmup_steps=2 is 67% of total_steps=3' in ran[5]
+  for output in (helped, ran):
+    shown = [line for line in output if line.strip()]
+    assert len(shown) == len(set(shown)), output
+    assert not [line for line in output if re.search(
+        r'absl::InitializeLog|oneDNN|cpu_feature_guard|did not fully read', line)], output
+
+
+def test_import_banners_are_dropped_and_other_stderr_lines_kept(capfd):
+  real = 'W0000 00:00:1796649663.740163    8336 cache.cc:912] a real warning\n'
+  with console.stderr_filtered(console.BANNERS):  # what `import tensorflow` writes to fd 2
+    os.write(2, (
+        'WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n'
+        'I0000 00:00:1796649663.740163    8336 port.cc:153] oneDNN custom operations are on.\n'
+        + real + 'I0000 00:00:1796649663.89    8336 cpu_feature_guard.cc:227] This TensorFlow\n'
+        'To enable the following instructions: AVX2 AVX512F, in other operations, rebuild\n'
+        'a plain line\n').encode())
+  assert capfd.readouterr().err == real + 'a plain line\n'

@@ -57,6 +57,7 @@ def bench_config(root, augment, batch, threads, image_size=224):
     config.data.image_size = image_size
     config.data.threads = threads
     config.data.folder_holdout = 0.0
+    config.data.folder_holdout_min = 0
     config.batch_size = batch
   return config
 

@@ -65,13 +65,19 @@ def check_splits(config):
     _builder_with_split(config, config.data.eval_split)
 
 
-def _tfds_source(config, split, process_index, process_count, seed):
-  """Records read in sequence; an epoch's order is a shuffle buffer seeded by (seed, epoch)."""
+def _tfds_source(config, split, process_index, process_count, seed, reads):
+  """Records read in sequence; an epoch's order is a shuffle buffer seeded by (seed, epoch).
+
+  With data.cache the records are kept in memory only when `reads` (records the caller will read)
+  goes past one pass: a cache read in part is discarded, with a TensorFlow warning, and one pass
+  never reads it again. (TFDS's own automatic cache of small datasets is off for that reason.)
+  """
   builder = _builder_with_split(config, split)
   host_split = tfds.even_splits(split, n=process_count)[process_index]
   ds = builder.as_dataset(split=host_split, shuffle_files=False,
-                          decoders={'image': tfds.decode.SkipDecoding()})
-  if config.data.cache:
+                          decoders={'image': tfds.decode.SkipDecoding()},
+                          read_config=tfds.ReadConfig(try_autocache=False))  # data.cache decides
+  if config.data.cache and reads > builder.info.splits[host_split].num_examples:
     ds = ds.cache()
 
   def epoch(e):
@@ -83,10 +89,11 @@ def _tfds_source(config, split, process_index, process_count, seed):
                 builder.info.splits[host_split].num_examples)
 
 
-def _folder_source(config, split, process_index, process_count, seed):
+def _folder_source(config, split, process_index, process_count, seed, reads):
   """Files read by index; an epoch's order is a permutation of the host's files seeded by
-  (seed, epoch), so skipping examples reads nothing."""
-  part = sources.folder_split(config.data.name, split, config.data.folder_holdout)
+  (seed, epoch), so skipping examples reads nothing (`reads` is not needed: nothing is cached)."""
+  del reads
+  part = sources.config_split(config, split)
   if not len(part.paths):
     raise errors.DatasetError(f'Split {split!r} of the image folder {config.data.name} holds no '
                               'images; choose a split (or slice) that does.')
@@ -106,9 +113,9 @@ def _folder_source(config, split, process_index, process_count, seed):
   return Source(ds, epoch, load, (None, None, config.data.channels), num_examples)
 
 
-def _source(config, split, process_index, process_count, seed=0):
+def _source(config, split, process_index, process_count, seed=0, reads=0):
   make = _folder_source if sources.is_folder(config.data.name) else _tfds_source
-  return make(config, split, process_index, process_count, seed)
+  return make(config, split, process_index, process_count, seed, reads)
 
 
 def _augmenter(config, name, source):
@@ -175,7 +182,10 @@ def train_batches(config, position=0, process_index=None, process_count=None):
                              'processes; resume with the process count that wrote it.')
   host_position = position // process_count
   seed = config.seed * 1000 + process_index
-  source = _source(config, config.data.train_split, process_index, process_count, seed)
+  records_left = (config.total_steps * config.batch_size - position) // (
+      process_count * config.data.repeated_aug)
+  source = _source(config, config.data.train_split, process_index, process_count, seed,
+                   records_left)
   process = _augmenter(config, config.data.augment, source)
   stream = _stream(source, host_position, config.data.repeated_aug)
   ds = _skip_undecodable(stream.map(lambda i, ex: process(i, ex, seed),
@@ -224,8 +234,7 @@ def num_examples(config, split):
 def num_classes(config):
   """The number of classes of the data's labels; DatasetError when the data has none."""
   if sources.is_folder(config.data.name):
-    count = len(sources.folder_split(config.data.name, config.data.train_split,
-                                     config.data.folder_holdout).class_names)
+    count = len(sources.config_split(config, config.data.train_split).class_names)
   else:
     features = _builder_with_split(config, config.data.train_split).info.features
     count = features['label'].num_classes if 'label' in features.keys() else 0

@@ -110,7 +110,8 @@ def get_builder(name, data_dir=None, download=True):
     hint = f' Did you mean {" or ".join(repr(c) for c in close)}?' if close else ''
     raise errors.DatasetError(f'Unknown dataset {name!r} (config.data.name).{hint} Use any TFDS '
                               'dataset name, e.g. fashion_mnist, cifar10, imagenette, '
-                              'imagenet2012.') from e
+                              f'imagenet2012, or for an image folder its path, e.g. ./{name}.'
+                              ) from e
   # Process 0 prepares a shared data_dir once; the other hosts then open it (or prepare their own
   # copy when data_dir is not shared).
   builder = distributed.process_0_first(lambda: _prepared(name, data_dir, download))
@@ -147,9 +148,15 @@ def _prepared(name, data_dir, download):
 
 def is_folder(name):
   """True when config.data.name is a path (to an image folder) rather than a TFDS name: absolute,
-  ./ ../ or ~ relative, or a relative path with a slash that exists (TFDS names such as
-  'imagenet2012_subset/1pct' have slashes too, and a bare name is always a TFDS name)."""
-  return name.startswith(('/', './', '../', '~')) or ('/' in name and os.path.isdir(name))
+  ./ ../ or ~ relative, or an existing directory that no TFDS dataset is named after (TFDS names
+  such as 'imagenet2012_subset/1pct' have slashes too)."""
+  return name.startswith(('/', './', '../', '~')) or (
+      os.path.isdir(name) and not _is_tfds_name(name))
+
+
+@functools.lru_cache(maxsize=None)
+def _is_tfds_name(name):
+  return name.split(':')[0].split('/')[0] in tfds.list_builders(with_community_datasets=False)
 
 
 def check_folder(name):
@@ -226,27 +233,65 @@ def _scan(directory, class_names=None):
 
 
 def _split_slice(split):
-  """('train', slice) from 'train', 'train[:1000]' or 'train[10:20]' (TFDS's absolute syntax)."""
-  match = re.fullmatch(r'(\w+)(?:\[(-?\d*):(-?\d*)\])?', split)
+  """('train', (start, stop)) from 'train', 'train[:1000]', 'train[10:20]' or 'train[:90%]'
+  (TFDS's syntax; `_bound` turns each into an index)."""
+  match = re.fullmatch(r'(\w+)(?:\[(-?\d*%?):(-?\d*%?)\])?', split)
   if not match:
     raise errors.DatasetError(f'Split {split!r} of an image folder must be a name, optionally with '
-                              'an absolute slice such as train[:1000].')
+                              'a slice such as train[:1000] or train[:90%].')
   name, start, stop = match.groups()
-  return name, slice(int(start) if start else None, int(stop) if stop else None)
+  return name, (start, stop)
 
 
-def _holdout_mask(root, paths, fraction):
-  """True for the images of a single-split folder held out for evaluation (hash of the path)."""
-  buckets = [zlib.crc32(os.path.relpath(p, root).encode()) % 100_000 for p in paths]
-  return np.asarray(buckets) < fraction * 100_000
+def _bound(text, size):
+  """A slice bound of `_split_slice` as an index into `size` images (a percentage rounded)."""
+  if not text:
+    return None
+  return round(int(text[:-1]) * size / 100) if text.endswith('%') else int(text)
 
 
-def folder_split(root, split, holdout):
-  """The FolderSplit that `split` names in the image folder `root`.
+def _hash(root, path):
+  """A fixed pseudo-random number of a file's path below `root`: the same on every machine."""
+  return zlib.crc32(os.path.relpath(path, root).encode())
+
+
+def _holdout_mask(root, split, fraction, min_per_class):
+  """True for the images of a single-split folder held out for evaluation: in each class (the whole
+  folder when flat), the max(fraction of its images, min_per_class) with the lowest path hashes,
+  always leaving one to train on, so every class is both trained on and evaluated."""
+  labels = np.zeros(len(split.paths), np.int64) if split.labels is None else split.labels
+  hashes = np.asarray([_hash(root, p) for p in split.paths], np.int64)
+  held = np.zeros(len(split.paths), bool)
+  for label in np.unique(labels):
+    members = np.flatnonzero(labels == label)
+    count = min(max(int(np.ceil(fraction * len(members))), min_per_class), len(members) - 1)
+    held[members[np.argsort(hashes[members], kind='stable')[:max(count, 0)]]] = True
+  return held
+
+
+def _shuffled(root, split):
+  """`split` with its files in a fixed mixed order: each class's files in path-hash order, the
+  classes interleaved in proportion to their sizes, so that any slice (train[:1000]) and every
+  host's strided part hold every class in its share."""
+  labels = np.zeros(len(split.paths), np.int64) if split.labels is None else split.labels
+  hashes = np.asarray([_hash(root, p) for p in split.paths], np.int64)
+  place = np.zeros(len(split.paths))
+  for label in np.unique(labels):
+    members = np.flatnonzero(labels == label)
+    ranked = members[np.argsort(hashes[members], kind='stable')]
+    place[ranked] = (np.arange(len(ranked)) + 0.5) / len(ranked)
+  order = np.lexsort((hashes, place))
+  return FolderSplit([split.paths[i] for i in order],
+                     None if split.labels is None else split.labels[order], split.class_names)
+
+
+def folder_split(root, split, holdout, holdout_min=0):
+  """The FolderSplit that `split` names in the image folder `root`, files in a fixed shuffled
+  order.
 
   A folder with a `train/` subfolder is split by folder: 'train' reads train/, any other name
-  reads the first of val/, validation/, test/ present. Any other folder is one pool of images,
-  `holdout` of which (by a hash of the path) form every non-'train' split.
+  reads the first of val/, validation/, test/ present. Any other folder is one pool of images; in
+  each class max(`holdout` of its images, `holdout_min`) form every non-'train' split.
   """
   check_folder(root)
   root = os.path.expanduser(root)
@@ -263,24 +308,34 @@ def folder_split(root, split, holdout):
       result = _scan(os.path.join(root, found[0]), train.class_names or None)
   else:
     pool = _scan(root)
-    held = _holdout_mask(root, pool.paths, holdout)
+    held = _holdout_mask(root, pool, holdout, holdout_min)
     keep = ~held if name == 'train' else held
     if not keep.any():
-      raise errors.DatasetError(f'Split {split!r} of {root} is empty (config.data.folder_holdout='
-                                f'{holdout}); raise folder_holdout or add train/ and val/ folders.')
+      raise errors.DatasetError(
+          f'Split {split!r} of {root} is empty (config.data.folder_holdout={holdout}, '
+          f'folder_holdout_min={holdout_min}, {len(pool.paths)} images); raise them, add images, '
+          'or add train/ and val/ folders.')
     labels = None if pool.labels is None else pool.labels[keep]
     result = FolderSplit([p for p, k in zip(pool.paths, keep) if k], labels, pool.class_names)
   if not result.paths:
     raise errors.DatasetError(f'No readable images for split {split!r} in {root}.')
+  result = _shuffled(root, result)
+  part = slice(*(_bound(b, len(result.paths)) for b in part))
   labels = None if result.labels is None else result.labels[part]
   return FolderSplit(result.paths[part], labels, result.class_names)
+
+
+def config_split(config, split):
+  """The FolderSplit that `split` names in the image folder config.data.name, held out as
+  config.data.folder_holdout / folder_holdout_min say."""
+  return folder_split(config.data.name, split, config.data.folder_holdout,
+                      config.data.folder_holdout_min)
 
 
 def write_labels(config, workdir):
   """Writes WORKDIR/labels.txt (class name of label i on line i) for a labelled image folder."""
   if not is_folder(config.data.name):
     return
-  names = folder_split(config.data.name, config.data.train_split,
-                       config.data.folder_holdout).class_names
+  names = config_split(config, config.data.train_split).class_names
   if names:
     workdir_io.write_atomic(workdir_io.path(workdir, LABELS_FILE), ''.join(n + '\n' for n in names))

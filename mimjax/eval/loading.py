@@ -14,9 +14,12 @@ import jax
 import numpy as np
 
 from mimjax import checkpoint as checkpoint_lib
+from mimjax import errors
 from mimjax import registry
+from mimjax import validation
 from mimjax import workdir as workdir_lib
 from mimjax import workdir_io
+from mimjax.data import fit
 from mimjax.models import vit
 
 
@@ -80,13 +83,28 @@ def random_encoder_params(config):
   return jax.tree_util.tree_map(np.asarray, params)
 
 
-def load_run(workdir, step=None, random_init=False):
+def eval_config(workdir, overrides=None):
+  """(config, note): the run's config with `overrides` ({'eval.KEY': value}, mimjax.evaluate's
+  --config.eval.*) applied and checked as training checks them, and its evaluation sizes fitted
+  to the data (`fit.note` of the changes, '' when none)."""
+  config = workdir_lib.read_config(workdir)
+  outside = sorted(k for k in overrides or {} if not k.startswith('eval.'))
+  if outside:
+    raise errors.ConfigError(f'mimjax.evaluate changes only config.eval.* settings, not '
+                             f'{", ".join(outside)}: they would not match the trained run.')
+  config.update_from_flattened_dict(dict(overrides or {}))
+  validation.validate(config)
+  return config, fit.note(fit.fit(config, training=False), config.data.name)
+
+
+def load_run(workdir, step=None, random_init=False, config=None):
   """The config and encoder params of the checkpoint at `step` (latest by default) of a workdir.
 
   With `random_init`, the same architecture freshly initialised from the run's seed instead: the
-  baseline that shows what pre-training bought.
+  baseline that shows what pre-training bought. `config` (from `eval_config`) replaces the
+  workdir's.
   """
-  config = workdir_lib.read_config(workdir)
+  config = config or workdir_lib.read_config(workdir)
   if random_init:
     return Run(config, random_encoder_params(config), 0, workdir, True)
   params, step = checkpoint_lib.restore(workdir, step)

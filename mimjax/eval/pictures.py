@@ -26,10 +26,11 @@ def _save(run, name, grid):
 
 
 def reconstruction(run, num_images=8):
-  """The framework's own visualisation (MAE: original | masked | prediction | pasted) of eval
-  images, masks drawn from the run's seed."""
+  """The framework's own visualisation (MAE: original | masked | prediction | pasted, titled) of
+  eval images, masks drawn from the run's seed; an eval split shorter than `num_images` gives
+  fewer rows, not blank ones."""
   batch = _images(run, num_images)
-  batch = {k: v for k, v in batch.items() if k != 'valid'}
+  batch = {k: v[batch['valid']] for k, v in batch.items() if k != 'valid'}  # no padding rows
   _, _, outputs = jax.jit(lambda p, s, b: run.framework.forward(
       p, s, b, jax.random.PRNGKey(run.config.seed), False))(run.params, run.model_state, batch)
   grids = run.framework.visualize(outputs, batch)
