@@ -63,6 +63,15 @@ def _mismatches(directory):
   return sorted(k for k in set(expected) | set(actual) if expected.get(k) != actual.get(k))
 
 
+def check_config(config):
+  """The `config.checkpoint` fields: a save cadence and a number of checkpoints to keep."""
+  c = config.checkpoint
+  errors.require(c.every_steps >= 1, 'checkpoint.every_steps', c.every_steps,
+                 'use a positive number of steps (the last step is always saved)')
+  errors.require(c.keep >= 1, 'checkpoint.keep', c.keep,
+                 'keep at least 1 checkpoint (a run must be able to resume)')
+
+
 def param_shapes(params):
   """{'encoder/embedding/kernel': [4, 4, 3, 128], ...} for comparing architectures."""
   flat = jax.tree_util.tree_flatten_with_path(params)[0]

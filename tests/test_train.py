@@ -184,7 +184,7 @@ def test_unknown_config_argument_is_refused():
 def test_image_size_not_multiple_of_patch(tiny_mae_config, tmp_path):
   with tiny_mae_config.unlocked():
     tiny_mae_config.data.image_size = 30
-  with pytest.raises(errors.ConfigError, match='image_size=30 is not a multiple of the patch'):
+  with pytest.raises(errors.ConfigError, match='image_size=30: use a positive multiple of the'):
     train.train(tiny_mae_config, str(tmp_path))
   assert not os.listdir(tmp_path)
 
