@@ -8,7 +8,6 @@ shardings, so a run can resume on a different mesh or device count.
 """
 import hashlib
 import json
-import sys
 
 import jax
 import numpy as np
@@ -53,14 +52,25 @@ def _digests(directory):
   return digests
 
 
-def _mismatches(directory):
-  """Files of a checkpoint that differ from its checksums (None when it has no checksums)."""
+def _damage(directory):
+  """Why a checkpoint does not verify against its checksums, or None when it does. A missing or
+  unreadable checksum file counts as damage: such a checkpoint cannot be verified (a crash between
+  Orbax's rename and the checksum write, a file deleted or overwritten since)."""
   path = directory / CHECKSUMS
-  if not path.exists():
-    return None
-  expected = json.loads(path.read_text())
+  try:
+    expected = json.loads(path.read_text())
+  except FileNotFoundError:
+    return f'{CHECKSUMS} is missing, so its files cannot be verified'
+  except (OSError, ValueError):  # a directory, invalid UTF-8, not JSON
+    expected = None
+  if not isinstance(expected, dict):
+    return f'{CHECKSUMS} is not the checksum record mimjax writes, so its files cannot be verified'
   actual = _digests(directory)
-  return sorted(k for k in set(expected) | set(actual) if expected.get(k) != actual.get(k))
+  damaged = sorted(k for k in set(expected) | set(actual) if expected.get(k) != actual.get(k))
+  if not damaged:
+    return None
+  shown = ', '.join(damaged[:3]) + (f' and {len(damaged) - 3} more' * (len(damaged) > 3))
+  return f'{shown} no longer match the checksums written when it was saved'
 
 
 def check_config(config):
@@ -119,29 +129,24 @@ class Checkpointer:
   def verify(self, step):
     """Checks checkpoint `step` against the checksums written when its save was finalised.
 
-    A damaged checkpoint raises CheckpointError naming the damaged files and the newest earlier
-    checkpoint that verifies; one without checksums (an older mimjax) is read with a warning.
+    A damaged checkpoint, or one whose checksums are missing or unreadable, raises CheckpointError
+    naming the cause and the newest earlier checkpoint that verifies: it is never read unverified.
     """
     if step in self._verified:
       return
     self.check_exists(step)
-    damaged = _mismatches(self._step_dir(step))
-    if damaged is None:
-      print(f'warning: checkpoint {step} in {self.directory} has no checksums; it is read '
-            'unverified.', file=sys.stderr, flush=True)
-    if not damaged:
+    damage = _damage(self._step_dir(step))
+    if damage is None:
       self._verified.add(step)
       return
     earlier = [s for s in sorted(self.manager.all_steps(), reverse=True)
-               if s < step and _mismatches(self._step_dir(s)) == []]
-    shown = ', '.join(damaged[:3]) + (f' and {len(damaged) - 3} more' * (len(damaged) > 3))
+               if s < step and _damage(self._step_dir(s)) is None]
     path = self._step_dir(step)
     fix = (f'Checkpoint {earlier[0]} verifies: move the damaged one away (mv {path} '
            f'{path}.damaged) and re-run to resume from step {earlier[0]}'
            if earlier else 'No earlier checkpoint verifies; start again in a new --workdir')
     raise errors.CheckpointError(
-        f'Checkpoint {step} in {self.directory} is damaged: {shown} no longer match the '
-        f'checksums written when it was saved. {fix}.')
+        f'Checkpoint {step} in {self.directory} is damaged: {damage}. {fix}.')
 
   def read_meta(self, step):
     self.check_exists(step)

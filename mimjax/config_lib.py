@@ -38,11 +38,13 @@ def from_json(text):
   return config
 
 
-def parse_flags(argv):
-  """absl's flag parsing for `app.run(flags_parser=...)`: a misspelt `--config.x.y` or a bad
-  flag value ends in one `error:` line naming the flag and the nearest key, not a traceback."""
+def parse_flags(argv, flag_values=None):
+  """absl's flag parsing for `app.run(flags_parser=...)`: a misspelt `--config.x.y`, a bad flag
+  value or a recipe that refuses its argument ends in one `error:` line naming the flag and the
+  fix, not a traceback. `flag_values`: absl's FlagValues (default: flags.FLAGS)."""
+  flag_values = flags.FLAGS if flag_values is None else flag_values
   try:
-    return flags.FLAGS(argv)
+    return flag_values(argv)
   except (AttributeError, KeyError) as e:  # ml_collections: unknown key under --config
     text = (str(e.args[0]) if e.args else str(e)).replace('\\', '')
     key = re.search(r"'(\w+)'", text)
@@ -54,5 +56,9 @@ def parse_flags(argv):
     message = f'{name} is not a config key; {suggestion}'
   except flags.Error as e:
     message = str(e)
+    if 'Traceback (most recent call last)' in message:
+      # ml_collections quotes the traceback of the recipe's get_config: keep the flag, the cause.
+      lines = message.strip().splitlines()
+      message = f'{lines[0].rstrip(":")}: {lines[-1]}'
   print(f'error: {message}', file=sys.stderr)
   sys.exit(1)

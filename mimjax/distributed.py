@@ -92,7 +92,7 @@ def claim_workdir(workdir):
   if not nonce:
     raise errors.CheckpointError('Process 0 could not take the workdir; its log says why.')
   holder = workdir_io.read_holder(lock.file)
-  sees = int(holder is not None and holder.get('nonce') == nonce)
+  sees = int(bool(holder) and holder.get('nonce') == nonce)
   seen = [int(v) for v in multihost_utils.process_allgather(np.int32(sees))]
   if not all(seen):
     lock.release()

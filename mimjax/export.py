@@ -28,6 +28,7 @@ import numpy as np
 from mimjax import checkpoint as checkpoint_lib
 from mimjax import errors
 from mimjax import workdir as workdir_lib
+from mimjax import workdir_io
 from mimjax.interop import beit as beit_lib
 from mimjax.interop import hub
 from mimjax.interop import timm as timm_lib
@@ -96,9 +97,7 @@ def export_params(config, encoder_params, out, fmt='safetensors', source=None):
   if fmt not in FORMATS:
     raise ValueError(f'format must be one of {FORMATS}, not {fmt!r}')
   check_exportable(config, encoder_params)
-  if os.path.isdir(out):
-    raise errors.ConfigError(f'--out {out} is a directory; give a file path, e.g. '
-                             f'{os.path.join(out, "encoder." + fmt)}.')
+  check_out(out, fmt)
   beit = beit_lib.is_beit(config.model)
   if beit and fmt != 'safetensors':
     raise errors.InteropError('An encoder with relative position bias exports to timm\'s Beit as '
@@ -137,9 +136,22 @@ def export_params(config, encoder_params, out, fmt='safetensors', source=None):
   return sidecar
 
 
+def check_out(out, fmt):
+  """ConfigError, before anything is read, unless `out` can be written: a file path (a folder for
+  'hub') whose parent is, or can be created as, a writable directory."""
+  folder = out if fmt == 'hub' else os.path.dirname(os.path.abspath(out))
+  if fmt == 'hub' and os.path.isfile(out):
+    raise errors.ConfigError(f'--out {out} is a file; --format hub writes a folder.')
+  if fmt != 'hub' and os.path.isdir(out):
+    raise errors.ConfigError(f'--out {out} is a directory; give a file path, e.g. '
+                             f'{os.path.join(out, "encoder." + fmt)}.')
+  workdir_io.check_creatable_dir(folder, '--out', 'choose another --out')
+
+
 def export_checkpoint(workdir, out, step=None, fmt='safetensors'):
   """Exports the encoder of `workdir`'s checkpoint `step` (default latest); returns the sidecar
   (for 'hub': the folder's config.json and the timm fine-tuning command)."""
+  check_out(out, fmt)
   config, encoder_params, step = load_encoder(workdir, step)
   source = dict(workdir=os.path.abspath(workdir), step=int(step))
   if fmt == 'hub':
@@ -180,9 +192,12 @@ def main(argv):
   fmt = f.format or ('npz' if f.out.endswith('.npz') else 'safetensors')
   try:
     result = export_checkpoint(f.workdir, f.out, f.step, fmt)
-  except (errors.InteropError, errors.CheckpointError, errors.ConfigError,
-          FileNotFoundError) as e:
+  except (errors.MimjaxError, FileNotFoundError) as e:
     print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
+  except OSError as e:  # the disk filled, or the mount turned read-only, while writing
+    print(f'error: writing --out {f.out} failed: {e.strerror or e}; free space or choose '
+          'another --out.', file=sys.stderr)
     sys.exit(1)
   if fmt == 'hub':
     hub_config, command = result

@@ -371,6 +371,7 @@ def train(config, workdir, dry_run=False):
   start_step = int(latest_meta.get('step', 0))
   # Examples consumed so far (checkpoints from before data_examples existed: step * batch_size).
   data_start = resume.data_position_examples(latest_meta) if latest is not None else 0
+  history = metrics_writer.read_history(workdir, start_step)
 
   batches = pipeline.train_batches(config, data_start)
   first = next(batches)
@@ -387,7 +388,7 @@ def train(config, workdir, dry_run=False):
     resume.record(workdir, config, start_step)
     loop = _Loop(framework, config, workdir, ckpt, state_sharding, tx, lr_schedule, mesh)
     writer = metrics_writer.MetricsWriter(workdir, config.total_steps, start_step,
-                                          config.log.progress_bar, config)
+                                          config.log.progress_bar, config, history)
     try:
       return loop.run(state, batches, start_step, data_start, IntervalAccumulator(latest_meta),
                       writer)

@@ -7,7 +7,6 @@ pre-trained weights) before it creates the workdir.
 """
 import importlib.util
 import math
-import os
 
 from mimjax import checkpoint as checkpoint_lib
 from mimjax import distributed
@@ -175,16 +174,5 @@ def check_run(config):
 def check_workdir(workdir):
   """Refuses a local workdir this process cannot create or write, before anything is read or
   written (an object-store URL is checked by its first write)."""
-  if workdir_io.is_url(workdir):
-    return
-  path = os.path.abspath(workdir)
-  while not os.path.exists(path):
-    path = os.path.dirname(path)
-  if not os.path.isdir(path):
-    raise errors.ConfigError(f'--workdir {workdir}: {path} is a file, not a directory; choose '
-                             'another --workdir.')
-  if not os.access(path, os.W_OK | os.X_OK):
-    what = 'is not writable' if path == os.path.abspath(workdir) else (
-        f'cannot be created: {path} is not writable')
-    raise errors.ConfigError(f'--workdir {workdir} {what}; choose a writable directory (or fix '
-                             'its permissions / mount).')
+  if not workdir_io.is_url(workdir):
+    workdir_io.check_creatable_dir(workdir, '--workdir', 'choose another --workdir')

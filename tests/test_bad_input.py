@@ -235,3 +235,35 @@ def test_the_command_prints_one_error_line_and_writes_nothing(tmp_path, override
   assert f'config.{override.split("=")[0]}' in lines[-1]
   assert 'Traceback' not in result.stderr
   assert not workdir.exists()
+
+
+def test_a_recipe_argument_typo_is_one_line_without_a_traceback(capsys):
+  """`--config mae:runloacl`: the recipe's own ValueError, not ml_collections' quoted traceback."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  from mimjax import config_lib  # pylint: disable=g-import-not-at-top
+  from mimjax import startup  # pylint: disable=g-import-not-at-top
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, flag_values=flag_values)
+  with pytest.raises(SystemExit) as e:
+    config_lib.parse_flags(['train', '--config', startup.resolve_config_path('mae:runloacl')],
+                           flag_values)
+  assert e.value.code == 1
+  err = capsys.readouterr().err
+  assert err.count('\n') == 1 and err.startswith('error: flag --config='), err
+  assert "Unknown config argument 'runloacl'; this config accepts: epochs, model, runlocal" in err
+  assert 'Traceback' not in err
+
+
+@pytest.mark.parametrize('options,flag', [
+    (dict(k=['-5']), '--k=-5'), (dict(k=['20', '0']), '--k=20,0'), (dict(k=['2.5']), '--k=2.5'),
+    (dict(num_images=0), '--num_images=0'), (dict(base_lrs=['nan']), '--base_lrs=nan'),
+    (dict(epochs=-1), '--epochs=-1')])
+def test_evaluate_refuses_counts_that_are_not_positive_before_loading(tmp_path, options, flag):
+  """Checked before the workdir is read (it does not even exist here) and before anything runs."""
+  from mimjax import evaluate  # pylint: disable=g-import-not-at-top
+  protocol = {'k': 'knn', 'num_images': 'attention_distance', 'base_lrs': 'linear',
+              'epochs': 'linear'}[next(iter(options))]
+  with pytest.raises(errors.ConfigError, match=f'^{flag}: use positive'):
+    evaluate.evaluate(str(tmp_path / 'run'), protocol, **options)
+  assert not (tmp_path / 'run').exists()
