@@ -6,8 +6,12 @@ save's outcome is checked (a failed one stops the run with one message); a final
 SHA-256 checksums of its files, verified before the checkpoint is read again. Restores take target
 shardings, so a run can resume on a different mesh or device count.
 """
+import errno
 import hashlib
 import json
+import logging
+import os
+import threading
 
 import jax
 import numpy as np
@@ -20,11 +24,37 @@ from mimjax import workdir_io
 CHECKSUMS = 'checksums.json'
 
 
+# Causes a user fixes outside mimjax; a message names one of these first when it is found.
+_SYSTEM_CAUSES = tuple(os.strerror(code) for code in (
+    errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO))
+
+
+def _chain(e):
+  """`e`, its causes and contexts, and the members of exception groups, outermost first."""
+  seen, queue = set(), [e]
+  while queue:
+    x = queue.pop(0)
+    if x is None or id(x) in seen:
+      continue
+    seen.add(id(x))
+    yield x
+    queue += [x.__cause__, x.__context__, *getattr(x, 'exceptions', ())]
+
+
 def _reason(e):
-  """`Type: message` of an exception, first line only and without TensorStore's spec dump."""
+  """`Type: message` of an exception, first line only and without TensorStore's spec dump; when
+  a system cause (a full disk, a read-only mount) is anywhere in its chain, that cause first, so
+  no cut can lose it."""
   text = str(e).strip().splitlines()[0] if str(e).strip() else ''
   text = text.split(' [source locations=')[0].split('{"')[0].rstrip(' :;,')
-  return f'{type(e).__name__}: {text[:300]}'
+  shown = f'{type(e).__name__}: {text[:300]}'
+  for x in _chain(e):
+    if isinstance(x, OSError) and x.strerror:
+      return x.strerror if x.strerror in shown else f'{x.strerror}; {shown}'
+    cause = next((c for c in _SYSTEM_CAUSES if c in str(x)), None)
+    if cause:
+      return cause if cause in shown else f'{cause}; {shown}'
+  return shown
 
 
 def _files(directory, prefix=''):
@@ -80,6 +110,20 @@ def check_config(config):
                  'use a positive number of steps (the last step is always saved)')
   errors.require(c.keep >= 1, 'checkpoint.keep', c.keep,
                  'keep at least 1 checkpoint (a run must be able to resume)')
+
+
+class _WithoutOrbax(logging.Filter):
+  """Drops the log records of Orbax's own modules."""
+
+  def filter(self, record):
+    return f'{os.sep}orbax{os.sep}' not in record.pathname
+
+
+def quiet_orbax_logs():
+  """Silences Orbax's logging (a failed save logs every background thread's traceback, hundreds
+  of lines); mimjax reports each checkpoint failure itself, as one line naming the cause."""
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  absl_logging.get_absl_handler().addFilter(_WithoutOrbax())
 
 
 def param_shapes(params):
@@ -216,8 +260,23 @@ class Checkpointer:
     self._pending, self.last_saved = None, step
 
   def _fail(self, e):
-    """Raises the one message of a failed save (the checkpoint is not finalised, so not used)."""
+    """Raises the one message of a failed save, after removing what it left: Orbax's temporary
+    directory (it holds the space a full disk needs) and a step Orbax renamed into place but
+    that never got its checksums (it could not be verified, so it would block the resume)."""
     step, self._pending = self._pending, None
+    if step is not None and jax.process_index() == 0:
+      # A failed commit leaves its sibling writers running; they would refill the directory.
+      for thread in threading.enumerate():
+        if type(thread).__module__.startswith('orbax') and thread is not threading.current_thread():
+          thread.join(timeout=60)
+      leftovers = list(self.directory.glob(f'{step}.orbax-checkpoint-tmp*'))
+      if (self._step_dir(step)).exists() and not (self._step_dir(step) / CHECKSUMS).exists():
+        leftovers.append(self._step_dir(step))
+      for leftover in leftovers:
+        try:
+          leftover.rmtree()
+        except OSError:
+          pass  # the message below still names the cause; the rerun ignores a tmp directory
     kept = (f'the last complete checkpoint is step {self.last_saved}'
             if self.last_saved is not None else 'no checkpoint was completed')
     raise errors.CheckpointError(

@@ -409,8 +409,9 @@ def main(argv):
     return
   if not f.workdir:
     raise app.UsageError('--workdir is required.')
-  if not f['verbosity'].present:  # Orbax is chatty at INFO; --verbosity=0 shows it.
+  if not f['verbosity'].present:  # Orbax is chatty; --verbosity=0 shows its logs.
     logging.set_verbosity(logging.WARNING)
+    checkpoint_lib.quiet_orbax_logs()
   distributed.initialize(f.config)
   with errors.reported():
     try:

@@ -5,6 +5,8 @@ import copy
 import errno
 import json
 import os
+import shutil
+import subprocess
 import types
 
 import jax
@@ -16,7 +18,9 @@ import pytest
 import tensorflow_datasets as tfds
 from etils import epath
 
+from conftest import config_flags
 from conftest import run_module
+from conftest import tiny_overrides
 from mimjax import checkpoint as checkpoint_lib
 from mimjax import errors
 from mimjax import export
@@ -214,7 +218,44 @@ def test_enospc_in_the_async_save_stops_the_run_at_once(tiny_mae_config, tmp_pat
   assert max(steps) <= 8  # stopped within the async window, far from 30
   assert calls == [3, 6]
   assert _steps(workdir) == [3]
-  assert not os.path.exists(os.path.join(workdir, 'checkpoints', '6'))
+  assert os.listdir(os.path.join(workdir, 'checkpoints')) == ['3']  # no tmp directory left
+  assert message.startswith('Saving checkpoint 6 to')
+  assert 'failed (No space left on device' in message
+  assert checkpoint_lib.restore(workdir)[1] == 3  # checkpoint 3 still verifies
+
+
+@pytest.mark.slow
+def test_a_full_disk_is_one_line_and_the_previous_checkpoint_resumes(tmp_path):
+  """A real full disk (a 3 MB tmpfs; needs root): one `error:` line naming "No space left on
+  device", none of Orbax's logs or tracebacks, no temporary checkpoint directory left; the last
+  complete checkpoint verifies and, once space is freed, the rerun resumes from it."""
+  disk = tmp_path / 'disk'
+  disk.mkdir()
+  if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=3m', 'tmpfs', str(disk)],
+                    capture_output=True).returncode:
+    pytest.skip('cannot mount a tmpfs here (needs root)')
+  try:
+    workdir = disk / 'run'
+    args = ['mimjax.train', '--config', 'configs/mae.py:runlocal', *config_flags(tiny_overrides(**{
+        'mae.decoder_width': 32, 'mae.decoder_depth': 1, 'mae.decoder_heads': 2,
+        'total_steps': 30, 'checkpoint.keep': 20})), f'--workdir={workdir}']
+    full = run_module(args)
+    assert full.returncode == 1
+    lines = [line for line in full.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith('error: Saving checkpoint') and 'No space left on device' in (
+        lines[-1]), full.stderr[-3000:]
+    assert 'Traceback' not in full.stderr and 'orbax' not in '\n'.join(lines[:-1])
+    left = os.listdir(workdir / 'checkpoints')
+    assert all(name.isdigit() for name in left), left  # only whole steps, no tmp directory
+    kept = sorted(map(int, left))
+    assert checkpoint_lib.restore(str(workdir))[1] == kept[-1]
+    for step in kept[:-1]:  # the user frees space (and keeps fewer checkpoints from now on)
+      shutil.rmtree(workdir / 'checkpoints' / str(step))
+    rerun = run_module(args[:-2] + ['--config.checkpoint.keep=2', f'--workdir={workdir}'])
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f'Resuming from checkpoint {kept[-1]}' in rerun.stdout
+  finally:
+    subprocess.run(['umount', str(disk)], check=False)
 
 
 # Items 7-10: bad input is one `error:` line, creates nothing, and messages name what exists.
