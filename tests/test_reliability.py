@@ -87,7 +87,8 @@ def test_finite_update_is_applied(tiny_mae_config):
 
 
 def test_nan_params_are_never_checkpointed_and_no_step_none(tiny_mae_config, tmp_path):
-  config = _set(tiny_mae_config, **{'optim.b2': 1.0, 'total_steps': 1,
+  """A learning rate that passes validation but overflows float32 (1e39): an infinite update."""
+  config = _set(tiny_mae_config, **{'optim.base_lr': 1e39, 'warmup_steps': 0, 'total_steps': 1,
                                     'checkpoint.every_steps': 1})
   with pytest.raises(errors.NonFiniteError) as e:
     train.train(config, str(tmp_path))
