@@ -178,7 +178,7 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tiny_mae_config, tmp_pat
             for dp, _, ps in os.walk(workdir + '/checkpoints') for p in ps}
   with tiny_mae_config.unlocked():
     tiny_mae_config.total_steps = 6
-    tiny_mae_config.optim.base_lr = float('nan')
+    tiny_mae_config.optim.base_lr = 1e39  # valid, but overflows float32: infinite updates
     tiny_mae_config.resume.accept_changes = 'total_steps,optim.base_lr'
   with pytest.raises(errors.NonFiniteError, match='last good checkpoint .step 3. .* intact'):
     train.train(tiny_mae_config, workdir)
