@@ -6,9 +6,12 @@ save's outcome is checked (a failed one stops the run with one message); a final
 SHA-256 checksums of its files, verified before the checkpoint is read again. Restores take target
 shardings, so a run can resume on a different mesh or device count.
 """
+import errno
 import hashlib
 import json
-import sys
+import logging
+import os
+import threading
 
 import jax
 import numpy as np
@@ -22,11 +25,37 @@ from mimjax import workdir_io
 CHECKSUMS = 'checksums.json'
 
 
+# Causes a user fixes outside mimjax; a message names one of these first when it is found.
+_SYSTEM_CAUSES = tuple(os.strerror(code) for code in (
+    errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO))
+
+
+def _chain(e):
+  """`e`, its causes and contexts, and the members of exception groups, outermost first."""
+  seen, queue = set(), [e]
+  while queue:
+    x = queue.pop(0)
+    if x is None or id(x) in seen:
+      continue
+    seen.add(id(x))
+    yield x
+    queue += [x.__cause__, x.__context__, *getattr(x, 'exceptions', ())]
+
+
 def _reason(e):
-  """`Type: message` of an exception, first line only and without TensorStore's spec dump."""
+  """`Type: message` of an exception, first line only and without TensorStore's spec dump; when
+  a system cause (a full disk, a read-only mount) is anywhere in its chain, that cause first, so
+  no cut can lose it."""
   text = str(e).strip().splitlines()[0] if str(e).strip() else ''
   text = text.split(' [source locations=')[0].split('{"')[0].rstrip(' :;,')
-  return f'{type(e).__name__}: {text[:300]}'
+  shown = f'{type(e).__name__}: {text[:300]}'
+  for x in _chain(e):
+    if isinstance(x, OSError) and x.strerror:
+      return x.strerror if x.strerror in shown else f'{x.strerror}; {shown}'
+    cause = next((c for c in _SYSTEM_CAUSES if c in str(x)), None)
+    if cause:
+      return cause if cause in shown else f'{cause}; {shown}'
+  return shown
 
 
 def _files(directory, prefix=''):
@@ -54,14 +83,48 @@ def _digests(directory):
   return digests
 
 
-def _mismatches(directory):
-  """Files of a checkpoint that differ from its checksums (None when it has no checksums)."""
+def _damage(directory):
+  """Why a checkpoint does not verify against its checksums, or None when it does. A missing or
+  unreadable checksum file counts as damage: such a checkpoint cannot be verified (a crash between
+  Orbax's rename and the checksum write, a file deleted or overwritten since)."""
   path = directory / CHECKSUMS
-  if not path.exists():
-    return None
-  expected = json.loads(path.read_text())
+  try:
+    expected = json.loads(path.read_text())
+  except FileNotFoundError:
+    return f'{CHECKSUMS} is missing, so its files cannot be verified'
+  except (OSError, ValueError):  # a directory, invalid UTF-8, not JSON
+    expected = None
+  if not isinstance(expected, dict):
+    return f'{CHECKSUMS} is not the checksum record mimjax writes, so its files cannot be verified'
   actual = _digests(directory)
-  return sorted(k for k in set(expected) | set(actual) if expected.get(k) != actual.get(k))
+  damaged = sorted(k for k in set(expected) | set(actual) if expected.get(k) != actual.get(k))
+  if not damaged:
+    return None
+  shown = ', '.join(damaged[:3]) + (f' and {len(damaged) - 3} more' * (len(damaged) > 3))
+  return f'{shown} no longer match the checksums written when it was saved'
+
+
+def check_config(config):
+  """The `config.checkpoint` fields: a save cadence and a number of checkpoints to keep."""
+  c = config.checkpoint
+  errors.require(c.every_steps >= 1, 'checkpoint.every_steps', c.every_steps,
+                 'use a positive number of steps (the last step is always saved)')
+  errors.require(c.keep >= 1, 'checkpoint.keep', c.keep,
+                 'keep at least 1 checkpoint (a run must be able to resume)')
+
+
+class _WithoutOrbax(logging.Filter):
+  """Drops the log records of Orbax's own modules."""
+
+  def filter(self, record):
+    return f'{os.sep}orbax{os.sep}' not in record.pathname
+
+
+def quiet_orbax_logs():
+  """Silences Orbax's logging (a failed save logs every background thread's traceback, hundreds
+  of lines); mimjax reports each checkpoint failure itself, as one line naming the cause."""
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  absl_logging.get_absl_handler().addFilter(_WithoutOrbax())
 
 
 def param_shapes(params):
@@ -111,29 +174,24 @@ class Checkpointer:
   def verify(self, step):
     """Checks checkpoint `step` against the checksums written when its save was finalised.
 
-    A damaged checkpoint raises CheckpointError naming the damaged files and the newest earlier
-    checkpoint that verifies; one without checksums (an older mimjax) is read with a warning.
+    A damaged checkpoint, or one whose checksums are missing or unreadable, raises CheckpointError
+    naming the cause and the newest earlier checkpoint that verifies: it is never read unverified.
     """
     if step in self._verified:
       return
     self.check_exists(step)
-    damaged = _mismatches(self._step_dir(step))
-    if damaged is None:
-      print(f'warning: checkpoint {step} in {self.directory} has no checksums; it is read '
-            'unverified.', file=sys.stderr, flush=True)
-    if not damaged:
+    damage = _damage(self._step_dir(step))
+    if damage is None:
       self._verified.add(step)
       return
     earlier = [s for s in sorted(self.manager.all_steps(), reverse=True)
-               if s < step and _mismatches(self._step_dir(s)) == []]
-    shown = ', '.join(damaged[:3]) + (f' and {len(damaged) - 3} more' * (len(damaged) > 3))
+               if s < step and _damage(self._step_dir(s)) is None]
     path = self._step_dir(step)
     fix = (f'Checkpoint {earlier[0]} verifies: move the damaged one away (mv {path} '
            f'{path}.damaged) and re-run to resume from step {earlier[0]}'
            if earlier else 'No earlier checkpoint verifies; start again in a new --workdir')
     raise errors.CheckpointError(
-        f'Checkpoint {step} in {self.directory} is damaged: {shown} no longer match the '
-        f'checksums written when it was saved. {fix}.')
+        f'Checkpoint {step} in {self.directory} is damaged: {damage}. {fix}.')
 
   def read_meta(self, step):
     self.check_exists(step)
@@ -203,8 +261,23 @@ class Checkpointer:
     self._pending, self.last_saved = None, step
 
   def _fail(self, e):
-    """Raises the one message of a failed save (the checkpoint is not finalised, so not used)."""
+    """Raises the one message of a failed save, after removing what it left: Orbax's temporary
+    directory (it holds the space a full disk needs) and a step Orbax renamed into place but
+    that never got its checksums (it could not be verified, so it would block the resume)."""
     step, self._pending = self._pending, None
+    if step is not None and jax.process_index() == 0:
+      # A failed commit leaves its sibling writers running; they would refill the directory.
+      for thread in threading.enumerate():
+        if type(thread).__module__.startswith('orbax') and thread is not threading.current_thread():
+          thread.join(timeout=60)
+      leftovers = list(self.directory.glob(f'{step}.orbax-checkpoint-tmp*'))
+      if (self._step_dir(step)).exists() and not (self._step_dir(step) / CHECKSUMS).exists():
+        leftovers.append(self._step_dir(step))
+      for leftover in leftovers:
+        try:
+          leftover.rmtree()
+        except OSError:
+          pass  # the message below still names the cause; the rerun ignores a tmp directory
     kept = (f'the last complete checkpoint is step {self.last_saved}'
             if self.last_saved is not None else 'no checkpoint was completed')
     raise errors.CheckpointError(

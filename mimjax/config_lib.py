@@ -39,18 +39,19 @@ def from_json(text):
   return config
 
 
-def parse_flags(argv):
+def parse_flags(argv, flag_values=None):
   """absl's flag parsing for `app.run(flags_parser=...)`, errors reported as `flag_errors_reported`
-  reports them."""
+  reports them. `flag_values`: absl's FlagValues (default: flags.FLAGS)."""
+  flag_values = flags.FLAGS if flag_values is None else flag_values
   with flag_errors_reported(argv):
-    return flags.FLAGS(argv)
+    return flag_values(argv)
 
 
 @contextlib.contextmanager
 def flag_errors_reported(argv):
-  """A misspelt `--config.x.y` or a bad flag value in `argv`, met while the body parses flags
-  (a config_dict flag parses them when defined), ends in one `error:` line naming the flag and
-  the nearest key, not a traceback."""
+  """A misspelt `--config.x.y`, a bad flag value or a recipe that refuses its argument in `argv`,
+  met while the body parses flags (a config_dict flag parses them when defined), ends in one
+  `error:` line naming the flag and the fix, not a traceback."""
   try:
     yield
     return
@@ -65,5 +66,9 @@ def flag_errors_reported(argv):
     message = f'{name} is not a config key; {suggestion}'
   except flags.Error as e:
     message = str(e)
+    if 'Traceback (most recent call last)' in message:
+      # ml_collections quotes the traceback of the recipe's get_config: keep the flag, the cause.
+      lines = message.strip().splitlines()
+      message = f'{lines[0].rstrip(":")}: {lines[-1]}'
   print(f'error: {message}', file=sys.stderr)
   sys.exit(1)

@@ -25,6 +25,15 @@ def slurm_local_device_ids(environ=None):
   return None
 
 
+def check_config(config):
+  """The `config.distributed` fields: process counts and ids are -1 (detect), 0 or positive."""
+  d = config.distributed
+  errors.require(d.num_processes >= -1, 'distributed.num_processes', d.num_processes,
+                 'use 0 (one process), -1 (detect: TPU pod, SLURM) or the number of processes')
+  errors.require(d.process_id >= -1, 'distributed.process_id', d.process_id,
+                 "use this process's index, or -1 to take it from the environment")
+
+
 def initialize(config):
   """Joins the processes of a multi-host run; a no-op for a single process.
 
@@ -32,6 +41,7 @@ def initialize(config):
   for that); elsewhere give coordinator_address, num_processes and process_id explicitly (the
   local multi-process launcher sets them per process).
   """
+  check_config(config)
   d = config.distributed
   if d.num_processes == 0 and 'MIMJAX_NUM_PROCESSES' not in os.environ:
     return
@@ -42,7 +52,7 @@ def initialize(config):
   process_id = int(os.environ.get('MIMJAX_PROCESS_ID', d.process_id))
   address = os.environ.get('MIMJAX_COORDINATOR', d.coordinator_address)
   if not address or process_id < 0:
-    raise ValueError('Multi-process runs need distributed.coordinator_address and '
+    raise errors.ConfigError('Multi-process runs need distributed.coordinator_address and '
                      'distributed.process_id (or MIMJAX_COORDINATOR / MIMJAX_PROCESS_ID).')
   jax.distributed.initialize(coordinator_address=address, num_processes=num_processes,
                              process_id=process_id)
@@ -82,7 +92,7 @@ def claim_workdir(workdir):
   if not nonce:
     raise errors.CheckpointError('Process 0 could not take the workdir; its log says why.')
   holder = workdir_io.read_holder(lock.file)
-  sees = int(holder is not None and holder.get('nonce') == nonce)
+  sees = int(bool(holder) and holder.get('nonce') == nonce)
   seen = [int(v) for v in multihost_utils.process_allgather(np.int32(sees))]
   if not all(seen):
     lock.release()

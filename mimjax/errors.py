@@ -31,6 +31,18 @@ class NonFiniteError(MimjaxError, RuntimeError):
   """Training produced NaN/Inf; the update was not applied, the last good checkpoint is intact."""
 
 
+def require(ok, key, value, rule):
+  """Raises ConfigError `config.KEY=VALUE: RULE.` unless `ok`; RULE names the valid values (a
+  NaN fails every comparison, so `require(x >= 0, ...)` refuses it too)."""
+  if not ok:
+    raise ConfigError(f'config.{key}={value!r}: {rule}.')
+
+
+def require_choice(key, value, choices):
+  """Raises ConfigError unless `value` is one of `choices`, listing them."""
+  require(value in choices, key, value, f'use one of {", ".join(map(repr, choices))}')
+
+
 @contextlib.contextmanager
 def reported():
   """Ends the program with `error: <message>` (stderr, exit status 1) on any MimjaxError."""

@@ -15,6 +15,7 @@ equal a single process's, and only process 0 writes.
 """
 import inspect
 import json
+import math
 import sys
 
 from absl import app
@@ -103,12 +104,30 @@ def define_flags():
     define(name, None, help_text)
 
 
+# Options that count or scale something, and their type: every value must be positive.
+POSITIVE_OPTIONS = {'k': int, 'num_groups': int, 'epochs': int, 'total_steps': int,
+                    'num_images': int, 'base_lrs': float}
+
+
 def _check_options(protocol, fn, options):
+  """ConfigError, before the run is loaded, on an option `fn` does not take or a count, size or
+  learning rate that is not a positive number."""
   accepted = set(inspect.signature(fn).parameters) - {'run', 'workdir'}
   unknown = sorted(set(options) - accepted)
   if unknown:
     raise errors.ConfigError(f'protocol {protocol!r} takes no option {unknown}; it takes '
                              f'{sorted(accepted) or "none"}.')
+  for name, kind in POSITIVE_OPTIONS.items():
+    if name not in options:
+      continue
+    values = options[name] if isinstance(options[name], (list, tuple)) else [options[name]]
+    try:
+      numbers = [kind(v) for v in values]
+    except ValueError:
+      numbers = []
+    if not numbers or not all(math.isfinite(x) and x > 0 for x in numbers):
+      raise errors.ConfigError(f'--{name}={",".join(map(str, values))}: use positive '
+                               f'{"integers" if kind is int else "numbers"}.')
 
 
 def results_path(workdir, protocol):

@@ -30,6 +30,7 @@ import numpy as np
 from mimjax import checkpoint as checkpoint_lib
 from mimjax import errors
 from mimjax import workdir as workdir_lib
+from mimjax import workdir_io
 from mimjax.interop import beit as beit_lib
 from mimjax.interop import hub
 from mimjax.interop import timm as timm_lib
@@ -106,6 +107,7 @@ def export_params(config, encoder_params, out, fmt='safetensors', source=None):
   if fmt not in FORMATS:
     raise ValueError(f'format must be one of {FORMATS}, not {fmt!r}')
   check_exportable(config, encoder_params)
+  check_out(out, fmt)
   # Before anything loads TensorFlow (hub: the dataset's label names), see torch_files.load_timm.
   timm = torch_files.load_timm()
   if fmt == 'hub':
@@ -123,9 +125,6 @@ def export_params(config, encoder_params, out, fmt='safetensors', source=None):
 
 def _write_file(config, encoder_params, out, fmt, source):
   """Writes the safetensors or npz export and its sidecar; returns the sidecar dict."""
-  if os.path.isdir(out):
-    raise errors.ConfigError(f'--out {out} is a directory; give a file path, e.g. '
-                             f'{os.path.join(out, "encoder." + fmt)}.')
   beit = beit_lib.is_beit(config.model)
   if beit and fmt != 'safetensors':
     raise errors.InteropError('An encoder with relative position bias exports to timm\'s Beit as '
@@ -216,9 +215,22 @@ def verify_export(timm, config, encoder_params, written, build):
       'report it with the config.')
 
 
+def check_out(out, fmt):
+  """ConfigError, before anything is read, unless `out` can be written: a file path (a folder for
+  'hub') whose parent is, or can be created as, a writable directory."""
+  folder = out if fmt == 'hub' else os.path.dirname(os.path.abspath(out))
+  if fmt == 'hub' and os.path.isfile(out):
+    raise errors.ConfigError(f'--out {out} is a file; --format hub writes a folder.')
+  if fmt != 'hub' and os.path.isdir(out):
+    raise errors.ConfigError(f'--out {out} is a directory; give a file path, e.g. '
+                             f'{os.path.join(out, "encoder." + fmt)}.')
+  workdir_io.check_creatable_dir(folder, '--out', 'choose another --out')
+
+
 def export_checkpoint(workdir, out, step=None, fmt='safetensors'):
-  """Exports the encoder of `workdir`'s checkpoint `step` (default latest); returns what
-  `export_params` returns."""
+  """Exports the encoder of `workdir`'s checkpoint `step` (default latest), `out` checked before
+  anything is read; returns what `export_params` returns."""
+  check_out(out, fmt)
   config, encoder_params, step = load_encoder(workdir, step)
   source = dict(workdir=os.path.abspath(workdir), step=int(step))
   return export_params(config, encoder_params, out, fmt, source=source)
@@ -257,9 +269,12 @@ def main(argv):
   fmt = f.format or ('npz' if f.out.endswith('.npz') else 'safetensors')
   try:
     result = export_checkpoint(f.workdir, f.out, f.step, fmt)
-  except (errors.InteropError, errors.CheckpointError, errors.ConfigError,
-          FileNotFoundError) as e:
+  except (errors.MimjaxError, FileNotFoundError) as e:
     print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
+  except OSError as e:  # the disk filled, or the mount turned read-only, while writing
+    print(f'error: writing --out {f.out} failed: {e.strerror or e}; free space or choose '
+          'another --out.', file=sys.stderr)
     sys.exit(1)
   if fmt == 'hub':
     result, command = result

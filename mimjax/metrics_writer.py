@@ -14,20 +14,27 @@ import jax
 import tensorflow as tf
 import tqdm
 
+from mimjax import errors
 from mimjax import workdir_io
 
 
-def _drop_records_after(path, step):
-  """On resume, forget what an interrupted run logged after its last checkpoint; returns the
-  records kept.
-
-  The file is replaced atomically, so a crash during this rewrite keeps the whole history.
-  """
+def read_history(workdir, step):
+  """The records of WORKDIR/metrics.jsonl up to `step` (the checkpoint a run resumes from), what
+  an interrupted run logged after it forgotten. The trainer reads this before it writes anything,
+  so a damaged file is one CheckpointError that leaves the workdir as it was."""
+  path = workdir_io.path(workdir, 'metrics.jsonl')
   if not path.exists():
+    if step:
+      print(f'warning: {path} is missing, so the metrics logged before step {step} are lost; '
+            f'this run logs from step {step} on.', file=sys.stderr, flush=True)
     return []
-  kept = [r for r in workdir_io.read_jsonl(path) if r['step'] <= step]
-  workdir_io.write_atomic(path, ''.join(json.dumps(r) + '\n' for r in kept))
-  return kept
+  records = workdir_io.read_jsonl(path)
+  for i, record in enumerate(records):
+    if not isinstance(record, dict) or not isinstance(record.get('step'), int):
+      raise errors.CheckpointError(
+          f'Record {i + 1} of {path} has no integer "step" ({json.dumps(record)[:80]}); fix or '
+          'delete that line (or move the file away, losing the history) to resume.')
+  return [r for r in records if r['step'] <= step]
 
 
 class WandbRun:
@@ -59,7 +66,10 @@ class MetricsWriter:
   """Appends one JSON object per logged step and mirrors scalars to TensorBoard (unless
   `config.log.tensorboard` is False) and to W&B (when `config.log.wandb`)."""
 
-  def __init__(self, workdir, total_steps, start_step, progress_bar=True, config=None):
+  def __init__(self, workdir, total_steps, start_step, progress_bar=True, config=None,
+               history=None):
+    """`history`: `read_history(workdir, start_step)` when the caller has read it already. The
+    file is replaced atomically by it, so a crash during this rewrite keeps the whole history."""
     self.active = jax.process_index() == 0
     self.total_steps = total_steps
     self.start_step = start_step
@@ -70,7 +80,10 @@ class MetricsWriter:
       return
     self.workdir = workdir
     path = workdir_io.path(workdir, 'metrics.jsonl')
-    self.jsonl = workdir_io.JsonLines(path, _drop_records_after(path, start_step))
+    kept = read_history(workdir, start_step) if history is None else history
+    if kept or path.exists():
+      workdir_io.write_atomic(path, ''.join(json.dumps(r) + '\n' for r in kept))
+    self.jsonl = workdir_io.JsonLines(path, kept)
     self.tb = (tf.summary.create_file_writer(str(workdir_io.path(workdir, 'tensorboard')))
                if config is None or config.log.tensorboard else None)
     if progress_bar and sys.stderr.isatty():

@@ -25,6 +25,36 @@ def decay_mask(params, no_decay_names=()):
 
 
 LR_SCALINGS = ('linear', 'sqrt')
+SCHEDULES = ('cosine', 'multistep')
+
+
+def check_config(config):
+  """The `config.optim` fields and the schedule's `warmup_steps`, before anything runs."""
+  o = config.optim
+  errors.require(o.accum_steps >= 1, 'optim.accum_steps', o.accum_steps,
+                 'use a positive number of micro-batches (1 = no accumulation)')
+  errors.require(config.batch_size % o.accum_steps == 0, 'optim.accum_steps', o.accum_steps,
+                 f'it must divide config.batch_size={config.batch_size}')
+  errors.require(config.warmup_steps >= 0, 'warmup_steps', config.warmup_steps,
+                 'use >= 0 (0 = no warmup)')
+  errors.require(o.base_lr >= 0, 'optim.base_lr', o.base_lr, 'use a learning rate >= 0')
+  errors.require(o.lr_base_batch >= 1, 'optim.lr_base_batch', o.lr_base_batch,
+                 'use a positive batch size (256 in the references)')
+  errors.require_choice('optim.lr_scaling', o.lr_scaling, LR_SCALINGS)
+  for key in ('warmup_init_lr', 'min_lr', 'weight_decay'):
+    errors.require(o[key] >= 0, f'optim.{key}', o[key], 'use a value >= 0')
+  errors.require_choice('optim.schedule', o.schedule, SCHEDULES)
+  milestones = tuple(o.milestones)
+  errors.require(all(isinstance(b, int) and a < b for a, b in zip((-1,) + milestones, milestones)),
+                 'optim.milestones', milestones, 'give increasing integer steps >= 0')
+  errors.require(0 < o.gamma <= 1, 'optim.gamma', o.gamma,
+                 'use a factor in (0, 1] (multistep: the lr is multiplied by it per milestone)')
+  for key in ('b1', 'b2'):
+    errors.require(0 <= o[key] < 1, f'optim.{key}', o[key],
+                   'Adam\'s decay rates must be in [0, 1) (b2 = 1 makes every update NaN)')
+  errors.require(o.grad_clip >= 0, 'optim.grad_clip', o.grad_clip, 'use >= 0 (0 = off)')
+  errors.require(0 < o.layer_decay <= 1, 'optim.layer_decay', o.layer_decay,
+                 'use a factor in (0, 1] (1 = off)')
 
 
 def peak_lr(config):

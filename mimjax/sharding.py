@@ -12,6 +12,29 @@ from mimjax import tree_util
 BATCH_AXES = ('data', 'fsdp')
 
 
+PARAM_RULES = ('fsdp', 'replicate')
+
+
+def check_config(config):
+  """The `config.mesh` fields, before the devices are counted: axis sizes, rules and threshold."""
+  m = config.mesh
+  for key in ('data', 'fsdp'):
+    errors.require(m[key] == -1 or m[key] >= 1, f'mesh.{key}', m[key],
+                   'use a positive number of devices, or -1 for every device the other axis '
+                   'leaves')
+  errors.require(m.fsdp_min_size >= 0, 'mesh.fsdp_min_size', m.fsdp_min_size,
+                 'use a number of elements >= 0')
+  for rule in m.param_rules:
+    pattern, placement = (tuple(rule) + (None, None))[:2]
+    try:
+      re.compile(pattern)
+    except (re.error, TypeError) as e:
+      raise errors.ConfigError(f'config.mesh.param_rules: {pattern!r} is not a regular '
+                               f'expression ({e}).') from e
+    errors.require(len(rule) == 2 and placement in PARAM_RULES, 'mesh.param_rules', tuple(rule),
+                   f'each rule is (regex, placement) with placement one of {PARAM_RULES}')
+
+
 def make_mesh(mesh_config, devices=None):
   """Mesh with axes (data, fsdp), both of explicit type Auto; -1 takes the remaining devices."""
   devices = jax.devices() if devices is None else devices

@@ -211,16 +211,19 @@ def build(config, framework):
 
 
 def check_feature_config(config):
-  """Start-up checks of the config.distill loss and masking options."""
+  """Start-up checks of the config.distill teacher, loss and masking options."""
   d = config.distill
-  if d.loss not in losses.DISTANCES:
-    raise errors.ConfigError(f'config.distill.loss={d.loss!r}; use one of {losses.DISTANCES}.')
-  if d.loss_tokens not in ('all', 'masked'):
-    raise errors.ConfigError(f'config.distill.loss_tokens={d.loss_tokens!r}; use "all" or '
-                             '"masked".')
-  if not 0 < d.mask_ratio < 1:
-    raise errors.ConfigError(f'config.distill.mask_ratio must be in (0, 1), got '
-                             f'{d.mask_ratio}.')
+  errors.require_choice('distill.teacher', d.teacher, TEACHERS)
+  errors.require_choice('distill.teacher_dtype', d.teacher_dtype, vit.DTYPES)
+  errors.require(0 <= d.ema_momentum <= 1, 'distill.ema_momentum', d.ema_momentum,
+                 'use a momentum in [0, 1]')
+  errors.require(d.teacher_layer >= -1, 'distill.teacher_layer', d.teacher_layer,
+                 'use -1 (after the final norm) or a block index >= 0')
+  errors.require_choice('distill.loss', d.loss, losses.DISTANCES)
+  errors.require_choice('distill.loss_tokens', d.loss_tokens, ('all', 'masked'))
+  errors.require(0 < d.mask_ratio < 1, 'distill.mask_ratio', d.mask_ratio, 'use a ratio in (0, 1)')
+  errors.require(d.mask_min_block >= 1, 'distill.mask_min_block', d.mask_min_block,
+                 'use a positive number of patches')
 
 
 def loss_mask(config, mask):

@@ -2,9 +2,11 @@ r"""Train any mimjax framework: `python -m mimjax.train --config mae:runlocal --
 
 A second run of the same command with the same workdir resumes from the latest checkpoint (params,
 optimizer, step, RNG and data position) and reproduces the uninterrupted run. Ctrl-C saves a
-checkpoint at the current step before exiting, and the rerun's metrics.jsonl is the uninterrupted
-run's. SIGTERM (a preemption notice; in a multi-host run every host stops at the same step) does
-the same and exits with PREEMPTED_EXIT_CODE (143), which schedulers treat as "requeue".
+checkpoint at the current step and exits with status 130, and the rerun's metrics.jsonl is the
+uninterrupted run's. SIGTERM (a preemption notice; in a multi-host run every host stops at the
+same step) does the same and exits with PREEMPTED_EXIT_CODE (143), which schedulers treat as
+"requeue". Either signal during start-up stops at once, having written nothing; a second one
+while the checkpoint is saved exits at once (the rerun resumes from the previous checkpoint).
 
 The shipped recipes are found by name from any directory (`--config mae:runlocal`); any field is
 set with `--config.KEY=VALUE`. `--print_config` lists the fields the run reads (`--print_all`: every
@@ -13,6 +15,7 @@ batch, steps, data) without writing.
 """
 import itertools
 import json
+import os
 import signal
 import sys
 import time
@@ -59,24 +62,43 @@ def define_flags():
 PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM
 
 
-class Preempted(Exception):
-  """The run stopped at a SIGTERM / preemption notice after saving a checkpoint at `step`."""
+class Stopped(BaseException):
+  """The run stopped at a signal: after saving a checkpoint at `step`, or during start-up
+  (`step` None) having written nothing. `exit_code` is 128 + the signal, as a shell reports. A
+  BaseException, like KeyboardInterrupt, so that no `except Exception` on the way swallows it."""
 
-  def __init__(self, step):
-    super().__init__(f'Preempted at step {step}; checkpoint saved.')
-    self.step = step
+  def __init__(self, signum, step=None):
+    done = (f'checkpoint saved at step {step}' if step is not None else
+            'stopped during start-up; nothing was written')
+    super().__init__(f'{signal.Signals(signum).name}: {done}.')
+    self.signum, self.step = signum, step
+    self.exit_code = 128 + signum
+
+
+class Preempted(Stopped):
+  """Stopped by SIGTERM (a preemption notice); exits with PREEMPTED_EXIT_CODE."""
+
+
+def stopped(signum, step=None):
+  """The Stopped (Preempted for SIGTERM) of a run stopped by `signum` at `step`."""
+  return (Preempted if signum == signal.SIGTERM else Stopped)(signum, step)
 
 
 class _StopRequest:
-  """Ctrl-C or SIGTERM asks the loop to checkpoint and stop at the end of a step.
+  """Ctrl-C and SIGTERM, honoured from the start of `train`.
 
-  One process: SIGINT and SIGTERM handlers (a second signal aborts at once). Several processes:
-  JAX's preemption service (started by jax.distributed.initialize) takes SIGTERM and every host
-  sees it at the same step through `reached_preemption_sync_point`, so all save that step.
+  During start-up (`writing` False) a signal stops at once: nothing has been written. Once the
+  run writes, it asks the loop to checkpoint and stop at the end of a step; a second signal then
+  exits at once (os._exit, no traceback: the save in flight is atomic, the previous checkpoint
+  stays, and the lock left behind is stale and taken over by the rerun). One process installs
+  these handlers; several use JAX's preemption service (started by jax.distributed.initialize),
+  which takes SIGTERM so that every host sees it at the same step through
+  `reached_preemption_sync_point`, and all save that step.
   """
 
   def __init__(self):
     self.signum = None
+    self.writing = False
     self._previous = {}
     self._multihost = jax.process_count() > 1
 
@@ -88,21 +110,22 @@ class _StopRequest:
 
   def _handle(self, signum, frame):
     del frame
+    name = signal.Signals(signum).name
     if self.signum is not None:
-      raise KeyboardInterrupt
+      print(f'\n{name} again: exiting now; the rerun resumes from the last complete checkpoint.',
+            file=sys.stderr, flush=True)
+      os._exit(128 + signum)  # pylint: disable=protected-access
     self.signum = signum
-    print(f'\n{signal.Signals(signum).name}: saving a checkpoint at the end of this step (Ctrl-C '
-          'again to abort).', file=sys.stderr, flush=True)
+    if not self.writing:
+      raise stopped(signum)
+    print(f'\n{name}: saving a checkpoint at the end of this step (Ctrl-C again to exit at '
+          'once).', file=sys.stderr, flush=True)
 
   def reached(self, step):
     """True at the step where every host stops (read once per step, the same on all hosts)."""
     if self._multihost and multihost_utils.reached_preemption_sync_point(step):
       self.signum = signal.SIGTERM
     return self.signum is not None
-
-  @property
-  def preempted(self):
-    return self.signum == signal.SIGTERM
 
   def __exit__(self, *exc):
     for signum, previous in self._previous.items():
@@ -302,53 +325,50 @@ class _Loop:
     for name, image in self.framework.visualize(outputs, host_batch).items():
       writer.write_image(name, step, np.asarray(jax.device_get(image)))
 
-  def run(self, state, batches, start_step, data_start, interval, writer):
+  def run(self, state, batches, start_step, data_start, interval, writer, stop_request):
     """Steps from `start_step` to config.total_steps (the data stream at example `data_start`);
-    returns the last logged metrics."""
+    returns the last logged metrics. Raises Stopped after saving the step `stop_request` stops."""
     config, ckpt = self.config, self.ckpt
     last_metrics, last_good_ckpt = {}, ckpt.latest_step()
-    with _StopRequest() as stop_request:
-      for step in range(start_step + 1, config.total_steps + 1):
-        batch = jax.make_array_from_process_local_data(self.batch_sharding, next(batches))
-        state, metrics = self.step_fn(state, batch)
-        interval.add(metrics)
-        ckpt.poll()
-        is_last = step == config.total_steps
-        checkpoint_due = is_last or step % config.checkpoint.every_steps == 0
-        stop = stop_request.reached(step)  # read once: a signal later in this step stops the next
-        save_now = checkpoint_due or stop
-        eval_every = config.eval.every_steps
-        eval_now = eval_every and (step % eval_every == 0 or is_last)
-        # Ctrl-C does not log: its open interval goes into the checkpoint instead, so the resumed
-        # run's metrics.jsonl is the uninterrupted run's, wherever the interrupt landed.
-        log_now = step % config.log.every_steps == 0 or checkpoint_due or eval_now
-        if log_now or save_now:
-          sums = interval.host_sums(step, last_good_ckpt, ckpt.directory)
-        if log_now:
-          means = interval.close(sums, config.batch_size)
-          started = time.time()
-          last_metrics = self.log(writer, step, means, state, eval_now)
-          interval.exclude(time.time() - started)
-        images_every = config.log.images_every_steps
-        if images_every and (step % images_every == 0 or is_last):
-          started = time.time()
-          self.draw(writer, step, state)
-          interval.exclude(time.time() - started)
-        if save_now:
-          meta = _meta(config, state.params, step,
-                       data_start + (step - start_step) * config.batch_size)
-          open_interval = interval.snapshot(sums)
-          if open_interval:
-            meta['open_interval'] = open_interval
-          ckpt.save(step, state, meta)
-          last_good_ckpt = step
-        if stop:
-          ckpt.wait()
-          print(f'Stopped at step {step}; checkpoint saved. Re-run the same command to resume.',
-                file=sys.stderr, flush=True)
-          if stop_request.preempted:
-            raise Preempted(step)
-          break
+    for step in range(start_step + 1, config.total_steps + 1):
+      batch = jax.make_array_from_process_local_data(self.batch_sharding, next(batches))
+      state, metrics = self.step_fn(state, batch)
+      interval.add(metrics)
+      ckpt.poll()
+      is_last = step == config.total_steps
+      checkpoint_due = is_last or step % config.checkpoint.every_steps == 0
+      stop = stop_request.reached(step)  # read once: a signal later in this step stops the next
+      save_now = checkpoint_due or stop
+      eval_every = config.eval.every_steps
+      eval_now = eval_every and (step % eval_every == 0 or is_last)
+      # Ctrl-C does not log: its open interval goes into the checkpoint instead, so the resumed
+      # run's metrics.jsonl is the uninterrupted run's, wherever the interrupt landed.
+      log_now = step % config.log.every_steps == 0 or checkpoint_due or eval_now
+      if log_now or save_now:
+        sums = interval.host_sums(step, last_good_ckpt, ckpt.directory)
+      if log_now:
+        means = interval.close(sums, config.batch_size)
+        started = time.time()
+        last_metrics = self.log(writer, step, means, state, eval_now)
+        interval.exclude(time.time() - started)
+      images_every = config.log.images_every_steps
+      if images_every and (step % images_every == 0 or is_last):
+        started = time.time()
+        self.draw(writer, step, state)
+        interval.exclude(time.time() - started)
+      if save_now:
+        meta = _meta(config, state.params, step,
+                     data_start + (step - start_step) * config.batch_size)
+        open_interval = interval.snapshot(sums)
+        if open_interval:
+          meta['open_interval'] = open_interval
+        ckpt.save(step, state, meta)
+        last_good_ckpt = step
+      if stop:
+        ckpt.wait()
+        print(f'Stopped at step {step}; checkpoint saved. Re-run the same command to resume.',
+              file=sys.stderr, flush=True)
+        raise stopped(stop_request.signum, step)
     return last_metrics
 
 
@@ -356,8 +376,15 @@ def train(config, workdir, dry_run=False):
   """Runs (or resumes) training; returns the last logged metrics as a dict of floats.
 
   With `dry_run`, stops after the start-up summary, having written nothing (returns None). Raises
-  Preempted after saving a checkpoint when SIGTERM (a preemption notice) stops the run.
+  Stopped (Preempted for SIGTERM) when Ctrl-C or SIGTERM stops the run: during start-up before
+  anything is written, later after saving a checkpoint.
   """
+  with _StopRequest() as stop_request:
+    return _train(config, workdir, dry_run, stop_request)
+
+
+def _train(config, workdir, dry_run, stop_request):
+  """`train`, with the signals of `stop_request` honoured."""
   # Everything is validated and read (checkpoint, first batch, teacher and pre-trained weights)
   # before the workdir is created or written, so bad input leaves nothing behind.
   validation.check_workdir(workdir)
@@ -379,6 +406,7 @@ def train(config, workdir, dry_run=False):
   start_step = int(latest_meta.get('step', 0))
   # Examples consumed so far (checkpoints from before data_examples existed: step * batch_size).
   data_start = resume.data_position_examples(latest_meta) if latest is not None else 0
+  history = metrics_writer.read_history(workdir, start_step)
 
   batches = pipeline.train_batches(config, data_start)
   first = next(batches)
@@ -388,6 +416,7 @@ def train(config, workdir, dry_run=False):
   startup.print_summary(config, mesh, state.params, workdir, latest)
   if dry_run:
     return None
+  stop_request.writing = True  # from here a signal checkpoints and stops at the end of a step
   lock = distributed.claim_workdir(workdir)
   try:
     if jax.process_index() == 0:
@@ -395,10 +424,10 @@ def train(config, workdir, dry_run=False):
     resume.record(workdir, config, start_step)
     loop = _Loop(framework, config, workdir, ckpt, state_sharding, tx, lr_schedule, mesh)
     writer = metrics_writer.MetricsWriter(workdir, config.total_steps, start_step,
-                                          config.log.progress_bar, config)
+                                          config.log.progress_bar, config, history)
     try:
       return loop.run(state, batches, start_step, data_start, IntervalAccumulator(latest_meta),
-                      writer)
+                      writer, stop_request)
     finally:
       ckpt.wait()
       ckpt.close()
@@ -416,14 +445,17 @@ def main(argv):
     return
   if not f.workdir:
     raise app.UsageError('--workdir is required.')
-  if not f['verbosity'].present:  # Orbax is chatty at INFO; --verbosity=0 shows it.
+  if not f['verbosity'].present:  # Orbax is chatty; --verbosity=0 shows its logs.
     logging.set_verbosity(logging.WARNING)
-  distributed.initialize(f.config)
+    checkpoint_lib.quiet_orbax_logs()
   with errors.reported():
     try:
+      distributed.initialize(f.config)
       train(f.config, f.workdir, f.dry_run)
-    except Preempted:
-      sys.exit(PREEMPTED_EXIT_CODE)
+    except Stopped as e:
+      if e.step is None:
+        print(str(e), file=sys.stderr, flush=True)
+      sys.exit(e.exit_code)
 
 
 if __name__ == '__main__':

@@ -6,8 +6,10 @@ what a training run reads (the dataset and its splits) and the device mesh. The 
 pre-trained weights) before it creates the workdir.
 """
 import importlib.util
-import os
+import math
 
+from mimjax import checkpoint as checkpoint_lib
+from mimjax import distributed
 from mimjax import errors
 from mimjax import optim
 from mimjax import registry
@@ -17,79 +19,97 @@ from mimjax.data import features
 from mimjax.frameworks import base
 from mimjax.models import vit
 
-DTYPES = ('auto', 'float32', 'bfloat16', 'float16')
 INIT_FORMATS = ('timm', 'mae', 'mimjax')
 
 
 def validate(config):
-  """Fails fast, naming the key and the fix, on settings that cannot work together."""
-  check_fields(config)
+  """Fails fast, naming the key and the fix, on settings that cannot work together: one pass over
+  the owners' checks (OWNER_CHECKS), then the framework's and its plug-ins' (`check_contract`)."""
+  check_finite(config)
+  for check in OWNER_CHECKS:
+    check(config)
   check_contract(config)
 
 
-def check_fields(config):
-  """Values that are wrong whatever the framework."""
-  if config.framework not in registry.FRAMEWORKS:
-    raise errors.ConfigError(f'config.framework={config.framework!r} is unknown; choose one of '
-                             f'{sorted(registry.FRAMEWORKS)}.')
-  try:
-    patch = vit.parse_variant(config.model.variant)['patch_size']
-  except ValueError as e:
-    raise errors.ConfigError(f'config.model.variant: {e}') from e
-  size = config.data.image_size
-  if size % patch:
-    raise errors.ConfigError(
-        f'config.data.image_size={size} is not a multiple of the patch size {patch} of model '
-        f'{config.model.variant!r}; use a multiple of {patch} '
-        f'(e.g. {size // patch * patch or patch}).')
-  if config.batch_size % config.optim.accum_steps:
-    raise errors.ConfigError(f'config.batch_size={config.batch_size} is not divisible by '
-                             f'config.optim.accum_steps={config.optim.accum_steps}.')
-  if config.total_steps < 1:
-    raise errors.ConfigError(f'config.total_steps must be positive, got {config.total_steps}.')
-  if not 0 <= config.mae.mask_ratio < 1:
-    raise errors.ConfigError(
-        f'config.mae.mask_ratio must be in [0, 1), got {config.mae.mask_ratio}.')
-  if config.model.dtype not in DTYPES:
-    raise errors.ConfigError(f'config.model.dtype={config.model.dtype!r}; use one of {DTYPES} '
-                             '(auto: bfloat16 on GPU/TPU, float32 on CPU).')
-  if config.init.format not in INIT_FORMATS:
-    raise errors.ConfigError(
-        f'config.init.format={config.init.format!r}; use timm (a timm ViT state dict), mae (an '
-        'official MAE checkpoint) or mimjax (a mimjax workdir).')
-  if not 0 < config.optim.layer_decay <= 1:
-    raise errors.ConfigError(f'config.optim.layer_decay must be in (0, 1] (1 = off), got '
-                      f'{config.optim.layer_decay}.')
-  if config.data.repeated_aug < 1:
-    raise errors.ConfigError(f'config.data.repeated_aug must be >= 1 (1 = off), got '
-                             f'{config.data.repeated_aug}.')
-  if config.optim.schedule not in ('cosine', 'multistep'):
-    raise errors.ConfigError(f'config.optim.schedule={config.optim.schedule!r}; use "cosine" or '
-                             '"multistep" (with config.optim.milestones).')
-  if config.model.tokenizer_norm not in ('none', 'moto'):
-    raise errors.ConfigError(
-        f'config.model.tokenizer_norm={config.model.tokenizer_norm!r}; use "none" or "moto".')
-  if config.model.head_init_std < 0:
-    raise errors.ConfigError(f'config.model.head_init_std={config.model.head_init_std} must be '
-                             '>= 0 (0 = a zero head; MAE fine-tuning uses 2e-5).')
-  moto = config.model.moto
-  if config.model.tokenizer_norm == 'moto' and (
-      moto.stem_stride < 1 or patch % moto.stem_stride
-      or (moto.stem_stride > 1 and not moto.stem_channels)):
-    raise errors.ConfigError(
-        f'config.model.moto.stem_stride={moto.stem_stride} must be >= 1, divide the patch size '
-        f'{patch} and, above 1, have a stem (model.moto.stem_channels > 0); use 1 or a divisor.')
-  for key, value, choices in (('model.rel_pos', config.model.rel_pos, vit.RELPOS),
-                              ('model.weight_init', config.model.weight_init, vit.INITS),
-                              ('optim.lr_scaling', config.optim.lr_scaling, optim.LR_SCALINGS)):
-    if value not in choices:
-      raise errors.ConfigError(f'config.{key}={value!r}; use one of {choices}.')
-  if config.log.wandb and importlib.util.find_spec('wandb') is None:
+def _leaves(tree, prefix=''):
+  """(dotted key, value) of every field of a ConfigDict."""
+  for key, value in tree.items():
+    if hasattr(value, 'items'):
+      yield from _leaves(value, f'{prefix}{key}.')
+    else:
+      yield f'{prefix}{key}', value
+
+
+def check_finite(config):
+  """No number anywhere in the config is NaN or infinite (no field has a meaning for them)."""
+  for key, value in _leaves(config):
+    values = value if isinstance(value, (tuple, list)) else (value,)
+    for v in values:
+      if isinstance(v, float) and not math.isfinite(v):
+        raise errors.ConfigError(f'config.{key}={value!r}: use finite numbers.')
+
+
+def check_run_fields(config):
+  """The fields the trainer itself owns: framework, run length, logging, evaluation, init."""
+  errors.require_choice('framework', config.framework, sorted(registry.FRAMEWORKS))
+  errors.require(config.batch_size >= 1, 'batch_size', config.batch_size,
+                 'use a positive global batch size')
+  errors.require(config.total_steps >= 1, 'total_steps', config.total_steps,
+                 'use a positive number of steps')
+  log = config.log
+  errors.require(log.every_steps >= 1, 'log.every_steps', log.every_steps,
+                 'use a positive number of steps')
+  errors.require(log.images_every_steps >= 0, 'log.images_every_steps', log.images_every_steps,
+                 'use >= 0 (0 = no pictures)')
+  if log.wandb and importlib.util.find_spec('wandb') is None:
     raise errors.ConfigError("config.log.wandb=True, but wandb is not installed; pip install "
                              "'mimjax[wandb]' (or wandb), or set config.log.wandb=False.")
-  if config.eval.every_steps < 0:
-    raise errors.ConfigError(f'config.eval.every_steps must be >= 0 (0 = off), got '
-                             f'{config.eval.every_steps}.')
+  errors.require_choice('init.format', config.init.format, INIT_FORMATS)
+  errors.require(config.init.step >= -1, 'init.step', config.init.step,
+                 'use a checkpoint step, or -1 for the latest')
+  check_eval_fields(config)
+
+
+def check_eval_fields(config):
+  """The `config.eval` fields a run stores for in-training and offline evaluation."""
+  e = config.eval
+  errors.require(e.every_steps >= 0, 'eval.every_steps', e.every_steps, 'use >= 0 (0 = off)')
+  errors.require(e.batch_size >= 1, 'eval.batch_size', e.batch_size, 'use a positive batch size')
+  errors.require(len(e.knn_k) >= 1 and all(isinstance(k, int) and k >= 1 for k in e.knn_k),
+                 'eval.knn_k', tuple(e.knn_k), 'give one or more positive integer neighbour counts')
+  errors.require(e.knn_temperature > 0, 'eval.knn_temperature', e.knn_temperature,
+                 'use a positive temperature (0.07 in DINO / MAE)')
+  errors.require(e.analysis_examples >= 1, 'eval.analysis_examples', e.analysis_examples,
+                 'use a positive number of images')
+  lin = e.linear
+  for key in ('epochs', 'batch_size'):
+    errors.require(lin[key] >= 1, f'eval.linear.{key}', lin[key], 'use a positive integer')
+  errors.require(0 <= lin.warmup_epochs <= lin.epochs, 'eval.linear.warmup_epochs',
+                 lin.warmup_epochs, f'use 0 to eval.linear.epochs={lin.epochs}')
+  errors.require(len(lin.base_lrs) >= 1 and min(lin.base_lrs) > 0, 'eval.linear.base_lrs',
+                 tuple(lin.base_lrs), 'give one or more positive learning rates')
+  errors.require(0 <= lin.momentum < 1, 'eval.linear.momentum', lin.momentum,
+                 'use a momentum in [0, 1)')
+  errors.require(lin.weight_decay >= 0, 'eval.linear.weight_decay', lin.weight_decay,
+                 'use a value >= 0')
+  errors.require(lin.trust_coefficient > 0, 'eval.linear.trust_coefficient',
+                 lin.trust_coefficient, "use a positive coefficient (MAE's LARS: 0.001)")
+  lo, hi = (tuple(lin.crop_scale) + (math.nan, math.nan))[:2]
+  errors.require(len(lin.crop_scale) == 2 and 0 < lo <= hi <= 1, 'eval.linear.crop_scale',
+                 tuple(lin.crop_scale), 'give (min, max) area fractions with 0 < min <= max <= 1')
+
+
+# Each owner checks its own fields; `validate` calls these in order, before the framework's and the
+# plug-ins' checks (which may assume the sections below are sane), and before anything is written.
+OWNER_CHECKS = (
+    check_run_fields,  # top level, log.*, init.*, eval.*
+    vit.check_config,  # model.* and the image size the patches tile
+    features.check_config,  # data.*
+    optim.check_config,  # optim.* and warmup_steps
+    checkpoint_lib.check_config,  # checkpoint.*
+    sharding.check_config,  # mesh.*
+    distributed.check_config,  # distributed.*
+)
 
 
 def provided(config):
@@ -119,9 +139,8 @@ def check_knn_monitor(config):
   """The kNN monitor's subset sizes (self-supervised frameworks with eval.every_steps)."""
   monitor = config.eval.knn_monitor
   for key in ('bank_examples', 'query_examples', 'k'):
-    if monitor[key] < 1:
-      raise errors.ConfigError(f'config.eval.knn_monitor.{key} must be positive, got '
-                               f'{monitor[key]}.')
+    errors.require(monitor[key] >= 1, f'eval.knn_monitor.{key}', monitor[key],
+                   'use a positive integer')
   if monitor.k > monitor.bank_examples:
     raise errors.ConfigError(
         f'config.eval.knn_monitor.k={monitor.k} neighbours need at least as many bank images, but '
@@ -148,16 +167,5 @@ def check_run(config):
 def check_workdir(workdir):
   """Refuses a local workdir this process cannot create or write, before anything is read or
   written (an object-store URL is checked by its first write)."""
-  if workdir_io.is_url(workdir):
-    return
-  path = os.path.abspath(workdir)
-  while not os.path.exists(path):
-    path = os.path.dirname(path)
-  if not os.path.isdir(path):
-    raise errors.ConfigError(f'--workdir {workdir}: {path} is a file, not a directory; choose '
-                             'another --workdir.')
-  if not os.access(path, os.W_OK | os.X_OK):
-    what = 'is not writable' if path == os.path.abspath(workdir) else (
-        f'cannot be created: {path} is not writable')
-    raise errors.ConfigError(f'--workdir {workdir} {what}; choose a writable directory (or fix '
-                             'its permissions / mount).')
+  if not workdir_io.is_url(workdir):
+    workdir_io.check_creatable_dir(workdir, '--workdir', 'choose another --workdir')

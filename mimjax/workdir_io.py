@@ -6,6 +6,7 @@ Orbax reads the same paths, so checkpoints, metrics.jsonl, config.json, eval JSO
 import json
 import os
 import socket
+import sys
 import time
 
 from absl import logging
@@ -26,6 +27,21 @@ def path(workdir, *parts):
   workdir = str(workdir)
   base = epath.Path(workdir if is_url(workdir) else os.path.abspath(workdir))
   return base.joinpath(*parts)
+
+
+def check_creatable_dir(directory, flag, fix):
+  """ConfigError unless `directory` is, or can be created as, a directory this process writes:
+  its nearest existing ancestor must be a writable directory (not a file, not read-only)."""
+  path = os.path.abspath(directory)
+  while not os.path.exists(path):
+    path = os.path.dirname(path)
+  if not os.path.isdir(path):
+    raise errors.ConfigError(f'{flag} {directory}: {path} is a file, not a directory; {fix}.')
+  if not os.access(path, os.W_OK | os.X_OK):
+    what = 'is not writable' if path == os.path.abspath(directory) else (
+        f'cannot be created: {path} is not writable')
+    raise errors.ConfigError(f'{flag} {directory} {what}; {fix} (or fix its permissions / '
+                             'mount).')
 
 
 def write_atomic(target, text):
@@ -54,7 +70,13 @@ def write_atomic(target, text):
 def read_jsonl(target):
   """The records of a JSON-lines file; a torn last line (a crash mid-write) is dropped with a
   warning, a damaged line elsewhere is an error."""
-  lines = [line for line in epath.Path(target).read_text().splitlines() if line.strip()]
+  try:
+    text = epath.Path(target).read_text()
+  except (OSError, UnicodeDecodeError) as e:  # a directory, invalid UTF-8, unreadable
+    raise errors.CheckpointError(
+        f'{target} cannot be read as JSON lines ({type(e).__name__}: {str(e)[:120]}); fix it or '
+        'move it away (losing that history) to resume.') from e
+  lines = [line for line in text.splitlines() if line.strip()]
   records = []
   for i, line in enumerate(lines):
     try:
@@ -120,19 +142,25 @@ def _is_stale(holder):
 
 
 def read_holder(lock):
-  """The holder recorded in a lock file, or None."""
+  """The holder recorded in a lock file: None when there is no lock file, '' when it holds no
+  holder record (empty, not JSON: not a lock this mimjax wrote, since it writes each at once)."""
   try:
-    return json.loads(lock.read_text())
-  except (FileNotFoundError, json.JSONDecodeError):
-    return None  # a lock being written or removed right now
+    holder = json.loads(epath.Path(lock).read_text())
+  except FileNotFoundError:
+    return None
+  except (OSError, ValueError):
+    return ''
+  return holder if isinstance(holder, dict) else ''
 
 
 class WorkdirLock:
   """WORKDIR/lock.json while a run uses the workdir: a second run refuses, naming the holder.
 
-  A lock whose process is gone (same host, pid not running) is stale and taken over, so a run
-  killed with kill -9 still resumes. The lock records a nonce that the other hosts of a
-  multi-host run read back to prove they see the same workdir.
+  A local lock appears whole or not at all: its content is written to a private file first, which
+  is then hard-linked to the lock's name (create-exclusive). A lock whose process is gone (same
+  host, pid not running) is stale and taken over, so a run killed with kill -9 still resumes; an
+  empty or unparsable lock is never taken over (its holder is unknown). The lock records a nonce
+  that the other hosts of a multi-host run read back to prove they see the same workdir.
   """
 
   def __init__(self, workdir):
@@ -140,39 +168,69 @@ class WorkdirLock:
     self.holder = None
 
   def acquire(self):
-    """Takes the lock; CheckpointError when another live run holds it."""
+    """Takes the lock; CheckpointError when another live run (or an unknown one) holds it."""
     holder = _holder()
     text = json.dumps(holder)
-    for _ in range(2):
-      if self._create(text):
+    for _ in range(3):
+      if self._create(text, holder['nonce']):
         self.holder = holder
         return holder
       current = read_holder(self.file)
-      if current is not None and not _is_stale(current):
+      if current is None:
+        continue  # released between our attempt and the read: try again
+      if current == '':
+        raise errors.CheckpointError(
+            f'{self.file} exists but holds no lock record (it is empty or not JSON), so whether '
+            'a run uses this workdir is unknown. If none does, delete that file and re-run.')
+      if not _is_stale(current):
         raise errors.CheckpointError(
             f'The workdir is in use by another run (host {current.get("host")}, pid '
             f'{current.get("pid")}, started {current.get("started")}); {self.file} is its lock. '
             'Wait for that run to end or stop it, or use another --workdir. If that run is gone '
             '(its host was lost), delete the lock file.')
-      print(f'warning: taking over the stale lock {self.file} of a run that is gone '
-            f'({current})', flush=True)
-      self.file.unlink(missing_ok=True)
+      self._remove_stale(current, holder['nonce'])
     raise errors.CheckpointError(f'Could not take the workdir lock {self.file}; retry.')
 
-  def _create(self, text):
-    """Creates the lock file only if it does not exist (atomic on a local filesystem)."""
+  def _create(self, text, nonce):
+    """Creates the lock file with `text` only if it does not exist (atomic on a local
+    filesystem: the content is complete before the name appears)."""
     if is_url(self.file):
       if self.file.exists():
         return False
       self.file.write_text(text)
       return True
+    private = f'{self.file}.{nonce}.new'
+    with open(private, 'w') as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
     try:
-      fd = os.open(str(self.file), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+      os.link(private, str(self.file))
     except FileExistsError:
       return False
-    with os.fdopen(fd, 'w') as f:
-      f.write(text)
+    finally:
+      os.unlink(private)
     return True
+
+  def _remove_stale(self, stale, nonce):
+    """Removes the stale lock `stale`, and only it: a live lock another run put in its place
+    meanwhile is put back."""
+    print(f'warning: taking over the stale lock {self.file} of a run that is gone ({stale})',
+          file=sys.stderr, flush=True)
+    if is_url(self.file):
+      self.file.unlink(missing_ok=True)
+      return
+    aside = f'{self.file}.{nonce}.stale'
+    try:
+      os.rename(str(self.file), aside)
+    except FileNotFoundError:
+      return  # another run removed it first
+    if read_holder(aside) != stale:
+      try:
+        os.link(aside, str(self.file))
+      except FileExistsError:
+        pass
+    os.unlink(aside)
 
   def release(self):
     """Removes the lock if this run still holds it."""

@@ -8,6 +8,7 @@ from conftest import load_config
 from mimjax import errors
 from mimjax import validation
 from mimjax.data import augment
+from mimjax.data import features
 from mimjax.data import pipeline
 from mimjax.data import sources
 
@@ -148,3 +149,8 @@ def test_repeated_augmentation_each_image_three_times_differently_augmented():
 def test_repeated_augmentation_must_be_positive():
   with pytest.raises(errors.ConfigError, match='repeated_aug'):
     validation.validate(_repeated('center', **{'data.repeated_aug': 0}))
+
+
+def test_the_config_check_knows_every_registered_augmentation():
+  """features.NAMES (what validation accepts without TensorFlow) is augment's registry."""
+  assert sorted(features.NAMES) == sorted(augment.AUGMENTATIONS)

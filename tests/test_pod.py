@@ -232,6 +232,35 @@ def test_a_second_run_on_a_workdir_in_use_is_refused_naming_the_holder(tmp_path)
     workdir_io.WorkdirLock(str(tmp_path)).acquire()
 
 
+def test_an_empty_or_unparsable_lock_is_never_taken_over(tmp_path):
+  """Its holder is unknown (mimjax writes a lock whole), so it is refused and left in place."""
+  lock = tmp_path / workdir_io.LOCK_NAME
+  for text in ('', '{"host": "a", "pi', '[]'):
+    lock.write_text(text)
+    with pytest.raises(errors.CheckpointError, match='holds no lock record .* delete that file'):
+      workdir_io.WorkdirLock(str(tmp_path)).acquire()
+    assert lock.read_text() == text
+
+
+def test_the_lock_appears_with_its_whole_record(tmp_path, monkeypatch):
+  """Whenever the lock's name comes into being (an exclusive create or a link), the file already
+  holds the holder record: a run starting in between reads a live lock, never an empty one."""
+  lock = str(tmp_path / workdir_io.LOCK_NAME)
+  seen = []
+  real_open, real_link = os.open, os.link
+
+  def watch(result, name):
+    if str(name) == lock:
+      seen.append(workdir_io.read_holder(lock))
+    return result
+
+  monkeypatch.setattr(os, 'open', lambda p, *a, **k: watch(real_open(p, *a, **k), p))
+  monkeypatch.setattr(os, 'link', lambda src, dst, **k: watch(real_link(src, dst, **k), dst))
+  holder = workdir_io.WorkdirLock(str(tmp_path)).acquire()
+  assert seen == [holder]
+  assert os.listdir(tmp_path) == [workdir_io.LOCK_NAME]  # no private file left behind
+
+
 def test_a_run_refuses_a_workdir_held_by_a_live_process(tiny_mae_config, tmp_path):
   holder = subprocess.Popen(['sleep', '60'])
   try:

@@ -5,6 +5,8 @@ import copy
 import errno
 import json
 import os
+import shutil
+import subprocess
 import types
 
 import jax
@@ -14,8 +16,11 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
+from etils import epath
 
+from conftest import config_flags
 from conftest import run_module
+from conftest import tiny_overrides
 from mimjax import checkpoint as checkpoint_lib
 from mimjax import config_lib
 from mimjax import errors
@@ -84,7 +89,8 @@ def test_finite_update_is_applied(tiny_mae_config):
 
 
 def test_nan_params_are_never_checkpointed_and_no_step_none(tiny_mae_config, tmp_path):
-  config = _set(tiny_mae_config, **{'optim.b2': 1.0, 'total_steps': 1,
+  """A learning rate that passes validation but overflows float32 (1e39): an infinite update."""
+  config = _set(tiny_mae_config, **{'optim.base_lr': 1e39, 'warmup_steps': 0, 'total_steps': 1,
                                     'checkpoint.every_steps': 1})
   with pytest.raises(errors.NonFiniteError) as e:
     train.train(config, str(tmp_path))
@@ -217,7 +223,44 @@ def test_enospc_in_the_async_save_stops_the_run_at_once(tiny_mae_config, tmp_pat
   assert max(steps) <= 8  # stopped within the async window, far from 30
   assert calls == [3, 6]
   assert _steps(workdir) == [3]
-  assert not os.path.exists(os.path.join(workdir, 'checkpoints', '6'))
+  assert os.listdir(os.path.join(workdir, 'checkpoints')) == ['3']  # no tmp directory left
+  assert message.startswith('Saving checkpoint 6 to')
+  assert 'failed (No space left on device' in message
+  assert checkpoint_lib.restore(workdir)[1] == 3  # checkpoint 3 still verifies
+
+
+@pytest.mark.slow
+def test_a_full_disk_is_one_line_and_the_previous_checkpoint_resumes(tmp_path):
+  """A real full disk (a 3 MB tmpfs; needs root): one `error:` line naming "No space left on
+  device", none of Orbax's logs or tracebacks, no temporary checkpoint directory left; the last
+  complete checkpoint verifies and, once space is freed, the rerun resumes from it."""
+  disk = tmp_path / 'disk'
+  disk.mkdir()
+  if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=3m', 'tmpfs', str(disk)],
+                    capture_output=True).returncode:
+    pytest.skip('cannot mount a tmpfs here (needs root)')
+  try:
+    workdir = disk / 'run'
+    args = ['mimjax.train', '--config', 'configs/mae.py:runlocal', *config_flags(tiny_overrides(**{
+        'mae.decoder_width': 32, 'mae.decoder_depth': 1, 'mae.decoder_heads': 2,
+        'total_steps': 30, 'checkpoint.keep': 20})), f'--workdir={workdir}']
+    full = run_module(args)
+    assert full.returncode == 1
+    lines = [line for line in full.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith('error: Saving checkpoint') and 'No space left on device' in (
+        lines[-1]), full.stderr[-3000:]
+    assert 'Traceback' not in full.stderr and 'orbax' not in '\n'.join(lines[:-1])
+    left = os.listdir(workdir / 'checkpoints')
+    assert all(name.isdigit() for name in left), left  # only whole steps, no tmp directory
+    kept = sorted(map(int, left))
+    assert checkpoint_lib.restore(str(workdir))[1] == kept[-1]
+    for step in kept[:-1]:  # the user frees space (and keeps fewer checkpoints from now on)
+      shutil.rmtree(workdir / 'checkpoints' / str(step))
+    rerun = run_module(args[:-2] + ['--config.checkpoint.keep=2', f'--workdir={workdir}'])
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f'Resuming from checkpoint {kept[-1]}' in rerun.stdout
+  finally:
+    subprocess.run(['umount', str(disk)], check=False)
 
 
 # Items 7-10: bad input is one `error:` line, creates nothing, and messages name what exists.
@@ -332,15 +375,111 @@ def test_missing_step_lists_the_steps_that_exist(trained):
 
 
 def test_truncated_checkpoint_error_has_no_tensorstore_spec(trained):
-  """Without checksums (an older checkpoint) a truncated file still gives a short message."""
+  """A file truncated before its checksums were computed (damage checksums cannot see) still
+  gives a short message when it is read."""
   _, workdir = trained
   step_dir = os.path.join(workdir, 'checkpoints', '3')
-  os.remove(os.path.join(step_dir, checkpoint_lib.CHECKSUMS))
   files = [os.path.join(r, n) for r, _, ns in os.walk(os.path.join(step_dir, 'state')) for n in ns]
   for path in files:
     if os.path.getsize(path) > 1000:
       os.truncate(path, os.path.getsize(path) // 2)
+  digests = checkpoint_lib._digests(epath.Path(step_dir))  # pylint: disable=protected-access
+  with open(os.path.join(step_dir, checkpoint_lib.CHECKSUMS), 'w') as f:
+    json.dump(digests, f)
   with pytest.raises(errors.CheckpointError) as e:
     checkpoint_lib.restore_params(workdir)
   _one_line_error(e, 'cannot be read')
   assert '{"' not in str(e.value) and len(str(e.value)) < 600
+
+
+# Issue 32: damaged files, export paths and empty splits are one line and change nothing.
+
+def test_a_damaged_or_missing_checksum_file_is_refused_like_a_damaged_checkpoint(tiny_mae_config,
+                                                                                 tmp_path):
+  """Not JSON, not a record, invalid UTF-8, a directory or deleted: checkpoint 6 cannot be
+  verified, so it is never read (a deleted file once turned verification off silently); the
+  message offers checkpoint 3, which verifies, as for a damaged checkpoint."""
+  workdir = str(tmp_path)
+  train.train(_set(tiny_mae_config, **{'total_steps': 6}), workdir)  # checkpoints 3 and 6
+  sums = os.path.join(workdir, 'checkpoints', '6', checkpoint_lib.CHECKSUMS)
+  good = open(sums, 'rb').read()
+  damages = {'not JSON': lambda: open(sums, 'w').write('{"state/'),
+             'a list': lambda: open(sums, 'w').write('[]'),
+             'invalid UTF-8': lambda: open(sums, 'wb').write(b'\xff\xfe{}'),
+             'a directory': lambda: (os.remove(sums), os.mkdir(sums)),
+             'deleted': lambda: os.remove(sums)}
+  for name, damage in damages.items():
+    damage()
+    with pytest.raises(errors.CheckpointError) as e:
+      checkpoint_lib.restore_params(workdir)  # export / evaluate / init from the workdir
+    _one_line_error(e, 'Checkpoint 6', checkpoint_lib.CHECKSUMS, 'cannot be verified',
+                    'Checkpoint 3 verifies: move')
+    if os.path.isdir(sums):
+      os.rmdir(sums)
+    open(sums, 'wb').write(good)
+    checkpoint_lib.restore_params(workdir)  # the restored file verifies again: it was the cause
+  os.remove(sums)
+  config_json = open(os.path.join(workdir, 'config.json')).read()
+  with pytest.raises(errors.CheckpointError, match='checksums.json is missing'):
+    train.train(_set(tiny_mae_config, **{'total_steps': 9,
+                                         'resume.accept_changes': 'total_steps'}), workdir)
+  assert open(os.path.join(workdir, 'config.json')).read() == config_json
+
+
+def test_a_damaged_metrics_file_is_one_error_before_anything_is_rewritten(trained, capsys):
+  """A last line without "step", invalid UTF-8, a directory: one error, and config.json /
+  config_history.jsonl stay as they were (they were rewritten before the error). A deleted
+  metrics.jsonl warns that the history is lost, and the run goes on."""
+  config, workdir = trained
+  _set(config, **{'total_steps': 6, 'resume.accept_changes': 'total_steps'})
+  metrics = os.path.join(workdir, 'metrics.jsonl')
+  good = open(metrics, 'rb').read()
+  kept = {name: open(os.path.join(workdir, name)).read()
+          for name in ('config.json', 'config_history.jsonl')}
+  damages = {'no step': (lambda: open(metrics, 'ab').write(b'{"loss": 1.0}\n'), 'no integer'),
+             'invalid UTF-8': (lambda: open(metrics, 'ab').write(b'\xff\n'), 'UnicodeDecodeError'),
+             'a directory': (lambda: (os.remove(metrics), os.mkdir(metrics)), 'IsADirectoryError')}
+  for damage, part in damages.values():
+    damage()
+    with pytest.raises(errors.CheckpointError) as e:
+      train.train(config, workdir)
+    _one_line_error(e, 'metrics.jsonl', part)
+    assert {name: open(os.path.join(workdir, name)).read() for name in kept} == kept
+    if os.path.isdir(metrics):
+      os.rmdir(metrics)
+    open(metrics, 'wb').write(good)
+  os.remove(metrics)
+  assert train.train(config, workdir)['step'] == 6
+  assert 'metrics.jsonl is missing, so the metrics logged before step 3 are lost' in (
+      capsys.readouterr().err)
+  assert [json.loads(line)['step'] for line in open(metrics)] == [4, 5, 6]
+
+
+@pytest.mark.parametrize('kind', ['parent is a file', 'read-only', 'hub onto a file'])
+def test_export_paths_that_cannot_be_written_are_one_line_before_reading(tmp_path, monkeypatch,
+                                                                         kind):
+  """Checked before the workdir is read (it does not exist here), so nothing is written."""
+  blocker = tmp_path / 'file'
+  blocker.write_text('x')
+  out, fmt, part = str(blocker / 'enc.safetensors'), 'safetensors', 'is a file, not a directory'
+  if kind == 'read-only':  # simulated: tests run as root, for whom chmod does not bite
+    readonly = str(tmp_path / 'ro')
+    os.mkdir(readonly)
+    real_access = os.access
+    monkeypatch.setattr(os, 'access', lambda p, mode: p != readonly and real_access(p, mode))
+    out, part = os.path.join(readonly, 'sub', 'enc.safetensors'), 'is not writable'
+  elif kind == 'hub onto a file':
+    out, fmt, part = str(blocker), 'hub', 'writes a folder'
+  with pytest.raises(errors.ConfigError) as e:
+    export.export_checkpoint(str(tmp_path / 'no-run'), out, fmt=fmt)
+  _one_line_error(e, '--out', part)
+  assert sorted(os.listdir(tmp_path)) == (['file', 'ro'] if kind == 'read-only' else ['file'])
+
+
+@pytest.mark.parametrize('split,part', [('train[:0]', 'holds no examples'),
+                                        ('train[:abc]', 'cannot be read')])
+def test_an_empty_or_unparsable_split_is_one_line(tiny_mae_config, tmp_path, split, part):
+  with pytest.raises(errors.DatasetError) as e:
+    train.train(_set(tiny_mae_config, **{'data.train_split': split}), str(tmp_path / 'run'))
+  _one_line_error(e, repr(split), part)
+  assert not (tmp_path / 'run').exists()

@@ -84,7 +84,9 @@ def test_ctrl_c_between_log_steps_then_rerun_logs_the_uninterrupted_run(tiny_mae
   interrupted = str(tmp_path / 'interrupted')
   with monkeypatch.context() as patch:
     patch.setattr(train.pipeline, 'train_batches', batches_that_interrupt)
-    train.train(tiny_mae_config, interrupted)
+    with pytest.raises(train.Stopped) as stopped:
+      train.train(tiny_mae_config, interrupted)
+  assert (stopped.value.step, stopped.value.exit_code) == (6, 130)  # not 0, like a finished run
   ckpt = checkpoint_lib.Checkpointer(interrupted)
   assert ckpt.latest_step() == 6
   assert ckpt.read_meta(6)['open_interval']['steps'] == 2
@@ -96,6 +98,40 @@ def test_ctrl_c_between_log_steps_then_rerun_logs_the_uninterrupted_run(tiny_mae
   assert [r['step'] for r in b] == [r['step'] for r in a] == [4, 8, 12]
   for key in ('loss', 'grad_norm', 'lr'):
     assert [r[key] for r in b] == [r[key] for r in a], key  # the same float32 sums
+
+
+@pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_start_up_stops_at_once_and_writes_nothing(tiny_mae_config, tmp_path,
+                                                                   monkeypatch, signum):
+  """The signal lands while start-up draws the first batch: the run stops there (it once went on
+  to train to the end), with 130 / 143, and the workdir is never created."""
+  def batches_that_interrupt(config, start_step):
+    os.kill(os.getpid(), signum)
+    yield from ()
+
+  monkeypatch.setattr(train.pipeline, 'train_batches', batches_that_interrupt)
+  with pytest.raises(train.Stopped) as stopped:
+    train.train(tiny_mae_config, str(tmp_path / 'run'))
+  assert (stopped.value.step, stopped.value.exit_code) == (None, 128 + signum)
+  assert 'nothing was written' in str(stopped.value)
+  assert not (tmp_path / 'run').exists()
+  assert signal.getsignal(signum) == signal.default_int_handler if signum == signal.SIGINT else (
+      signal.getsignal(signum) == signal.SIG_DFL)  # handlers restored
+
+
+def test_a_second_ctrl_c_exits_at_once_without_a_traceback(monkeypatch, capsys):
+  """The first Ctrl-C of a writing run asks for a checkpoint at the end of the step; the second
+  ends the process at once (os._exit: no KeyboardInterrupt traceback, no waiting) with 130."""
+  exits = []
+  monkeypatch.setattr(os, '_exit', exits.append)
+  with train._StopRequest() as request:  # pylint: disable=protected-access
+    request.writing = True
+    os.kill(os.getpid(), signal.SIGINT)
+    assert request.reached(1) and exits == []
+    os.kill(os.getpid(), signal.SIGINT)
+  assert exits == [130]
+  err = capsys.readouterr().err
+  assert 'saving a checkpoint at the end of this step' in err and 'SIGINT again: exiting now' in err
 
 
 @pytest.mark.slow
@@ -119,7 +155,7 @@ def test_ctrl_c_then_rerun_reproduces_uninterrupted_run(tmp_path):
     time.sleep(0.2)
   proc.send_signal(signal.SIGINT)
   _, err = proc.communicate(timeout=300)
-  assert proc.returncode == 0, err[-2000:]
+  assert proc.returncode == 130, err[-2000:]
   assert 'checkpoint saved' in err
   interrupted_at = _records(workdir)[-1]['step']
   assert interrupted_at < 40
@@ -139,7 +175,7 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(trained):
             for dp, _, ps in os.walk(workdir + '/checkpoints') for p in ps}
   with tiny_mae_config.unlocked():
     tiny_mae_config.total_steps = 6
-    tiny_mae_config.optim.base_lr = float('nan')
+    tiny_mae_config.optim.base_lr = 1e39  # valid, but overflows float32: infinite updates
     tiny_mae_config.resume.accept_changes = 'total_steps,optim.base_lr'
   with pytest.raises(errors.NonFiniteError, match='last good checkpoint .step 3. .* intact'):
     train.train(tiny_mae_config, workdir)
@@ -170,7 +206,7 @@ def test_unknown_config_argument_is_refused():
 def test_image_size_not_multiple_of_patch(tiny_mae_config, tmp_path):
   with tiny_mae_config.unlocked():
     tiny_mae_config.data.image_size = 30
-  with pytest.raises(errors.ConfigError, match='image_size=30 is not a multiple of the patch'):
+  with pytest.raises(errors.ConfigError, match='image_size=30: use a positive multiple of the'):
     train.train(tiny_mae_config, str(tmp_path))
   assert not os.listdir(tmp_path)
 

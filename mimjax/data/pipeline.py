@@ -51,6 +51,15 @@ def _builder_with_split(config, split):
     raise errors.DatasetError(
         f'Dataset {config.data.name!r} has {channels}-channel images; mimjax takes 1 (grayscale, '
         'replicated to 3) or 3 (RGB). Choose an RGB or grayscale dataset.')
+  try:
+    size = builder.info.splits[split].num_examples
+  except ValueError as e:  # TFDS's slice syntax, e.g. 'train[:abc]'
+    raise errors.DatasetError(f'Split {split!r} of {config.data.name!r} cannot be read: '
+                              f'{str(e).splitlines()[0]} Use e.g. train, train[:10%] or '
+                              'train[:1000].') from e
+  if size < 1:
+    raise errors.DatasetError(f'Split {split!r} of {config.data.name!r} holds no examples; choose '
+                              'a slice with at least one (e.g. train[:1000]).')
   return builder
 
 

@@ -28,6 +28,9 @@ class MAEModel(nn.Module):
     return enc, dec
 
 
+TARGETS = ('pixels', 'teacher')  # what the decoder predicts: patches, or the teacher's tokens
+
+
 class MAE(teachers.WithTeacher, base.Framework):
   """Masked autoencoder with per-patch (optionally normalised) pixel or teacher-token targets."""
   name = 'mae'
@@ -44,10 +47,19 @@ class MAE(teachers.WithTeacher, base.Framework):
 
   @classmethod
   def check_config(cls, config):
-    if config.mae.target not in ('pixels', 'teacher'):
-      raise errors.ConfigError(f'config.mae.target={config.mae.target!r}; use "pixels" or '
-                               '"teacher".')
-    if config.mae.target == 'teacher':
+    """The `config.mae` fields: a mask ratio that keeps a patch visible, a decoder that exists."""
+    mae = config.mae
+    errors.require_choice('mae.target', mae.target, TARGETS)
+    num_patches = vit.grid_size(config.model, config.data.image_size) ** 2
+    try:
+      masking.num_kept(num_patches, mae.mask_ratio)
+    except ValueError as e:
+      raise errors.ConfigError(f'config.mae.mask_ratio={mae.mask_ratio!r}: {e}') from e
+    for key in ('decoder_width', 'decoder_depth', 'decoder_heads', 'decoder_mlp_ratio'):
+      errors.require(mae[key] >= 1, f'mae.{key}', mae[key], 'use a positive integer')
+    errors.require(mae.decoder_width % mae.decoder_heads == 0, 'mae.decoder_heads',
+                   mae.decoder_heads, f'it must divide mae.decoder_width={mae.decoder_width}')
+    if mae.target == 'teacher':
       teachers.check_feature_config(config)
 
   def build_model(self):

@@ -27,6 +27,13 @@ class Supervised(base.Framework):
       raise errors.ConfigError(
           'framework="supervised" needs config.model.num_classes > 0 (the number of classes of '
           f'config.data.name={config.data.name!r}, e.g. 1000 for imagenet2012).')
+    s = config.supervised
+    errors.require(0 <= s.label_smoothing < 1, 'supervised.label_smoothing', s.label_smoothing,
+                   'use a fraction in [0, 1)')
+    for key in ('mixup_alpha', 'cutmix_alpha'):
+      errors.require(s[key] >= 0, f'supervised.{key}', s[key], 'use >= 0 (0 = off)')
+    for key in ('mix_prob', 'switch_prob'):
+      errors.require(0 <= s[key] <= 1, f'supervised.{key}', s[key], 'use a probability in [0, 1]')
 
   def build_model(self):
     return vit.from_config(self.config)

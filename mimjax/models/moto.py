@@ -38,6 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mimjax import errors
+
 Dtype = Any
 
 
@@ -157,12 +159,33 @@ class MoToTokenizer(nn.Module):
     return PatchEmbedding(self.width, self.patch_size // s, self.dtype, name='embedding')(x)
 
 
+TOKENIZER_NORMS = ('none', 'moto')  # the plain patch embedding, or MoTo before it
+
+
+def check_config(model_config, patch_size):
+  """`config.model.tokenizer_norm` and, when it is moto, the `config.model.moto` fields."""
+  errors.require_choice('model.tokenizer_norm', model_config.tokenizer_norm, TOKENIZER_NORMS)
+  if model_config.tokenizer_norm != 'moto':
+    return
+  m = model_config.moto
+  for key in ('entities', 'key_dim', 'stem_stride'):
+    errors.require(m[key] >= 1, f'model.moto.{key}', m[key], 'use a positive integer')
+  errors.require(m.stem_channels >= 0, 'model.moto.stem_channels', m.stem_channels,
+                 'use >= 0 (0 = MoTo on the image)')
+  errors.require(patch_size % m.stem_stride == 0 and (m.stem_stride == 1 or m.stem_channels),
+                 'model.moto.stem_stride', m.stem_stride,
+                 f'use 1 or a divisor of the patch size {patch_size} with a stem '
+                 '(model.moto.stem_channels > 0)')
+  for key in ('temperature', 'eps'):
+    errors.require(m[key] > 0, f'model.moto.{key}', m[key], 'use a positive number')
+
+
 def tokenizer_from_config(model_config, width, patch_size, dtype):
   """The tokenizer module of `config.model` (None for the plain patch embedding)."""
   if model_config.tokenizer_norm == 'none':
     return None
-  if model_config.tokenizer_norm != 'moto':
-    raise ValueError(f'model.tokenizer_norm must be "none" or "moto", not '
+  if model_config.tokenizer_norm not in TOKENIZER_NORMS:
+    raise ValueError(f'model.tokenizer_norm must be one of {TOKENIZER_NORMS}, not '
                      f'{model_config.tokenizer_norm!r}')
   m = model_config.moto
   return MoToTokenizer(width=width, patch_size=patch_size, entities=m.entities,

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mimjax import errors
 from mimjax.models import moto
 from mimjax.models import posemb as posemb_lib
 
@@ -37,6 +38,9 @@ RELPOS = ('none', 'block', 'shared', 'both')  # relative position bias: per bloc
 # default: MAE's (Xavier); beit: BEiT's (and SimMIM's ViT's); timm: timm's VisionTransformer as
 # DeiT runs it. See `normal_02` and `layer_kernel_inits`.
 INITS = ('default', 'beit', 'timm')
+POOLS = ('tok', 'gap')  # the class token, or the mean patch token
+POSEMBS = ('learn', 'sincos2d', 'none')
+DTYPES = ('auto', 'float32', 'bfloat16', 'float16')  # auto: bfloat16 on GPU/TPU, float32 on CPU
 
 
 def beit_normal(layer_id=0):
@@ -125,6 +129,33 @@ def parse_variant(variant):
   width, depth, mlp_dim, num_heads = VARIANTS[size]
   return dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=num_heads,
               patch_size=int(patch))
+
+
+def check_config(config):
+  """The `config.model` fields (and the image size the patches must tile), before anything runs."""
+  m = config.model
+  try:
+    patch = parse_variant(m.variant)['patch_size']
+  except ValueError as e:
+    raise errors.ConfigError(f'config.model.variant: {e}') from e
+  errors.require(patch >= 1, 'model.variant', m.variant, 'the patch size must be positive')
+  size = config.data.image_size
+  errors.require(size >= patch and size % patch == 0, 'data.image_size', size,
+                 f'use a positive multiple of the patch size {patch} of model {m.variant!r} '
+                 f'(e.g. {size // patch * patch or patch})')
+  errors.require_choice('model.posemb', m.posemb, POSEMBS)
+  errors.require_choice('model.pool', m.pool, POOLS)
+  errors.require(m.cls_token or m.pool != 'tok', 'model.pool', m.pool,
+                 'pool "tok" needs model.cls_token=True; use pool="gap" without it')
+  errors.require_choice('model.rel_pos', m.rel_pos, RELPOS)
+  errors.require_choice('model.weight_init', m.weight_init, INITS)
+  errors.require_choice('model.dtype', m.dtype, DTYPES)
+  errors.require(m.layerscale >= 0, 'model.layerscale', m.layerscale, 'use >= 0 (0 = off)')
+  errors.require(0 <= m.drop_path < 1, 'model.drop_path', m.drop_path, 'use a rate in [0, 1)')
+  errors.require(m.num_classes >= 0, 'model.num_classes', m.num_classes, 'use >= 0 (0 = no head)')
+  errors.require(m.head_init_std >= 0, 'model.head_init_std', m.head_init_std,
+                 'use >= 0 (0 = a zero head; MAE fine-tuning uses 2e-5)')
+  moto.check_config(m, patch)
 
 
 def grid_size(model_config, image_size):
@@ -369,8 +400,8 @@ class ViT(nn.Module):
     if self.image_size % self.patch_size:
       raise ValueError(f'image size {self.image_size} is not a multiple of patch size '
                        f'{self.patch_size}; choose data.image_size = k * {self.patch_size}.')
-    if self.pool not in ('tok', 'gap'):
-      raise ValueError(f'model.pool must be "tok" or "gap", not {self.pool!r}')
+    if self.pool not in POOLS:
+      raise ValueError(f'model.pool must be one of {POOLS}, not {self.pool!r}')
     if self.pool == 'tok' and not self.cls_token:
       raise ValueError('model.pool="tok" needs model.cls_token=True; use pool="gap" without it.')
     if self.rel_pos not in RELPOS:
@@ -394,8 +425,8 @@ class ViT(nn.Module):
       # As timm / MAE: the cls token has a learned position slot of its own (index 0).
       self.pos_embedding = self.param('pos_embedding', token_init,
                                       (1, self.num_prefix + self.num_patches, self.width))
-    elif self.posemb not in ('sincos2d', 'none'):
-      raise ValueError(f'model.posemb must be "learn", "sincos2d" or "none", not {self.posemb!r}')
+    elif self.posemb not in POSEMBS:
+      raise ValueError(f'model.posemb must be one of {POSEMBS}, not {self.posemb!r}')
     if self.cls_token:
       self.cls = self.param('cls', token_init, (1, 1, self.width))
     self.Transformer = Transformer(self.depth, self.mlp_dim, self.num_heads, self.layerscale,

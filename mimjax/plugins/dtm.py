@@ -225,12 +225,17 @@ class DTM(base.Plugin):
   @classmethod
   def check_config(cls, config):
     c = config.dtm
+    errors.require(c.weight > 0, 'dtm.weight', c.weight,
+                   'use a positive weight, or dtm.enabled=False to turn DTM off')
     if c.scheduler not in SCHEDULERS:
       raise errors.ConfigError(f'config.dtm.scheduler={c.scheduler!r}; use one of '
                                f'{SCHEDULERS}.')
-    if c.num_schedules < 1 or c.max_rounds < 1 or c.min_tokens < 0 or c.schedule_groups < 0:
-      raise errors.ConfigError('config.dtm.num_schedules and max_rounds must be >= 1, min_tokens '
-                               'and schedule_groups >= 0.')
+    for key in ('num_schedules', 'max_rounds'):
+      errors.require(c[key] >= 1, f'dtm.{key}', c[key], 'use a positive integer')
+    errors.require(c.min_tokens >= 0, 'dtm.min_tokens', c.min_tokens,
+                   'use >= 0 (0 = the reference code)')
+    errors.require(c.schedule_groups >= 0, 'dtm.schedule_groups', c.schedule_groups,
+                   'use >= 0 (0 = one draw for the whole batch)')
     num_tokens = vit.grid_size(config.model, config.data.image_size) ** 2
     if c.min_tokens > num_tokens:
       raise errors.ConfigError(f'config.dtm.min_tokens={c.min_tokens} exceeds the '

@@ -122,9 +122,11 @@ class LUT(base.Plugin):
       raise errors.ConfigError(
           f'config.mae.mask_ratio={config.mae.mask_ratio} leaves too many visible patches for two '
           'disjoint masked views; LUT needs mask_ratio >= 0.5 (the paper uses 0.75).')
-    if not 0.0 <= config.lut.momentum <= 1.0:
-      raise errors.ConfigError(
-          f'config.lut.momentum={config.lut.momentum} must be in [0, 1].')
+    lut = config.lut
+    errors.require(0 <= lut.momentum <= 1, 'lut.momentum', lut.momentum, 'use a momentum in [0, 1]')
+    errors.require(lut.alpha > 0, 'lut.alpha', lut.alpha,
+                   'use a positive weight (the paper: 0.25 for ViT-B), or lut.enabled=False')
+    errors.require(lut.head_dim >= 1, 'lut.head_dim', lut.head_dim, 'use a positive width')
 
   def _init_heads(self, rng):
     x = jnp.zeros((2, self.framework.encoder_kwargs['width']), jnp.float32)

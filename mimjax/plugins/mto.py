@@ -154,8 +154,10 @@ class MTO(base.Plugin):
     if mto.ranking not in RANKINGS:
       raise errors.ConfigError(f'config.mto.ranking must be one of {RANKINGS}, not '
                                f'{mto.ranking!r}.')
-    if mto.tau < 0:
-      raise errors.ConfigError(f'config.mto.tau must be >= 0 (0 means sqrt(D)), got {mto.tau}.')
+    errors.require(mto.tau >= 0, 'mto.tau', mto.tau, 'use >= 0 (0 means sqrt(D))')
+    for key in ('lambda_spa', 'lambda_e', 'lambda_r'):
+      errors.require(mto[key] >= 0, f'mto.{key}', mto[key], 'use a weight >= 0 (0 = that term off)')
+    errors.require(mto.eps > 0, 'mto.eps', mto.eps, 'use a positive epsilon')
 
   def layers(self, outputs):
     """Per-layer patch tokens [B, N, D] (cls removed) of the configured site."""

@@ -109,10 +109,10 @@ class TokenProp(base.Plugin):
       raise errors.ConfigError(
           f'config.tokenprop.weight={config.tokenprop.weight}: TokenProp needs a positive weight '
           '(the paper uses 1e-3); set tokenprop.enabled=False to turn it off.')
-    if config.tokenprop.hidden % 16:
+    if config.tokenprop.hidden < 16 or config.tokenprop.hidden % 16:
       raise errors.ConfigError(
-          f'config.tokenprop.hidden={config.tokenprop.hidden} must be a multiple of 16 (two x2 '
-          'pixel shuffles divide the channels by 16); the paper uses 256.')
+          f'config.tokenprop.hidden={config.tokenprop.hidden} must be a positive multiple of 16 '
+          '(two x2 pixel shuffles divide the channels by 16); the paper uses 256.')
     if config.tokenprop.output_size % 4 or config.tokenprop.output_size < 4:
       raise errors.ConfigError(
           f'config.tokenprop.output_size={config.tokenprop.output_size} must be a positive '
