@@ -7,7 +7,7 @@ import os
 from mimjax import errors
 
 # Every name `augment.register`s (tests/test_data.py keeps the two equal).
-NAMES = ('rrc_flip', 'deit', 'center', 'lut_two_view', 'beit')
+NAMES = ('rrc_flip', 'deit', 'center', 'lut_two_view', 'beit', 'simmim')
 TWO_VIEW = ('lut_two_view',)  # augmentations that return a second view, `image2`
 
 
@@ -45,6 +45,8 @@ def check_config(config):
                  'use a positive number of examples (1 = no shuffling)')
   errors.require(0 <= d.folder_holdout < 1, 'data.folder_holdout', d.folder_holdout,
                  'use a fraction in [0, 1)')
+  errors.require(d.folder_holdout_min >= 0, 'data.folder_holdout_min', d.folder_holdout_min,
+                 'use a number of images per class >= 0 (0 = the fraction alone)')
   errors.require(d.threads >= 0, 'data.threads', d.threads, 'use >= 0 (0 = all cores)')
   for key in ('name', 'train_split', 'eval_split'):
     errors.require(bool(d[key]), f'data.{key}', d[key], 'must not be empty')
