@@ -287,41 +287,7 @@ def test_a_stale_lock_from_a_dead_process_does_not_block_a_resume(trained):
   assert not os.path.exists(lock)  # released at the end
 
 
-# ------------------------------------------------------------------ SIGTERM in one process
-
-
-def test_sigterm_saves_and_the_rerun_logs_the_uninterrupted_run(tiny_mae_config, tmp_path,
-                                                                monkeypatch):
-  with tiny_mae_config.unlocked():
-    tiny_mae_config.total_steps = 8
-    tiny_mae_config.log.every_steps = 2
-    tiny_mae_config.checkpoint.every_steps = 8
-  straight = str(tmp_path / 'straight')
-  train.train(tiny_mae_config, straight)
-
-  real_batches = train.pipeline.train_batches
-
-  def batches_that_terminate(config, start_step):
-    for i, batch in enumerate(real_batches(config, start_step)):
-      if i == 4:  # drawn by step 5
-        os.kill(os.getpid(), signal.SIGTERM)
-      yield batch
-
-  stopped = str(tmp_path / 'stopped')
-  with monkeypatch.context() as patch:
-    patch.setattr(train.pipeline, 'train_batches', batches_that_terminate)
-    with pytest.raises(train.Preempted) as preempted:
-      train.train(tiny_mae_config, stopped)
-  assert preempted.value.step == 5
-  ckpt = checkpoint_lib.Checkpointer(stopped)
-  assert ckpt.latest_step() == 5
-  ckpt.close()
-  assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handler restored
-  train.train(tiny_mae_config, stopped)
-  a, b = _records(straight), _records(stopped)
-  assert [r['step'] for r in b] == [r['step'] for r in a] == [2, 4, 6, 8]
-  for key in ('loss', 'grad_norm', 'lr'):
-    assert [r[key] for r in b] == [r[key] for r in a], key
+# ------------------------------------------------------------------ SIGTERM exit status
 
 
 def test_the_preempted_exit_status_is_what_a_sigterm_kill_reports():

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import ROOT, config_flags, load_config, run_module, tiny_overrides
+from conftest import ROOT, TINY_DECODER, config_flags, load_config, run_module, tiny_overrides
 from mimjax import checkpoint as checkpoint_lib
 from mimjax import config_lib
 from mimjax import errors
@@ -63,37 +63,47 @@ def test_resume_after_crash_matches_uninterrupted(tiny_mae_config, tmp_path):
   assert [r['step'] for r in _records(crashed)] == list(range(1, 7))
 
 
-def test_ctrl_c_between_log_steps_then_rerun_logs_the_uninterrupted_run(tiny_mae_config, tmp_path,
-                                                                       monkeypatch):
-  """A real SIGINT while step 6 runs (logs every 4): the rerun's log equals the straight run's."""
-  with tiny_mae_config.unlocked():
-    tiny_mae_config.total_steps = 12
-    tiny_mae_config.log.every_steps = 4
-    tiny_mae_config.checkpoint.every_steps = 12
-  straight = str(tmp_path / 'straight')
-  train.train(tiny_mae_config, straight)
+@pytest.fixture(scope='module')
+def straight_run(tmp_path_factory):
+  """A 12-step run logging every 4 steps, never interrupted: (config, workdir)."""
+  config = load_config('configs/mae.py:runlocal', **tiny_overrides(**TINY_DECODER, **{
+      'total_steps': 12, 'log.every_steps': 4, 'checkpoint.every_steps': 12}))
+  workdir = str(tmp_path_factory.mktemp('straight') / 'run')
+  train.train(config, workdir)
+  return config, workdir
 
+
+@pytest.mark.parametrize('signum,stop', [(signal.SIGINT, train.Stopped),
+                                         (signal.SIGTERM, train.Preempted)])
+def test_a_signal_between_log_steps_saves_and_the_rerun_logs_the_straight_run(
+    straight_run, tmp_path, monkeypatch, signum, stop):
+  """A real Ctrl-C or SIGTERM while step 6 runs (logs every 4): the run checkpoints step 6 with
+  its open log interval, exits 128 + signal, and the rerun's log equals the straight run's."""
+  config, straight = straight_run
+  config = copy.deepcopy(config)
   real_batches = train.pipeline.train_batches
 
-  def batches_that_interrupt(config, start_step):
+  def batches_that_signal(config, start_step):
     for i, batch in enumerate(real_batches(config, start_step)):
       if i == 5:  # drawn by step 6 (step 1 gets the batch drawn before the loop)
-        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signum)
       yield batch
 
   interrupted = str(tmp_path / 'interrupted')
+  handler_before = signal.getsignal(signum)
   with monkeypatch.context() as patch:
-    patch.setattr(train.pipeline, 'train_batches', batches_that_interrupt)
-    with pytest.raises(train.Stopped) as stopped:
-      train.train(tiny_mae_config, interrupted)
-  assert (stopped.value.step, stopped.value.exit_code) == (6, 130)  # not 0, like a finished run
+    patch.setattr(train.pipeline, 'train_batches', batches_that_signal)
+    with pytest.raises(stop) as stopped:
+      train.train(config, interrupted)
+  assert (stopped.value.step, stopped.value.exit_code) == (6, 128 + signum)  # not 0: not finished
+  assert signal.getsignal(signum) == handler_before  # the trainer's handler removed
   ckpt = checkpoint_lib.Checkpointer(interrupted)
   assert ckpt.latest_step() == 6
   assert ckpt.read_meta(6)['open_interval']['steps'] == 2
   ckpt.close()
   assert [r['step'] for r in _records(interrupted)] == [4]
 
-  train.train(tiny_mae_config, interrupted)
+  train.train(config, interrupted)
   a, b = _records(straight), _records(interrupted)
   assert [r['step'] for r in b] == [r['step'] for r in a] == [4, 8, 12]
   for key in ('loss', 'grad_norm', 'lr'):
