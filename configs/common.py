@@ -94,8 +94,10 @@ def base_config():
   c.model.fc_norm = False
   c.model.layerscale = 0.0  # initial value of layer scale; 0 turns it off
   c.model.drop_path = 0.0
-  # Compute dtype: auto | float32 | bfloat16. auto = bfloat16 on GPU/TPU, float32 on CPU; params,
-  # softmax, norms, losses and optimizer state stay float32 whatever the compute dtype.
+  # Compute dtype: auto | float32 | bfloat16 | float16. auto = bfloat16 on TPU and GPUs of compute
+  # capability >= 8.0, float16 on older GPUs (T4, V100: no bfloat16), float32 on CPU. float16 trains
+  # with dynamic loss scaling (docs/gpu.md); params, softmax, norms, losses and optimizer state stay
+  # float32 whatever the compute dtype.
   c.model.dtype = 'auto'
   c.model.remat = False  # rematerialise each block in the backward pass
   c.model.num_classes = 0  # classification head size; 0 = no head

@@ -19,6 +19,7 @@ import orbax.checkpoint as ocp
 
 from mimjax import console
 from mimjax import errors
+from mimjax import train_step
 from mimjax import tree_util
 from mimjax import workdir_io
 
@@ -288,15 +289,25 @@ class Checkpointer:
   def restore(self, step, abstract_state):
     """Restores the state at `step` onto the shardings carried by `abstract_state`."""
     self.verify(step)
+    # A float16 state (see train_step.LossScale) from a checkpoint written without a loss scale
+    # (an older mimjax): the rest restores, and the scale starts at its initial value.
+    loss_scale = getattr(abstract_state, 'loss_scale', None)
+    fresh_scale = loss_scale is not None and not self.restore_host(step, 'loss_scale')
+    if fresh_scale:
+      abstract_state = abstract_state.replace(loss_scale=None)
     try:
-      restored = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state)))
+      state = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state)))['state']
+      if fresh_scale:
+        state = state.replace(loss_scale=jax.tree_util.tree_map(
+            lambda a, v: jax.device_put(v, a.sharding), loss_scale,
+            train_step.LossScale.create()))
+      return state
     except Exception as e:
       raise errors.CheckpointError(
           f'Checkpoint {step} in {self.directory} cannot be restored ({_reason(e)}). '
           f'If it is damaged, move {self._step_dir(step)} away to resume from '
           'the one before, or start in a new --workdir.') from e
-    return restored['state']
 
   # Orbax looks for the step's _CHECKPOINT_METADATA in the item directory read here and warns that
   # it is missing: it lives one level up, and the item's own metadata is what is read.

@@ -198,6 +198,12 @@ def dot_product_attention(q, k, v, bias=None, return_weights=False):
         return jax.nn.dot_product_attention(q, k, v, bias, implementation='cudnn'), None
       except (ValueError, NotImplementedError, RuntimeError):
         pass  # shapes, dtypes or cuDNN version the fused kernel does not cover: XLA below
+    if q.dtype == jnp.float16 and jax.default_backend() == 'cpu':
+      # XLA:CPU has no float16 dot accumulating in float32 (F16_F16_F32), which jax's attention
+      # asks for: float16 runs on CPU (the loss-scaling tests) compute attention in float32.
+      out = jax.nn.dot_product_attention(q.astype(jnp.float32), k.astype(jnp.float32),
+                                         v.astype(jnp.float32), bias)
+      return out.astype(q.dtype), None
     return jax.nn.dot_product_attention(q, k, v, bias), None
   logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
   logits = logits / math.sqrt(q.shape[-1])
@@ -506,11 +512,29 @@ class ViT(nn.Module):
     return out
 
 
+def auto_dtype(device):
+  """The compute dtype 'auto' picks on `device`: bfloat16 on TPU and on GPUs of compute capability
+  >= 8.0 (Ampere and later, with bfloat16 tensor cores); float16 on older GPUs (T4 is 7.5, V100
+  7.0), which have float16 tensor cores but no bfloat16 (emulated, slow, or refused), trained with
+  dynamic loss scaling (see `train_step`); float32 on CPU, where reduced-precision matmuls are
+  emulated and slower than float32. A GPU without a readable `compute_capability` counts as >= 8.0.
+  """
+  if device.platform == 'tpu':
+    return jnp.dtype(jnp.bfloat16)
+  if device.platform in ('gpu', 'cuda', 'rocm'):
+    capability = getattr(device, 'compute_capability', None)
+    try:
+      major = float(capability) if capability is not None else 8.0
+    except (TypeError, ValueError):
+      major = 8.0
+    return jnp.dtype(jnp.bfloat16 if major >= 8.0 else jnp.float16)
+  return jnp.dtype(jnp.float32)
+
+
 def compute_dtype(name):
-  """A config's compute dtype name -> dtype; 'auto' is bfloat16 on GPU/TPU and float32 on CPU,
-  where bfloat16 matmuls are emulated and slower than float32."""
+  """A config's compute dtype name -> dtype; 'auto' is `auto_dtype` of the first device."""
   if name == 'auto':
-    return jnp.dtype(jnp.bfloat16 if jax.default_backend() in ('gpu', 'tpu') else jnp.float32)
+    return auto_dtype(jax.devices()[0])
   return jnp.dtype(name)
 
 
