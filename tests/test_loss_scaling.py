@@ -61,6 +61,7 @@ def _run(config, batches, state_fn=lambda s: s, accum_steps=1):
   return history
 
 
+@pytest.mark.slow  # compiles float16 and float32 steps: ~30 s on 2 idle cores
 def test_float16_with_loss_scaling_follows_the_float32_loss_curve():
   config32 = _config(**{'model.dtype': 'float32', 'warmup_steps': 0, 'optim.base_lr': 1e-3})
   config16 = _config(**{'model.dtype': 'float16', 'warmup_steps': 0, 'optim.base_lr': 1e-3})
@@ -86,6 +87,7 @@ def test_float16_with_loss_scaling_follows_the_float32_loss_curve():
   assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(last.params))
 
 
+@pytest.mark.slow  # two more step compiles with accumulation
 def test_accumulated_float16_step_matches_float32():
   """Each microbatch's loss is scaled and the summed gradients unscaled once: the accumulated
   float16 step's loss and (unscaled) gradient norm are the accumulated float32 step's. Measured:
@@ -125,6 +127,7 @@ def test_scale_doubles_after_the_period_of_finite_steps():
                   (4.0, 0, 2), (2.0, 0, 3), (1.0, 0, 4), (1.0, 0, 5)]  # never below 1
 
 
+@pytest.mark.slow  # the real trainer in float16
 def test_float16_training_survives_overflow_and_logs_the_scale(tmp_path, monkeypatch):
   """Through the real trainer: 2^30 overflows, so the first steps are skipped (no NonFiniteError)
   and the scale is halved and checkpointed; the resumed run carries it on."""
