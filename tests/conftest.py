@@ -24,7 +24,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 # JAX's persistent compilation cache for this pytest run and every subprocess it starts (they
 # inherit the environment): most runs compile the same few tiny-ViT programs, so each is compiled
 # once per session. It only skips XLA's compile of an identical program; tracing, and so every
-# `_cache_size()` recompilation check, is unaffected (test_architecture holds that). A fresh
+# `_cache_size()` recompilation check, is unaffected (test_harness.py holds that). A fresh
 # directory per session unless MIMJAX_TEST_XLA_CACHE names one to keep across runs.
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   os.environ['JAX_COMPILATION_CACHE_DIR'] = (
