@@ -167,7 +167,7 @@ def test_a_gs_workdir_keeps_the_run_in_the_bucket_and_a_rerun_resumes_from_it(gc
   assert 'run/checkpoints/6/checksums.json' in _bucket_objects(url, 'run/checkpoints/6/')
 
   run('mimjax.evaluate', '--protocol=knn')
-  knn = json.loads(read('run/eval_knn.json'))
+  [knn] = json.loads(read('run/eval_knn.json'))['results']  # one entry: default options, step 6
   assert knn['step'] == 6 and 0 <= knn['top1'] <= 1, knn
   assert os.listdir(local) == []
 
