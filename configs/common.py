@@ -135,6 +135,11 @@ def base_config():
   c.data.repeated_aug = 1
   c.data.eval_crop_fraction = 0.875  # evaluation: resize to size / fraction, then centre crop
   c.data.cache = False  # keep the raw (encoded) split in memory; for small datasets
+  # Labelled subset (low-label fine-tuning): > 0 trains on a class-stratified subset of
+  # data.train_split, the same number of images of every class (this fraction of the split, split
+  # evenly), drawn from config.seed; the subset for a smaller fraction is part of a larger one's.
+  # The split's records are read once into memory (small datasets). 0 = every image.
+  c.data.label_fraction = 0.0
   c.data.shuffle_buffer = 50_000
   # Image folder without train/ and val/ subfolders: in each class, max(this fraction of its
   # images, folder_holdout_min) are the eval split (those of lowest path hash, so adding images

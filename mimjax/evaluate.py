@@ -74,6 +74,9 @@ OPTIONS = {
                         '(default: model=<the run\'s variant>[,runlocal]; without recipe=, the '
                         'recipe of the run\'s method).'),
     'total_steps': (flags.DEFINE_integer, 'finetune: number of steps (default: the recipe\'s).'),
+    'label_fraction': (flags.DEFINE_float, 'finetune: train on a class-stratified subset of the '
+                       'run\'s training split, this fraction of it, drawn from the run\'s seed '
+                       '(default: all of it).'),
     'num_images': (flags.DEFINE_integer, 'Analyses and pictures: eval images used (default: '
                    'config.eval.analysis_examples; spectrum: the whole eval split).'),
     'num_groups': (flags.DEFINE_list, 'morphing: numbers of groups drawn.'),
@@ -106,7 +109,7 @@ def define_flags():
 
 # Options that count or scale something, and their type: every value must be positive.
 POSITIVE_OPTIONS = {'k': int, 'num_groups': int, 'epochs': int, 'total_steps': int,
-                    'num_images': int, 'base_lrs': float}
+                    'num_images': int, 'base_lrs': float, 'label_fraction': float}
 
 
 def _check_options(protocol, fn, options):

@@ -47,6 +47,8 @@ def check_config(config):
                  'use a fraction in [0, 1)')
   errors.require(d.folder_holdout_min >= 0, 'data.folder_holdout_min', d.folder_holdout_min,
                  'use a number of images per class >= 0 (0 = the fraction alone)')
+  errors.require(0 <= d.label_fraction <= 1, 'data.label_fraction', d.label_fraction,
+                 'use a fraction in [0, 1] (0 = every image of data.train_split)')
   errors.require(d.threads >= 0, 'data.threads', d.threads, 'use >= 0 (0 = all cores)')
   for key in ('name', 'train_split', 'eval_split'):
     errors.require(bool(d[key]), f'data.{key}', d[key], 'must not be empty')

@@ -9,6 +9,7 @@ records: none for an image folder, whose epoch order is a full permutation of it
 most the epoch's records before the position for TFDS, whose records are read in sequence through
 a shuffle buffer.
 """
+import functools
 from typing import Callable, NamedTuple
 
 import jax
@@ -110,6 +111,65 @@ def _folder_source(config, split, process_index, process_count, seed, reads):
   records = {'image': np.asarray(part.paths[take], dtype=str)}
   if part.labels is not None:
     records['label'] = part.labels[take]
+  load = lambda r: (tf.io.read_file(r['image']), r.get('label'))  # noqa: E731
+  return _in_memory(records, seed, load, (None, None, config.data.channels))
+
+
+def stratified_indices(labels, fraction, seed):
+  """Sorted indices of a class-stratified subset of `labels`: round(fraction * len(labels) /
+  classes), at least 1, of every class. Each class's images are taken in an order drawn from
+  `seed` that does not depend on `fraction`, so a smaller fraction's subset is part of a larger
+  one's. DatasetError when a class has fewer images than that."""
+  labels = np.asarray(labels)
+  classes = np.unique(labels)
+  per_class = max(1, round(fraction * len(labels) / len(classes)))
+  rng = np.random.default_rng(seed)
+  chosen = []
+  for label in classes:
+    members = np.flatnonzero(labels == label)
+    if len(members) < per_class:
+      raise errors.DatasetError(f'data.label_fraction={fraction} takes {per_class} images of '
+                                f'every class, but class {label} has {len(members)}; lower it.')
+    chosen.append(members[rng.permutation(len(members))[:per_class]])
+  return np.sort(np.concatenate(chosen))
+
+
+@functools.lru_cache(maxsize=4)
+def _tfds_records(name, data_dir, download, split):
+  """(encoded images, labels) of a whole TFDS split in stored order, as numpy arrays."""
+  builder = sources.get_builder(name, data_dir, download)
+  ds = builder.as_dataset(split=split, shuffle_files=False,
+                          decoders={'image': tfds.decode.SkipDecoding()},
+                          read_config=tfds.ReadConfig(try_autocache=False))
+  batches = list(ds.map(lambda ex: (ex['image'], ex['label'])).batch(8192).as_numpy_iterator())
+  return np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])
+
+
+def _labelled_source(config, split, process_index, process_count, seed, reads):
+  """The class-stratified subset of `split` that data.label_fraction names (drawn from
+  config.seed, the same on every host), held in memory; each host takes every
+  process_count-th image of it, and an epoch is a permutation seeded by (seed, epoch)."""
+  del reads
+  d = config.data
+  if sources.is_folder(d.name):
+    part = sources.config_split(config, split)
+    images, labels = np.asarray(part.paths, dtype=str), part.labels
+    load = lambda r: (tf.io.read_file(r['image']), r['label'])  # noqa: E731
+    shape = (None, None, d.channels)
+  else:
+    builder = _builder_with_split(config, split)
+    images, labels = _tfds_records(d.name, d.data_dir, d.download, split)
+    load = lambda r: (r['image'], r['label'])  # noqa: E731
+    shape = tuple(builder.info.features['image'].shape)
+  if labels is None:
+    raise errors.DatasetError(f'data.label_fraction={d.label_fraction} needs class labels, and '
+                              f'{d.name} has none; use class subfolders.')
+  keep = stratified_indices(labels, d.label_fraction, config.seed)[process_index::process_count]
+  return _in_memory({'image': images[keep], 'label': labels[keep]}, seed, load, shape)
+
+
+def _in_memory(records, seed, load, shape):
+  """A Source over `records` (dict of equal-length arrays) held in memory."""
   num_examples = len(records['image'])
   ds = tf.data.Dataset.from_tensor_slices(records)
 
@@ -118,12 +178,16 @@ def _folder_source(config, split, process_index, process_count, seed, reads):
         tf.range(num_examples, dtype=tf.int64), seed=tf.stack([tf.cast(seed, tf.int64), e]))
     return tf.data.Dataset.from_tensor_slices({k: tf.gather(v, order) for k, v in records.items()})
 
-  load = lambda r: (tf.io.read_file(r['image']), r.get('label'))  # noqa: E731
-  return Source(ds, epoch, load, (None, None, config.data.channels), num_examples)
+  return Source(ds, epoch, load, shape, num_examples)
 
 
-def _source(config, split, process_index, process_count, seed=0, reads=0):
-  make = _folder_source if sources.is_folder(config.data.name) else _tfds_source
+def _source(config, split, process_index, process_count, seed=0, reads=0, labelled=False):
+  """One host's part of `split`; with `labelled` (training) and data.label_fraction > 0, of its
+  class-stratified labelled subset."""
+  if labelled and config.data.label_fraction:
+    make = _labelled_source
+  else:
+    make = _folder_source if sources.is_folder(config.data.name) else _tfds_source
   return make(config, split, process_index, process_count, seed, reads)
 
 
@@ -194,7 +258,7 @@ def train_batches(config, position=0, process_index=None, process_count=None):
   records_left = (config.total_steps * config.batch_size - position) // (
       process_count * config.data.repeated_aug)
   source = _source(config, config.data.train_split, process_index, process_count, seed,
-                   records_left)
+                   records_left, labelled=True)
   process = _augmenter(config, config.data.augment, source)
   stream = _stream(source, host_position, config.data.repeated_aug)
   ds = _skip_undecodable(stream.map(lambda i, ex: process(i, ex, seed),

@@ -5,7 +5,11 @@ MAE's fine-tuning model (global pool, a fresh fc_norm, head init, learned positi
 from `configs/finetune.py`, the pre-training method's own recipe unless another is named; the
 architecture and data come from the pre-training run, and the
 encoder is initialised from its checkpoint (`init.format='mimjax'`). Training writes into
-WORKDIR/finetune (WORKDIR/finetune_random_init for the baseline), so a second call resumes.
+WORKDIR/finetune (WORKDIR/finetune_random_init for the baseline), so a second call resumes. With
+`label_fraction` (the low-label regime) it trains on a class-stratified subset of the run's
+training split (`data.label_fraction`, drawn from the run's seed) and writes into
+WORKDIR/finetune[_random_init]_labels<fraction>_step<checkpoint step>: one directory per subset and
+checkpoint, so fine-tunes of one run's several checkpoints never resume each other.
 """
 import json
 
@@ -25,11 +29,12 @@ SHARED = ('model.variant', 'model.cls_token', 'model.layerscale', 'model.weight_
           'data.eval_split', 'data.image_size', 'data.channels', 'data.mean', 'data.std', 'seed')
 
 
-def derive_config(run, recipe=None, total_steps=None):
+def derive_config(run, recipe=None, total_steps=None, label_fraction=None):
   """The fine-tuning config of `run`: `recipe` (an argument string of configs/finetune.py,
   default model=<the run's variant>, plus runlocal for a Fashion-MNIST run; without `recipe=` the
   run's own, `finetune.recipe_for`) with SHARED fields copied from the run and the encoder
-  initialised from its checkpoint at `run.step`. A run without an absolute position embedding
+  initialised from its checkpoint at `run.step`, trained on the `label_fraction` subset of its
+  training split when given. A run without an absolute position embedding
   (posemb 'none', BEiT's relative bias) keeps none; one with a relative position bias (block,
   shared or both) is fine-tuned with one per block, started from its own plus the shared table."""
   pre = run.config
@@ -48,6 +53,7 @@ def derive_config(run, recipe=None, total_steps=None):
     config.model.rel_pos = 'none' if pre.model.rel_pos == 'none' else 'block'
     config.init.checkpoint = '' if run.random_init else str(workdir_io.path(run.workdir))
     config.init.step = run.step
+    config.data.label_fraction = float(label_fraction or 0.0)
     if total_steps:
       config.total_steps = int(total_steps)
       config.eval.every_steps = min(config.eval.every_steps, config.total_steps)
@@ -55,22 +61,29 @@ def derive_config(run, recipe=None, total_steps=None):
   return config
 
 
-def planned_config(workdir, step=None, finetune_config=None, total_steps=None):
+def planned_config(workdir, step=None, finetune_config=None, total_steps=None,
+                   label_fraction=None):
   """The config `protocol` would train for the run in `workdir`, read from its config alone (no
   checkpoint is loaded): `evaluate --protocol finetune --print_config`."""
   run = loading.Run(workdir_lib.read_config(workdir), None, -1 if step is None else step, workdir)
-  return derive_config(run, finetune_config, total_steps)
+  return derive_config(run, finetune_config, total_steps, label_fraction)
 
 
-def protocol(run, finetune_config=None, total_steps=None):
+def workdir_name(run, label_fraction=None):
+  """The directory under the run's workdir that the fine-tuning of `run` trains in."""
+  name = 'finetune_random_init' if run.random_init else 'finetune'
+  return f'{name}_labels{label_fraction:g}_step{run.step}' if label_fraction else name
+
+
+def protocol(run, finetune_config=None, total_steps=None, label_fraction=None):
   """Fine-tunes the encoder end to end; final / best held-out top-1 of the supervised run."""
-  config = derive_config(run, finetune_config, total_steps)
-  workdir = str(workdir_io.path(run.workdir,
-                                'finetune_random_init' if run.random_init else 'finetune'))
+  config = derive_config(run, finetune_config, total_steps, label_fraction)
+  workdir = str(workdir_io.path(run.workdir, workdir_name(run, label_fraction)))
   config.log.progress_bar = False
   train.train(config, workdir)
   record = json.loads(workdir_io.path(workdir, 'eval_supervised.json').read_text())
   return dict(top1=record['final']['top1'], top5=record['final']['top5'],
               best_top1=record['best']['top1'], best_step=record['best']['step'],
               steps=config.total_steps, layer_decay=config.optim.layer_decay,
+              label_fraction=config.data.label_fraction, batch_size=config.batch_size,
               finetune_workdir=workdir)

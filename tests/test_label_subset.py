@@ -1,0 +1,44 @@
+"""The labelled subset of low-label fine-tuning (`data.label_fraction`): stratified, seeded, nested."""
+import collections
+
+import numpy as np
+import pytest
+
+from conftest import load_config
+from conftest import tiny_overrides
+from mimjax import errors
+from mimjax.data import pipeline
+
+
+def test_stratified_indices_take_the_same_count_of_every_class():
+  # 40 labels: 10 of class 0, 10 of class 1, 20 of class 2. Fraction 0.2 -> round(0.2 * 40 / 3)
+  # = round(2.67) = 3 of each class; fraction 0.1 -> round(1.33) = 1 of each.
+  labels = np.array([0] * 10 + [1] * 10 + [2] * 20)
+  big = pipeline.stratified_indices(labels, 0.2, seed=0)
+  assert collections.Counter(labels[big].tolist()) == {0: 3, 1: 3, 2: 3}
+  assert list(big) == sorted(big) and len(set(big.tolist())) == 9
+  small = pipeline.stratified_indices(labels, 0.1, seed=0)
+  assert collections.Counter(labels[small].tolist()) == {0: 1, 1: 1, 2: 1}
+  assert set(small.tolist()) <= set(big.tolist())  # the 10% labels hold the 1% ones
+  np.testing.assert_array_equal(big, pipeline.stratified_indices(labels, 0.2, seed=0))
+  others = [pipeline.stratified_indices(labels, 0.2, seed=s) for s in (1, 2, 3)]
+  assert any(set(o.tolist()) != set(big.tolist()) for o in others)  # the seed draws the subset
+  with pytest.raises(errors.DatasetError, match='class 0 has 10'):
+    pipeline.stratified_indices(labels, 0.9, seed=0)  # 12 of each class
+
+
+def test_training_reads_only_the_labelled_subset():
+  # train[:1000] holds about 100 images of each class; fraction 0.05 takes 5 of each: 50 images.
+  # Batches of 10 over 5 steps read the subset exactly once (an epoch is a permutation of it).
+  config = load_config('configs/finetune.py:runlocal', **tiny_overrides(**{
+      'data.train_split': 'train[:1000]', 'data.label_fraction': 0.05, 'batch_size': 10,
+      'data.augment': 'center'}))
+  batches = pipeline.train_batches(config)
+  epochs = [[next(batches) for _ in range(5)] for _ in range(2)]
+  labels = [np.concatenate([b['label'] for b in e]) for e in epochs]
+  assert collections.Counter(labels[0].tolist()) == {c: 5 for c in range(10)}
+  images = [sorted(map(bytes, np.concatenate([b['image'] for b in e]))) for e in epochs]
+  assert images[0] == images[1]  # the second epoch reads the same 50 images
+  config.seed += 1
+  other = pipeline.train_batches(config)
+  assert sorted(map(bytes, np.concatenate([next(other)['image'] for _ in range(5)]))) != images[0]
