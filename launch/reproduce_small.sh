@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The small-scale reproduction study (every method against its baseline on Fashion-MNIST):
-#   bash launch/reproduce_small.sh                  2 seeds of every row, RESULTS.md (~2 h, 2 cores)
+#   bash launch/reproduce_small.sh --floor          MAE fine-tuned vs scratch first, 3 seeds
+#   bash launch/reproduce_small.sh                  3 seeds of every pair, RESULTS.md (~25 h, 2 cores)
 #   bash launch/reproduce_small.sh --quick          one seed of every row, RESULTS_quick.md
 #   bash launch/reproduce_small.sh --dry-run [...]  print the command without running it
 # Other arguments go to `python -m mimjax.reproduce` (e.g. --rows mae_lut --seeds 3).

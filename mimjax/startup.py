@@ -113,12 +113,14 @@ def param_counts(params):
 def summary_lines(config, mesh, params, workdir, latest_step):
   """The start-up summary: devices and mesh, parameters, batch, steps and epochs, data, workdir."""
   devices = jax.devices()
-  train_size = pipeline.num_examples(config, config.data.train_split)
+  train_size = pipeline.num_training_examples(config)
   epochs = config.total_steps * config.batch_size / train_size
   per_host = pipeline.local_batch_size(config.batch_size)
   accum = config.optim.accum_steps
   micro = f', {accum} accumulation steps of {config.batch_size // accum}' if accum > 1 else ''
-  data = f'{config.data.name}: {config.data.train_split} ({train_size:,} examples)'
+  labelled = (f'the {config.data.label_fraction:g} class-stratified labelled subset of '
+              if config.data.label_fraction else '')
+  data = f'{config.data.name}: {labelled}{config.data.train_split} ({train_size:,} examples)'
   if config.eval.every_steps:
     data += (f', eval {config.data.eval_split} '
              f'({pipeline.num_examples(config, config.data.eval_split):,} examples)')

@@ -1,4 +1,4 @@
-"""The labelled subset of low-label fine-tuning (`data.label_fraction`): stratified, seeded, nested."""
+"""The labelled subset of low-label fine-tuning (`data.label_fraction`): stratified, seeded."""
 import collections
 
 import numpy as np

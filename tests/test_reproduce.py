@@ -173,7 +173,7 @@ def test_budgets_end_curves_at_the_last_step_and_commands_quote_splits():
 
 
 def test_runs_of_a_pair_differ_only_by_method():
-  budget = reproduce.BUDGETS['full']
+  budget = reproduce.BUDGETS['cpu']
   base = reproduce.build_config('mae', reproduce.row_overrides('mae', 1, budget))
   lut = reproduce.build_config('mae_lut', reproduce.row_overrides('mae_lut', 1, budget))
   for key in ('seed', 'total_steps', 'batch_size', 'model.variant', 'data.train_split',
@@ -326,3 +326,159 @@ def test_method_starts_from_its_baselines_random_encoder(method, tmp_path):
   for a, b in zip(jax.tree_util.tree_leaves(base), jax.tree_util.tree_leaves(other)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
+
+
+def _ft_record(row, seed, label, values, steps=100, seconds=3600.0):
+  """A hand-made record with fine-tuning top-1 per labelled fraction ({fraction: value})."""
+  return dict(row=row, label=label, seed=seed, steps=steps, images=steps * 10,
+              finetune_images=1000, seconds=seconds, notes={},
+              **{report.finetune_key(f): v for f, v in values.items()})
+
+
+def test_finetune_table_pairs_scratch_baseline_and_method_by_seed():
+  # 1% labels, seeds 0, 1. Scratch 0.50 / 0.54 (52.0 ± 2.8); MAE 0.60 / 0.62 (61.0 ± 1.4), Δ vs
+  # scratch 10 and 8 pp -> 9.0 ± 1.4; LUT 0.61 / 0.60 (60.5 ± 0.7), Δ vs MAE +1.0, -2.0 pp ->
+  # -0.5 ± 2.1.
+  # 10% labels only on seed 0: MAE 0.80 vs scratch 0.70 -> 10.0 (n=1).
+  floors = {'mae': [_ft_record('mae', 0, 'random init', {0.01: .50, 0.1: .70}, seconds=1800),
+                    _ft_record('mae', 1, 'random init', {0.01: .54}, seconds=1800)]}
+  records = {'mae': [_ft_record('mae', 0, 'MAE', {0.01: .60, 0.1: .80}),
+                     _ft_record('mae', 1, 'MAE', {0.01: .62})],
+             'mae_lut': [_ft_record('mae_lut', s, 'MAE + LUT', {0.01: v})
+                         for s, v in ((0, .61), (1, .60))]}
+  rows = _table_rows(report.finetune_table(records, [('mae_lut', 'mae')], floors))
+  assert rows[0][3:5] == ['top-1, 1% labels (%)', 'Δ, 1% labels (pp; per seed)']
+  assert rows[0][5] == 'top-1, 10% labels (%)'
+  assert rows[2] == ['mae_lut', 'scratch (random init, fine-tuned)', '2', '52.0 ± 2.8', '—',
+                     '70.0 (n=1)', '—', '0', '1,000 + 1,000', '1.00']
+  assert rows[3][1:7] == ['MAE', '2', '61.0 ± 1.4', '9.0 ± 1.4 (+10.0, +8.0)', '80.0 (n=1)',
+                          '10.0 (n=1) (+10.0)']
+  assert rows[3][7:] == ['100', '1,000 + 1,000', '2.00']
+  assert rows[4][3:5] == ['60.5 ± 0.7', '-0.5 ± 2.1 (+1.0, -2.0)']
+  # The pair's headline metric is fine-tuning on the smallest subset.
+  assert report.main_metric(records['mae'], records['mae_lut']) == report.finetune_key(0.01)
+  text = report.floor_findings(records, [('mae_lut', 'mae')], floors)
+  assert ('**MAE** vs scratch, fine-tune top-1 (1% labels): 61.0 ± 1.4 vs 52.0 ± 2.8, paired Δ '
+          '9.0 ± 1.4 pp: above the baseline on every seed (Δ per seed +10.0, +8.0 pp); beyond '
+          "the seeds' spread.") in text
+
+
+def test_beyond_spread_needs_every_seed_and_a_gain_above_both_spreads():
+  # Gains 3, 3, 3 pp over scratch 50, 60, 70 (std 10 pp): every seed above, but not beyond.
+  assert not report.beyond_spread({0: .5, 1: .6, 2: .7}, {0: .53, 1: .63, 2: .73})
+  # Scratch 50, 51, 52 (std 1), MAE 55, 55, 57 (std 1.15): gains 5, 4, 5 -> beyond.
+  assert report.beyond_spread({0: .50, 1: .51, 2: .52}, {0: .55, 1: .55, 2: .57})
+  # One seed below: not beyond, however large the mean.
+  assert not report.beyond_spread({0: .50, 1: .50, 2: .50}, {0: .90, 1: .90, 2: .49})
+  assert not report.beyond_spread({0: .5}, {0: .9})  # one seed: no spread to clear
+
+
+def test_finetune_curve_starts_at_scratch_and_averages_seeds():
+  # Scratch 0.50 / 0.52 at step 0; step 10: 0.60 / 0.64; step 20: 0.70 (seed 1 not there yet).
+  records = {'mae': [dict(seed=0, finetune_curve=[[10, .60], [20, .70]],
+                          **{report.finetune_key(.01): .70}),
+                     dict(seed=1, finetune_curve=[[10, .64], [20, None]],
+                          **{report.finetune_key(.01): None})]}
+  floors = {'mae': [{'seed': s, report.finetune_key(.01): v} for s, v in ((0, .50), (1, .52))]}
+  key, points = report.finetune_curve(records, floors, 'mae')
+  assert key == report.finetune_key(.01)
+  assert [(s, n) for s, _, _, n in points] == [(0, 2), (10, 2), (20, 1)]
+  assert [m for _, m, _, _ in points] == [pytest.approx(.51), pytest.approx(.62), .70]
+  assert report.finetune_curve({'mae_lut': records['mae']}, floors, 'mae') is None
+
+
+def test_presets_and_the_floor_search_budget():
+  full, gpu = reproduce.BUDGETS['cpu'], reproduce.BUDGETS['gpu']
+  assert full.overrides['data.train_split'] == 'train'  # pre-training on all 60k images
+  assert full.seeds == gpu.seeds == 3 and full.label_fractions == (0.01, 0.1)
+  assert gpu.steps > full.steps and gpu.finetune_steps > full.finetune_steps
+  config = reproduce.build_config('mae', reproduce.row_overrides('mae', 0, gpu))
+  assert (config.model.variant, config.batch_size) == ('Ti/4', 256)
+  assert reproduce.resolve_budget('cpu') == ('cpu', full)
+  name, budget = reproduce.resolve_budget('cpu', pretrain_steps=3000, finetune_steps=600)
+  assert name == 'cpu_p3000_f600' and (budget.steps, budget.finetune_steps) == (3000, 600)
+  assert budget.label_fractions == full.label_fractions
+  with pytest.raises(ValueError, match='multiple of curve_points'):
+    reproduce.resolve_budget('cpu', pretrain_steps=1000)
+
+
+def test_scratch_floor_is_the_random_init_finetune():
+  # The scratch floor is the fine-tune protocol on the random-init run: the same config as the
+  # pre-trained encoder's fine-tune (recipe, model, labels, steps), only without a checkpoint.
+  from mimjax.eval import finetune  # pylint: disable=g-import-not-at-top
+  from mimjax.eval import loading  # pylint: disable=g-import-not-at-top
+  budget = reproduce.BUDGETS['cpu']
+  pre = reproduce.build_config('mae', reproduce.row_overrides('mae', 2, budget))
+  tuned, scratch = (finetune.derive_config(loading.Run(pre, None, step, '/w/mae', random),
+                                           total_steps=600, label_fraction=0.01)
+                    for step, random in ((1500, False), (0, True)))
+  flat = [dict(c.to_dict()) for c in (tuned, scratch)]
+  assert (flat[0].pop('init'), flat[1].pop('init')) == (
+      dict(tuned.init.to_dict()), dict(scratch.init.to_dict()))
+  assert flat[0] == flat[1]
+  assert (tuned.init.checkpoint, scratch.init.checkpoint) == ('/w/mae', '')
+  assert (scratch.data.label_fraction, scratch.total_steps, scratch.seed) == (0.01, 600, 2)
+  assert scratch.optim.layer_decay == 0.65  # MAE's own recipe, as its pre-trained fine-tune
+  assert finetune.workdir_name(loading.Run(pre, None, 0, '/w', True), 0.01) == \
+      'finetune_random_init_labels0.01_step0'
+
+
+class _Stop(Exception):
+  """Stands for the study being killed mid-run."""
+
+
+def test_rerun_after_an_interruption_skips_every_finished_part(tmp_path, monkeypatch):
+  # The study's compute (training, evaluations, fine-tunes) replaced by fakes that log each call;
+  # the first run is "killed" in the scratch fine-tune, after MAE's pre-training, kNN curve,
+  # probe, fine-tunes and diagnostics finished, and its probe failed (not cached: retried).
+  calls, stop, failing = [], [], ['linear_cached']
+
+  def log(*call):
+    calls.append(call)
+    if call in stop:
+      raise _Stop(call)
+
+  def pretrain(config, workdir):
+    log('pretrain', config.mto.enabled)
+    return dict(images_per_sec=10.0, final_loss=0.5, images=32, device='cpu')
+
+  def top1(workdir, protocol, run=None, step=None):
+    log(protocol, 'mae_mto' in workdir, step)
+    return dict(error='failed') if protocol in failing else dict(top1=0.5)
+
+  def finetune(workdir, fraction, total_steps, step=None, random_init=False):
+    log('finetune', 'mae_mto' in workdir, fraction, step, random_init)
+    return dict(top1=0.6 - 0.1 * random_init, images=total_steps * 128)
+
+  monkeypatch.setattr(reproduce, 'pretrain', pretrain)
+  monkeypatch.setattr(reproduce, 'top1', top1)
+  monkeypatch.setattr(reproduce, 'finetune', finetune)
+  monkeypatch.setattr(reproduce, 'diagnostic', lambda w, n: log(n) or dict(numbers={}, figures=[]))
+  monkeypatch.setattr(reproduce, '_random_init_probes', lambda w: log('probes') or dict(knn=.4))
+  monkeypatch.setattr(reproduce, '_load_final', lambda w: None)
+  written = []
+  monkeypatch.setattr(reproduce.report, 'write', lambda *a: written.append(a))
+  study = lambda: reproduce.run_study('smoke', workdir_root=str(tmp_path), methods=['mae_mto'],
+                                      out=str(tmp_path / 'R.md'))  # noqa: E731
+  stop.append(('finetune', False, 0.1, None, True))
+  with pytest.raises(_Stop):
+    study()
+  assert calls == [('pretrain', False), ('knn', False, 1), ('knn', False, 2),
+                   ('linear_cached', False, None), ('finetune', False, 0.1, 1, False),
+                   ('finetune', False, 0.1, 2, False), ('attention_distance',),
+                   ('heterogeneity',), ('probes',), ('finetune', False, 0.1, None, True)]
+  assert not os.path.exists(tmp_path / 'smoke' / 'mae' / 'seed0' / 'repro.json')  # probe failed
+  calls.clear(), stop.clear(), failing.clear()
+  study()
+  assert calls == [('linear_cached', False, None), ('finetune', False, 0.1, None, True),
+                   ('pretrain', True), ('knn', True, 1), ('knn', True, 2),
+                   ('linear_cached', True, None), ('finetune', True, 0.1, 2, False),
+                   ('heterogeneity',)]
+  records, floors = written[-1][1], written[-1][7]
+  assert records['mae'][0]['finetune_curve'] == [[1, 0.6], [2, 0.6]]
+  assert records['mae_mto'][0][report.finetune_key(0.1)] == 0.6
+  assert floors['mae'][0][report.finetune_key(0.1)] == pytest.approx(0.5)
+  assert floors['mae'][0]['finetune_images'] == 2 * 128
+  calls.clear()
+  study()
+  assert calls == [] and len(written) == 2  # everything finished: nothing runs again

@@ -304,6 +304,11 @@ def num_examples(config, split):
   return _source(config, split, 0, 1).num_examples
 
 
+def num_training_examples(config):
+  """The examples training reads: data.train_split, or its labelled subset (data.label_fraction)."""
+  return _source(config, config.data.train_split, 0, 1, labelled=True).num_examples
+
+
 def num_classes(config):
   """The number of classes of the data's labels; DatasetError when the data has none."""
   if sources.is_folder(config.data.name):

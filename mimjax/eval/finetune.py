@@ -54,7 +54,8 @@ def derive_config(run, recipe=None, total_steps=None, label_fraction=None):
     config.init.checkpoint = '' if run.random_init else str(workdir_io.path(run.workdir))
     config.init.step = run.step
     config.data.label_fraction = float(label_fraction or 0.0)
-    if total_steps:
+    if total_steps:  # the warmup keeps its share of the recipe's steps
+      config.warmup_steps = round(config.warmup_steps * int(total_steps) / config.total_steps)
       config.total_steps = int(total_steps)
       config.eval.every_steps = min(config.eval.every_steps, config.total_steps)
       config.checkpoint.every_steps = min(config.checkpoint.every_steps, config.total_steps)

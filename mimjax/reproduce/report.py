@@ -1,8 +1,9 @@
 """RESULTS.md of the reproduction study: aggregation over seeds, the table, curves and findings.
 
 Works on the runs' records (dicts written by `mimjax.reproduce.study.measure`: row, label, seed,
-workdir, framework, final_loss, images_per_sec, curve, knn / linear / test_top1, notes,
-diagnostics), so every number a report states can be checked against hand-worked values.
+workdir, framework, final_loss, images_per_sec, curve, knn / linear / test_top1, fine-tuning top-1
+per labelled fraction (`finetune_key`), finetune_curve, images, finetune_images, seconds, device,
+notes, diagnostics), so every number a report states can be checked against hand-worked values.
 """
 import datetime
 import importlib.metadata
@@ -17,8 +18,10 @@ from mimjax import registry
 from mimjax import workdir as workdir_lib
 from mimjax.eval import rauc as rauc_lib
 
-# The headline metric of a pair, the first that all its runs have: probe, kNN, then test top-1.
+# The headline metric of a pair, the first that all its runs have: fine-tuning top-1 on the
+# smallest labelled subset (then the larger ones), probe, kNN, then test top-1.
 MAIN_METRICS = ('linear', 'knn', 'test_top1')
+FINETUNE_PREFIX = 'finetune_top1@'
 # RAUC divides by the baseline's rise above its first point; below this mean rise (in top-1, over
 # the curve's steps) that divisor is the size of one evaluation's noise and the ratio means nothing.
 MIN_BASELINE_RISE = 0.01
@@ -26,6 +29,24 @@ MIN_BASELINE_RISE = 0.01
 DISCUSSION_BEGIN = '<!-- discussion: hand-written, kept when the report is regenerated -->'
 DISCUSSION_END = '<!-- end of discussion -->'
 METRIC_NAMES = {'knn': 'kNN top-1', 'linear': 'linear-probe top-1', 'test_top1': 'test top-1'}
+
+
+def finetune_key(fraction):
+  """The record key of fine-tuning top-1 on the `fraction` labelled subset: 'finetune_top1@0.01'."""
+  return f'{FINETUNE_PREFIX}{fraction:g}'
+
+
+def finetune_keys(records):
+  """The fine-tuning keys that any of `records` has, smallest labelled fraction first."""
+  keys = {k for r in records for k in r if k.startswith(FINETUNE_PREFIX)}
+  return sorted(keys, key=lambda k: float(k[len(FINETUNE_PREFIX):]))
+
+
+def metric_name(key):
+  """'fine-tune top-1 (1% labels)', 'kNN top-1', ..."""
+  if key.startswith(FINETUNE_PREFIX):
+    return f'fine-tune top-1 ({float(key[len(FINETUNE_PREFIX):]) * 100:g}% labels)'
+  return METRIC_NAMES[key]
 
 
 def read_metrics(workdir):
@@ -77,8 +98,8 @@ def by_seed(records, key):
 
 
 def main_metric(base, method):
-  """The first of MAIN_METRICS that every run of both rows has, or None."""
-  for metric in MAIN_METRICS:
+  """The first fine-tuning key, then of MAIN_METRICS, that every run of both rows has, or None."""
+  for metric in (*finetune_keys(base + method), *MAIN_METRICS):
     if all(r.get(metric) is not None for r in base + method):
       return metric
   return None
@@ -161,7 +182,7 @@ def table(records, pairs, floors=None, batch_size=None):
         cells += ['n/a', 'n/a']
       else:
         delta = paired_delta(by_seed(records[base], metric), by_seed(rs, metric))
-        cells += [f'{fmt(*delta)} ({METRIC_NAMES[metric]})',
+        cells += [f'{fmt(*delta)} ({metric_name(metric)})',
                   fmt(*pair_rauc(records[base], rs, (floors or {}).get(base)), scale=1.0,
                       digits=2)]
       cells.append(fmt(*mean_spread([r['images_per_sec'] for r in rs]), scale=1.0, digits=0))
@@ -182,10 +203,10 @@ def floor_text(base, floor):
   if not floor:
     return ''
   parts = []
-  for key in ('knn', 'linear'):
+  for key in (*finetune_keys(base + floor), 'knn', 'linear'):
     if all(r.get(key) is not None for r in base + floor):
       mean, spread, n = paired_delta(by_seed(floor, key), by_seed(base, key))
-      parts.append(f'{METRIC_NAMES[key]} Δ {fmt(mean, spread, n)} pp')
+      parts.append(f'{metric_name(key)} Δ {fmt(mean, spread, n)} pp')
   return ('; the baseline over its randomly initialised encoder: ' + ', '.join(parts)
           if parts else '')
 
@@ -206,11 +227,137 @@ def findings(records, pairs, floors=None):
                  f'{"faster" if r_mean > 1 else "not faster"} than the baseline along the curve)'
                  if r_n else '')
     values = [fmt(*mean_spread(by_seed(records[r], metric).values())) for r in (method, base)]
-    out.append(f'- **{label}** vs {base_label}: {METRIC_NAMES[metric]} {values[0]} vs '
+    out.append(f'- **{label}** vs {base_label}: {metric_name(metric)} {values[0]} vs '
                f'{values[1]}, paired Δ {fmt(mean, spread, n)} pp over {n} seed(s): '
                f'{verdict(deltas)}{rauc_text}'
                f'{floor_text(records[base], (floors or {}).get(base))}.')
   return '\n'.join(out)
+
+
+def beyond_spread(base, method):
+  """True when the method is above the baseline on every seed they share and its mean paired gain
+  exceeds both rows' seed spread (sample std): the floor test. Args map seed -> value."""
+  deltas = seed_deltas(base, method)
+  if len(deltas) < 2 or not all(d > 0 for d in deltas):
+    return False
+  spreads = [mean_spread(v.values())[1] for v in (base, method)]
+  return mean_spread(deltas)[0] > max(s or 0.0 for s in spreads)
+
+
+def delta_text(base, method, key):
+  """'4.5 ± 0.7 (+5.0, +4.0)': method - baseline in pp, mean ± std, then each seed's; '—' if
+  no seed has both."""
+  deltas = seed_deltas(by_seed(base, key), by_seed(method, key))
+  if not deltas:
+    return '—'
+  return f'{fmt(*mean_spread(deltas))} ({", ".join(f"{d * 100:+.1f}" for d in deltas)})'
+
+
+def finetune_table(records, groups, floors):
+  """The headline table: per group (method or None, baseline) the baseline's scratch floor (its
+  random init fine-tuned, from `floors`), the baseline and the method; per labelled fraction the
+  fine-tuning top-1 (mean ± std over seeds) and the paired Δ with its per-seed values (baseline vs
+  scratch, method vs baseline); then the compute of one seed and the wall time of all seeds."""
+  keys = finetune_keys([r for rs in (*records.values(), *floors.values()) for r in rs])
+  head = ['pair', 'run', 'seeds']
+  for key in keys:
+    share = metric_name(key).split('(')[1].rstrip(')')
+    head += [f'top-1, {share} (%)', f'Δ, {share} (pp; per seed)']
+  head += ['pre-training steps', 'images seen per seed (pre-train + fine-tune)', 'wall time (h)']
+  lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+  for method, base in groups:
+    name = method or base
+    scratch = floors.get(base, [])
+    runs = [(scratch, 'scratch (random init, fine-tuned)', None), (records[base], None, scratch)]
+    if method:
+      runs.append((records[method], None, records[base]))
+    for rs, label, reference in runs:
+      if not rs:
+        continue
+      cells = [name, label or rs[0]['label'], str(len(rs))]
+      for key in keys:
+        cells.append(fmt(*mean_spread([r.get(key) for r in rs])))
+        cells.append(delta_text(reference, rs, key) if reference else '—')
+      steps = 0 if reference is None else rs[0]['steps']
+      pre, fine = (mean_spread([r.get(k) or 0 for r in rs])[0] for k in ('images',
+                                                                          'finetune_images'))
+      cells += [str(steps), f'{pre:,.0f} + {fine:,.0f}',
+                f'{sum(r["seconds"] for r in rs) / 3600:.2f}']
+      lines.append('| ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
+def floor_findings(records, groups, floors):
+  """One sentence per baseline: does pre-training + fine-tuning clear scratch beyond the spread?"""
+  out = []
+  for base in dict.fromkeys(b for _, b in groups):
+    scratch = floors.get(base, [])
+    for key in finetune_keys(records[base] + scratch):
+      b, m = by_seed(scratch, key), by_seed(records[base], key)
+      deltas = seed_deltas(b, m)
+      if not deltas:
+        continue
+      clears = beyond_spread(b, m)
+      out.append(f'- **{records[base][0]["label"]}** vs scratch, {metric_name(key)}: '
+                 f'{fmt(*mean_spread(m.values()))} vs {fmt(*mean_spread(b.values()))}, paired Δ '
+                 f'{fmt(*mean_spread(deltas))} pp: {verdict(deltas)}; '
+                 f'{"beyond" if clears else "not beyond"} the seeds\' spread.')
+  return '\n'.join(out) or '- no fine-tuning was measured.'
+
+
+def finetune_curve(records, floors, row):
+  """(fraction key, [(step, mean, std, n)]) of the row's fine-tuning top-1 against pre-training
+  steps, starting at step 0 with its scratch floor; None when the row has no curve."""
+  rs = [r for r in records.get(row, []) if r.get('finetune_curve')]
+  if not rs:
+    return None
+  key = finetune_keys(rs)[0]
+  points = {0: [r.get(key) for r in floors.get(row, [])]}
+  for r in rs:
+    for step, value in r['finetune_curve']:
+      points.setdefault(step, []).append(value)
+  return key, [(step, *mean_spread(values)) for step, values in sorted(points.items())
+               if mean_spread(values)[2]]
+
+
+def plot_finetune_curve(curve, label, figures_dir):
+  """Fine-tuning top-1 (mean ± std over seeds) against pre-training steps; returns the PNG path."""
+  # pylint: disable=g-import-not-at-top
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  # pylint: enable=g-import-not-at-top
+  key, points = curve
+  steps, means, spreads, _ = zip(*points)
+  fig, ax = plt.subplots(figsize=(5, 3.6))
+  ax.errorbar(steps, [m * 100 for m in means], yerr=[(s or 0) * 100 for s in spreads],
+              marker='o', capsize=3)
+  ax.set(xlabel=f'{label} pre-training steps (0 = scratch)', ylabel=f'{metric_name(key)} (%)',
+         title='fine-tuning top-1 vs pre-training')
+  fig.tight_layout()
+  path = os.path.join(figures_dir, 'finetune_vs_pretraining.png')
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
+def curve_section(records, floors, figures_dir, results_dir):
+  """The fine-tuning-vs-pre-training curve of the row that has one: its points and its plot."""
+  for row, rs in records.items():
+    curve = finetune_curve(records, floors, row)
+    if curve is None:
+      continue
+    path = plot_finetune_curve(curve, rs[0]['label'], figures_dir)
+    points = ', '.join(f'{step}: {fmt(m, s, n)}' for step, m, s, n in curve[1])
+    return (f'{rs[0]["label"]}, {metric_name(curve[0])} by pre-training step (step 0: scratch): '
+            f'{points}.\n\n![finetune_vs_pretraining]({os.path.relpath(path, results_dir)})')
+  return 'No row fine-tuned intermediate checkpoints.'
+
+
+def devices(records):
+  """The devices the runs trained on, each once ('unknown' for records that predate the field)."""
+  found = dict.fromkeys(r.get('device') or 'unknown' for rs in records.values() for r in rs)
+  return ', '.join(found) or 'none'
 
 
 def plot_pair(method, base, records, figures_dir):
@@ -293,12 +440,16 @@ def discussion(out):
   return f'## Discussion\n\n{DISCUSSION_BEGIN}\n{kept}\n{DISCUSSION_END}'
 
 
-def write(out, records, pairs, mode, steps, curve_points, commands, root, floors=None,
-          unfinished=()):
-  """Writes the report to `out` and its figures to <out stem>_figures/; `floors` maps baseline
-  rows to the records of their randomly initialised encoders, `unfinished` names the runs of a
-  stopped study that the report lacks."""
+def write(out, records, pairs, mode, budget, commands, root, floors=None, unfinished=()):
+  """Writes the report to `out` and its figures to <out stem>_figures/.
+
+  `pairs` are (method, baseline) rows; without any (the floor stage) the report covers each row
+  against its floors alone. `budget` is the study's `Budget`; `floors` maps baseline rows to the
+  records of their randomly initialised encoders (kNN, probe and scratch fine-tuning);
+  `unfinished` names the runs of a stopped study that the report lacks.
+  """
   floors = floors or {}
+  groups = pairs or [(None, row) for row, rs in records.items() if rs]
   status = (f'\n**Incomplete:** the study was stopped before these runs finished: '
             f'{", ".join(unfinished)}. Rows lacking a seed are averaged over the seeds they '
             f'have (see the seeds column); rerunning the command finishes them.\n'
@@ -307,56 +458,81 @@ def write(out, records, pairs, mode, steps, curve_points, commands, root, floors
   figures_dir = os.path.splitext(os.path.abspath(out))[0] + '_figures'
   os.makedirs(figures_dir, exist_ok=True)
   plots = [(m, plot_pair(m, b, records, figures_dir)) for m, b in pairs]
-  config = workdir_lib.read_config(records[pairs[0][0]][0]['workdir'])
+  config = workdir_lib.read_config(records[groups[0][1]][0]['workdir'])
   seeds = sorted({r['seed'] for rs in records.values() for r in rs})
   run_commands = '\n'.join(commands[1:])
   seconds = sum(r['seconds'] for group in (records, floors) for rs in group.values() for r in rs)
+  fractions = ', '.join(f'{f * 100:g}%' for f in budget.label_fractions)
+  finetune_steps = budget.finetune_steps or 'the recipe\'s'
   spread_caveat = ("With one seed there is no spread: any difference may be seed noise."
                    if len(seeds) < 2 else
                    f"With {len(seeds)} seeds the spread is a rough estimate and 'on every seed' "
                    f"is weak evidence: a method with no effect is on the same side of its "
                    f"baseline on all {len(seeds)} seeds with probability "
                    f"{2 * 0.5 ** len(seeds):.2g}.")
+  secondary = (table(records, pairs, floors, config.batch_size) if pairs else
+               'The floor stage runs no pair; the baseline against its random init:\n\n'
+               + '\n'.join(f'- {records[b][0]["label"]}{floor_text(records[b], floors.get(b))}.'
+                           for _, b in groups))
   text = f"""# Small-scale reproduction study ({mode})
 
 Generated {datetime.datetime.now().isoformat(timespec='minutes')} by `{commands[0]}`.
 {status}
-Setup: Fashion-MNIST at {config.data.image_size} px, ViT `{config.model.variant}`; pre-training,
-kNN memory and probe training on `{config.data.train_split}`, evaluation on
-`{config.data.eval_split}`; every run {steps} steps at batch {config.batch_size}, seeds {seeds}.
-Within a pair the model, data, budget and seeds are identical. Values are mean ± sample standard
-deviation over seeds. Δ is the method minus its baseline on the same seed, averaged, in
-percentage points. RAUC is MTO's eq. 6 over the accuracy curve (kNN at {curve_points} checkpoints
-for pre-training, starting at step 0 from the baseline's random-init kNN, which is also the
-method's step-0 encoder; test top-1 at {curve_points} evaluations for supervised runs); above 1
-means the method's curve gains more over the baseline's start than the baseline does; n/a where
-the baseline's curve rises less than {MIN_BASELINE_RISE * 100:.0f} pp on average above its first
-point (the ratio would divide by evaluation noise). "(random init)" rows evaluate the baseline's
-encoder freshly initialised from the same seed: the floor pre-training has to clear. Final loss
-is the framework's own term (`loss_<framework>`, which both members of a pair share; method terms
-excluded). Images/s is the median logged training throughput and step the time of one training
-step at that throughput. Wall time of training and evaluation, summed over runs:
-{seconds / 3600:.2f} h.
+Setup: Fashion-MNIST at {config.data.image_size} px, ViT `{config.model.variant}`; pre-training
+(without labels) on `{config.data.train_split}` for {budget.steps} steps at batch
+{config.batch_size}, seeds {seeds}. Each pre-trained encoder is fine-tuned with its method's own
+recipe (configs/finetune.py) for {finetune_steps} steps on class-stratified labelled subsets of
+`{config.data.train_split}` ({fractions}: the same number of images of every class, drawn from the
+seed; both members of a pair and the scratch floor see the same labels) and evaluated on
+`{config.data.eval_split}`. Scratch is the same fine-tuning (model, recipe, labels, steps) from the
+random initialisation. Device: {devices(records)}. Wall time of training, fine-tuning and
+evaluation, summed over runs: {seconds / 3600:.2f} h.
 
-{table(records, pairs, floors, config.batch_size)}
+## Fine-tuning top-1 (the headline)
+
+Values are mean ± sample standard deviation over seeds; Δ is the paired difference on the same
+seed in percentage points (the baseline against scratch, the method against the baseline), mean ±
+std, then each seed's value.
+
+{finetune_table(records, groups, floors)}
+
+{floor_findings(records, groups, floors)}
+
+## Fine-tuning top-1 against pre-training steps
+
+{curve_section(records, floors, figures_dir, results_dir)}
+
+## Secondary: frozen features and supervised runs
+
+kNN memory `{config.data.train_split}`; probe on `{config.eval.linear.train_split}`. Δ is the
+method minus its baseline on the pair's headline metric (fine-tuning where both have it). RAUC is
+MTO's eq. 6 over the accuracy curve (kNN at {budget.curve_points} checkpoints for pre-training,
+starting at step 0 from the baseline's random-init kNN, which is also the method's step-0 encoder;
+test top-1 at {budget.curve_points} evaluations for supervised runs); above 1 means the method's
+curve gains more over the baseline's start than the baseline does; n/a where the baseline's curve
+rises less than {MIN_BASELINE_RISE * 100:.0f} pp on average above its first point. "(random init)"
+rows evaluate the baseline's encoder freshly initialised from the same seed. Final loss is the
+framework's own term (`loss_<framework>`, shared by both members of a pair). Images/s is the
+median logged training throughput and step the time of one training step at that throughput.
+
+{secondary}
 
 ## What this shows
 
-{findings(records, pairs, floors)}
+{findings(records, pairs, floors) if pairs else '- The floor stage: see under the headline table.'}
 
 {discussion(out)}
 
 ## What this does not show
 
-These are {steps}-step runs of a tiny ViT on 28-pixel grey images with {len(seeds)} seed(s), each
-method on its `runlocal` recipe without per-method tuning. A method that does not beat its
-baseline here may still help at the papers' scale (ImageNet, ViT-B, hundreds of epochs, and
-fine-tuning, which this study does not run); a win here is no evidence that the published
-ImageNet gains reproduce. {spread_caveat}
+These are {budget.steps}-step runs of a small ViT on 28-pixel grey images with {len(seeds)}
+seed(s), each method on its `runlocal` recipe without per-method tuning. A method that does not
+beat its baseline here may still help at the papers' scale (ImageNet, ViT-B, hundreds of epochs);
+a win here is no evidence that the published ImageNet gains reproduce. {spread_caveat}
 
 ## Loss and accuracy curves
 
-{chr(10).join(f'![{m}]({os.path.relpath(p, results_dir)})' for m, p in plots)}
+{chr(10).join(f'![{m}]({os.path.relpath(p, results_dir)})' for m, p in plots) or 'No pair.'}
 
 ## Diagnostics (first seed)
 
@@ -368,8 +544,9 @@ ImageNet gains reproduce. {spread_caveat}
 
 ## Commands
 
-The study: `{commands[0]}`. Runs are cached under `{root}`; delete a run's `repro.json` to
-evaluate it again. Each run is equivalent to
+The study: `{commands[0]}`. Runs are cached under `{root}`; every finished part (pre-training,
+each evaluation, each fine-tune) has its `repro_*.json` in the run's workdir and is skipped by a
+rerun; delete one to measure it again. Each run is equivalent to
 
 ```
 {run_commands}

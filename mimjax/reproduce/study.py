@@ -1,34 +1,41 @@
 r"""Small-scale reproduction study: every method against its baseline, one command, one table.
 
-  python -m mimjax.reproduce --quick     # one seed of every row, RESULTS_quick.md (25 min, 2 cores)
-  python -m mimjax.reproduce             # the study: 2 seeds of every row (~2 h)
+  python -m mimjax.reproduce --floor       # first: MAE pre-train + fine-tune vs scratch, 3 seeds
+  python -m mimjax.reproduce               # the study: 3 seeds of every pair on the CPU budget
+  python -m mimjax.reproduce --preset gpu  # the same at the accelerator budget (RESULTS_gpu.md)
+  python -m mimjax.reproduce --quick       # one seed of every row on a short budget
   python -m mimjax.reproduce --rows mae_lut,distill_dtm --seeds 3 --out /tmp/R.md
 
-Matched pairs (PAIRS): within a pair the model (pico/4 ViT), data (Fashion-MNIST at 28 px), budget
-(steps, batch 128) and seeds are identical; only the method differs. Each row is its config's
-`runlocal` recipe with the same BUDGETS overrides. Every run records its framework loss curve,
-kNN top-1 at `curve_points` evenly spaced checkpoints (the curve RAUC integrates; the last one is
-the reported kNN), the linear probe, images/s and, on the first seed, its paper's diagnostics.
-Supervised rows report test top-1 from the trainer's periodic evaluation, which is also their
-curve. The distillation teacher is the supervised baseline of the same seed (teacher=checkpoint),
-or CLIP with --clip_path (students then use patch 2 so that their 14x14 grid matches CLIP
-ViT-B/16: meant for an accelerator, far outside the CPU budget). Evaluations and diagnostics
-(attention distance, heterogeneity, DTM morphing, MoTo layout) are `mimjax.evaluate` protocols,
-called by name; one that fails is reported as n/a with the reason instead of stopping the study.
+Matched pairs (PAIRS): within a pair the model (a small ViT), data (Fashion-MNIST at 28 px), budget
+(steps, batch) and seeds are identical; only the method differs. Each row is its config's
+`runlocal` recipe with the budget's overrides. The headline metric is the papers': fine-tuning
+top-1 on the test split, each pre-trained encoder fine-tuned with its method's own recipe
+(configs/finetune.py, `recipe_for`) on a class-stratified labelled subset of the training split
+(`data.label_fraction`, 1% and 10%: the same number of images of every class, drawn from the run's
+seed). Its floor is scratch: the same fine-tuning model, recipe, labels and steps started from the
+random initialisation (the fine-tune protocol on the random-init encoder; with no checkpoint to
+load nothing else differs from training from scratch, tested). kNN top-1 at `curve_points` evenly
+spaced checkpoints (the curve RAUC integrates), the linear probe, images/s and, on the first seed,
+the paper's diagnostics are secondary, with the random-init encoder's kNN and probe as their floor.
+The MAE row also fine-tunes its intermediate checkpoints on the smallest subset: fine-tuning top-1
+against pre-training steps. Supervised rows report test top-1 from the trainer's periodic
+evaluation (their curve) and are not fine-tuned. The distillation teacher is the supervised
+baseline of the same seed (teacher=checkpoint), or CLIP with --clip_path (students then use
+patch 2: an accelerator job). Evaluations and diagnostics are `mimjax.evaluate` protocols; one that
+fails is reported as n/a with the reason instead of stopping the study, and tried again on rerun.
 
-Cost, measured on an otherwise idle 2-core machine (XLA:CPU): 210 training steps of batch 128 take
-2.5-4 min per row (MAE ~190 images/s, MAE+LUT ~140); one pass of the pico encoder over the 30k
-kNN images (20k memory, 10k queries) ~70 s, so the kNN at a checkpoint costs ~80 s with its
-start-up, and the probe on the final checkpoint's features (shared with its kNN) a few seconds;
-a random-init floor ~90 s.
-- full: 2 seeds, 210 steps per run (27k images: 1.3 passes over the first 20k training images),
-  kNN at 2 checkpoints + 1 linear probe per pre-training run with the 20k images as memory and
-  the 10k test images as queries, random-init floors for the 3 pre-training baselines: ~1 h per
-  seed.
-- quick: 1 seed, 60 steps, kNN at 2 checkpoints, 5k training / 1k test images: 24.8 min wall on
-  2 idle cores (MAE row 124 s, of which 57 s evaluation and diagnostics).
-Runs and their evaluations are cached: WORKDIR_ROOT/<mode>/<row>/seed<k>/repro.json holds a
-finished run's record, so a rerun skips it and resumes an interrupted run from its checkpoint.
+Resumable: every part of the study is cached in its run's workdir, ROOT/<preset>/<row>/seed<k>/,
+as it finishes: repro_pretrain.json (training; an interrupted one resumes from its checkpoint),
+repro_knn_step<S>.json, repro_linear.json, repro_finetune_labels<F>_step<S>.json (each fine-tune,
+itself checkpointed in finetune_labels<F>_step<S>/), repro_finetune_random_init_labels<F>.json (the
+scratch floor), repro_random_init.json's parts and repro_diagnostic_<name>.json; repro.json
+gathers a finished run. Rerunning the same command skips everything finished, so the study can be
+run in several sittings.
+
+Presets (BUDGETS): cpu (the default: 2 CPU cores), gpu (a larger ViT and 4x the steps), quick,
+smoke (tests only). Costs measured for the first edition on an otherwise idle 2-core machine
+(XLA:CPU, pico/4, batch 128): MAE ~190 training images/s, MAE + LUT ~140, supervised ~150; one
+encoder pass over 30k images ~70 s. Every run records the device it trained on.
 """
 import dataclasses
 import importlib
@@ -41,6 +48,7 @@ import time
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 import numpy as np
 
 from mimjax import evaluate as evaluate_lib
@@ -92,10 +100,12 @@ FLOOR_RECORD = 'repro_random_init.json'
 
 @dataclasses.dataclass(frozen=True)
 class Budget:
-  steps: int  # per run, the same for every row
+  steps: int  # pre-training steps per run, the same for every row
   seeds: int
   curve_points: int  # evaluations along training, evenly spaced; the last at the end
   overrides: dict  # dotted config keys -> values, applied to every row
+  label_fractions: tuple = (0.01, 0.1)  # labelled subsets fine-tuned on (data.label_fraction)
+  finetune_steps: int = 0  # steps of every fine-tune; 0 = the recipe's (runlocal: 600)
 
   def __post_init__(self):
     if self.steps % self.curve_points:
@@ -104,22 +114,34 @@ class Budget:
 
 
 BUDGETS = {
-    'full': Budget(210, 2, 2, {
-        'batch_size': 128, 'data.train_split': 'train[:20000]', 'data.shuffle_buffer': 20_000,
+    # The CPU budget (2 cores): pre-training on all 60k training images; kNN memory the 60k.
+    'cpu': Budget(1500, 3, 3, {
+        'batch_size': 128, 'data.train_split': 'train', 'data.shuffle_buffer': 60_000,
         'data.eval_split': 'test', 'eval.linear.train_split': 'train[:20000]',
-        'eval.linear.holdout_split': 'train[58000:]'}),
+        'eval.linear.holdout_split': 'train[58000:]'}, (0.01, 0.1), 600),
+    # An accelerator: a 12-block ViT-Ti at patch 4, 4x the pre-training and fine-tuning steps.
+    'gpu': Budget(6000, 3, 6, {
+        'model.variant': 'Ti/4', 'batch_size': 256, 'data.train_split': 'train',
+        'data.shuffle_buffer': 60_000, 'data.eval_split': 'test', 'eval.batch_size': 1000,
+        'eval.linear.train_split': 'train[:50000]', 'eval.linear.holdout_split': 'train[58000:]'},
+                  (0.01, 0.1), 2400),
     'quick': Budget(60, 1, 2, {
         'batch_size': 128, 'data.train_split': 'train[:5000]', 'data.shuffle_buffer': 5000,
         'data.eval_split': 'test[:1000]', 'eval.linear.train_split': 'train[:5000]',
-        'eval.linear.holdout_split': 'train[59000:]'}),
+        'eval.linear.holdout_split': 'train[59000:]'}, (0.01, 0.1), 60),
     # End-to-end tests only: the numbers mean nothing.
-    'smoke': Budget(2, 1, 1, {
+    'smoke': Budget(2, 1, 2, {
         'model.variant': 'mu/4', 'batch_size': 16, 'data.train_split': 'train[:256]',
         'data.eval_split': 'test[:128]', 'data.shuffle_buffer': 256, 'eval.batch_size': 64,
-        'eval.linear.train_split': 'train[:256]', 'eval.linear.holdout_split': 'train[-128:]'}),
+        'eval.linear.train_split': 'train[:256]', 'eval.linear.holdout_split': 'train[-128:]'},
+                    (0.1,), 2),
 }
 
-DEFAULT_OUT = {'full': 'RESULTS.md', 'quick': 'RESULTS_quick.md', 'smoke': 'RESULTS_smoke.md'}
+DEFAULT_OUT = {'cpu': 'RESULTS.md', 'gpu': 'RESULTS_gpu.md', 'quick': 'RESULTS_quick.md',
+               'smoke': 'RESULTS_smoke.md'}
+# The row whose intermediate checkpoints are fine-tuned too (on the smallest labelled subset): the
+# curve of fine-tuning top-1 against pre-training steps, started at step 0 by its scratch floor.
+FINETUNE_CURVE_ROW = 'mae'
 
 
 def build_config(row, overrides):
@@ -177,15 +199,6 @@ def _load_final(workdir):
     return None
 
 
-def _top1(workdir, protocol, notes, **options):
-  """Top-1 of an evaluation protocol, or None with the reason in `notes` when it cannot run."""
-  try:
-    return float(evaluate_lib.evaluate(workdir, protocol, **options)['top1'])
-  except Exception as e:  # pylint: disable=broad-except  # a missing protocol must not stop it
-    notes[protocol] = _na(e)
-    return None
-
-
 def _numbers(value):
   """A protocol result's value if worth printing: a number or a short (nested) list of numbers,
   rounded; None for anything else."""
@@ -209,31 +222,105 @@ def summarise(result):
   return dict(numbers=numbers, figures=figures)
 
 
-def run_diagnostics(row, workdir):
-  """Each of the row's diagnostic protocols, summarised, or n/a with the reason."""
-  out = {}
-  for name in ROWS[row].diagnostics:
-    try:
-      out[name] = summarise(evaluate_lib.evaluate(workdir, name))
-    except Exception as e:  # pylint: disable=broad-except  # reported as n/a with the reason
-      out[name] = {'n/a': _na(e)}
-  return out
+def device():
+  """The device the process computes on, e.g. 'NVIDIA H100 80GB HBM3 (gpu, 1 device)'."""
+  return (f'{jax.devices()[0].device_kind} ({jax.default_backend()}, '
+          f'{jax.device_count()} device{"s" if jax.device_count() > 1 else ""})')
 
 
-def measure(row, seed, budget, workdir, overrides, with_diagnostics):
-  """Trains (or resumes) one run, evaluates it and returns its record, cached in repro.json."""
-  path = os.path.join(workdir, RECORD)
+def cached(workdir, name, fn):
+  """fn()'s result (a dict) with the seconds it took, saved as WORKDIR/repro_<name>.json; if that
+  file exists, its content without calling fn. A result with an 'error' is not saved, so that the
+  next run of the study tries again."""
+  path = os.path.join(workdir, f'repro_{name}.json')
   if os.path.exists(path):
     with open(path) as f:
       return json.load(f)
-  config = build_config(row, overrides)
   start = time.time()
+  result = dict(fn())
+  result['seconds'] = time.time() - start
+  if 'error' not in result:
+    _save(path, result)
+  return result
+
+
+def pretrain(config, workdir):
+  """Trains (or resumes) one run: its median throughput, final framework loss, images and device."""
   train_lib.train(config, workdir)
   logged = report.read_metrics(workdir)
+  return dict(images_per_sec=images_per_sec(logged),
+              final_loss=logged[-1].get(f'loss_{config.framework}'),
+              images=config.total_steps * config.batch_size, device=device())
+
+
+def top1(workdir, protocol, run=None, step=None):
+  """{'top1': value} of an evaluation protocol at `step` (or on `run`, already loaded), or
+  {'error': reason} when it cannot run."""
+  try:
+    return dict(top1=float(evaluate_lib.evaluate(workdir, protocol, step=step, run=run)['top1']))
+  except Exception as e:  # pylint: disable=broad-except  # a missing protocol must not stop it
+    return dict(error=_na(e))
+
+
+def finetune(workdir, fraction, total_steps, step=None, random_init=False):
+  """Fine-tunes the run's checkpoint at `step` (or its random-init encoder: the scratch floor) on
+  the `fraction` labelled subset for `total_steps` (0: the recipe's); {'top1', 'best_top1',
+  'steps', 'images', 'step'} or {'error': reason}."""
+  options = dict(label_fraction=fraction, **({'total_steps': total_steps} if total_steps else {}))
+  try:
+    if random_init:
+      run = loading.load_run(workdir, random_init=True)
+      result = dict(evaluate_lib.PROTOCOLS['finetune'](run, **options), step=0)
+    else:
+      result = evaluate_lib.evaluate(workdir, 'finetune', step=step, **options)
+  except Exception as e:  # pylint: disable=broad-except  # reported as n/a with the reason
+    return dict(error=_na(e))
+  return dict(top1=float(result['top1']), best_top1=float(result['best_top1']),
+              steps=result['steps'], images=result['steps'] * result['batch_size'],
+              step=result['step'])
+
+
+def diagnostic(workdir, name):
+  """A diagnostic protocol's summary (`summarise`), or {'error': reason}."""
+  try:
+    return summarise(evaluate_lib.evaluate(workdir, name))
+  except Exception as e:  # pylint: disable=broad-except  # reported as n/a with the reason
+    return dict(error=_na(e))
+
+
+def _finish(record, parts, path):
+  """Adds the parts' failures, compute and seconds to the record; saves it unless a part failed
+  (so that a rerun tries the failed part again, reusing the others)."""
+  for name, part in parts.items():
+    if 'error' in part:
+      record['notes'][name] = part['error']
+  record['seconds'] = sum(p['seconds'] for p in parts.values())
+  record['finetune_images'] = sum(p.get('images', 0) for n, p in parts.items()
+                                  if n.startswith('finetune'))
+  if not record['notes']:
+    _save(path, record)
+  return record
+
+
+def measure(row, seed, budget, workdir, overrides, with_diagnostics):
+  """Trains (or resumes) one run, evaluates and fine-tunes it; returns its record (repro.json)."""
+  path = os.path.join(workdir, RECORD)
+  if os.path.exists(path):
+    with open(path) as f:
+      record = json.load(f)
+    if record['steps'] != overrides['total_steps'] or report.finetune_key(
+        budget.label_fractions[0]) not in record and record['framework'] != 'supervised':
+      raise ValueError(f'{path} is a run of another budget ({record["steps"]} steps, fine-tuned '
+                       f'on {report.finetune_keys([record]) or "no subset"}); give this study '
+                       'its own --workdir_root.')
+    return record
+  config = build_config(row, overrides)
+  total = config.total_steps
+  parts = {'pretrain': cached(workdir, 'pretrain', lambda: pretrain(config, workdir))}
   record = dict(row=row, label=ROWS[row].label, seed=seed, workdir=workdir,
-                framework=config.framework, steps=config.total_steps,
-                images_per_sec=images_per_sec(logged),
-                final_loss=logged[-1].get(f'loss_{config.framework}'), notes={})
+                framework=config.framework, steps=total, notes={},
+                **{k: parts['pretrain'].get(k) for k in ('images_per_sec', 'final_loss', 'images',
+                                                         'device')})
   if config.framework == 'supervised':
     with open(os.path.join(workdir, 'eval_supervised.json')) as f:
       history = json.load(f)['history']
@@ -241,41 +328,77 @@ def measure(row, seed, budget, workdir, overrides, with_diagnostics):
     record['test_top1'] = history[-1]['top1']
   else:
     every = config.checkpoint.every_steps
-    record['curve'] = [[s, _top1(workdir, 'knn', record['notes'], step=s)]
-                       for s in range(every, config.total_steps, every)]
-    final = _load_final(workdir)  # one feature pass for the last kNN point and the probe
-    record['curve'].append([config.total_steps, _top1(workdir, 'knn', record['notes'], run=final)])
+    steps = range(every, total + 1, every)
+    final = []  # the last checkpoint, loaded once so that its kNN and probe share its features
+
+    def final_run():
+      if not final:
+        final.append(_load_final(workdir))
+      return final[0]
+
+    for s in steps:
+      parts[f'knn_step{s}'] = cached(workdir, f'knn_step{s}', lambda s=s: top1(
+          workdir, 'knn', run=final_run() if s == total else None, step=s))
+    record['curve'] = [[s, parts[f'knn_step{s}'].get('top1')] for s in steps]
     record['knn'] = record['curve'][-1][1]
-    record['linear'] = _top1(workdir, 'linear_cached', record['notes'], run=final)
+    parts['linear'] = cached(workdir, 'linear', lambda: top1(workdir, 'linear_cached',
+                                                             run=final_run()))
+    record['linear'] = parts['linear'].get('top1')
+    curve_steps = steps if row == FINETUNE_CURVE_ROW else [total]
+    for fraction in budget.label_fractions:
+      for s in (curve_steps if fraction == min(budget.label_fractions) else [total]):
+        name = f'finetune_labels{fraction:g}_step{s}'
+        parts[name] = cached(workdir, name, lambda f=fraction, s=s: finetune(
+            workdir, f, budget.finetune_steps, step=s))
+      final_name = f'finetune_labels{fraction:g}_step{total}'
+      record[report.finetune_key(fraction)] = parts[final_name].get('top1')
+    if row == FINETUNE_CURVE_ROW:
+      fraction = min(budget.label_fractions)
+      record['finetune_curve'] = [
+          [s, parts[f'finetune_labels{fraction:g}_step{s}'].get('top1')] for s in curve_steps]
   if with_diagnostics:
-    record['diagnostics'] = run_diagnostics(row, workdir)
-  record['seconds'] = time.time() - start  # training + evaluation in the session that finished it
-  _save(path, record)
-  return record
+    for name in ROWS[row].diagnostics:
+      parts[f'diagnostic_{name}'] = cached(workdir, f'diagnostic_{name}',
+                                           lambda n=name: diagnostic(workdir, n))
+    record['diagnostics'] = {
+        n: {'n/a': parts[f'diagnostic_{n}']['error']} if 'error' in parts[f'diagnostic_{n}']
+        else parts[f'diagnostic_{n}'] for n in ROWS[row].diagnostics}
+  return _finish(record, parts, path)
 
 
-def measure_random_init(row, seed, workdir):
-  """kNN and linear-probe top-1 of the row's encoder freshly initialised from the run's seed (the
-  floor that pre-training has to clear), cached in WORKDIR/repro_random_init.json."""
+def _random_init_probes(workdir):
+  """kNN and linear-probe top-1 of the run's encoder at its random init, or {'error': reason}."""
+  try:
+    run = loading.load_run(workdir, random_init=True)
+    return {key: float(evaluate_lib.PROTOCOLS[protocol](run)['top1'])
+            for key, protocol in (('knn', 'knn'), ('linear', 'linear_cached'))}
+  except Exception as e:  # pylint: disable=broad-except  # reported as n/a with the reason
+    return dict(error=_na(e))
+
+
+def measure_random_init(row, seed, workdir, budget):
+  """The floors of a pre-training baseline: its encoder freshly initialised from the run's seed,
+  evaluated by kNN and the linear probe, and fine-tuned on each labelled subset with the run's
+  recipe and budget (scratch); cached in WORKDIR/repro_random_init.json."""
   path = os.path.join(workdir, FLOOR_RECORD)
   if os.path.exists(path):
     with open(path) as f:
       return json.load(f)
-  start = time.time()
-  record = dict(row=row, label='random init', seed=seed, workdir=workdir, notes={})
-  try:
-    run = loading.load_run(workdir, random_init=True)
-    for key, protocol in (('knn', 'knn'), ('linear', 'linear_cached')):
-      record[key] = float(evaluate_lib.PROTOCOLS[protocol](run)['top1'])
-  except Exception as e:  # pylint: disable=broad-except  # reported as n/a with the reason
-    record['notes']['random init'] = _na(e)
-  record['seconds'] = time.time() - start
-  _save(path, record)
-  return record
+  parts = {'random_init': cached(workdir, 'random_init_probes',
+                                 lambda: _random_init_probes(workdir))}
+  record = dict(row=row, label='random init', seed=seed, workdir=workdir, notes={},
+                knn=parts['random_init'].get('knn'), linear=parts['random_init'].get('linear'))
+  for fraction in budget.label_fractions:
+    name = f'finetune_random_init_labels{fraction:g}'
+    parts[name] = cached(workdir, name, lambda f=fraction: finetune(
+        workdir, f, budget.finetune_steps, random_init=True))
+    record[report.finetune_key(fraction)] = parts[name].get('top1')
+  return _finish(record, parts, path)
 
 
 def _save(path, record):
   """Writes a record atomically, so an interrupted study never leaves a half-written cache."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path + '.tmp', 'w') as f:
     json.dump(record, f, indent=1)
   os.replace(path + '.tmp', path)
@@ -289,28 +412,56 @@ def plan(methods, clip_path):
   return [r for r in ROWS if r in needed]
 
 
-def run_study(mode='full', seeds=None, out=None, workdir_root='workdirs/repro',
-              methods=None, clip_path=None, argv=(), report_only=False):
+def finetune_commands(workdir, budget):
+  """The `mimjax.evaluate` commands equivalent to one pre-training run's fine-tunes."""
+  steps = f' --total_steps {budget.finetune_steps}' if budget.finetune_steps else ''
+  return [f'python -m mimjax.evaluate --workdir {workdir} --protocol finetune '
+          f'--label_fraction {fraction:g}{steps} [--step S] [--compare_random_init]'
+          for fraction in budget.label_fractions]
+
+
+def resolve_budget(preset, pretrain_steps=None, finetune_steps=None):
+  """(name, Budget) of a preset, with its pre-training and fine-tuning steps replaced where given;
+  a changed budget gets its own name (cpu_p3000_f600), so its runs go to their own workdirs."""
+  budget = BUDGETS[preset]
+  changes = {k: v for k, v in (('steps', pretrain_steps), ('finetune_steps', finetune_steps))
+             if v is not None and v != getattr(budget, k)}
+  if not changes:
+    return preset, budget
+  budget = dataclasses.replace(budget, **changes)
+  return f'{preset}_p{budget.steps}_f{budget.finetune_steps}', budget
+
+
+def run_study(mode='cpu', seeds=None, out=None, workdir_root='workdirs/repro',
+              methods=None, clip_path=None, argv=(), report_only=False, floor=False,
+              pretrain_steps=None, finetune_steps=None):
   """Runs (or resumes) every run the methods need, writes `out` (default: DEFAULT_OUT[mode]);
   returns the records per row.
 
-  With `report_only`, runs nothing: the report covers the runs that have finished (a stopped
-  study) and lists the others as not finished.
+  `mode` is a preset of BUDGETS; `pretrain_steps` and `finetune_steps` change its steps (the
+  floor search). With `floor`, only the MAE row and its floors run (no pair): MAE pre-training +
+  fine-tuning against scratch, which the method pairs need to clear first. With `report_only`,
+  runs nothing: the report covers the runs that have finished (a stopped study) and lists the
+  others as not finished.
   """
-  budget = BUDGETS[mode]
-  out = out or DEFAULT_OUT[mode]
+  name, budget = resolve_budget(mode, pretrain_steps, finetune_steps)
+  out = out or (f'RESULTS_floor_{name}.md' if floor else DEFAULT_OUT[mode])
   unknown = sorted(set(methods or ()) - set(PAIRS))
   if unknown:
     raise ValueError(f'Unknown rows {unknown}; choose from {", ".join(PAIRS)}.')
-  methods = [m for m in PAIRS if m in methods] if methods else list(PAIRS)
+  if floor:
+    methods, rows = [], [FINETUNE_CURVE_ROW]
+  else:
+    methods = [m for m in PAIRS if m in methods] if methods else list(PAIRS)
+    rows = plan(methods, clip_path)
   seeds = range(budget.seeds if seeds is None else seeds)
-  root = os.path.join(workdir_root, mode)
-  workdir = lambda row, seed: os.path.join(root, row, f'seed{seed}')
-  rows = plan(methods, clip_path)
+  root = os.path.join(workdir_root, name)
+  workdir = lambda row, seed: os.path.join(root, row, f'seed{seed}')  # noqa: E731
   study_argv = [a for a in argv if a not in ('--report_only', '--noreport_only')]
   commands = [' '.join(['python -m mimjax.reproduce', *map(shlex.quote, study_argv)])]
   commands += [train_command(row, workdir(row, '{SEED}'), row_overrides(
       row, '{SEED}', budget, workdir(TEACHER_ROW, '{SEED}'), clip_path)) for row in rows]
+  commands += finetune_commands(workdir('ROW', '{SEED}'), budget)
   records = {row: [] for row in rows}
   floors = {row: [] for row in rows if row in PAIRS.values()}
   unfinished = []
@@ -328,25 +479,31 @@ def run_study(mode='full', seeds=None, out=None, workdir_root='workdirs/repro',
       if report_only and not os.path.exists(os.path.join(workdir(row, seed), FLOOR_RECORD)):
         unfinished.append(f'{row} seed {seed} (random init)')
         continue
-      floors[row].append(measure_random_init(row, seed, workdir(row, seed)))
+      floors[row].append(measure_random_init(row, seed, workdir(row, seed), budget))
   pairs = [(m, PAIRS[m]) for m in methods if records[m] and records[PAIRS[m]]]
-  if not pairs:
+  if not pairs and not (floor and records[FINETUNE_CURVE_ROW]):
     raise ValueError(f'No pair has a finished run under {root}; run the study first.')
-  report.write(out, records, pairs, mode, budget.steps, budget.curve_points, commands, root,
-               floors, unfinished)
+  report.write(out, records, pairs, name, budget, commands, root, floors, unfinished)
   print(f'Wrote {out}')
   return records
 
 
 def define_flags():
   """Command-line flags (defined only when run as a program, so importing is side-effect free)."""
-  flags.DEFINE_bool('quick', False, 'One seed of every row on a short budget.')
-  flags.DEFINE_bool('smoke', False, 'An absurdly small budget, for end-to-end tests only.')
-  flags.DEFINE_integer('seeds', None, 'Seeds per row (default: 2, or 1 with --quick).')
+  flags.DEFINE_enum('preset', 'cpu', list(BUDGETS), 'Budget: cpu (the default), gpu, quick, smoke.')
+  flags.DEFINE_bool('quick', False, 'Shorthand for --preset quick.')
+  flags.DEFINE_bool('smoke', False, 'Shorthand for --preset smoke (end-to-end tests only).')
+  flags.DEFINE_bool('floor', False, 'Only MAE pre-training + fine-tuning against scratch (and its '
+                    'fine-tuning curve over pre-training steps): the floor the pairs need first.')
+  flags.DEFINE_integer('pretrain_steps', None, 'Pre-training steps instead of the preset\'s '
+                       '(the floor search); the runs go to their own workdirs.')
+  flags.DEFINE_integer('finetune_steps', None, 'Fine-tuning steps instead of the preset\'s.')
+  flags.DEFINE_integer('seeds', None, 'Seeds per row (default: the preset\'s).')
   flags.DEFINE_string('out', None, 'Report path; figures go to <out stem>_figures/. Default: '
-                      f'{", ".join(f"{v} ({k})" for k, v in DEFAULT_OUT.items())}, so a short '
-                      'run never overwrites the committed full study.')
-  flags.DEFINE_string('workdir_root', 'workdirs/repro', 'Runs go to ROOT/<mode>/<row>/seed<k>.')
+                      f'{", ".join(f"{v} ({k})" for k, v in DEFAULT_OUT.items())}, '
+                      'RESULTS_floor_<budget>.md with --floor, so a short run never overwrites '
+                      'the committed full study.')
+  flags.DEFINE_string('workdir_root', 'workdirs/repro', 'Runs go to ROOT/<budget>/<row>/seed<k>.')
   flags.DEFINE_list('rows', None, f'Method rows (baselines come along): {", ".join(PAIRS)}.')
   flags.DEFINE_string('clip_path', None, 'Distil from this local CLIP ViT-B/16 checkpoint instead '
                       'of the supervised run (an accelerator job).')
@@ -358,11 +515,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
-  if f.quick and f.smoke:
-    raise app.UsageError('--quick and --smoke exclude each other.')
+  shorthands = [name for name in ('quick', 'smoke') if f[name].value]
+  if len(shorthands) + f['preset'].present > 1:
+    raise app.UsageError('--quick, --smoke and --preset exclude each other.')
   if not f['verbosity'].present:  # TFDS and Orbax are chatty at INFO
     logging.set_verbosity(logging.WARNING)
-  mode = 'smoke' if f.smoke else 'quick' if f.quick else 'full'
+  mode = shorthands[0] if shorthands else f.preset
   run_study(mode, f.seeds, f.out, f.workdir_root, f.rows, f.clip_path, sys.argv[1:],
-            f.report_only)
-
+            f.report_only, f.floor, f.pretrain_steps, f.finetune_steps)
