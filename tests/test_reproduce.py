@@ -4,6 +4,8 @@ import math
 import os
 import re
 import subprocess
+import sys
+import time
 
 import pytest
 
@@ -221,49 +223,96 @@ def _table_rows(text):
   return [[c.strip() for c in l.strip('|').split('|')] for l in lines]
 
 
-@pytest.mark.slow  # trains and evaluates the MAE / MAE + MTO pair and its floor
+def _tables(text):
+  """Every markdown table of a report, each as its rows of cells (header and rule included)."""
+  tables, current = [], []
+  for line in text.splitlines() + ['']:
+    if line.startswith('|'):
+      current.append([c.strip() for c in line.strip('|').split('|')])
+    elif current:
+      tables.append(current)
+      current = []
+  return tables
+
+
+def _parts(root):
+  """{path: mtime} of every cached part and record of a study's runs."""
+  return {str(p): p.stat().st_mtime_ns for p in root.rglob('repro*.json')}
+
+
+@pytest.mark.slow  # trains, evaluates and fine-tunes the MAE / MAE + MTO pair and its floors
 def test_smoke_study_end_to_end_writes_the_table(tmp_path):
   out = tmp_path / 'RESULTS.md'
   root = tmp_path / 'runs'
   args = ['mimjax.reproduce', '--smoke', '--rows', 'mae_mto', '--out', str(out),
           '--workdir_root', str(root)]
-  proc = run_module(args, timeout=600)
+  # Killed once MAE's pre-training has finished (its part is cached), then rerun: the rerun
+  # does not train MAE again and finishes the study.
+  env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL='3')
+  first = subprocess.Popen([sys.executable, '-m', *args], cwd=ROOT, env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  pretrained = root / 'smoke' / 'mae' / 'seed0' / 'repro_pretrain.json'
+  deadline = time.time() + 600
+  while not pretrained.exists() and first.poll() is None and time.time() < deadline:
+    time.sleep(0.2)
+  first.kill()
+  first.wait()
+  assert pretrained.exists() and not out.exists()
+  stamp = pretrained.stat().st_mtime_ns
+  proc = run_module(args, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
+  assert pretrained.stat().st_mtime_ns == stamp
   text = out.read_text()
-  rows = _table_rows(text)
-  assert rows[0][:3] == ['pair', 'run', 'seeds'] and len(rows[0]) == 11
-  assert set(rows[1]) <= {'---'}
-  body = rows[2:]
+  headline, secondary = _tables(text)
+  assert headline[0][3:5] == ['top-1, 10% labels (%)', 'Δ, 10% labels (pp; per seed)']
+  assert [r[:3] for r in headline[2:]] == [
+      ['mae_mto', 'scratch (random init, fine-tuned)', '1'], ['mae_mto', 'MAE', '1'],
+      ['mae_mto', 'MAE + MTO (decoder)', '1']]
+  for r in headline[2:]:
+    assert re.fullmatch(r'\d+\.\d \(n=1\)', r[3]), r  # fine-tuning top-1 on 128 test images
+  assert [r[5] for r in headline[2:]] == ['0', '2', '2']  # pre-training steps
+  # Images: 2 steps of batch 16 pre-training; fine-tunes of 2 steps at batch 128, MAE's at 2
+  # checkpoints (its curve) and MAE + MTO's at the last.
+  assert [r[6] for r in headline[2:]] == ['0 + 256', '32 + 512', '32 + 256']
+  assert re.fullmatch(r'-?\d+\.\d \(n=1\) \([+-]\d+\.\d\)', headline[3][4]), headline[3]
+  assert 'MAE, fine-tune top-1 (10% labels) by pre-training step (step 0: scratch): 0: ' in text
+  assert secondary[0][:3] == ['pair', 'run', 'seeds'] and len(secondary[0]) == 11
+  body = secondary[2:]
   assert [r[:3] for r in body] == [['mae_mto', 'MAE', '1'], ['mae_mto', '(random init)', '1'],
                                    ['mae_mto', 'MAE + MTO (decoder)', '1']]
   floor, body = body[1], body[::2]
   assert all(re.fullmatch(r'\d+\.\d \(n=1\)', c) for c in floor[4:6]), floor  # kNN, linear
   for r in body:
-    assert len(r) == 11
     assert re.fullmatch(r'\d+\.\d{4} \(n=1\)', r[3]), r  # final loss
     assert re.fullmatch(r'\d+\.\d \(n=1\)', r[4]), r  # kNN top-1 on 128 test images
     assert re.fullmatch(r'\d+\.\d \(n=1\)', r[5]), r  # linear probe
     assert r[6] == '—'  # no supervised test top-1 for pre-training runs
     assert re.fullmatch(r'\d+ \(n=1\)', r[10]), r  # step time in ms
-  assert body[0][7:9] == ['—', '—']
-  assert re.fullmatch(r'-?\d+\.\d \(n=1\) \((kNN|linear-probe) top-1\)', body[1][7]), body[1]
+  assert re.fullmatch(r'-?\d+\.\d \(n=1\) \(fine-tune top-1 \(10% labels\)\)', body[1][7])
   for name in ('mae_mto.png', 'mae_eval_heterogeneity.png', 'mae_mto_eval_heterogeneity.png',
-               'mae_eval_attention_distance.png'):
+               'mae_eval_attention_distance.png', 'finetune_vs_pretraining.png'):
     assert os.path.exists(tmp_path / 'RESULTS_figures' / name), name
   for heading in ('## What this shows', '## What this does not show', '## Commands',
                   '## Versions'):
     assert heading in text
   assert 'python -m mimjax.train --config configs/mae_mto.py:runlocal' in text
-  assert 'jax 0.' in text
+  assert 'Device: cpu (cpu, 1 device)' in text and 'jax 0.' in text
 
-  # A rerun reuses the finished runs' records (and random-init floors) instead of measuring again.
-  records = [root / 'smoke' / row / 'seed0' / name for row, name in (
-      ('mae_mto', 'repro.json'), ('mae', 'repro.json'), ('mae', 'repro_random_init.json'))]
-  stamps = [r.stat().st_mtime_ns for r in records]
-  assert json.loads(records[0].read_text())['steps'] == reproduce.BUDGETS['smoke'].steps
+  # A rerun of the finished study measures nothing again; one whose fine-tune record is lost
+  # measures that fine-tune only (resuming its finished training: no step is trained again).
+  parts = _parts(root)
+  assert json.loads(
+      (root / 'smoke' / 'mae_mto' / 'seed0' / 'repro.json').read_text())['steps'] == 2
   proc = run_module(args, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert [r.stat().st_mtime_ns for r in records] == stamps
+  assert _parts(root) == parts
+  lost = root / 'smoke' / 'mae_mto' / 'seed0' / 'repro_finetune_labels0.1_step2.json'
+  lost.unlink()
+  (root / 'smoke' / 'mae_mto' / 'seed0' / 'repro.json').unlink()
+  proc = run_module(args, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  changed = {p for p, t in _parts(root).items() if parts.get(p) != t}
+  assert changed == {str(lost), str(root / 'smoke' / 'mae_mto' / 'seed0' / 'repro.json')}
 
   # A stopped study: --report_only reports the finished runs and names the missing ones.
   partial = tmp_path / 'PARTIAL.md'
@@ -271,11 +320,11 @@ def test_smoke_study_end_to_end_writes_the_table(tmp_path):
                       methods=['mae_mto'], report_only=True, argv=['--smoke', '--report_only'])
   text = partial.read_text()
   assert 'the study was stopped before these runs finished: mae seed 1, mae_mto seed 1.' in text
-  assert [r[:3] for r in _table_rows(text)[2:]] == [
+  assert [r[:3] for r in _tables(text)[1][2:]] == [
       ['mae_mto', 'MAE', '1'], ['mae_mto', '(random init)', '1'],
       ['mae_mto', 'MAE + MTO (decoder)', '1']]
   assert 'by `python -m mimjax.reproduce --smoke`' in text  # the study's command, not this one
-  records[0].unlink()
+  (root / 'smoke' / 'mae_mto' / 'seed0' / 'repro.json').unlink()
   with pytest.raises(ValueError, match='No pair has a finished run'):
     reproduce.run_study('smoke', out=str(partial), workdir_root=str(root), methods=['mae_mto'],
                         report_only=True)
@@ -287,7 +336,10 @@ def test_smoke_study_supervised_and_distillation_rows(tmp_path):
   proc = run_module(['mimjax.reproduce', '--smoke', '--rows', 'supervised_moto,distill_dtm',
                      '--out', str(out), '--workdir_root', str(tmp_path / 'runs')], timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  body = _table_rows(out.read_text())[2:]
+  headline, secondary = _tables(out.read_text())
+  assert [r[1] for r in headline[2:]] == ['scratch (random init, fine-tuned)',
+                                          'feature distillation', 'distillation + DTM']
+  body = secondary[2:]
   assert [r[1] for r in body] == ['feature distillation', '(random init)', 'distillation + DTM',
                                   'supervised ViT', 'supervised + MoTo']
   body = body[:1] + body[2:]
@@ -482,3 +534,10 @@ def test_rerun_after_an_interruption_skips_every_finished_part(tmp_path, monkeyp
   calls.clear()
   study()
   assert calls == [] and len(written) == 2  # everything finished: nothing runs again
+
+
+def test_supervised_pairs_stay_out_of_the_finetuning_table():
+  records = {'supervised': [dict(seed=0, label='supervised ViT', test_top1=.4, steps=2)],
+             'supervised_moto': [dict(seed=0, label='supervised + MoTo', test_top1=.5, steps=2)]}
+  rows = _table_rows(report.finetune_table(records, [('supervised_moto', 'supervised')], {}))
+  assert rows[0][:3] == ['pair', 'run', 'seeds'] and len(rows) == 2  # header and rule only

@@ -266,6 +266,8 @@ def finetune_table(records, groups, floors):
   head += ['pre-training steps', 'images seen per seed (pre-train + fine-tune)', 'wall time (h)']
   lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
   for method, base in groups:
+    if not finetune_keys(records[base] + (records[method] if method else [])):
+      continue  # supervised pairs are not fine-tuned: their test top-1 is in the secondary table
     name = method or base
     scratch = floors.get(base, [])
     runs = [(scratch, 'scratch (random init, fine-tuned)', None), (records[base], None, scratch)]
