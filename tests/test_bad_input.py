@@ -49,6 +49,7 @@ LEGAL = {
     'data.randaug_magnitude_std': {0.0, 1.5},
     'data.random_erase': {0.0},
     'data.folder_holdout': {0.0},
+    'data.label_fraction': {0.0},  # every image of the split
     'data.folder_holdout_min': {0},
     'data.threads': {0},
     'optim.base_lr': {0.0, 1.5},
