@@ -42,3 +42,31 @@ def test_training_reads_only_the_labelled_subset():
   config.seed += 1
   other = pipeline.train_batches(config)
   assert sorted(map(bytes, np.concatenate([next(other)['image'] for _ in range(5)]))) != images[0]
+
+
+def test_an_image_folder_gives_the_same_count_of_every_class(tmp_path):
+  # 3 classes of 6 images; fraction 1/3 -> round(18 / 3 / 3) = 2 of each class: one batch of 6 is
+  # the whole subset, read again each epoch. A flat folder has no labels to stratify by.
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  for c, name in enumerate(('ant', 'bee', 'cow')):
+    (tmp_path / 'train' / name).mkdir(parents=True)
+    (tmp_path / 'val' / name).mkdir(parents=True)
+    for i in range(6):
+      Image.new('RGB', (20, 20), (40 * i, 80 * c, 90)).save(tmp_path / 'train' / name / f'{i}.png')
+  config = load_config('configs/finetune.py:runlocal', **tiny_overrides(**{
+      'data.name': str(tmp_path), 'data.train_split': 'train', 'data.eval_split': 'val',
+      'data.label_fraction': 1 / 3, 'batch_size': 6, 'data.augment': 'center'}))
+  batches = pipeline.train_batches(config)
+  epochs = [next(batches) for _ in range(3)]  # the whole folder would be 18 distinct images
+  for batch in epochs:
+    assert collections.Counter(batch['label'].tolist()) == {0: 2, 1: 2, 2: 2}
+  assert len({bytes(image) for batch in epochs for image in batch['image']}) == 6
+  flat = tmp_path / 'flat'
+  flat.mkdir()
+  for i in range(6):
+    Image.new('RGB', (20, 20), (40 * i, 0, 0)).save(flat / f'{i}.png')
+  with config.unlocked():
+    config.data.name = str(flat)
+    config.data.folder_holdout_min = 1
+  with pytest.raises(errors.DatasetError, match='needs class labels'):
+    next(pipeline.train_batches(config))
