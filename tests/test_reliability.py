@@ -486,3 +486,42 @@ def test_an_empty_or_unparsable_split_is_one_line(tiny_mae_config, tmp_path, spl
     train.train(_set(tiny_mae_config, **{'data.train_split': split}), str(tmp_path / 'run'))
   _one_line_error(e, repr(split), part)
   assert not (tmp_path / 'run').exists()
+
+
+def _offline_store(monkeypatch):
+  """gs:// as on a machine without network: every request fails the way TensorFlow's GCS client
+  fails offline (the error of issue 32), and every write or mkdir on a gs:// path is recorded."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  gpath = epath.gpath._GPath  # pylint: disable=protected-access
+
+  def offline(self, *args, **kwargs):
+    raise tf.errors.FailedPreconditionError(
+        None, None, "Error executing an HTTP request: libcurl code 6 meaning 'Could not resolve "
+        f"hostname', error details: Could not resolve host: www.googleapis.com\n\t when reading "
+        f'metadata of {self}')
+
+  writes = []
+  monkeypatch.setattr(gpath, 'exists', offline)
+  for name in ('mkdir', 'write_text', 'write_bytes', 'open'):
+    monkeypatch.setattr(gpath, name, lambda self, *a, _name=name, **k: writes.append((_name, self)))
+  return writes
+
+
+def test_an_offline_gs_workdir_is_one_line_naming_the_cause_and_the_fix(tiny_mae_config, tmp_path,
+                                                                        monkeypatch, capsys):
+  """train (as its command line reports it), and evaluate / export (which read the workdir's
+  config first): one `error:` line with the cause and the fix, no traceback, nothing written."""
+  writes = _offline_store(monkeypatch)
+  with pytest.raises(SystemExit) as e, errors.reported():
+    train.train(tiny_mae_config, 'gs://mimjax-offline/run')
+  assert e.value.code == 1
+  err = capsys.readouterr().err
+  lines = err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith('error: --workdir gs://mimjax-offline/run '
+                                                 'cannot be reached'), err
+  assert 'Could not resolve host' in lines[0] and 'gcloud auth' in lines[0]
+  assert 'Traceback' not in err
+  with pytest.raises(errors.CheckpointError) as e:
+    export.export_checkpoint('gs://mimjax-offline/run', str(tmp_path / 'enc.npz'), fmt='npz')
+  _one_line_error(e, 'cannot be reached', 'FailedPreconditionError', 'local --workdir')
+  assert writes == [] and os.listdir(tmp_path) == []
