@@ -525,3 +525,66 @@ def test_an_offline_gs_workdir_is_one_line_naming_the_cause_and_the_fix(tiny_mae
     export.export_checkpoint('gs://mimjax-offline/run', str(tmp_path / 'enc.npz'), fmt='npz')
   _one_line_error(e, 'cannot be reached', 'FailedPreconditionError', 'local --workdir')
   assert writes == [] and os.listdir(tmp_path) == []
+
+
+def _full_disk_from_step_5(monkeypatch, workdir, target):
+  """ENOSPC when the 5th record is appended to metrics.jsonl (its file object), or at every flush
+  of the TensorBoard writer once metrics.jsonl holds 5 records (TensorFlow reports a C++ ENOSPC as
+  ResourceExhaustedError ending in the system message): the log of step 5, checkpoint 3 complete."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from mimjax import metrics_writer  # pylint: disable=g-import-not-at-top
+  from mimjax import workdir_io  # pylint: disable=g-import-not-at-top
+  metrics = os.path.join(workdir, 'metrics.jsonl')
+  records = lambda: len(open(metrics).readlines()) if os.path.exists(metrics) else 0
+  if target == 'metrics.jsonl':
+    def full_open(file, mode='r', *args, **kwargs):
+      f = open(file, mode, *args, **kwargs)
+      if str(file) != metrics or mode != 'a':
+        return f
+
+      def write(text):
+        if records() == 4:
+          raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return f.write(text)
+      return types.SimpleNamespace(write=write, flush=f.flush, close=f.close)
+    monkeypatch.setattr(workdir_io, 'open', full_open, raising=False)
+    return
+  create = tf.summary.create_file_writer
+
+  def full_writer(logdir, *args, **kwargs):
+    writer = create(logdir, *args, **kwargs)
+    flush = writer.flush
+
+    def full_flush():
+      if records() >= 5:
+        raise tf.errors.ResourceExhaustedError(
+            None, None, f'{logdir}/events.out.tfevents.1; {os.strerror(errno.ENOSPC)}')
+      flush()
+    writer.flush = full_flush
+    return writer
+  monkeypatch.setattr(metrics_writer.tf.summary, 'create_file_writer', full_writer)
+
+
+@pytest.mark.parametrize('target', ['metrics.jsonl', 'tensorboard'])
+def test_a_full_disk_while_logging_is_one_line_and_the_checkpoint_resumes(tiny_mae_config,
+                                                                          tmp_path, monkeypatch,
+                                                                          capsys, target):
+  """A full disk while step 5's metrics are written: one `error:` line naming the file and "No
+  space left on device", no traceback; checkpoint 3 verifies, and once space is free the rerun
+  resumes from it and logs every step once."""
+  workdir = str(tmp_path / 'run')
+  _full_disk_from_step_5(monkeypatch, workdir, target)
+  with pytest.raises(SystemExit) as e, errors.reported():
+    train.train(tiny_mae_config, workdir)
+  assert e.value.code == 1
+  err = capsys.readouterr().err
+  shown = [line for line in err.splitlines() if line.startswith('error:')]
+  assert len(shown) == 1 and 'Traceback' not in err, err
+  assert shown[0].startswith(f'error: Writing {os.path.join(workdir, target)} at step 5 failed '
+                             '(No space left on device'), shown[0]
+  assert _steps(workdir) == [3] and checkpoint_lib.restore(workdir)[1] == 3
+  monkeypatch.undo()  # space freed
+  assert train.train(tiny_mae_config, workdir)['step'] == 6
+  assert 'Resuming from checkpoint 3' in capsys.readouterr().out
+  steps = [json.loads(line)['step'] for line in open(os.path.join(workdir, 'metrics.jsonl'))]
+  assert steps == [1, 2, 3, 4, 5, 6]
