@@ -588,3 +588,75 @@ def test_a_full_disk_while_logging_is_one_line_and_the_checkpoint_resumes(tiny_m
   assert 'Resuming from checkpoint 3' in capsys.readouterr().out
   steps = [json.loads(line)['step'] for line in open(os.path.join(workdir, 'metrics.jsonl'))]
   assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def _damages(target):
+  """Ways `target` (a workdir's JSON or JSON-lines file) is found damaged: {name: damage}."""
+  def directory():
+    os.remove(target)
+    os.mkdir(target)
+  return {'not JSON': lambda: open(target, 'w').write('{"step": 3, "conf\n{}\n'),
+          'a list': lambda: open(target, 'w').write('[1, 2]\n'),
+          'invalid UTF-8': lambda: open(target, 'wb').write(b'\xff\xfe{}\n'),
+          'a directory': directory}
+
+
+def _restore(target, good):
+  if os.path.isdir(target):
+    os.rmdir(target)
+  open(target, 'wb').write(good)
+
+
+def test_a_damaged_config_history_or_eval_record_is_one_error_before_anything_is_rewritten(
+    trained, capsys):
+  """config_history.jsonl (read by every start) and eval_mae.json (read at each evaluation, so
+  checked at start when evaluation is on): each damage is one error naming the file, and
+  config.json, config_history.jsonl, metrics.jsonl and the eval record stay as they were (the
+  history was rewritten before, the eval record crashed the run at its first evaluation). A torn
+  last line of the history (a crash mid-write) is dropped with a warning and the run goes on."""
+  config, workdir = trained
+  _set(config, **{'total_steps': 6, 'resume.accept_changes': 'total_steps',
+                  'eval.every_steps': 3})
+  history, record = (os.path.join(workdir, name)
+                     for name in ('config_history.jsonl', 'eval_mae.json'))
+  open(record, 'w').write(json.dumps(dict(history=[dict(step=3, knn_top1=0.5)])))
+  names = ('config.json', 'config_history.jsonl', 'metrics.jsonl', 'eval_mae.json')
+  before = {name: open(os.path.join(workdir, name), 'rb').read() for name in names}
+  for target in (history, record):
+    for name, damage in _damages(target).items():
+      damage()
+      damaged = open(target, 'rb').read() if os.path.isfile(target) else None
+      with pytest.raises(errors.CheckpointError) as e:
+        train.train(config, workdir)
+      _one_line_error(e, target, 'move it away' if target == record else 'to resume')
+      assert (open(target, 'rb').read() if os.path.isfile(target) else None) == damaged, name
+      _restore(target, before[os.path.basename(target)])
+      assert {n: open(os.path.join(workdir, n), 'rb').read() for n in names} == before, name
+  capsys.readouterr()
+  open(history, 'ab').write(b'{"start_step": 3, "con')  # torn by a crash mid-write
+  assert train.train(config, workdir)['step'] == 6
+  assert f'dropped the torn last line of {history}' in capsys.readouterr().out
+  entries = [json.loads(line) for line in open(history)]
+  assert [e['start_step'] for e in entries] == [0, 3]
+  assert [r['step'] for r in json.load(open(record))['history']] == [3, 6]
+
+
+def test_a_damaged_evaluation_results_file_is_one_error_before_the_protocol_runs(trained,
+                                                                                 monkeypatch):
+  """eval_knn.json (evaluate's results) damaged: refused naming it before kNN runs, unchanged."""
+  from mimjax import evaluate  # pylint: disable=g-import-not-at-top
+  _, workdir = trained
+  ran = []
+  monkeypatch.setitem(evaluate.PROTOCOLS, 'knn', lambda run: ran.append(run) or {})
+  target = os.path.join(workdir, 'eval_knn.json')
+  for name, damage in _damages(target).items():
+    if not os.path.exists(target):
+      open(target, 'w').write('{}')
+    damage()
+    damaged = open(target, 'rb').read() if os.path.isfile(target) else None
+    with pytest.raises(errors.CheckpointError) as e:
+      evaluate.evaluate(workdir, 'knn')
+    _one_line_error(e, target, 'is damaged', 'move it away')
+    assert (open(target, 'rb').read() if os.path.isfile(target) else None) == damaged, name
+    assert ran == [], name
+    _restore(target, b'{"protocol": "knn", "results": []}')
