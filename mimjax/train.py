@@ -13,11 +13,26 @@ set with `--config.KEY=VALUE`. `--print_config` lists the fields the run reads (
 field) and exits; `--dry_run` checks the run and prints its start-up summary (devices, parameters,
 batch, steps, data) without writing.
 """
-import itertools
-import json
 import os
 import signal
 import sys
+
+
+def _stop_during_start_up(signum, frame):
+  """Ctrl-C or SIGTERM while the command loads its libraries and reads its flags: nothing has
+  been written, so the process ends at once (no KeyboardInterrupt traceback), 128 + the signal."""
+  del frame
+  print(f'\n{signal.Signals(signum).name}: stopped during start-up; nothing was written.',
+        file=sys.stderr, flush=True)
+  os._exit(128 + signum)  # pylint: disable=protected-access
+
+
+if __name__ == '__main__':  # before the imports below: seconds of JAX and TensorFlow
+  for _signum in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(_signum, _stop_during_start_up)
+
+import itertools
+import json
 import time
 
 from absl import app
@@ -106,6 +121,8 @@ class _StopRequest:
     if not self._multihost:
       for signum in (signal.SIGINT, signal.SIGTERM):
         self._previous[signum] = signal.signal(signum, self._handle)
+    elif signal.getsignal(signal.SIGINT) is _stop_during_start_up:  # Ctrl-C: KeyboardInterrupt
+      self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
     return self
 
   def _handle(self, signum, frame):
