@@ -422,6 +422,8 @@ def _train(config, workdir, dry_run, stop_request):
   # before the workdir is created or written, so bad input leaves nothing behind.
   validation.check_workdir(workdir)
   validation.validate(config)  # before `fit` reads the fields it fits
+  if dry_run:
+    sources.check_prepared(config)  # a dry run downloads, prepares and creates nothing
   notes = fit.note(fit.fit(config), config.data.name)
   if notes and jax.process_index() == 0:
     print(notes, flush=True)
