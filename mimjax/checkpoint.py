@@ -6,7 +6,6 @@ save's outcome is checked (a failed one stops the run with one message); a final
 SHA-256 checksums of its files, verified before the checkpoint is read again. Restores take target
 shardings, so a run can resume on a different mesh or device count.
 """
-import errno
 import hashlib
 import json
 import logging
@@ -24,39 +23,6 @@ from mimjax import tree_util
 from mimjax import workdir_io
 
 CHECKSUMS = 'checksums.json'
-
-
-# Causes a user fixes outside mimjax; a message names one of these first when it is found.
-_SYSTEM_CAUSES = tuple(os.strerror(code) for code in (
-    errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO))
-
-
-def _chain(e):
-  """`e`, its causes and contexts, and the members of exception groups, outermost first."""
-  seen, queue = set(), [e]
-  while queue:
-    x = queue.pop(0)
-    if x is None or id(x) in seen:
-      continue
-    seen.add(id(x))
-    yield x
-    queue += [x.__cause__, x.__context__, *getattr(x, 'exceptions', ())]
-
-
-def _reason(e):
-  """`Type: message` of an exception, first line only and without TensorStore's spec dump; when
-  a system cause (a full disk, a read-only mount) is anywhere in its chain, that cause first, so
-  no cut can lose it."""
-  text = str(e).strip().splitlines()[0] if str(e).strip() else ''
-  text = text.split(' [source locations=')[0].split('{"')[0].rstrip(' :;,')
-  shown = f'{type(e).__name__}: {text[:300]}'
-  for x in _chain(e):
-    if isinstance(x, OSError) and x.strerror:
-      return x.strerror if x.strerror in shown else f'{x.strerror}; {shown}'
-    cause = next((c for c in _SYSTEM_CAUSES if c in str(x)), None)
-    if cause:
-      return cause if cause in shown else f'{cause}; {shown}'
-  return shown
 
 
 def _files(directory, prefix=''):
@@ -138,6 +104,7 @@ class Checkpointer:
   """Keeps the last `keep` checkpoints under WORKDIR/checkpoints/<step>/{state,meta}."""
 
   def __init__(self, workdir, keep=3, async_save=True):
+    workdir_io.check_reachable(workdir)  # an offline store: one message, not Orbax's traceback
     self.directory = workdir_io.path(workdir, 'checkpoints')  # a gs:// URL stays a URL
     # create=False: opening a workdir to read it never creates anything; the first save makes
     # checkpoints/ inside the (existing) workdir.
@@ -200,7 +167,7 @@ class Checkpointer:
       restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
     except Exception as e:  # orbax raises many types for unreadable files
       raise errors.CheckpointError(
-          f'Checkpoint {step} in {self.directory} cannot be read ({_reason(e)}). '
+          f'Checkpoint {step} in {self.directory} cannot be read ({errors.reason(e)}). '
           f'If it is damaged, move {self._step_dir(step)} away to resume from '
           'the one before, or start in a new --workdir.') from e
     return restored['meta']
@@ -282,9 +249,9 @@ class Checkpointer:
     kept = (f'the last complete checkpoint is step {self.last_saved}'
             if self.last_saved is not None else 'no checkpoint was completed')
     raise errors.CheckpointError(
-        f'Saving checkpoint {step} to {self.directory} failed ({_reason(e)}); training stopped '
-        f'and {kept}. Fix the cause (e.g. free disk space) and re-run the same command to resume.'
-    ) from e
+        f'Saving checkpoint {step} to {self.directory} failed ({errors.reason(e)}); training '
+        f'stopped and {kept}. Fix the cause (e.g. free disk space) and re-run the same command '
+        'to resume.') from e
 
   def restore(self, step, abstract_state):
     """Restores the state at `step` onto the shardings carried by `abstract_state`."""
@@ -305,7 +272,7 @@ class Checkpointer:
       return state
     except Exception as e:
       raise errors.CheckpointError(
-          f'Checkpoint {step} in {self.directory} cannot be restored ({_reason(e)}). '
+          f'Checkpoint {step} in {self.directory} cannot be restored ({errors.reason(e)}). '
           f'If it is damaged, move {self._step_dir(step)} away to resume from '
           'the one before, or start in a new --workdir.') from e
 
@@ -329,7 +296,7 @@ class Checkpointer:
           item=target, restore_args=restore_args, partial_restore=True))
     except Exception as e:
       raise errors.CheckpointError(f'The {item} of checkpoint {step} in {self.directory} cannot '
-                                   f'be read ({_reason(e)}).') from e
+                                   f'be read ({errors.reason(e)}).') from e
     return restored[item]
 
   def wait(self):

@@ -4,6 +4,8 @@ Each CLI catches `MimjaxError` alone and prints `error: <message>` without a tra
 message must name the problem and the fix on its own.
 """
 import contextlib
+import errno
+import os
 import sys
 
 
@@ -29,6 +31,39 @@ class InteropError(MimjaxError, ValueError):
 
 class NonFiniteError(MimjaxError, RuntimeError):
   """Training produced NaN/Inf; the update was not applied, the last good checkpoint is intact."""
+
+
+# Causes a user fixes outside mimjax; a message names one of these first when it is found.
+SYSTEM_CAUSES = tuple(os.strerror(code) for code in (
+    errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO))
+
+
+def _chain(e):
+  """`e`, its causes and contexts, and the members of exception groups, outermost first."""
+  seen, queue = set(), [e]
+  while queue:
+    x = queue.pop(0)
+    if x is None or id(x) in seen:
+      continue
+    seen.add(id(x))
+    yield x
+    queue += [x.__cause__, x.__context__, *getattr(x, 'exceptions', ())]
+
+
+def reason(e):
+  """`Type: message` of an exception, first line only and without TensorStore's spec dump; when
+  a system cause (a full disk, a read-only mount) is anywhere in its chain, that cause first, so
+  no cut can lose it."""
+  text = str(e).strip().splitlines()[0] if str(e).strip() else ''
+  text = text.split(' [source locations=')[0].split('{"')[0].rstrip(' :;,')
+  shown = f'{type(e).__name__}: {text[:300]}'
+  for x in _chain(e):
+    if isinstance(x, OSError) and x.strerror:
+      return x.strerror if x.strerror in shown else f'{x.strerror}; {shown}'
+    cause = next((c for c in SYSTEM_CAUSES if c in str(x)), None)
+    if cause:
+      return cause if cause in shown else f'{cause}; {shown}'
+  return shown
 
 
 def require(ok, key, value, rule):

@@ -143,8 +143,16 @@ def read_results(workdir, protocol):
   path = results_path(workdir, protocol)
   if not path.exists():
     return []
-  data = json.loads(path.read_text())
-  return data['results'] if 'results' in data else [dict(options={}, **data)]
+  try:
+    data = json.loads(path.read_text())
+    entries = data['results'] if 'results' in data else [dict(options={}, **data)]
+    if not all(isinstance(e, dict) and isinstance(e.get('options'), dict) for e in entries):
+      raise ValueError('a "results" entry without an "options" record')
+  except (OSError, ValueError, TypeError) as e:  # a directory, invalid UTF-8, not JSON, a list
+    raise errors.CheckpointError(
+        f'{path} is damaged ({errors.reason(e)}); fix it, or move it away (losing the results it '
+        'holds), and re-run.') from e
+  return entries
 
 
 def record_result(workdir, protocol, result, options, compare_random_init):
@@ -173,10 +181,12 @@ def evaluate(workdir, protocol, step=None, compare_random_init=False, run=None,
     if compare_random_init:
       raise errors.ConfigError(f'protocol {protocol!r} compares logged curves; it has no '
                                'randomly initialised counterpart.')
+    read_results(workdir, protocol)  # a damaged results file: refused before the protocol runs
     result = dict(protocol=protocol, **CURVE_PROTOCOLS[protocol](workdir, **options))
   elif protocol in PROTOCOLS:
     fn = PROTOCOLS[protocol]
     _check_options(protocol, fn, options)
+    read_results(workdir, protocol)  # a damaged results file: refused before the protocol runs
     if run is None:
       config, note = loading.eval_config(workdir, config_overrides)
       if note and jax.process_index() == 0:

@@ -16,9 +16,12 @@ the export fails (`verify_export`).
   model = timm.create_model(sc['timm_model'], **sc['timm_kwargs'])
   model.load_state_dict(safetensors.torch.load_file('enc.safetensors'))
 """
+import contextlib
 import json
 import os
+import shutil
 import sys
+import tempfile
 
 from absl import app
 from absl import flags
@@ -111,16 +114,46 @@ def export_params(config, encoder_params, out, fmt='safetensors', source=None):
   # Before anything loads TensorFlow (hub: the dataset's label names), see torch_files.load_timm.
   timm = torch_files.load_timm()
   if fmt == 'hub':
-    written = [os.path.join(out, name) for name in hub.FILES]
-    hub_config, command = hub.export_hub(config, encoder_params, out, source or {})
-    hub_config['verified'] = verify_export(
-        timm, config, encoder_params, written,
-        lambda: timm.create_model(f'local-dir:{out}', pretrained=True))
+    with staged_folder(out) as staging:
+      written = [os.path.join(staging, name) for name in hub.FILES]
+      hub_config, command = hub.export_hub(config, encoder_params, out, source or {}, staging)
+      hub_config['verified'] = verify_export(
+          timm, config, encoder_params, written,
+          lambda: timm.create_model(f'local-dir:{staging}', pretrained=True))
     return hub_config, command
   sidecar = _write_file(config, encoder_params, out, fmt, source)
   sidecar['verified'] = verify_export(timm, config, encoder_params, [out, out + '.json'],
                                       lambda: create_timm_model(out))
   return sidecar
+
+
+@contextlib.contextmanager
+def staged_folder(out):
+  """A new temporary folder next to `out` for the body to write a folder export into, moved to
+  `out` when the body completes; when it fails (a full disk, a failed check, Ctrl-C) it is removed
+  with the parent folders made for it, so nothing is left and an earlier export at `out` stays.
+  `out` that does not exist, or is empty, is replaced at once (a rename); into an `out` that holds
+  files (an earlier export, the user's own) each written file is moved in turn."""
+  parent = os.path.dirname(os.path.abspath(out))
+  missing, folder = [], parent
+  while not os.path.exists(folder):
+    missing.append(folder)
+    folder = os.path.dirname(folder)
+  os.makedirs(parent, exist_ok=True)
+  staging = tempfile.mkdtemp(prefix=f'.{os.path.basename(os.path.abspath(out))}.',
+                             suffix='.partial', dir=parent)
+  try:
+    yield staging
+    try:
+      os.rename(staging, out)
+    except OSError:  # `out` holds files
+      for name in os.listdir(staging):
+        os.replace(os.path.join(staging, name), os.path.join(out, name))
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+    for folder in missing:  # deepest first; only those still empty (a failed export's)
+      if os.path.isdir(folder) and not os.listdir(folder):
+        os.rmdir(folder)
 
 
 def _write_file(config, encoder_params, out, fmt, source):

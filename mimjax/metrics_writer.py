@@ -3,6 +3,7 @@ with config.log.wandb, a Weights & Biases run.
 
 Only process 0 writes. Values arrive as host scalars at log steps, never inside the train step.
 """
+import contextlib
 import hashlib
 import json
 import math
@@ -76,6 +77,7 @@ class MetricsWriter:
     self.start_time = time.time()
     self.bar = None
     self.wandb = None
+    self.failed = False  # a write failed and was reported; `close` then adds no second error
     if not self.active:
       return
     self.workdir = workdir
@@ -91,17 +93,33 @@ class MetricsWriter:
     if config is not None and config.log.wandb:
       self.wandb = WandbRun(config, workdir)
 
+  @contextlib.contextmanager
+  def _writing(self, target, step=None):
+    """A failed write of `target` (a full disk, a read-only mount, a lost bucket) as one
+    CheckpointError naming the cause first; the checkpoints are written apart and stay."""
+    try:
+      yield
+    except (OSError, tf.errors.OpError) as e:
+      self.failed = True
+      at = '' if step is None else f' at step {step}'
+      raise errors.CheckpointError(
+          f'Writing {target}{at} failed ({errors.reason(e)}); training stopped. The checkpoints '
+          'are written apart from the logs and are intact: fix the cause (e.g. free disk space) '
+          'and re-run the same command to resume from the last complete checkpoint.') from e
+
   def write(self, step, scalars):
     if not self.active:
       return
     record = {'step': int(step), **{k: float(v) for k, v in scalars.items()}}
-    self.jsonl.append(record)
+    with self._writing(self.jsonl.target, step):
+      self.jsonl.append(record)
     if self.tb is not None:
-      with self.tb.as_default(step=int(step)):
-        for key, value in record.items():
-          if key != 'step' and math.isfinite(value):
-            tf.summary.scalar(key, value)
-      self.tb.flush()
+      with self._writing(workdir_io.path(self.workdir, 'tensorboard'), step):
+        with self.tb.as_default(step=int(step)):
+          for key, value in record.items():
+            if key != 'step' and math.isfinite(value):
+              tf.summary.scalar(key, value)
+        self.tb.flush()
     if self.wandb is not None:
       self.wandb.log(step, {k: v for k, v in record.items() if k != 'step'})
     self._progress(step, record)
@@ -128,23 +146,36 @@ class MetricsWriter:
       return None
     from PIL import Image  # pylint: disable=g-import-not-at-top
     directory = workdir_io.path(self.workdir, 'images')
-    directory.mkdir(parents=True, exist_ok=True)
     path = directory / f'{name}_{step:07d}.png'
-    with path.open('wb') as f:
-      Image.fromarray(image).save(f, format='PNG')
+    with self._writing(path, step):
+      directory.mkdir(parents=True, exist_ok=True)
+      with path.open('wb') as f:
+        Image.fromarray(image).save(f, format='PNG')
     if self.tb is not None:
-      with self.tb.as_default(step=int(step)):
-        tf.summary.image(name, image[None], step=int(step))
+      with self._writing(workdir_io.path(self.workdir, 'tensorboard'), step):
+        with self.tb.as_default(step=int(step)):
+          tf.summary.image(name, image[None], step=int(step))
     if self.wandb is not None:
       self.wandb.log_image(name, step, image)
     return str(path)
 
   def close(self):
-    if self.active:
-      if self.bar is not None:
-        self.bar.close()
-      self.jsonl.close()
-      if self.tb is not None:
-        self.tb.close()
-      if self.wandb is not None:
-        self.wandb.finish()
+    """Closes the outputs. After a reported failed write, closing (which flushes what that write
+    left buffered) fails the same way: those errors are dropped, the first one stands."""
+    if not self.active:
+      return
+    if self.bar is not None:
+      self.bar.close()
+    failed_before = self.failed
+    closes = [(self.jsonl.target, self.jsonl.close)]
+    if self.tb is not None:
+      closes.append((workdir_io.path(self.workdir, 'tensorboard'), self.tb.close))
+    for target, close in closes:
+      try:
+        with self._writing(target):
+          close()
+      except errors.CheckpointError:
+        if not failed_before:
+          raise
+    if self.wandb is not None:
+      self.wandb.finish()

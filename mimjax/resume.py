@@ -79,15 +79,34 @@ def data_position_examples(meta):
   return int(meta.get('data_position', 0)) * int(meta['config']['batch_size'])
 
 
-def record(workdir, config, start_step):
-  """Writes WORKDIR/config.json (this run's config) and appends it to the workdir's history."""
+def read_history(workdir):
+  """The entries of WORKDIR/config_history.jsonl ([] when there is none), read and checked before
+  the run writes anything: a damaged line inside it, an entry without an integer `start_step` and
+  a `config` record, invalid UTF-8 or a directory in its place is one CheckpointError naming the
+  file; a torn last line (a crash mid-write) is dropped with a warning."""
+  path = workdir_io.path(workdir, HISTORY)
+  if not path.exists():
+    return []
+  entries = workdir_io.read_jsonl(path)
+  for i, entry in enumerate(entries):
+    if not (isinstance(entry, dict) and isinstance(entry.get('start_step'), int)
+            and isinstance(entry.get('config'), dict)):
+      raise errors.CheckpointError(
+          f'Entry {i + 1} of {path} is not a config record with "start_step" and "config" '
+          f'({json.dumps(entry)[:80]}); fix or delete that line (or move the file away, losing '
+          'the record of the earlier configs) to resume.')
+  return entries
+
+
+def record(workdir, config, start_step, history):
+  """Writes WORKDIR/config.json (this run's config) and the workdir's config history: `history`
+  (`read_history`'s entries) and this run's."""
   if jax.process_index() != 0:
     return
   text = config_lib.to_json(config)
   workdir_io.write_atomic(workdir_io.path(workdir, 'config.json'), text)
-  path = workdir_io.path(workdir, HISTORY)
-  history = path.read_text() if path.exists() else ''
   entry = dict(start_step=int(start_step), time=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
                config=json.loads(text))
-  workdir_io.write_atomic(path, history + json.dumps(entry, sort_keys=True) + '\n')
+  workdir_io.write_atomic(workdir_io.path(workdir, HISTORY),
+                          ''.join(json.dumps(e, sort_keys=True) + '\n' for e in [*history, entry]))
 

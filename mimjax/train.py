@@ -13,11 +13,26 @@ set with `--config.KEY=VALUE`. `--print_config` lists the fields the run reads (
 field) and exits; `--dry_run` checks the run and prints its start-up summary (devices, parameters,
 batch, steps, data) without writing.
 """
-import itertools
-import json
 import os
 import signal
 import sys
+
+
+def _stop_during_start_up(signum, frame):
+  """Ctrl-C or SIGTERM while the command loads its libraries and reads its flags: nothing has
+  been written, so the process ends at once (no KeyboardInterrupt traceback), 128 + the signal."""
+  del frame
+  print(f'\n{signal.Signals(signum).name}: stopped during start-up; nothing was written.',
+        file=sys.stderr, flush=True)
+  os._exit(128 + signum)  # pylint: disable=protected-access
+
+
+if __name__ == '__main__':  # before the imports below: seconds of JAX and TensorFlow
+  for _signum in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(_signum, _stop_during_start_up)
+
+import itertools
+import json
 import time
 
 from absl import app
@@ -106,6 +121,8 @@ class _StopRequest:
     if not self._multihost:
       for signum in (signal.SIGINT, signal.SIGTERM):
         self._previous[signum] = signal.signal(signum, self._handle)
+    elif signal.getsignal(signal.SIGINT) is _stop_during_start_up:  # Ctrl-C: KeyboardInterrupt
+      self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
     return self
 
   def _handle(self, signum, frame):
@@ -253,6 +270,24 @@ def held_out_pictures_batch(config, mesh):
   return jax.make_array_from_process_local_data(sharding.batch_sharding(mesh), host)
 
 
+def read_eval_history(workdir, framework):
+  """The records of WORKDIR/eval_<framework>.json ([] when there is none), read and checked
+  before the run writes anything: a file that is not JSON, not a record with a `history` list of
+  records with an integer `step`, invalid UTF-8 or a directory is one CheckpointError naming it."""
+  path = workdir_io.path(workdir, f'eval_{framework.name}.json')
+  if not path.exists():
+    return []
+  try:
+    history = json.loads(path.read_text())['history']
+    if not all(isinstance(r, dict) and isinstance(r.get('step'), int) for r in history):
+      raise ValueError('a "history" entry without an integer "step"')
+  except (OSError, ValueError, TypeError, KeyError) as e:
+    raise errors.CheckpointError(
+        f'{path} is damaged ({errors.reason(e)}); fix it, or move it away (losing the evaluation '
+        'history it holds), and re-run.') from e
+  return history
+
+
 def record_eval(workdir, framework, best_metric, step, results):
   """Adds `results` at `step` to WORKDIR/eval_<framework>.json: history, best and final.
 
@@ -261,9 +296,7 @@ def record_eval(workdir, framework, best_metric, step, results):
   if jax.process_index() != 0:
     return
   path = workdir_io.path(workdir, f'eval_{framework.name}.json')
-  history = []
-  if path.exists():
-    history = [r for r in json.loads(path.read_text())['history'] if r['step'] < step]
+  history = [r for r in read_eval_history(workdir, framework) if r['step'] < step]
   history.append(dict(step=int(step), **results))
   best = max(history, key=lambda r: r[best_metric])
   workdir_io.write_atomic(path, json.dumps(dict(best=best, final=history[-1], history=history),
@@ -389,6 +422,8 @@ def _train(config, workdir, dry_run, stop_request):
   # before the workdir is created or written, so bad input leaves nothing behind.
   validation.check_workdir(workdir)
   validation.validate(config)  # before `fit` reads the fields it fits
+  if dry_run:
+    sources.check_prepared(config)  # a dry run downloads, prepares and creates nothing
   notes = fit.note(fit.fit(config), config.data.name)
   if notes and jax.process_index() == 0:
     print(notes, flush=True)
@@ -407,6 +442,9 @@ def _train(config, workdir, dry_run, stop_request):
   # Examples consumed so far (checkpoints from before data_examples existed: step * batch_size).
   data_start = resume.data_position_examples(latest_meta) if latest is not None else 0
   history = metrics_writer.read_history(workdir, start_step)
+  config_history = resume.read_history(workdir)
+  if config.eval.every_steps:
+    read_eval_history(workdir, framework)  # checked now; each evaluation reads it again
 
   batches = pipeline.train_batches(config, data_start)
   first = next(batches)
@@ -421,7 +459,7 @@ def _train(config, workdir, dry_run, stop_request):
   try:
     if jax.process_index() == 0:
       sources.write_labels(config, workdir)
-    resume.record(workdir, config, start_step)
+    resume.record(workdir, config, start_step, config_history)
     loop = _Loop(framework, config, workdir, ckpt, state_sharding, tx, lr_schedule, mesh)
     writer = metrics_writer.MetricsWriter(workdir, config.total_steps, start_step,
                                           config.log.progress_bar, config, history)

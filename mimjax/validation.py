@@ -165,7 +165,9 @@ def check_run(config):
 
 
 def check_workdir(workdir):
-  """Refuses a local workdir this process cannot create or write, before anything is read or
-  written (an object-store URL is checked by its first write)."""
-  if not workdir_io.is_url(workdir):
+  """Refuses a local workdir this process cannot create or write, or an object-store URL whose
+  store does not answer (offline, no credentials), before anything is read or written."""
+  if workdir_io.is_url(workdir):
+    workdir_io.check_reachable(workdir)
+  else:
     workdir_io.check_creatable_dir(workdir, '--workdir', 'choose another --workdir')

@@ -9,6 +9,7 @@ from mimjax import workdir_io
 
 def read_config(workdir):
   """The locked config a mimjax.train run wrote to WORKDIR/config.json (local or gs://)."""
+  workdir_io.check_reachable(workdir)
   path = workdir_io.path(workdir, 'config.json')
   if not path.exists():
     raise errors.CheckpointError(

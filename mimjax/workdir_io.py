@@ -29,6 +29,21 @@ def path(workdir, *parts):
   return base.joinpath(*parts)
 
 
+def check_reachable(workdir):
+  """CheckpointError unless the object store of a URL workdir answers (a local path: nothing to
+  do). Only reads (does WORKDIR exist?), so an offline or unauthorised store is one message
+  before anything is read or written, not a client library's traceback at the first write."""
+  if not is_url(workdir):
+    return
+  try:
+    path(workdir).exists()
+  except Exception as e:  # each backend (tf.io.gfile, gcsfs, s3fs) raises its own types
+    raise errors.CheckpointError(
+        f'--workdir {workdir} cannot be reached ({errors.reason(e)}). Check the network '
+        'connection and the credentials for that store (for gs://: gcloud auth '
+        'application-default login), or use a local --workdir.') from e
+
+
 def check_creatable_dir(directory, flag, fix):
   """ConfigError unless `directory` is, or can be created as, a directory this process writes:
   its nearest existing ancestor must be a writable directory (not a file, not read-only)."""

@@ -341,3 +341,26 @@ def test_reconstruction_grids_of_a_small_split_have_no_blank_rows(tmp_path):
   config = _config(tmp_path, **{'data.eval_split': 'val'})  # all but one image per class held out
   batch = train.held_out_pictures_batch(config, sharding.make_mesh(config.mesh))
   assert batch['image'].shape[0] == 4 and sorted(np.asarray(batch['label'])) == [0, 0, 1, 2]
+
+
+def test_a_dry_run_on_an_unprepared_dataset_creates_nothing(tmp_path, monkeypatch, capsys):
+  """`--dry_run` with a TFDS dataset not prepared in data_dir: one line naming the dataset, the
+  directory and the fix; it never downloads or prepares (that once left an empty dataset folder
+  under ~/tensorflow_datasets), and data_dir and the workdir stay as they were."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  prepared = []
+  monkeypatch.setattr(tfds.core.DatasetBuilder, 'download_and_prepare',
+                      lambda self, *a, **k: prepared.append(self.name))
+  data_dir = tmp_path / 'tfds'
+  data_dir.mkdir()
+  config = load_config('configs/mae.py:runlocal', **tiny_overrides(**{
+      'data.name': 'cifar10', 'data.data_dir': str(data_dir)}))
+  with pytest.raises(SystemExit) as e, errors.reported():
+    train.train(config, str(tmp_path / 'run'), dry_run=True)
+  assert e.value.code == 1
+  err = capsys.readouterr().err
+  assert err.count('\n') == 1 and 'Traceback' not in err, err
+  assert err.startswith(f"error: Dataset 'cifar10' is not prepared under {data_dir}, and "
+                        '--dry_run prepares nothing'), err
+  assert f'tfds build cifar10 --data_dir={data_dir}' in err
+  assert prepared == [] and os.listdir(tmp_path) == ['tfds'] and os.listdir(data_dir) == []

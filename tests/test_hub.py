@@ -2,6 +2,7 @@
 process that never imports mimjax, its fine-tuning command is accepted by timm, and timm train.py
 checkpoints import safely."""
 import argparse
+import errno
 import json
 import os
 import random
@@ -157,9 +158,11 @@ def test_finetune_command_runs_through_timm_training_api(tmp_path):
 
 
 def _first_failure(transform, image, n):
-  """Index of the first of n draws (Python's random seeded 0, as timm's RandAugment samples with
-  it) where `transform(image)` raises ValueError, or None."""
+  """Index of the first of n draws (Python's, NumPy's and torch's global generators seeded 0:
+  timm's RandAugment draws its magnitudes from the first and its ops from the second) where
+  `transform(image)` raises ValueError, or None."""
   random.seed(0)
+  np.random.seed(0)
   torch.manual_seed(0)
   for i in range(n):
     try:
@@ -359,3 +362,70 @@ def test_colab_notebook_never_loads_torch_next_to_its_tensorflow():
   assert 'from mimjax import train' in code  # the check reads the cells that matter
   assert not re.search(r'\b(import|from)\s+(torch|timm|open_clip)\b|mimjax\.export|'
                        r'from mimjax import .*\bexport\b|mimjax\.interop', code)
+
+
+def _args(args):
+  """{flag: [values]} of a timm train.py argument list."""
+  parsed, flag = {}, None
+  for a in args:
+    if a.startswith('-') and not a.lstrip('-').replace('.', '').isdigit():
+      flag = a
+      parsed[flag] = []
+    else:
+      parsed[flag].append(a)
+  return parsed
+
+
+@pytest.mark.parametrize('recipe,expected', [
+    ('configs/mae.py:runlocal', {'--lr-base': '0.0005', '--lr-base-size': '256', '-b': '128',
+                                 '--layer-decay': '0.65', '--warmup-epochs': '5',
+                                 '--warmup-lr': '0.0'}),
+    ('configs/mae_lut.py:runlocal', {'--lr-base': '0.001', '--layer-decay': '0.75'}),
+    ('configs/simmim.py:runlocal', {'--lr-base': '0.00125', '--lr-base-size': '512', '-b': '256',
+                                    '--layer-decay': '0.65', '--warmup-epochs': '20',
+                                    '--warmup-lr': '1e-06', '--clip-grad': '5.0'}),
+    ('configs/distill.py:runlocal,teacher=ema,dtm', {'--lr-base': '0.0005',
+                                                     '--lr-base-size': '1024',
+                                                     '--warmup-epochs': '10'})])
+def test_the_finetune_command_is_the_recipe_of_the_runs_method(recipe, expected):
+  """Each method's exported command carries its own recipe (configs/finetune.py), not MAE's for
+  all; gradient clipping only where the recipe clips."""
+  args = _args(hub.finetune_args(load_config(recipe), None))
+  assert {k: args[k][0] for k in expected} == expected
+  assert ('--clip-grad' in args) == ('--clip-grad' in expected)
+
+
+def test_the_folder_names_its_recipe(tmp_path):
+  config = make_config('mu/4', 16, True, 'tok', 'sincos2d', 0.0, 0)
+  with config.unlocked():
+    config.lut.enabled = True
+  hub.export_hub(config, random_params(config), str(tmp_path / 'hub'), {})
+  script = (tmp_path / 'hub' / hub.COMMAND_FILE).read_text()
+  assert 'with the mae_lut recipe' in script and '--lr-base 0.001 ' in script
+  assert 'the `mae_lut` fine-tuning' in (tmp_path / 'hub' / 'README.md').read_text()
+
+
+def test_a_hub_export_that_fails_midway_leaves_nothing_and_keeps_the_earlier_one(tmp_path,
+                                                                                 monkeypatch):
+  """A full disk while the model card (the last file) is written: no folder, no temporary folder,
+  no parent folder made for it; an earlier complete export at the same --out stays as it was."""
+  config = make_config('mu/4', 16, True, 'tok', 'sincos2d', 0.0, 0)
+  params = random_params(config)
+  card = hub._model_card  # pylint: disable=protected-access
+
+  def full_disk(*args):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+  monkeypatch.setattr(hub, '_model_card', full_disk)
+  out = tmp_path / 'new' / 'hub'
+  with pytest.raises(OSError, match='No space left'):
+    export.export_params(config, params, str(out), 'hub')
+  assert os.listdir(tmp_path) == []
+  monkeypatch.setattr(hub, '_model_card', card)
+  export.export_params(config, params, str(out), 'hub')
+  assert os.listdir(out.parent) == ['hub'] and sorted(os.listdir(out)) == sorted(hub.FILES)
+  before = {name: (out / name).read_bytes() for name in hub.FILES}
+  monkeypatch.setattr(hub, '_model_card', full_disk)
+  with pytest.raises(OSError, match='No space left'):
+    export.export_params(config, random_params(config, seed=1), str(out), 'hub')
+  assert os.listdir(out.parent) == ['hub']
+  assert {name: (out / name).read_bytes() for name in hub.FILES} == before

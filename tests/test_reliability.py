@@ -486,3 +486,177 @@ def test_an_empty_or_unparsable_split_is_one_line(tiny_mae_config, tmp_path, spl
     train.train(_set(tiny_mae_config, **{'data.train_split': split}), str(tmp_path / 'run'))
   _one_line_error(e, repr(split), part)
   assert not (tmp_path / 'run').exists()
+
+
+def _offline_store(monkeypatch):
+  """gs:// as on a machine without network: every request fails the way TensorFlow's GCS client
+  fails offline (the error of issue 32), and every write or mkdir on a gs:// path is recorded."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  gpath = epath.gpath._GPath  # pylint: disable=protected-access
+
+  def offline(self, *args, **kwargs):
+    raise tf.errors.FailedPreconditionError(
+        None, None, "Error executing an HTTP request: libcurl code 6 meaning 'Could not resolve "
+        f"hostname', error details: Could not resolve host: www.googleapis.com\n\t when reading "
+        f'metadata of {self}')
+
+  writes = []
+  monkeypatch.setattr(gpath, 'exists', offline)
+  for name in ('mkdir', 'write_text', 'write_bytes', 'open'):
+    monkeypatch.setattr(gpath, name, lambda self, *a, _name=name, **k: writes.append((_name, self)))
+  return writes
+
+
+def test_an_offline_gs_workdir_is_one_line_naming_the_cause_and_the_fix(tiny_mae_config, tmp_path,
+                                                                        monkeypatch, capsys):
+  """train (as its command line reports it), and evaluate / export (which read the workdir's
+  config first): one `error:` line with the cause and the fix, no traceback, nothing written."""
+  writes = _offline_store(monkeypatch)
+  with pytest.raises(SystemExit) as e, errors.reported():
+    train.train(tiny_mae_config, 'gs://mimjax-offline/run')
+  assert e.value.code == 1
+  err = capsys.readouterr().err
+  lines = err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith('error: --workdir gs://mimjax-offline/run '
+                                                 'cannot be reached'), err
+  assert 'Could not resolve host' in lines[0] and 'gcloud auth' in lines[0]
+  assert 'Traceback' not in err
+  with pytest.raises(errors.CheckpointError) as e:
+    export.export_checkpoint('gs://mimjax-offline/run', str(tmp_path / 'enc.npz'), fmt='npz')
+  _one_line_error(e, 'cannot be reached', 'FailedPreconditionError', 'local --workdir')
+  assert writes == [] and os.listdir(tmp_path) == []
+
+
+def _full_disk_from_step_5(monkeypatch, workdir, target):
+  """ENOSPC when the 5th record is appended to metrics.jsonl (its file object), or at every flush
+  of the TensorBoard writer once metrics.jsonl holds 5 records (TensorFlow reports a C++ ENOSPC as
+  ResourceExhaustedError ending in the system message): the log of step 5, checkpoint 3 complete."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from mimjax import metrics_writer  # pylint: disable=g-import-not-at-top
+  from mimjax import workdir_io  # pylint: disable=g-import-not-at-top
+  metrics = os.path.join(workdir, 'metrics.jsonl')
+  records = lambda: len(open(metrics).readlines()) if os.path.exists(metrics) else 0
+  if target == 'metrics.jsonl':
+    def full_open(file, mode='r', *args, **kwargs):
+      f = open(file, mode, *args, **kwargs)
+      if str(file) != metrics or mode != 'a':
+        return f
+
+      def write(text):
+        if records() == 4:
+          raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return f.write(text)
+      return types.SimpleNamespace(write=write, flush=f.flush, close=f.close)
+    monkeypatch.setattr(workdir_io, 'open', full_open, raising=False)
+    return
+  create = tf.summary.create_file_writer
+
+  def full_writer(logdir, *args, **kwargs):
+    writer = create(logdir, *args, **kwargs)
+    flush = writer.flush
+
+    def full_flush():
+      if records() >= 5:
+        raise tf.errors.ResourceExhaustedError(
+            None, None, f'{logdir}/events.out.tfevents.1; {os.strerror(errno.ENOSPC)}')
+      flush()
+    writer.flush = full_flush
+    return writer
+  monkeypatch.setattr(metrics_writer.tf.summary, 'create_file_writer', full_writer)
+
+
+@pytest.mark.parametrize('target', ['metrics.jsonl', 'tensorboard'])
+def test_a_full_disk_while_logging_is_one_line_and_the_checkpoint_resumes(tiny_mae_config,
+                                                                          tmp_path, monkeypatch,
+                                                                          capsys, target):
+  """A full disk while step 5's metrics are written: one `error:` line naming the file and "No
+  space left on device", no traceback; checkpoint 3 verifies, and once space is free the rerun
+  resumes from it and logs every step once."""
+  workdir = str(tmp_path / 'run')
+  _full_disk_from_step_5(monkeypatch, workdir, target)
+  with pytest.raises(SystemExit) as e, errors.reported():
+    train.train(tiny_mae_config, workdir)
+  assert e.value.code == 1
+  err = capsys.readouterr().err
+  shown = [line for line in err.splitlines() if line.startswith('error:')]
+  assert len(shown) == 1 and 'Traceback' not in err, err
+  assert shown[0].startswith(f'error: Writing {os.path.join(workdir, target)} at step 5 failed '
+                             '(No space left on device'), shown[0]
+  assert _steps(workdir) == [3] and checkpoint_lib.restore(workdir)[1] == 3
+  monkeypatch.undo()  # space freed
+  assert train.train(tiny_mae_config, workdir)['step'] == 6
+  assert 'Resuming from checkpoint 3' in capsys.readouterr().out
+  steps = [json.loads(line)['step'] for line in open(os.path.join(workdir, 'metrics.jsonl'))]
+  assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def _damages(target):
+  """Ways `target` (a workdir's JSON or JSON-lines file) is found damaged: {name: damage}."""
+  def directory():
+    os.remove(target)
+    os.mkdir(target)
+  return {'not JSON': lambda: open(target, 'w').write('{"step": 3, "conf\n{}\n'),
+          'a list': lambda: open(target, 'w').write('[1, 2]\n'),
+          'invalid UTF-8': lambda: open(target, 'wb').write(b'\xff\xfe{}\n'),
+          'a directory': directory}
+
+
+def _restore(target, good):
+  if os.path.isdir(target):
+    os.rmdir(target)
+  open(target, 'wb').write(good)
+
+
+def test_a_damaged_config_history_or_eval_record_is_one_error_before_anything_is_rewritten(
+    trained, capsys):
+  """config_history.jsonl (read by every start) and eval_mae.json (read at each evaluation, so
+  checked at start when evaluation is on): each damage is one error naming the file, and
+  config.json, config_history.jsonl, metrics.jsonl and the eval record stay as they were (the
+  history was rewritten before, the eval record crashed the run at its first evaluation). A torn
+  last line of the history (a crash mid-write) is dropped with a warning and the run goes on."""
+  config, workdir = trained
+  _set(config, **{'total_steps': 6, 'resume.accept_changes': 'total_steps',
+                  'eval.every_steps': 3})
+  history, record = (os.path.join(workdir, name)
+                     for name in ('config_history.jsonl', 'eval_mae.json'))
+  open(record, 'w').write(json.dumps(dict(history=[dict(step=3, knn_top1=0.5)])))
+  names = ('config.json', 'config_history.jsonl', 'metrics.jsonl', 'eval_mae.json')
+  before = {name: open(os.path.join(workdir, name), 'rb').read() for name in names}
+  for target in (history, record):
+    for name, damage in _damages(target).items():
+      damage()
+      damaged = open(target, 'rb').read() if os.path.isfile(target) else None
+      with pytest.raises(errors.CheckpointError) as e:
+        train.train(config, workdir)
+      _one_line_error(e, target, 'move it away' if target == record else 'to resume')
+      assert (open(target, 'rb').read() if os.path.isfile(target) else None) == damaged, name
+      _restore(target, before[os.path.basename(target)])
+      assert {n: open(os.path.join(workdir, n), 'rb').read() for n in names} == before, name
+  capsys.readouterr()
+  open(history, 'ab').write(b'{"start_step": 3, "con')  # torn by a crash mid-write
+  assert train.train(config, workdir)['step'] == 6
+  assert f'dropped the torn last line of {history}' in capsys.readouterr().out
+  entries = [json.loads(line) for line in open(history)]
+  assert [e['start_step'] for e in entries] == [0, 3]
+  assert [r['step'] for r in json.load(open(record))['history']] == [3, 6]
+
+
+def test_a_damaged_evaluation_results_file_is_one_error_before_the_protocol_runs(trained,
+                                                                                 monkeypatch):
+  """eval_knn.json (evaluate's results) damaged: refused naming it before kNN runs, unchanged."""
+  from mimjax import evaluate  # pylint: disable=g-import-not-at-top
+  _, workdir = trained
+  ran = []
+  monkeypatch.setitem(evaluate.PROTOCOLS, 'knn', lambda run: ran.append(run) or {})
+  target = os.path.join(workdir, 'eval_knn.json')
+  for name, damage in _damages(target).items():
+    if not os.path.exists(target):
+      open(target, 'w').write('{}')
+    damage()
+    damaged = open(target, 'rb').read() if os.path.isfile(target) else None
+    with pytest.raises(errors.CheckpointError) as e:
+      evaluate.evaluate(workdir, 'knn')
+    _one_line_error(e, target, 'is damaged', 'move it away')
+    assert (open(target, 'rb').read() if os.path.isfile(target) else None) == damaged, name
+    assert ran == [], name
+    _restore(target, b'{"protocol": "knn", "results": []}')

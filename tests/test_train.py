@@ -129,6 +129,39 @@ def test_a_signal_during_start_up_stops_at_once_and_writes_nothing(tiny_mae_conf
       signal.getsignal(signum) == signal.SIG_DFL)  # handlers restored
 
 
+def _catches(pid, signum):
+  """Whether process `pid` has a handler for `signum` (Linux: the SigCgt mask of /proc)."""
+  with open(f'/proc/{pid}/status') as f:
+    caught = next(line for line in f if line.startswith('SigCgt:')).split()[1]
+  return bool(int(caught, 16) >> (signum - 1) & 1)
+
+
+@pytest.mark.slow  # a subprocess; Linux only (/proc)
+@pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_the_command_imports_stops_at_once_and_writes_nothing(tmp_path, signum):
+  """The real command, signalled as soon as it takes SIGTERM (the first lines of mimjax/train.py,
+  before JAX and TensorFlow are imported): one line, 130 / 143, no KeyboardInterrupt traceback,
+  no workdir (a Ctrl-C there once printed a traceback)."""
+  workdir = tmp_path / 'run'
+  proc = subprocess.Popen(
+      [sys.executable, '-m', 'mimjax.train', '--config', 'configs/mae.py:runlocal',
+       f'--workdir={workdir}'], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 60
+  while not _catches(proc.pid, signal.SIGTERM):
+    assert proc.poll() is None and time.time() < deadline, proc.communicate()
+    time.sleep(0.005)
+  with open(f'/proc/{proc.pid}/maps') as f:
+    loaded = f.read()
+  proc.send_signal(signum)
+  assert 'tensorflow' not in loaded and 'jaxlib' not in loaded  # still importing
+  out, err = proc.communicate(timeout=60)
+  assert proc.returncode == 128 + signum, err
+  name = signal.Signals(signum).name
+  assert err.strip().splitlines() == [f'{name}: stopped during start-up; nothing was written.']
+  assert 'Traceback' not in err and out == '' and not workdir.exists()
+
+
 def test_a_second_ctrl_c_exits_at_once_without_a_traceback(monkeypatch, capsys):
   """The first Ctrl-C of a writing run asks for a checkpoint at the end of the step; the second
   ends the process at once (os._exit: no KeyboardInterrupt traceback, no waiting) with 130."""

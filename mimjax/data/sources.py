@@ -103,8 +103,19 @@ def get_builder(name, data_dir=None, download=True):
   data_dir = data_dir or default_data_dir()
   if (name, data_dir) in _READY:
     return tfds.builder(name, data_dir=data_dir)
+  _known_builder(name, data_dir)  # only to name an unknown dataset before any barrier
+  # Process 0 prepares a shared data_dir once; the other hosts then open it (or prepare their own
+  # copy when data_dir is not shared).
+  builder = distributed.process_0_first(lambda: _prepared(name, data_dir, download))
+  _READY.add((name, data_dir))
+  return builder
+
+
+def _known_builder(name, data_dir):
+  """The (maybe unprepared) TFDS builder of `name`; DatasetError naming near misses when TFDS
+  has no such dataset. Creates nothing."""
   try:
-    tfds.builder(name, data_dir=data_dir)  # only to name an unknown dataset before any barrier
+    return tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:
     close = difflib.get_close_matches(name, tfds.list_builders(), n=3)
     hint = f' Did you mean {" or ".join(repr(c) for c in close)}?' if close else ''
@@ -112,11 +123,23 @@ def get_builder(name, data_dir=None, download=True):
                               'dataset name, e.g. fashion_mnist, cifar10, imagenette, '
                               f'imagenet2012, or for an image folder its path, e.g. ./{name}.'
                               ) from e
-  # Process 0 prepares a shared data_dir once; the other hosts then open it (or prepare their own
-  # copy when data_dir is not shared).
-  builder = distributed.process_0_first(lambda: _prepared(name, data_dir, download))
-  _READY.add((name, data_dir))
-  return builder
+
+
+def check_prepared(config):
+  """DatasetError unless config.data is an image folder or a prepared TFDS dataset, creating
+  nothing: `--dry_run` calls it so that it never downloads, prepares or makes directories."""
+  name = config.data.name
+  if is_folder(name):
+    return
+  data_dir = config.data.data_dir or default_data_dir()
+  if (name, data_dir) in _READY or _known_builder(name, data_dir).is_prepared():
+    return
+  base_name = name.split(':')[0].split('/')[0]
+  raise errors.DatasetError(
+      f'Dataset {name!r} is not prepared under {data_dir}, and --dry_run prepares nothing (it '
+      'writes nothing). Run the command once without --dry_run to prepare it (downloading it '
+      f'when config.data.download), or prepare it with `tfds build {base_name} '
+      f'--data_dir={data_dir}`.')
 
 
 def _prepared(name, data_dir, download):

@@ -79,17 +79,22 @@ def architecture(config, beit):
 
 
 def finetune_args(config, names):
-  """timm train.py arguments (all but `--model`) that fine-tune the export with MAE's recipe (He et
-  al., 2022, A.1).
+  """timm train.py arguments (all but `--model`) that fine-tune the export with the recipe of the
+  run's pre-training method (configs/finetune.py `recipe_for`: MAE's for mae and supervised runs,
+  LUT's / MTO's, SimMIM's, DTM's for the others).
 
-  The same recipe as configs/finetune.py: AdamW (0.9, 0.999), weight decay 0.05, base lr per 256
-  images (scaled linearly to the global batch; 1024 in the paper = 8 processes x 128), layer-wise
-  lr decay, drop path and epochs per model size (5e-4, 0.65, 0.1, 100 for B), 5 warmup epochs then
-  cosine to 1e-6, RandAugment m9 (RAND_AUGMENT), mixup 0.8, cutmix 1.0, label smoothing 0.1, random
-  erasing 0.25, average pooling (after the exported final norm: timm has no MAE-style norm swap on
-  loading).
+  The values are those of that recipe's config (`configs/finetune.py:model=...,recipe=...`):
+  AdamW betas, weight decay, base lr per its reference batch (scaled linearly to the global
+  batch), layer-wise lr decay, drop path, epochs per model size, warmup epochs and start lr, the
+  cosine floor and gradient clipping; `-b` is the recipe's global batch on 8 processes (MAE's
+  1024 = 8 x 128). The augmentation is the recipes' shared one: RandAugment m9 (RAND_AUGMENT),
+  mixup 0.8, cutmix 1.0, label smoothing 0.1, random erasing 0.25; average pooling (after the
+  exported final norm: timm has no MAE-style norm swap on loading).
   """
   size = config.model.variant.partition('/')[0]
+  recipe = finetune_recipe.recipe_for(config)
+  ft = finetune_recipe.get_config(f'model={config.model.variant},recipe={recipe}')
+  optim = ft.optim
   in_chans = config.data.channels
   dataset = [] if config.data.name == 'imagenet2012' else [
       '--dataset', f'tfds/{config.data.name}', '--dataset-download',
@@ -99,13 +104,16 @@ def finetune_args(config, names):
       '--num-classes', str(len(names)) if names else 'NUM_CLASSES',
       *(['--in-chans', str(in_chans)] if in_chans != 3 else []),
       '--gp', 'avg', '--epochs', str(finetune_recipe.EPOCHS.get(size, 100)),
-      '--warmup-epochs', '5', '-b', '128',
-      '--opt', 'adamw', '--opt-betas', '0.9', '0.999', '--weight-decay', '0.05',
-      '--lr-base', str(finetune_recipe.BASE_LR.get(size, 5e-4)), '--lr-base-size', '256',
+      '--warmup-epochs', str(finetune_recipe.RECIPES[recipe][1]),
+      '--warmup-lr', str(optim.warmup_init_lr), '-b', str(ft.batch_size // 8),
+      '--opt', 'adamw', '--opt-betas', str(optim.b1), str(optim.b2),
+      '--weight-decay', str(optim.weight_decay),
+      '--lr-base', str(optim.base_lr), '--lr-base-size', str(optim.lr_base_batch),
       '--lr-base-scale', 'linear',
-      '--min-lr', '1e-6', '--sched', 'cosine',
-      '--layer-decay', str(finetune_recipe.LAYER_DECAY.get(size, 0.65)),
-      '--drop-path', str(finetune_recipe.DROP_PATH.get(size, 0.1)),
+      '--min-lr', str(optim.min_lr), '--sched', 'cosine',
+      '--layer-decay', str(optim.layer_decay),
+      '--drop-path', str(ft.model.drop_path),
+      *(['--clip-grad', str(optim.grad_clip)] if optim.grad_clip else []),
       '--aa', RAND_AUGMENT, '--reprob', '0.25', '--remode', 'pixel',
       '--mixup', '0.8', '--cutmix', '1.0', '--smoothing', '0.1',
   ]
@@ -122,6 +130,7 @@ def _model_card(config, hub_config, source, command):
   cfg = hub_config['pretrained_cfg']
   workdir = os.path.basename(os.path.normpath(source['workdir'])) if source.get('workdir') else None
   origin = f'run `{workdir}`' if workdir else 'a mimjax run'
+  recipe = finetune_recipe.recipe_for(config)
   return f"""---
 library_name: timm
 pipeline_tag: image-feature-extraction
@@ -143,9 +152,10 @@ model = timm.create_model('local-dir:THIS_FOLDER', pretrained=True)  # or hf-hub
 transform = timm.data.create_transform(**timm.data.resolve_data_config({{}}, model=model))
 ```
 
-Fine-tune with the `train.py` of timm 1.0.31 ({TIMM_TRAIN_PY}) and MAE's fine-tuning recipe
-(`sh {COMMAND_FILE}` runs it on this folder; set the data directory, `--num-classes` for your
-labels, and add `--device cpu` on a machine without a CUDA GPU):
+Fine-tune with the `train.py` of timm 1.0.31 ({TIMM_TRAIN_PY}) and the `{recipe}` fine-tuning
+recipe of mimjax's configs/finetune.py (`sh {COMMAND_FILE}` runs it on this folder; set the data
+directory, `--num-classes` for your labels, and add `--device cpu` on a machine without a CUDA
+GPU):
 
 ```
 {command}
@@ -153,12 +163,14 @@ labels, and add `--device cpu` on a machine without a CUDA GPU):
 """
 
 
-def export_hub(config, encoder_params, out_dir, source):
-  """Writes the timm model folder `out_dir`; returns (config.json dict, fine-tuning command).
+def export_hub(config, encoder_params, out_dir, source, staging=None):
+  """Writes the files of the timm model folder `out_dir` into `staging` (default: `out_dir`
+  itself); returns (config.json dict, fine-tuning command).
 
-  The command names the folder by its absolute path (to print); the files in the folder never do.
+  The command names `out_dir` by its absolute path (to print); the files in the folder never do.
   Nothing is written when the encoder cannot be a timm model (InteropError).
   """
+  staging = staging or out_dir
   beit = beit_lib.is_beit(config.model)
   grid = vit.grid_size(config.model, config.data.image_size)
   in_chans = int(encoder_params['embedding']['kernel'].shape[2])
@@ -181,17 +193,18 @@ def export_hub(config, encoder_params, out_dir, source):
                                 variant=config.model.variant))
   if os.path.isfile(out_dir):
     raise errors.ConfigError(f'--out {out_dir} is a file; --format hub writes a folder.')
-  os.makedirs(out_dir, exist_ok=True)
-  torch_files.save_safetensors(weights, os.path.join(out_dir, 'model.safetensors'))
-  with open(os.path.join(out_dir, 'config.json'), 'w') as f:
+  os.makedirs(staging, exist_ok=True)
+  torch_files.save_safetensors(weights, os.path.join(staging, 'model.safetensors'))
+  with open(os.path.join(staging, 'config.json'), 'w') as f:
     json.dump(hub_config, f, indent=2)
   args = finetune_args(config, names)
-  with open(os.path.join(out_dir, COMMAND_FILE), 'w') as f:
-    f.write(f'# Fine-tunes this folder with MAE\'s recipe: run it in a checkout of timm 1.0.31 '
-            f'({TIMM_TRAIN_PY}),\n# with DATA_DIR set; add --device cpu without a CUDA GPU.\n'
+  with open(os.path.join(staging, COMMAND_FILE), 'w') as f:
+    f.write(f'# Fine-tunes this folder with the {finetune_recipe.recipe_for(config)} recipe '
+            '(mimjax configs/finetune.py): run it in a\n# checkout of timm 1.0.31 '
+            f'({TIMM_TRAIN_PY}) with DATA_DIR set; add --device cpu without a CUDA GPU.\n'
             'HERE="$(cd "$(dirname "$0")" && pwd)"\n'
             + finetune_command('"local-dir:$HERE"', args) + '\n')
-  with open(os.path.join(out_dir, 'README.md'), 'w') as f:
+  with open(os.path.join(staging, 'README.md'), 'w') as f:
     f.write(_model_card(config, hub_config, source,
                         finetune_command('hf-hub:USER/NAME', args)))
   return hub_config, finetune_command(shlex.quote(f'local-dir:{os.path.abspath(out_dir)}'), args)
