@@ -149,6 +149,21 @@ class Framework(abc.ABC):
     """Raises errors.ConfigError on settings this framework cannot work with."""
     del config
 
+  @classmethod
+  def config_sections(cls, config):
+    """The config sections of frameworks this one reads under `config`: its own (named as the
+    framework), and e.g. `distill` for a teacher; --print_config hides the others."""
+    del config
+    return {cls.name}
+
+  @classmethod
+  def finetune_recipe(cls, config):
+    """The `finetune_recipes.RECIPES` key a run of this framework under `config` is fine-tuned
+    with: MAE's `main_finetune.py` unless the framework's paper, or that of a plug-in the run
+    used, gives its own."""
+    del config
+    return 'mae'
+
   def __init__(self, config, plugins=(), captures=()):
     """`captures`: intermediates (CAPTURES) to record besides the plug-ins' (for analyses)."""
     self.config = config

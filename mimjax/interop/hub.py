@@ -12,8 +12,8 @@ import json
 import os
 import shlex
 
-from configs import finetune as finetune_recipe
 from mimjax import errors
+from mimjax import finetune_recipes
 from mimjax.interop import beit as beit_lib
 from mimjax.interop import timm as timm_lib
 from mimjax.interop import torch_files
@@ -82,7 +82,7 @@ def finetune_args(config, names):
   """timm train.py arguments (all but `--model`) that fine-tune the export with MAE's recipe (He et
   al., 2022, A.1).
 
-  The same recipe as configs/finetune.py: AdamW (0.9, 0.999), weight decay 0.05, base lr per 256
+  The same recipe as `finetune_recipes`: AdamW (0.9, 0.999), weight decay 0.05, base lr per 256
   images (scaled linearly to the global batch; 1024 in the paper = 8 processes x 128), layer-wise
   lr decay, drop path and epochs per model size (5e-4, 0.65, 0.1, 100 for B), 5 warmup epochs then
   cosine to 1e-6, RandAugment m9 (RAND_AUGMENT), mixup 0.8, cutmix 1.0, label smoothing 0.1, random
@@ -98,14 +98,14 @@ def finetune_args(config, names):
       '--pretrained', '--data-dir', 'DATA_DIR', *dataset,
       '--num-classes', str(len(names)) if names else 'NUM_CLASSES',
       *(['--in-chans', str(in_chans)] if in_chans != 3 else []),
-      '--gp', 'avg', '--epochs', str(finetune_recipe.EPOCHS.get(size, 100)),
+      '--gp', 'avg', '--epochs', str(finetune_recipes.EPOCHS.get(size, 100)),
       '--warmup-epochs', '5', '-b', '128',
       '--opt', 'adamw', '--opt-betas', '0.9', '0.999', '--weight-decay', '0.05',
-      '--lr-base', str(finetune_recipe.BASE_LR.get(size, 5e-4)), '--lr-base-size', '256',
+      '--lr-base', str(finetune_recipes.BASE_LR.get(size, 5e-4)), '--lr-base-size', '256',
       '--lr-base-scale', 'linear',
       '--min-lr', '1e-6', '--sched', 'cosine',
-      '--layer-decay', str(finetune_recipe.LAYER_DECAY.get(size, 0.65)),
-      '--drop-path', str(finetune_recipe.DROP_PATH.get(size, 0.1)),
+      '--layer-decay', str(finetune_recipes.LAYER_DECAY.get(size, 0.65)),
+      '--drop-path', str(finetune_recipes.DROP_PATH.get(size, 0.1)),
       '--aa', RAND_AUGMENT, '--reprob', '0.25', '--remode', 'pixel',
       '--mixup', '0.8', '--cutmix', '1.0', '--smoothing', '0.1',
   ]

@@ -31,7 +31,6 @@ Runs and their evaluations are cached: WORKDIR_ROOT/<mode>/<row>/seed<k>/repro.j
 finished run's record, so a rerun skips it and resumes an interrupted run from its checkpoint.
 """
 import dataclasses
-import importlib
 import json
 import os
 import shlex
@@ -44,6 +43,7 @@ from absl import logging
 import numpy as np
 
 from mimjax import evaluate as evaluate_lib
+from mimjax import recipe_lib
 from mimjax import registry
 from mimjax import train as train_lib
 from mimjax.eval import loading
@@ -124,7 +124,7 @@ DEFAULT_OUT = {'full': 'RESULTS.md', 'quick': 'RESULTS_quick.md', 'smoke': 'RESU
 
 def build_config(row, overrides):
   module, _, arg = ROWS[row].config.partition(':')
-  config = importlib.import_module(f'configs.{module}').get_config(arg)
+  config = recipe_lib.recipe_config(module, arg)
   config.update_from_flattened_dict(overrides)
   return config
 
@@ -138,13 +138,12 @@ def row_overrides(row, seed, budget, teacher_workdir=None, clip_path=None):
       'log.every_steps': max(1, budget.steps // 30), 'log.images_every_steps': 0,
       'log.progress_bar': False, **budget.overrides}
   config = build_config(row, {})
-  framework = registry.FRAMEWORKS[config.framework]
-  if framework.best_metric:  # held-out evaluation during training gives the curve
+  if registry.FRAMEWORKS[config.framework].best_metric:  # held-out evaluation gives the curve
     overrides['eval.every_steps'] = every
-  if 'teacher_features' in framework.provides(config) and clip_path:
+  if _needs_teacher(config) and clip_path:
     overrides.update({'distill.teacher': 'clip', 'distill.clip_path': clip_path,
                       'model.variant': 'pico/2'})
-  elif 'teacher_features' in framework.provides(config):
+  elif _needs_teacher(config):
     overrides['distill.teacher_workdir'] = teacher_workdir
   return overrides
 
@@ -234,11 +233,12 @@ def measure(row, seed, budget, workdir, overrides, with_diagnostics):
                 framework=config.framework, steps=config.total_steps,
                 images_per_sec=images_per_sec(logged),
                 final_loss=logged[-1].get(f'loss_{config.framework}'), notes={})
-  if config.framework == 'supervised':
-    with open(os.path.join(workdir, 'eval_supervised.json')) as f:
+  best_metric = registry.FRAMEWORKS[config.framework].best_metric
+  if best_metric:  # held-out evaluation during training (top1 of a classifier) gives the curve
+    with open(os.path.join(workdir, f'eval_{config.framework}.json')) as f:
       history = json.load(f)['history']
-    record['curve'] = [[r['step'], r['top1']] for r in history]
-    record['test_top1'] = history[-1]['top1']
+    record['curve'] = [[r['step'], r[best_metric]] for r in history]
+    record['test_top1'] = history[-1][best_metric]
   else:
     every = config.checkpoint.every_steps
     record['curve'] = [[s, _top1(workdir, 'knn', record['notes'], step=s)]
@@ -281,10 +281,15 @@ def _save(path, record):
   os.replace(path + '.tmp', path)
 
 
+def _needs_teacher(config):
+  """Whether the run distils a teacher (the teacher row's checkpoint, unless CLIP is given)."""
+  return 'teacher_features' in registry.FRAMEWORKS[config.framework].provides(config)
+
+
 def plan(methods, clip_path):
   """Rows to run, in ROWS order: the methods, their baselines and the distillation teacher."""
   needed = set(methods) | {PAIRS[m] for m in methods}
-  if not clip_path and any(build_config(r, {}).framework == 'distill' for r in needed):
+  if not clip_path and any(_needs_teacher(build_config(r, {})) for r in needed):
     needed.add(TEACHER_ROW)
   return [r for r in ROWS if r in needed]
 
@@ -323,7 +328,7 @@ def run_study(mode='full', seeds=None, out=None, workdir_root='workdirs/repro',
       overrides = row_overrides(row, seed, budget, workdir(TEACHER_ROW, seed), clip_path)
       records[row].append(measure(row, seed, budget, workdir(row, seed), overrides,
                                   seed == seeds[0]))
-      if row not in floors or records[row][-1]['framework'] == 'supervised':
+      if row not in floors or registry.FRAMEWORKS[records[row][-1]['framework']].best_metric:
         continue
       if report_only and not os.path.exists(os.path.join(workdir(row, seed), FLOOR_RECORD)):
         unfinished.append(f'{row} seed {seed} (random init)')

@@ -1,15 +1,20 @@
-"""Fine-tuning protocol: the supervised trainer on `configs/finetune.py`, started from the run.
+"""Fine-tuning protocol: the supervised trainer on `finetune_recipes`, started from the run.
+
+A command-level module (it trains), not under `eval/`: `train` imports the in-training
+evaluation from `eval/`, so nothing in `eval/` imports `train`.
 
 The recipe (layer-wise lr decay, drop path, mixup, cutmix, label smoothing, warmup + cosine) and
 MAE's fine-tuning model (global pool, a fresh fc_norm, head init, learned position embedding) come
-from `configs/finetune.py`, the pre-training method's own recipe unless another is named; the
+from `mimjax/finetune_recipes.py`, the recipe the pre-training run's framework names
+(`Framework.finetune_recipe`) unless another is named; the
 architecture and data come from the pre-training run, and the
 encoder is initialised from its checkpoint (`init.format='mimjax'`). Training writes into
 WORKDIR/finetune (WORKDIR/finetune_random_init for the baseline), so a second call resumes.
 """
 import json
 
-from configs import finetune as finetune_config_lib
+from mimjax import finetune_recipes
+from mimjax import registry
 from mimjax import train
 from mimjax import workdir as workdir_lib
 from mimjax import workdir_io
@@ -25,10 +30,15 @@ SHARED = ('model.variant', 'model.cls_token', 'model.layerscale', 'model.weight_
           'data.eval_split', 'data.image_size', 'data.channels', 'data.mean', 'data.std', 'seed')
 
 
+def recipe_for(pretrain):
+  """The `finetune_recipes.RECIPES` key of a pre-training config, as its framework names it."""
+  return registry.FRAMEWORKS[pretrain.framework].finetune_recipe(pretrain)
+
+
 def derive_config(run, recipe=None, total_steps=None):
   """The fine-tuning config of `run`: `recipe` (an argument string of configs/finetune.py,
   default model=<the run's variant>, plus runlocal for a Fashion-MNIST run; without `recipe=` the
-  run's own, `finetune.recipe_for`) with SHARED fields copied from the run and the encoder
+  run's own, `recipe_for`) with SHARED fields copied from the run and the encoder
   initialised from its checkpoint at `run.step`. A run without an absolute position embedding
   (posemb 'none', BEiT's relative bias) keeps none; one with a relative position bias (block,
   shared or both) is fine-tuned with one per block, started from its own plus the shared table."""
@@ -37,8 +47,8 @@ def derive_config(run, recipe=None, total_steps=None):
     runlocal = ',runlocal' if pre.data.name == 'fashion_mnist' else ''
     recipe = f'model={pre.model.variant}{runlocal}'
   if not any(item.partition('=')[0] == 'recipe' for item in recipe.split(',')):
-    recipe += f',recipe={finetune_config_lib.recipe_for(pre)}'
-  config = finetune_config_lib.get_config(recipe)
+    recipe += f',recipe={recipe_for(pre)}'
+  config = finetune_recipes.from_arg(recipe)
   with config.unlocked():
     for key in SHARED:
       section, _, field = key.rpartition('.')
