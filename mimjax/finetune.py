@@ -6,10 +6,10 @@ evaluation from `eval/`, so nothing in `eval/` imports `train`.
 The recipe (layer-wise lr decay, drop path, mixup, cutmix, label smoothing, warmup + cosine) and
 MAE's fine-tuning model (global pool, a fresh fc_norm, head init, learned position embedding) come
 from `mimjax/finetune_recipes.py`, the recipe the pre-training run's framework names
-(`Framework.finetune_recipe`) unless another is named; the
-architecture and data come from the pre-training run, and the
-encoder is initialised from its checkpoint (`init.format='mimjax'`). Training writes into
-WORKDIR/finetune (WORKDIR/finetune_random_init for the baseline), so a second call resumes.
+(`Framework.finetune_recipe`) unless another is named; the architecture and data come from the
+pre-training run, and the encoder is initialised from its checkpoint (`init.format='mimjax'`).
+Training writes into WORKDIR/finetune (WORKDIR/finetune_random_init for the baseline), so a second
+call resumes.
 """
 import json
 
@@ -79,7 +79,7 @@ def protocol(run, finetune_config=None, total_steps=None):
                                 'finetune_random_init' if run.random_init else 'finetune'))
   config.log.progress_bar = False
   train.train(config, workdir)
-  record = json.loads(workdir_io.path(workdir, 'eval_supervised.json').read_text())
+  record = json.loads(workdir_io.path(workdir, f'eval_{config.framework}.json').read_text())
   return dict(top1=record['final']['top1'], top5=record['final']['top5'],
               best_top1=record['best']['top1'], best_step=record['best']['step'],
               steps=config.total_steps, layer_decay=config.optim.layer_decay,

@@ -89,6 +89,7 @@ class MAE(teachers.WithTeacher, base.Framework):
 
   @property
   def num_kept(self):
+    """The visible patches: int(N * (1 - mask_ratio)), as MAE's code (`masking.num_kept`)."""
     return masking.num_kept(self.num_patches, self.config.mae.mask_ratio)
 
   def sample_order(self, rng, batch_size):
