@@ -172,23 +172,29 @@ def test_no_module_of_the_package_imports_a_recipe():
 _NAMES_FRAMEWORKS = ('mimjax.registry', 'mimjax.frameworks.', 'mimjax.bench.')
 
 
+def framework_name_compares(source, names):
+  """Line numbers of comparisons in `source` of something named *framework* with a string of
+  `names` (e.g. `config.framework == 'mae'`)."""
+  lines = []
+  for node in ast.walk(ast.parse(source)):
+    if isinstance(node, ast.Compare):
+      constants = {c.value for o in (node.left, *node.comparators) for c in ast.walk(o)
+                   if isinstance(c, ast.Constant) and isinstance(c.value, str)}
+      if constants & names and 'framework' in ast.get_source_segment(source, node):
+        lines.append(node.lineno)
+  return lines
+
+
 def test_no_string_compare_of_framework_names_outside_the_registry_and_frameworks():
   """A fact about a framework is stated on its class (`config_sections`, `finetune_recipe`,
   `best_metric`, `provides`, ...), so a new framework is one module plus one registry line."""
   names = set(registry.FRAMEWORKS)
-  found = []
-  for path in PACKAGE.rglob('*.py'):
-    if _module_name(path).startswith(_NAMES_FRAMEWORKS):
-      continue
-    source = path.read_text()
-    for node in ast.walk(ast.parse(source)):
-      if not isinstance(node, ast.Compare):
-        continue
-      operands = [node.left, *node.comparators]
-      constants = {c.value for o in operands for c in ast.walk(o)
-                   if isinstance(c, ast.Constant) and isinstance(c.value, str)}
-      if constants & names and 'framework' in ast.get_source_segment(source, node):
-        found.append(f'{path.relative_to(ROOT)}:{node.lineno}')
+  planted = "if config.framework == 'mae' and config.init.format == 'mae':\n  pass\n"
+  assert framework_name_compares(planted, names) == [1]
+  assert not framework_name_compares("if config.init.format == 'mae':\n  pass\n", names)
+  found = [f'{path.relative_to(ROOT)}:{line}' for path in PACKAGE.rglob('*.py')
+           if not _module_name(path).startswith(_NAMES_FRAMEWORKS)
+           for line in framework_name_compares(path.read_text(), names)]
   assert not found
 
 
