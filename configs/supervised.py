@@ -10,11 +10,6 @@ minutes on 2 CPU cores; test accuracy in WORKDIR/eval_supervised.json).
 """
 from configs import common
 
-# MoTo's stem (channels, stride) per size, chosen so that MoTo adds Table 2's parameters to DeiT-S
-# (+0.4M: 0.396M) and DeiT-B (+0.3M: 0.296M); see `mimjax/models/moto.py`. Other sizes keep the
-# library default (16 channels at stride 1).
-MOTO_STEM = {'S': (28, 2), 'B': (18, 2)}
-
 
 def get_config(arg=None):
   arg = common.parse_arg(arg, model='S/16', epochs=300, moto=False, tokenprop=False,
@@ -69,8 +64,6 @@ def get_config(arg=None):
     c.tokenprop.hidden = 64  # the paper's 256 dominates the step time of a pico ViT on a CPU
     c.tokenprop.output_size = 28  # 4 x the 7 x 7 grid: the 28-px image itself, no resizing
     c.log.images_every_steps = 0
-  stem = MOTO_STEM.get(c.model.variant.partition('/')[0])
-  if stem:
-    c.model.moto.stem_channels, c.model.moto.stem_stride = stem
+  common.apply_moto_stem(c)  # MoTo's stem per size (recipe_lib.MOTO_STEM)
   c.lock()
   return c

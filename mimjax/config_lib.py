@@ -8,6 +8,7 @@ from absl import flags
 import ml_collections
 
 from mimjax import errors
+from mimjax import schema
 
 
 def to_json(config):
@@ -20,8 +21,7 @@ def from_json(text):
   Starting from the defaults means a workdir written by an older mimjax still loads; a key the
   current mimjax does not know is an error that names it.
   """
-  from configs import common  # pylint: disable=g-import-not-at-top
-  config = common.base_config()
+  config = schema.base_config()
   values = json.loads(text)
 
   def merge(target, src, prefix):
@@ -62,7 +62,7 @@ def flag_errors_reported(argv):
     given = [a.split('=')[0] for a in argv if key and re.search(rf'\.{key.group(1)}(=|$)', a)]
     name = given[0] if given else f'--config.{key.group(1) if key else text}'
     suggestion = f'did you mean {name.rsplit(".", 1)[0]}.{hint.group(1)}?' if hint else (
-        'every key and its default are in configs/common.py.')
+        'every key and its default are in mimjax/schema.py.')
     message = f'{name} is not a config key; {suggestion}'
   except flags.Error as e:
     message = str(e)

@@ -24,16 +24,15 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from configs import common
-
 from mimjax import config_lib
 from mimjax import distributed
 from mimjax import errors
+from mimjax import finetune
+from mimjax import schema
 from mimjax import workdir as workdir_lib
 from mimjax import workdir_io
 from mimjax.eval import attention
 from mimjax.eval import features as features_lib
-from mimjax.eval import finetune
 from mimjax.eval import heterogeneity
 from mimjax.eval import knn
 from mimjax.eval import linear
@@ -100,7 +99,7 @@ def define_flags():
   flags.DEFINE_bool('compare_random_init', False,
                     'Also evaluate the randomly initialised encoder of the same architecture.')
   config_flags.DEFINE_config_dict(
-      'config', common.base_config(), 'Evaluation settings of the run to change for this '
+      'config', schema.base_config(), 'Evaluation settings of the run to change for this '
       'evaluation: --config.eval.KEY=VALUE (e.g. --config.eval.linear.epochs=5), checked as '
       'training checks them; kept in the result\'s options.', lock_config=True)
   for name, (define, help_text) in OPTIONS.items():

@@ -32,6 +32,7 @@ import numpy as np
 
 from mimjax import checkpoint as checkpoint_lib
 from mimjax import errors
+from mimjax import registry
 from mimjax import workdir as workdir_lib
 from mimjax import workdir_io
 from mimjax.interop import beit as beit_lib
@@ -116,7 +117,9 @@ def export_params(config, encoder_params, out, fmt='safetensors', source=None):
   if fmt == 'hub':
     with staged_folder(out) as staging:
       written = [os.path.join(staging, name) for name in hub.FILES]
-      hub_config, command = hub.export_hub(config, encoder_params, out, source or {}, staging)
+      recipe = registry.FRAMEWORKS[config.framework].finetune_recipe(config)
+      hub_config, command = hub.export_hub(config, encoder_params, out, source or {}, recipe,
+                                           staging)
       hub_config['verified'] = verify_export(
           timm, config, encoder_params, written,
           lambda: timm.create_model(f'local-dir:{staging}', pretrained=True))

@@ -1,43 +1,33 @@
 """What `python -m mimjax.train` says before it spends compute: --print_config, --dry_run, the
 start-up summary, and shipped recipes found by name from any directory.
 """
-import importlib
-import importlib.util
 import os
-import pkgutil
 import sys
 
 from absl import flags
 import jax
 import numpy as np
 
-from configs import common
+from mimjax import recipe_lib
 from mimjax import registry
 from mimjax import tree_util
 from mimjax import workdir_io
 from mimjax.data import pipeline
 
 
-def config_names():
-  """The shipped recipes: every configs/NAME.py but the shared defaults (common.py)."""
-  import configs  # pylint: disable=g-import-not-at-top
-  return sorted(m.name for m in pkgutil.iter_modules(configs.__path__) if m.name != 'common')
-
-
 def recipe_arguments(name):
   """The arguments of shipped recipe `name` as written after NAME:, e.g. 'model=B/16,
   epochs=800, runlocal' (a bare word is a switch, off by default)."""
-  module = importlib.import_module(f'configs.{name}')
   try:
-    module.get_config(common.ARGUMENTS_PROBE)
-  except common.RecipeArguments as e:
+    recipe_lib.recipe_config(name, recipe_lib.ARGUMENTS_PROBE)
+  except recipe_lib.RecipeArguments as e:
     return ', '.join(k if isinstance(v, bool) else f'{k}={v}' for k, v in e.defaults.items())
   return 'none'
 
 
 def config_help():
   """Help text of --config: the recipes with their arguments, and how to override fields."""
-  recipes = ''.join(f'\n  {name}: {recipe_arguments(name)}' for name in config_names())
+  recipes = ''.join(f'\n  {name}: {recipe_arguments(name)}' for name in recipe_lib.recipe_names())
   return ('Config file[:args]. A path, or a shipped recipe as configs/NAME.py or NAME, found in '
           'the installed package from any directory; e.g. configs/mae.py:runlocal or '
           'mae:model=S/16,epochs=100. Override any field with --config.KEY=VALUE (e.g. '
@@ -65,10 +55,10 @@ def resolve_config_path(spec):
   if os.path.exists(path) or os.path.dirname(path) not in ('', 'configs'):
     return spec
   name = os.path.basename(path).removesuffix('.py')
-  if name not in config_names():
+  if name not in recipe_lib.recipe_names():
     sys.exit(f'error: no config file {path!r}; give a path or a shipped recipe: '
-             f'{", ".join(config_names())}.')
-  return importlib.util.find_spec(f'configs.{name}').origin + colon + arg
+             f'{", ".join(recipe_lib.recipe_names())}.')
+  return str(recipe_lib.recipes_dir() / f'{name}.py') + colon + arg
 
 
 def resolve_config_argv(argv):
@@ -83,11 +73,10 @@ def resolve_config_argv(argv):
 
 
 def unused_sections(config):
-  """Top-level sections the run does not read: the other frameworks' and the disabled plug-ins'
-  (`distill` is also the teacher of mae.target=teacher)."""
-  used = {config.framework} | {p.name for p in registry.enabled_plugins(config)}
-  if config.framework == 'mae' and config.mae.target == 'teacher':
-    used.add('distill')
+  """Top-level sections the run does not read: the other frameworks' (`config_sections`) and the
+  disabled plug-ins'."""
+  used = registry.FRAMEWORKS[config.framework].config_sections(config)
+  used |= {p.name for p in registry.enabled_plugins(config)}
   return sorted((set(registry.FRAMEWORKS) | {p.name for p in registry.PLUGINS}) - used)
 
 

@@ -31,9 +31,10 @@ if __name__ == '__main__':  # before the imports below: seconds of JAX and Tenso
   for _signum in (signal.SIGINT, signal.SIGTERM):
     signal.signal(_signum, _stop_during_start_up)
 
+import dataclasses
 import itertools
-import json
 import time
+from typing import Any, Callable
 
 from absl import app
 from absl import flags
@@ -42,6 +43,7 @@ import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
+import optax
 from ml_collections import config_flags
 
 from mimjax import checkpoint as checkpoint_lib
@@ -55,11 +57,10 @@ from mimjax import sharding
 from mimjax import startup
 from mimjax import train_step as train_step_lib
 from mimjax import validation
-from mimjax import workdir_io
 from mimjax.data import fit
 from mimjax.data import pipeline
 from mimjax.data import sources
-from mimjax.eval import monitor
+from mimjax.eval import in_training
 from mimjax.interop import pretrained as init_from
 
 
@@ -226,37 +227,6 @@ class IntervalAccumulator:
     return dict(steps=self.steps, sums=sums, seconds=time.time() - self._start)
 
 
-class HeldOutMetrics:
-  """`evaluate(state)`: means over `config.data.eval_split` of the framework's `eval_metrics` sums
-  (supervised top-1 / top-5; `mimjax.evaluate` runs the protocols on a saved checkpoint)."""
-
-  def __init__(self, framework, config, mesh):
-    self.config, self.best_metric = config, framework.best_metric
-    self.eval_fn = jax.jit(framework.eval_metrics, out_shardings=sharding.replicated(mesh))
-    self.batch_sharding = sharding.batch_sharding(mesh)
-
-  def __call__(self, state):
-    local_batch = pipeline.local_batch_size(self.config.eval.batch_size)
-    sums = None
-    for local in pipeline.eval_batches(self.config, self.config.data.eval_split, local_batch):
-      batch = jax.make_array_from_process_local_data(self.batch_sharding, local)
-      out = self.eval_fn(state.params, state.model_state, batch)
-      sums = out if sums is None else jax.tree_util.tree_map(jnp.add, sums, out)
-    sums = {k: float(v) for k, v in jax.device_get(sums).items()}
-    count = max(sums.pop('count'), 1.0)
-    return {k: v / count for k, v in sums.items()}
-
-
-def make_evaluator(framework, config, mesh):
-  """The in-training evaluation: the framework's held-out metrics, or for a framework without a
-  classifier (mae, simmim, distill) the kNN monitor; None when eval.every_steps is 0."""
-  if not config.eval.every_steps:
-    return None
-  if framework.best_metric:
-    return HeldOutMetrics(framework, config, mesh)
-  return monitor.KnnMonitor(config, mesh)
-
-
 def held_out_pictures_batch(config, mesh):
   """The first images of `config.data.eval_split` as a global batch, for reconstruction grids:
   8 (all of a smaller split, so the grid has no blank rows), rounded up to a multiple of the
@@ -270,82 +240,62 @@ def held_out_pictures_batch(config, mesh):
   return jax.make_array_from_process_local_data(sharding.batch_sharding(mesh), host)
 
 
-def read_eval_history(workdir, framework):
-  """The records of WORKDIR/eval_<framework>.json ([] when there is none), read and checked
-  before the run writes anything: a file that is not JSON, not a record with a `history` list of
-  records with an integer `step`, invalid UTF-8 or a directory is one CheckpointError naming it."""
-  path = workdir_io.path(workdir, f'eval_{framework.name}.json')
-  if not path.exists():
-    return []
-  try:
-    history = json.loads(path.read_text())['history']
-    if not all(isinstance(r, dict) and isinstance(r.get('step'), int) for r in history):
-      raise ValueError('a "history" entry without an integer "step"')
-  except (OSError, ValueError, TypeError, KeyError) as e:
-    raise errors.CheckpointError(
-        f'{path} is damaged ({errors.reason(e)}); fix it, or move it away (losing the evaluation '
-        'history it holds), and re-run.') from e
-  return history
-
-
-def record_eval(workdir, framework, best_metric, step, results):
-  """Adds `results` at `step` to WORKDIR/eval_<framework>.json: history, best and final.
-
-  Records from later steps (left by a run that was interrupted and resumed) are dropped.
-  """
-  if jax.process_index() != 0:
-    return
-  path = workdir_io.path(workdir, f'eval_{framework.name}.json')
-  history = [r for r in read_eval_history(workdir, framework) if r['step'] < step]
-  history.append(dict(step=int(step), **results))
-  best = max(history, key=lambda r: r[best_metric])
-  workdir_io.write_atomic(path, json.dumps(dict(best=best, final=history[-1], history=history),
-                                           indent=2))
+@dataclasses.dataclass
+class SetUp:
+  """A run ready to step: its state on the mesh, the state's shardings, the optimizer and the lr
+  schedule (the one source of the logged lr)."""
+  state: train_step_lib.TrainState
+  state_sharding: Any
+  tx: optax.GradientTransformation
+  lr_schedule: Callable
 
 
 def restore_or_init(framework, config, ckpt, latest, sample, mesh):
-  """(state, state_sharding, tx, lr_schedule): the latest checkpoint restored onto the mesh, or a
-  fresh state (optionally with pre-trained weights and frozen teachers loaded)."""
-  init_fn, abstract_state, tx, lr_schedule = train_step_lib.build(framework, config, sample)
-  state_sharding = train_step_lib.state_shardings(abstract_state, mesh, config.mesh)
+  """The SetUp of the latest checkpoint restored onto the mesh, or of a fresh state (optionally
+  with pre-trained weights and frozen teachers loaded)."""
+  built = train_step_lib.build(framework, config, sample)
+  state_sharding = train_step_lib.state_shardings(built.abstract_state, mesh, config.mesh)
   if latest is not None:
-    meta = ckpt.check_compatible(latest, abstract_state.params, config.framework)
+    meta = ckpt.check_compatible(latest, built.abstract_state.params, config.framework)
     resume.check(config, meta, ckpt.directory)
-    state = ckpt.restore(latest, train_step_lib.with_shardings(abstract_state, state_sharding))
+    state = ckpt.restore(latest,
+                         train_step_lib.with_shardings(built.abstract_state, state_sharding))
     print(f'Resuming from checkpoint {latest} in {ckpt.directory}', flush=True)
-    return state, state_sharding, tx, lr_schedule
-  pretrained = None
-  if config.init.checkpoint:
-    pretrained = init_from.load(config, abstract_state.params)
-  state = jax.jit(init_fn, out_shardings=state_sharding)(pretrained)
-  state = state.replace(model_state=_place(framework.load_frozen(state.model_state),
-                                           state_sharding.model_state))
-  return state, state_sharding, tx, lr_schedule
+  else:
+    pretrained = None
+    if config.init.checkpoint:
+      pretrained = init_from.load(config, built.abstract_state.params)
+    state = jax.jit(built.init_fn, out_shardings=state_sharding)(pretrained)
+    state = state.replace(model_state=_place(framework.load_frozen(state.model_state),
+                                             state_sharding.model_state))
+  return SetUp(state, state_sharding, built.tx, built.lr_schedule)
 
 
 class _Loop:
   """The jitted functions of one run and what a step does besides the update: log, evaluate,
   draw, checkpoint."""
 
-  def __init__(self, framework, config, workdir, ckpt, state_sharding, tx, lr_schedule, mesh):
+  def __init__(self, framework, config, workdir, ckpt, setup, mesh):
     self.framework, self.config, self.workdir, self.ckpt = framework, config, workdir, ckpt
     self.step_fn = train_step_lib.jit_train_step(
-        train_step_lib.make_train_step(framework, tx, lr_schedule, config.optim.accum_steps),
-        state_sharding, mesh)
+        train_step_lib.make_train_step(framework, setup.tx, setup.lr_schedule,
+                                       config.optim.accum_steps),
+        setup.state_sharding, mesh)
     # Replicated outputs, so every host can read them (a batch-sharded array spans other hosts).
     self.vis_fn = jax.jit(lambda s, b: (framework.forward(s.params, s.model_state, b,
                                                           jax.random.PRNGKey(0), False)[2], b),
                           out_shardings=sharding.replicated(mesh))
-    self.evaluator = make_evaluator(framework, config, mesh)
+    self.evaluator = in_training.make_evaluator(framework, config, mesh)
     self.batch_sharding = sharding.batch_sharding(mesh)
     self.mesh, self.vis_batch = mesh, None
-    self.lr_schedule = lr_schedule
+    self.lr_schedule = setup.lr_schedule
 
   def log(self, writer, step, means, state, eval_now):
     means['lr'] = float(self.lr_schedule(step - 1))  # this step's update, not the interval's mean
     if eval_now:
       results = self.evaluator(state)
-      record_eval(self.workdir, self.framework, self.evaluator.best_metric, step, results)
+      in_training.record(self.workdir, self.framework, self.evaluator.best_metric, step,
+                         results)
       means.update({f'eval_{k}': v for k, v in results.items()})
     writer.write(step, means)
     return dict(step=step, **means)
@@ -424,7 +374,8 @@ def _train(config, workdir, dry_run, stop_request):
   validation.validate(config)  # before `fit` reads the fields it fits
   if dry_run:
     sources.check_prepared(config)  # a dry run downloads, prepares and creates nothing
-  notes = fit.note(fit.fit(config), config.data.name)
+  knn_monitor = not registry.FRAMEWORKS[config.framework].best_metric
+  notes = fit.note(fit.fit(config, knn_monitor=knn_monitor), config.data.name)
   if notes and jax.process_index() == 0:
     print(notes, flush=True)
   mesh = validation.check_run(config)
@@ -444,14 +395,13 @@ def _train(config, workdir, dry_run, stop_request):
   history = metrics_writer.read_history(workdir, start_step)
   config_history = resume.read_history(workdir)
   if config.eval.every_steps:
-    read_eval_history(workdir, framework)  # checked now; each evaluation reads it again
+    in_training.read_history(workdir, framework)  # checked now; each evaluation reads it again
 
   batches = pipeline.train_batches(config, data_start)
   first = next(batches)
   batches = itertools.chain([first], batches)
-  state, state_sharding, tx, lr_schedule = restore_or_init(
-      framework, config, ckpt, latest, sample_batch(first), mesh)
-  startup.print_summary(config, mesh, state.params, workdir, latest)
+  setup = restore_or_init(framework, config, ckpt, latest, sample_batch(first), mesh)
+  startup.print_summary(config, mesh, setup.state.params, workdir, latest)
   if dry_run:
     return None
   stop_request.writing = True  # from here a signal checkpoints and stops at the end of a step
@@ -460,12 +410,12 @@ def _train(config, workdir, dry_run, stop_request):
     if jax.process_index() == 0:
       sources.write_labels(config, workdir)
     resume.record(workdir, config, start_step, config_history)
-    loop = _Loop(framework, config, workdir, ckpt, state_sharding, tx, lr_schedule, mesh)
+    loop = _Loop(framework, config, workdir, ckpt, setup, mesh)
     writer = metrics_writer.MetricsWriter(workdir, config.total_steps, start_step,
                                           config.log.progress_bar, config, history)
     try:
-      return loop.run(state, batches, start_step, data_start, IntervalAccumulator(latest_meta),
-                      writer, stop_request)
+      return loop.run(setup.state, batches, start_step, data_start,
+                      IntervalAccumulator(latest_meta), writer, stop_request)
     finally:
       ckpt.wait()
       ckpt.close()

@@ -1,5 +1,5 @@
 """The train state and the jitted update step (shardings on a mesh, donated state, no host sync)."""
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import flax
 import jax
@@ -61,8 +61,17 @@ def uses_loss_scaling(config):
   return vit.compute_dtype(config.model.dtype) == jnp.float16
 
 
+class Built(NamedTuple):
+  """What `build` returns: the state's init function and shapes, the optimizer, its lr schedule."""
+  init_fn: Callable
+  abstract_state: Any
+  tx: optax.GradientTransformation
+  lr_schedule: Callable
+
+
 def build(framework, config, sample_batch):
-  """(init_fn, abstract_state, tx, lr_schedule) for `framework` on batches like `sample_batch`.
+  """`Built` (init_fn, abstract_state, tx, lr_schedule) for `framework` on batches like
+  `sample_batch`.
 
   Shapes come from `jax.eval_shape`, so nothing is allocated until the caller jits `init_fn` with
   the target shardings or restores a checkpoint onto them.
@@ -70,7 +79,7 @@ def build(framework, config, sample_batch):
   probe_params = jax.eval_shape(lambda: framework.init(jax.random.PRNGKey(0), sample_batch)[0])
   tx, lr_schedule = optim.make_optimizer(config, probe_params, framework.no_weight_decay)
   init_fn = init_state_fn(framework, tx, sample_batch, config.seed, uses_loss_scaling(config))
-  return init_fn, jax.eval_shape(init_fn), tx, lr_schedule
+  return Built(init_fn, jax.eval_shape(init_fn), tx, lr_schedule)
 
 
 def init_state_fn(framework, tx, batch, seed, loss_scaling=False):

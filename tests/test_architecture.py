@@ -2,6 +2,7 @@
 refusing a combination before a run writes anything."""
 import ast
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -9,6 +10,7 @@ import pytest
 
 from mimjax import errors
 from mimjax import registry
+from mimjax import schema
 from mimjax import validation
 from mimjax.frameworks import base
 
@@ -76,6 +78,126 @@ def test_package_has_no_import_cycle():
   assert find_cycle(graph) is None
 
 
+# docs/design.md's layer table, bottom to top: layer -> (its modules, the layers it may import
+# besides its own, or BELOW: every layer under it). A module is named as under mimjax/
+# (`models.*`: every module of that package).
+BELOW = 'everything below'
+LAYERS = {
+    'leaf': (('errors', 'console', 'tree_util', 'schema', 'recipe_lib'), ()),
+    'config and I/O': (('config_lib', 'finetune_recipes', 'workdir_io', 'distributed', 'workdir',
+                        'resume', 'metrics_writer'), ('leaf',)),
+    'models and math': (('models.*', 'losses', 'masking', 'mixup', 'optim', 'sharding',
+                         'visualize', 'train_step'), ('leaf',)),
+    'data': (('data.*',), ('leaf', 'config and I/O')),
+    'checkpoint': (('checkpoint',), ('leaf', 'config and I/O', 'models and math')),
+    'contract': (('frameworks.base',), ('leaf', 'models and math')),
+    'frameworks, plug-ins': (('frameworks.*', 'plugins.*', 'teachers', 'interop.*'), BELOW),
+    'registry': (('registry',), ('frameworks, plug-ins',)),
+    'run set-up': (('validation', 'startup'), BELOW),
+    'evaluation': (('eval.*',), BELOW),
+    'training': (('train',), BELOW),
+    'commands': (('evaluate', 'export', 'finetune'), BELOW),
+    'tooling': (('bench.*', 'reproduce.*'), BELOW),
+}
+
+
+def allowed_layers(layer):
+  """The layers a module of `layer` may import: its own and those LAYERS lets it."""
+  imports = LAYERS[layer][1]
+  order = list(LAYERS)
+  return {layer, *(order[:order.index(layer)] if imports == BELOW else imports)}
+
+
+def layer_of(module):
+  """The LAYERS entry of a module ('mimjax.models.vit'), by its most specific pattern."""
+  name = module.removeprefix('mimjax.')
+  exact = [layer for layer, (names, _) in LAYERS.items() if name in names]
+  if exact:
+    return exact[0]
+  package = [layer for layer, (names, _) in LAYERS.items()
+             if any(n.endswith('.*') and name.startswith(n[:-1]) for n in names)]
+  return package[0] if package else None
+
+
+def _is_package(module):
+  return (PACKAGE / module.removeprefix('mimjax').replace('.', '/').strip('/') / '__init__.py'
+          ).exists() or module == 'mimjax'
+
+
+def test_every_module_imports_only_what_its_layer_may():
+  graph = import_graph()
+  modules = [m for m in graph if not _is_package(m)]
+  assert not [m for m in modules if layer_of(m) is None], 'a module outside docs/design.md table'
+  wrong = []
+  for module in modules:
+    layer = layer_of(module)
+    allowed = allowed_layers(layer)
+    wrong += [f'{module} ({layer}) -> {dep} ({layer_of(dep)})' for dep in sorted(graph[module])
+              if not _is_package(dep) and layer_of(dep) not in allowed]
+  assert not wrong, wrong
+
+
+def test_layer_table_is_the_one_in_docs_design():
+  """docs/design.md's table has a row per layer: `| layer | `modules` | layers; it imports |`."""
+  rows = {}
+  for line in (ROOT / 'docs' / 'design.md').read_text().splitlines():
+    cells = [c.strip() for c in line.strip().strip('|').split('|')]
+    if len(cells) == 3 and cells[0] in LAYERS:
+      rows[cells[0]] = cells[1:]
+  assert sorted(rows) == sorted(LAYERS)
+  for layer, (names, imports) in LAYERS.items():
+    modules, imported = rows[layer]
+    assert set(re.findall(r'`([^`]+)`', modules)) == {
+        n.replace('.', '/') for n in names}, layer
+    assert imported == (imports if imports == BELOW else '; '.join(imports) or
+                        'nothing of mimjax'), layer
+
+
+def _imports_of(path):
+  for node in ast.walk(ast.parse(path.read_text())):
+    if isinstance(node, ast.Import):
+      yield from (a.name for a in node.names)
+    elif isinstance(node, ast.ImportFrom) and node.module:
+      yield node.module
+
+
+def test_no_module_of_the_package_imports_a_recipe():
+  """The schema and the helpers recipes use live in the package; `configs/` only sets values."""
+  importers = [str(p.relative_to(ROOT)) for p in PACKAGE.rglob('*.py')
+               if any(m == 'configs' or m.startswith('configs.') for m in _imports_of(p))]
+  assert not importers
+
+
+# The PyTorch peer of the benchmark re-implements two frameworks by name (`torch_peer --task`).
+_NAMES_FRAMEWORKS = ('mimjax.registry', 'mimjax.frameworks.', 'mimjax.bench.')
+
+
+def framework_name_compares(source, names):
+  """Line numbers of comparisons in `source` of something named *framework* with a string of
+  `names` (e.g. `config.framework == 'mae'`)."""
+  lines = []
+  for node in ast.walk(ast.parse(source)):
+    if isinstance(node, ast.Compare):
+      constants = {c.value for o in (node.left, *node.comparators) for c in ast.walk(o)
+                   if isinstance(c, ast.Constant) and isinstance(c.value, str)}
+      if constants & names and 'framework' in ast.get_source_segment(source, node):
+        lines.append(node.lineno)
+  return lines
+
+
+def test_no_string_compare_of_framework_names_outside_the_registry_and_frameworks():
+  """A fact about a framework is stated on its class (`config_sections`, `finetune_recipe`,
+  `best_metric`, `provides`, ...), so a new framework is one module plus one registry line."""
+  names = set(registry.FRAMEWORKS)
+  planted = "if config.framework == 'mae' and config.init.format == 'mae':\n  pass\n"
+  assert framework_name_compares(planted, names) == [1]
+  assert not framework_name_compares("if config.init.format == 'mae':\n  pass\n", names)
+  found = [f'{path.relative_to(ROOT)}:{line}' for path in PACKAGE.rglob('*.py')
+           if not _module_name(path).startswith(_NAMES_FRAMEWORKS)
+           for line in framework_name_compares(path.read_text(), names)]
+  assert not found
+
+
 def test_errors_is_a_leaf_and_packages_import_nothing():
   graph = import_graph()
   assert graph['mimjax.errors'] == set()
@@ -96,8 +218,7 @@ def test_a_plugin_module_imports_on_its_own():
 
 
 def test_every_capability_named_by_a_plugin_or_framework_is_declared():
-  from configs import common  # pylint: disable=g-import-not-at-top
-  config = common.base_config()
+  config = schema.base_config()
   for plugin in registry.PLUGINS:
     assert set(plugin.requires(config)) <= set(base.CAPABILITIES), plugin
   for framework in registry.FRAMEWORKS.values():

@@ -19,8 +19,8 @@ from conftest import run_module
 from conftest import tiny_overrides
 from mimjax import errors
 from mimjax import evaluate
+from mimjax import recipe_lib
 from mimjax import sharding
-from mimjax import startup
 from mimjax import train
 from mimjax import validation
 from mimjax.data import augment
@@ -280,7 +280,7 @@ def test_an_existing_directory_is_a_folder_unless_a_tfds_name(tmp_path, monkeypa
 def test_fit_sizes_the_monitor_and_probe_and_measures_the_folder(user_folder):
   config = load_config('configs/mae.py:runlocal', **{
       'data.name': str(user_folder), 'eval.every_steps': 10})
-  changes = fit.fit(config)
+  changes = fit.fit(config, knn_monitor=True)
   mon, lin = config.eval.knn_monitor, config.eval.linear
   assert (mon.bank_examples, mon.query_examples) == (270, 30)  # 10 held out per class
   assert (lin.train_split, lin.holdout_split, lin.batch_size) == ('train[:243]', 'train[243:]', 128)
@@ -290,7 +290,7 @@ def test_fit_sizes_the_monitor_and_probe_and_measures_the_folder(user_folder):
   np.testing.assert_allclose(config.data.std, pixels.std(0), atol=0.03)
   assert len(changes) == 7 and all(any(c.startswith(k) for c in changes) for k in (
       'data.mean', 'data.std', 'eval.knn_monitor.bank_examples', 'eval.linear.batch_size'))
-  assert fit.fit(config) == []  # fitted once: nothing left to change
+  assert fit.fit(config, knn_monitor=True) == []  # fitted once: nothing left to change
   assert fit.note([], 'x') == '' and fit.note(changes, 'x').count('\n') == 0
 
 
@@ -321,7 +321,7 @@ def test_a_users_folder_trains_and_evaluates_given_only_its_name(user_folder, tm
 
 
 @pytest.mark.slow  # every recipe: a training and two evaluations, ~1 min each on 2 CPU cores
-@pytest.mark.parametrize('recipe', startup.config_names())
+@pytest.mark.parametrize('recipe', recipe_lib.recipe_names())
 def test_every_recipe_runs_on_a_users_folder_given_only_its_name(recipe, user_folder, tmp_path):
   """The commands a new user types: only data.name added (and a 3-step run with the monitor)."""
   workdir = str(tmp_path / 'run')

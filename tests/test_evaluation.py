@@ -338,7 +338,7 @@ def test_finetune_starts_from_the_pretrained_encoder(pretrained):
 def test_finetune_init_trains_the_sincos_table_and_drops_the_final_norm(pretrained):
   from mimjax import checkpoint  # pylint: disable=g-import-not-at-top
   from mimjax.models import vit  # pylint: disable=g-import-not-at-top
-  from mimjax.eval import finetune  # pylint: disable=g-import-not-at-top
+  from mimjax import finetune  # pylint: disable=g-import-not-at-top
   from mimjax.eval import loading  # pylint: disable=g-import-not-at-top
   from mimjax.interop import pretrained as pretrained_lib  # pylint: disable=g-import-not-at-top
   config = finetune.derive_config(loading.load_run(pretrained))

@@ -12,7 +12,7 @@ from conftest import ROOT
 from conftest import load_config
 from configs import finetune as finetune_config
 from mimjax import config_lib
-from mimjax.eval import finetune
+from mimjax import finetune
 from mimjax.interop import pretrained
 import test_recipes
 
@@ -59,8 +59,8 @@ def test_derived_config_states_its_recipe_table(tmp_path, pretrain, section):
 
 def test_recipe_follows_the_plugins_and_can_be_overridden(tmp_path):
   workdir = workdir_of(tmp_path, 'configs/simmim_mto.py')
-  assert finetune_config.recipe_for(load_config('configs/simmim_mto.py')) == 'simmim_mto'
-  assert finetune_config.recipe_for(load_config('configs/supervised.py')) == 'mae'
+  assert finetune.recipe_for(load_config('configs/simmim_mto.py')) == 'simmim_mto'
+  assert finetune.recipe_for(load_config('configs/supervised.py')) == 'mae'
   mae = finetune.planned_config(workdir, finetune_config='model=B/16,recipe=mae')
   assert (mae.optim.layer_decay, mae.batch_size, mae.optim.grad_clip) == (0.65, 1024, 0.0)
   with pytest.raises(ValueError, match='recipe'):

@@ -19,6 +19,7 @@ from conftest import load_config
 from test_export import images, make_config, random_params, trained_workdir  # noqa: F401
 from mimjax import errors
 from mimjax import export
+from mimjax import registry
 from mimjax.interop import hub
 from mimjax.interop import timm as timm_lib
 from mimjax.interop import torch_files
@@ -388,18 +389,24 @@ def _args(args):
                                                      '--lr-base-size': '1024',
                                                      '--warmup-epochs': '10'})])
 def test_the_finetune_command_is_the_recipe_of_the_runs_method(recipe, expected):
-  """Each method's exported command carries its own recipe (configs/finetune.py), not MAE's for
-  all; gradient clipping only where the recipe clips."""
-  args = _args(hub.finetune_args(load_config(recipe), None))
+  """Each method's exported command carries its own recipe (the one its framework names, as the
+  export asks it), not MAE's for all; gradient clipping only where the recipe clips."""
+  config = load_config(recipe)
+  args = _args(hub.finetune_args(config, None, _method_recipe(config)))
   assert {k: args[k][0] for k in expected} == expected
   assert ('--clip-grad' in args) == ('--clip-grad' in expected)
+
+
+def _method_recipe(config):
+  """The fine-tuning recipe the export writes for a run of `config`."""
+  return registry.FRAMEWORKS[config.framework].finetune_method_recipe(config)
 
 
 def test_the_folder_names_its_recipe(tmp_path):
   config = make_config('mu/4', 16, True, 'tok', 'sincos2d', 0.0, 0)
   with config.unlocked():
     config.lut.enabled = True
-  hub.export_hub(config, random_params(config), str(tmp_path / 'hub'), {})
+  hub.export_hub(config, random_params(config), str(tmp_path / 'hub'), {}, _method_recipe(config))
   script = (tmp_path / 'hub' / hub.COMMAND_FILE).read_text()
   assert 'with the mae_lut recipe' in script and '--lr-base 0.001 ' in script
   assert 'the `mae_lut` fine-tuning' in (tmp_path / 'hub' / 'README.md').read_text()

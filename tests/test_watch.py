@@ -160,7 +160,7 @@ def test_monitor_settings_and_data_are_checked_before_anything_is_written(tmp_pa
   config = load_config('configs/mae.py:runlocal', **WATCHED)
   with config.unlocked():
     config.eval.knn_monitor.query_examples = 257  # 'test[:256]' holds 256: lowered, not refused
-  assert fit.fit(config) == ['eval.knn_monitor.query_examples 257 -> 256']
+  assert fit.fit(config, knn_monitor=True) == ['eval.knn_monitor.query_examples 257 -> 256']
   folder = tmp_path / 'flat'
   folder.mkdir()
   for i in range(6):

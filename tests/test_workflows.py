@@ -14,6 +14,7 @@ import pytest
 from conftest import ROOT, TINY_DECODER, config_flags, load_config, tiny_overrides
 from configs import common
 from mimjax import console
+from mimjax import recipe_lib
 from mimjax import startup
 from mimjax import train
 
@@ -79,7 +80,7 @@ def test_shipped_recipe_is_found_from_another_directory(tmp_path, monkeypatch):
 def test_config_help_names_every_recipe_and_the_override_syntax():
   shipped = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, 'configs'))
                    if f.endswith('.py') and f not in ('__init__.py', 'common.py'))
-  assert startup.config_names() == shipped
+  assert recipe_lib.recipe_names() == shipped
   text = startup.config_help()
   assert '--config.KEY=VALUE' in text
   assert all(f'\n  {name}: ' in text for name in shipped)  # one line per recipe

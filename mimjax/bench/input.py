@@ -18,7 +18,7 @@ from absl import flags
 import numpy as np
 from PIL import Image
 
-from configs import mae as mae_config
+from mimjax import recipe_lib
 from mimjax.bench import cli
 from mimjax.data import pipeline
 
@@ -50,7 +50,7 @@ def write_folder(root, num_images, seed=0):
 
 def bench_config(root, augment, batch, threads, image_size=224):
   """The MAE recipe reading `root` with `augment` on `threads` tf.data threads (0 = all)."""
-  config = mae_config.get_config()
+  config = recipe_lib.recipe_config('mae')
   with config.unlocked():
     config.data.name = root
     config.data.augment = augment

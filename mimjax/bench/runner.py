@@ -32,6 +32,7 @@ import numpy as np
 
 from mimjax.bench import cli
 from mimjax.bench import report as bench_report
+from mimjax import recipe_lib
 from mimjax import registry
 from mimjax import sharding
 from mimjax import train_step as train_step_lib
@@ -72,7 +73,7 @@ def load_config(spec, model, image_size, batch, preset, dtype):
   spec, _, overrides = spec.partition('|')
   name, _, arg = spec.partition(':')
   args = [a for a in (arg, f'model={model}', 'runlocal' if preset == 'small' else '') if a]
-  config = importlib.import_module('configs.' + name).get_config(','.join(args))
+  config = recipe_lib.recipe_config(name, ','.join(args))
   config.batch_size = batch
   config.data.image_size = image_size
   config.model.dtype = dtype

@@ -13,7 +13,6 @@ import numpy as np
 from PIL import Image
 
 from mimjax import errors
-from mimjax import registry
 from mimjax.data import pipeline
 from mimjax.data import sources
 
@@ -52,10 +51,11 @@ def _size(config, split):
     raise
 
 
-def fit(config, training=True):
+def fit(config, training=True, knn_monitor=False):
   """Changes `config` in place to fit its data; returns the changes as 'key old -> new' strings.
 
-  `training` also fits what only training reads: the kNN monitor's sizes (when the monitor runs),
+  `training` also fits what only training reads: the kNN monitor's sizes (when the monitor runs:
+  `knn_monitor`, the framework has no evaluation of its own, and config.eval.every_steps > 0),
   an image folder's mean and std (data.folder_stats) and a classifier head's size (one output per
   class folder). Evaluation keeps the model and statistics the run was trained with.
   """
@@ -72,8 +72,7 @@ def fit(config, training=True):
     mean, std = folder_stats(config)
     change(data, 'mean', mean, 'data')
     change(data, 'std', std, 'data')
-  if (training and config.eval.every_steps
-      and not registry.FRAMEWORKS[config.framework].best_metric):
+  if training and knn_monitor and config.eval.every_steps:
     change(monitor, 'bank_examples', min(monitor.bank_examples, _size(config, data.train_split)),
            'eval.knn_monitor')
     change(monitor, 'query_examples', min(monitor.query_examples, _size(config, data.eval_split)),

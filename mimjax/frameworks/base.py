@@ -9,6 +9,8 @@ a framework that lacks one, before anything is written. A plug-in may own parame
 Everything here is a pure function of arrays so the whole objective runs inside one `jax.jit`.
 """
 import abc
+import dataclasses
+import types
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import flax
@@ -68,16 +70,36 @@ def _replace_leaves(tree, replacement):
   return {k: _replace_leaves(v, replacement.get(k)) for k, v in tree.items()}
 
 
+@dataclasses.dataclass(frozen=True)
+class Host:
+  """What a plug-in knows of the framework it is added to (`Framework.host`): the encoder's shape
+  and how many patches it sees, not the framework itself, so a plug-in depends on this contract
+  alone and works on any framework that provides the capabilities it requires."""
+  name: str  # the framework's, for messages
+  width: int  # the encoder's token width
+  grid_size: int  # patches per side
+  num_patches: int
+  num_kept: int  # patches the encoder sees per image: all of them unless the framework drops some
+  channels: int  # image channels
+  encoder_kwargs: Mapping[str, Any]  # the ViT's constructor arguments (read-only)
+
+  def encoder_flops(self, tokens=None):
+    """Forward FLOPs per example of the encoder on `tokens` patches (default: all of them)."""
+    return flops.encoder(self.encoder_kwargs, self.channels,
+                         self.num_patches if tokens is None else tokens)
+
+
 class Plugin(abc.ABC):
-  """A loss term added to a framework's objective."""
+  """A loss term added to a framework's objective, built from the config and the framework's
+  `Host` description."""
   name: str = ''
   # True when the plug-in's term replaces the framework's base loss (e.g. DTM's morphed version of
   # the token-wise distillation loss); the base loss is then reported as a metric only.
   replaces_base_loss: bool = False
 
-  def __init__(self, config, framework):
+  def __init__(self, config, host: Host):
     self.config = config
-    self.framework = framework
+    self.host = host
     self.captures = frozenset(self.requires(config)) & frozenset(CAPTURES)
 
   @classmethod
@@ -149,6 +171,21 @@ class Framework(abc.ABC):
     """Raises errors.ConfigError on settings this framework cannot work with."""
     del config
 
+  @classmethod
+  def config_sections(cls, config):
+    """The config sections of frameworks this one reads under `config`: its own (named as the
+    framework), and e.g. `distill` for a teacher; --print_config hides the others."""
+    del config
+    return {cls.name}
+
+  @classmethod
+  def finetune_recipe(cls, config):
+    """The `finetune_recipes.RECIPES` key a run of this framework under `config` is fine-tuned
+    with: MAE's `main_finetune.py` unless the framework's paper, or that of a plug-in the run
+    used, gives its own."""
+    del config
+    return 'mae'
+
   def __init__(self, config, plugins=(), captures=()):
     """`captures`: intermediates (CAPTURES) to record besides the plug-ins' (for analyses)."""
     self.config = config
@@ -158,12 +195,21 @@ class Framework(abc.ABC):
     self.patch_size = self.encoder_kwargs['patch_size']
     self.grid_size = self.image_size // self.patch_size  # the ViT's patches per side
     self.num_patches = self.grid_size ** 2
-    self.plugins = [p(config, self) for p in plugins]
+    self.host = Host(name=self.name, width=self.encoder_kwargs['width'], grid_size=self.grid_size,
+                     num_patches=self.num_patches, num_kept=self.num_kept,
+                     channels=config.data.channels,
+                     encoder_kwargs=types.MappingProxyType(dict(self.encoder_kwargs)))
+    self.plugins = [p(config, self.host) for p in plugins]
     self.model = self.build_model()
 
   @property
   def captures(self):
     return {c for p in self.plugins for c in p.captures} | self.extra_captures
+
+  @property
+  def num_kept(self):
+    """Patches the encoder sees per image: all of them, unless the framework drops some (MAE)."""
+    return self.num_patches
 
   @abc.abstractmethod
   def build_model(self):
@@ -243,8 +289,7 @@ class Framework(abc.ABC):
 
   def encoder_flops(self, tokens=None):
     """Forward FLOPs per example of the encoder on `tokens` patches (default: all of them)."""
-    return flops.encoder(self.encoder_kwargs, self.config.data.channels,
-                         self.num_patches if tokens is None else tokens)
+    return self.host.encoder_flops(tokens)
 
   def flop_terms(self) -> Dict[str, float]:
     """Analytic FLOPs per example of the framework's own ViT passes of one train step (trained

@@ -31,6 +31,11 @@ class Distill(teachers.WithTeacher, base.Framework):
     return super().provides(config) | {'mask', 'teacher_features'}
 
   @classmethod
+  def finetune_recipe(cls, config):
+    """DTM's evaluation recipe, with or without DTM."""
+    return 'distill_dtm' if config.dtm.enabled else 'distill'
+
+  @classmethod
   def check_config(cls, config):
     teachers.check_feature_config(config)
     num_patches = vit.grid_size(config.model, config.data.image_size) ** 2

@@ -46,6 +46,17 @@ class MAE(teachers.WithTeacher, base.Framework):
     return super().provides(config) | extra
 
   @classmethod
+  def config_sections(cls, config):
+    """`mae`, and `distill` (the teacher) when the decoder predicts teacher tokens."""
+    teacher = {'distill'} if config.mae.target == 'teacher' else set()
+    return super().config_sections(config) | teacher
+
+  @classmethod
+  def finetune_recipe(cls, config):
+    """LUT's and MTO's papers fine-tune with MAE's Table 9 (`mae_lut`, `mae_mto`)."""
+    return 'mae_lut' if config.lut.enabled else 'mae_mto' if config.mto.enabled else 'mae'
+
+  @classmethod
   def check_config(cls, config):
     """The `config.mae` fields: a mask ratio that keeps a patch visible, a decoder that exists."""
     mae = config.mae
@@ -78,6 +89,7 @@ class MAE(teachers.WithTeacher, base.Framework):
 
   @property
   def num_kept(self):
+    """The visible patches: int(N * (1 - mask_ratio)), as MAE's code (`masking.num_kept`)."""
     return masking.num_kept(self.num_patches, self.config.mae.mask_ratio)
 
   def sample_order(self, rng, batch_size):

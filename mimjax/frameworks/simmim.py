@@ -23,6 +23,11 @@ class SimMIM(base.Framework):
     return super().provides(config) | {'mask', 'encoder_mask_tokens'}
 
   @classmethod
+  def finetune_recipe(cls, config):
+    """SimMIM's own fine-tuning yaml, with or without MTO."""
+    return 'simmim_mto' if config.mto.enabled else 'simmim'
+
+  @classmethod
   def check_config(cls, config):
     patch = vit.parse_variant(config.model.variant)['patch_size']
     cell = config.simmim.mask_patch_size

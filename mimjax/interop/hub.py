@@ -12,8 +12,8 @@ import json
 import os
 import shlex
 
-from configs import finetune as finetune_recipe
 from mimjax import errors
+from mimjax import finetune_recipes
 from mimjax.interop import beit as beit_lib
 from mimjax.interop import timm as timm_lib
 from mimjax.interop import torch_files
@@ -78,12 +78,12 @@ def architecture(config, beit):
   return 'vit_tiny_patch16_224'
 
 
-def finetune_args(config, names):
+def finetune_args(config, names, recipe):
   """timm train.py arguments (all but `--model`) that fine-tune the export with the recipe of the
-  run's pre-training method (configs/finetune.py `recipe_for`: MAE's for mae and supervised runs,
-  LUT's / MTO's, SimMIM's, DTM's for the others).
+  run's pre-training method, `recipe` (a `finetune_recipes.RECIPES` key, as the run's framework
+  names it: MAE's for mae and supervised runs, LUT's / MTO's, SimMIM's, DTM's for the others).
 
-  The values are those of that recipe's config (`configs/finetune.py:model=...,recipe=...`):
+  The values are those of that recipe's config (`finetune_recipes.config(model, recipe)`):
   AdamW betas, weight decay, base lr per its reference batch (scaled linearly to the global
   batch), layer-wise lr decay, drop path, epochs per model size, warmup epochs and start lr, the
   cosine floor and gradient clipping; `-b` is the recipe's global batch on 8 processes (MAE's
@@ -92,8 +92,7 @@ def finetune_args(config, names):
   exported final norm: timm has no MAE-style norm swap on loading).
   """
   size = config.model.variant.partition('/')[0]
-  recipe = finetune_recipe.recipe_for(config)
-  ft = finetune_recipe.get_config(f'model={config.model.variant},recipe={recipe}')
+  ft = finetune_recipes.config(config.model.variant, recipe)
   optim = ft.optim
   in_chans = config.data.channels
   dataset = [] if config.data.name == 'imagenet2012' else [
@@ -103,8 +102,8 @@ def finetune_args(config, names):
       '--pretrained', '--data-dir', 'DATA_DIR', *dataset,
       '--num-classes', str(len(names)) if names else 'NUM_CLASSES',
       *(['--in-chans', str(in_chans)] if in_chans != 3 else []),
-      '--gp', 'avg', '--epochs', str(finetune_recipe.EPOCHS.get(size, 100)),
-      '--warmup-epochs', str(finetune_recipe.RECIPES[recipe][1]),
+      '--gp', 'avg', '--epochs', str(finetune_recipes.EPOCHS.get(size, 100)),
+      '--warmup-epochs', str(finetune_recipes.RECIPES[recipe][1]),
       '--warmup-lr', str(optim.warmup_init_lr), '-b', str(ft.batch_size // 8),
       '--opt', 'adamw', '--opt-betas', str(optim.b1), str(optim.b2),
       '--weight-decay', str(optim.weight_decay),
@@ -125,12 +124,11 @@ def finetune_command(model, args):
   return f'python train.py --model {model} ' + ' '.join(shlex.quote(a) for a in args)
 
 
-def _model_card(config, hub_config, source, command):
+def _model_card(config, hub_config, source, command, recipe):
   framework, step = config.framework, source.get('step')
   cfg = hub_config['pretrained_cfg']
   workdir = os.path.basename(os.path.normpath(source['workdir'])) if source.get('workdir') else None
   origin = f'run `{workdir}`' if workdir else 'a mimjax run'
-  recipe = finetune_recipe.recipe_for(config)
   return f"""---
 library_name: timm
 pipeline_tag: image-feature-extraction
@@ -153,9 +151,9 @@ transform = timm.data.create_transform(**timm.data.resolve_data_config({{}}, mod
 ```
 
 Fine-tune with the `train.py` of timm 1.0.31 ({TIMM_TRAIN_PY}) and the `{recipe}` fine-tuning
-recipe of mimjax's configs/finetune.py (`sh {COMMAND_FILE}` runs it on this folder; set the data
-directory, `--num-classes` for your labels, and add `--device cpu` on a machine without a CUDA
-GPU):
+recipe of mimjax (`mimjax/finetune_recipes.py`; `sh {COMMAND_FILE}` runs it on this folder; set
+the data directory, `--num-classes` for your labels, and add `--device cpu` on a machine without a
+CUDA GPU):
 
 ```
 {command}
@@ -163,7 +161,7 @@ GPU):
 """
 
 
-def export_hub(config, encoder_params, out_dir, source, staging=None):
+def export_hub(config, encoder_params, out_dir, source, recipe, staging=None):
   """Writes the files of the timm model folder `out_dir` into `staging` (default: `out_dir`
   itself); returns (config.json dict, fine-tuning command).
 
@@ -197,14 +195,14 @@ def export_hub(config, encoder_params, out_dir, source, staging=None):
   torch_files.save_safetensors(weights, os.path.join(staging, 'model.safetensors'))
   with open(os.path.join(staging, 'config.json'), 'w') as f:
     json.dump(hub_config, f, indent=2)
-  args = finetune_args(config, names)
+  args = finetune_args(config, names, recipe)
   with open(os.path.join(staging, COMMAND_FILE), 'w') as f:
-    f.write(f'# Fine-tunes this folder with the {finetune_recipe.recipe_for(config)} recipe '
-            '(mimjax configs/finetune.py): run it in a\n# checkout of timm 1.0.31 '
+    f.write(f'# Fine-tunes this folder with the {recipe} recipe '
+            '(mimjax/finetune_recipes.py): run it in a\n# checkout of timm 1.0.31 '
             f'({TIMM_TRAIN_PY}) with DATA_DIR set; add --device cpu without a CUDA GPU.\n'
             'HERE="$(cd "$(dirname "$0")" && pwd)"\n'
             + finetune_command('"local-dir:$HERE"', args) + '\n')
   with open(os.path.join(staging, 'README.md'), 'w') as f:
     f.write(_model_card(config, hub_config, source,
-                        finetune_command('hf-hub:USER/NAME', args)))
+                        finetune_command('hf-hub:USER/NAME', args), recipe))
   return hub_config, finetune_command(shlex.quote(f'local-dir:{os.path.abspath(out_dir)}'), args)

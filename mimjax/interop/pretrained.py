@@ -74,8 +74,8 @@ def _check_arch(config, arch):
           f'--config.{key.split()[0]}={fix}.')
 
 
-def _select(config, params, mae):
-  """Drops the parts the config has no place for; returns (params, notes)."""
+def _select(config, params, mae, abstract_params):
+  """Drops the parts the run (`abstract_params`) has no place for; returns (params, notes)."""
   notes = []
   encoder = dict(params['encoder'])
   if config.model.posemb == 'sincos2d':
@@ -93,7 +93,7 @@ def _select(config, params, mae):
   elif config.model.num_classes:
     notes.append(f'the classifier head ({config.model.num_classes} classes) starts random')
   selected = {'encoder': encoder}
-  if 'decoder' in params and config.framework == 'mae':
+  if 'decoder' in params and 'decoder' in abstract_params:  # an MAE decoder for an MAE run
     for key, value in mae.items():
       if config.mae[key] != value:
         raise errors.ConfigError(
@@ -174,7 +174,7 @@ def load(config, abstract_params):
       raise errors.ConfigError(
           f'config.init.checkpoint={config.init.checkpoint!r}: {e}') from e
     _check_arch(config, arch)
-    selected, notes = _select(config, params, mae)
+    selected, notes = _select(config, params, mae, abstract_params)
   _fresh_fc_norm(config, selected, notes)
   have, want = _flat_shapes(selected), _flat_shapes(abstract_params)
   wrong = sorted(k for k in have if want.get(k) != have[k])

@@ -98,9 +98,9 @@ class LUT(base.Plugin):
   """The LUT loss term alpha * L_bc for the MAE framework; see the module docstring."""
   name = 'lut'
 
-  def __init__(self, config, framework):
-    super().__init__(config, framework)
-    width = framework.encoder_kwargs['width']
+  def __init__(self, config, host):
+    super().__init__(config, host)
+    width = host.width
     self.encoder = vit.from_config(config)
     self.projector = MLPHead(config.lut.head_dim, width)
     self.predictor = MLPHead(config.lut.head_dim, width)
@@ -129,7 +129,7 @@ class LUT(base.Plugin):
     errors.require(lut.head_dim >= 1, 'lut.head_dim', lut.head_dim, 'use a positive width')
 
   def _init_heads(self, rng):
-    x = jnp.zeros((2, self.framework.encoder_kwargs['width']), jnp.float32)
+    x = jnp.zeros((2, self.host.width), jnp.float32)
     proj_rng, pred_rng = jax.random.split(rng)
     return {'projector': self.projector.init(proj_rng, x),
             'predictor': self.predictor.init(pred_rng, x)}
@@ -188,9 +188,8 @@ class LUT(base.Plugin):
 
   def flop_terms(self):
     """The student's second masked view (trained) and the context encoder on both full views."""
-    kept = self.framework.num_kept
-    return {'lut_view2': flops.TRAIN_FACTOR * self.framework.encoder_flops(kept),
-            'lut_context': 2 * self.framework.encoder_flops()}
+    return {'lut_view2': flops.TRAIN_FACTOR * self.host.encoder_flops(self.host.num_kept),
+            'lut_context': 2 * self.host.encoder_flops()}
 
   def update_state(self, params, state, step):
     """Moves the context encoder (encoder, projector, projector statistics) toward the student."""

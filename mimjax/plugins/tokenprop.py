@@ -88,9 +88,9 @@ class TokenProp(base.Plugin):
   """
   name = 'tokenprop'
 
-  def __init__(self, config, framework):
-    super().__init__(config, framework)
-    self.decoder = TokenPropDecoder(grid_size=framework.grid_size,
+  def __init__(self, config, host):
+    super().__init__(config, host)
+    self.decoder = TokenPropDecoder(grid_size=host.grid_size,
                                     channels=config.data.channels, hidden=config.tokenprop.hidden,
                                     output_size=config.tokenprop.output_size)
 

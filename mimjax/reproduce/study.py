@@ -10,8 +10,8 @@ Matched pairs (PAIRS): within a pair the model (a small ViT), data (Fashion-MNIS
 (steps, batch) and seeds are identical; only the method differs. Each row is its config's
 `runlocal` recipe with the budget's overrides. The headline metric is the papers': fine-tuning
 top-1 on the test split, each pre-trained encoder fine-tuned with its method's own recipe
-(configs/finetune.py, `recipe_for`) on a class-stratified labelled subset of the training split
-(`data.label_fraction`, 1% and 10%: the same number of images of every class, drawn from the run's
+(`Framework.finetune_recipe`, `mimjax/finetune_recipes.py`) on a class-stratified labelled
+subset of the training split (`data.label_fraction`, 1% and 10%: the same number of images of every class, drawn from the run's
 seed). Its floor is scratch: the same fine-tuning model, recipe, labels and steps started from the
 random initialisation (the fine-tune protocol on the random-init encoder; with no checkpoint to
 load nothing else differs from training from scratch, tested). kNN top-1 at `curve_points` evenly
@@ -38,7 +38,6 @@ smoke (tests only). Costs measured for the first edition on an otherwise idle 2-
 encoder pass over 30k images ~70 s. Every run records the device it trained on.
 """
 import dataclasses
-import importlib
 import json
 import os
 import shlex
@@ -52,6 +51,7 @@ import jax
 import numpy as np
 
 from mimjax import evaluate as evaluate_lib
+from mimjax import recipe_lib
 from mimjax import registry
 from mimjax import train as train_lib
 from mimjax.eval import loading
@@ -146,7 +146,7 @@ FINETUNE_CURVE_ROW = 'mae'
 
 def build_config(row, overrides):
   module, _, arg = ROWS[row].config.partition(':')
-  config = importlib.import_module(f'configs.{module}').get_config(arg)
+  config = recipe_lib.recipe_config(module, arg)
   config.update_from_flattened_dict(overrides)
   return config
 
@@ -160,13 +160,12 @@ def row_overrides(row, seed, budget, teacher_workdir=None, clip_path=None):
       'log.every_steps': max(1, budget.steps // 30), 'log.images_every_steps': 0,
       'log.progress_bar': False, **budget.overrides}
   config = build_config(row, {})
-  framework = registry.FRAMEWORKS[config.framework]
-  if framework.best_metric:  # held-out evaluation during training gives the curve
+  if registry.FRAMEWORKS[config.framework].best_metric:  # held-out evaluation gives the curve
     overrides['eval.every_steps'] = every
-  if 'teacher_features' in framework.provides(config) and clip_path:
+  if _needs_teacher(config) and clip_path:
     overrides.update({'distill.teacher': 'clip', 'distill.clip_path': clip_path,
                       'model.variant': 'pico/2'})
-  elif 'teacher_features' in framework.provides(config):
+  elif _needs_teacher(config):
     overrides['distill.teacher_workdir'] = teacher_workdir
   return overrides
 
@@ -309,7 +308,8 @@ def measure(row, seed, budget, workdir, overrides, with_diagnostics):
     with open(path) as f:
       record = json.load(f)
     if record['steps'] != overrides['total_steps'] or report.finetune_key(
-        budget.label_fractions[0]) not in record and record['framework'] != 'supervised':
+        budget.label_fractions[0]) not in record and not registry.FRAMEWORKS[
+            record['framework']].best_metric:
       raise ValueError(f'{path} is a run of another budget ({record["steps"]} steps, fine-tuned '
                        f'on {report.finetune_keys([record]) or "no subset"}); give this study '
                        'its own --workdir_root.')
@@ -321,11 +321,12 @@ def measure(row, seed, budget, workdir, overrides, with_diagnostics):
                 framework=config.framework, steps=total, notes={},
                 **{k: parts['pretrain'].get(k) for k in ('images_per_sec', 'final_loss', 'images',
                                                          'device')})
-  if config.framework == 'supervised':
-    with open(os.path.join(workdir, 'eval_supervised.json')) as f:
+  best_metric = registry.FRAMEWORKS[config.framework].best_metric
+  if best_metric:  # held-out evaluation during training (top1 of a classifier) gives the curve
+    with open(os.path.join(workdir, f'eval_{config.framework}.json')) as f:
       history = json.load(f)['history']
-    record['curve'] = [[r['step'], r['top1']] for r in history]
-    record['test_top1'] = history[-1]['top1']
+    record['curve'] = [[r['step'], r[best_metric]] for r in history]
+    record['test_top1'] = history[-1][best_metric]
   else:
     every = config.checkpoint.every_steps
     steps = range(every, total + 1, every)
@@ -404,10 +405,15 @@ def _save(path, record):
   os.replace(path + '.tmp', path)
 
 
+def _needs_teacher(config):
+  """Whether the run distils a teacher (the teacher row's checkpoint, unless CLIP is given)."""
+  return 'teacher_features' in registry.FRAMEWORKS[config.framework].provides(config)
+
+
 def plan(methods, clip_path):
   """Rows to run, in ROWS order: the methods, their baselines and the distillation teacher."""
   needed = set(methods) | {PAIRS[m] for m in methods}
-  if not clip_path and any(build_config(r, {}).framework == 'distill' for r in needed):
+  if not clip_path and any(_needs_teacher(build_config(r, {})) for r in needed):
     needed.add(TEACHER_ROW)
   return [r for r in ROWS if r in needed]
 
@@ -474,7 +480,7 @@ def run_study(mode='cpu', seeds=None, out=None, workdir_root='workdirs/repro',
       overrides = row_overrides(row, seed, budget, workdir(TEACHER_ROW, seed), clip_path)
       records[row].append(measure(row, seed, budget, workdir(row, seed), overrides,
                                   seed == seeds[0]))
-      if row not in floors or records[row][-1]['framework'] == 'supervised':
+      if row not in floors or registry.FRAMEWORKS[records[row][-1]['framework']].best_metric:
         continue
       if report_only and not os.path.exists(os.path.join(workdir(row, seed), FLOOR_RECORD)):
         unfinished.append(f'{row} seed {seed} (random init)')

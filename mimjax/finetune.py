@@ -1,19 +1,23 @@
-"""Fine-tuning protocol: the supervised trainer on `configs/finetune.py`, started from the run.
+"""Fine-tuning protocol: the supervised trainer on `finetune_recipes`, started from the run.
+
+A command-level module (it trains), not under `eval/`: `train` imports the in-training
+evaluation from `eval/`, so nothing in `eval/` imports `train`.
 
 The recipe (layer-wise lr decay, drop path, mixup, cutmix, label smoothing, warmup + cosine) and
 MAE's fine-tuning model (global pool, a fresh fc_norm, head init, learned position embedding) come
-from `configs/finetune.py`, the pre-training method's own recipe unless another is named; the
-architecture and data come from the pre-training run, and the
-encoder is initialised from its checkpoint (`init.format='mimjax'`). Training writes into
-WORKDIR/finetune (WORKDIR/finetune_random_init for the baseline), so a second call resumes. With
-`label_fraction` (the low-label regime) it trains on a class-stratified subset of the run's
-training split (`data.label_fraction`, drawn from the run's seed) and writes into
+from `mimjax/finetune_recipes.py`, the recipe the pre-training run's framework names
+(`Framework.finetune_recipe`) unless another is named; the architecture and data come from the
+pre-training run, and the encoder is initialised from its checkpoint (`init.format='mimjax'`).
+Training writes into WORKDIR/finetune (WORKDIR/finetune_random_init for the baseline), so a second
+call resumes. With `label_fraction` (the low-label regime) it trains on a class-stratified subset
+of the run's training split (`data.label_fraction`, drawn from the run's seed) and writes into
 WORKDIR/finetune[_random_init]_labels<fraction>_step<checkpoint step>: one directory per subset and
 checkpoint, so fine-tunes of one run's several checkpoints never resume each other.
 """
 import json
 
-from configs import finetune as finetune_config_lib
+from mimjax import finetune_recipes
+from mimjax import registry
 from mimjax import train
 from mimjax import workdir as workdir_lib
 from mimjax import workdir_io
@@ -29,10 +33,15 @@ SHARED = ('model.variant', 'model.cls_token', 'model.layerscale', 'model.weight_
           'data.eval_split', 'data.image_size', 'data.channels', 'data.mean', 'data.std', 'seed')
 
 
+def recipe_for(pretrain):
+  """The `finetune_recipes.RECIPES` key of a pre-training config, as its framework names it."""
+  return registry.FRAMEWORKS[pretrain.framework].finetune_recipe(pretrain)
+
+
 def derive_config(run, recipe=None, total_steps=None, label_fraction=None):
   """The fine-tuning config of `run`: `recipe` (an argument string of configs/finetune.py,
   default model=<the run's variant>, plus runlocal for a Fashion-MNIST run; without `recipe=` the
-  run's own, `finetune.recipe_for`) with SHARED fields copied from the run and the encoder
+  run's own, `recipe_for`) with SHARED fields copied from the run and the encoder
   initialised from its checkpoint at `run.step`, trained on the `label_fraction` subset of its
   training split when given. A run without an absolute position embedding
   (posemb 'none', BEiT's relative bias) keeps none; one with a relative position bias (block,
@@ -42,8 +51,8 @@ def derive_config(run, recipe=None, total_steps=None, label_fraction=None):
     runlocal = ',runlocal' if pre.data.name == 'fashion_mnist' else ''
     recipe = f'model={pre.model.variant}{runlocal}'
   if not any(item.partition('=')[0] == 'recipe' for item in recipe.split(',')):
-    recipe += f',recipe={finetune_config_lib.recipe_for(pre)}'
-  config = finetune_config_lib.get_config(recipe)
+    recipe += f',recipe={recipe_for(pre)}'
+  config = finetune_recipes.from_arg(recipe)
   with config.unlocked():
     for key in SHARED:
       section, _, field = key.rpartition('.')
@@ -82,7 +91,7 @@ def protocol(run, finetune_config=None, total_steps=None, label_fraction=None):
   workdir = str(workdir_io.path(run.workdir, workdir_name(run, label_fraction)))
   config.log.progress_bar = False
   train.train(config, workdir)
-  record = json.loads(workdir_io.path(workdir, 'eval_supervised.json').read_text())
+  record = json.loads(workdir_io.path(workdir, f'eval_{config.framework}.json').read_text())
   return dict(top1=record['final']['top1'], top5=record['final']['top5'],
               best_top1=record['best']['top1'], best_step=record['best']['step'],
               steps=config.total_steps, layer_decay=config.optim.layer_decay,
