@@ -11,8 +11,8 @@ Matched pairs (PAIRS): within a pair the model (a small ViT), data (Fashion-MNIS
 `runlocal` recipe with the budget's overrides. The headline metric is the papers': fine-tuning
 top-1 on the test split, each pre-trained encoder fine-tuned with its method's own recipe
 (`Framework.finetune_recipe`, `mimjax/finetune_recipes.py`) on a class-stratified labelled
-subset of the training split (`data.label_fraction`, 1% and 10%: the same number of images of every class, drawn from the run's
-seed). Its floor is scratch: the same fine-tuning model, recipe, labels and steps started from the
+subset of the training split (`data.label_fraction`, 1% and 10%: the same number of images of
+every class, drawn from the run's seed). Its floor is scratch: the same fine-tuning model, recipe, labels and steps started from the
 random initialisation (the fine-tune protocol on the random-init encoder; with no checkpoint to
 load nothing else differs from training from scratch, tested). kNN top-1 at `curve_points` evenly
 spaced checkpoints (the curve RAUC integrates), the linear probe, images/s and, on the first seed,
