@@ -7,22 +7,23 @@ r"""Small-scale reproduction study: every method against its baseline, one comma
   python -m mimjax.reproduce --rows mae_lut,distill_dtm --seeds 3 --out /tmp/R.md
 
 Matched pairs (PAIRS): within a pair the model (a small ViT), data (Fashion-MNIST at 28 px), budget
-(steps, batch) and seeds are identical; only the method differs. Each row is its config's
-`runlocal` recipe with the budget's overrides. The headline metric is the papers': fine-tuning
-top-1 on the test split, each pre-trained encoder fine-tuned with its method's own recipe
-(`Framework.finetune_recipe`, `mimjax/finetune_recipes.py`) on a class-stratified labelled
-subset of the training split (`data.label_fraction`, 1% and 10%: the same number of images of
-every class, drawn from the run's seed). Its floor is scratch: the same fine-tuning model, recipe, labels and steps started from the
-random initialisation (the fine-tune protocol on the random-init encoder; with no checkpoint to
-load nothing else differs from training from scratch, tested). kNN top-1 at `curve_points` evenly
-spaced checkpoints (the curve RAUC integrates), the linear probe, images/s and, on the first seed,
-the paper's diagnostics are secondary, with the random-init encoder's kNN and probe as their floor.
-The MAE row also fine-tunes its intermediate checkpoints on the smallest subset: fine-tuning top-1
-against pre-training steps. Supervised rows report test top-1 from the trainer's periodic
-evaluation (their curve) and are not fine-tuned. The distillation teacher is the supervised
-baseline of the same seed (teacher=checkpoint), or CLIP with --clip_path (students then use
-patch 2: an accelerator job). Evaluations and diagnostics are `mimjax.evaluate` protocols; one that
-fails is reported as n/a with the reason instead of stopping the study, and tried again on rerun.
+(steps, batch) and seeds are identical; only the method differs. Each row is its config's `runlocal`
+recipe with the budget's overrides. The headline metric is the papers': fine-tuning top-1 on the
+test split, each pre-trained encoder fine-tuned with its method's own recipe
+(`Framework.finetune_recipe`, `mimjax/finetune_recipes.py`) on a class-stratified labelled subset of
+the training split (`data.label_fraction`, 1% and 10%: the same number of images of every class,
+drawn from the run's seed). Its floor is scratch: the same fine-tuning model, recipe, labels and
+steps started from the random initialisation (the fine-tune protocol on the random-init encoder;
+with no checkpoint to load nothing else differs from training from scratch, tested). kNN top-1 at
+`curve_points` evenly spaced checkpoints (the curve RAUC integrates), the linear probe, images/s
+and, on the first seed, the paper's diagnostics are secondary, with the random-init encoder's kNN
+and probe as their floor. The MAE row also fine-tunes its intermediate checkpoints on the smallest
+subset: fine-tuning top-1 against pre-training steps. Supervised rows report test top-1 from the
+trainer's periodic evaluation (their curve) and are not fine-tuned. The distillation teacher is the
+supervised baseline of the same seed (teacher=checkpoint), or CLIP with --clip_path (students then
+use patch 2: an accelerator job). Evaluations and diagnostics are `mimjax.evaluate` protocols; one
+that fails is reported as n/a with the reason instead of stopping the study, and tried again on
+rerun.
 
 Resumable: every part of the study is cached in its run's workdir, ROOT/<preset>/<row>/seed<k>/,
 as it finishes: repro_pretrain.json (training; an interrupted one resumes from its checkpoint),
