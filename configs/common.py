@@ -164,6 +164,10 @@ def base_config():
   c.optim.accum_steps = 1  # micro-batches accumulated into one update
   # Layer-wise lr decay (fine-tuning): encoder layer l of L gets lr * decay ** (L + 1 - l); 1 = off.
   c.optim.layer_decay = 1.0
+  # Update all parameters over a few flat buffers (one per dtype, weight-decay and layer-decay
+  # group) instead of leaf by leaf: same result and checkpoint layout, far fewer XLA:CPU kernels.
+  # Used only with mesh.fsdp = 1 (fsdp-sharded leaves keep the per-leaf update).
+  c.optim.flat_update = True
 
   c.mae = ml_collections.ConfigDict()
   c.mae.mask_ratio = 0.75
