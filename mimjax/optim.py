@@ -3,6 +3,7 @@ cosine or multi-step decay, linear or square-root batch scaling of the lr, and o
 lr decay (BEiT / MAE fine-tuning)."""
 import math
 import re
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -183,10 +184,29 @@ class Groups:
                                   state, is_leaf=self._is_flat)
 
 
+class PerLeaf:
+  """The identity view (`Groups`' interface): the update runs leaf by leaf."""
+
+  @staticmethod
+  def flatten(tree):
+    return tree
+
+  unflatten = flatten_state = unflatten_state = flatten
+
+
+class Flattened(NamedTuple):
+  """A GradientTransformation (per-leaf interface and state layout) computed as `inner` over the
+  flat buffers of `groups`; the train step uses `inner` and `groups` directly (`update_view`)."""
+  init: Callable
+  update: Callable
+  inner: optax.GradientTransformation
+  groups: Groups
+
+
 def flattened(make_inner, groups):
   """A transformation with the per-leaf interface and state layout of `make_inner(groups)`'s
   transformation applied leaf by leaf, computed over `groups`' flat buffers instead: on XLA:CPU
-  one short chain of kernels per group replaces one per leaf (~100 leaves at ViT-S).
+  one short chain of kernels per group replaces one per leaf.
 
   `make_inner(groups)` builds the inner transformation over {group name: buffer} trees (masks and
   factors as `groups.per_group` constants). The state is stored unflattened, so checkpoints keep
@@ -202,7 +222,16 @@ def flattened(make_inner, groups):
     flat_updates, flat_state = inner.update(groups.flatten(updates), groups.flatten_state(state),
                                             flat_params)
     return groups.unflatten(flat_updates), groups.unflatten_state(flat_state)
-  return optax.GradientTransformation(init, update)
+  return Flattened(init, update, inner, groups)
+
+
+def update_view(tx):
+  """(transformation, view) for a train step that keeps its whole update (norms, finiteness
+  guard) in the view's flat buffers: `Flattened`'s inner transformation and groups, or `tx` and
+  the identity `PerLeaf`."""
+  if isinstance(tx, Flattened):
+    return tx.inner, tx.groups
+  return tx, PerLeaf
 
 
 def make_optimizer(config, params, no_decay_names=()):
