@@ -243,6 +243,8 @@ def make_optimizer(config, params, no_decay_names=()):
 
   Where `flat_update_applies(config)`, the same update runs over one buffer per (dtype, decayed,
   lr factor) group of parameters (`flattened`); the state's layout is the per-leaf one either way.
+  Off by default: on XLA:CPU the concatenations into the flat buffers cost more than the per-leaf
+  kernels they replace (BENCHMARKS.md, issue 35).
   """
   lr = learning_rate(config)
   mask = decay_mask(params, no_decay_names)

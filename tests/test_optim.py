@@ -106,11 +106,10 @@ def test_flat_update_equals_per_leaf_update_in_the_train_step():
   That stays at rounding level everywhere but in the attention's key biases, whose gradient is
   zero up to rounding (softmax ignores a constant per query): Adam scales that noise to lr-sized
   steps, so they are only checked to stay that small."""
-  config = load_config('configs/mae.py:runlocal', **_TINY)
+  config = load_config('configs/mae.py:runlocal', **_TINY, **{'optim.flat_update': True})
   assert optim.flat_update_applies(config)
   flat = _train_params(config, 10)
-  leaf = _train_params(load_config('configs/mae.py:runlocal', **_TINY,
-                                   **{'optim.flat_update': False}), 10)
+  leaf = _train_params(load_config('configs/mae.py:runlocal', **_TINY), 10)
   assert flat[1] == leaf[1] and flat[2] == leaf[2]  # state layout: same tree, same shapes
   np.testing.assert_allclose(flat[3], leaf[3], rtol=1e-6)
   want = dict(_flatten(leaf[0]))
@@ -125,7 +124,8 @@ def test_flat_update_equals_per_leaf_update_in_the_train_step():
 def test_flat_update_equals_per_leaf_update_with_layer_decay_and_clipping():
   """Fed the same gradients, the flattened and per-leaf fine-tuning optimizers (a group per
   encoder depth and decay flag, global-norm clipping) keep equal parameters over 10 steps."""
-  config = load_config('configs/finetune.py:runlocal', **_TINY, **{'optim.grad_clip': 0.5})
+  config = load_config('configs/finetune.py:runlocal', **_TINY,
+                       **{'optim.grad_clip': 0.5, 'optim.flat_update': True})
   framework = registry.build(config)
   params = framework.init(jax.random.PRNGKey(0), {
       'image': np.zeros((2, 16, 16, 3), np.float32), 'label': np.zeros(2, np.int32)})[0]
@@ -152,5 +152,6 @@ def test_flat_update_equals_per_leaf_update_with_layer_decay_and_clipping():
 
 
 def test_flat_update_is_off_with_fsdp():
-  config = load_config('configs/mae.py:runlocal', **{'mesh.fsdp': 2})
+  config = load_config('configs/mae.py:runlocal', **{'mesh.fsdp': 2, 'optim.flat_update': True})
   assert not optim.flat_update_applies(config)
+  assert not optim.flat_update_applies(load_config('configs/mae.py:runlocal'))  # off by default
