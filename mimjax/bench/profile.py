@@ -22,12 +22,15 @@ COMPILER_OPTIONS = {'xla_cpu_enable_xprof_traceme': True}
 _CONTAINERS = ('while', 'conditional', 'call')  # their thunks enclose the ones inside
 _MATMUL_SITES = (  # (pattern in op_name, site), first match wins
     (r'\.\.\.d,dthk->\.\.\.thk|/(query|key|value)/', 'q/k/v'),
-    (r'BTNH,BSNH->BNTS|bqhd,bkhd->bhqk', 'attention scores'),
-    (r'BNTS,BSNH->BTNH|bhqk,bkhd->bqhd', 'attention values'),
+    # jax.nn's, the einsum path's and vit.xla_attention's (forward and own backward) specs
+    (r'BTNH,BSNH->BNTS|bqhd,bkhd->bhqk|btnh,bsnh->bnts', 'attention scores'),
+    (r'BNTS,BSNH->BTNH|bhqk,bkhd->bqhd|bnts,bsnh->btnh', 'attention values'),
+    (r'bnts,btnh->bsnh', 'attention dK, dV'),
     (r'MultiHeadDotProductAttention_\d+/out/', 'attention out'),
     (r'MlpBlock_\d+/Dense_0/', 'mlp fc1'),
     (r'MlpBlock_\d+/Dense_1/', 'mlp fc2'),
     (r'embedding', 'patch embedding'),
+    (r'MultiHeadDotProductAttention', 'attention, fused with softmax'),
 )
 
 
