@@ -3,6 +3,7 @@ cosine or multi-step decay, linear or square-root batch scaling of the lr, and o
 lr decay (BEiT / MAE fine-tuning)."""
 import math
 import re
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -118,21 +119,155 @@ def scale_by_tree(factors):
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
+def flat_update_applies(config):
+  """Whether `make_optimizer` updates over flattened groups: `optim.flat_update` on and no fsdp axis
+  (`mesh.fsdp` 1). Concatenating leaves that fsdp shards along different dimensions would gather
+  them, so sharded runs keep the per-leaf update."""
+  return bool(config.optim.flat_update) and config.mesh.fsdp == 1
+
+
+class Groups:
+  """Flattened views of trees shaped like `params`: one 1-D buffer per group of leaves.
+
+  `keys` is a tree like `params` of hashable group keys (e.g. (dtype, decays, lr factor)); leaves
+  of one key are raveled and concatenated in tree order. `flatten` maps such a tree to
+  {group name: buffer}, `unflatten` back (slices reshaped to the leaves' shapes).
+  """
+
+  def __init__(self, params, keys):
+    leaves, self.treedef = jax.tree_util.tree_flatten(params)
+    key_leaves = self.treedef.flatten_up_to(keys)
+    self.shapes = [tuple(leaf.shape) for leaf in leaves]
+    names = {}
+    for key in key_leaves:
+      names.setdefault(key, f'{len(names):03d}')
+    self.key_of = {name: key for key, name in names.items()}  # group name -> key
+    self.members = {name: [i for i, k in enumerate(key_leaves) if names[k] == name]
+                    for name in names.values()}
+
+  def flatten(self, tree):
+    """{group name: 1-D concatenation of its leaves of `tree` (a tree like params)}."""
+    leaves = self.treedef.flatten_up_to(tree)
+    return {name: jnp.concatenate([jnp.ravel(leaves[i]) for i in idx])
+            for name, idx in self.members.items()}
+
+  def unflatten(self, flat):
+    """The tree like params whose leaves are the slices of `flat`'s buffers."""
+    leaves = [None] * len(self.shapes)
+    for name, idx in self.members.items():
+      offset = 0
+      for i in idx:
+        size = math.prod(self.shapes[i])
+        leaves[i] = flat[name][offset:offset + size].reshape(self.shapes[i])
+        offset += size
+    return self.treedef.unflatten(leaves)
+
+  def per_group(self, fn):
+    """{group name: fn(group key)}: a per-group constant (mask, lr factor) for the flat view."""
+    return {name: fn(key) for name, key in self.key_of.items()}
+
+  def _is_params_like(self, x):
+    return jax.tree_util.tree_structure(x) == self.treedef
+
+  def _is_flat(self, x):
+    return isinstance(x, dict) and set(x) == set(self.members) and all(
+        isinstance(v, jax.Array) for v in x.values())
+
+  def flatten_state(self, state):
+    """An optimizer state with each subtree shaped like params (Adam's moments) flattened."""
+    return jax.tree_util.tree_map(lambda x: self.flatten(x) if self._is_params_like(x) else x,
+                                  state, is_leaf=self._is_params_like)
+
+  def unflatten_state(self, state):
+    """The inverse of `flatten_state`: the per-leaf layout every checkpoint holds."""
+    return jax.tree_util.tree_map(lambda x: self.unflatten(x) if self._is_flat(x) else x,
+                                  state, is_leaf=self._is_flat)
+
+
+class PerLeaf:
+  """The identity view (`Groups`' interface): the update runs leaf by leaf."""
+
+  @staticmethod
+  def flatten(tree):
+    return tree
+
+  unflatten = flatten_state = unflatten_state = flatten
+
+
+class Flattened(NamedTuple):
+  """A GradientTransformation (per-leaf interface and state layout) computed as `inner` over the
+  flat buffers of `groups`; the train step uses `inner` and `groups` directly (`update_view`)."""
+  init: Callable
+  update: Callable
+  inner: optax.GradientTransformation
+  groups: Groups
+
+
+def flattened(make_inner, groups):
+  """A transformation with the per-leaf interface and state layout of `make_inner(groups)`'s
+  transformation applied leaf by leaf, computed over `groups`' flat buffers instead: one short
+  chain of kernels per group replaces one per leaf (fewer kernels, yet slower on XLA:CPU, where
+  the concatenations into the buffers cost more than the kernels saved).
+
+  `make_inner(groups)` builds the inner transformation over {group name: buffer} trees (masks and
+  factors as `groups.per_group` constants). The state is stored unflattened, so checkpoints keep
+  the per-leaf layout and names, and restore either way.
+  """
+  inner = make_inner(groups)
+
+  def init(params):
+    return groups.unflatten_state(inner.init(groups.flatten(params)))
+
+  def update(updates, state, params=None):
+    flat_params = None if params is None else groups.flatten(params)
+    flat_updates, flat_state = inner.update(groups.flatten(updates), groups.flatten_state(state),
+                                            flat_params)
+    return groups.unflatten(flat_updates), groups.unflatten_state(flat_state)
+  return Flattened(init, update, inner, groups)
+
+
+def update_view(tx):
+  """(transformation, view) for a train step that keeps its whole update (norms, finiteness
+  guard) in the view's flat buffers: `Flattened`'s inner transformation and groups, or `tx` and
+  the identity `PerLeaf`."""
+  if isinstance(tx, Flattened):
+    return tx.inner, tx.groups
+  return tx, PerLeaf
+
+
 def make_optimizer(config, params, no_decay_names=()):
   """AdamW (decoupled decay on `decay_mask(params, no_decay_names)`) with optional global-norm
   clipping.
 
   With `optim.layer_decay` < 1 the whole AdamW step of a parameter (weight decay included, as in
   PyTorch's per-group lr) is scaled by its layer-wise factor.
+
+  Where `flat_update_applies(config)`, the same update runs over one buffer per (dtype, decayed,
+  lr factor) group of parameters (`flattened`); the state's layout is the per-leaf one either way.
+  Off by default: on XLA:CPU the concatenations into the flat buffers cost more than the per-leaf
+  kernels they replace (BENCHMARKS.md, issue 35).
   """
   lr = learning_rate(config)
-  chain = []
-  if config.optim.grad_clip > 0:
-    chain.append(optax.clip_by_global_norm(config.optim.grad_clip))
-  chain.append(optax.adamw(lr, b1=config.optim.b1, b2=config.optim.b2,
-                           weight_decay=config.optim.weight_decay,
-                           mask=decay_mask(params, no_decay_names)))
+  mask = decay_mask(params, no_decay_names)
+  factors = jax.tree_util.tree_map(lambda _: 1.0, params)
   if config.optim.layer_decay < 1:
     depth = vit.parse_variant(config.model.variant)['depth']
-    chain.append(scale_by_tree(layer_decay_factors(params, depth, config.optim.layer_decay)))
-  return optax.chain(*chain), lr
+    factors = layer_decay_factors(params, depth, config.optim.layer_decay)
+
+  def chain(mask, factors):
+    parts = []
+    if config.optim.grad_clip > 0:
+      parts.append(optax.clip_by_global_norm(config.optim.grad_clip))
+    parts.append(optax.adamw(lr, b1=config.optim.b1, b2=config.optim.b2,
+                             weight_decay=config.optim.weight_decay, mask=mask))
+    if config.optim.layer_decay < 1:
+      parts.append(scale_by_tree(factors))
+    return optax.chain(*parts)
+
+  if not flat_update_applies(config) or len(jax.tree_util.tree_leaves(params)) < 2:
+    return chain(mask, factors), lr
+  keys = jax.tree_util.tree_map(lambda p, m, f: (jnp.dtype(p.dtype).name, m, f),
+                                params, mask, factors)
+  groups = Groups(params, keys)
+  return flattened(lambda g: chain(g.per_group(lambda k: k[1]), g.per_group(lambda k: k[2])),
+                   groups), lr

@@ -160,3 +160,23 @@ def test_torch_worker_is_idle_while_mimjax_is_timed():
   assert mimjax_side.timed_wall_s > 0.1
   assert mimjax_side.others_cpu_s / mimjax_side.timed_wall_s < 0.05
   assert peer_busy > 0.5 * peer.timed_wall_s  # at least half a core while its own steps ran
+
+
+def test_profile_mode_writes_the_step_by_op_class(tmp_path):
+  """`--profile` writes, beside the JSON, each case's traced step time by op class; the classes
+  (kernel time, plus the wall time no kernel covered) add up to about the traced step."""
+  out = tmp_path / 'r.json'
+  bench.main(cli.parse(bench.define_flags, [
+      '--model', 'mu/4', '--image_size', '16', '--batch', '4', '--steps', '1', '--rounds', '1',
+      '--warmup', '0', '--cases', 'mae', '--peer', '', '--scaling_case', '', '--matmul_size', '64',
+      '--profile', '--profile_steps', '1', '--out', str(out)]))
+  assert 'profile' not in json.loads(out.read_text())
+  profile = json.loads((tmp_path / 'r.profile.json').read_text())['cases']['mae']
+  classes = {r['class']: r for r in profile['classes']}
+  assert 'optimizer' in classes and 'outside kernels' in classes
+  assert any(c.startswith('matmul encoder q/k/v backward') for c in classes), sorted(classes)
+  assert any(c.startswith('matmul decoder mlp fc1 forward') for c in classes), sorted(classes)
+  total = sum(r['s'] for r in profile['classes'])
+  assert abs(sum(r['share'] for r in profile['classes']) - 1) < 1e-6
+  # Kernels run on 2 threads at most here, so their sum is at most ~2x the wall time.
+  assert 0.999 * profile['step_s'] <= total <= 2.5 * profile['step_s'], profile

@@ -1,10 +1,14 @@
 """Optimizer recipes: weight-decay groups against the references' own grouping, the schedules."""
+import jax
 import numpy as np
+import optax
 import pytest
 
 from conftest import load_config
 from mimjax import optim
 from mimjax import registry
+from mimjax import train_step as train_step_lib
+from mimjax.bench import runner
 from mimjax.interop import timm as timm_lib
 
 timm = pytest.importorskip('timm')
@@ -70,3 +74,84 @@ def test_simmim_recipes_use_their_sources_schedule():
   assert official.optim.milestones == (round(700 * 1_281_167 / 2048),)
   assert load_config('configs/simmim_mto.py').optim.schedule == 'cosine'  # MTO's Table 3
   assert load_config('configs/simmim_mto.py:cosine=false').optim.schedule == 'multistep'
+
+
+def _train_params(config, steps):
+  """Params (numpy) and the optimizer state's structure after `steps` train steps of `config` on
+  one fixed synthetic batch, through the trainer's own step."""
+  framework = registry.build(config)
+  batch = runner.synthetic_batch(config)
+  init_fn, _, tx, lr = train_step_lib.build(framework, config, batch)
+  step = jax.jit(train_step_lib.make_train_step(framework, tx, lr))
+  state = jax.jit(init_fn)()
+  losses = []
+  for _ in range(steps):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics['loss']))
+  return (jax.tree_util.tree_map(np.asarray, state.params),
+          jax.tree_util.tree_structure(state.opt_state),
+          jax.tree_util.tree_leaves(jax.tree_util.tree_map(np.shape, state.opt_state)), losses)
+
+
+_TINY = {'model.variant': 'mu/4', 'batch_size': 4, 'data.image_size': 16, 'total_steps': 20,
+         'warmup_steps': 2, 'model.dtype': 'float32'}
+
+
+def test_flat_update_equals_per_leaf_update_in_the_train_step():
+  """The flattened AdamW update (`optim.flat_update`) gives the per-leaf update's losses and
+  parameters over 10 train steps, and stores the optimizer state in the same per-leaf layout (so a
+  checkpoint of either restores in the other).
+
+  The two programs fuse the backward pass differently, so gradients differ in float32 rounding.
+  That stays at rounding level everywhere but in the attention's key biases, whose gradient is
+  zero up to rounding (softmax ignores a constant per query): Adam scales that noise to lr-sized
+  steps, so they are only checked to stay that small."""
+  config = load_config('configs/mae.py:runlocal', **_TINY, **{'optim.flat_update': True})
+  assert optim.flat_update_applies(config)
+  flat = _train_params(config, 10)
+  leaf = _train_params(load_config('configs/mae.py:runlocal', **_TINY), 10)
+  assert flat[1] == leaf[1] and flat[2] == leaf[2]  # state layout: same tree, same shapes
+  np.testing.assert_allclose(flat[3], leaf[3], rtol=1e-6)
+  want = dict(_flatten(leaf[0]))
+  bound = 2 * 10 * optim.peak_lr(config)
+  for path, got in _flatten(flat[0]):
+    if path.endswith('key/bias'):
+      assert np.abs(got).max() <= bound and np.abs(want[path]).max() <= bound, path
+    else:
+      np.testing.assert_allclose(got, want[path], rtol=1e-6, atol=1e-8, err_msg=path)
+
+
+def test_flat_update_equals_per_leaf_update_with_layer_decay_and_clipping():
+  """Fed the same gradients, the flattened and per-leaf fine-tuning optimizers (a group per
+  encoder depth and decay flag, global-norm clipping) keep equal parameters over 10 steps."""
+  config = load_config('configs/finetune.py:runlocal', **_TINY,
+                       **{'optim.grad_clip': 0.5, 'optim.flat_update': True})
+  framework = registry.build(config)
+  params = framework.init(jax.random.PRNGKey(0), {
+      'image': np.zeros((2, 16, 16, 3), np.float32), 'label': np.zeros(2, np.int32)})[0]
+  flat_tx, _ = optim.make_optimizer(config, params, framework.no_weight_decay)
+  config.optim.flat_update = False
+  leaf_tx, _ = optim.make_optimizer(config, params, framework.no_weight_decay)
+
+  def run(tx):
+    @jax.jit
+    def step(params, state, grads):
+      updates, state = tx.update(grads, state, params)
+      return optax.apply_updates(params, updates), state
+    p, state = params, tx.init(params)
+    for i in range(10):
+      rng = np.random.default_rng(i)
+      grads = jax.tree_util.tree_map(
+          lambda x, rng=rng: rng.standard_normal(x.shape).astype(np.float32), p)
+      p, state = step(p, state, grads)
+    return p, state
+  (p_flat, s_flat), (p_leaf, s_leaf) = run(flat_tx), run(leaf_tx)
+  assert jax.tree_util.tree_structure(s_flat) == jax.tree_util.tree_structure(s_leaf)
+  for (path, got), (_, want) in zip(_flatten(p_flat), _flatten(p_leaf)):
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-8, err_msg=path)
+
+
+def test_flat_update_is_off_with_fsdp():
+  config = load_config('configs/mae.py:runlocal', **{'mesh.fsdp': 2, 'optim.flat_update': True})
+  assert not optim.flat_update_applies(config)
+  assert not optim.flat_update_applies(load_config('configs/mae.py:runlocal'))  # off by default

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mimjax.bench import cli
+from mimjax.bench import profile as bench_profile
 from mimjax.bench import report as bench_report
 from mimjax import recipe_lib
 from mimjax import registry
@@ -44,6 +45,9 @@ from mimjax.data import features
 Case = collections.namedtuple('Case', 'name host config target')
 CASES = (
     Case('mae', None, 'mae', None),
+    # The optimizer update over flat buffers (`optim.flat_update`, issue 35): its overhead row is
+    # the A/B against the per-leaf update, timed in turn with 'mae'.
+    Case('mae+flat_update', 'mae', 'mae|optim.flat_update=True', None),
     Case('mae+lut', 'mae', 'mae_lut:alpha=0.25', 'flops'),
     Case('mae+mto', 'mae', 'mae_mto', 0.10),
     Case('mae+lut+tokenprop', 'mae', 'mae_lut:alpha=0.25|tokenprop.enabled=True', None),
@@ -120,9 +124,10 @@ Compiled = collections.namedtuple(
     'Compiled', 'framework compiled init_fn state_sharding batch lower_s compile_s')
 
 
-def compile_step(config):
-  """The trainer's jitted, donated train step for `config` on a 1-device mesh, compiled for a
-  synthetic batch (on the device); nothing of the train state is allocated yet."""
+def compile_step(config, compiler_options=None):
+  """The trainer's jitted, donated train step for `config` on a 1-device mesh, compiled (with XLA
+  `compiler_options`, e.g. the profile's trace events) for a synthetic batch (on the device);
+  nothing of the train state is allocated yet."""
   framework = registry.build(config)
   host = synthetic_batch(config)
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
@@ -137,7 +142,7 @@ def compile_step(config):
   lowered = step.lower(train_step_lib.with_shardings(abstract, state_sharding), batch)
   lower_s = time.perf_counter() - start
   start = time.perf_counter()
-  compiled = lowered.compile()
+  compiled = lowered.compile(compiler_options)
   return Compiled(framework, compiled, init_fn, state_sharding, batch, lower_s,
                   time.perf_counter() - start)
 
@@ -145,11 +150,11 @@ def compile_step(config):
 class JaxStep:
   """One case: the trainer's train step, compiled and initialised; `steps(k)` times k updates."""
 
-  def __init__(self, name, config, warmup):
+  def __init__(self, name, config, warmup, compiler_options=None):
     self.name, self.config, self.times = name, config, []
     self.pid, self.others_cpu_s, self.timed_wall_s = None, 0.0, 0.0
     rss0 = max_rss_bytes()
-    c = compile_step(config)
+    c = compile_step(config, compiler_options)
     framework, self.compiled, self.batch = c.framework, c.compiled, c.batch
     self.lower_s, self.compile_s = c.lower_s, c.compile_s
     self.state = jax.jit(c.init_fn, out_shardings=c.state_sharding)()
@@ -371,10 +376,11 @@ def run(args):
   dev = jax.devices()[0]
   nominal = bench_report.nominal_peak(dev.platform, dev.device_kind)
   results = dict(machine=machine_info(), settings=vars(args), cases=[], peer=[], scaling=[],
-                 matmul=[])
+                 matmul=[], profile={})
+  options = bench_profile.COMPILER_OPTIONS if args.profile else None
   make = lambda name, spec, **kw: JaxStep(name, load_config(  # noqa: E731
       spec, kw.get('model', args.model), kw.get('image_size', args.image_size),
-      kw.get('batch', args.batch), args.preset, args.dtype), args.warmup)
+      kw.get('batch', args.batch), args.preset, args.dtype), args.warmup, options)
   groups = [(fam, None) for fam in _families(selected)]
   if args.scaling_case:
     groups.append(([c for c in CASES if c.name == args.scaling_case], 'scaling'))
@@ -411,6 +417,9 @@ def run(args):
     for r in runners:
       entry = case_result(r, mm_flops_s, nominal)
       (results['scaling'] if kind else results['cases']).append(entry)
+      if args.profile:
+        results['profile'][r.name] = bench_profile.breakdown(
+            r.compiled, lambda r=r: r.steps(1), args.profile_steps)
     for p in pending_peer:
       st = timing_stats(p.times)
       results['peer'].append(dict(name=p.name, status='ok', mode=p.mode, threads=p.info['threads'],
@@ -460,6 +469,9 @@ def define_flags(flag_values):
   flags.DEFINE_string('out', '', 'JSON results file', **fv)
   flags.DEFINE_string('markdown', '', 'markdown tables file', **fv)
   flags.DEFINE_string('report', '', 'only re-render the tables of this JSON results file', **fv)
+  flags.DEFINE_bool('profile', False, 'also trace each case\'s step after the timed rounds and '
+                    'write its time by op class beside --out (x.json -> x.profile.json)', **fv)
+  flags.DEFINE_integer('profile_steps', 2, 'steps traced per case with --profile', **fv)
 
 
 def main(args):
@@ -470,9 +482,15 @@ def main(args):
     bench_report.add_overheads(results, {c.name: c for c in CASES})
   else:
     results = run(args)
+  profiles = results.pop('profile', {})
   if args.out:
     with open(args.out, 'w') as f:
       json.dump(results, f, indent=2, default=float)
+  if profiles:
+    with open(bench_profile.profile_path(args.out), 'w') as f:
+      json.dump(dict(machine=results['machine'], settings=results['settings'], cases=profiles), f,
+                indent=2, default=float)
+    print(bench_profile.markdown(profiles))
   text = bench_report.markdown(results)
   print(text)
   if args.markdown:

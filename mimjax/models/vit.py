@@ -184,13 +184,58 @@ def _prefers_cudnn(dtype):
   return jax.default_backend() == 'gpu' and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
 
 
+def _sum_to_shape(x, shape):
+  """`x` summed over the axes that `shape` broadcasts (leading ones, and those of size 1)."""
+  x = jnp.sum(x, axis=tuple(range(x.ndim - len(shape))))
+  return jnp.sum(x, axis=tuple(i for i, n in enumerate(shape) if n == 1 and x.shape[i] != 1),
+                 keepdims=True)
+
+
+def _attention_forward(q, k, v, bias):
+  """softmax(q k^T / sqrt(d) + bias) v, logits and softmax float32; (out, residuals)."""
+  logits = jnp.einsum('btnh,bsnh->bnts', q, k, preferred_element_type=jnp.float32)
+  logits = logits / math.sqrt(q.shape[-1])
+  if bias is not None:
+    logits = logits + bias.astype(jnp.float32)
+  probs = jax.nn.softmax(logits, axis=-1)
+  out = jnp.einsum('bnts,bsnh->btnh', probs.astype(v.dtype), v)
+  return out, (q, k, v, bias, probs, out)
+
+
+def _attention_backward(residuals, d_out):
+  """The gradients of `_attention_forward`. The softmax's backward needs rowsum(dP * P) over the
+  [B, heads, T, S] scores; it equals rowsum(dO * O) over [B, T, heads, d] (FlashAttention's D),
+  which spares XLA:CPU a reduction fused into the dO V^T product (the step's slowest kernel)."""
+  q, k, v, bias, probs, out = residuals
+  d_v = jnp.einsum('bnts,btnh->bsnh', probs.astype(v.dtype), d_out)
+  d_probs = jnp.einsum('btnh,bsnh->bnts', d_out, v, preferred_element_type=jnp.float32)
+  row = jnp.einsum('btnh,btnh->bnt', d_out, out, preferred_element_type=jnp.float32)
+  d_logits = probs * (d_probs - row[..., None])
+  d_bias = None if bias is None else _sum_to_shape(d_logits, bias.shape).astype(bias.dtype)
+  d_scaled = (d_logits / math.sqrt(q.shape[-1])).astype(q.dtype)
+  d_q = jnp.einsum('bnts,bsnh->btnh', d_scaled, k)
+  d_k = jnp.einsum('bnts,btnh->bsnh', d_scaled, q)
+  return d_q, d_k, d_v, d_bias
+
+
+@jax.custom_vjp
+def xla_attention(q, k, v, bias=None):
+  """Attention as `jax.nn.dot_product_attention`'s XLA path, with the backward pass of
+  `_attention_backward` (equal to float32 rounding; faster on XLA:CPU)."""
+  return _attention_forward(q, k, v, bias)[0]
+
+
+xla_attention.defvjp(_attention_forward, _attention_backward)
+
+
 def dot_product_attention(q, k, v, bias=None, return_weights=False):
   """softmax(q k^T / sqrt(d) + bias) v for q, k, v [B, N, heads, d]; logits and softmax float32.
 
   `bias` is an optional additive logit bias broadcastable to [B, heads, N, N] (e.g. relative
-  position bias). The default path is `jax.nn.dot_product_attention`, which never materialises
-  the weights; only `return_weights=True` (attention maps for MTO and analyses) takes the explicit
-  einsum path and returns the [B, heads, N, N] float32 weights as well (else None).
+  position bias). The default path is cuDNN's fused attention where it applies, else
+  `xla_attention`, which returns no weights; only `return_weights=True` (attention maps for MTO and
+  analyses) takes the explicit einsum path and returns the [B, heads, N, N] float32 weights as
+  well (else None).
   """
   if not return_weights:
     if _prefers_cudnn(q.dtype):
@@ -201,10 +246,10 @@ def dot_product_attention(q, k, v, bias=None, return_weights=False):
     if q.dtype == jnp.float16 and jax.default_backend() == 'cpu':
       # XLA:CPU has no float16 dot accumulating in float32 (F16_F16_F32), which jax's attention
       # asks for: float16 runs on CPU (the loss-scaling tests) compute attention in float32.
-      out = jax.nn.dot_product_attention(q.astype(jnp.float32), k.astype(jnp.float32),
-                                         v.astype(jnp.float32), bias)
+      out = xla_attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
+                          bias)
       return out.astype(q.dtype), None
-    return jax.nn.dot_product_attention(q, k, v, bias), None
+    return xla_attention(q, k, v, bias), None
   logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
   logits = logits / math.sqrt(q.shape[-1])
   if bias is not None:
