@@ -162,6 +162,7 @@ def test_torch_worker_is_idle_while_mimjax_is_timed():
   assert peer_busy > 0.5 * peer.timed_wall_s  # at least half a core while its own steps ran
 
 
+@pytest.mark.slow  # a traced benchmark run, like the other benchmark commands' tests
 def test_profile_mode_writes_the_step_by_op_class(tmp_path):
   """`--profile` writes, beside the JSON, each case's traced step time by op class; the classes
   (kernel time, plus the wall time no kernel covered) add up to about the traced step."""

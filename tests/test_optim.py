@@ -97,6 +97,7 @@ _TINY = {'model.variant': 'mu/4', 'batch_size': 4, 'data.image_size': 16, 'total
          'warmup_steps': 2, 'model.dtype': 'float32'}
 
 
+@pytest.mark.slow  # 10 steps of two train programs: about a minute on 2 cores
 def test_flat_update_equals_per_leaf_update_in_the_train_step():
   """The flattened AdamW update (`optim.flat_update`) gives the per-leaf update's losses and
   parameters over 10 train steps, and stores the optimizer state in the same per-leaf layout (so a
@@ -121,6 +122,7 @@ def test_flat_update_equals_per_leaf_update_in_the_train_step():
       np.testing.assert_allclose(got, want[path], rtol=1e-6, atol=1e-8, err_msg=path)
 
 
+@pytest.mark.slow  # about 35 s on 2 cores
 def test_flat_update_equals_per_leaf_update_with_layer_decay_and_clipping():
   """Fed the same gradients, the flattened and per-leaf fine-tuning optimizers (a group per
   encoder depth and decay flag, global-norm clipping) keep equal parameters over 10 steps."""
