@@ -399,7 +399,7 @@ def test_the_finetune_command_is_the_recipe_of_the_runs_method(recipe, expected)
 
 def _method_recipe(config):
   """The fine-tuning recipe the export writes for a run of `config`."""
-  return registry.FRAMEWORKS[config.framework].finetune_method_recipe(config)
+  return registry.FRAMEWORKS[config.framework].finetune_recipe(config)
 
 
 def test_the_folder_names_its_recipe(tmp_path):

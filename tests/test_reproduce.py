@@ -457,7 +457,7 @@ def test_presets_and_the_floor_search_budget():
 def test_scratch_floor_is_the_random_init_finetune():
   # The scratch floor is the fine-tune protocol on the random-init run: the same config as the
   # pre-trained encoder's fine-tune (recipe, model, labels, steps), only without a checkpoint.
-  from mimjax.eval import finetune  # pylint: disable=g-import-not-at-top
+  from mimjax import finetune  # pylint: disable=g-import-not-at-top
   from mimjax.eval import loading  # pylint: disable=g-import-not-at-top
   budget = reproduce.BUDGETS['cpu']
   pre = reproduce.build_config('mae', reproduce.row_overrides('mae', 2, budget))
