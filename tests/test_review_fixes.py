@@ -109,3 +109,23 @@ def test_a_refused_study_budget_is_one_error_line():
   assert proc.returncode == 1, proc.stderr[-2000:]
   assert proc.stderr.strip().splitlines()[-1].startswith('error: steps 1000 must be a multiple')
   assert 'Traceback' not in proc.stderr
+
+
+def test_the_start_up_signal_handler_ends_where_training_takes_over(monkeypatch):
+  import signal  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from mimjax import train  # pylint: disable=g-import-not-at-top
+  saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+  try:
+    for hosts in (1, 2):
+      monkeypatch.setattr(jax, 'process_count', lambda h=hosts: h)
+      for signum in saved:
+        signal.signal(signum, train._stop_during_start_up)  # pylint: disable=protected-access
+      with train._StopRequest():  # pylint: disable=protected-access
+        pass
+      assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+      if hosts == 1:  # several hosts leave SIGTERM to JAX's preemption service
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+  finally:
+    for signum, handler in saved.items():
+      signal.signal(signum, handler)
