@@ -28,10 +28,12 @@ rerun.
 Resumable: every part of the study is cached in its run's workdir, ROOT/<preset>/<row>/seed<k>/,
 as it finishes: repro_pretrain.json (training; an interrupted one resumes from its checkpoint),
 repro_knn_step<S>.json, repro_linear.json, repro_finetune_labels<F>_step<S>.json (each fine-tune,
-itself checkpointed in finetune_labels<F>_step<S>/), repro_finetune_random_init_labels<F>.json (the
-scratch floor), repro_random_init.json's parts and repro_diagnostic_<name>.json; repro.json
-gathers a finished run. Rerunning the same command skips everything finished, so the study can be
-run in several sittings.
+itself checkpointed in finetune_labels<F>_step<S>[_steps<N>]/),
+repro_finetune_random_init_labels<F>.json (the scratch floor), repro_random_init.json's parts and
+repro_diagnostic_<name>.json; repro.json gathers a finished run. Rerunning the same command skips
+everything finished, so the study can be run in several sittings. Every cached file carries the
+budget's fingerprint (`budget_key`: the preset's overrides and steps, --clip_path), and one of
+another budget is refused: a changed budget needs its own --workdir_root.
 
 Presets (BUDGETS): cpu (the default: 2 CPU cores), gpu (a larger ViT and 4x the steps), quick,
 smoke (tests only). Costs measured for the first edition on an otherwise idle 2-core machine
