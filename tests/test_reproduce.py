@@ -11,6 +11,7 @@ import pytest
 
 from conftest import ROOT
 from conftest import run_module
+from mimjax import errors
 from mimjax.reproduce import report
 from mimjax.reproduce import study as reproduce
 
@@ -541,3 +542,44 @@ def test_supervised_pairs_stay_out_of_the_finetuning_table():
              'supervised_moto': [dict(seed=0, label='supervised + MoTo', test_top1=.5, steps=2)]}
   rows = _table_rows(report.finetune_table(records, [('supervised_moto', 'supervised')], {}))
   assert rows[0][:3] == ['pair', 'run', 'seeds'] and len(rows) == 2  # header and rule only
+
+
+def test_a_cached_study_part_of_another_budget_is_refused(tmp_path):
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  import pytest  # pylint: disable=g-import-not-at-top
+  from mimjax.reproduce import study  # pylint: disable=g-import-not-at-top
+  budget = study.BUDGETS['smoke']
+  key = study.budget_key(budget)
+  assert study.cached(str(tmp_path), 'linear', lambda: dict(top1=0.5), key)['top1'] == 0.5
+  assert study.cached(str(tmp_path), 'linear', lambda: dict(top1=0.1), key)['top1'] == 0.5
+  others = [dataclasses.replace(budget, overrides={**budget.overrides, 'batch_size': 8}),
+            dataclasses.replace(budget, finetune_steps=budget.finetune_steps + 1),
+            dataclasses.replace(budget, label_fractions=(0.5,))]
+  other_keys = [study.budget_key(b) for b in others] + [study.budget_key(budget, '/clip.npz')]
+  assert len({key, *other_keys}) == 5
+  for other in other_keys:
+    with pytest.raises(errors.ConfigError, match=r'repro_linear.json .*own --workdir_root'):
+      study.cached(str(tmp_path), 'linear', lambda: dict(top1=0.1), other)
+
+
+def test_only_the_final_checkpoints_finetunes_count_as_compute(tmp_path):
+  from mimjax.reproduce import study  # pylint: disable=g-import-not-at-top
+  parts = {'pretrain': dict(seconds=1, images=32),
+           'finetune_labels0.01_step1': dict(seconds=1, images=100),  # MAE's curve
+           'finetune_labels0.01_step2': dict(seconds=1, images=10),
+           'finetune_labels0.1_step2': dict(seconds=1, images=1)}
+  record = study._finish(dict(steps=2, notes={}), parts, str(tmp_path / 'r.json'))  # pylint: disable=protected-access
+  assert record['finetune_images'] == 11
+  floor = {'finetune_random_init_labels0.01': dict(seconds=1, images=7)}
+  assert study._finish(dict(notes={}), floor, str(tmp_path / 'f.json'))['finetune_images'] == 7  # pylint: disable=protected-access
+
+
+def test_a_refused_study_budget_is_one_error_line():
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from conftest import ROOT  # pylint: disable=g-import-not-at-top
+  proc = subprocess.run([sys.executable, '-m', 'mimjax.reproduce', '--pretrain_steps', '1000'],
+                        cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 1, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines()[-1].startswith('error: steps 1000 must be a multiple')
+  assert 'Traceback' not in proc.stderr
