@@ -34,8 +34,8 @@ class NonFiniteError(MimjaxError, RuntimeError):
 
 
 # Causes a user fixes outside mimjax; a message names one of these first when it is found.
-SYSTEM_CAUSES = tuple(os.strerror(code) for code in (
-    errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO))
+SYSTEM_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO)
+SYSTEM_CAUSES = tuple(os.strerror(code) for code in SYSTEM_ERRNOS)
 
 
 def _chain(e):
@@ -53,12 +53,14 @@ def _chain(e):
 def reason(e):
   """`Type: message` of an exception, first line only and without TensorStore's spec dump; when
   a system cause (a full disk, a read-only mount) is anywhere in its chain, that cause first, so
-  no cut can lose it."""
+  no cut can lose it; another OSError's strerror only when it is `e` itself."""
   text = str(e).strip().splitlines()[0] if str(e).strip() else ''
   text = text.split(' [source locations=')[0].split('{"')[0].rstrip(' :;,')
   shown = f'{type(e).__name__}: {text[:300]}'
   for x in _chain(e):
-    if isinstance(x, OSError) and x.strerror:
+    # Another OSError's text counts only as `e` itself: one deeper in the chain may be an
+    # incidental error that was handled (a missing optional file), not why `e` happened.
+    if isinstance(x, OSError) and x.strerror and (x is e or x.errno in SYSTEM_ERRNOS):
       return x.strerror if x.strerror in shown else f'{x.strerror}; {shown}'
     cause = next((c for c in SYSTEM_CAUSES if c in str(x)), None)
     if cause:

@@ -74,7 +74,8 @@ OPTIONS = {
                         'recipe of the run\'s method).'),
     'total_steps': (flags.DEFINE_integer, 'finetune: number of steps (default: the recipe\'s).'),
     'label_fraction': (flags.DEFINE_float, 'finetune: train on a class-stratified subset of the '
-                       'run\'s training split, this fraction of it, drawn from the run\'s seed '
+                       'run\'s training split, this fraction of it with the same count of every '
+                       'class (so 1.0 works only on balanced data), drawn from the run\'s seed '
                        '(default: all of it).'),
     'num_images': (flags.DEFINE_integer, 'Analyses and pictures: eval images used (default: '
                    'config.eval.analysis_examples; spectrum: the whole eval split).'),

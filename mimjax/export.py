@@ -115,7 +115,7 @@ def export_params(config, encoder_params, out, fmt='safetensors', source=None):
   # Before anything loads TensorFlow (hub: the dataset's label names), see torch_files.load_timm.
   timm = torch_files.load_timm()
   if fmt == 'hub':
-    with staged_folder(out) as staging:
+    with staged_folder(out, hub.FILES) as staging:
       written = [os.path.join(staging, name) for name in hub.FILES]
       recipe = registry.FRAMEWORKS[config.framework].finetune_recipe(config)
       hub_config, command = hub.export_hub(config, encoder_params, out, source or {}, recipe,
@@ -131,12 +131,14 @@ def export_params(config, encoder_params, out, fmt='safetensors', source=None):
 
 
 @contextlib.contextmanager
-def staged_folder(out):
+def staged_folder(out, replaced):
   """A new temporary folder next to `out` for the body to write a folder export into, moved to
   `out` when the body completes; when it fails (a full disk, a failed check, Ctrl-C) it is removed
   with the parent folders made for it, so nothing is left and an earlier export at `out` stays.
-  `out` that does not exist, or is empty, is replaced at once (a rename); into an `out` that holds
-  files (an earlier export, the user's own) each written file is moved in turn."""
+  `out` that does not exist, or is empty, is replaced at once (a rename); an `out` that holds
+  files (an earlier export, the user's own) is swapped by renames (`_swap`), so `out` holds
+  either the earlier export or the new one whole, never a mix; `replaced` names the export's
+  files (the others, the user's, are kept)."""
   parent = os.path.dirname(os.path.abspath(out))
   missing, folder = [], parent
   while not os.path.exists(folder):
@@ -150,13 +152,34 @@ def staged_folder(out):
     try:
       os.rename(staging, out)
     except OSError:  # `out` holds files
-      for name in os.listdir(staging):
-        os.replace(os.path.join(staging, name), os.path.join(out, name))
+      _swap(staging, out, replaced)
   finally:
     shutil.rmtree(staging, ignore_errors=True)
     for folder in missing:  # deepest first; only those still empty (a failed export's)
       if os.path.isdir(folder) and not os.listdir(folder):
         os.rmdir(folder)
+
+
+def _swap(staging, out, replaced):
+  """Replaces the folder `out` by `staging` with renames: `out` to a sibling `.old` (put back if
+  the next rename fails), `staging` to `out`, then the old folder's files not in `replaced` (the
+  user's own) moved into the new `out`, and the old folder removed. A failure while moving those
+  back leaves the rest of them in the `.old` sibling (named in the error), the new export whole."""
+  old = staging[:-len('.partial')] + '.old'
+  os.rename(out, old)
+  try:
+    os.rename(staging, out)
+  except BaseException:
+    os.rename(old, out)
+    raise
+  try:
+    for name in os.listdir(old):
+      if name not in replaced and not os.path.exists(os.path.join(out, name)):
+        os.replace(os.path.join(old, name), os.path.join(out, name))
+  except OSError as e:
+    raise OSError(e.errno, f'{e.strerror}; the files of {out} before this export not moved back '
+                  f'are in {old}') from e
+  shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_file(config, encoder_params, out, fmt, source):

@@ -12,7 +12,8 @@ Training writes into WORKDIR/finetune (WORKDIR/finetune_random_init for the base
 call resumes. With `label_fraction` (the low-label regime) it trains on a class-stratified subset
 of the run's training split (`data.label_fraction`, drawn from the run's seed) and writes into
 WORKDIR/finetune[_random_init]_labels<fraction>_step<checkpoint step>: one directory per subset and
-checkpoint, so fine-tunes of one run's several checkpoints never resume each other.
+checkpoint, so fine-tunes of one run's several checkpoints never resume each other. A given
+`total_steps` adds `_steps<N>` and a recipe other than the run's own `_recipe<name>`.
 """
 import json
 
@@ -79,16 +80,32 @@ def planned_config(workdir, step=None, finetune_config=None, total_steps=None,
   return derive_config(run, finetune_config, total_steps, label_fraction)
 
 
-def workdir_name(run, label_fraction=None):
-  """The directory under the run's workdir that the fine-tuning of `run` trains in."""
+def _named_recipe(run, finetune_config):
+  """The recipe `finetune_config` names (its `recipe=` item) when it is not the run's own."""
+  items = dict(item.partition('=')[::2] for item in (finetune_config or '').split(',') if item)
+  recipe = items.get('recipe')
+  return recipe if recipe and recipe != recipe_for(run.config) else None
+
+
+def workdir_name(run, label_fraction=None, total_steps=None, finetune_config=None):
+  """The directory under the run's workdir that the fine-tuning of `run` trains in: one per
+  subset and checkpoint, per step count when `total_steps` is given and per recipe when
+  `finetune_config` names another than the run's own, so a fine-tune of another length or recipe
+  starts its own run instead of meeting a resume that refuses the changed config."""
   name = 'finetune_random_init' if run.random_init else 'finetune'
-  return f'{name}_labels{label_fraction:g}_step{run.step}' if label_fraction else name
+  if label_fraction:
+    name += f'_labels{label_fraction:g}_step{run.step}'
+  if total_steps:
+    name += f'_steps{int(total_steps)}'
+  recipe = _named_recipe(run, finetune_config)
+  return f'{name}_recipe{recipe}' if recipe else name
 
 
 def protocol(run, finetune_config=None, total_steps=None, label_fraction=None):
   """Fine-tunes the encoder end to end; final / best held-out top-1 of the supervised run."""
   config = derive_config(run, finetune_config, total_steps, label_fraction)
-  workdir = str(workdir_io.path(run.workdir, workdir_name(run, label_fraction)))
+  workdir = str(workdir_io.path(run.workdir, workdir_name(run, label_fraction, total_steps,
+                                                             finetune_config)))
   config.log.progress_bar = False
   train.train(config, workdir)
   record = json.loads(workdir_io.path(workdir, f'eval_{config.framework}.json').read_text())

@@ -74,8 +74,9 @@ def data_fields():
   s.cache = False  # keep the raw (encoded) split in memory; for small datasets
   # Labelled subset (low-label fine-tuning): > 0 trains on a class-stratified subset of
   # data.train_split, the same number of images of every class (this fraction of the split, split
-  # evenly), drawn from config.seed; the subset for a smaller fraction is part of a larger one's.
-  # The split's records are read once into memory (small datasets). 0 = every image.
+  # evenly; so 1.0 works only on balanced data), drawn from config.seed; the subset for a smaller
+  # fraction is part of a larger one's. The split's records are read once into memory: it is for
+  # small datasets, and a TFDS split over 2 GiB is refused. 0 = every image.
   s.label_fraction = 0.0
   s.shuffle_buffer = 50_000
   # Image folder without train/ and val/ subfolders: in each class, max(this fraction of its

@@ -20,7 +20,8 @@ import sys
 
 def _stop_during_start_up(signum, frame):
   """Ctrl-C or SIGTERM while the command loads its libraries and reads its flags: nothing has
-  been written, so the process ends at once (no KeyboardInterrupt traceback), 128 + the signal."""
+  been written, so the process ends at once (no KeyboardInterrupt traceback), 128 + the signal.
+  `_StopRequest` replaces it when training starts."""
   del frame
   print(f'\n{signal.Signals(signum).name}: stopped during start-up; nothing was written.',
         file=sys.stderr, flush=True)
@@ -119,11 +120,17 @@ class _StopRequest:
     self._multihost = jax.process_count() > 1
 
   def __enter__(self):
+    # Start-up is over: the command's start-up handler (imports and flags) gives way to Python's
+    # defaults, so a signal after this run (or one of several hosts' Ctrl-C) is not "stopped
+    # during start-up". Several hosts' SIGTERM stays as it is: JAX's preemption service took it.
+    for signum, default in ((signal.SIGINT, signal.default_int_handler),
+                            (signal.SIGTERM, signal.SIG_DFL)):
+      if signal.getsignal(signum) is _stop_during_start_up and not (
+          self._multihost and signum == signal.SIGTERM):
+        signal.signal(signum, default)
     if not self._multihost:
       for signum in (signal.SIGINT, signal.SIGTERM):
         self._previous[signum] = signal.signal(signum, self._handle)
-    elif signal.getsignal(signal.SIGINT) is _stop_during_start_up:  # Ctrl-C: KeyboardInterrupt
-      self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
     return self
 
   def _handle(self, signum, frame):

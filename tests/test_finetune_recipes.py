@@ -90,3 +90,19 @@ def test_shared_table_is_added_into_every_block():
       out['encoderblock_0']['rel_pos_bias']['relative_position_bias_table'], own + 1.0)
   np.testing.assert_array_equal(
       out['encoderblock_1']['rel_pos_bias']['relative_position_bias_table'], shared)
+
+
+def test_finetune_workdir_names_the_steps_and_another_recipe():
+  # Another length or recipe gets its own folder, so a resume never meets a changed config.
+  from mimjax import finetune  # pylint: disable=g-import-not-at-top
+  from mimjax.reproduce import study as reproduce  # pylint: disable=g-import-not-at-top
+  from mimjax.eval import loading  # pylint: disable=g-import-not-at-top
+  pre = reproduce.build_config('mae', reproduce.row_overrides('mae', 0, reproduce.BUDGETS['cpu']))
+  run = loading.Run(pre, None, 1500, '/w', False)
+  own = finetune.recipe_for(pre)
+  assert finetune.workdir_name(run) == 'finetune'
+  assert finetune.workdir_name(run, total_steps=100) == 'finetune_steps100'
+  assert finetune.workdir_name(run, total_steps=600) == 'finetune_steps600'
+  assert finetune.workdir_name(run, 0.01, 600) == 'finetune_labels0.01_step1500_steps600'
+  assert finetune.workdir_name(run, finetune_config=f'model=Ti/4,recipe={own}') == 'finetune'
+  assert finetune.workdir_name(run, None, None, 'recipe=simmim') == 'finetune_recipesimmim'

@@ -399,7 +399,7 @@ def test_the_finetune_command_is_the_recipe_of_the_runs_method(recipe, expected)
 
 def _method_recipe(config):
   """The fine-tuning recipe the export writes for a run of `config`."""
-  return registry.FRAMEWORKS[config.framework].finetune_method_recipe(config)
+  return registry.FRAMEWORKS[config.framework].finetune_recipe(config)
 
 
 def test_the_folder_names_its_recipe(tmp_path):
@@ -436,3 +436,55 @@ def test_a_hub_export_that_fails_midway_leaves_nothing_and_keeps_the_earlier_one
     export.export_params(config, random_params(config, seed=1), str(out), 'hub')
   assert os.listdir(out.parent) == ['hub']
   assert {name: (out / name).read_bytes() for name in hub.FILES} == before
+
+
+def _folder(path):
+  """{name: text} of a folder's files."""
+  import os  # pylint: disable=g-import-not-at-top
+  return {n: open(os.path.join(path, n)).read() for n in sorted(os.listdir(path))}
+
+
+def test_a_hub_export_over_an_earlier_one_is_swapped_whole(tmp_path, monkeypatch):
+  import os  # pylint: disable=g-import-not-at-top
+  import pytest  # pylint: disable=g-import-not-at-top
+  from mimjax import export  # pylint: disable=g-import-not-at-top
+  out = tmp_path / 'hub'
+  out.mkdir()
+  earlier = {'config.json': 'old', 'model.safetensors': 'old', 'notes.txt': 'mine'}
+  for name, text in earlier.items():
+    (out / name).write_text(text)
+
+  def export_new(staging):
+    for name in ('config.json', 'model.safetensors'):
+      with open(os.path.join(staging, name), 'w') as f:
+        f.write('new')
+
+  real_rename, real_replace = os.rename, os.replace
+  calls = []
+
+  def failing_rename(src, dst):
+    calls.append(src)
+    if len(calls) == 3:  # staging -> out, after out -> .old
+      raise OSError(28, 'No space left on device')
+    return real_rename(src, dst)
+
+  monkeypatch.setattr(os, 'rename', failing_rename)
+  with pytest.raises(OSError):
+    with export.staged_folder(str(out), ('config.json', 'model.safetensors')) as staging:
+      export_new(staging)
+  assert _folder(out) == earlier and os.listdir(tmp_path) == ['hub']  # the earlier one intact
+  monkeypatch.setattr(os, 'rename', real_rename)
+  monkeypatch.setattr(os, 'replace', lambda *a: (_ for _ in ()).throw(OSError(5, 'I/O error')))
+  with pytest.raises(OSError, match='not moved back are in'):
+    with export.staged_folder(str(out), ('config.json', 'model.safetensors')) as staging:
+      export_new(staging)
+  assert _folder(out) == {'config.json': 'new', 'model.safetensors': 'new'}  # the new one whole
+  old = [n for n in os.listdir(tmp_path) if n.endswith('.old')]
+  assert len(old) == 1 and _folder(tmp_path / old[0])['notes.txt'] == 'mine'
+  monkeypatch.setattr(os, 'replace', real_replace)
+  (tmp_path / old[0] / 'notes.txt').rename(out / 'notes.txt')
+  with export.staged_folder(str(out), ('config.json', 'model.safetensors')) as staging:
+    for name in ('config.json', 'model.safetensors'):
+      (tmp_path / os.path.basename(staging) / name).write_text('newer')
+  assert _folder(out) == {'config.json': 'newer', 'model.safetensors': 'newer', 'notes.txt': 'mine'}
+  assert sorted(os.listdir(tmp_path)) == sorted(['hub', old[0]])

@@ -70,3 +70,32 @@ def test_an_image_folder_gives_the_same_count_of_every_class(tmp_path):
     config.data.folder_holdout_min = 1
   with pytest.raises(errors.DatasetError, match='needs class labels'):
     next(pipeline.train_batches(config))
+
+
+def test_each_host_takes_a_disjoint_part_of_the_label_subset():
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import pytest  # pylint: disable=g-import-not-at-top
+  from mimjax.data import pipeline  # pylint: disable=g-import-not-at-top
+  labels = np.repeat(np.arange(10), 50)
+  subset = pipeline.stratified_indices(labels, 0.1, seed=0)
+  parts = [pipeline.host_part(subset, 0.1, i, 3) for i in range(3)]
+  assert all(len(p) for p in parts)
+  joined = np.concatenate(parts)
+  assert len(set(joined.tolist())) == len(joined)  # disjoint
+  assert sorted(joined.tolist()) == subset.tolist()  # together the subset
+  with pytest.raises(errors.DatasetError, match='selects 2 images, fewer than the 3 processes'):
+    pipeline.host_part(subset[:2], 0.004, 2, 3)
+
+
+def test_label_subset_refuses_a_large_tfds_split_and_imbalance_is_explained(monkeypatch):
+  import types  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import pytest  # pylint: disable=g-import-not-at-top
+  from mimjax.data import pipeline  # pylint: disable=g-import-not-at-top
+  splits = {'train': types.SimpleNamespace(num_bytes=3 << 30)}
+  builder = types.SimpleNamespace(info=types.SimpleNamespace(splits=splits))
+  monkeypatch.setattr(pipeline.sources, 'get_builder', lambda *a: builder)
+  with pytest.raises(errors.DatasetError, match='3.0 GiB.*label subset is for small datasets'):
+    pipeline._tfds_records.__wrapped__('big', None, False, 'train')  # pylint: disable=protected-access
+  with pytest.raises(errors.DatasetError, match='1.0 works only on balanced data'):
+    pipeline.stratified_indices(np.array([0, 0, 0, 1]), 1.0, seed=0)

@@ -660,3 +660,24 @@ def test_a_damaged_evaluation_results_file_is_one_error_before_the_protocol_runs
     assert (open(target, 'rb').read() if os.path.isfile(target) else None) == damaged, name
     assert ran == [], name
     _restore(target, b'{"protocol": "knn", "results": []}')
+
+
+def test_reason_takes_only_system_causes_from_the_chain():
+  # A handled FileNotFoundError deep in the chain is not why the outer error happened.
+  try:
+    try:
+      raise FileNotFoundError(errno.ENOENT, 'No such file or directory', 'optional.json')
+    except FileNotFoundError:
+      raise ValueError('bad value') from None
+  except ValueError as e:
+    outer = e
+  outer.__context__ = FileNotFoundError(errno.ENOENT, 'No such file or directory')
+  assert errors.reason(outer) == 'ValueError: bad value'
+  # A system cause anywhere in the chain comes first.
+  full = OSError(errno.ENOSPC, 'No space left on device')
+  wrapped = RuntimeError('save failed')
+  wrapped.__cause__ = full
+  assert errors.reason(wrapped) == 'No space left on device; RuntimeError: save failed'
+  # The exception's own strerror stays.
+  assert errors.reason(FileNotFoundError(errno.ENOENT, 'No such file or directory')).startswith(
+      'No such file or directory')

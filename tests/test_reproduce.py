@@ -11,6 +11,7 @@ import pytest
 
 from conftest import ROOT
 from conftest import run_module
+from mimjax import errors
 from mimjax.reproduce import report
 from mimjax.reproduce import study as reproduce
 
@@ -271,9 +272,9 @@ def test_smoke_study_end_to_end_writes_the_table(tmp_path):
   for r in headline[2:]:
     assert re.fullmatch(r'\d+\.\d \(n=1\)', r[3]), r  # fine-tuning top-1 on 128 test images
   assert [r[5] for r in headline[2:]] == ['0', '2', '2']  # pre-training steps
-  # Images: 2 steps of batch 16 pre-training; fine-tunes of 2 steps at batch 128, MAE's at 2
-  # checkpoints (its curve) and MAE + MTO's at the last.
-  assert [r[6] for r in headline[2:]] == ['0 + 256', '32 + 512', '32 + 256']
+  # Images: 2 steps of batch 16 pre-training; the final checkpoint's fine-tune of 2 steps at
+  # batch 128 (MAE's curve fine-tunes of earlier checkpoints are not counted).
+  assert [r[6] for r in headline[2:]] == ['0 + 256', '32 + 256', '32 + 256']
   assert re.fullmatch(r'-?\d+\.\d \(n=1\) \([+-]\d+\.\d\)', headline[3][4]), headline[3]
   assert 'MAE, fine-tune top-1 (10% labels) by pre-training step (step 0: scratch): 0: ' in text
   assert secondary[0][:3] == ['pair', 'run', 'seeds'] and len(secondary[0]) == 11
@@ -457,7 +458,7 @@ def test_presets_and_the_floor_search_budget():
 def test_scratch_floor_is_the_random_init_finetune():
   # The scratch floor is the fine-tune protocol on the random-init run: the same config as the
   # pre-trained encoder's fine-tune (recipe, model, labels, steps), only without a checkpoint.
-  from mimjax.eval import finetune  # pylint: disable=g-import-not-at-top
+  from mimjax import finetune  # pylint: disable=g-import-not-at-top
   from mimjax.eval import loading  # pylint: disable=g-import-not-at-top
   budget = reproduce.BUDGETS['cpu']
   pre = reproduce.build_config('mae', reproduce.row_overrides('mae', 2, budget))
@@ -541,3 +542,44 @@ def test_supervised_pairs_stay_out_of_the_finetuning_table():
              'supervised_moto': [dict(seed=0, label='supervised + MoTo', test_top1=.5, steps=2)]}
   rows = _table_rows(report.finetune_table(records, [('supervised_moto', 'supervised')], {}))
   assert rows[0][:3] == ['pair', 'run', 'seeds'] and len(rows) == 2  # header and rule only
+
+
+def test_a_cached_study_part_of_another_budget_is_refused(tmp_path):
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  import pytest  # pylint: disable=g-import-not-at-top
+  from mimjax.reproduce import study  # pylint: disable=g-import-not-at-top
+  budget = study.BUDGETS['smoke']
+  key = study.budget_key(budget)
+  assert study.cached(str(tmp_path), 'linear', lambda: dict(top1=0.5), key)['top1'] == 0.5
+  assert study.cached(str(tmp_path), 'linear', lambda: dict(top1=0.1), key)['top1'] == 0.5
+  others = [dataclasses.replace(budget, overrides={**budget.overrides, 'batch_size': 8}),
+            dataclasses.replace(budget, finetune_steps=budget.finetune_steps + 1),
+            dataclasses.replace(budget, label_fractions=(0.5,))]
+  other_keys = [study.budget_key(b) for b in others] + [study.budget_key(budget, '/clip.npz')]
+  assert len({key, *other_keys}) == 5
+  for other in other_keys:
+    with pytest.raises(errors.ConfigError, match=r'repro_linear.json .*own --workdir_root'):
+      study.cached(str(tmp_path), 'linear', lambda: dict(top1=0.1), other)
+
+
+def test_only_the_final_checkpoints_finetunes_count_as_compute(tmp_path):
+  from mimjax.reproduce import study  # pylint: disable=g-import-not-at-top
+  parts = {'pretrain': dict(seconds=1, images=32),
+           'finetune_labels0.01_step1': dict(seconds=1, images=100),  # MAE's curve
+           'finetune_labels0.01_step2': dict(seconds=1, images=10),
+           'finetune_labels0.1_step2': dict(seconds=1, images=1)}
+  record = study._finish(dict(steps=2, notes={}), parts, str(tmp_path / 'r.json'))  # pylint: disable=protected-access
+  assert record['finetune_images'] == 11
+  floor = {'finetune_random_init_labels0.01': dict(seconds=1, images=7)}
+  assert study._finish(dict(notes={}), floor, str(tmp_path / 'f.json'))['finetune_images'] == 7  # pylint: disable=protected-access
+
+
+def test_a_refused_study_budget_is_one_error_line():
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from conftest import ROOT  # pylint: disable=g-import-not-at-top
+  proc = subprocess.run([sys.executable, '-m', 'mimjax.reproduce', '--pretrain_steps', '1000'],
+                        cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 1, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines()[-1].startswith('error: steps 1000 must be a multiple')
+  assert 'Traceback' not in proc.stderr

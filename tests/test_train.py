@@ -298,3 +298,23 @@ def test_gradient_accumulation_matches_full_batch(tiny_mae_config):
     results.append((state.params['encoder']['kernel'], metrics['loss']))
   np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(results[0][1], results[1][1], rtol=1e-5)
+
+
+def test_the_start_up_signal_handler_ends_where_training_takes_over(monkeypatch):
+  import signal  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from mimjax import train  # pylint: disable=g-import-not-at-top
+  saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+  try:
+    for hosts in (1, 2):
+      monkeypatch.setattr(jax, 'process_count', lambda h=hosts: h)
+      for signum in saved:
+        signal.signal(signum, train._stop_during_start_up)  # pylint: disable=protected-access
+      with train._StopRequest():  # pylint: disable=protected-access
+        pass
+      assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+      if hosts == 1:  # several hosts leave SIGTERM to JAX's preemption service
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+  finally:
+    for signum, handler in saved.items():
+      signal.signal(signum, handler)

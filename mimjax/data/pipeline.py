@@ -128,16 +128,40 @@ def stratified_indices(labels, fraction, seed):
   for label in classes:
     members = np.flatnonzero(labels == label)
     if len(members) < per_class:
-      raise errors.DatasetError(f'data.label_fraction={fraction} takes {per_class} images of '
-                                f'every class, but class {label} has {len(members)}; lower it.')
+      raise errors.DatasetError(
+          f'data.label_fraction={fraction} takes {per_class} images of every class (every class '
+          f'gets the same count, so 1.0 works only on balanced data), but class {label} has '
+          f'{len(members)}; lower it.')
     chosen.append(members[rng.permutation(len(members))[:per_class]])
   return np.sort(np.concatenate(chosen))
 
 
+def host_part(subset, fraction, process_index, process_count):
+  """This host's part of the labelled `subset` (indices): every process_count-th one, so the
+  hosts' parts are disjoint and together the subset. DatasetError when the subset has fewer
+  images than there are hosts (a host would get none)."""
+  if len(subset) < process_count:
+    raise errors.DatasetError(
+        f'data.label_fraction={fraction} selects {len(subset)} images, fewer than the '
+        f'{process_count} processes that each need one; raise it or use fewer processes.')
+  return subset[process_index::process_count]
+
+
+# The largest TFDS split the labelled subset reads into memory.
+MAX_LABELLED_BYTES = 2 << 30
+
+
 @functools.lru_cache(maxsize=4)
 def _tfds_records(name, data_dir, download, split):
-  """(encoded images, labels) of a whole TFDS split in stored order, as numpy arrays."""
+  """(encoded images, labels) of a whole TFDS split in stored order, as numpy arrays; a split of
+  more than MAX_LABELLED_BYTES is refused (it is read into memory)."""
   builder = sources.get_builder(name, data_dir, download)
+  num_bytes = builder.info.splits[split].num_bytes
+  if num_bytes > MAX_LABELLED_BYTES:
+    raise errors.DatasetError(
+        f'data.label_fraction reads the whole split {name}:{split} ({num_bytes / 2**30:.1f} GiB) '
+        f'into memory, more than {MAX_LABELLED_BYTES >> 30} GiB; the label subset is for small '
+        'datasets: for a large one, make the subset a folder dataset or a TFDS split of its own.')
   ds = builder.as_dataset(split=split, shuffle_files=False,
                           decoders={'image': tfds.decode.SkipDecoding()},
                           read_config=tfds.ReadConfig(try_autocache=False))
@@ -164,7 +188,8 @@ def _labelled_source(config, split, process_index, process_count, seed, reads):
   if labels is None:
     raise errors.DatasetError(f'data.label_fraction={d.label_fraction} needs class labels, and '
                               f'{d.name} has none; use class subfolders.')
-  keep = stratified_indices(labels, d.label_fraction, config.seed)[process_index::process_count]
+  keep = host_part(stratified_indices(labels, d.label_fraction, config.seed), d.label_fraction,
+                   process_index, process_count)
   return _in_memory({'image': images[keep], 'label': labels[keep]}, seed, load, shape)
 
 

@@ -28,10 +28,12 @@ rerun.
 Resumable: every part of the study is cached in its run's workdir, ROOT/<preset>/<row>/seed<k>/,
 as it finishes: repro_pretrain.json (training; an interrupted one resumes from its checkpoint),
 repro_knn_step<S>.json, repro_linear.json, repro_finetune_labels<F>_step<S>.json (each fine-tune,
-itself checkpointed in finetune_labels<F>_step<S>/), repro_finetune_random_init_labels<F>.json (the
-scratch floor), repro_random_init.json's parts and repro_diagnostic_<name>.json; repro.json
-gathers a finished run. Rerunning the same command skips everything finished, so the study can be
-run in several sittings.
+itself checkpointed in finetune_labels<F>_step<S>[_steps<N>]/),
+repro_finetune_random_init_labels<F>.json (the scratch floor), repro_random_init.json's parts and
+repro_diagnostic_<name>.json; repro.json gathers a finished run. Rerunning the same command skips
+everything finished, so the study can be run in several sittings. Every cached file carries the
+budget's fingerprint (`budget_key`: the preset's overrides and steps, --clip_path), and one of
+another budget is refused: a changed budget needs its own --workdir_root.
 
 Presets (BUDGETS): cpu (the default: 2 CPU cores), gpu (a larger ViT and 4x the steps), quick,
 smoke (tests only). Costs measured for the first edition on an otherwise idle 2-core machine
@@ -39,6 +41,7 @@ smoke (tests only). Costs measured for the first edition on an otherwise idle 2-
 encoder pass over 30k images ~70 s. Every run records the device it trained on.
 """
 import dataclasses
+import hashlib
 import json
 import os
 import shlex
@@ -51,6 +54,7 @@ from absl import logging
 import jax
 import numpy as np
 
+from mimjax import errors
 from mimjax import evaluate as evaluate_lib
 from mimjax import recipe_lib
 from mimjax import registry
@@ -110,7 +114,7 @@ class Budget:
 
   def __post_init__(self):
     if self.steps % self.curve_points:
-      raise ValueError(f'steps {self.steps} must be a multiple of curve_points '
+      raise errors.ConfigError(f'steps {self.steps} must be a multiple of curve_points '
                        f'{self.curve_points}, so that the last checkpoint ends the curve.')
 
 
@@ -228,17 +232,35 @@ def device():
           f'{jax.device_count()} device{"s" if jax.device_count() > 1 else ""})')
 
 
-def cached(workdir, name, fn):
-  """fn()'s result (a dict) with the seconds it took, saved as WORKDIR/repro_<name>.json; if that
-  file exists, its content without calling fn. A result with an 'error' is not saved, so that the
-  next run of the study tries again."""
+def budget_key(budget, clip_path=None):
+  """The fingerprint of what a study measures: its Budget (overrides, steps, fine-tuning steps,
+  label fractions, curve points) and CLIP checkpoint, the sha1 of their sorted JSON. Every cached
+  part and record carries it, so a changed budget never silently reuses another's results."""
+  text = json.dumps(dict(dataclasses.asdict(budget), clip_path=clip_path), sort_keys=True)
+  return hashlib.sha1(text.encode()).hexdigest()
+
+
+def _check_key(path, record, key):
+  """Refuses a cached file that another budget (or CLIP checkpoint) wrote."""
+  if record.get('budget_key') != key:
+    raise errors.ConfigError(f'{path} was measured with another budget or --clip_path; give '
+                             'this study its own --workdir_root.')
+
+
+def cached(workdir, name, fn, key):
+  """fn()'s result (a dict) with the seconds it took and the budget's `key`, saved as
+  WORKDIR/repro_<name>.json; if that file exists, its content without calling fn (ConfigError
+  when another budget's key is in it). A result with an 'error' is not saved, so that the next
+  run of the study tries again."""
   path = os.path.join(workdir, f'repro_{name}.json')
   if os.path.exists(path):
     with open(path) as f:
-      return json.load(f)
+      result = json.load(f)
+    _check_key(path, result, key)
+    return result
   start = time.time()
   result = dict(fn())
-  result['seconds'] = time.time() - start
+  result.update(seconds=time.time() - start, budget_key=key)
   if 'error' not in result:
     _save(path, result)
   return result
@@ -288,6 +310,14 @@ def diagnostic(workdir, name):
     return dict(error=_na(e))
 
 
+def _counted_finetune(name, steps):
+  """Whether part `name` is a fine-tune the compute column counts: the final checkpoint's (a run
+  of `steps` steps) or a scratch one, not the curve's fine-tunes of intermediate checkpoints,
+  so MAE (the curve row) shows the same fine-tuning compute as the others."""
+  return name.startswith('finetune_random_init') or (
+      name.startswith('finetune') and name.endswith(f'_step{steps}'))
+
+
 def _finish(record, parts, path):
   """Adds the parts' failures, compute and seconds to the record; saves it unless a part failed
   (so that a rerun tries the failed part again, reusing the others)."""
@@ -296,30 +326,26 @@ def _finish(record, parts, path):
       record['notes'][name] = part['error']
   record['seconds'] = sum(p['seconds'] for p in parts.values())
   record['finetune_images'] = sum(p.get('images', 0) for n, p in parts.items()
-                                  if n.startswith('finetune'))
+                                  if _counted_finetune(n, record.get('steps')))
   if not record['notes']:
     _save(path, record)
   return record
 
 
-def measure(row, seed, budget, workdir, overrides, with_diagnostics):
-  """Trains (or resumes) one run, evaluates and fine-tunes it; returns its record (repro.json)."""
+def measure(row, seed, budget, workdir, overrides, with_diagnostics, key):
+  """Trains (or resumes) one run, evaluates and fine-tunes it; returns its record (repro.json),
+  every part cached under the budget's `key` (`budget_key`)."""
   path = os.path.join(workdir, RECORD)
   if os.path.exists(path):
     with open(path) as f:
       record = json.load(f)
-    if record['steps'] != overrides['total_steps'] or report.finetune_key(
-        budget.label_fractions[0]) not in record and not registry.FRAMEWORKS[
-            record['framework']].best_metric:
-      raise ValueError(f'{path} is a run of another budget ({record["steps"]} steps, fine-tuned '
-                       f'on {report.finetune_keys([record]) or "no subset"}); give this study '
-                       'its own --workdir_root.')
+    _check_key(path, record, key)
     return record
   config = build_config(row, overrides)
   total = config.total_steps
-  parts = {'pretrain': cached(workdir, 'pretrain', lambda: pretrain(config, workdir))}
+  parts = {'pretrain': cached(workdir, 'pretrain', lambda: pretrain(config, workdir), key)}
   record = dict(row=row, label=ROWS[row].label, seed=seed, workdir=workdir,
-                framework=config.framework, steps=total, notes={},
+                framework=config.framework, steps=total, notes={}, budget_key=key,
                 **{k: parts['pretrain'].get(k) for k in ('images_per_sec', 'final_loss', 'images',
                                                          'device')})
   best_metric = registry.FRAMEWORKS[config.framework].best_metric
@@ -340,18 +366,18 @@ def measure(row, seed, budget, workdir, overrides, with_diagnostics):
 
     for s in steps:
       parts[f'knn_step{s}'] = cached(workdir, f'knn_step{s}', lambda s=s: top1(
-          workdir, 'knn', run=final_run() if s == total else None, step=s))
+          workdir, 'knn', run=final_run() if s == total else None, step=s), key)
     record['curve'] = [[s, parts[f'knn_step{s}'].get('top1')] for s in steps]
     record['knn'] = record['curve'][-1][1]
     parts['linear'] = cached(workdir, 'linear', lambda: top1(workdir, 'linear_cached',
-                                                             run=final_run()))
+                                                             run=final_run()), key)
     record['linear'] = parts['linear'].get('top1')
     curve_steps = steps if row == FINETUNE_CURVE_ROW else [total]
     for fraction in budget.label_fractions:
       for s in (curve_steps if fraction == min(budget.label_fractions) else [total]):
         name = f'finetune_labels{fraction:g}_step{s}'
         parts[name] = cached(workdir, name, lambda f=fraction, s=s: finetune(
-            workdir, f, budget.finetune_steps, step=s))
+            workdir, f, budget.finetune_steps, step=s), key)
       final_name = f'finetune_labels{fraction:g}_step{total}'
       record[report.finetune_key(fraction)] = parts[final_name].get('top1')
     if row == FINETUNE_CURVE_ROW:
@@ -361,7 +387,7 @@ def measure(row, seed, budget, workdir, overrides, with_diagnostics):
   if with_diagnostics:
     for name in ROWS[row].diagnostics:
       parts[f'diagnostic_{name}'] = cached(workdir, f'diagnostic_{name}',
-                                           lambda n=name: diagnostic(workdir, n))
+                                           lambda n=name: diagnostic(workdir, n), key)
     record['diagnostics'] = {
         n: {'n/a': parts[f'diagnostic_{n}']['error']} if 'error' in parts[f'diagnostic_{n}']
         else parts[f'diagnostic_{n}'] for n in ROWS[row].diagnostics}
@@ -378,22 +404,24 @@ def _random_init_probes(workdir):
     return dict(error=_na(e))
 
 
-def measure_random_init(row, seed, workdir, budget):
+def measure_random_init(row, seed, workdir, budget, key):
   """The floors of a pre-training baseline: its encoder freshly initialised from the run's seed,
   evaluated by kNN and the linear probe, and fine-tuned on each labelled subset with the run's
   recipe and budget (scratch); cached in WORKDIR/repro_random_init.json."""
   path = os.path.join(workdir, FLOOR_RECORD)
   if os.path.exists(path):
     with open(path) as f:
-      return json.load(f)
+      record = json.load(f)
+    _check_key(path, record, key)
+    return record
   parts = {'random_init': cached(workdir, 'random_init_probes',
-                                 lambda: _random_init_probes(workdir))}
-  record = dict(row=row, label='random init', seed=seed, workdir=workdir, notes={},
+                                 lambda: _random_init_probes(workdir), key)}
+  record = dict(row=row, label='random init', seed=seed, workdir=workdir, notes={}, budget_key=key,
                 knn=parts['random_init'].get('knn'), linear=parts['random_init'].get('linear'))
   for fraction in budget.label_fractions:
     name = f'finetune_random_init_labels{fraction:g}'
     parts[name] = cached(workdir, name, lambda f=fraction: finetune(
-        workdir, f, budget.finetune_steps, random_init=True))
+        workdir, f, budget.finetune_steps, random_init=True), key)
     record[report.finetune_key(fraction)] = parts[name].get('top1')
   return _finish(record, parts, path)
 
@@ -452,10 +480,11 @@ def run_study(mode='cpu', seeds=None, out=None, workdir_root='workdirs/repro',
   others as not finished.
   """
   name, budget = resolve_budget(mode, pretrain_steps, finetune_steps)
+  key = budget_key(budget, clip_path)
   out = out or (f'RESULTS_floor_{name}.md' if floor else DEFAULT_OUT[mode])
   unknown = sorted(set(methods or ()) - set(PAIRS))
   if unknown:
-    raise ValueError(f'Unknown rows {unknown}; choose from {", ".join(PAIRS)}.')
+    raise errors.ConfigError(f'Unknown rows {unknown}; choose from {", ".join(PAIRS)}.')
   if floor:
     methods, rows = [], [FINETUNE_CURVE_ROW]
   else:
@@ -480,16 +509,16 @@ def run_study(mode='cpu', seeds=None, out=None, workdir_root='workdirs/repro',
       print(f'[{row} seed {seed}] {workdir(row, seed)}', flush=True)
       overrides = row_overrides(row, seed, budget, workdir(TEACHER_ROW, seed), clip_path)
       records[row].append(measure(row, seed, budget, workdir(row, seed), overrides,
-                                  seed == seeds[0]))
+                                  seed == seeds[0], key))
       if row not in floors or registry.FRAMEWORKS[records[row][-1]['framework']].best_metric:
         continue
       if report_only and not os.path.exists(os.path.join(workdir(row, seed), FLOOR_RECORD)):
         unfinished.append(f'{row} seed {seed} (random init)')
         continue
-      floors[row].append(measure_random_init(row, seed, workdir(row, seed), budget))
+      floors[row].append(measure_random_init(row, seed, workdir(row, seed), budget, key))
   pairs = [(m, PAIRS[m]) for m in methods if records[m] and records[PAIRS[m]]]
   if not pairs and not (floor and records[FINETUNE_CURVE_ROW]):
-    raise ValueError(f'No pair has a finished run under {root}; run the study first.')
+    raise errors.ConfigError(f'No pair has a finished run under {root}; run the study first.')
   report.write(out, records, pairs, name, budget, commands, root, floors, unfinished)
   print(f'Wrote {out}')
   return records
@@ -528,5 +557,6 @@ def main(argv):
   if not f['verbosity'].present:  # TFDS and Orbax are chatty at INFO
     logging.set_verbosity(logging.WARNING)
   mode = shorthands[0] if shorthands else f.preset
-  run_study(mode, f.seeds, f.out, f.workdir_root, f.rows, f.clip_path, sys.argv[1:],
-            f.report_only, f.floor, f.pretrain_steps, f.finetune_steps)
+  with errors.reported():  # a refused budget or cached part: one `error:` line, no traceback
+    run_study(mode, f.seeds, f.out, f.workdir_root, f.rows, f.clip_path, sys.argv[1:],
+              f.report_only, f.floor, f.pretrain_steps, f.finetune_steps)
