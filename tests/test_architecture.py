@@ -308,10 +308,10 @@ def test_a_framework_is_one_module_plus_one_registry_line(tmp_path, monkeypatch)
   batch = {'image': jnp.zeros((2, 28, 28, 3)), 'label': jnp.zeros((2,), jnp.int32)}
   params = jax.jit(fw.init)(jax.random.PRNGKey(0), batch)[0]
   _, _, tx, lr = train_step.build(fw, config, batch)
-  state = tx.init(params)
+  state, update = jax.jit(tx.init)(params), jax.jit(tx.update)
   zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
   for _ in range(int(config.warmup_steps) + 1):  # the last update at the peak lr, past warmup
-    updates, state = tx.update(zeros, state, params)
+    updates, state = update(zeros, state, params)
   encoder, peak = updates['encoder'], float(lr(int(config.warmup_steps)))
   assert peak > 0 and not np.any(encoder['cls']) and not np.any(encoder['embedding']['bias'])
   np.testing.assert_allclose(encoder['embedding']['kernel'],

@@ -173,6 +173,7 @@ def test_dtm_needs_teacher_features():
     validation.validate(c)
 
 
+@pytest.mark.slow  # 40 steps; as for LUT and MTO, a plug-in's learning check is slow
 def test_runlocal_distill_dtm_ema_loss_decreases(tmp_path):
   c = tiny('configs/distill.py:runlocal,dtm', steps=40)
   c.batch_size = 32

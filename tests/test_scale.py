@@ -202,7 +202,7 @@ def test_two_processes_match_one_and_their_checkpoint_resumes_in_one(tmp_path, m
 
 def _loss_and_grads(config, batch):
   fw = registry.build(config)
-  params, model_state = fw.init(jax.random.PRNGKey(0), batch)
+  params, model_state = jax.jit(fw.init)(jax.random.PRNGKey(0), batch)
   grad_fn = jax.jit(jax.value_and_grad(fw.loss, has_aux=True))
   (loss, _), grads = grad_fn(params, model_state, batch, jax.random.PRNGKey(1), jnp.int32(0))
   return params, loss, grads
@@ -244,9 +244,11 @@ def test_bfloat16_compute_is_close_to_float32_with_float32_params_and_updates():
   flat16 = jnp.concatenate([g.ravel() for g in jax.tree_util.tree_leaves(grads16)])
   assert cos(flat16, flat32) > 0.99
 
+  # The updated state's dtypes, traced (not compiled): float32 params and moments after a step.
   fw = registry.build(config)
   init_fn, _, tx, lr = train_step_lib.build(fw, config, batch)
-  state, _ = jax.jit(train_step_lib.make_train_step(fw, tx, lr))(jax.jit(init_fn)(), batch)
+  state, _ = jax.eval_shape(train_step_lib.make_train_step(fw, tx, lr), jax.eval_shape(init_fn),
+                            batch)
   assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(state.params))
   assert all(m.dtype == jnp.float32 for m in jax.tree_util.tree_leaves(state.opt_state)
              if m.ndim)

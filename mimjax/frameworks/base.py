@@ -10,6 +10,7 @@ Everything here is a pure function of arrays so the whole objective runs inside 
 """
 import abc
 import dataclasses
+import functools
 import types
 from typing import Any, Dict, Mapping, Optional, Tuple
 
@@ -243,8 +244,17 @@ class Framework(abc.ABC):
     """All params and non-trained state: the framework's, then each plug-in's.
 
     `pretrained` (a nested dict, e.g. {'encoder': ...}) replaces the leaves it holds before the
-    plug-ins initialise, so EMA copies and teachers start from the same weights.
+    plug-ins initialise, so EMA copies and teachers start from the same weights. One compiled
+    program: run op by op, a ViT's initialisers dispatch (and compile) hundreds of small ops.
     """
+    return self._jitted_init(rng, batch, pretrained)
+
+  @functools.cached_property
+  def _jitted_init(self):
+    return jax.jit(self._init)
+
+  def _init(self, rng, batch, pretrained):
+    """`init`'s body, traced once per batch shape."""
     model_rng, plugin_rng, fwd_rng = jax.random.split(rng, 3)
     params = _replace_leaves(dict(self.init_model(model_rng, batch)), pretrained)
     model_state = dict(self.init_state(params))
