@@ -81,10 +81,12 @@ def check_config(config):
 
 
 class _WithoutOrbax(logging.Filter):
-  """Drops the log records of Orbax's own modules."""
+  """Drops the log records of Orbax's own modules, and asyncio's "Task exception was never
+  retrieved" about Orbax's write coroutines (logged when a failed save's tasks are collected)."""
 
   def filter(self, record):
-    return f'{os.sep}orbax{os.sep}' not in record.pathname
+    orbax = f'{os.sep}orbax{os.sep}'
+    return orbax not in record.pathname and orbax not in record.getMessage()
 
 
 def quiet_orbax_logs():
