@@ -570,13 +570,13 @@ def _full_disk_from_step_5(monkeypatch, workdir, target):
 
 
 @pytest.mark.parametrize('target', ['metrics.jsonl', 'tensorboard'])
-def test_a_full_disk_while_logging_is_one_line_and_the_checkpoint_resumes(tiny_mae_config,
-                                                                          tmp_path, monkeypatch,
+def test_a_full_disk_while_logging_is_one_line_and_the_checkpoint_resumes(trained, monkeypatch,
                                                                           capsys, target):
-  """A full disk while step 5's metrics are written: one `error:` line naming the file and "No
-  space left on device", no traceback; checkpoint 3 verifies, and once space is free the rerun
-  resumes from it and logs every step once."""
-  workdir = str(tmp_path / 'run')
+  """A run extended from 3 to 6 steps meets a full disk while step 5's metrics are written: one
+  `error:` line naming the file and "No space left on device", no traceback; checkpoint 3
+  verifies, and once space is free the rerun resumes from it and logs every step once."""
+  tiny_mae_config, workdir = trained  # 3 steps logged, checkpoint 3
+  _set(tiny_mae_config, **{'total_steps': 6, 'resume.accept_changes': 'total_steps'})
   _full_disk_from_step_5(monkeypatch, workdir, target)
   with pytest.raises(SystemExit) as e, errors.reported():
     train.train(tiny_mae_config, workdir)

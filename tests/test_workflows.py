@@ -107,11 +107,8 @@ def test_dry_run_prints_the_summary_and_writes_nothing(tmp_path, capsys):
   assert out.strip().endswith('starting fresh')
 
 
-def test_dry_run_on_a_trained_workdir_says_resuming_and_changes_nothing(tmp_path, capsys):
-  config = load_config('configs/mae.py:runlocal', **dict(_TINY, **{
-      'total_steps': 3, 'checkpoint.async_save': False}))
-  workdir = str(tmp_path)
-  train.train(config, workdir)
+def test_dry_run_on_a_trained_workdir_says_resuming_and_changes_nothing(trained, capsys):
+  config, workdir = trained  # 3 steps, checkpoint 3
   before = _tree(workdir)
   capsys.readouterr()
   with config.unlocked():
