@@ -240,11 +240,17 @@ def budget_key(budget, clip_path=None):
   return hashlib.sha1(text.encode()).hexdigest()
 
 
-def _check_key(path, record, key):
-  """Refuses a cached file that another budget (or CLIP checkpoint) wrote."""
+def _read_cached(path, key):
+  """The record saved at `path` by this budget (`key`), or None when there is none; ConfigError
+  for one that another budget (or CLIP checkpoint) wrote."""
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    record = json.load(f)
   if record.get('budget_key') != key:
     raise errors.ConfigError(f'{path} was measured with another budget or --clip_path; give '
                              'this study its own --workdir_root.')
+  return record
 
 
 def cached(workdir, name, fn, key):
@@ -253,10 +259,8 @@ def cached(workdir, name, fn, key):
   when another budget's key is in it). A result with an 'error' is not saved, so that the next
   run of the study tries again."""
   path = os.path.join(workdir, f'repro_{name}.json')
-  if os.path.exists(path):
-    with open(path) as f:
-      result = json.load(f)
-    _check_key(path, result, key)
+  result = _read_cached(path, key)
+  if result is not None:
     return result
   start = time.time()
   result = dict(fn())
@@ -336,10 +340,8 @@ def measure(row, seed, budget, workdir, overrides, with_diagnostics, key):
   """Trains (or resumes) one run, evaluates and fine-tunes it; returns its record (repro.json),
   every part cached under the budget's `key` (`budget_key`)."""
   path = os.path.join(workdir, RECORD)
-  if os.path.exists(path):
-    with open(path) as f:
-      record = json.load(f)
-    _check_key(path, record, key)
+  record = _read_cached(path, key)
+  if record is not None:
     return record
   config = build_config(row, overrides)
   total = config.total_steps
@@ -409,10 +411,8 @@ def measure_random_init(row, seed, workdir, budget, key):
   evaluated by kNN and the linear probe, and fine-tuned on each labelled subset with the run's
   recipe and budget (scratch); cached in WORKDIR/repro_random_init.json."""
   path = os.path.join(workdir, FLOOR_RECORD)
-  if os.path.exists(path):
-    with open(path) as f:
-      record = json.load(f)
-    _check_key(path, record, key)
+  record = _read_cached(path, key)
+  if record is not None:
     return record
   parts = {'random_init': cached(workdir, 'random_init_probes',
                                  lambda: _random_init_probes(workdir), key)}
