@@ -33,6 +33,15 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
     atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.2')
 
+# XLA:CPU's LLVM backend at optimisation level 0 for the tests and their subprocesses: the suite's
+# programs are tiny ViTs that compile for seconds and run for milliseconds, and level 0 compiles
+# them much faster (tests/test_mto.py: 85 -> 55 CPU s). The HLO passes, and so every program's
+# meaning, are XLA's default; only the generated machine code is less optimised (and sums may
+# round in another order). MIMJAX_TEST_XLA_OPT=default keeps XLA's default level.
+if os.environ.get('MIMJAX_TEST_XLA_OPT') != 'default':
+  os.environ['XLA_FLAGS'] = ' '.join(
+      [os.environ.get('XLA_FLAGS', ''), '--xla_backend_optimization_level=0']).strip()
+
 
 def load_config(spec, **overrides):
   """`configs/<name>.py:<arg>` -> unlocked-then-relocked ConfigDict with dotted-key overrides."""
