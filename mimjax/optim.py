@@ -90,6 +90,18 @@ def multistep_schedule(peak, warmup, milestones, gamma):
   return schedule
 
 
+def applied_lr(schedule, opt_state):
+  """The lr of the next update of `opt_state`: `schedule` at the optimizer's own update count (the
+  count of AdamW's `scale_by_schedule` state), which an update skipped for a float16 overflow does
+  not advance, so it is the lr optax applies, whatever the train state's step count says."""
+  is_schedule = lambda x: isinstance(x, optax.ScaleByScheduleState)  # noqa: E731
+  counts = [s.count for s in jax.tree_util.tree_leaves(opt_state, is_leaf=is_schedule)
+            if is_schedule(s)]
+  if len(counts) != 1:
+    raise ValueError(f'expected one scale_by_schedule state in the optimizer, found {len(counts)}')
+  return schedule(counts[0])
+
+
 def layer_id(path, depth):
   """Depth of a parameter in the encoder: 0 for the patch/position embeddings and cls token,
   i + 1 for `encoderblock_i`, depth + 1 for the final norm (or fc_norm), the head and everything

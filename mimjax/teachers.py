@@ -1,9 +1,11 @@
 """Frozen feature teachers for distillation: CLIP's image tower, a mimjax checkpoint or an EMA
 student.
 
-A teacher keeps its weights in `model_state['teacher']` (never trained; saved with checkpoints) and
-maps the student's normalised images to target tokens [B, N, dim] in float32 without gradient,
-computed in its own dtype and, by default, its own input normalisation.
+A teacher is a component its framework builds and holds (`Framework.build_teacher`; `__init__` sets
+`framework.teacher`); the framework base class keeps its weights in `model_state['teacher']` (never
+trained; saved with checkpoints), loads and updates them and counts its FLOPs. A teacher maps the
+student's normalised images to target tokens [B, N, dim] in float32 without gradient, computed in
+its own dtype and, by default, its own input normalisation.
 """
 import abc
 import os
@@ -54,6 +56,12 @@ class Teacher(abc.ABC):
     del params
     return state
 
+  def flop_terms(self, channels):
+    """Analytic forward FLOPs per example of the teacher's pass, when it is a mimjax ViT (EMA,
+    checkpoint); CLIP's tower is not counted."""
+    del channels
+    return {}
+
   @abc.abstractmethod
   def targets(self, state, images):
     """Target tokens [B, N, dim], float32, without gradient, for student-normalised images."""
@@ -97,12 +105,12 @@ class _EncoderTeacher(Teacher):
           f'config.distill.teacher_layer={self.layer} is out of range for a {encoder.depth}-block '
           'teacher; use -1 (after the final norm) or a block index in [0, depth).')
 
-  def forward_flops(self, channels):
-    """Analytic forward FLOPs per example of the teacher's encoder on every patch."""
+  def flop_terms(self, channels):
+    """The teacher's encoder forward on every patch (frozen: x 1, not flops.TRAIN_FACTOR)."""
     e = self.encoder
     kw = dict(image_size=e.image_size, patch_size=e.patch_size, width=e.width, depth=e.depth,
               mlp_dim=e.mlp_dim, cls_token=e.cls_token)
-    return flops.encoder(kw, channels, e.num_patches)
+    return {'teacher': flops.encoder(kw, channels, e.num_patches)}
 
   def encode(self, encoder_params, images):
     out = self.encoder.apply({'params': encoder_params}, images,
@@ -115,8 +123,8 @@ class _EncoderTeacher(Teacher):
 class EMATeacher(_EncoderTeacher):
   """Exponential moving average of the student's encoder (BYOL / data2vec style)."""
 
-  def __init__(self, config, framework):
-    super().__init__(config, framework.num_patches, config)
+  def __init__(self, config, num_patches):
+    super().__init__(config, num_patches, config)
 
   def init_state(self, params):
     return jax.tree_util.tree_map(jnp.copy, params['encoder'])
@@ -196,12 +204,11 @@ class CLIPTeacher(Teacher):
     return jax.lax.stop_gradient(out['tokens'].astype(jnp.float32))
 
 
-def build(config, framework):
-  """The teacher named by config.distill.teacher for the student of `framework`."""
+def build(config, num_patches):
+  """The teacher named by config.distill.teacher for a student of `num_patches` patches."""
   kind = config.distill.teacher
-  num_patches = framework.num_patches
   if kind == 'ema':
-    return EMATeacher(config, framework)
+    return EMATeacher(config, num_patches)
   if kind == 'checkpoint':
     return CheckpointTeacher(config, num_patches)
   if kind == 'clip':
@@ -229,33 +236,3 @@ def check_feature_config(config):
 def loss_mask(config, mask):
   """The tokens the feature loss averages over: all (None) or the masked ones."""
   return mask if config.distill.loss_tokens == 'masked' else None
-
-
-class WithTeacher:
-  """Framework mix-in: a teacher in `self.teacher` (None for none) with its state kept in
-  model_state['teacher']. Put it before base.Framework in the bases."""
-  teacher = None
-
-  def init_state(self, params):
-    state = super().init_state(params)
-    if self.teacher is not None:
-      state['teacher'] = self.teacher.init_state(params)
-    return state
-
-  def load_frozen(self, model_state):
-    model_state = super().load_frozen(model_state)
-    if self.teacher is not None:
-      model_state = dict(model_state, teacher=self.teacher.load_frozen(model_state['teacher']))
-    return model_state
-
-  def teacher_flop_terms(self):
-    """The teacher's forward pass per example, when it is a mimjax ViT (EMA, checkpoint)."""
-    if isinstance(self.teacher, _EncoderTeacher):
-      return {'teacher': self.teacher.forward_flops(self.config.data.channels)}
-    return {}
-
-  def update_state(self, params, model_state, step):
-    model_state = super().update_state(params, model_state, step)
-    if self.teacher is not None:
-      model_state['teacher'] = self.teacher.update(model_state['teacher'], params)
-    return model_state

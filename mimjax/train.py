@@ -179,11 +179,15 @@ def _meta(config, state_params, step, data_examples):
 
 
 class IntervalAccumulator:
-  """Sums the step metrics of one log interval on device; means on the host at log steps.
+  """Sums the step metrics of one log interval on device; means on the host at log steps, except
+  the `LATEST` ones, which are the interval's last step's value.
 
   A Ctrl-C'd run saves its open interval in the checkpoint (`snapshot`) and the rerun sums on from
   it, so the resumed run logs the same float32 means as the uninterrupted one.
   """
+
+  # The lr of the logged step's update (train_step.make_train_step), not the interval's mean.
+  LATEST = frozenset({'lr'})
 
   def __init__(self, meta=None):
     interval = (meta or {}).get('open_interval')
@@ -197,8 +201,8 @@ class IntervalAccumulator:
     self._sums, self.steps, self._start = None, 0, time.time()
 
   def add(self, metrics):
-    self._sums = metrics if self._sums is None else jax.tree_util.tree_map(
-        jnp.add, self._sums, metrics)
+    self._sums = metrics if self._sums is None else {
+        k: v if k in self.LATEST else jnp.add(self._sums[k], v) for k, v in metrics.items()}
     self.steps += 1
 
   def host_sums(self, step, last_good_ckpt, ckpt_dir):
@@ -221,7 +225,8 @@ class IntervalAccumulator:
 
   def close(self, sums, batch_size):
     """Means of the interval (with images/s), and a fresh interval."""
-    means = {k: v / self.steps for k, v in sums.items() if k != 'nonfinite'}
+    means = {k: v if k in self.LATEST else v / self.steps
+             for k, v in sums.items() if k != 'nonfinite'}
     elapsed = time.time() - self._start
     means['images_per_sec'] = self.steps * batch_size / max(elapsed, 1e-9)
     self._reset()
@@ -249,8 +254,8 @@ def held_out_pictures_batch(config, mesh):
 
 @dataclasses.dataclass
 class SetUp:
-  """A run ready to step: its state on the mesh, the state's shardings, the optimizer and the lr
-  schedule (the one source of the logged lr)."""
+  """A run ready to step: its state on the mesh, the state's shardings, the optimizer and its lr
+  schedule."""
   state: train_step_lib.TrainState
   state_sharding: Any
   tx: optax.GradientTransformation
@@ -295,10 +300,8 @@ class _Loop:
     self.evaluator = in_training.make_evaluator(framework, config, mesh)
     self.batch_sharding = sharding.batch_sharding(mesh)
     self.mesh, self.vis_batch = mesh, None
-    self.lr_schedule = setup.lr_schedule
 
   def log(self, writer, step, means, state, eval_now):
-    means['lr'] = float(self.lr_schedule(step - 1))  # this step's update, not the interval's mean
     if eval_now:
       results = self.evaluator(state)
       in_training.record(self.workdir, self.framework, self.evaluator.best_metric, step,

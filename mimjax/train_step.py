@@ -120,6 +120,10 @@ def make_train_step(framework, tx, lr_schedule, accum_steps=1):
   gradients by it. A gradient overflow with a finite loss is then expected, not a failure: the
   update is skipped (state unchanged but the step count and the scale), the scale halves, and
   metrics['overflow'] = 1 instead of 'nonfinite'; metrics['loss_scale'] is the scale used.
+
+  metrics['lr'] is the one source of the logged lr: that of this step's update (`optim.applied_lr`,
+  the schedule at the optimizer's count, which a skipped update does not advance), one per step
+  however many micro-batches it accumulates; the log shows its interval's last step's value.
   """
 
   def loss_and_grad(params, model_state, batch, rng, step, scale):
@@ -196,7 +200,7 @@ def make_train_step(framework, tx, lr_schedule, accum_steps=1):
       failed = ~finite & ~overflow
       new_state = new_state.replace(loss_scale=state.loss_scale.adjust(grads_finite))
       metrics = dict(metrics, loss_scale=scale, overflow=overflow.astype(jnp.float32))
-    metrics = dict(metrics, grad_norm=grad_norm, lr=lr_schedule(state.step),
+    metrics = dict(metrics, grad_norm=grad_norm, lr=optim.applied_lr(lr_schedule, flat_opt),
                    nonfinite=failed.astype(jnp.float32))
     return new_state, metrics
 

@@ -20,6 +20,7 @@ from mimjax import optim
 from mimjax import teachers
 from mimjax import train
 from mimjax import validation
+from mimjax.frameworks import simmim
 from mimjax.interop import clip as clip_interop
 
 
@@ -164,6 +165,30 @@ def test_ema_teacher_update():
   # BEiT init's ~1e-3 weights: compare with an absolute tolerance at that scale.
   np.testing.assert_allclose(a, params['encoder']['embedding']['kernel'] + (1 - m), rtol=1e-6,
                              atol=1e-7)
+
+
+def test_a_teacher_is_a_component_any_framework_can_hold():
+  """Not a mix-in: a framework that only returns a teacher from `build_teacher` (here SimMIM, which
+  has none) holds it in `framework.teacher`, and the base class initialises its weights in
+  model_state['teacher'], moves them as an EMA of the encoder after an update and counts its pass
+  in the step's FLOPs."""
+  c = tiny('configs/simmim.py:runlocal', **{'distill.teacher': 'ema'})
+
+  class SimMIMWithTeacher(simmim.SimMIM):
+    def build_teacher(self):
+      return teachers.build(self.config, self.num_patches)
+
+  framework = SimMIMWithTeacher(c)
+  assert isinstance(framework.teacher, teachers.EMATeacher)
+  assert registry.build(c).teacher is None
+  params, state = framework.init(jax.random.PRNGKey(0), {'image': jnp.zeros((2, 28, 28, 3))})
+  start = params['encoder']['embedding']['kernel']
+  np.testing.assert_array_equal(state['teacher']['embedding']['kernel'], start)
+  moved = jax.tree_util.tree_map(lambda x: x + 1.0, params)
+  new = framework.update_state(moved, state, 0)['teacher']['embedding']['kernel']
+  # m * start + (1 - m) * (start + 1); x + 1.0 rounds at float32 precision near 1 (~6e-8).
+  np.testing.assert_allclose(new, start + (1 - c.distill.ema_momentum), rtol=1e-6, atol=1e-7)
+  assert 'teacher' in framework.step_flops() and 'teacher' not in registry.build(c).step_flops()
 
 
 def test_dtm_needs_teacher_features():

@@ -14,6 +14,7 @@ from conftest import TINY_DECODER
 from conftest import load_config
 from conftest import tiny_overrides
 from mimjax import checkpoint as checkpoint_lib
+from mimjax import optim
 from mimjax import registry
 from mimjax import train
 from mimjax import train_step as train_step_lib
@@ -104,7 +105,11 @@ def test_accumulated_float16_step_matches_float32():
 def test_overflow_is_skipped_counted_and_halves_the_scale():
   config = _config(**{'model.dtype': 'float16', 'warmup_steps': 0})
   huge = lambda s: s.replace(loss_scale=train_step_lib.LossScale.create(2.0 ** 40))  # noqa: E731
-  (before, after, metrics), = _run(config, _batches(config, 8, 1), huge)
+  (before, after, metrics), (_, _, second) = _run(config, _batches(config, 8, 2), huge)
+  # Both steps overflow (2^40, then 2^39): no update was applied, so the optimizer's schedule has
+  # not moved and each step's lr is the cosine's at update 0, the peak, though the step count is 2.
+  np.testing.assert_allclose([metrics['lr'], second['lr']], [optim.peak_lr(config)] * 2, rtol=1e-6)
+  assert second['overflow'] == 1.0
   # loss * 2^40 overflows float16's 65504 in the backward pass: skipped, not a failure.
   assert np.isfinite(metrics['loss']) and not np.isfinite(metrics['grad_norm'])
   assert metrics['overflow'] == 1.0 and metrics['nonfinite'] == 0.0

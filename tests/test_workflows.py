@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import optax
 import pytest
 
 from conftest import ROOT, TINY_DECODER, config_flags, load_config, tiny_overrides
@@ -188,17 +189,24 @@ def test_editable_install_imports_the_source_tree(tmp_path):
   assert where == [str(source / 'mimjax' / '__init__.py'), str(source / 'configs' / 'mae.py')]
 
 
-def test_logged_lr_is_the_logged_steps_lr(tmp_path):
-  """Logging every 3 steps, warmup 2 then cosine over 4 (optax's warmup_cosine_decay_schedule)."""
+@pytest.mark.parametrize('accum_steps', [1, 2])
+def test_logged_lr_is_the_logged_steps_lr(tmp_path, accum_steps):
+  """Logging every 3 steps of 6, warmup 2 then cosine: each logged lr is optax's schedule at the
+  logged step's update (not the interval's mean), with or without gradient accumulation (one
+  update per step, whatever the micro-batches)."""
   config = load_config('configs/mae.py:runlocal', **dict(_TINY, **{
       'log.every_steps': 3, 'optim.base_lr': 1e-3, 'optim.lr_base_batch': 16,
-      'optim.min_lr': 0.0}))
+      'optim.warmup_init_lr': 0.0, 'optim.min_lr': 0.0, 'optim.accum_steps': accum_steps}))
   train.train(config, str(tmp_path))
   with open(tmp_path / 'metrics.jsonl') as f:
-    lrs = [json.loads(line)['lr'] for line in f]
-  # Step 3 is update 2, the end of warmup: the peak 1e-3 * 16 / 16 (the interval's mean is 5e-4).
-  # Step 6 is update 5: 3 of the 4 cosine steps done.
-  np.testing.assert_allclose(lrs, [1e-3, 1e-3 * 0.5 * (1 + math.cos(math.pi * 3 / 4))], rtol=1e-6)
+    logged = {r['step']: r['lr'] for r in map(json.loads, f)}
+  # The peak 1e-3 * 16 / 16, warmed up over updates 0..2, then cosine to 0 at update 6.
+  schedule = optax.warmup_cosine_decay_schedule(init_value=0.0, peak_value=1e-3, warmup_steps=2,
+                                                decay_steps=6, end_value=0.0)
+  # Step 3 applies update 2 (the peak; the interval's mean would be 5e-4), step 6 update 5.
+  assert list(logged) == [3, 6]
+  np.testing.assert_allclose([logged[3], logged[6]], [schedule(2), schedule(5)], rtol=1e-6)
+  np.testing.assert_allclose(logged[6], 1e-3 * 0.5 * (1 + math.cos(math.pi * 3 / 4)), rtol=1e-6)
 
 
 def _console(args, returncode=0):

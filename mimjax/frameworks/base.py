@@ -6,6 +6,9 @@ base objective; its forward returns `ForwardOutputs`, and its class states which
 outputs; its class states the capabilities it requires, and `mimjax.validation` refuses a plug-in on
 a framework that lacks one, before anything is written. A plug-in may own parameters
 (`params[plugin.name]`) and non-trained state (`model_state[plugin.name]`, e.g. an EMA encoder).
+A framework may hold a *teacher* (`Framework.build_teacher`, a `mimjax.teachers.Teacher`): a
+component whose weights live in `model_state['teacher']` and that the base class initialises,
+loads, moves after each update and counts in the step's FLOPs.
 Everything here is a pure function of arrays so the whole objective runs inside one `jax.jit`.
 """
 import abc
@@ -201,6 +204,9 @@ class Framework(abc.ABC):
                      channels=config.data.channels,
                      encoder_kwargs=types.MappingProxyType(dict(self.encoder_kwargs)))
     self.plugins = [p(config, self.host) for p in plugins]
+    # The framework's one teacher component (None without one), before the model, whose head may
+    # be sized by the teacher's width.
+    self.teacher = self.build_teacher()
     self.model = self.build_model()
 
   @property
@@ -211,6 +217,11 @@ class Framework(abc.ABC):
   def num_kept(self):
     """Patches the encoder sees per image: all of them, unless the framework drops some (MAE)."""
     return self.num_patches
+
+  def build_teacher(self):
+    """The teacher this framework distils from under its config (`mimjax.teachers.build`), or None.
+    Its weights are `model_state['teacher']`; its `targets` are the framework's to use."""
+    return None
 
   @abc.abstractmethod
   def build_model(self):
@@ -231,14 +242,16 @@ class Framework(abc.ABC):
     """Base objective: (loss, metrics, outputs for plug-ins and visualisation)."""
 
   def init_state(self, params) -> Dict[str, Any]:
-    """The framework's own non-trained state (e.g. a teacher), given its initial params."""
-    del params
-    return {}
+    """The framework's own non-trained state, given its initial params: its teacher's weights
+    (placeholders for a frozen teacher, until `load_frozen`)."""
+    return {} if self.teacher is None else {'teacher': self.teacher.init_state(params)}
 
   def load_frozen(self, model_state):
     """Replaces placeholders in a freshly initialised `model_state` with weights read from disk
-    (host numpy arrays, e.g. a pre-trained teacher). Runs outside jit, not on resume."""
-    return model_state
+    (host numpy arrays: a pre-trained teacher). Runs outside jit, not on resume."""
+    if self.teacher is None:
+      return model_state
+    return dict(model_state, teacher=self.teacher.load_frozen(model_state['teacher']))
 
   def init(self, rng, batch, pretrained=None):
     """All params and non-trained state: the framework's, then each plug-in's.
@@ -290,11 +303,14 @@ class Framework(abc.ABC):
     return loss, (metrics, new_state)
 
   def update_state(self, params, model_state, step):
-    """Lets plug-ins move their non-trained state after the optimizer update."""
+    """Lets plug-ins and the teacher (an EMA) move their non-trained state after the optimizer
+    update."""
     new_state = dict(model_state)
     for plugin in self.plugins:
       if plugin.name in model_state:
         new_state[plugin.name] = plugin.update_state(params, model_state[plugin.name], step)
+    if self.teacher is not None:
+      new_state['teacher'] = self.teacher.update(model_state['teacher'], params)
     return new_state
 
   def encoder_flops(self, tokens=None):
@@ -307,9 +323,11 @@ class Framework(abc.ABC):
     return {'encoder': flops.TRAIN_FACTOR * self.encoder_flops()}
 
   def step_flops(self) -> Dict[str, float]:
-    """Named analytic FLOP terms per example of one train step: the framework's and each
-    plug-in's (matrix products only, see `mimjax.models.flops`)."""
+    """Named analytic FLOP terms per example of one train step: the framework's, its teacher's
+    and each plug-in's (matrix products only, see `mimjax.models.flops`)."""
     terms = dict(self.flop_terms())
+    if self.teacher is not None:
+      terms.update(self.teacher.flop_terms(self.config.data.channels))
     for plugin in self.plugins:
       terms.update(plugin.flop_terms())
     return terms

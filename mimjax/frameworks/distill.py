@@ -20,7 +20,7 @@ from mimjax.models import vit
 trunc_normal = nn.initializers.truncated_normal(0.02)
 
 
-class Distill(teachers.WithTeacher, base.Framework):
+class Distill(base.Framework):
   """Masked feature distillation with a token-wise loss (DTM replaces it when enabled)."""
   name = 'distill'
   # BEiT v2's no_weight_decay(): pos_embed and cls_token (the mask token is decayed).
@@ -44,8 +44,10 @@ class Distill(teachers.WithTeacher, base.Framework):
           f'config.distill.mask_count={config.distill.mask_count} must be in [0, {num_patches}) '
           f'for {num_patches} patches (0 = use mask_ratio).')
 
+  def build_teacher(self):
+    return teachers.build(self.config, self.num_patches)
+
   def build_model(self):
-    self.teacher = teachers.build(self.config, self)
     return masked_encoder.MaskedEncoderWithHead(
         vit.from_config(self.config), out_dim=self.teacher.dim, mask_token_init=trunc_normal,
         head_init=trunc_normal)
@@ -54,9 +56,6 @@ class Distill(teachers.WithTeacher, base.Framework):
     d = self.config.distill
     return masking.block_mask(rng, batch_size, self.grid_size, d.mask_ratio, d.mask_min_block,
                               num_masked=d.mask_count)
-
-  def flop_terms(self):
-    return {**super().flop_terms(), **self.teacher_flop_terms()}
 
   def init_model(self, rng, batch):
     images = batch['image']

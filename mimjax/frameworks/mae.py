@@ -31,7 +31,7 @@ class MAEModel(nn.Module):
 TARGETS = ('pixels', 'teacher')  # what the decoder predicts: patches, or the teacher's tokens
 
 
-class MAE(teachers.WithTeacher, base.Framework):
+class MAE(base.Framework):
   """Masked autoencoder with per-patch (optionally normalised) pixel or teacher-token targets."""
   name = 'mae'
   # MAE's and LUT's main_pretrain.py call timm's add_weight_decay without a skip list: cls and
@@ -73,12 +73,17 @@ class MAE(teachers.WithTeacher, base.Framework):
     if mae.target == 'teacher':
       teachers.check_feature_config(config)
 
+  def build_teacher(self):
+    """The `config.distill` teacher when the decoder predicts its tokens (`mae.target`)."""
+    if self.config.mae.target == 'teacher':
+      return teachers.build(self.config, self.num_patches)
+    return None
+
   def build_model(self):
     mae = self.config.mae
     encoder = vit.from_config(self.config)
     out_dim = self.patch_size ** 2 * self.config.data.channels
-    if mae.target == 'teacher':
-      self.teacher = teachers.build(self.config, self)
+    if self.teacher is not None:
       out_dim = self.teacher.dim
     decoder = mae_decoder.MAEDecoder(
         width=mae.decoder_width, depth=mae.decoder_depth, num_heads=mae.decoder_heads,
@@ -101,13 +106,13 @@ class MAE(teachers.WithTeacher, base.Framework):
     return masking.random_permutation(rng, batch_size, self.num_patches)
 
   def flop_terms(self):
-    """The encoder on the kept patches, the decoder on all of them (a teacher adds its pass)."""
+    """The encoder on the kept patches, the decoder on all of them (`step_flops` adds a teacher's
+    pass)."""
     kw, mae = self.encoder_kwargs, self.config.mae
     out_dim = kw['patch_size'] ** 2 * self.config.data.channels
-    terms = {'encoder': flops.TRAIN_FACTOR * self.encoder_flops(self.num_kept),
-             'decoder': flops.TRAIN_FACTOR * flops.mae_decoder(
-                 mae, kw['width'], self.num_patches, out_dim, int(kw['cls_token']))}
-    return {**terms, **self.teacher_flop_terms()}
+    return {'encoder': flops.TRAIN_FACTOR * self.encoder_flops(self.num_kept),
+            'decoder': flops.TRAIN_FACTOR * flops.mae_decoder(
+                mae, kw['width'], self.num_patches, out_dim, int(kw['cls_token']))}
 
   def init_model(self, rng, batch):
     images = batch['image']
