@@ -2,8 +2,10 @@
 import atexit
 import copy
 import importlib
+import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -95,3 +97,64 @@ def run_module(args, env=None, timeout=600, input_signal=None):
 def config_flags(overrides):
   return [f'--config.{k}={",".join(map(str, v)) if isinstance(v, tuple) else v}'
           for k, v in overrides.items()]
+
+
+def set_fields(config, **values):
+  """Sets dotted keys of `config` (unlocked for the change) in place; returns `config`."""
+  with config.unlocked():
+    for key, value in values.items():
+      target = config
+      *parents, leaf = key.split('.')
+      for p in parents:
+        target = target[p]
+      target[leaf] = value
+  return config
+
+
+def checkpoint_steps(workdir):
+  """The steps of the checkpoints a workdir holds, as Orbax lists them (sorted)."""
+  from mimjax import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel
+  ckpt = checkpoint_lib.Checkpointer(workdir)
+  try:
+    return sorted(ckpt.manager.all_steps())
+  finally:
+    ckpt.close()
+
+
+def metrics_records(workdir):
+  """The records of a workdir's metrics.jsonl, one dict a line."""
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+def one_line_error(e, *parts):
+  """The error caught in `e` (pytest.raises) is one line holding every one of `parts`."""
+  message = str(e.value)
+  assert '\n' not in message, message
+  for part in parts:
+    assert part in message, message
+
+
+def damages(target):
+  """Ways `target` (a workdir's JSON or JSON-lines file) is found damaged: {name: damage}."""
+  def directory():
+    os.remove(target)
+    os.mkdir(target)
+  return {'not JSON': lambda: open(target, 'w').write('{"step": 3, "conf\n{}\n'),
+          'a list': lambda: open(target, 'w').write('[1, 2]\n'),
+          'invalid UTF-8': lambda: open(target, 'wb').write(b'\xff\xfe{}\n'),
+          'a directory': directory}
+
+
+def restore_file(target, good):
+  """Puts `target` back as the bytes `good`, after any of `damages(target)`."""
+  if os.path.isdir(target):
+    os.rmdir(target)
+  open(target, 'wb').write(good)
+
+
+def free_port():
+  """A TCP port on 127.0.0.1 that is free now (for a coordinator or a local server)."""
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]

@@ -269,3 +269,15 @@ def test_evaluate_refuses_counts_that_are_not_positive_before_loading(tmp_path, 
   with pytest.raises(errors.ConfigError, match=f'^{flag}: use positive'):
     evaluate.evaluate(str(tmp_path / 'run'), protocol, **options)
   assert not (tmp_path / 'run').exists()
+
+
+def test_misspelt_config_key_names_the_near_miss(tmp_path):
+  workdir = tmp_path / 'run'
+  result = run_module(['mimjax.train', '--config', 'configs/mae.py:runlocal',
+                       '--config.mae.mask_ration=0.5', f'--workdir={workdir}'])
+  assert result.returncode == 1
+  assert 'Traceback' not in result.stderr
+  errors_shown = [line for line in result.stderr.splitlines() if line.startswith('error:')]
+  assert errors_shown == ['error: --config.mae.mask_ration is not a config key; did you mean '
+                          '--config.mae.mask_ratio?']
+  assert not workdir.exists()

@@ -10,7 +10,10 @@ import numpy as np
 import optax
 import pytest
 
+from conftest import damages
 from conftest import load_config
+from conftest import one_line_error
+from conftest import restore_file
 from conftest import tiny_overrides
 from mimjax import config_lib
 from mimjax import errors
@@ -478,3 +481,24 @@ def test_two_processes_give_the_one_process_results(pretrained, tmp_path, monkey
   # precision times the largest one (the rank-deficient tail is numerical zero in both).
   for a, b in zip(two['spectrum']['singular_values'], one['spectrum']['singular_values']):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * b[0])
+
+
+def test_a_damaged_evaluation_results_file_is_one_error_before_the_protocol_runs(trained,
+                                                                                 monkeypatch):
+  """eval_knn.json (evaluate's results) damaged: refused naming it before kNN runs, unchanged."""
+  from mimjax import evaluate  # pylint: disable=g-import-not-at-top
+  _, workdir = trained
+  ran = []
+  monkeypatch.setitem(evaluate.PROTOCOLS, 'knn', lambda run: ran.append(run) or {})
+  target = os.path.join(workdir, 'eval_knn.json')
+  for name, damage in damages(target).items():
+    if not os.path.exists(target):
+      open(target, 'w').write('{}')
+    damage()
+    damaged = open(target, 'rb').read() if os.path.isfile(target) else None
+    with pytest.raises(errors.CheckpointError) as e:
+      evaluate.evaluate(workdir, 'knn')
+    one_line_error(e, target, 'is damaged', 'move it away')
+    assert (open(target, 'rb').read() if os.path.isfile(target) else None) == damaged, name
+    assert ran == [], name
+    restore_file(target, b'{"protocol": "knn", "results": []}')
