@@ -1,4 +1,5 @@
-"""The input pipeline on the real Fashion-MNIST files (Debian's dataset-fashion-mnist via TFDS)."""
+"""The input pipeline on the real Fashion-MNIST files (Debian's dataset-fashion-mnist via TFDS);
+a dataset without usable images or an empty or unparsable split is one line before a run starts."""
 import copy
 import types
 

@@ -1,4 +1,5 @@
-"""Evaluation protocols and analyses against values worked out by hand or with numpy."""
+"""Evaluation protocols and analyses against values worked out by hand or with numpy; a damaged
+results file is refused before a protocol runs."""
 import json
 import math
 import os

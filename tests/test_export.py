@@ -1,6 +1,7 @@
 """Export to timm: timm's own VisionTransformer, loaded with the exported weights, must compute the
-same features as the mimjax encoder (safetensors and big_vision npz routes), and the CLI must export
-a checkpoint written by a real training run."""
+same features as the mimjax encoder (safetensors and big_vision npz routes), the CLI must export
+a checkpoint written by a real training run, and an --out that cannot be written is one line
+before the workdir is read."""
 import json
 import os
 import subprocess

@@ -1,5 +1,7 @@
 """Import from PyTorch: timm ViT state dicts and official MAE checkpoints -> mimjax, checked against
-timm's forward and a reference re-implementation of the MAE forward pass."""
+timm's forward and a reference re-implementation of the MAE forward pass; a malformed init file
+(not a state dict, unsafe, wrong shapes or keys, not a PyTorch file) is one line before a run
+starts."""
 import copy
 import functools
 import os

@@ -1,5 +1,7 @@
-"""Launchers: shellcheck-clean, their dry runs print the commands they would run, and the Colab
-notebook executes end to end (on CPU, with a tiny config)."""
+"""Launchers: shellcheck-clean, their dry runs print the commands they would run, the Colab
+notebook executes end to end (on CPU, with a tiny config), the SLURM script under stand-in srun /
+scontrol binds each task to a device it sees and requeues a preempted job, and (slow) Ctrl-C to
+the local multi-process launcher checkpoints both trainers at one step and the rerun resumes."""
 import copy
 import json
 import os

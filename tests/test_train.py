@@ -1,4 +1,5 @@
-"""End-to-end training: loss goes down, outputs appear, resume reproduces, bad input is refused."""
+"""End-to-end training: loss goes down, outputs appear, resume reproduces, bad input is refused,
+a non-finite update stops the run before it is checkpointed, and a stopped run exits 130 / 143."""
 import copy
 import os
 import shutil
