@@ -12,6 +12,7 @@ import optax
 import pytest
 
 from conftest import damages
+from conftest import free_port
 from conftest import load_config
 from conftest import one_line_error
 from conftest import restore_file
@@ -446,14 +447,11 @@ def test_two_processes_give_the_one_process_results(pretrained, tmp_path, monkey
   """Each process reads half of every split; gathered features make kNN, the cached probe and
   the spectrum equal one process's. MAE's probe trains on global batches of per-host streams,
   so its reference is one process fed exactly those batches (as tests/test_scale.py does)."""
-  import socket  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
   workdir = tmp_path / 'two'
   shutil.copytree(pretrained, workdir)
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    port = s.getsockname()[1]
+  port = free_port()
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   procs = []
   for i in range(2):
