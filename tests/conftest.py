@@ -2,6 +2,7 @@
 import atexit
 import copy
 import importlib
+import importlib.util
 import json
 import os
 import shutil
@@ -158,3 +159,29 @@ def free_port():
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     return s.getsockname()[1]
+
+
+HAS_WANDB = importlib.util.find_spec('wandb') is not None
+# The kNN monitor of the `watched` run: bank and query sizes, k.
+BANK, QUERIES, K = 256, 128, 5
+# A tiny MAE (norm_pix_loss, as the recipe) evaluated by the kNN monitor at steps 3 and 6.
+WATCHED = tiny_overrides(**{
+    'mae.decoder_width': 32, 'mae.decoder_depth': 1, 'mae.decoder_heads': 2,
+    'eval.every_steps': 3, 'eval.knn_monitor.bank_examples': BANK,
+    'eval.knn_monitor.query_examples': QUERIES, 'eval.knn_monitor.k': K,
+    'log.images_every_steps': 6})
+
+
+@pytest.fixture(scope='session')
+def watched(tmp_path_factory):
+  """A trained workdir (W&B on, offline, when wandb is installed) with the kNN monitor's records,
+  its grids and W&B files, trained once per session for the monitor, grid, evaluation and W&B
+  tests. Read it only; a test that changes it works on a copy."""
+  from mimjax import train  # pylint: disable=import-outside-toplevel
+  workdir = str(tmp_path_factory.mktemp('watched'))
+  config = load_config('configs/mae.py:runlocal', **WATCHED, **{'log.wandb': HAS_WANDB})
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setenv('WANDB_MODE', 'offline')
+    mp.setenv('WANDB_SILENT', 'true')
+    train.train(config, workdir)
+  return workdir

@@ -1,5 +1,5 @@
-"""Evaluation protocols and analyses against values worked out by hand or with numpy; a damaged
-results file is refused before a protocol runs."""
+"""Evaluation protocols and analyses against values worked out by hand or with numpy; results are
+kept per options and step, and a damaged results file is refused before a protocol runs."""
 import json
 import math
 import os
@@ -501,3 +501,22 @@ def test_a_damaged_evaluation_results_file_is_one_error_before_the_protocol_runs
     assert (open(target, 'rb').read() if os.path.isfile(target) else None) == damaged, name
     assert ran == [], name
     restore_file(target, b'{"protocol": "knn", "results": []}')
+
+
+def test_evaluate_keeps_every_result_keyed_by_options_and_step(watched, tmp_path):
+  workdir = str(tmp_path / 'copy')
+  shutil.copytree(watched, workdir)
+  # A file written before results were kept (one result) stays, as the first entry.
+  with open(os.path.join(workdir, 'eval_knn.json'), 'w') as f:
+    json.dump({'protocol': 'knn', 'step': 3, 'top1': 0.5}, f)
+  gap = evaluate.evaluate(workdir, 'knn', feature='gap', k=[5])
+  cls = evaluate.evaluate(workdir, 'knn', feature='cls', k=[5])
+  early = evaluate.evaluate(workdir, 'knn', step=3, feature='gap', k=[5])
+  again = evaluate.evaluate(workdir, 'knn', feature='gap', k=[5])  # replaces its own entry only
+  entries = evaluate.read_results(workdir, 'knn')
+  assert [(e['options'], e['step']) for e in entries] == [
+      ({}, 3), ({'feature': 'cls', 'k': [5]}, 6), ({'feature': 'gap', 'k': [5]}, 3),
+      ({'feature': 'gap', 'k': [5]}, 6)]
+  assert entries[0]['top1'] == 0.5
+  assert [e['top1'] for e in entries[1:]] == [cls['top1'], early['top1'], again['top1']]
+  assert again['top1'] == gap['top1'] and cls['feature'] == 'cls'

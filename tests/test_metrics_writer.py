@@ -1,20 +1,28 @@
-"""metrics.jsonl (`mimjax.metrics_writer`): a crash while the resume rewrites it keeps the history,
-a torn last line is dropped with a warning, a damaged line inside it is an error, and a full disk
-while logging (metrics.jsonl or TensorBoard) is one line and the checkpoint resumes."""
+"""What `mimjax.metrics_writer` writes: a crash while the resume rewrites metrics.jsonl keeps the
+history, a torn last line is dropped with a warning, a damaged line inside it is an error, a full
+disk while logging (metrics.jsonl or TensorBoard) is one line and the checkpoint resumes; an
+offline Weights & Biases run holds the logged metrics and pictures, and a missing wandb is refused
+naming the extra to install."""
 import errno
+import glob
+import importlib.util
 import json
 import os
+import struct
 import types
 
 import pytest
 
+from conftest import HAS_WANDB
 from conftest import checkpoint_steps
+from conftest import load_config
 from conftest import metrics_records
 from conftest import set_fields
 from mimjax import checkpoint as checkpoint_lib
 from mimjax import errors
 from mimjax import metrics_writer
 from mimjax import train
+from mimjax import validation
 
 
 def _write_lines(path, lines):
@@ -119,3 +127,51 @@ def test_a_full_disk_while_logging_is_one_line_and_the_checkpoint_resumes(traine
   assert 'Resuming from checkpoint 3' in capsys.readouterr().out
   steps = [json.loads(line)['step'] for line in open(os.path.join(workdir, 'metrics.jsonl'))]
   assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def _wandb_records(path):
+  """The protobuf records of a W&B .wandb file: the ':W&B' header (7 bytes), then LevelDB log
+  records (4-byte CRC, 2-byte length, 1-byte type: 1 full, 2 first, 3 middle, 4 last) in 32 KiB
+  blocks."""
+  from wandb.proto import wandb_internal_pb2  # pylint: disable=g-import-not-at-top
+  with open(path, 'rb') as f:
+    data = f.read()
+  assert data[:4] == b':W&B'
+  pos, block, parts = 7, 32768, b''
+  while pos + 7 <= len(data):
+    if block - pos % block < 7:  # a block's tail too short for a header is padding
+      pos += block - pos % block
+      continue
+    length, kind = struct.unpack('<HB', data[pos + 4:pos + 7])
+    parts += data[pos + 7:pos + 7 + length]
+    pos += 7 + length
+    if kind in (1, 4):
+      record = wandb_internal_pb2.Record()
+      record.ParseFromString(parts)
+      parts = b''
+      yield record
+
+
+@pytest.mark.skipif(not HAS_WANDB, reason="wandb is not installed (pip install '.[wandb]')")
+def test_wandb_offline_run_holds_the_logged_metrics_and_pictures(watched):
+  (path,) = glob.glob(os.path.join(watched, 'wandb', 'offline-run-*', 'run-*.wandb'))
+  history = [{item.key or '/'.join(item.nested_key): json.loads(item.value_json)
+              for item in r.history.item}
+             for r in _wandb_records(path) if r.WhichOneof('record_type') == 'history']
+  for logged, record in zip(history, metrics_records(watched), strict=True):
+    assert logged['_step'] == record['step']
+    for key, value in record.items():
+      if key != 'step':
+        assert logged[key] == pytest.approx(value, rel=1e-12)
+  assert history[-1]['reconstruction_norm_pix/_type'] == 'image-file'
+  config = load_config('configs/mae.py:runlocal', **{'log.wandb': True})
+  assert validation.validate(config) is None  # installed: accepted
+
+
+def test_wandb_missing_is_refused_with_the_extra_to_install(monkeypatch):
+  real = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, 'find_spec',
+                      lambda name, *a: None if name == 'wandb' else real(name, *a))
+  config = load_config('configs/mae.py:runlocal', **{'log.wandb': True})
+  with pytest.raises(errors.ConfigError, match=r"pip install 'mimjax\[wandb\]'"):
+    validation.validate(config)
