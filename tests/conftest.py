@@ -2,8 +2,11 @@
 import atexit
 import copy
 import importlib
+import importlib.util
+import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -104,3 +107,90 @@ def run_module(args, env=None, timeout=600, input_signal=None):
 def config_flags(overrides):
   return [f'--config.{k}={",".join(map(str, v)) if isinstance(v, tuple) else v}'
           for k, v in overrides.items()]
+
+
+def set_fields(config, **values):
+  """Sets dotted keys of `config` (unlocked for the change) in place; returns `config`."""
+  with config.unlocked():
+    for key, value in values.items():
+      target = config
+      *parents, leaf = key.split('.')
+      for p in parents:
+        target = target[p]
+      target[leaf] = value
+  return config
+
+
+def checkpoint_steps(workdir):
+  """The steps of the checkpoints a workdir holds, as Orbax lists them (sorted)."""
+  from mimjax import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel
+  ckpt = checkpoint_lib.Checkpointer(workdir)
+  try:
+    return sorted(ckpt.manager.all_steps())
+  finally:
+    ckpt.close()
+
+
+def metrics_records(workdir):
+  """The records of a workdir's metrics.jsonl, one dict a line."""
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+def one_line_error(e, *parts):
+  """The error caught in `e` (pytest.raises) is one line holding every one of `parts`."""
+  message = str(e.value)
+  assert '\n' not in message, message
+  for part in parts:
+    assert part in message, message
+
+
+def damages(target):
+  """Ways `target` (a workdir's JSON or JSON-lines file) is found damaged: {name: damage}."""
+  def directory():
+    os.remove(target)
+    os.mkdir(target)
+  return {'not JSON': lambda: open(target, 'w').write('{"step": 3, "conf\n{}\n'),
+          'a list': lambda: open(target, 'w').write('[1, 2]\n'),
+          'invalid UTF-8': lambda: open(target, 'wb').write(b'\xff\xfe{}\n'),
+          'a directory': directory}
+
+
+def restore_file(target, good):
+  """Puts `target` back as the bytes `good`, after any of `damages(target)`."""
+  if os.path.isdir(target):
+    os.rmdir(target)
+  open(target, 'wb').write(good)
+
+
+def free_port():
+  """A TCP port on 127.0.0.1 that is free now (for a coordinator or a local server)."""
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+HAS_WANDB = importlib.util.find_spec('wandb') is not None
+# The kNN monitor of the `watched` run: bank and query sizes, k.
+BANK, QUERIES, K = 256, 128, 5
+# A tiny MAE (norm_pix_loss, as the recipe) evaluated by the kNN monitor at steps 3 and 6.
+WATCHED = tiny_overrides(**{
+    'mae.decoder_width': 32, 'mae.decoder_depth': 1, 'mae.decoder_heads': 2,
+    'eval.every_steps': 3, 'eval.knn_monitor.bank_examples': BANK,
+    'eval.knn_monitor.query_examples': QUERIES, 'eval.knn_monitor.k': K,
+    'log.images_every_steps': 6})
+
+
+@pytest.fixture(scope='session')
+def watched(tmp_path_factory):
+  """A trained workdir (W&B on, offline, when wandb is installed) with the kNN monitor's records,
+  its grids and W&B files, trained once per session for the monitor, grid, evaluation and W&B
+  tests. Read it only; a test that changes it works on a copy."""
+  from mimjax import train  # pylint: disable=import-outside-toplevel
+  workdir = str(tmp_path_factory.mktemp('watched'))
+  config = load_config('configs/mae.py:runlocal', **WATCHED, **{'log.wandb': HAS_WANDB})
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setenv('WANDB_MODE', 'offline')
+    mp.setenv('WANDB_SILENT', 'true')
+    train.train(config, workdir)
+  return workdir

@@ -1,9 +1,9 @@
 """Bad input, field by field (issue 32): every field of `mimjax/schema.py:base_config` is set to
 zero, a negative, a non-finite, an out-of-range or an unknown value, and the one validation phase
 (`mimjax.validation.validate`, in-process: no training, no subprocess per case) must refuse it with
-a ConfigError naming the field, unless the schema gives that value a meaning (LEGAL). Two
-subprocess cases prove the command line turns such a refusal into one `error:` line and writes
-nothing."""
+a ConfigError naming the field, unless the schema gives that value a meaning (LEGAL). Subprocess
+cases prove the command line turns such a refusal, or a misspelt config key, into one `error:`
+line and writes nothing."""
 import copy
 import math
 
@@ -97,7 +97,7 @@ LEGAL = {
 }
 # Free-form strings and paths that `validate` cannot judge alone; each is checked, before anything
 # is written, where it is read: the dataset and splits by `validation.check_run`, the init and
-# teacher files when they are loaded (tests/test_reliability.py: malformed init files), the
+# teacher files when they are loaded (tests/test_interop.py: malformed init files), the
 # accepted changes against the checkpoint (`resume.check`), the two evaluation-only choices by
 # mimjax.evaluate's flags, the coordinator by jax.distributed.
 CHECKED_WHERE_READ = {
@@ -269,3 +269,15 @@ def test_evaluate_refuses_counts_that_are_not_positive_before_loading(tmp_path, 
   with pytest.raises(errors.ConfigError, match=f'^{flag}: use positive'):
     evaluate.evaluate(str(tmp_path / 'run'), protocol, **options)
   assert not (tmp_path / 'run').exists()
+
+
+def test_misspelt_config_key_names_the_near_miss(tmp_path):
+  workdir = tmp_path / 'run'
+  result = run_module(['mimjax.train', '--config', 'configs/mae.py:runlocal',
+                       '--config.mae.mask_ration=0.5', f'--workdir={workdir}'])
+  assert result.returncode == 1
+  assert 'Traceback' not in result.stderr
+  errors_shown = [line for line in result.stderr.splitlines() if line.startswith('error:')]
+  assert errors_shown == ['error: --config.mae.mask_ration is not a config key; did you mean '
+                          '--config.mae.mask_ratio?']
+  assert not workdir.exists()

@@ -1,11 +1,17 @@
-"""The input pipeline on the real Fashion-MNIST files (Debian's dataset-fashion-mnist via TFDS)."""
+"""The input pipeline on the real Fashion-MNIST files (Debian's dataset-fashion-mnist via TFDS);
+a dataset without usable images or an empty or unparsable split is one line before a run starts."""
 import copy
+import types
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
 from conftest import load_config
+from conftest import one_line_error
+from conftest import set_fields
 from mimjax import errors
+from mimjax import train
 from mimjax import validation
 from mimjax.data import augment
 from mimjax.data import features
@@ -154,3 +160,26 @@ def test_repeated_augmentation_must_be_positive():
 def test_the_config_check_knows_every_registered_augmentation():
   """features.NAMES (what validation accepts without TensorFlow) is augment's registry."""
   assert sorted(features.NAMES) == sorted(augment.AUGMENTATIONS)
+
+
+@pytest.mark.parametrize('features,part', [
+    ({'text': tfds.features.Text()}, 'has no `image` feature'),
+    ({'image': tfds.features.Image(shape=(None, None, 4))}, 'has 4-channel images')])
+def test_dataset_without_image_or_with_4_channels(tiny_mae_config, tmp_path, monkeypatch, features,
+                                                  part):
+  info = types.SimpleNamespace(splits={'train': None, 'test': None},
+                               features=tfds.features.FeaturesDict(features))
+  monkeypatch.setattr(sources, 'get_builder', lambda *a: types.SimpleNamespace(info=info))
+  with pytest.raises(errors.DatasetError) as e:
+    train.train(tiny_mae_config, str(tmp_path / 'run'))
+  one_line_error(e, part)
+  assert not (tmp_path / 'run').exists()
+
+
+@pytest.mark.parametrize('split,part', [('train[:0]', 'holds no examples'),
+                                        ('train[:abc]', 'cannot be read')])
+def test_an_empty_or_unparsable_split_is_one_line(tiny_mae_config, tmp_path, split, part):
+  with pytest.raises(errors.DatasetError) as e:
+    train.train(set_fields(tiny_mae_config, **{'data.train_split': split}), str(tmp_path / 'run'))
+  one_line_error(e, repr(split), part)
+  assert not (tmp_path / 'run').exists()

@@ -1,4 +1,5 @@
-"""Evaluation protocols and analyses against values worked out by hand or with numpy."""
+"""Evaluation protocols and analyses against values worked out by hand or with numpy; results are
+kept per options and step, and a damaged results file is refused before a protocol runs."""
 import json
 import math
 import os
@@ -10,7 +11,11 @@ import numpy as np
 import optax
 import pytest
 
+from conftest import damages
+from conftest import free_port
 from conftest import load_config
+from conftest import one_line_error
+from conftest import restore_file
 from conftest import tiny_overrides
 from mimjax import config_lib
 from mimjax import errors
@@ -442,14 +447,11 @@ def test_two_processes_give_the_one_process_results(pretrained, tmp_path, monkey
   """Each process reads half of every split; gathered features make kNN, the cached probe and
   the spectrum equal one process's. MAE's probe trains on global batches of per-host streams,
   so its reference is one process fed exactly those batches (as tests/test_scale.py does)."""
-  import socket  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
   workdir = tmp_path / 'two'
   shutil.copytree(pretrained, workdir)
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    port = s.getsockname()[1]
+  port = free_port()
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   procs = []
   for i in range(2):
@@ -478,3 +480,43 @@ def test_two_processes_give_the_one_process_results(pretrained, tmp_path, monkey
   # precision times the largest one (the rank-deficient tail is numerical zero in both).
   for a, b in zip(two['spectrum']['singular_values'], one['spectrum']['singular_values']):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * b[0])
+
+
+def test_a_damaged_evaluation_results_file_is_one_error_before_the_protocol_runs(trained,
+                                                                                 monkeypatch):
+  """eval_knn.json (evaluate's results) damaged: refused naming it before kNN runs, unchanged."""
+  from mimjax import evaluate  # pylint: disable=g-import-not-at-top
+  _, workdir = trained
+  ran = []
+  monkeypatch.setitem(evaluate.PROTOCOLS, 'knn', lambda run: ran.append(run) or {})
+  target = os.path.join(workdir, 'eval_knn.json')
+  for name, damage in damages(target).items():
+    if not os.path.exists(target):
+      open(target, 'w').write('{}')
+    damage()
+    damaged = open(target, 'rb').read() if os.path.isfile(target) else None
+    with pytest.raises(errors.CheckpointError) as e:
+      evaluate.evaluate(workdir, 'knn')
+    one_line_error(e, target, 'is damaged', 'move it away')
+    assert (open(target, 'rb').read() if os.path.isfile(target) else None) == damaged, name
+    assert ran == [], name
+    restore_file(target, b'{"protocol": "knn", "results": []}')
+
+
+def test_evaluate_keeps_every_result_keyed_by_options_and_step(watched, tmp_path):
+  workdir = str(tmp_path / 'copy')
+  shutil.copytree(watched, workdir)
+  # A file written before results were kept (one result) stays, as the first entry.
+  with open(os.path.join(workdir, 'eval_knn.json'), 'w') as f:
+    json.dump({'protocol': 'knn', 'step': 3, 'top1': 0.5}, f)
+  gap = evaluate.evaluate(workdir, 'knn', feature='gap', k=[5])
+  cls = evaluate.evaluate(workdir, 'knn', feature='cls', k=[5])
+  early = evaluate.evaluate(workdir, 'knn', step=3, feature='gap', k=[5])
+  again = evaluate.evaluate(workdir, 'knn', feature='gap', k=[5])  # replaces its own entry only
+  entries = evaluate.read_results(workdir, 'knn')
+  assert [(e['options'], e['step']) for e in entries] == [
+      ({}, 3), ({'feature': 'cls', 'k': [5]}, 6), ({'feature': 'gap', 'k': [5]}, 3),
+      ({'feature': 'gap', 'k': [5]}, 6)]
+  assert entries[0]['top1'] == 0.5
+  assert [e['top1'] for e in entries[1:]] == [cls['top1'], early['top1'], again['top1']]
+  assert again['top1'] == gap['top1'] and cls['feature'] == 'cls'

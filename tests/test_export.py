@@ -1,6 +1,7 @@
 """Export to timm: timm's own VisionTransformer, loaded with the exported weights, must compute the
-same features as the mimjax encoder (safetensors and big_vision npz routes), and the CLI must export
-a checkpoint written by a real training run."""
+same features as the mimjax encoder (safetensors and big_vision npz routes), the CLI must export
+a checkpoint written by a real training run, and an --out that cannot be written is one line
+before the workdir is read."""
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ import pytest
 
 from configs import common
 from configs import mae as mae_config
+from conftest import one_line_error
 from mimjax import errors
 from mimjax import export
 
@@ -206,3 +208,35 @@ def test_cli_missing_step_fails_cleanly(trained_workdir, tmp_path):
   assert result.returncode == 1
   assert 'no checkpoint 7' in result.stderr.lower() and 'Traceback' not in result.stderr
   assert 'holds steps' in result.stderr  # the steps that do exist are named
+
+
+def test_export_out_directory_and_npz_name(trained, tmp_path):
+  _, workdir = trained
+  with pytest.raises(errors.ConfigError) as e:
+    export.export_checkpoint(workdir, str(tmp_path))
+  one_line_error(e, 'is a directory')
+  out = str(tmp_path / 'enc.bin')
+  export.export_checkpoint(workdir, out, fmt='npz')
+  assert sorted(os.listdir(tmp_path)) == sorted(['run', 'enc.bin', 'enc.bin.json'])
+  assert 'params/embedding/kernel' in np.load(out).files
+
+
+@pytest.mark.parametrize('kind', ['parent is a file', 'read-only', 'hub onto a file'])
+def test_export_paths_that_cannot_be_written_are_one_line_before_reading(tmp_path, monkeypatch,
+                                                                         kind):
+  """Checked before the workdir is read (it does not exist here), so nothing is written."""
+  blocker = tmp_path / 'file'
+  blocker.write_text('x')
+  out, fmt, part = str(blocker / 'enc.safetensors'), 'safetensors', 'is a file, not a directory'
+  if kind == 'read-only':  # simulated: tests run as root, for whom chmod does not bite
+    readonly = str(tmp_path / 'ro')
+    os.mkdir(readonly)
+    real_access = os.access
+    monkeypatch.setattr(os, 'access', lambda p, mode: p != readonly and real_access(p, mode))
+    out, part = os.path.join(readonly, 'sub', 'enc.safetensors'), 'is not writable'
+  elif kind == 'hub onto a file':
+    out, fmt, part = str(blocker), 'hub', 'writes a folder'
+  with pytest.raises(errors.ConfigError) as e:
+    export.export_checkpoint(str(tmp_path / 'no-run'), out, fmt=fmt)
+  one_line_error(e, '--out', part)
+  assert sorted(os.listdir(tmp_path)) == (['file', 'ro'] if kind == 'read-only' else ['file'])

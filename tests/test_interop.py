@@ -1,6 +1,10 @@
 """Import from PyTorch: timm ViT state dicts and official MAE checkpoints -> mimjax, checked against
-timm's forward and a reference re-implementation of the MAE forward pass."""
+timm's forward and a reference re-implementation of the MAE forward pass; a malformed init file
+(not a state dict, unsafe, wrong shapes or keys, not a PyTorch file) is one line before a run
+starts."""
+import copy
 import functools
+import os
 
 import jax
 import numpy as np
@@ -8,9 +12,12 @@ import optax
 import pytest
 
 from configs import mae as mae_config
+from conftest import one_line_error
+from conftest import set_fields
 from mimjax import errors
 from mimjax import export
 from mimjax import registry
+from mimjax import train
 from mimjax import train_step
 from mimjax.interop import mae as mae_lib
 from mimjax.interop import pretrained
@@ -287,3 +294,44 @@ def test_mae_decoder_with_learned_positions_is_refused(tmp_path):
   torch.save({'model': ref.state_dict()}, path)
   with pytest.raises(errors.InteropError, match='decoder_pos_embed'):
     mae_lib.import_mae(path, num_heads=2, decoder_heads=2)
+
+
+def _timm_state_dict():
+  return timm.create_model('vit_tiny_patch16_224', pretrained=False, img_size=28, patch_size=4,
+                           depth=1, num_classes=0).state_dict()
+
+
+class _Unsafe:
+  def __reduce__(self):
+    return (os.system, ('echo this must never run',))
+
+
+def _bad_init_files(directory):
+  """{case: (path, expected message part)} of files a fresh run must refuse to start from."""
+  sd = _timm_state_dict()
+  wrong_qkv = dict(sd, **{'blocks.0.attn.qkv.weight': sd['blocks.0.attn.qkv.weight'][:10]})
+  missing = {k: v for k, v in sd.items() if k != 'blocks.0.norm1.bias'}
+  cases = {'list': ([1, 2], 'holds a list, not a state dict'),
+           'unsafe': (_Unsafe(), 'refused as unsafe'),
+           'qkv': (wrong_qkv, 'blocks.0.attn.qkv.weight has shape (10, 192)'),
+           'missing': (missing, "no 'blocks.0.norm1.bias'")}
+  files = {}
+  for name, (obj, part) in cases.items():
+    path = os.path.join(directory, f'{name}.pth')
+    torch.save(obj, path)
+    files[name] = (path, part)
+  text = os.path.join(directory, 'notes.pth')
+  with open(text, 'w') as f:
+    f.write('not weights\n')
+  files['text'] = (text, 'is not a PyTorch checkpoint')
+  return files
+
+
+def test_malformed_init_files_are_one_line_errors(tiny_mae_config, tmp_path):
+  for name, (path, part) in _bad_init_files(str(tmp_path)).items():
+    config = set_fields(copy.deepcopy(tiny_mae_config), **{'init.checkpoint': path})
+    workdir = tmp_path / f'run_{name}'
+    with pytest.raises(errors.ConfigError) as e:
+      train.train(config, str(workdir))
+    one_line_error(e, part, path)
+    assert not workdir.exists(), name

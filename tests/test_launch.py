@@ -1,15 +1,27 @@
-"""Launchers: shellcheck-clean, their dry runs print the commands they would run, and the Colab
-notebook executes end to end (on CPU, with a tiny config)."""
+"""Launchers: shellcheck-clean, their dry runs print the commands they would run, the Colab
+notebook executes end to end (on CPU, with a tiny config), the SLURM script under stand-in srun /
+scontrol binds each task to a device it sees and requeues a preempted job, and (slow) Ctrl-C to
+the local multi-process launcher checkpoints both trainers at one step and the rerun resumes."""
 import copy
 import json
 import os
 import re
 import shlex
+import signal
 import subprocess
+import time
 
+from jax._src import clusters
+import numpy as np
 import pytest
 
 from conftest import ROOT
+from conftest import config_flags
+from conftest import metrics_records
+from conftest import tiny_overrides
+from mimjax import checkpoint as checkpoint_lib
+from mimjax import distributed
+from mimjax import train
 
 SCRIPTS = ['launch/tpu_pod.sh', 'launch/slurm_gpu.sbatch', 'launch/local_multiprocess.sh']
 TRAIN = ['--config', 'configs/mae.py:model=B/16', '--workdir', 'gs://bucket/my run']
@@ -164,3 +176,114 @@ def test_slurm_gpu_settings_are_flags_this_jaxlib_knows():
   assert '--xla_gpu_enable_latency_hiding_scheduler=true' in flags
   assert flags.endswith(caller)  # the caller's flags come last, so they win
   assert fraction == '0.9'
+
+
+# Stand-ins for SLURM's commands. srun starts 2 tasks on node gpu001 as `--gpu-bind=single:1`
+# does (each task sees only its own GPU) or, without that flag, each seeing all 4 GPUs; `python`
+# records the environment and arguments a task's trainer would start with, then exits $PROBE_EXIT.
+_FAKE_SLURM = {
+    'srun': """#!/usr/bin/env bash
+bound=0
+while [[ "$1" == --* ]]; do [[ "$1" == --gpu-bind=single:1 ]] && bound=1; shift; done
+status=0
+for i in 0 1; do
+  visible=0,1,2,3; [[ $bound == 1 ]] && visible=$i
+  SLURM_PROCID=$i SLURM_LOCALID=$i SLURM_NTASKS=2 SLURM_STEP_NODELIST=gpu001 \\
+    SLURM_STEP_NUM_NODES=1 CUDA_VISIBLE_DEVICES=$visible "$@" || status=$?
+done
+exit $status
+""",
+    'python': """#!/usr/bin/env bash
+python3 -c 'import json, os, sys; json.dump(dict(env=dict(os.environ), argv=sys.argv[1:]), \\
+  open(os.path.join(os.environ["PROBE_DIR"], "task_" + os.environ["SLURM_PROCID"]), "w"))' "$@"
+exit "${PROBE_EXIT:-0}"
+""",
+    'scontrol': 'echo "$@" >> "$PROBE_DIR/scontrol.log"\n',
+}
+
+
+def test_the_sbatch_script_gives_each_task_a_device_it_sees_and_requeues_on_143(tmp_path,
+                                                                              monkeypatch):
+  """launch/slurm_gpu.sbatch run under stand-in srun / scontrol: each task's environment (bound to
+  one GPU) makes JAX's SLURM detection pick that task's process id and local device 0, the only
+  ordinal it can see; a run that exits 143 (preempted) requeues the job."""
+  bin_dir = tmp_path / 'bin'
+  bin_dir.mkdir()
+  for name, text in _FAKE_SLURM.items():
+    (bin_dir / name).write_text(text if text.startswith('#!') else '#!/usr/bin/env bash\n' + text)
+    (bin_dir / name).chmod(0o755)
+  env = dict(os.environ, PATH=f'{bin_dir}:{os.environ["PATH"]}', PROBE_DIR=str(tmp_path),
+             SLURM_JOB_ID='4242', SLURM_SUBMIT_DIR=ROOT)
+  script = ['bash', 'launch/slurm_gpu.sbatch', '--config', 'configs/mae.py', '--workdir', '/w']
+  assert subprocess.run(script, cwd=ROOT, env=env, timeout=120).returncode == 0
+  assert not (tmp_path / 'scontrol.log').exists()
+  for i in range(2):
+    task = json.loads((tmp_path / f'task_{i}').read_text())
+    assert task['argv'][-1] == '--config.distributed.num_processes=-1'
+    assert '--xla_gpu_enable_latency_hiding_scheduler=true' in task['env']['XLA_FLAGS']
+    assert task['env']['CUDA_VISIBLE_DEVICES'] == str(i)  # only its own GPU
+    for key in [k for k in os.environ if k.startswith('SLURM_')]:
+      monkeypatch.delenv(key)
+    for key, value in task['env'].items():
+      if key.startswith('SLURM_') or key == 'CUDA_VISIBLE_DEVICES':
+        monkeypatch.setenv(key, value)
+    local = distributed.slurm_local_device_ids()  # what mimjax.distributed.initialize passes
+    address, count, process_id, local = (
+        clusters.ClusterEnv.auto_detect_unset_distributed_params(None, None, None, local, None,
+                                                                 None))
+    assert (address, count, process_id, list(local)) == ('gpu001:61586', 2, i, [0])
+
+  preempted = subprocess.run(script, cwd=ROOT, env=dict(env, PROBE_EXIT='143'), timeout=120,
+                             capture_output=True, text=True)
+  assert preempted.returncode == 143, preempted.stderr
+  assert (tmp_path / 'scontrol.log').read_text() == 'requeue 4242\n'
+
+
+@pytest.mark.slow  # three 2-process runs: ~4 minutes on 2 busy cores
+def test_ctrl_c_to_the_launcher_checkpoints_both_processes_at_one_step_and_resumes(tmp_path):
+  """SIGINT to launch/local_multiprocess.sh: it sends SIGTERM to both trainers (what SLURM's
+  --signal and a TPU maintenance event do), JAX's preemption service stops them at one common
+  step with a checkpoint, both exit 143 (requeue), and the rerun ends with the uninterrupted
+  2-process run's metrics."""
+  overrides = tiny_overrides(**{'mae.decoder_width': 32, 'mae.decoder_depth': 1,
+                                'mae.decoder_heads': 2, 'total_steps': 40,
+                                'checkpoint.every_steps': 40, 'log.every_steps': 1})
+  env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL='3')
+  env.pop('XLA_FLAGS', None)
+
+  def launch(workdir, logs):
+    return subprocess.Popen(
+        ['launch/local_multiprocess.sh', '2', '--config', 'configs/mae.py:runlocal',
+         *config_flags(overrides), f'--workdir={workdir}'],
+        cwd=ROOT, env=dict(env, LOG_DIR=str(logs)), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
+
+  straight = launch(tmp_path / 'straight', tmp_path / 'logs_straight')
+  assert straight.wait(timeout=900) == 0, straight.stdout.read()
+
+  stopped, logs = tmp_path / 'stopped', tmp_path / 'logs_stopped'
+  launcher = launch(stopped, logs)
+  deadline = time.time() + 1200  # two processes start and compile in ~10 minutes on busy cores
+  try:
+    while not (stopped / 'metrics.jsonl').exists() or len(metrics_records(stopped)) < 3:
+      assert time.time() < deadline and launcher.poll() is None, launcher.stdout.read()
+      time.sleep(0.5)
+  finally:
+    launcher.send_signal(signal.SIGINT)  # also stops both trainers when the wait failed
+  assert launcher.wait(timeout=300) == 130, launcher.stdout.read()
+  said = launcher.stdout.read()
+  for i in range(2):
+    assert f'process {i} exited with status {train.PREEMPTED_EXIT_CODE}' in said, said
+  outputs = [(logs / f'process_{i}.log').read_text() for i in range(2)]
+  steps = [int(o.split('Stopped at step ')[1].split(';')[0]) for o in outputs]
+  assert steps[0] == steps[1] < 40, outputs
+  ckpt = checkpoint_lib.Checkpointer(str(stopped))
+  assert ckpt.latest_step() == steps[0]
+  ckpt.close()
+
+  rerun = launch(stopped, logs)
+  assert rerun.wait(timeout=900) == 0, rerun.stdout.read()
+  a, b = metrics_records(tmp_path / 'straight'), metrics_records(stopped)
+  assert [r['step'] for r in b] == [r['step'] for r in a] == list(range(1, 41))
+  for key in ('loss', 'grad_norm'):
+    np.testing.assert_allclose([r[key] for r in b], [r[key] for r in a], rtol=1e-6)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import ROOT, TINY_DECODER, config_flags, load_config, tiny_overrides
+from conftest import ROOT, TINY_DECODER, config_flags, load_config, metrics_records, tiny_overrides
 from mimjax import config_lib
 from mimjax import registry
 from mimjax import train
@@ -37,16 +37,11 @@ def _lut_config(**extra):
                      **tiny_overrides(**TINY_DECODER, **{'lut.head_dim': 32}, **extra))
 
 
-def _records(workdir):
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return [json.loads(line) for line in f]
-
-
 _host_batches = pipeline.train_batches  # the real per-host stream, before any monkeypatching
 
 
 def _curve(workdir, key='loss'):
-  return np.array([r[key] for r in _records(workdir)])
+  return np.array([r[key] for r in metrics_records(workdir)])
 
 
 # Trains each (config JSON, workdir) job with the real trainer on N simulated CPU devices, then
@@ -142,7 +137,7 @@ def test_data_parallel_and_fsdp_match_one_device_and_restore_onto_another_mesh(t
   shutil.copytree(original, moved)
   shutil.rmtree(moved / 'checkpoints' / '6')
   _run_on_devices(4, [(_with_mesh(config, 4, 1), moved)])
-  a, b = _records(original), _records(moved)
+  a, b = metrics_records(original), metrics_records(moved)
   assert [r['step'] for r in b] == list(range(1, 7))
   for key in ('loss', 'grad_norm', 'lr'):
     np.testing.assert_allclose([r[key] for r in b[3:]], [r[key] for r in a[3:]], rtol=2e-5,
@@ -192,7 +187,7 @@ def test_two_processes_match_one_and_their_checkpoint_resumes_in_one(tmp_path, m
   shutil.copytree(workdir, resumed)
   shutil.rmtree(resumed / 'checkpoints' / '6')
   final = train.train(config, str(resumed))  # restores step 3 in this one process, runs 4 to 6
-  assert final['step'] == 6 and len(_records(resumed)) == 6
+  assert final['step'] == 6 and len(metrics_records(resumed)) == 6
   for key in ('loss', 'grad_norm'):
     np.testing.assert_allclose(_curve(resumed, key)[3:], _curve(reference, key)[3:], rtol=2e-5)
 

@@ -1,6 +1,6 @@
-"""End-to-end training: loss goes down, outputs appear, resume reproduces, bad input is refused."""
+"""End-to-end training: loss goes down, outputs appear, resume reproduces, bad input is refused,
+a non-finite update stops the run before it is checkpointed, and a stopped run exits 130 / 143."""
 import copy
-import json
 import os
 import shutil
 import signal
@@ -8,24 +8,19 @@ import subprocess
 import sys
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from conftest import ROOT, TINY_DECODER, config_flags, load_config, run_module, tiny_overrides
+from conftest import checkpoint_steps, metrics_records, set_fields
 from mimjax import checkpoint as checkpoint_lib
 from mimjax import config_lib
 from mimjax import errors
 from mimjax import train
 from mimjax import train_step as train_step_lib
-from mimjax.frameworks import base
-
-
-def _records(workdir):
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return [json.loads(line) for line in f]
+from test_train_step import LinearRegression
 
 
 def test_tiny_run_writes_everything_and_learns(tiny_mae_config, tmp_path):
@@ -36,7 +31,7 @@ def test_tiny_run_writes_everything_and_learns(tiny_mae_config, tmp_path):
     tiny_mae_config.optim.base_lr = 4e-3
   workdir = str(tmp_path)
   final = train.train(tiny_mae_config, workdir)
-  records = _records(workdir)
+  records = metrics_records(workdir)
   assert [r['step'] for r in records] == list(range(1, 31))
   for key in ('loss', 'loss_mae', 'lr', 'images_per_sec', 'grad_norm'):
     assert key in records[-1]
@@ -60,7 +55,7 @@ def test_resume_after_crash_matches_uninterrupted(tiny_mae_config, tmp_path):
   for key in ('loss', 'grad_norm', 'lr'):
     np.testing.assert_allclose(resumed[key], full[key], rtol=1e-6)
   # metrics.jsonl holds each step once, the resumed steps replacing the crashed run's.
-  assert [r['step'] for r in _records(crashed)] == list(range(1, 7))
+  assert [r['step'] for r in metrics_records(crashed)] == list(range(1, 7))
 
 
 @pytest.fixture(scope='module')
@@ -101,10 +96,10 @@ def test_a_signal_between_log_steps_saves_and_the_rerun_logs_the_straight_run(
   assert ckpt.latest_step() == 6
   assert ckpt.read_meta(6)['open_interval']['steps'] == 2
   ckpt.close()
-  assert [r['step'] for r in _records(interrupted)] == [4]
+  assert [r['step'] for r in metrics_records(interrupted)] == [4]
 
   train.train(config, interrupted)
-  a, b = _records(straight), _records(interrupted)
+  a, b = metrics_records(straight), metrics_records(interrupted)
   assert [r['step'] for r in b] == [r['step'] for r in a] == [4, 8, 12]
   for key in ('loss', 'grad_norm', 'lr'):
     assert [r[key] for r in b] == [r[key] for r in a], key  # the same float32 sums
@@ -200,13 +195,13 @@ def test_ctrl_c_then_rerun_reproduces_uninterrupted_run(tmp_path):
   _, err = proc.communicate(timeout=300)
   assert proc.returncode == 130, err[-2000:]
   assert 'checkpoint saved' in err
-  interrupted_at = _records(workdir)[-1]['step']
+  interrupted_at = metrics_records(workdir)[-1]['step']
   assert interrupted_at < 40
 
   rerun = run_module(args + [f'--workdir={workdir}'])
   assert rerun.returncode == 0, rerun.stderr[-2000:]
   assert 'Resuming from checkpoint' in rerun.stdout
-  a, b = _records(tmp_path / 'straight'), _records(workdir)
+  a, b = metrics_records(tmp_path / 'straight'), metrics_records(workdir)
   assert [r['step'] for r in b] == [r['step'] for r in a]
   for key in ('loss', 'grad_norm', 'lr'):
     np.testing.assert_allclose([r[key] for r in b], [r[key] for r in a], rtol=1e-5, err_msg=key)
@@ -264,21 +259,6 @@ def test_batch_that_does_not_divide_over_devices(tmp_path):
   assert 'multiple of 4' in result.stderr
 
 
-class _LinearRegression(base.Framework):
-  """A real (if small) framework: least squares of a linear map, for exact update checks."""
-  name = 'linreg'
-
-  def build_model(self):
-    return nn.Dense(1, use_bias=False)
-
-  def init_model(self, rng, batch):
-    return {'encoder': self.model.init(rng, batch['x'])['params']}
-
-  def forward(self, params, model_state, batch, rng, train):
-    pred = self.model.apply({'params': params['encoder']}, batch['x'])[:, 0]
-    return jnp.mean((pred - batch['y']) ** 2), {}, base.ForwardOutputs(encoder={}, image=batch['x'])
-
-
 def test_gradient_accumulation_matches_full_batch(tiny_mae_config):
   """Two micro-batches of 8 give exactly the update of one batch of 16 (mean of equal means)."""
   rng = np.random.RandomState(0)
@@ -289,7 +269,7 @@ def test_gradient_accumulation_matches_full_batch(tiny_mae_config):
     config = copy.deepcopy(tiny_mae_config)
     with config.unlocked():
       config.optim.accum_steps = accum
-    framework = _LinearRegression(config)
+    framework = LinearRegression(config)
     init_fn, _, tx, lr = train_step_lib.build(framework, config, batch)
     step = jax.jit(train_step_lib.make_train_step(framework, tx, lr, accum))
     state = init_fn()
@@ -318,3 +298,20 @@ def test_the_start_up_signal_handler_ends_where_training_takes_over(monkeypatch)
   finally:
     for signum, handler in saved.items():
       signal.signal(signum, handler)
+
+
+def test_nan_params_are_never_checkpointed_and_no_step_none(tiny_mae_config, tmp_path):
+  """A learning rate that passes validation but overflows float32 (1e39): an infinite update."""
+  config = set_fields(tiny_mae_config, **{'optim.base_lr': 1e39, 'warmup_steps': 0,
+                                          'total_steps': 1, 'checkpoint.every_steps': 1})
+  with pytest.raises(errors.NonFiniteError) as e:
+    train.train(config, str(tmp_path))
+  assert 'step None' not in str(e.value)
+  assert 'No checkpoint had been saved yet' in str(e.value)
+  assert checkpoint_steps(str(tmp_path)) == []
+
+
+def test_the_preempted_exit_status_is_what_a_sigterm_kill_reports():
+  killed = subprocess.Popen(['sleep', '60'])
+  killed.terminate()
+  assert 128 - killed.wait() == train.PREEMPTED_EXIT_CODE  # Popen reports -15; a shell 143

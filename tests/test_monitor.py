@@ -1,0 +1,131 @@
+"""The online kNN monitor (`mimjax.eval.monitor`): it logs the kNN top-1 of its held-out subset
+(against DINO's weighted kNN in float64 numpy on the checkpoint's features), compiles once, its
+settings and data are checked before anything is written, and (slow) the README's commands run it
+on two devices."""
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+import pytest
+
+from conftest import BANK, K, QUERIES, ROOT, WATCHED, config_flags, load_config, metrics_records
+from conftest import tiny_overrides
+from mimjax import checkpoint
+from mimjax import errors
+from mimjax import evaluate
+from mimjax import sharding
+from mimjax import train
+from mimjax import validation
+from mimjax.data import fit
+from mimjax.eval import features as features_lib
+from mimjax.eval import loading
+from mimjax.eval import monitor
+
+
+def _reference_knn_top1(bank_x, bank_y, query_x, query_y, k, temperature, num_classes=10):
+  """DINO's weighted kNN written out in float64 numpy: cosine similarity, the k most similar bank
+  images vote exp(sim / T) for their class."""
+  bank = bank_x / np.linalg.norm(bank_x, axis=1, keepdims=True)
+  query = query_x / np.linalg.norm(query_x, axis=1, keepdims=True)
+  sims = query.astype(np.float64) @ bank.astype(np.float64).T
+  votes = np.zeros((len(query), num_classes))
+  for i, row in enumerate(sims):
+    nearest = np.argsort(-row)[:k]
+    np.add.at(votes[i], bank_y[nearest], np.exp(row[nearest] / temperature))
+  return float(np.mean(votes.argmax(axis=1) == query_y))
+
+
+def _reference_for_checkpoint(workdir, step):
+  """kNN top-1 of the checkpoint's encoder: the first BANK train and QUERIES test images."""
+  run = loading.load_run(workdir, step)
+  bank_x, bank_y = features_lib.extract(run, run.config.data.train_split, 'pooled')
+  query_x, query_y = features_lib.extract(run, run.config.data.eval_split, 'pooled')
+  return _reference_knn_top1(bank_x[:BANK], bank_y[:BANK], query_x[:QUERIES], query_y[:QUERIES],
+                             K, run.config.eval.knn_temperature)
+
+
+def test_knn_monitor_logs_the_knn_of_the_held_out_subset(watched):
+  records = metrics_records(watched)
+  assert [r['step'] for r in records if 'eval_knn_top1' in r] == [3, 6]
+  logged = {r['step']: r['eval_knn_top1'] for r in records if 'eval_knn_top1' in r}
+  # Float32 on device against float64 here: a near-tie may flip one query at most.
+  assert logged[6] == pytest.approx(_reference_for_checkpoint(watched, 6), abs=1 / QUERIES + 1e-9)
+  with open(os.path.join(watched, 'eval_mae.json')) as f:
+    history = json.load(f)
+  assert [r['step'] for r in history['history']] == [3, 6]
+  assert history['final']['knn_top1'] == logged[6]
+  assert history['best']['knn_top1'] == max(logged.values())
+
+
+def test_knn_monitor_compiles_once_and_repeats_the_logged_values(watched):
+  config = load_config('configs/mae.py:runlocal', **WATCHED)
+  knn_monitor = monitor.KnnMonitor(config, sharding.make_mesh(config.mesh))
+  logged = {r['step']: r['eval_knn_top1'] for r in metrics_records(watched) if 'eval_knn_top1' in r}
+  for step in (3, 6):
+    params, _ = checkpoint.restore(watched, step)
+    assert knn_monitor(_State(params)) == {'knn_top1': logged[step]}
+  # One compilation of each function for both evaluations (static shapes, fixed batch count).
+  assert knn_monitor._embed._cache_size() == 1 and knn_monitor._hits._cache_size() == 1
+
+
+class _State:
+  """The part of a train state the monitor reads."""
+
+  def __init__(self, params):
+    self.params = params
+
+
+def test_monitor_settings_and_data_are_checked_before_anything_is_written(tmp_path):
+  config = load_config('configs/simmim.py:runlocal', **tiny_overrides(**{
+      'eval.every_steps': 3, 'eval.knn_monitor.bank_examples': 4, 'eval.knn_monitor.k': 5}))
+  with pytest.raises(errors.ConfigError, match='knn_monitor.k=5 .* bank_examples=4'):
+    validation.validate(config)
+  config = load_config('configs/mae.py:runlocal', **WATCHED)
+  with config.unlocked():
+    config.eval.knn_monitor.query_examples = 257  # 'test[:256]' holds 256: lowered, not refused
+  assert fit.fit(config, knn_monitor=True) == ['eval.knn_monitor.query_examples 257 -> 256']
+  folder = tmp_path / 'flat'
+  folder.mkdir()
+  for i in range(6):
+    Image.fromarray(np.full((28, 28, 3), 40 * i, np.uint8)).save(folder / f'{i}.png')
+  config = load_config('configs/mae.py:runlocal', **{
+      **WATCHED, 'data.name': str(folder), 'data.train_split': 'train', 'data.eval_split': 'val',
+      'data.folder_holdout': 0.5, 'eval.knn_monitor.bank_examples': 1,
+      'eval.knn_monitor.query_examples': 1, 'eval.knn_monitor.k': 1})
+  with pytest.raises(errors.DatasetError, match='no class labels.*eval.every_steps=0'):
+    train.train(config, str(tmp_path / 'run'))
+  assert not os.path.exists(tmp_path / 'run')
+
+
+@pytest.mark.slow  # a training and two evaluations as subprocesses on 2 simulated devices: ~2 min
+def test_user_watches_mae_runlocal_on_two_devices(tmp_path):
+  """The README's commands: train with the monitor on, then two kNN evaluations that both stay."""
+  workdir = tmp_path / 'mae'
+  env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL='3',
+             XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  overrides = {k: v for k, v in WATCHED.items() if k != 'log.images_every_steps'}
+  run = lambda *args: subprocess.run([sys.executable, '-m', *args], cwd=tmp_path, env=env,  # noqa
+                                     capture_output=True, text=True, timeout=900)
+  trained = run('mimjax.train', '--config', 'mae:runlocal', *config_flags(overrides),
+                f'--workdir={workdir}')
+  assert trained.returncode == 0, trained.stderr[-3000:]
+  assert 'devices: 2 x cpu' in trained.stdout
+  records = metrics_records(workdir)
+  console = [line for line in trained.stdout.splitlines() if 'eval_knn_top1' in line]
+  assert len(console) == 2 and f"eval_knn_top1 {records[-1]['eval_knn_top1']:.4f}" in console[1]
+  assert records[-1]['eval_knn_top1'] == pytest.approx(_reference_for_checkpoint(str(workdir), 6),
+                                                       abs=1 / QUERIES + 1e-9)
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tags = {v.tag for path in glob.glob(str(workdir / 'tensorboard' / '*'))
+          for event in tf.compat.v1.train.summary_iterator(path) for v in event.summary.value}
+  assert 'eval_knn_top1' in tags
+  for feature in ('gap', 'cls'):
+    done = run('mimjax.evaluate', f'--workdir={workdir}', '--protocol=knn', f'--feature={feature}')
+    assert done.returncode == 0, done.stderr[-3000:]
+  entries = evaluate.read_results(str(workdir), 'knn')
+  assert [(e['options'], e['step']) for e in entries] == [
+      ({'feature': 'gap'}, 6), ({'feature': 'cls'}, 6)]
