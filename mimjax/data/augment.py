@@ -142,7 +142,7 @@ def resize(image, size, method='bicubic', flip=False):
   horizontally, free of cost.
 
   The same resampling as tf.image.resize(antialias=True) (the same filters, within float32
-  rounding), computed as banded matrix products, about twice as fast on one core.
+  rounding), computed as banded matrix products: 1.4-3x faster on CPU (BENCHMARKS.md, Input).
   """
   height, width = (size, size) if isinstance(size, int) else size
   shape = tf.shape(image)
