@@ -138,8 +138,10 @@ def test_input_benchmark_writes_jpegs_and_reports_every_augmentation(tmp_path):
   sizes = np.array([Image.open(f).size for f in files])
   assert 300 < sizes[:, 0].mean() < 700 and 200 < sizes[:, 1].mean() < 550  # around 500 x 375
   assert set(results['throughput']) == {'rrc_flip', 'deit', 'lut_two_view', 'center'}
-  assert all(v['per_core_1_thread'] > 0 and v['all_cores'] > 0
-             for v in results['throughput'].values())
+  assert all(v[f'{measure}_{threads}'] > 0 for v in results['throughput'].values()
+             for measure in ('img_per_cpu_s', 'wall_img_s')
+             for threads in ('1_thread', 'all_cores'))
+  assert results['load_average_1min_at_start'] >= 0
   assert sorted(results['resume_first_batch_s']) == [0, 10_000, 100_000]
   assert json.loads((tmp_path / 'input.json').read_text())['images'] == 20
 

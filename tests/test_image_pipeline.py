@@ -106,3 +106,39 @@ def test_fallback_is_torchvisions_central_crop(shape):
   h, w, top, left = boxes(shape, scale, ratio, 50)
   assert (h == ref_h[0]).all() and (w == ref_w[0]).all()
   assert (top == ref_top[0]).all() and (left == ref_left[0]).all()
+
+
+@pytest.mark.parametrize('shape', [(600, 512), (375, 500), (10, 1000), (1000, 10), (1, 7)])
+@pytest.mark.parametrize('out', [(224, 224), (256, 341), (17, 300)])
+@pytest.mark.parametrize('method', ['bicubic', 'bilinear'])
+def test_banded_resize_equals_tf_image_resize(shape, out, method):
+  # The banded matrix products compute tf.image.resize(antialias=True)'s resampling (TensorFlow's
+  # ScaleAndTranslate kernel), shrinking and enlarging, up to float32 rounding; `flip` mirrors it.
+  image = np.random.RandomState(0).randint(0, 256, shape + (3,)).astype(np.uint8)
+  ref = np.clip(tf.image.resize(image.astype(np.float32), out, method, antialias=True), 0, 255)
+  for flip in (False, True):
+    ours = augment.resize(tf.constant(image), out, method, flip=tf.constant(flip)).numpy()
+    assert ours.shape == out + (3,)
+    np.testing.assert_allclose(ours, ref[:, ::-1] if flip else ref, atol=0.01)
+
+
+def test_rrc_flip_equals_crop_resize_flip_normalize_in_tf_image_ops():
+  # rrc_flip folds the flip into the resize and normalises on rows of tiled constants; the same
+  # crop through tf.image.resize, tf.image's seeded random flip and (x / 255 - mean) / std.
+  config = type('Data', (), dict(image_size=224, crop_scale=(0.2, 1.0), channels=3,
+                                 mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)))
+  data = tf.io.encode_jpeg(photo(), quality=90)
+  flips = []
+  for i in range(8):
+    seed = tf.constant([3, i], tf.int64)
+    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    ours = augment.rrc_flip(augment.Encoded(data, (None, None, 3)), seed, config)['image']
+    crop = augment._crop(augment.Encoded(data, (None, None, 3)), crop_seed, (0.2, 1.0),
+                         (3 / 4, 4 / 3))
+    ref = tf.clip_by_value(tf.image.resize(tf.cast(crop, tf.float32), (224, 224), 'bicubic',
+                                           antialias=True), 0, 255)
+    ref = tf.image.stateless_random_flip_left_right(ref, flip_seed)
+    ref = (ref / 255 - np.array(config.mean, np.float32)) / np.array(config.std, np.float32)
+    np.testing.assert_allclose(ours.numpy(), ref.numpy(), atol=1e-3)
+    flips.append(bool(augment.random_flip(flip_seed)))
+  assert 0 < sum(flips) < 8  # both branches were compared

@@ -1,6 +1,7 @@
 """RandAugment ops against PIL (what timm runs), random erasing, and the 'deit' augmentation."""
 import numpy as np
 import pytest
+import scipy.stats
 import tensorflow as tf
 from PIL import Image
 from PIL import ImageEnhance
@@ -130,3 +131,17 @@ def test_deit_augmentation_shapes():
   out = augment.AUGMENTATIONS['deit'](image, tf.constant([0, 3], tf.int64), config.data)
   assert out['image'].shape == (28, 28, 3)
   assert out['image'].dtype == tf.float32
+
+
+def test_random_erase_noise_is_standard_normal_per_pixel():
+  # timm's RandomErasing(mode='pixel') fills the box with independent N(0, 1) values.
+  image = tf.fill((40, 48, 3), 100.0)
+  values = []
+  for seed in range(20):
+    out = augment.random_erase(image, tf.constant([seed, 2], tf.int64), prob=1.0).numpy()
+    values.append(out[out != 100.0])
+  values = np.concatenate(values)
+  assert len(values) > 1000
+  assert scipy.stats.kstest(values, 'norm').pvalue > 1e-3
+  erased = out != 100.0
+  assert (erased.all(-1) == erased.any(-1)).all()  # every channel of an erased pixel

@@ -6,12 +6,16 @@ r"""Input-pipeline benchmark: images/s of each augmentation and time to first ba
 It writes a synthetic ImageNet-like folder (JPEG quality 90, sizes drawn around 500x375, 10 class
 folders; reused when present), then for each augmentation reads training batches through the real
 pipeline (`mimjax.data.pipeline.train_batches`, image-folder source) with tf.data on one thread
-and on all cores, so images/s per core and in total are both measured. Resume: time to the first
-batch at the positions of steps 0, 10k and 100k (simulated: only the data position changes).
+and on all cores. Each is reported as images per CPU-second of the process (all its threads: a
+core's throughput, barely affected by other jobs sharing the machine) and, labelled, as images per
+wall-clock second (what the machine delivered under its load); the 1-minute load average at the
+start and end is recorded beside them. Resume: time to the first batch at the positions of steps
+0, 10k and 100k (simulated: only the data position changes).
 """
 import json
 import os
 import platform
+import resource
 import time
 
 from absl import flags
@@ -62,15 +66,29 @@ def bench_config(root, augment, batch, threads, image_size=224):
   return config
 
 
-def images_per_second(config, batches, warmup=2):
-  """Training images/s over `batches` batches after `warmup` (pipeline start-up excluded)."""
+def cpu_seconds():
+  """CPU seconds (user + system) of this process, all its threads, and its waited-for children."""
+  own, children = (resource.getrusage(who) for who in (resource.RUSAGE_SELF,
+                                                        resource.RUSAGE_CHILDREN))
+  return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def throughput(config, batches, warmup=2):
+  """(images per wall-clock second, images per CPU-second of this process) over `batches` training
+  batches after `warmup` (pipeline start-up excluded).
+
+  Images per CPU-second is what a core delivers, whatever else shares the machine (the wall rate
+  drops when other jobs take the cores; the CPU seconds spent per image barely move), and it
+  includes every thread's work: tf.data's, the batching and the copy out to numpy.
+  """
   stream = pipeline.train_batches(config, 0, 0, 1)
   for _ in range(warmup):
     next(stream)
-  start = time.perf_counter()
+  start, cpu = time.perf_counter(), cpu_seconds()
   for _ in range(batches):
     next(stream)
-  return batches * config.batch_size / (time.perf_counter() - start)
+  images = batches * config.batch_size
+  return images / (time.perf_counter() - start), images / (cpu_seconds() - cpu)
 
 
 def first_batch_seconds(config, step):
@@ -84,20 +102,28 @@ def run(root, num_images, batch, batches, image_size):
   write_folder(root, num_images)
   cores = os.cpu_count()
   results = {'machine': f'{platform.processor() or platform.machine()}, {cores} cores',
+             'load_average_1min_at_start': os.getloadavg()[0],
              'images': num_images, 'batch': batch, 'image_size': image_size, 'throughput': {},
              'resume_first_batch_s': {}}
   for augment in AUGMENTATIONS:
-    one = images_per_second(bench_config(root, augment, batch, 1, image_size), batches)
-    total = images_per_second(bench_config(root, augment, batch, 0, image_size), batches)
-    results['throughput'][augment] = {'per_core_1_thread': one, 'all_cores': total,
-                                      'all_cores_per_core': total / cores}
-    print(f'{augment:>13}: {one:7.1f} img/s on 1 thread, {total:8.1f} img/s on {cores} cores',
-          flush=True)
+    row = {}
+    for threads, label in ((1, '1_thread'), (0, 'all_cores')):
+      wall, per_cpu_s = throughput(bench_config(root, augment, batch, threads, image_size), batches)
+      row[f'img_per_cpu_s_{label}'] = per_cpu_s
+      row[f'wall_img_s_{label}'] = wall
+    results['throughput'][augment] = row
+    print(f'{augment:>13}: {row["img_per_cpu_s_1_thread"]:6.1f} img per CPU-second on 1 thread '
+          f'(wall {row["wall_img_s_1_thread"]:6.1f} img/s); {cores} cores: '
+          f'{row["img_per_cpu_s_all_cores"]:6.1f} img per CPU-second (wall '
+          f'{row["wall_img_s_all_cores"]:6.1f} img/s)', flush=True)
   config = bench_config(root, 'rrc_flip', batch, 0, image_size)
   for step in RESUME_STEPS:
     seconds = first_batch_seconds(config, step)
     results['resume_first_batch_s'][step] = seconds
     print(f'resume at step {step:>7}: first batch after {seconds:.2f} s', flush=True)
+  results['load_average_1min_at_end'] = os.getloadavg()[0]
+  print(f'load average (1 min): {results["load_average_1min_at_start"]:.2f} at the start, '
+        f'{results["load_average_1min_at_end"]:.2f} at the end', flush=True)
   return results
 
 
