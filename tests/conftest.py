@@ -112,12 +112,7 @@ def config_flags(overrides):
 def set_fields(config, **values):
   """Sets dotted keys of `config` (unlocked for the change) in place; returns `config`."""
   with config.unlocked():
-    for key, value in values.items():
-      target = config
-      *parents, leaf = key.split('.')
-      for p in parents:
-        target = target[p]
-      target[leaf] = value
+    config.update_from_flattened_dict(values)
   return config
 
 
