@@ -116,6 +116,16 @@ def set_fields(config, **values):
   return config
 
 
+def file_tree(workdir):
+  """{relative path: (size, mtime)} of everything under `workdir`."""
+  out = {}
+  for dirpath, _, files in os.walk(workdir):
+    for name in files:
+      path = os.path.join(dirpath, name)
+      out[os.path.relpath(path, workdir)] = (os.path.getsize(path), os.path.getmtime(path))
+  return out
+
+
 def checkpoint_steps(workdir):
   """The steps of the checkpoints a workdir holds, as Orbax lists them (sorted)."""
   from mimjax import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel
@@ -141,7 +151,8 @@ def one_line_error(e, *parts):
 
 
 def damages(target):
-  """Ways `target` (a workdir's JSON or JSON-lines file) is found damaged: {name: damage}."""
+  """Ways `target` (a JSON or JSON-lines file of a workdir or checkpoint) is found damaged:
+  {name: damage}."""
   def directory():
     os.remove(target)
     os.mkdir(target)

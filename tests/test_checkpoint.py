@@ -14,7 +14,9 @@ from etils import epath
 
 from conftest import checkpoint_steps
 from conftest import config_flags
+from conftest import damages
 from conftest import one_line_error
+from conftest import restore_file
 from conftest import run_module
 from conftest import set_fields
 from conftest import tiny_overrides
@@ -168,20 +170,13 @@ def test_a_damaged_or_missing_checksum_file_is_refused_like_a_damaged_checkpoint
   train.train(set_fields(tiny_mae_config, **{'total_steps': 6}), workdir)  # checkpoints 3 and 6
   sums = os.path.join(workdir, 'checkpoints', '6', checkpoint_lib.CHECKSUMS)
   good = open(sums, 'rb').read()
-  damages = {'not JSON': lambda: open(sums, 'w').write('{"state/'),
-             'a list': lambda: open(sums, 'w').write('[]'),
-             'invalid UTF-8': lambda: open(sums, 'wb').write(b'\xff\xfe{}'),
-             'a directory': lambda: (os.remove(sums), os.mkdir(sums)),
-             'deleted': lambda: os.remove(sums)}
-  for name, damage in damages.items():
+  for damage in {**damages(sums), 'deleted': lambda: os.remove(sums)}.values():
     damage()
     with pytest.raises(errors.CheckpointError) as e:
       checkpoint_lib.restore_params(workdir)  # export / evaluate / init from the workdir
     one_line_error(e, 'Checkpoint 6', checkpoint_lib.CHECKSUMS, 'cannot be verified',
                    'Checkpoint 3 verifies: move')
-    if os.path.isdir(sums):
-      os.rmdir(sums)
-    open(sums, 'wb').write(good)
+    restore_file(sums, good)
     checkpoint_lib.restore_params(workdir)  # the restored file verifies again: it was the cause
   os.remove(sums)
   config_json = open(os.path.join(workdir, 'config.json')).read()

@@ -1,6 +1,8 @@
 """End-to-end training: loss goes down, outputs appear, resume reproduces, bad input is refused,
 a non-finite update stops the run before it is checkpointed, and a stopped run exits 130 / 143."""
 import copy
+import json
+import math
 import os
 import shutil
 import signal
@@ -11,6 +13,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from conftest import ROOT, TINY_DECODER, config_flags, load_config, run_module, tiny_overrides
@@ -315,3 +318,23 @@ def test_the_preempted_exit_status_is_what_a_sigterm_kill_reports():
   killed = subprocess.Popen(['sleep', '60'])
   killed.terminate()
   assert 128 - killed.wait() == train.PREEMPTED_EXIT_CODE  # Popen reports -15; a shell 143
+
+
+@pytest.mark.parametrize('accum_steps', [1, 2])
+def test_logged_lr_is_the_logged_steps_lr(tmp_path, accum_steps):
+  """Logging every 3 steps of 6, warmup 2 then cosine: each logged lr is optax's schedule at the
+  logged step's update (not the interval's mean), with or without gradient accumulation (one
+  update per step, whatever the micro-batches)."""
+  config = load_config('configs/mae.py:runlocal', **dict(tiny_overrides(**TINY_DECODER), **{
+      'log.every_steps': 3, 'optim.base_lr': 1e-3, 'optim.lr_base_batch': 16,
+      'optim.warmup_init_lr': 0.0, 'optim.min_lr': 0.0, 'optim.accum_steps': accum_steps}))
+  train.train(config, str(tmp_path))
+  with open(tmp_path / 'metrics.jsonl') as f:
+    logged = {r['step']: r['lr'] for r in map(json.loads, f)}
+  # The peak 1e-3 * 16 / 16, warmed up over updates 0..2, then cosine to 0 at update 6.
+  schedule = optax.warmup_cosine_decay_schedule(init_value=0.0, peak_value=1e-3, warmup_steps=2,
+                                                decay_steps=6, end_value=0.0)
+  # Step 3 applies update 2 (the peak; the interval's mean would be 5e-4), step 6 update 5.
+  assert list(logged) == [3, 6]
+  np.testing.assert_allclose([logged[3], logged[6]], [schedule(2), schedule(5)], rtol=1e-6)
+  np.testing.assert_allclose(logged[6], 1e-3 * 0.5 * (1 + math.cos(math.pi * 3 / 4)), rtol=1e-6)
