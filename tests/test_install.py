@@ -75,7 +75,7 @@ def test_pip_install_then_train_from_another_directory(tmp_path):
 
 
 @pytest.mark.slow
-def test_editable_install_imports_the_sourcefile_tree(tmp_path):
+def test_editable_install_imports_the_source_tree(tmp_path):
   python, source = _venv_with_mimjax(tmp_path, editable=True)
   where = subprocess.run([python, '-c', 'import mimjax, configs.mae; print(mimjax.__file__); '
                           'print(configs.mae.__file__)'], cwd=tmp_path, env=_clean_env(),
