@@ -16,8 +16,8 @@ def base_config():
   """Every field mimjax reads, with its default: `schema.py`'s core sections and the own section
   (`config_fields`) of every framework and plug-in in the registry. Recipes override values,
   never add keys."""
-  owned = {c.name: c.config_fields() for c in (*registry.FRAMEWORKS.values(), *registry.PLUGINS)}
-  return schema.assemble({name: s for name, s in owned.items() if s is not None})
+  owned = ((c.name, c.config_fields()) for c in (*registry.FRAMEWORKS.values(), *registry.PLUGINS))
+  return schema.assemble([(name, section) for name, section in owned if section is not None])
 
 
 def to_json(config):

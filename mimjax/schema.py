@@ -6,8 +6,9 @@ line; `config_lib.base_config` assembles these core sections and every registere
 full config. The sections here belong to no one component: the ViT (`model`), the data, the
 optimizer, the start weights (`init`), the mesh, multi-host start-up, checkpoints, resuming,
 logging and evaluation are read by the trainer and by modules in several layers (`model` by the
-frameworks, teachers, evaluation and export), and modules below the frameworks read a run's
-`model` and `data` (`workdir.read_encoder_config`), so they stay in this leaf module.
+frameworks, teachers, evaluation and export), and modules below the registry read a saved run's
+`model` and `data` on their defaults (`workdir.read_encoder_config`), so they stay in this leaf
+module.
 
 Recipes (`configs/*.py`) start from `base_config()` and change values; they never add keys.
 Because a recipe returns the ConfigDict locked, a misspelt `--config.x.y=v` fails at start-up
@@ -254,8 +255,9 @@ SECTIONS = {
 
 def assemble(owned):
   """Every field mimjax reads, with its default: the top-level fields, the core SECTIONS and
-  `owned` ({section name: ConfigDict}, the frameworks' and plug-ins' own sections). A ConfigDict
-  lists its keys sorted, so the order of the sections here does not show in --print_config."""
+  `owned` ((section name, ConfigDict) pairs: the frameworks' and plug-ins' own sections). A
+  ConfigDict lists its keys sorted, so the order of the sections here does not show in
+  --print_config."""
   c = ml_collections.ConfigDict()
   c.framework = 'mae'  # a registry.FRAMEWORKS name: mae | simmim | distill | supervised
   c.seed = 0
@@ -264,7 +266,9 @@ def assemble(owned):
   c.warmup_steps = 10_000
   for name, fields in SECTIONS.items():
     c[name] = fields()
-  for name, section in owned.items():
+  for name, section in owned:
+    if name in c:  # two owners of one name would silently share (or lose) fields
+      raise ValueError(f'Config section {name!r} is declared twice; rename a framework or plug-in.')
     c[name] = section
   return c
 

@@ -27,9 +27,9 @@ def read_json(workdir):
 
 
 def read_encoder_config(workdir):
-  """The run's `model` and `data` sections on today's defaults, locked: read without the full
-  schema, whose framework and plug-in sections sit above the teachers and the pre-trained weight
-  loader that call this."""
+  """The run's `model` and `data` sections on today's defaults, locked. Read without the whole
+  schema, which is assembled from the registry, above the teachers and the pre-trained weight
+  loader that call this (the frameworks import both)."""
   values = read_json(workdir)
   defaults = ml_collections.ConfigDict({s: schema.SECTIONS[s]() for s in ENCODER_SECTIONS})
   return schema.merged(defaults, {s: values[s] for s in ENCODER_SECTIONS if s in values})

@@ -11,6 +11,7 @@ import pytest
 from mimjax import config_lib
 from mimjax import errors
 from mimjax import registry
+from mimjax import schema
 from mimjax import validation
 from mimjax.frameworks import base
 
@@ -223,6 +224,13 @@ def test_every_capability_named_by_a_plugin_or_framework_is_declared():
     assert set(plugin.requires(config)) <= set(base.CAPABILITIES), plugin
   for framework in registry.FRAMEWORKS.values():
     assert framework.provides(config) <= set(base.CAPABILITIES), framework
+
+
+def test_a_section_name_taken_twice_is_refused():
+  """A plug-in named like a core section (or like another owner) cannot take over its fields."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  with pytest.raises(ValueError, match="'model' is declared twice"):
+    schema.assemble([('model', ml_collections.ConfigDict({'enabled': False}))])
 
 
 @pytest.mark.parametrize('spec,override,match', [
