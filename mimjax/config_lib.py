@@ -1,14 +1,23 @@
-"""Config round-trips through the workdir's config.json, and `--config.x.y` flag parsing."""
+"""The full config: its schema assembled (`base_config`), config.json round trips, and
+`--config.x.y` flag parsing."""
 import contextlib
 import json
 import re
 import sys
 
 from absl import flags
-import ml_collections
 
-from mimjax import errors
+from mimjax import registry
 from mimjax import schema
+from mimjax import workdir as workdir_lib
+
+
+def base_config():
+  """Every field mimjax reads, with its default: `schema.py`'s core sections and the own section
+  (`config_fields`) of every framework and plug-in in the registry. Recipes override values,
+  never add keys."""
+  owned = ((c.name, c.config_fields()) for c in (*registry.FRAMEWORKS.values(), *registry.PLUGINS))
+  return schema.assemble([(name, section) for name, section in owned if section is not None])
 
 
 def to_json(config):
@@ -16,27 +25,15 @@ def to_json(config):
 
 
 def from_json(text):
-  """Rebuilds a locked ConfigDict from `to_json` output, on top of the current defaults.
+  """Rebuilds a locked ConfigDict from `to_json` output, on top of the current defaults
+  (`schema.merged`: a workdir written by an older mimjax still loads; an unknown key is an error
+  that names it)."""
+  return schema.merged(base_config(), json.loads(text))
 
-  Starting from the defaults means a workdir written by an older mimjax still loads; a key the
-  current mimjax does not know is an error that names it.
-  """
-  config = schema.base_config()
-  values = json.loads(text)
 
-  def merge(target, src, prefix):
-    for key, value in src.items():
-      if key not in target:
-        raise errors.ConfigError(f'config.json has unknown key {prefix}{key}; it was written by a '
-                                 'different mimjax version.')
-      if isinstance(target[key], ml_collections.ConfigDict):
-        merge(target[key], value, f'{prefix}{key}.')
-      else:
-        target[key] = tuple(tuple(v) if isinstance(v, list) else v for v in value) \
-            if isinstance(value, list) else value
-  merge(config, values, '')
-  config.lock()
-  return config
+def read_config(workdir):
+  """The locked config a mimjax.train run wrote to WORKDIR/config.json (local or gs://)."""
+  return schema.merged(base_config(), workdir_lib.read_json(workdir))
 
 
 def parse_flags(argv, flag_values=None):
@@ -62,7 +59,7 @@ def flag_errors_reported(argv):
     given = [a.split('=')[0] for a in argv if key and re.search(rf'\.{key.group(1)}(=|$)', a)]
     name = given[0] if given else f'--config.{key.group(1) if key else text}'
     suggestion = f'did you mean {name.rsplit(".", 1)[0]}.{hint.group(1)}?' if hint else (
-        'every key and its default are in mimjax/schema.py.')
+        '--print_config --print_all lists every key.')
     message = f'{name} is not a config key; {suggestion}'
   except flags.Error as e:
     message = str(e)

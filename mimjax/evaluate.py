@@ -28,8 +28,6 @@ from mimjax import config_lib
 from mimjax import distributed
 from mimjax import errors
 from mimjax import finetune
-from mimjax import schema
-from mimjax import workdir as workdir_lib
 from mimjax import workdir_io
 from mimjax.eval import attention
 from mimjax.eval import features as features_lib
@@ -100,7 +98,7 @@ def define_flags():
   flags.DEFINE_bool('compare_random_init', False,
                     'Also evaluate the randomly initialised encoder of the same architecture.')
   config_flags.DEFINE_config_dict(
-      'config', schema.base_config(), 'Evaluation settings of the run to change for this '
+      'config', config_lib.base_config(), 'Evaluation settings of the run to change for this '
       'evaluation: --config.eval.KEY=VALUE (e.g. --config.eval.linear.epochs=5), checked as '
       'training checks them; kept in the result\'s options.', lock_config=True)
   for name, (define, help_text) in OPTIONS.items():
@@ -239,7 +237,7 @@ def main(argv):
                                  '--protocol finetune.')
       print(finetune.planned_config(f.workdir, f.step, **options))
       return
-    distributed.initialize(workdir_lib.read_config(f.workdir))
+    distributed.initialize(config_lib.read_config(f.workdir))
     result = evaluate(f.workdir, f.protocol, f.step, f.compare_random_init,
                       config_overrides=overrides, **options)
   except (errors.MimjaxError, ValueError) as e:

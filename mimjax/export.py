@@ -31,9 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from mimjax import checkpoint as checkpoint_lib
+from mimjax import config_lib
 from mimjax import errors
 from mimjax import registry
-from mimjax import workdir as workdir_lib
 from mimjax import workdir_io
 from mimjax.interop import beit as beit_lib
 from mimjax.interop import hub
@@ -50,7 +50,7 @@ VERIFY_TOLERANCE = 1e-4
 def load_encoder(workdir, step=None):
   """(config, encoder params as numpy, step) of a training workdir's checkpoint."""
   params, step = checkpoint_lib.restore(workdir, step)
-  return workdir_lib.read_config(workdir), params['encoder'], step
+  return config_lib.read_config(workdir), params['encoder'], step
 
 
 def build_encoder(config):

@@ -17,10 +17,10 @@ checkpoint, so fine-tunes of one run's several checkpoints never resume each oth
 """
 import json
 
+from mimjax import config_lib
 from mimjax import finetune_recipes
 from mimjax import registry
 from mimjax import train
-from mimjax import workdir as workdir_lib
 from mimjax import workdir_io
 from mimjax.eval import loading
 
@@ -76,7 +76,7 @@ def planned_config(workdir, step=None, finetune_config=None, total_steps=None,
                    label_fraction=None):
   """The config `protocol` would train for the run in `workdir`, read from its config alone (no
   checkpoint is loaded): `evaluate --protocol finetune --print_config`."""
-  run = loading.Run(workdir_lib.read_config(workdir), None, -1 if step is None else step, workdir)
+  run = loading.Run(config_lib.read_config(workdir), None, -1 if step is None else step, workdir)
   return derive_config(run, finetune_config, total_steps, label_fraction)
 
 

@@ -25,8 +25,8 @@ docs/recipes.md lists every value against the papers and the reference code. Siz
 fine-tune (Ti, S, ...) take B's values; the other recipes are their papers' ViT-B values at every
 size.
 """
+from mimjax import config_lib
 from mimjax import recipe_lib
-from mimjax import schema
 
 # MAE's FINETUNE.md per model size (sizes it does not list use B's values).
 LAYER_DECAY = {'L': 0.75, 'H': 0.75}
@@ -59,7 +59,7 @@ def config(model='B/16', recipe='mae', epochs=0, runlocal=False):
     raise ValueError(f'Unknown fine-tuning recipe {recipe!r}; choose one of {sorted(RECIPES)}.')
   size = model.partition('/')[0]
   epochs = epochs or EPOCHS.get(size, 100)
-  c = schema.base_config()
+  c = config_lib.base_config()
   c.framework = 'supervised'
   c.model.variant = model
   # models_vit.py's pos_embed is an nn.Parameter: the pre-trained table is trained on.

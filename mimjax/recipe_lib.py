@@ -1,6 +1,6 @@
 """What recipes share, and how the library finds them.
 
-A recipe (`configs/NAME.py`) is a `get_config(arg)` that starts from `schema.base_config()` and
+A recipe (`configs/NAME.py`) is a `get_config(arg)` that starts from `config_lib.base_config()` and
 sets values. The helpers it uses live here, in the package, because the library builds one recipe
 itself (`finetune_recipes`, for `mimjax.evaluate --protocol finetune`): `parse_arg` for the
 `NAME.py:ARG` string, `steps_for_epochs`, `apply_runlocal` (any config shrunk to a run that

@@ -1,11 +1,23 @@
-"""The config schema: every field mimjax reads and its default, one function per section.
+"""The config schema's core: the fields every run has, one function per section.
+
+A framework's or plug-in's own section (`mae`, `distill`, `dtm`, ...) is declared on its class
+(`config_fields`), next to the code that reads it, so a new one is one module plus one registry
+line; `config_lib.base_config` assembles these core sections and every registered one into the
+full config. The sections here belong to no one component: the ViT (`model`), the data, the
+optimizer, the start weights (`init`), the mesh, multi-host start-up, checkpoints, resuming,
+logging and evaluation are read by the trainer and by modules in several layers (`model` by the
+frameworks, teachers, evaluation and export), and modules below the registry read a saved run's
+`model` and `data` on their defaults (`workdir.read_encoder_config`), so they stay in this leaf
+module.
 
 Recipes (`configs/*.py`) start from `base_config()` and change values; they never add keys.
 Because a recipe returns the ConfigDict locked, a misspelt `--config.x.y=v` fails at start-up
-naming the key. A workdir's config.json is read back on top of these defaults
-(`config_lib.from_json`), so the schema lives in the package, not with the recipes.
+naming the key. A workdir's config.json is read back on top of these defaults (`merged`), so the
+schema lives in the package, not with the recipes.
 """
 import ml_collections
+
+from mimjax import errors
 
 
 def model_fields():
@@ -119,69 +131,6 @@ def optim_fields():
   return s
 
 
-def mae_fields():
-  """MAE (framework 'mae'): mask ratio, pixel target, the decoder."""
-  s = ml_collections.ConfigDict()
-  s.mask_ratio = 0.75
-  s.norm_pix_loss = True
-  s.decoder_width = 512
-  s.decoder_depth = 8
-  s.decoder_heads = 16
-  s.decoder_mlp_ratio = 4
-  s.target = 'pixels'  # pixels | teacher (decoder predicts the config.distill teacher's tokens)
-  return s
-
-
-def distill_fields():
-  """Feature distillation (framework 'distill'; also the teacher of mae.target='teacher')."""
-  s = ml_collections.ConfigDict()
-  s.teacher = 'ema'  # ema (of the student) | checkpoint (a mimjax workdir) | clip
-  s.clip_path = ml_collections.FieldReference(None, field_type=str)  # local CLIP weights
-  s.clip_quick_gelu = True  # QuickGELU: OpenAI weights; False for open_clip GELU models
-  s.teacher_workdir = ml_collections.FieldReference(None, field_type=str)  # checkpoint
-  s.teacher_layer = -1  # ema/checkpoint: -1 = after the final norm; k = block k output
-  s.teacher_dtype = 'auto'  # the teacher's compute dtype, as model.dtype
-  s.teacher_own_norm = True  # re-normalise inputs with the teacher's mean/std (CLIP's)
-  s.ema_momentum = 0.999  # ema teacher: t <- m * t + (1 - m) * student
-  s.mask_ratio = 0.4  # BEiT block-wise masking: round(ratio * N) patches masked
-  s.mask_count = 0  # > 0: exactly this many masked patches (reference: 75); 0: mask_ratio
-  s.mask_min_block = 16  # minimum patches per masked block
-  s.loss = 'cosine'  # per-token distance: cosine | smooth_l1 (beta 2) | l1 | l2
-  s.loss_tokens = 'all'  # all | masked: tokens the loss averages over
-  s.norm_target = False  # standardise each target token (after morphing under DTM)
-  return s
-
-
-def dtm_fields():
-  """Dynamic Token Morphing (Kim et al.): replaces the token-wise loss of distill /
-  mae+teacher."""
-  s = ml_collections.ConfigDict()
-  s.enabled = False
-  s.weight = 1.0  # weight of the DTM loss
-  s.num_schedules = 2  # L: morphing schedules per step, losses averaged
-  s.max_rounds = 14  # K: rounds k ~ U{1..K}
-  # N-bar: merges drawn from U{0..N - min_tokens}; 0 = the reference code's n1 = N (196)
-  s.min_tokens = 1
-  s.scheduler = 'paper'  # paper (eq. 1: floor(n/k), remainder last) | reference (ceil(n/k))
-  # G > 0: the batch splits into G equal groups, each with its own num_schedules draws (the
-  # reference draws per GPU: 8 GPUs x 2 = 16 per step); 0 = one draw for the whole batch
-  s.schedule_groups = 0
-  s.protect_first = True  # the first token never merges away (reference code)
-  return s
-
-
-def lut_fields():
-  """LUT (Kim et al.): pooled visible tokens of two disjointly masked views are pulled toward an
-  EMA context encoder's pooled tokens of the other, unmasked view. Needs framework='mae',
-  data.augment='lut_two_view' and mae.mask_ratio >= 0.5."""
-  s = ml_collections.ConfigDict()
-  s.enabled = False
-  s.alpha = 0.25  # weight of the broader-context loss (paper: 0.25 for ViT-B, 1.0 for ViT-S)
-  s.momentum = 0.996  # context-encoder EMA momentum at step 0; cosine schedule up to 1
-  s.head_dim = 4096  # hidden width of the projector and predictor MLPs
-  return s
-
-
 def init_fields():
   """Weights a fresh run starts from (ignored when resuming from the workdir's own checkpoint)."""
   s = ml_collections.ConfigDict()
@@ -190,53 +139,6 @@ def init_fields():
   # a mimjax.train workdir's checkpoint (fine-tuning a pre-trained run)
   s.format = 'timm'
   s.step = -1  # format mimjax: the checkpoint step to start from; -1 = latest
-  return s
-
-
-def supervised_fields():
-  """Supervised training (framework 'supervised'): label smoothing, mixup and cutmix."""
-  s = ml_collections.ConfigDict()
-  s.label_smoothing = 0.1
-  s.mixup_alpha = 0.8  # Beta(a, a) mixing weight of mixup; 0 = no mixup
-  s.cutmix_alpha = 1.0  # Beta(a, a) area weight of cutmix; 0 = no cutmix
-  s.mix_prob = 1.0  # probability that a batch is mixed at all
-  s.switch_prob = 0.5  # probability of cutmix rather than mixup when both are on
-  return s
-
-
-def tokenprop_fields():
-  """TokenProp (Qian et al.): reconstruct the image from the tokenizer output."""
-  s = ml_collections.ConfigDict()
-  s.enabled = False  # reconstruct the image from the tokenizer output (Qian et al.)
-  s.weight = 1e-3  # lambda of the reconstruction term
-  s.hidden = 256  # channels of the decoder's two residual blocks
-  s.output_size = 64  # side of the reconstruction (Table 16); the token grid is resized
-  # to output_size / 4 first, and the target image to output_size
-  return s
-
-
-def simmim_fields():
-  """SimMIM (framework 'simmim'): mask ratio and mask cell size."""
-  s = ml_collections.ConfigDict()
-  s.mask_ratio = 0.6  # masked cells: ceil(cells * ratio), replaced by the mask token
-  s.mask_patch_size = 32  # side of a mask cell in pixels; a multiple of the model's patch
-  return s
-
-
-def mto_fields():
-  """MTO (Choi et al.): entropy losses on masked-vs-visible token affinities
-  (mimjax/plugins/mto.py)."""
-  s = ml_collections.ConfigDict()
-  s.enabled = False
-  s.where = 'encoder'  # encoder (SimMIM: mask tokens in the encoder) | decoder (MAE's decoder)
-  s.tau = 1.0  # affinity temperature; 1 = eq. 2 (none); 0 means sqrt(feature dim)
-  s.layer_norm = False  # layer-normalise (no params) the features first; False = eq. 2 (raw)
-  s.spa_self = False  # L_spa counts each token's affinity to itself (inert: mto.py docstring)
-  s.ranking = 'decrease'  # decrease (the text's intent) | printed (eq. 5 as printed)
-  s.lambda_spa = 1.0  # weight of L_spa (eq. 3): visible tokens ignore masked ones at layer 0
-  s.lambda_e = 1.0  # weight of L_e (eq. 4): 1 / (H^0 + eps), maximises layer-0 heterogeneity
-  s.lambda_r = 1.0  # weight of L_r (eq. 5): heterogeneity ranked to fall with depth
-  s.eps = 1e-6  # epsilon of L_e
   return s
 
 
@@ -336,20 +238,12 @@ def eval_fields():
   return s
 
 
-# Section name -> the function that builds it, in the order --print_config lists them.
+# Section name -> the function that builds it: the core sections, which every run has.
 SECTIONS = {
     'model': model_fields,
     'data': data_fields,
     'optim': optim_fields,
-    'mae': mae_fields,
-    'distill': distill_fields,
-    'dtm': dtm_fields,
-    'lut': lut_fields,
     'init': init_fields,
-    'supervised': supervised_fields,
-    'tokenprop': tokenprop_fields,
-    'simmim': simmim_fields,
-    'mto': mto_fields,
     'mesh': mesh_fields,
     'distributed': distributed_fields,
     'checkpoint': checkpoint_fields,
@@ -359,14 +253,42 @@ SECTIONS = {
 }
 
 
-def base_config():
-  """Every field mimjax reads, with its default. Recipes override values, never add keys."""
+def assemble(owned):
+  """Every field mimjax reads, with its default: the top-level fields, the core SECTIONS and
+  `owned` ((section name, ConfigDict) pairs: the frameworks' and plug-ins' own sections). A
+  ConfigDict lists its keys sorted, so the order of the sections here does not show in
+  --print_config."""
   c = ml_collections.ConfigDict()
-  c.framework = 'mae'  # mae | simmim | distill | supervised
+  c.framework = 'mae'  # a registry.FRAMEWORKS name: mae | simmim | distill | supervised
   c.seed = 0
   c.batch_size = 4096
   c.total_steps = 100_000
   c.warmup_steps = 10_000
   for name, fields in SECTIONS.items():
     c[name] = fields()
+  for name, section in owned:
+    if name in c:  # two owners of one name would silently share (or lose) fields
+      raise ValueError(f'Config section {name!r} is declared twice; rename a framework or plug-in.')
+    c[name] = section
   return c
+
+
+def merged(defaults, values):
+  """`defaults` (a ConfigDict) with the saved `values` (a config.json dict) set on it, locked.
+
+  Starting from the defaults means a workdir written by an older mimjax still loads; a key the
+  defaults do not have is an error that names it.
+  """
+  def merge(target, src, prefix):
+    for key, value in src.items():
+      if key not in target:
+        raise errors.ConfigError(f'config.json has unknown key {prefix}{key}; it was written by a '
+                                 'different mimjax version.')
+      if isinstance(target[key], ml_collections.ConfigDict):
+        merge(target[key], value, f'{prefix}{key}.')
+      else:
+        target[key] = tuple(tuple(v) if isinstance(v, list) else v for v in value) \
+            if isinstance(value, list) else value
+  merge(defaults, values, '')
+  defaults.lock()
+  return defaults

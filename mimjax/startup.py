@@ -74,10 +74,11 @@ def resolve_config_argv(argv):
 
 def unused_sections(config):
   """Top-level sections the run does not read: the other frameworks' (`config_sections`) and the
-  disabled plug-ins'."""
+  disabled plug-ins' (those with a section: `config_fields`)."""
   used = registry.FRAMEWORKS[config.framework].config_sections(config)
   used |= {p.name for p in registry.enabled_plugins(config)}
-  return sorted((set(registry.FRAMEWORKS) | {p.name for p in registry.PLUGINS}) - used)
+  owners = set(registry.FRAMEWORKS) | {p.name for p in registry.PLUGINS}
+  return sorted(name for name in owners - used if name in config)
 
 
 def format_config(config, everything=True):

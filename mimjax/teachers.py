@@ -144,7 +144,7 @@ class CheckpointTeacher(_EncoderTeacher):
     if not workdir:
       raise errors.ConfigError('config.distill.teacher="checkpoint" needs '
                                'config.distill.teacher_workdir=<a mimjax workdir>.')
-    self.teacher_config = workdir_lib.read_config(workdir)
+    self.teacher_config = workdir_lib.read_encoder_config(workdir)
     super().__init__(config, num_patches, self.teacher_config, num_classes=0)
     self._check_grid(self.encoder.grid_size, 'checkpoint')
     self.workdir = workdir

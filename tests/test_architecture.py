@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from mimjax import config_lib
 from mimjax import errors
 from mimjax import registry
 from mimjax import schema
@@ -84,8 +85,7 @@ def test_package_has_no_import_cycle():
 BELOW = 'everything below'
 LAYERS = {
     'leaf': (('errors', 'console', 'tree_util', 'schema', 'recipe_lib'), ()),
-    'config and I/O': (('config_lib', 'finetune_recipes', 'workdir_io', 'distributed', 'workdir',
-                        'resume', 'metrics_writer'), ('leaf',)),
+    'config and I/O': (('workdir_io', 'distributed', 'workdir', 'metrics_writer'), ('leaf',)),
     'models and math': (('models.*', 'losses', 'masking', 'mixup', 'optim', 'sharding',
                          'visualize', 'train_step'), ('leaf',)),
     'data': (('data.*',), ('leaf', 'config and I/O')),
@@ -93,6 +93,7 @@ LAYERS = {
     'contract': (('frameworks.base',), ('leaf', 'models and math')),
     'frameworks, plug-ins': (('frameworks.*', 'plugins.*', 'teachers', 'interop.*'), BELOW),
     'registry': (('registry',), ('frameworks, plug-ins',)),
+    'full config': (('config_lib', 'finetune_recipes', 'resume', 'interop.hub'), BELOW),
     'run set-up': (('validation', 'startup'), BELOW),
     'evaluation': (('eval.*',), BELOW),
     'training': (('train',), BELOW),
@@ -218,11 +219,18 @@ def test_a_plugin_module_imports_on_its_own():
 
 
 def test_every_capability_named_by_a_plugin_or_framework_is_declared():
-  config = schema.base_config()
+  config = config_lib.base_config()
   for plugin in registry.PLUGINS:
     assert set(plugin.requires(config)) <= set(base.CAPABILITIES), plugin
   for framework in registry.FRAMEWORKS.values():
     assert framework.provides(config) <= set(base.CAPABILITIES), framework
+
+
+def test_a_section_name_taken_twice_is_refused():
+  """A plug-in named like a core section (or like another owner) cannot take over its fields."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  with pytest.raises(ValueError, match="'model' is declared twice"):
+    schema.assemble([('model', ml_collections.ConfigDict({'enabled': False}))])
 
 
 @pytest.mark.parametrize('spec,override,match', [
@@ -251,11 +259,15 @@ def test_unknown_combination_refused_before_the_workdir_exists(tmp_path):
   assert not workdir.exists()
 
 
-# A framework written the way docs/design.md says: one module, here a file outside the package.
+# A framework written the way docs/design.md says: one module, here a file outside the package,
+# with a config section of its own.
 _ONE_MODULE_FRAMEWORK = '''
-"""Regresses each image's mean colour from the ViT's classifier output."""
+"""Regresses each image's mean colour, times config.mean_colour.scale, from the ViT's classifier
+output."""
 import jax.numpy as jnp
+import ml_collections
 
+from mimjax import errors
 from mimjax.frameworks import base
 from mimjax.models import vit
 
@@ -263,6 +275,17 @@ from mimjax.models import vit
 class MeanColour(base.Framework):
   name = 'mean_colour'
   no_weight_decay = ('cls',)
+
+  @classmethod
+  def config_fields(cls):
+    s = ml_collections.ConfigDict()
+    s.scale = 1.0  # the target: scale * the image's mean colour
+    return s
+
+  @classmethod
+  def check_config(cls, config):
+    scale = config.mean_colour.scale
+    errors.require(scale > 0, 'mean_colour.scale', scale, 'use a positive scale')
 
   def build_model(self):
     return vit.from_config(self.config, num_classes=3)
@@ -274,19 +297,24 @@ class MeanColour(base.Framework):
     del model_state
     enc = self.model.apply({'params': params['encoder']}, batch['image'], train=train,
                            rngs={'dropout': rng})
-    loss = jnp.mean((enc['logits'] - batch['image'].mean(axis=(1, 2))) ** 2)
+    target = self.config.mean_colour.scale * batch['image'].mean(axis=(1, 2))
+    loss = jnp.mean((enc['logits'] - target) ** 2)
     return loss, {}, base.ForwardOutputs(encoder=enc, image=batch['image'])
 '''
 
 
 def test_a_framework_is_one_module_plus_one_registry_line(tmp_path, monkeypatch):
-  """A new framework, its own weight-decay exclusions and a plug-in (TokenProp) train through the
-  real trainer with nothing else of mimjax touched."""
+  """A new framework, its own config section, its own weight-decay exclusions and a plug-in
+  (TokenProp) go through the command line, the validation phase and the real trainer with nothing
+  else of mimjax touched."""
   import importlib  # pylint: disable=import-outside-toplevel
+  from absl import flags  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from conftest import load_config, tiny_overrides  # pylint: disable=import-outside-toplevel
+  from conftest import set_fields, tiny_overrides  # pylint: disable=import-outside-toplevel
+  from mimjax import startup  # pylint: disable=import-outside-toplevel
   from mimjax import train  # pylint: disable=import-outside-toplevel
   from mimjax import train_step  # pylint: disable=import-outside-toplevel
   (tmp_path / 'one_module_framework.py').write_text(_ONE_MODULE_FRAMEWORK)
@@ -294,13 +322,31 @@ def test_a_framework_is_one_module_plus_one_registry_line(tmp_path, monkeypatch)
   module = importlib.import_module('one_module_framework')
   monkeypatch.setitem(registry.FRAMEWORKS, 'mean_colour', module.MeanColour)  # the one line
 
-  config = load_config('configs/mae.py:runlocal', **tiny_overrides(**{
-      'framework': 'mean_colour', 'total_steps': 2, 'checkpoint.every_steps': 2,
-      'eval.every_steps': 0, 'tokenprop.enabled': True, 'tokenprop.hidden': 16,
-      'optim.weight_decay': 0.5}))
+  # Its section is set on the command line as any other (`--config.mean_colour.scale`), and
+  # --print_config shows it for this run, hiding the other frameworks' sections.
+  argv = ['train', '--config=configs/mae.py:runlocal', '--config.framework=mean_colour',
+          '--config.mean_colour.scale=2.0']
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, flag_values=flag_values, lock_config=True,
+                                  sys_argv=argv)
+  config_lib.parse_flags(argv, flag_values)
+  config = flag_values.config
+  printed = startup.format_config(config, everything=False).splitlines()
+  assert 'mean_colour.scale = 2.0' in printed
+  assert not [line for line in printed if line.startswith('mae.')]
+  # Its own check_config refuses a bad value in the one validation phase.
+  with pytest.raises(errors.ConfigError, match=r'^config\.mean_colour\.scale=-1\.0'):
+    validation.validate(set_fields(config.copy_and_resolve_references(),
+                                   **{'mean_colour.scale': -1.0}))
+
+  config = set_fields(config, **tiny_overrides(**{
+      'total_steps': 2, 'checkpoint.every_steps': 2, 'eval.every_steps': 0,
+      'tokenprop.enabled': True, 'tokenprop.hidden': 16, 'optim.weight_decay': 0.5}))
   workdir = tmp_path / 'run'
   final = train.train(config, str(workdir))
   assert final['step'] == 2 and np.isfinite(final['loss']) and 'loss_tokenprop' in final
+  # The run's config.json holds the section and reads back with the whole schema.
+  assert config_lib.read_config(str(workdir)).mean_colour.scale == 2.0
 
   # With zero gradients an AdamW step is pure decay, -lr * wd * p: the framework's `cls` and the
   # 1-D parameters stay, every other matrix shrinks.

@@ -1,4 +1,4 @@
-"""Bad input, field by field (issue 32): every field of `mimjax/schema.py:base_config` is set to
+"""Bad input, field by field (issue 32): every field of `mimjax/config_lib.py:base_config` is set to
 zero, a negative, a non-finite, an out-of-range or an unknown value, and the one validation phase
 (`mimjax.validation.validate`, in-process: no training, no subprocess per case) must refuse it with
 a ConfigError naming the field, unless the schema gives that value a meaning (LEGAL). Subprocess
@@ -13,8 +13,8 @@ from conftest import config_flags
 from conftest import load_config
 from conftest import run_module
 from conftest import tiny_overrides
+from mimjax import config_lib
 from mimjax import errors
-from mimjax import schema
 from mimjax import validation
 
 # The recipe under which a section's fields are in use (a framework is refused only for the fields
@@ -33,7 +33,8 @@ RECIPES = {
 DEFAULT_RECIPE = ('configs/mae.py:runlocal', {})
 
 NAN, INF = math.nan, math.inf
-# Values the schema gives a meaning (mimjax/schema.py's comments); all others must be refused.
+# Values the schema gives a meaning (the comments of mimjax/schema.py and of each framework's and
+# plug-in's `config_fields`); all others must be refused.
 LEGAL = {
     'seed': {0, -1},
     'warmup_steps': {0},
@@ -126,7 +127,7 @@ def _candidates(value):
 
 
 def _fields():
-  return [(key, value) for key, value in validation._leaves(schema.base_config())  # pylint: disable=protected-access
+  return [(key, value) for key, value in validation._leaves(config_lib.base_config())  # pylint: disable=protected-access
           if key != 'framework']  # the framework is the recipe's; bogus is tested below
 
 

@@ -423,8 +423,8 @@ def test_knn_needs_no_teacher_file_nor_training_pipeline(pretrained, tmp_path, m
 
 _EVAL_WORKER = '''
 import sys
-from mimjax import distributed, evaluate, workdir
-distributed.initialize(workdir.read_config(sys.argv[1]))
+from mimjax import config_lib, distributed, evaluate
+distributed.initialize(config_lib.read_config(sys.argv[1]))
 for protocol in sys.argv[2:]:
   evaluate.evaluate(sys.argv[1], protocol)
 '''

@@ -14,10 +14,10 @@ import jax
 import numpy as np
 
 from mimjax import checkpoint as checkpoint_lib
+from mimjax import config_lib
 from mimjax import errors
 from mimjax import registry
 from mimjax import validation
-from mimjax import workdir as workdir_lib
 from mimjax import workdir_io
 from mimjax.data import fit
 from mimjax.models import vit
@@ -87,7 +87,7 @@ def eval_config(workdir, overrides=None):
   """(config, note): the run's config with `overrides` ({'eval.KEY': value}, mimjax.evaluate's
   --config.eval.*) applied and checked as training checks them, and its evaluation sizes fitted
   to the data (`fit.note` of the changes, '' when none)."""
-  config = workdir_lib.read_config(workdir)
+  config = config_lib.read_config(workdir)
   outside = sorted(k for k in overrides or {} if not k.startswith('eval.'))
   if outside:
     raise errors.ConfigError(f'mimjax.evaluate changes only config.eval.* settings, not '
@@ -104,7 +104,7 @@ def load_run(workdir, step=None, random_init=False, config=None):
   baseline that shows what pre-training bought. `config` (from `eval_config`) replaces the
   workdir's.
   """
-  config = config or workdir_lib.read_config(workdir)
+  config = config or config_lib.read_config(workdir)
   if random_init:
     return Run(config, random_encoder_params(config), 0, workdir, True)
   params, step = checkpoint_lib.restore(workdir, step)

@@ -9,8 +9,8 @@ Above 1: S2 gains more over S1's starting value than S1 does.
 
 import numpy as np
 
+from mimjax import config_lib
 from mimjax import errors
-from mimjax import workdir as workdir_lib
 from mimjax import workdir_io
 
 
@@ -79,7 +79,7 @@ def check_shared(metric, records, other_records, workdir, other_workdir):
 
 def default_metric(workdir, other_workdir):
   """The base loss of the framework both runs share (loss_<framework>)."""
-  frameworks = {w: workdir_lib.read_config(w).framework for w in (workdir, other_workdir)}
+  frameworks = {w: config_lib.read_config(w).framework for w in (workdir, other_workdir)}
   if len(set(frameworks.values())) > 1:
     raise errors.ConfigError(f'the runs use different frameworks ({frameworks}); choose a '
                              'metric both log with --metric (e.g. eval_top1).')

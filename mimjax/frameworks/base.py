@@ -118,6 +118,13 @@ class Plugin(abc.ABC):
     framework (or the data) does not provide it."""
 
   @classmethod
+  def config_fields(cls):
+    """The plug-in's own config section, `config.<name>` (a ConfigDict of its fields and their
+    defaults, with `enabled`), or None for a plug-in without fields. `config_lib.base_config`
+    adds it to the schema."""
+    return None
+
+  @classmethod
   def check_config(cls, config):
     """Raises errors.ConfigError on values of the plug-in's own config fields that cannot work."""
     del config
@@ -169,6 +176,13 @@ class Framework(abc.ABC):
     """Where a learned mask token stands in for masked patches: a subset of (encoder, decoder)."""
     return tuple(site for site in ('encoder', 'decoder')
                  if f'{site}_mask_tokens' in cls.provides(config))
+
+  @classmethod
+  def config_fields(cls):
+    """The framework's own config section, `config.<name>` (a ConfigDict of its fields and their
+    defaults), or None for a framework without fields. `config_lib.base_config` adds it to the
+    schema."""
+    return None
 
   @classmethod
   def check_config(cls, config):

@@ -8,6 +8,7 @@ mimjax checkpoint or an EMA of the student; `mimjax.teachers`) sees the unmasked
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from mimjax import errors
 from mimjax import losses
@@ -25,6 +26,27 @@ class Distill(base.Framework):
   name = 'distill'
   # BEiT v2's no_weight_decay(): pos_embed and cls_token (the mask token is decayed).
   no_weight_decay = ('pos_embedding', 'cls')
+
+  @classmethod
+  def config_fields(cls):
+    """`config.distill`: the teacher, the block-wise mask and the token-wise loss (MAE's decoder
+    predicts this teacher's tokens with this loss under mae.target='teacher')."""
+    s = ml_collections.ConfigDict()
+    s.teacher = 'ema'  # ema (of the student) | checkpoint (a mimjax workdir) | clip
+    s.clip_path = ml_collections.FieldReference(None, field_type=str)  # local CLIP weights
+    s.clip_quick_gelu = True  # QuickGELU: OpenAI weights; False for open_clip GELU models
+    s.teacher_workdir = ml_collections.FieldReference(None, field_type=str)  # checkpoint
+    s.teacher_layer = -1  # ema/checkpoint: -1 = after the final norm; k = block k output
+    s.teacher_dtype = 'auto'  # the teacher's compute dtype, as model.dtype
+    s.teacher_own_norm = True  # re-normalise inputs with the teacher's mean/std (CLIP's)
+    s.ema_momentum = 0.999  # ema teacher: t <- m * t + (1 - m) * student
+    s.mask_ratio = 0.4  # BEiT block-wise masking: round(ratio * N) patches masked
+    s.mask_count = 0  # > 0: exactly this many masked patches (reference: 75); 0: mask_ratio
+    s.mask_min_block = 16  # minimum patches per masked block
+    s.loss = 'cosine'  # per-token distance: cosine | smooth_l1 (beta 2) | l1 | l2
+    s.loss_tokens = 'all'  # all | masked: tokens the loss averages over
+    s.norm_target = False  # standardise each target token (after morphing under DTM)
+    return s
 
   @classmethod
   def provides(cls, config):

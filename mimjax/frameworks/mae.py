@@ -4,6 +4,7 @@ With `mae.target = 'teacher'` the decoder predicts the tokens of the `config.dis
 instead ("MAE + CLIP"), with the `config.distill` feature loss."""
 import flax.linen as nn
 import jax
+import ml_collections
 
 from mimjax import errors
 from mimjax import losses
@@ -37,6 +38,19 @@ class MAE(base.Framework):
   # MAE's and LUT's main_pretrain.py call timm's add_weight_decay without a skip list: cls and
   # mask tokens are decayed.
   no_weight_decay = ()
+
+  @classmethod
+  def config_fields(cls):
+    """`config.mae`: mask ratio, pixel target, the decoder."""
+    s = ml_collections.ConfigDict()
+    s.mask_ratio = 0.75
+    s.norm_pix_loss = True
+    s.decoder_width = 512
+    s.decoder_depth = 8
+    s.decoder_heads = 16
+    s.decoder_mlp_ratio = 4
+    s.target = 'pixels'  # pixels | teacher (decoder predicts the config.distill teacher's tokens)
+    return s
 
   @classmethod
   def provides(cls, config):

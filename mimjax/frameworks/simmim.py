@@ -3,6 +3,7 @@ linear head regresses the raw pixels of every patch, and an L1 loss scores the m
 import math
 
 import jax
+import ml_collections
 
 from mimjax import errors
 from mimjax import losses
@@ -17,6 +18,14 @@ class SimMIM(base.Framework):
   name = 'simmim'
   # SimMIM's ViT skips pos_embed and cls_token only: its mask token is decayed.
   no_weight_decay = ('pos_embedding', 'cls')
+
+  @classmethod
+  def config_fields(cls):
+    """`config.simmim`: mask ratio and mask cell size."""
+    s = ml_collections.ConfigDict()
+    s.mask_ratio = 0.6  # masked cells: ceil(cells * ratio), replaced by the mask token
+    s.mask_patch_size = 32  # side of a mask cell in pixels; a multiple of the model's patch
+    return s
 
   @classmethod
   def provides(cls, config):

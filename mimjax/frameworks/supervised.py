@@ -6,6 +6,7 @@ rng), drop path in the encoder; RandAugment and random erasing run in the input 
 """
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from mimjax import errors
 from mimjax import losses
@@ -20,6 +21,17 @@ class Supervised(base.Framework):
   # timm's VisionTransformer.no_weight_decay() (DeiT, MAE/LUT fine-tuning): pos_embed, cls_token.
   no_weight_decay = ('pos_embedding', 'cls')
   best_metric = 'top1'
+
+  @classmethod
+  def config_fields(cls):
+    """`config.supervised`: label smoothing, mixup and cutmix."""
+    s = ml_collections.ConfigDict()
+    s.label_smoothing = 0.1
+    s.mixup_alpha = 0.8  # Beta(a, a) mixing weight of mixup; 0 = no mixup
+    s.cutmix_alpha = 1.0  # Beta(a, a) area weight of cutmix; 0 = no cutmix
+    s.mix_prob = 1.0  # probability that a batch is mixed at all
+    s.switch_prob = 0.5  # probability of cutmix rather than mixup when both are on
+    return s
 
   @classmethod
   def check_config(cls, config):

@@ -111,7 +111,7 @@ def _read_mimjax(config):
   src = f'config.init.checkpoint={config.init.checkpoint!r} (format mimjax, a workdir)'
   try:
     encoder = dict(checkpoint_lib.restore_params(config.init.checkpoint, step)['encoder'])
-    posemb = workdir_lib.read_config(config.init.checkpoint).model.posemb
+    posemb = workdir_lib.read_encoder_config(config.init.checkpoint).model.posemb
   except errors.CheckpointError as e:
     raise errors.ConfigError(f'{src}: {e}') from e
   notes = []

@@ -10,6 +10,7 @@ counts over a fixed maximum number of rounds (0 = inactive round), so changing i
 """
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from mimjax import errors
 from mimjax import losses
@@ -212,6 +213,24 @@ class DTM(base.Plugin):
   """
   name = 'dtm'
   replaces_base_loss = True
+
+  @classmethod
+  def config_fields(cls):
+    """`config.dtm`: the weight of the DTM loss (which replaces the token-wise loss of distill /
+    mae+teacher) and its morphing schedules."""
+    s = ml_collections.ConfigDict()
+    s.enabled = False
+    s.weight = 1.0  # weight of the DTM loss
+    s.num_schedules = 2  # L: morphing schedules per step, losses averaged
+    s.max_rounds = 14  # K: rounds k ~ U{1..K}
+    # N-bar: merges drawn from U{0..N - min_tokens}; 0 = the reference code's n1 = N (196)
+    s.min_tokens = 1
+    s.scheduler = 'paper'  # paper (eq. 1: floor(n/k), remainder last) | reference (ceil(n/k))
+    # G > 0: the batch splits into G equal groups, each with its own num_schedules draws (the
+    # reference draws per GPU: 8 GPUs x 2 = 16 per step); 0 = one draw for the whole batch
+    s.schedule_groups = 0
+    s.protect_first = True  # the first token never merges away (reference code)
+    return s
 
   @classmethod
   def enabled(cls, config):

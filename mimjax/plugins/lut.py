@@ -14,6 +14,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from mimjax import errors
 from mimjax import losses
@@ -104,6 +105,17 @@ class LUT(base.Plugin):
     self.encoder = vit.from_config(config)
     self.projector = MLPHead(config.lut.head_dim, width)
     self.predictor = MLPHead(config.lut.head_dim, width)
+
+  @classmethod
+  def config_fields(cls):
+    """`config.lut`: the weight of the broader-context loss, the context encoder's momentum,
+    the heads' width."""
+    s = ml_collections.ConfigDict()
+    s.enabled = False
+    s.alpha = 0.25  # weight of the broader-context loss (paper: 0.25 for ViT-B, 1.0 for ViT-S)
+    s.momentum = 0.996  # context-encoder EMA momentum at step 0; cosine schedule up to 1
+    s.head_dim = 4096  # hidden width of the projector and predictor MLPs
+    return s
 
   @classmethod
   def enabled(cls, config):

@@ -28,6 +28,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from mimjax import errors
 from mimjax.frameworks import base
@@ -131,6 +132,23 @@ class MTO(base.Plugin):
   1..L the block outputs. Logs every layer's heterogeneity as `mto_H{l}`.
   """
   name = 'mto'
+
+  @classmethod
+  def config_fields(cls):
+    """`config.mto`: where the affinities are taken, their temperature, the weights of the three
+    losses."""
+    s = ml_collections.ConfigDict()
+    s.enabled = False
+    s.where = 'encoder'  # encoder (SimMIM: mask tokens in the encoder) | decoder (MAE's decoder)
+    s.tau = 1.0  # affinity temperature; 1 = eq. 2 (none); 0 means sqrt(feature dim)
+    s.layer_norm = False  # layer-normalise (no params) the features first; False = eq. 2 (raw)
+    s.spa_self = False  # L_spa counts each token's affinity to itself (inert: mto.py docstring)
+    s.ranking = 'decrease'  # decrease (the text's intent) | printed (eq. 5 as printed)
+    s.lambda_spa = 1.0  # weight of L_spa (eq. 3): visible tokens ignore masked ones at layer 0
+    s.lambda_e = 1.0  # weight of L_e (eq. 4): 1 / (H^0 + eps), maximises layer-0 heterogeneity
+    s.lambda_r = 1.0  # weight of L_r (eq. 5): heterogeneity ranked to fall with depth
+    s.eps = 1e-6  # epsilon of L_e
+    return s
 
   @classmethod
   def enabled(cls, config):

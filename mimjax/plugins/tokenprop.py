@@ -20,6 +20,7 @@ Table 16, read row by row (the extracted table is ambiguous; these are the readi
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from mimjax import errors
 from mimjax.frameworks import base
@@ -93,6 +94,17 @@ class TokenProp(base.Plugin):
     self.decoder = TokenPropDecoder(grid_size=host.grid_size,
                                     channels=config.data.channels, hidden=config.tokenprop.hidden,
                                     output_size=config.tokenprop.output_size)
+
+  @classmethod
+  def config_fields(cls):
+    """`config.tokenprop`: the weight of the reconstruction term and its decoder."""
+    s = ml_collections.ConfigDict()
+    s.enabled = False  # reconstruct the image from the tokenizer output (Qian et al.)
+    s.weight = 1e-3  # lambda of the reconstruction term
+    s.hidden = 256  # channels of the decoder's two residual blocks
+    s.output_size = 64  # side of the reconstruction (Table 16); the token grid is resized
+    # to output_size / 4 first, and the target image to output_size
+    return s
 
   @classmethod
   def enabled(cls, config):

@@ -14,8 +14,8 @@ import shutil
 
 import numpy as np
 
+from mimjax import config_lib
 from mimjax import registry
-from mimjax import workdir as workdir_lib
 from mimjax.eval import rauc as rauc_lib
 
 # The headline metric of a pair, the first that all its runs have: fine-tuning top-1 on the
@@ -460,7 +460,7 @@ def write(out, records, pairs, mode, budget, commands, root, floors=None, unfini
   figures_dir = os.path.splitext(os.path.abspath(out))[0] + '_figures'
   os.makedirs(figures_dir, exist_ok=True)
   plots = [(m, plot_pair(m, b, records, figures_dir)) for m, b in pairs]
-  config = workdir_lib.read_config(records[groups[0][1]][0]['workdir'])
+  config = config_lib.read_config(records[groups[0][1]][0]['workdir'])
   seeds = sorted({r['seed'] for rs in records.values() for r in rs})
   run_commands = '\n'.join(commands[1:])
   seconds = sum(r['seconds'] for group in (records, floors) for rs in group.values() for r in rs)
