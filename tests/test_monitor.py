@@ -106,6 +106,25 @@ def test_in_loop_evaluators_are_the_configs_or_the_frameworks_own(framework, in_
   assert evaluator.in_loop(config, registry.FRAMEWORKS[framework]) == ()
 
 
+def test_a_supervised_run_with_both_in_loop_evaluators_logs_and_records_both(tmp_path):
+  """eval.in_loop=('held_out', 'knn_monitor'): one evaluation holds the held-out top-1 / top-5 and
+  the monitor's kNN top-1 (DINO's kNN of the checkpoint's features), ranked by top-1."""
+  workdir = str(tmp_path / 'run')
+  config = load_config('configs/supervised.py:runlocal', **tiny_overrides(**{
+      'total_steps': 3, 'eval.every_steps': 3, 'eval.in_loop': ('held_out', 'knn_monitor'),
+      'eval.knn_monitor.bank_examples': BANK, 'eval.knn_monitor.query_examples': QUERIES,
+      'eval.knn_monitor.k': K}))
+  train.train(config, workdir)
+  [logged] = [r for r in metrics_records(workdir) if 'eval_top1' in r]
+  assert {'eval_top1', 'eval_top5', 'eval_knn_top1'} <= set(logged) and logged['step'] == 3
+  assert logged['eval_knn_top1'] == pytest.approx(_reference_for_checkpoint(workdir, 3),
+                                                  abs=1 / QUERIES + 1e-9)
+  with open(os.path.join(workdir, 'eval_supervised.json')) as f:
+    record = json.load(f)
+  assert record['best'] == record['final'] == dict(
+      step=3, **{k.removeprefix('eval_'): v for k, v in logged.items() if k.startswith('eval_')})
+
+
 @pytest.mark.parametrize('in_loop, match', [
     (('bogus',), r"eval.in_loop=\('bogus',\): name each of \['held_out', 'knn_monitor'\]"),
     (('knn_monitor', 'knn_monitor'), r'eval.in_loop=.*at most once'),
