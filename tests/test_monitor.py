@@ -156,6 +156,8 @@ def test_monitor_settings_and_data_are_checked_before_anything_is_written(tmp_pa
   with pytest.raises(errors.DatasetError, match='no class labels.*eval.every_steps=0'):
     train.train(config, str(tmp_path / 'run'))
   assert not os.path.exists(tmp_path / 'run')
+  with pytest.raises(errors.DatasetError, match='no class labels.*kNN evaluation needs them'):
+    knn.Knn(config, sharding.make_mesh(config.mesh), (1,), 'pooled')  # the offline protocol's
 
 
 @pytest.mark.slow  # a training and two evaluations as subprocesses on 2 simulated devices: ~2 min

@@ -19,7 +19,6 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from mimjax import errors
 from mimjax import sharding
 from mimjax.data import pipeline
 from mimjax.eval import features as features_lib
@@ -67,7 +66,8 @@ class Knn:
   encoder (`params['encoder']`), plus `knn_top1_k<k>` for every k when there are several.
 
   `bank_examples` / `query_examples`: the first images of data.train_split / data.eval_split
-  (None: all of it). Each k is lowered to the bank's size.
+  (None: all of it). Each k is lowered to the bank's size. Data without class labels is refused
+  here (`pipeline.num_classes`: a DatasetError).
   """
   best_metric = 'knn_top1'
 
@@ -98,9 +98,6 @@ class Knn:
     """(features, labels, valid) global arrays of each batch of the first `num_examples`."""
     put = functools.partial(jax.make_array_from_process_local_data, self.batch_sharding)
     for batch in features_lib.subset_batches(self.config, split, self.local_batch, num_examples):
-      if 'label' not in batch:
-        raise errors.DatasetError(f'{self.config.data.name} has no labels (a flat image folder); '
-                                  'kNN evaluation needs class subfolders.')
       yield (self._embed(encoder_params, put(batch['image'])), put(batch['label']),
              put(batch['valid']))
 
