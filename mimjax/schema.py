@@ -198,12 +198,15 @@ def log_fields():
 
 
 def eval_fields():
-  """Evaluation: the in-training kNN monitor and the offline protocols (kNN, linear probes)."""
+  """Evaluation: the in-training evaluators and the offline protocols (kNN, linear probes)."""
   s = ml_collections.ConfigDict()
   s.batch_size = 256
-  # Held-out evaluation while training, every this many steps (0 = off): top-1 / top-5 for
-  # supervised runs, the kNN monitor below for self-supervised ones (mae, simmim, distill).
+  # Held-out evaluation while training, every this many steps (0 = off), by the evaluators that
+  # in_loop names (mimjax/eval/evaluator.py: held_out, the framework's top-1 / top-5;
+  # knn_monitor, below); () = the framework's own: held_out for supervised runs, knn_monitor for
+  # self-supervised ones (mae, simmim, distill). Records: WORKDIR/eval_<framework>.json.
   s.every_steps = 0
+  s.in_loop = ()
   # kNN monitor: the first bank_examples of data.train_split (centre crops) are the memory, the
   # first query_examples of data.eval_split the queries, k neighbours vote (cosine similarity of
   # eval.feature, weights exp(sim / eval.knn_temperature)). TFDS stores splits shuffled and an

@@ -61,6 +61,7 @@ from mimjax import validation
 from mimjax.data import fit
 from mimjax.data import pipeline
 from mimjax.data import sources
+from mimjax.eval import evaluator
 from mimjax.eval import in_training
 from mimjax.interop import pretrained as init_from
 
@@ -297,14 +298,14 @@ class _Loop:
     self.vis_fn = jax.jit(lambda s, b: (framework.forward(s.params, s.model_state, b,
                                                           jax.random.PRNGKey(0), False)[2], b),
                           out_shardings=sharding.replicated(mesh))
-    self.evaluator = in_training.make_evaluator(framework, config, mesh)
+    self.evaluators = in_training.make_evaluators(framework, config, mesh)
     self.batch_sharding = sharding.batch_sharding(mesh)
     self.mesh, self.vis_batch = mesh, None
 
   def log(self, writer, step, means, state, eval_now):
     if eval_now:
-      results = self.evaluator(state)
-      in_training.record(self.workdir, self.framework, self.evaluator.best_metric, step,
+      results = in_training.evaluate(self.evaluators, state)
+      in_training.record(self.workdir, self.framework, self.evaluators[0].best_metric, step,
                          results)
       means.update({f'eval_{k}': v for k, v in results.items()})
     writer.write(step, means)
@@ -384,7 +385,7 @@ def _train(config, workdir, dry_run, stop_request):
   validation.validate(config)  # before `fit` reads the fields it fits
   if dry_run:
     sources.check_prepared(config)  # a dry run downloads, prepares and creates nothing
-  knn_monitor = not registry.FRAMEWORKS[config.framework].best_metric
+  knn_monitor = 'knn_monitor' in evaluator.in_loop(config, registry.FRAMEWORKS[config.framework])
   notes = fit.note(fit.fit(config, knn_monitor=knn_monitor), config.data.name)
   if notes and jax.process_index() == 0:
     print(notes, flush=True)

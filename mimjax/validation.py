@@ -16,6 +16,7 @@ from mimjax import registry
 from mimjax import sharding
 from mimjax import workdir_io
 from mimjax.data import features
+from mimjax.eval import evaluator
 from mimjax.frameworks import base
 from mimjax.models import vit
 
@@ -74,6 +75,7 @@ def check_eval_fields(config):
   """The `config.eval` fields a run stores for in-training and offline evaluation."""
   e = config.eval
   errors.require(e.every_steps >= 0, 'eval.every_steps', e.every_steps, 'use >= 0 (0 = off)')
+  evaluator.check_names(config)
   errors.require(e.batch_size >= 1, 'eval.batch_size', e.batch_size, 'use a positive batch size')
   errors.require(len(e.knn_k) >= 1 and all(isinstance(k, int) and k >= 1 for k in e.knn_k),
                  'eval.knn_k', tuple(e.knn_k), 'give one or more positive integer neighbour counts')
@@ -122,7 +124,8 @@ def provided(config):
 def check_contract(config):
   """The framework's own checks, each enabled plug-in's, and every capability a plug-in needs."""
   framework = registry.FRAMEWORKS[config.framework]
-  if config.eval.every_steps and not framework.best_metric:
+  evaluator.check_contract(config, framework)
+  if 'knn_monitor' in evaluator.in_loop(config, framework):
     check_knn_monitor(config)
   framework.check_config(config)
   available = provided(config)
@@ -136,7 +139,7 @@ def check_contract(config):
 
 
 def check_knn_monitor(config):
-  """The kNN monitor's subset sizes (self-supervised frameworks with eval.every_steps)."""
+  """The kNN monitor's subset sizes (when it runs in the loop: `evaluator.in_loop`)."""
   monitor = config.eval.knn_monitor
   for key in ('bank_examples', 'query_examples', 'k'):
     errors.require(monitor[key] >= 1, f'eval.knn_monitor.{key}', monitor[key],
@@ -159,7 +162,7 @@ def check_run(config):
                                'batch_size / optim.accum_steps')
   if config.eval.every_steps:
     sharding.check_batch_divides(config.eval.batch_size, mesh, 'eval.batch_size')
-    if not registry.FRAMEWORKS[config.framework].best_metric:
+    if 'knn_monitor' in evaluator.in_loop(config, registry.FRAMEWORKS[config.framework]):
       pipeline.num_classes(config)  # the kNN monitor needs labels (its sizes: data/fit.py)
   return mesh
 

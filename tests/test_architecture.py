@@ -90,7 +90,7 @@ LAYERS = {
                          'visualize', 'train_step'), ('leaf',)),
     'data': (('data.*',), ('leaf', 'config and I/O')),
     'checkpoint': (('checkpoint',), ('leaf', 'config and I/O', 'models and math')),
-    'contract': (('frameworks.base',), ('leaf', 'models and math')),
+    'contract': (('frameworks.base', 'eval.evaluator'), ('leaf', 'models and math')),
     'frameworks, plug-ins': (('frameworks.*', 'plugins.*', 'teachers', 'interop.*'), BELOW),
     'registry': (('registry',), ('frameworks, plug-ins',)),
     'full config': (('config_lib', 'finetune_recipes', 'resume', 'interop.hub'), BELOW),

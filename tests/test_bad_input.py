@@ -88,6 +88,7 @@ LEGAL = {
     'distributed.process_id': {0, -1},
     'log.images_every_steps': {0},
     'eval.every_steps': {0},
+    'eval.in_loop': {()},  # the framework's own evaluators
     'eval.knn_temperature': {1.5},
     'eval.linear.warmup_epochs': {0},
     'eval.linear.momentum': {0.0},

@@ -41,10 +41,10 @@ def test_knn_vote_weights_follow_the_temperature():
   train_x = np.array([[2, 0, 0], [0.9, s, 0], [0.9, 0, s], [-1, 0, 0]], np.float32)
   train_y = np.array([0, 1, 1, 0])
   test_x, test_y = np.array([[1, 0, 0]], np.float32), np.array([0])
-  assert knn.knn_top1(train_x, train_y, test_x, test_y, k=3, temperature=0.07) == 1.0
-  assert knn.knn_top1(train_x, train_y, test_x, test_y, k=3, temperature=1.0) == 0.0
-  scores = knn.knn_scores(train_x, train_y, test_x, k=3, temperature=1.0, num_classes=2)
-  np.testing.assert_allclose(scores[0], [math.e, 2 * math.exp(0.9)], rtol=1e-5)
+  votes = lambda t: knn.class_votes(  # noqa: E731
+      knn.l2_normalize(test_x), knn.l2_normalize(train_x), jnp.asarray(train_y), 3, 2, t)[0]
+  assert votes(0.07).argmax() == test_y[0] and votes(1.0).argmax() != test_y[0]
+  np.testing.assert_allclose(votes(1.0), [math.e, 2 * math.exp(0.9)], rtol=1e-5)
 
 
 def test_attention_distance_of_hand_built_maps():

@@ -1,7 +1,8 @@
-"""The online kNN monitor (`mimjax.eval.monitor`): it logs the kNN top-1 of its held-out subset
-(against DINO's weighted kNN in float64 numpy on the checkpoint's features), compiles once, its
-settings and data are checked before anything is written, and (slow) the README's commands run it
-on two devices."""
+"""The kNN evaluator (`mimjax.eval.knn.Knn`) as the online monitor and as the offline protocol: the
+monitor logs the kNN top-1 of its held-out subset and the protocol that of the whole splits (both
+against DINO's weighted kNN in float64 numpy on the checkpoint's features), it compiles once, the
+in-loop evaluators a config declares (`eval.in_loop`) and the monitor's settings and data are
+checked before anything is written, and (slow) the README's commands run it on two devices."""
 import glob
 import json
 import os
@@ -17,13 +18,15 @@ from conftest import tiny_overrides
 from mimjax import checkpoint
 from mimjax import errors
 from mimjax import evaluate
+from mimjax import registry
 from mimjax import sharding
 from mimjax import train
 from mimjax import validation
 from mimjax.data import fit
+from mimjax.eval import evaluator
 from mimjax.eval import features as features_lib
+from mimjax.eval import knn
 from mimjax.eval import loading
-from mimjax.eval import monitor
 
 
 def _reference_knn_top1(bank_x, bank_y, query_x, query_y, k, temperature, num_classes=10):
@@ -63,20 +66,74 @@ def test_knn_monitor_logs_the_knn_of_the_held_out_subset(watched):
 
 def test_knn_monitor_compiles_once_and_repeats_the_logged_values(watched):
   config = load_config('configs/mae.py:runlocal', **WATCHED)
-  knn_monitor = monitor.KnnMonitor(config, sharding.make_mesh(config.mesh))
+  knn_monitor = knn.Knn.monitor(config, sharding.make_mesh(config.mesh))
   logged = {r['step']: r['eval_knn_top1'] for r in metrics_records(watched) if 'eval_knn_top1' in r}
   for step in (3, 6):
-    params, _ = checkpoint.restore(watched, step)
-    assert knn_monitor(_State(params)) == {'knn_top1': logged[step]}
+    params, model_state = checkpoint.restore(watched, step)
+    assert knn_monitor.run(params, model_state) == {'knn_top1': logged[step]}
   # One compilation of each function for both evaluations (static shapes, fixed batch count).
-  assert knn_monitor._embed._cache_size() == 1 and knn_monitor._hits._cache_size() == 1
+  assert all(f._cache_size() == 1 for f in (knn_monitor._embed, knn_monitor._bank,
+                                            knn_monitor._hits))
 
 
-class _State:
-  """The part of a train state the monitor reads."""
+def test_offline_knn_protocol_is_dinos_knn_over_the_whole_splits(watched):
+  """`mimjax.evaluate --protocol knn` runs the monitor's evaluator on every image of both splits,
+  for each k."""
+  run = loading.load_run(watched, 6)
+  bank_x, bank_y = features_lib.extract(run, run.config.data.train_split, 'pooled')
+  query_x, query_y = features_lib.extract(run, run.config.data.eval_split, 'pooled')
+  result = knn.protocol(run, k=[K, 20])
+  assert (result['train_examples'], result['test_examples']) == (len(bank_y), len(query_y))
+  for k in (K, 20):
+    expected = _reference_knn_top1(bank_x, bank_y, query_x, query_y, k,
+                                   run.config.eval.knn_temperature)
+    # Float32 on device against float64 here: a near-tie may flip one query at most.
+    assert result['top1_by_k'][str(k)] == pytest.approx(expected, abs=1 / len(query_y) + 1e-9)
+  assert result['top1'] == result['top1_by_k'][str(K)]
 
-  def __init__(self, params):
-    self.params = params
+
+@pytest.mark.parametrize('framework, in_loop, expected', [
+    ('mae', (), ('knn_monitor',)), ('supervised', (), ('held_out',)),
+    ('supervised', ('held_out', 'knn_monitor'), ('held_out', 'knn_monitor')),
+    ('simmim', ('knn_monitor',), ('knn_monitor',))])
+def test_in_loop_evaluators_are_the_configs_or_the_frameworks_own(framework, in_loop, expected):
+  config = load_config(f'configs/{framework}.py:runlocal', **{
+      'eval.every_steps': 3, 'eval.in_loop': in_loop})
+  validation.validate(config)
+  assert evaluator.in_loop(config, registry.FRAMEWORKS[framework]) == expected
+  with config.unlocked():
+    config.eval.every_steps = 0
+  assert evaluator.in_loop(config, registry.FRAMEWORKS[framework]) == ()
+
+
+def test_a_supervised_run_with_both_in_loop_evaluators_logs_and_records_both(tmp_path):
+  """eval.in_loop=('held_out', 'knn_monitor'): one evaluation holds the held-out top-1 / top-5 and
+  the monitor's kNN top-1 (DINO's kNN of the checkpoint's features), ranked by top-1."""
+  workdir = str(tmp_path / 'run')
+  config = load_config('configs/supervised.py:runlocal', **tiny_overrides(**{
+      'total_steps': 3, 'eval.every_steps': 3, 'eval.in_loop': ('held_out', 'knn_monitor'),
+      'eval.knn_monitor.bank_examples': BANK, 'eval.knn_monitor.query_examples': QUERIES,
+      'eval.knn_monitor.k': K}))
+  train.train(config, workdir)
+  [logged] = [r for r in metrics_records(workdir) if 'eval_top1' in r]
+  assert {'eval_top1', 'eval_top5', 'eval_knn_top1'} <= set(logged) and logged['step'] == 3
+  assert logged['eval_knn_top1'] == pytest.approx(_reference_for_checkpoint(workdir, 3),
+                                                  abs=1 / QUERIES + 1e-9)
+  with open(os.path.join(workdir, 'eval_supervised.json')) as f:
+    record = json.load(f)
+  assert record['best'] == record['final'] == dict(
+      step=3, **{k.removeprefix('eval_'): v for k, v in logged.items() if k.startswith('eval_')})
+
+
+@pytest.mark.parametrize('in_loop, match', [
+    (('bogus',), r"eval.in_loop=\('bogus',\): name each of \['held_out', 'knn_monitor'\]"),
+    (('knn_monitor', 'knn_monitor'), r'eval.in_loop=.*at most once'),
+    (('held_out',), r"framework 'mae' has no held-out metrics .* use \('knn_monitor',\)")])
+def test_bad_in_loop_evaluators_are_refused_naming_the_fix(in_loop, match):
+  config = load_config('configs/mae.py:runlocal', **{'eval.every_steps': 3,
+                                                      'eval.in_loop': in_loop})
+  with pytest.raises(errors.ConfigError, match=match):
+    validation.validate(config)
 
 
 def test_monitor_settings_and_data_are_checked_before_anything_is_written(tmp_path):
@@ -99,6 +156,8 @@ def test_monitor_settings_and_data_are_checked_before_anything_is_written(tmp_pa
   with pytest.raises(errors.DatasetError, match='no class labels.*eval.every_steps=0'):
     train.train(config, str(tmp_path / 'run'))
   assert not os.path.exists(tmp_path / 'run')
+  with pytest.raises(errors.DatasetError, match='no class labels.*kNN evaluation needs them'):
+    knn.Knn(config, sharding.make_mesh(config.mesh), (1,), 'pooled')  # the offline protocol's
 
 
 @pytest.mark.slow  # a training and two evaluations as subprocesses on 2 simulated devices: ~2 min

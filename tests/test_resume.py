@@ -8,11 +8,14 @@ import os
 
 import pytest
 
+from conftest import TINY_DECODER
 from conftest import checkpoint_steps
 from conftest import damages
+from conftest import load_config
 from conftest import one_line_error
 from conftest import restore_file
 from conftest import set_fields
+from conftest import tiny_overrides
 from mimjax import checkpoint as checkpoint_lib
 from mimjax import config_lib
 from mimjax import errors
@@ -139,3 +142,35 @@ def test_a_damaged_config_history_or_eval_record_is_one_error_before_anything_is
   entries = [json.loads(line) for line in open(history)]
   assert [e['start_step'] for e in entries] == [0, 3]
   assert [r['step'] for r in json.load(open(record))['history']] == [3, 6]
+
+
+def test_a_workdir_from_before_eval_in_loop_resumes_with_its_own_evaluators(tmp_path, monkeypatch):
+  """A workdir whose checkpoint, config.json and config_history.jsonl have no `eval.in_loop` (as
+  mimjax wrote them before the field existed) resumes without a "config changed" refusal, and its
+  evaluation is the framework's own (the kNN monitor for MAE)."""
+  config = load_config('configs/mae.py:runlocal', **tiny_overrides(**TINY_DECODER, total_steps=3))
+  workdir = str(tmp_path / 'run')
+
+  def without_in_loop(saved):
+    del saved['eval']['in_loop']
+    return saved
+  to_json, meta = config_lib.to_json, train._meta  # pylint: disable=protected-access
+  with monkeypatch.context() as m:
+    m.setattr(config_lib, 'to_json', lambda c: json.dumps(
+        without_in_loop(json.loads(to_json(c))), indent=2, sort_keys=True))
+    m.setattr(train, '_meta', lambda c, *a: dict(meta(c, *a), config=without_in_loop(
+        c.to_dict())))
+    train.train(config, workdir)
+  saved = [json.load(open(os.path.join(workdir, 'config.json')))['eval'],
+           *(json.loads(line)['config']['eval']
+             for line in open(os.path.join(workdir, 'config_history.jsonl')))]
+  ckpt = checkpoint_lib.Checkpointer(workdir)
+  saved.append(ckpt.read_meta(3)['config']['eval'])
+  ckpt.close()
+  assert all('in_loop' not in s and 'knn_monitor' in s for s in saved)
+  set_fields(config, **{'total_steps': 6, 'resume.accept_changes': 'total_steps',
+                        'eval.every_steps': 3, 'eval.knn_monitor.bank_examples': 64,
+                        'eval.knn_monitor.query_examples': 64})
+  assert 'eval_knn_top1' in train.train(config, workdir)
+  assert [r['step'] for r in json.load(open(os.path.join(workdir, 'eval_mae.json')))['history']
+          ] == [6]

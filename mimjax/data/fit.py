@@ -55,7 +55,7 @@ def fit(config, training=True, knn_monitor=False):
   """Changes `config` in place to fit its data; returns the changes as 'key old -> new' strings.
 
   `training` also fits what only training reads: the kNN monitor's sizes (when the monitor runs:
-  `knn_monitor`, the framework has no evaluation of its own, and config.eval.every_steps > 0),
+  `knn_monitor`, it is one of the run's in-loop evaluators, and config.eval.every_steps > 0),
   an image folder's mean and std (data.folder_stats) and a classifier head's size (one output per
   class folder). Evaluation keeps the model and statistics the run was trained with.
   """

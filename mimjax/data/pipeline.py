@@ -344,6 +344,6 @@ def num_classes(config):
   if not count:
     raise errors.DatasetError(
         f'{config.data.name} has no class labels (a flat image folder or an unlabelled dataset); '
-        'the kNN monitor (config.eval.every_steps) needs them: use class subfolders, or set '
-        'config.eval.every_steps=0.')
+        'kNN evaluation needs them: use class subfolders (or, for the in-training kNN monitor, '
+        'set config.eval.every_steps=0).')
   return count

@@ -1,10 +1,11 @@
-"""Evaluation while a run trains, every `config.eval.every_steps` steps: one interface,
-`evaluator(state) -> {metric: value}` with a `best_metric`, and its record in the workdir.
+"""Evaluation while a run trains, every `config.eval.every_steps` steps: the evaluators that
+`config.eval.in_loop` names (`evaluator.in_loop`), built for the run, and their record in the
+workdir.
 
-A framework with held-out metrics of its own (`Framework.eval_metrics`, e.g. supervised top-1 /
-top-5) is evaluated by `HeldOutMetrics`; the others (mae, simmim, distill) by the kNN monitor
-(`monitor.KnnMonitor`). Each evaluation is added to WORKDIR/eval_<framework>.json (`record`);
-`mimjax.evaluate` runs the offline protocols on a saved checkpoint.
+`held_out` is `HeldOutMetrics` (the framework's `eval_metrics`, e.g. supervised top-1 / top-5),
+`knn_monitor` the kNN evaluator of `eval/knn.py` on the subsets of `eval.knn_monitor` (the same
+evaluator the offline `knn` protocol of `mimjax.evaluate` runs on a checkpoint). Each evaluation
+(every evaluator's metrics at one step) is added to WORKDIR/eval_<framework>.json (`record`).
 """
 import json
 
@@ -15,38 +16,51 @@ from mimjax import errors
 from mimjax import sharding
 from mimjax import workdir_io
 from mimjax.data import pipeline
-from mimjax.eval import monitor
+from mimjax.eval import evaluator as evaluator_lib
+from mimjax.eval import knn
 
 
 class HeldOutMetrics:
-  """`evaluate(state)`: means over `config.data.eval_split` of the framework's `eval_metrics` sums
-  (supervised top-1 / top-5)."""
+  """`run(params, model_state)` -> means over `config.data.eval_split` of the framework's
+  `eval_metrics` sums (supervised top-1 / top-5); an `evaluator.Evaluator`."""
 
   def __init__(self, framework, config, mesh):
     self.config, self.best_metric = config, framework.best_metric
     self.eval_fn = jax.jit(framework.eval_metrics, out_shardings=sharding.replicated(mesh))
     self.batch_sharding = sharding.batch_sharding(mesh)
 
-  def __call__(self, state):
+  def run(self, params, model_state):
     local_batch = pipeline.local_batch_size(self.config.eval.batch_size)
     sums = None
     for local in pipeline.eval_batches(self.config, self.config.data.eval_split, local_batch):
       batch = jax.make_array_from_process_local_data(self.batch_sharding, local)
-      out = self.eval_fn(state.params, state.model_state, batch)
+      out = self.eval_fn(params, model_state, batch)
       sums = out if sums is None else jax.tree_util.tree_map(jnp.add, sums, out)
     sums = {k: float(v) for k, v in jax.device_get(sums).items()}
     count = max(sums.pop('count'), 1.0)
     return {k: v / count for k, v in sums.items()}
 
 
-def make_evaluator(framework, config, mesh):
-  """The in-training evaluation: the framework's held-out metrics, or for a framework without a
-  classifier (mae, simmim, distill) the kNN monitor; None when eval.every_steps is 0."""
-  if not config.eval.every_steps:
-    return None
-  if framework.best_metric:
-    return HeldOutMetrics(framework, config, mesh)
-  return monitor.KnnMonitor(config, mesh)
+# In-loop evaluator type (evaluator.TYPES) -> fn(framework, config, mesh) -> Evaluator.
+BUILDERS = {
+    'held_out': HeldOutMetrics,
+    'knn_monitor': lambda framework, config, mesh: knn.Knn.monitor(config, mesh),
+}
+
+
+def make_evaluators(framework, config, mesh):
+  """The in-loop evaluators of the run (`evaluator.in_loop`: none when eval.every_steps is 0),
+  in their order; the first one's `best_metric` ranks the records."""
+  return [BUILDERS[name](framework, config, mesh)
+          for name in evaluator_lib.in_loop(config, framework)]
+
+
+def evaluate(evaluators, state):
+  """{metric: value} of every evaluator on the train state, together."""
+  results = {}
+  for e in evaluators:
+    results.update(e.run(state.params, state.model_state))
+  return results
 
 
 def read_history(workdir, framework):
