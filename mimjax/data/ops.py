@@ -29,7 +29,10 @@ def case(index, branches):
 
   A Case op marked not to be lowered to Switch/Merge calls the chosen branch as a function; the
   lowered one (tf.switch_case's default) passes dead tensors through every node of every other
-  branch. Same branch, same result. (Eagerly, the chosen branch is simply called.)
+  branch. Same branch, same result. (Eagerly, the chosen branch is simply called.) It calls
+  TensorFlow's internal `cond_v2.indexed_case`, which tf.switch_case calls too: not a public API,
+  so tests/test_data_ops.py checks the op and its attribute, and a TensorFlow upgrade that changes
+  them fails there.
   """
   if tf.executing_eagerly():
     return branches[int(index)]()
