@@ -79,6 +79,24 @@ def test_non_square_image_keeps_its_scale():
   assert min(np.abs(w - view1).max() for w in windows) < 1e-3
 
 
+def test_each_view_is_simple_resized_crop_of_its_seed():
+  """The views share one resize of the image (it draws nothing): each is still exactly
+  simple_resized_crop(image, its own seed), view 2 then jittered (p = 0.8) and 3-augmented."""
+  image = np.random.default_rng(3).integers(0, 256, (45, 61, 3)).astype(np.uint8)
+  for seed in range(6):
+    seed = tf.constant([seed, 3], tf.int64)
+    view1_seed, view2_seed, apply_seed, jitter_seed, three_seed = tf.unstack(
+        tf.random.experimental.stateless_split(seed, 5))
+    out = augment.lut_two_view(tf.constant(image), seed, CONFIG)
+    view1 = augment.simple_resized_crop(tf.constant(image), view1_seed, SIZE)
+    view2 = augment.simple_resized_crop(tf.constant(image), view2_seed, SIZE)
+    if tf.random.stateless_uniform([], apply_seed) < 0.8:
+      view2 = augment.color_jitter(view2, jitter_seed, 0.4, 0.4, 0.2, 0.1)
+    view2 = augment.three_augment(view2, three_seed)
+    np.testing.assert_allclose(out['image'].numpy(), view1.numpy(), atol=1e-3)
+    np.testing.assert_allclose(out['image2'].numpy(), view2.numpy(), atol=1e-3)
+
+
 LUMA = np.array([0.299, 0.587, 0.114])
 
 

@@ -34,9 +34,15 @@ def _quantised(fn, image, *args):
 ])
 def test_parameterless_ops_match_pil(name, ours, pil):
   del name
-  image = _image()
-  np.testing.assert_allclose(_quantised(ours, image), np.asarray(pil(Image.fromarray(image))),
-                             atol=1)
+  # A random image, and one with a constant channel (kept by both), a two-level channel (nearly
+  # all pixels in the top level: equalize keeps it, autocontrast stretches it) and a random one.
+  degenerate = _image()
+  degenerate[..., 0] = 77
+  degenerate[..., 1] = 200
+  degenerate[0, 0, 1] = 20
+  for image in (_image(), degenerate):
+    np.testing.assert_allclose(_quantised(ours, image), np.asarray(pil(Image.fromarray(image))),
+                               atol=1)
 
 
 def test_posterize_and_solarize_match_pil():
@@ -87,6 +93,20 @@ def test_geometric_ops_match_pil_away_from_the_border(ours, matrix):
   out = np.round(ours(tf.constant(image, tf.float32), tf.constant(FILL)).numpy())
   inner = (slice(5, 11), slice(5, 11))  # PIL treats the outermost pixels differently
   np.testing.assert_allclose(out[inner], expected[inner], atol=1)
+
+
+@pytest.mark.parametrize('op', [lambda x, f: randaugment.rotate(x, 25.0, f),
+                                lambda x, f: randaugment.shear_x(x, -0.27, f)])
+def test_geometric_ops_blend_image_and_fill_by_coverage(op):
+  # A constant image warped: each output pixel is t * value + (1 - t) * fill with t in [0, 1] its
+  # coverage by the input, the same t in every channel; both ends occur (inside and outside).
+  value = np.array([10.0, 200.0, 90.0])
+  out = _ours(lambda x: op(x, tf.constant(FILL)), np.broadcast_to(value, (16, 16, 3)))
+  t = (out - np.array(FILL)) / (value - np.array(FILL))
+  np.testing.assert_allclose(t, np.broadcast_to(t[..., :1], t.shape), atol=1e-4)
+  assert t.min() > -1e-4 and t.max() < 1 + 1e-4
+  assert np.isclose(t, 0.0, atol=1e-4).any() and np.isclose(t, 1.0, atol=1e-4).any()
+  assert ((t > 0.01) & (t < 0.99)).any()  # partly covered border pixels blend the two
 
 
 def test_every_op_keeps_shape_and_pixel_range():

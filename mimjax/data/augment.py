@@ -12,6 +12,7 @@ from typing import NamedTuple
 import tensorflow as tf
 
 from mimjax.data import features
+from mimjax.data import ops
 from mimjax.data import randaugment
 
 AUGMENTATIONS = {}
@@ -245,22 +246,28 @@ def center_crop(image, size, crop_fraction):
   return image[top:top + size, left:left + size]
 
 
+def _pad_reflect(image, padding):
+  """`image` reflect-padded by `padding` pixels on each side (the edge pixel not repeated)."""
+  return tf.pad(image, [[padding, padding], [padding, padding], [0, 0]], mode='REFLECT')
+
+
+def _random_crop_flip(padded, seed, size):
+  """A random size x size crop of `padded` and a random horizontal flip (tf.image's draws)."""
+  crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+  image = tf.image.stateless_random_crop(padded, [size, size, padded.shape[-1]], crop_seed)
+  return tf.image.stateless_random_flip_left_right(image, flip_seed)
+
+
 def simple_resized_crop(image, seed, size, padding=4):
   """DeiT III's "simple resized crop": short side to `size`, a random size x size crop of the image
   reflect-padded by `padding` pixels, random horizontal flip. Unlike random-resized-crop, every
   view keeps the scale and (nearly) all the content of the image."""
-  crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-  image = resize_short_side(image, size)
-  image = tf.pad(image, [[padding, padding], [padding, padding], [0, 0]], mode='REFLECT')
-  image = tf.image.stateless_random_crop(image, [size, size, image.shape[-1]], crop_seed)
-  return tf.image.stateless_random_flip_left_right(image, flip_seed)
+  return _random_crop_flip(_pad_reflect(resize_short_side(image, size), padding), seed, size)
 
 
 def _luma(image):
   """[h, w, 1] ITU-R 601 luma of an RGB image (as torchvision/PIL grayscale); 1 channel as is."""
-  if image.shape[-1] != 3:
-    return image
-  return tf.reduce_sum(image * tf.constant([0.299, 0.587, 0.114]), axis=-1, keepdims=True)
+  return ops.luma(image) if image.shape[-1] == 3 else image
 
 
 def _blend(image, other, factor):
@@ -269,8 +276,8 @@ def _blend(image, other, factor):
 
 
 def adjust_brightness(image, factor):
-  """torchvision's adjust_brightness: scales the pixels by `factor`."""
-  return _blend(image, tf.zeros_like(image), factor)
+  """torchvision's adjust_brightness: scales the pixels by `factor` (its blend with black)."""
+  return tf.clip_by_value(factor * image, 0.0, 255.0)
 
 
 def adjust_contrast(image, factor):
@@ -297,16 +304,17 @@ def color_jitter(image, seed, brightness, contrast, saturation, hue):
   order_seed, b_seed, c_seed, s_seed, h_seed = tf.unstack(
       tf.random.experimental.stateless_split(seed, 5))
   uniform = lambda s, x: tf.random.stateless_uniform([], s, 1.0 - x, 1.0 + x)  # noqa: E731
-  ops = [
+  adjustments = [
       (adjust_brightness, uniform(b_seed, brightness)),
       (adjust_contrast, uniform(c_seed, contrast)),
       (adjust_saturation, uniform(s_seed, saturation)),
       (adjust_hue, tf.random.stateless_uniform([], h_seed, -hue, hue)),
   ]
-  ops = [op for op, strength in zip(ops, (brightness, contrast, saturation, hue)) if strength]
-  order = tf.argsort(tf.random.stateless_uniform([len(ops)], order_seed))
-  for i in range(len(ops)):
-    image = tf.switch_case(order[i], [lambda op=op, v=v: op(image, v) for op, v in ops])
+  adjustments = [a for a, strength in zip(adjustments, (brightness, contrast, saturation, hue))
+                 if strength]
+  order = tf.argsort(tf.random.stateless_uniform([len(adjustments)], order_seed))
+  for i in range(len(adjustments)):
+    image = tf.switch_case(order[i], [lambda op=op, v=v: op(image, v) for op, v in adjustments])
   return image
 
 
@@ -317,7 +325,7 @@ def grayscale(image):
 
 def solarize(image, threshold=128.0):
   """PIL's ImageOps.solarize: pixels at or above `threshold` are inverted."""
-  return tf.where(image >= threshold, 255.0 - image, image)
+  return ops.select(image >= threshold, 255.0 - image, image)
 
 
 def gaussian_blur(image, sigma, radius):
@@ -409,7 +417,7 @@ def random_erase(image, seed, prob, scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3), a
     box = [box_h, box_w, image.shape[-1]]
     place = [[top, h - top - box_h], [left, w - left - box_w], [0, 0]]
     inside = tf.pad(tf.ones(box, tf.uint8), place) > 0
-    return tf.where(inside, tf.pad(tf.random.stateless_normal(box, seeds[5]), place), image)
+    return ops.select(inside, tf.pad(tf.random.stateless_normal(box, seeds[5]), place), image)
 
   return tf.cond(erase, erased, lambda: image)
 
@@ -454,8 +462,11 @@ def lut_two_view(image, seed, data_config):
       tf.random.experimental.stateless_split(seed, 5))
   image = to_channels(decode(image), data_config.channels)
   size = data_config.image_size
-  view1 = simple_resized_crop(image, view1_seed, size)
-  view2 = simple_resized_crop(image, view2_seed, size)
+  # Each view is simple_resized_crop(image, its seed): the resize and the padding draw nothing,
+  # so they are done once for both views (the resize of the whole image is the largest cost).
+  padded = _pad_reflect(resize_short_side(image, size), 4)
+  view1 = _random_crop_flip(padded, view1_seed, size)
+  view2 = _random_crop_flip(padded, view2_seed, size)
   jitter = tf.random.stateless_uniform([], apply_seed) < 0.8
   view2 = tf.cond(jitter, lambda: color_jitter(view2, jitter_seed, 0.4, 0.4, 0.2, 0.1),
                   lambda: view2)

@@ -19,14 +19,14 @@ import math
 
 import tensorflow as tf
 
-_GRAY = (0.299, 0.587, 0.114)  # PIL's 'L' conversion weights
+from mimjax.data import ops
 
 
 def _grayscale(image):
   """[H, W, 1] luminance (PIL 'L'), rounded; a 1-channel image is returned as is."""
   if image.shape[-1] != 3:
     return image
-  return tf.round(tf.reduce_sum(image * tf.constant(_GRAY), axis=-1, keepdims=True))
+  return tf.round(ops.luma(image))
 
 
 def _blend(degenerate, image, factor):
@@ -34,44 +34,73 @@ def _blend(degenerate, image, factor):
   return tf.clip_by_value(degenerate + factor * (image - degenerate), 0.0, 255.0)
 
 
+def _rows(image):
+  """[h, w * c] view of an [h, w, c] image, for per-channel constants tiled along the rows (a
+  broadcast of a c-vector over the last axis is several times slower on CPU)."""
+  shape = tf.shape(image)
+  return tf.reshape(image, [shape[0], shape[1] * shape[2]])
+
+
 def _affine(image, matrix, fill):
   """Warps `image` with the output->input map (a0, a1, a2, b0, b1, b2) (PIL's AFFINE convention,
-  pixel centres at +0.5), bilinear, filling outside pixels with the per-channel `fill`."""
+  pixel centres at +0.5), bilinear, filling outside pixels with the per-channel `fill`.
+
+  Bilinear weights w_i sum to 1, and outside neighbours read the fill: the output is
+  sum_inside w_i x_i + (1 - sum_inside w_i) fill = warp(x - fill, fill 0) + fill, so the image is
+  shifted by the fill instead of warping a fourth, coverage channel (a third of the work).
+  """
   shape = tf.shape(image)
-  ones = tf.ones_like(image[..., :1])
-  stacked = tf.concat([image, ones], axis=-1)[None]
+  fill_row = tf.tile(fill, shape[1:2])
+  shifted = tf.reshape(_rows(image) - fill_row, shape)[None]
   a0, a1, a2, b0, b1, b2 = [tf.cast(v, tf.float32) for v in matrix]
   # TF indexes pixel centres at integers: shift by half a pixel on both sides of the map.
   a2 = a2 + 0.5 * (a0 + a1) - 0.5
   b2 = b2 + 0.5 * (b0 + b1) - 0.5
   transform = tf.stack([a0, a1, a2, b0, b1, b2, 0.0, 0.0])[None]
   warped = tf.raw_ops.ImageProjectiveTransformV3(
-      images=stacked, transforms=transform, output_shape=shape[:2], fill_value=0.0,
+      images=shifted, transforms=transform, output_shape=shape[:2], fill_value=0.0,
       interpolation='BILINEAR', fill_mode='CONSTANT')[0]
-  inside = warped[..., -1:]
-  return warped[..., :-1] + (1.0 - inside) * fill
+  return tf.reshape(_rows(warped) + fill_row, shape)
+
+
+def _channel_min_max(rows, channels):
+  """Per-channel (min, max) [c] of an image's [h, w * c] rows (column reductions, then w)."""
+  lo = tf.reduce_min(tf.reshape(tf.reduce_min(rows, 0), [-1, channels]), 0)
+  hi = tf.reduce_max(tf.reshape(tf.reduce_max(rows, 0), [-1, channels]), 0)
+  return lo, hi
 
 
 def auto_contrast(image):
-  lo = tf.reduce_min(image, axis=(0, 1), keepdims=True)
-  hi = tf.reduce_max(image, axis=(0, 1), keepdims=True)
-  scaled = (image - lo) * 255.0 / tf.maximum(hi - lo, 1.0)
-  return tf.where(hi > lo, scaled, image)
-
-
-def _equalize_channel(channel):
-  """PIL ImageOps.equalize of one [H, W] channel of integer values."""
-  values = tf.cast(channel, tf.int32)
-  hist = tf.math.bincount(tf.reshape(values, [-1]), minlength=256, maxlength=256)
-  last = tf.boolean_mask(hist, hist > 0)[-1]
-  step = (tf.reduce_sum(hist) - last) // 255
-  safe_step = tf.maximum(step, 1)
-  lut = tf.minimum((safe_step // 2 + tf.cumsum(hist, exclusive=True)) // safe_step, 255)
-  return tf.where(step > 0, tf.cast(tf.gather(lut, values), tf.float32), channel)
+  """PIL ImageOps.autocontrast (no cutoff): each channel stretched from [min, max] to [0, 255];
+  a constant channel is left as it is."""
+  shape = tf.shape(image)
+  rows = _rows(image)
+  lo, hi = _channel_min_max(rows, image.shape[-1])
+  lo, hi = tf.tile(lo, shape[1:2]), tf.tile(hi, shape[1:2])
+  # A constant channel has x == lo, so (x - lo) * ... = 0 and adding lo back keeps it.
+  keep = tf.where(hi > lo, 0.0, lo)
+  return tf.reshape((rows - lo) * 255.0 / tf.maximum(hi - lo, 1.0) + keep, shape)
 
 
 def equalize(image):
-  return tf.stack([_equalize_channel(image[..., i]) for i in range(image.shape[-1])], axis=-1)
+  """PIL ImageOps.equalize, per channel: the histogram's cumulative sum as a lookup table (a
+  channel whose histogram has one level, or all but one pixel in its last level, is kept).
+
+  All channels at once: channel k's values are offset by 256 k into one histogram and one table.
+  """
+  shape, channels = tf.shape(image), image.shape[-1]
+  offsets = tf.tile(tf.range(0, 256 * channels, 256), shape[1:2])
+  values = tf.cast(_rows(image), tf.int32) + offsets
+  hist = tf.reshape(tf.math.bincount(tf.reshape(values, [-1]), minlength=256 * channels,
+                                     maxlength=256 * channels), [channels, 256])
+  levels = tf.range(256)
+  last = tf.reduce_max(tf.where(hist > 0, levels, -1), 1, keepdims=True)  # highest level present
+  step = (tf.reduce_sum(hist, 1, keepdims=True)
+          - tf.gather(hist, last, axis=1, batch_dims=1)) // 255
+  safe_step = tf.maximum(step, 1)
+  lut = tf.minimum((safe_step // 2 + tf.cumsum(hist, 1, exclusive=True)) // safe_step, 255)
+  lut = tf.where(step > 0, lut, levels)  # identity table: the channel is kept
+  return tf.reshape(tf.gather(tf.cast(tf.reshape(lut, [-1]), tf.float32), values), shape)
 
 
 def invert(image):
@@ -94,11 +123,11 @@ def posterize(image, bits):
 
 
 def solarize(image, threshold):
-  return tf.where(image >= threshold, 255.0 - image, image)
+  return ops.select(image >= threshold, 255.0 - image, image)
 
 
 def solarize_add(image, addition, threshold=128.0):
-  return tf.where(image < threshold, tf.minimum(image + addition, 255.0), image)
+  return ops.select(image < threshold, tf.minimum(image + addition, 255.0), image)
 
 
 def color(image, factor):
@@ -119,12 +148,10 @@ def sharpness(image, factor):
   kernel = tf.constant([[1., 1., 1.], [1., 5., 1.], [1., 1., 1.]]) / 13.0
   channels = image.shape[-1]
   kernel = tf.tile(kernel[:, :, None, None], [1, 1, channels, 1])
-  smooth = tf.nn.depthwise_conv2d(image[None], kernel, [1, 1, 1, 1], 'VALID')[0]
-  smooth = tf.pad(tf.round(smooth), [[1, 1], [1, 1], [0, 0]])
-  h, w = tf.shape(image)[0], tf.shape(image)[1]
-  rows, cols = tf.range(h)[:, None, None], tf.range(w)[None, :, None]
-  interior = (rows > 0) & (rows < h - 1) & (cols > 0) & (cols < w - 1)
-  return _blend(tf.where(interior, smooth, image), image, factor)
+  smooth = tf.round(tf.nn.depthwise_conv2d(image[None], kernel, [1, 1, 1, 1], 'VALID')[0])
+  middle = tf.concat([image[1:-1, :1], smooth, image[1:-1, -1:]], 1)  # the border columns kept
+  degenerate = tf.concat([image[:1], middle, image[-1:]], 0)  # and the border rows
+  return _blend(degenerate, image, factor)
 
 
 def shear_x(image, factor, fill):
@@ -173,7 +200,7 @@ def apply_op(image, index, level, sign, fill):
   """Applies OPS[index] (a scalar int tensor) and quantises back to integer pixel values."""
   branches = [lambda fn=fn: tf.ensure_shape(fn(image, level, sign, fill), image.shape)
               for fn in OPS.values()]
-  out = tf.switch_case(tf.cast(index, tf.int32), branches)
+  out = ops.case(index, branches)
   return tf.clip_by_value(tf.round(out), 0.0, 255.0)
 
 
@@ -192,5 +219,6 @@ def rand_augment(image, seed, num_layers=2, magnitude=9.0, magnitude_std=0.5, pr
     level = tf.clip_by_value(noisy, 0.0, 10.0) / 10.0
     sign = tf.where(tf.random.stateless_uniform([], sign_seed) < 0.5, -1.0, 1.0)
     apply = tf.random.stateless_uniform([], apply_seed) < prob
-    image = tf.cond(apply, lambda: apply_op(image, index, level, sign, fill), lambda: image)
+    image = ops.case(tf.cast(apply, tf.int32),
+                     [lambda: image, lambda: apply_op(image, index, level, sign, fill)])
   return image
