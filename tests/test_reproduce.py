@@ -3,6 +3,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -245,8 +246,9 @@ def _parts(root):
 def test_smoke_study_end_to_end_writes_the_table(tmp_path):
   out = tmp_path / 'RESULTS.md'
   root = tmp_path / 'runs'
+  records = tmp_path / 'records'
   args = ['mimjax.reproduce', '--smoke', '--rows', 'mae_mto', '--out', str(out),
-          '--workdir_root', str(root)]
+          '--workdir_root', str(root), '--records', str(records)]
   # Killed once MAE's pre-training has finished (its part is cached), then rerun: the rerun
   # does not train MAE again and finishes the study.
   env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL='3')
@@ -308,8 +310,10 @@ def test_smoke_study_end_to_end_writes_the_table(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert _parts(root) == parts
   lost = root / 'smoke' / 'mae_mto' / 'seed0' / 'repro_finetune_labels0.1_step2.json'
-  lost.unlink()
-  (root / 'smoke' / 'mae_mto' / 'seed0' / 'repro.json').unlink()
+  kept = records / 'smoke' / 'mae_mto' / 'seed0'  # the copies kept with the records
+  for run in (root / 'smoke' / 'mae_mto' / 'seed0', kept):
+    (run / lost.name).unlink()
+    (run / 'repro.json').unlink()
   proc = run_module(args, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   changed = {p for p, t in _parts(root).items() if parts.get(p) != t}
@@ -330,12 +334,30 @@ def test_smoke_study_end_to_end_writes_the_table(tmp_path):
     reproduce.run_study('smoke', out=str(partial), workdir_root=str(root), methods=['mae_mto'],
                         report_only=True)
 
+  # Another machine: the committed records without the workdirs. The report is written from them
+  # alone; a part they lack trains its run again (same config and seed) and measures the same.
+  assert {'config.json', 'metrics.jsonl', 'repro.json'} <= {p.name for p in kept.iterdir()}
+  tuned = json.loads((kept / lost.name).read_text())['top1']
+  tables = _tables(out.read_text())
+  shutil.rmtree(root)
+  out.unlink()
+  proc = run_module(args, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert _tables(out.read_text()) == tables and not root.exists()
+  (kept / lost.name).unlink()
+  (kept / 'repro.json').unlink()
+  proc = run_module(args, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert json.loads((kept / lost.name).read_text())['top1'] == tuned
+  assert (root / 'smoke' / 'mae_mto' / 'seed0' / 'checkpoints' / '2').is_dir()
+
 
 @pytest.mark.slow  # trains 4 tiny runs: supervised (the teacher), MoTo, distillation, DTM
 def test_smoke_study_supervised_and_distillation_rows(tmp_path):
   out = tmp_path / 'RESULTS.md'
   proc = run_module(['mimjax.reproduce', '--smoke', '--rows', 'supervised_moto,distill_dtm',
-                     '--out', str(out), '--workdir_root', str(tmp_path / 'runs')], timeout=900)
+                     '--out', str(out), '--workdir_root', str(tmp_path / 'runs'),
+                     '--records', str(tmp_path / 'records')], timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   headline, secondary = _tables(out.read_text())
   assert [r[1] for r in headline[2:]] == ['scratch (random init, fine-tuned)',
@@ -484,6 +506,7 @@ def test_rerun_after_an_interruption_skips_every_finished_part(tmp_path, monkeyp
   # The study's compute (training, evaluations, fine-tunes) replaced by fakes that log each call;
   # the first run is "killed" in the scratch fine-tune, after MAE's pre-training, kNN curve,
   # probe, fine-tunes and diagnostics finished, and its probe failed (not cached: retried).
+  # Then a sitting on another machine, with the committed records and no workdir.
   calls, stop, failing = [], [], ['linear_cached']
 
   def log(*call):
@@ -493,26 +516,32 @@ def test_rerun_after_an_interruption_skips_every_finished_part(tmp_path, monkeyp
 
   def pretrain(config, workdir):
     log('pretrain', config.mto.enabled)
+    os.makedirs(os.path.join(workdir, 'checkpoints', str(config.total_steps)), exist_ok=True)
+    with open(os.path.join(workdir, 'metrics.jsonl'), 'w') as f:
+      f.write('{"step": 2}\n')
     return dict(images_per_sec=10.0, final_loss=0.5, images=32, device='cpu')
 
   def top1(workdir, protocol, run=None, step=None):
     log(protocol, 'mae_mto' in workdir, step)
     return dict(error='failed') if protocol in failing else dict(top1=0.5)
 
-  def finetune(workdir, fraction, total_steps, step=None, random_init=False):
-    log('finetune', 'mae_mto' in workdir, fraction, step, random_init)
-    return dict(top1=0.6 - 0.1 * random_init, images=total_steps * 128)
+  def finetune(workdir, fraction, total_steps, step=None, random_init=None):
+    scratch = random_init is not None  # the run's config: the random-init encoder's fine-tune
+    log('finetune', 'mae_mto' in workdir, fraction, step, scratch)
+    return dict(top1=0.6 - 0.1 * scratch, images=total_steps * 128)
 
   monkeypatch.setattr(reproduce, 'pretrain', pretrain)
   monkeypatch.setattr(reproduce, 'top1', top1)
   monkeypatch.setattr(reproduce, 'finetune', finetune)
   monkeypatch.setattr(reproduce, 'diagnostic', lambda w, n: log(n) or dict(numbers={}, figures=[]))
-  monkeypatch.setattr(reproduce, '_random_init_probes', lambda w: log('probes') or dict(knn=.4))
+  monkeypatch.setattr(reproduce, '_random_init_probes', lambda w, c: log('probes') or dict(knn=.4))
   monkeypatch.setattr(reproduce, '_load_final', lambda w: None)
   written = []
   monkeypatch.setattr(reproduce.report, 'write', lambda *a: written.append(a))
-  study = lambda: reproduce.run_study('smoke', workdir_root=str(tmp_path), methods=['mae_mto'],
-                                      out=str(tmp_path / 'R.md'))  # noqa: E731
+  records_root = tmp_path / 'results'
+  study = lambda: reproduce.run_study('smoke', workdir_root=str(tmp_path / 'runs'),  # noqa: E731
+                                      methods=['mae_mto'], out=str(tmp_path / 'R.md'),
+                                      records_root=str(records_root))
   stop.append(('finetune', False, 0.1, None, True))
   with pytest.raises(_Stop):
     study()
@@ -520,7 +549,7 @@ def test_rerun_after_an_interruption_skips_every_finished_part(tmp_path, monkeyp
                    ('linear_cached', False, None), ('finetune', False, 0.1, 1, False),
                    ('finetune', False, 0.1, 2, False), ('attention_distance',),
                    ('heterogeneity',), ('probes',), ('finetune', False, 0.1, None, True)]
-  assert not os.path.exists(tmp_path / 'smoke' / 'mae' / 'seed0' / 'repro.json')  # probe failed
+  assert not os.path.exists(tmp_path / 'runs' / 'smoke' / 'mae' / 'seed0' / 'repro.json')
   calls.clear(), stop.clear(), failing.clear()
   study()
   assert calls == [('linear_cached', False, None), ('finetune', False, 0.1, None, True),
@@ -536,6 +565,21 @@ def test_rerun_after_an_interruption_skips_every_finished_part(tmp_path, monkeyp
   study()
   assert calls == [] and len(written) == 2  # everything finished: nothing runs again
 
+  kept = records_root / 'smoke' / 'mae_mto' / 'seed0'
+  assert sorted(p.name for p in kept.iterdir()) == [
+      'metrics.jsonl', 'repro.json', 'repro_diagnostic_heterogeneity.json',
+      'repro_finetune_labels0.1_step2.json', 'repro_knn_step1.json', 'repro_knn_step2.json',
+      'repro_linear.json', 'repro_pretrain.json']  # config.json: written by training, faked here
+  shutil.rmtree(tmp_path / 'runs')  # another machine: the committed records, no workdir
+  study()
+  assert calls == [] and written[-1][1] == written[-2][1]  # the same records, nothing measured
+  assert not os.path.exists(tmp_path / 'runs')
+  (kept / 'repro_finetune_labels0.1_step2.json').unlink()
+  (kept / 'repro.json').unlink()
+  study()  # a part the records lack: the run is trained again first, then only that part runs
+  assert calls == [('pretrain', True), ('finetune', True, 0.1, 2, False)]
+  assert written[-1][1]['mae_mto'][0][report.finetune_key(0.1)] == 0.6
+
 
 def test_supervised_pairs_stay_out_of_the_finetuning_table():
   records = {'supervised': [dict(seed=0, label='supervised ViT', test_top1=.4, steps=2)],
@@ -550,16 +594,18 @@ def test_a_cached_study_part_of_another_budget_is_refused(tmp_path):
   from mimjax.reproduce import study  # pylint: disable=g-import-not-at-top
   budget = study.BUDGETS['smoke']
   key = study.budget_key(budget)
-  assert study.cached(str(tmp_path), 'linear', lambda: dict(top1=0.5), key)['top1'] == 0.5
-  assert study.cached(str(tmp_path), 'linear', lambda: dict(top1=0.1), key)['top1'] == 0.5
+  store = study.Store(str(tmp_path / 'run'), key, str(tmp_path / 'records'))
+  assert study.cached(store, 'linear', lambda: dict(top1=0.5))['top1'] == 0.5
+  assert study.cached(store, 'linear', lambda: dict(top1=0.1))['top1'] == 0.5
   others = [dataclasses.replace(budget, overrides={**budget.overrides, 'batch_size': 8}),
             dataclasses.replace(budget, finetune_steps=budget.finetune_steps + 1),
             dataclasses.replace(budget, label_fractions=(0.5,))]
   other_keys = [study.budget_key(b) for b in others] + [study.budget_key(budget, '/clip.npz')]
   assert len({key, *other_keys}) == 5
-  for other in other_keys:
-    with pytest.raises(errors.ConfigError, match=r'repro_linear.json .*own --workdir_root'):
-      study.cached(str(tmp_path), 'linear', lambda: dict(top1=0.1), other)
+  for other in other_keys:  # in the workdir, or only in the records (another machine)
+    for where in (store, study.Store(str(tmp_path / 'elsewhere'), key, store.mirror)):
+      with pytest.raises(errors.ConfigError, match=r'repro_linear.json .*own --workdir_root'):
+        study.cached(dataclasses.replace(where, key=other), 'linear', lambda: dict(top1=0.1))
 
 
 def test_only_the_final_checkpoints_finetunes_count_as_compute(tmp_path):
@@ -568,10 +614,11 @@ def test_only_the_final_checkpoints_finetunes_count_as_compute(tmp_path):
            'finetune_labels0.01_step1': dict(seconds=1, images=100),  # MAE's curve
            'finetune_labels0.01_step2': dict(seconds=1, images=10),
            'finetune_labels0.1_step2': dict(seconds=1, images=1)}
-  record = study._finish(dict(steps=2, notes={}), parts, str(tmp_path / 'r.json'))  # pylint: disable=protected-access
+  store = study.Store(str(tmp_path), 'key')
+  record = study._finish(dict(steps=2, notes={}), parts, store, 'r.json')  # pylint: disable=protected-access
   assert record['finetune_images'] == 11
   floor = {'finetune_random_init_labels0.01': dict(seconds=1, images=7)}
-  assert study._finish(dict(notes={}), floor, str(tmp_path / 'f.json'))['finetune_images'] == 7  # pylint: disable=protected-access
+  assert study._finish(dict(notes={}), floor, store, 'f.json')['finetune_images'] == 7  # pylint: disable=protected-access
 
 
 def test_a_refused_study_budget_is_one_error_line():

@@ -49,6 +49,13 @@ def metric_name(key):
   return METRIC_NAMES[key]
 
 
+def run_dir(record):
+  """Where a run's config.json and metrics.jsonl are: its workdir, or the copy the study keeps with
+  its records (`study.Store`) when the workdir is not on this machine."""
+  workdir, copy = record['workdir'], record.get('records')
+  return copy if copy and not os.path.exists(os.path.join(workdir, 'metrics.jsonl')) else workdir
+
+
 def read_metrics(workdir):
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     return [json.loads(line) for line in f if line.strip()]
@@ -376,7 +383,7 @@ def plot_pair(method, base, records, figures_dir):
     for i, r in enumerate(records[row]):
       style = dict(color=colour, alpha=1.0 if i == 0 else 0.5,
                    label=r['label'] if i == 0 else None)
-      logged = [m for m in read_metrics(r['workdir']) if key in m]
+      logged = [m for m in read_metrics(run_dir(r)) if key in m]
       ax_loss.plot([m['step'] for m in logged], [m[key] for m in logged], **style)
       points = [(s, v) for s, v in r['curve'] if v is not None]
       if points:
@@ -417,8 +424,10 @@ def diagnostics_section(records, figures_dir, results_dir):
       lines.append(f'{head}: {numbers}')
       for figure in diag['figures']:
         target = os.path.join(figures_dir, f'{row}_{os.path.basename(figure)}')
-        shutil.copyfile(figure, target)
-        lines.append(f'  ![{row} {name}]({os.path.relpath(target, results_dir)})')
+        if os.path.exists(figure):  # else the workdir is elsewhere: keep an earlier report's copy
+          shutil.copyfile(figure, target)
+        if os.path.exists(target):
+          lines.append(f'  ![{row} {name}]({os.path.relpath(target, results_dir)})')
   return '\n'.join(lines) or '- none were run.'
 
 
@@ -460,7 +469,7 @@ def write(out, records, pairs, mode, budget, commands, root, floors=None, unfini
   figures_dir = os.path.splitext(os.path.abspath(out))[0] + '_figures'
   os.makedirs(figures_dir, exist_ok=True)
   plots = [(m, plot_pair(m, b, records, figures_dir)) for m, b in pairs]
-  config = config_lib.read_config(records[groups[0][1]][0]['workdir'])
+  config = config_lib.read_config(run_dir(records[groups[0][1]][0]))
   seeds = sorted({r['seed'] for rs in records.values() for r in rs})
   run_commands = '\n'.join(commands[1:])
   seconds = sum(r['seconds'] for group in (records, floors) for rs in group.values() for r in rs)
@@ -547,8 +556,9 @@ a win here is no evidence that the published ImageNet gains reproduce. {spread_c
 ## Commands
 
 The study: `{commands[0]}`. Runs are cached under `{root}`; every finished part (pre-training,
-each evaluation, each fine-tune) has its `repro_*.json` in the run's workdir and is skipped by a
-rerun; delete one to measure it again. Each run is equivalent to
+each evaluation, each fine-tune) has its `repro_*.json` in the run's workdir (and, with the
+default `--records results`, a copy under `results/<budget>/`, committed with this report) and is
+skipped by a rerun; delete one (both copies) to measure it again. Each run is equivalent to
 
 ```
 {run_commands}

@@ -31,9 +31,14 @@ repro_knn_step<S>.json, repro_linear.json, repro_finetune_labels<F>_step<S>.json
 itself checkpointed in finetune_labels<F>_step<S>[_steps<N>]/),
 repro_finetune_random_init_labels<F>.json (the scratch floor), repro_random_init.json's parts and
 repro_diagnostic_<name>.json; repro.json gathers a finished run. Rerunning the same command skips
-everything finished, so the study can be run in several sittings. Every cached file carries the
-budget's fingerprint (`budget_key`: the preset's overrides and steps, --clip_path), and one of
-another budget is refused: a changed budget needs its own --workdir_root.
+everything finished, so the study can be run in several sittings. Every record is also copied,
+with the run's config.json and metrics.jsonl, to RECORDS/<preset>/<row>/seed<k>/ (`--records`,
+default `results/`: a few KB per run, committed with the report), so a sitting on a machine without
+the workdirs (checkpoints cannot travel) skips what is finished; a part its records lack trains the
+run again first (same config and seed; a distillation student also needs its teacher's workdir).
+Every cached file carries the budget's fingerprint (`budget_key`: the preset's overrides and
+steps, --clip_path), and one of another budget is refused: a changed budget needs its own
+--workdir_root and --records.
 
 Presets (BUDGETS): cpu (the default: 2 CPU cores), gpu (a larger ViT and 4x the steps), quick,
 smoke (tests only). Costs measured for the first edition on an otherwise idle 2-core machine
@@ -45,6 +50,7 @@ import hashlib
 import json
 import os
 import shlex
+import shutil
 import sys
 import time
 
@@ -249,24 +255,54 @@ def _read_cached(path, key):
     record = json.load(f)
   if record.get('budget_key') != key:
     raise errors.ConfigError(f'{path} was measured with another budget or --clip_path; give '
-                             'this study its own --workdir_root.')
+                             'this study its own --workdir_root and --records.')
   return record
 
 
-def cached(workdir, name, fn, key):
-  """fn()'s result (a dict) with the seconds it took and the budget's `key`, saved as
-  WORKDIR/repro_<name>.json; if that file exists, its content without calling fn (ConfigError
-  when another budget's key is in it). A result with an 'error' is not saved, so that the next
-  run of the study tries again."""
-  path = os.path.join(workdir, f'repro_{name}.json')
-  result = _read_cached(path, key)
+# What a run's records need beside them to be reported without its workdir.
+RUN_FILES = ('config.json', 'metrics.jsonl')
+
+
+@dataclasses.dataclass(frozen=True)
+class Store:
+  """Where one run's records are kept: its workdir and, with --records, a copy in
+  RECORDS/<budget>/<row>/seed<k>/ (the repro_*.json records with the run's config.json and
+  metrics.jsonl: a few KB, meant to be committed), so that a sitting on a machine without the
+  workdirs skips what is finished. Every record carries the budget's fingerprint (`key`)."""
+  workdir: str
+  key: str
+  mirror: str = None
+
+  def read(self, filename):
+    """The record `filename` of this budget from the workdir, else from the copy; None if
+    neither has it (ConfigError for one another budget wrote)."""
+    for folder in filter(None, (self.workdir, self.mirror)):
+      record = _read_cached(os.path.join(folder, filename), self.key)
+      if record is not None:
+        return record
+    return None
+
+  def save(self, filename, record):
+    _save(os.path.join(self.workdir, filename), record)
+    if self.mirror:
+      _save(os.path.join(self.mirror, filename), record)
+      for name in RUN_FILES:
+        if os.path.exists(os.path.join(self.workdir, name)):
+          shutil.copyfile(os.path.join(self.workdir, name), os.path.join(self.mirror, name))
+
+
+def cached(store, name, fn):
+  """fn()'s result (a dict) with the seconds it took and the budget's key, saved as
+  repro_<name>.json (`Store.save`); if the store has it, its content without calling fn.
+  A result with an 'error' is not saved, so that the next run of the study tries again."""
+  result = store.read(f'repro_{name}.json')
   if result is not None:
     return result
   start = time.time()
   result = dict(fn())
-  result.update(seconds=time.time() - start, budget_key=key)
+  result.update(seconds=time.time() - start, budget_key=store.key)
   if 'error' not in result:
-    _save(path, result)
+    store.save(f'repro_{name}.json', result)
   return result
 
 
@@ -288,14 +324,14 @@ def top1(workdir, protocol, run=None, step=None):
     return dict(error=_na(e))
 
 
-def finetune(workdir, fraction, total_steps, step=None, random_init=False):
-  """Fine-tunes the run's checkpoint at `step` (or its random-init encoder: the scratch floor) on
-  the `fraction` labelled subset for `total_steps` (0: the recipe's); {'top1', 'best_top1',
-  'steps', 'images', 'step'} or {'error': reason}."""
+def finetune(workdir, fraction, total_steps, step=None, random_init=None):
+  """Fine-tunes the run's checkpoint at `step` (or, given the run's config as `random_init`, its
+  random-init encoder: the scratch floor) on the `fraction` labelled subset for `total_steps`
+  (0: the recipe's); {'top1', 'best_top1', 'steps', 'images', 'step'} or {'error': reason}."""
   options = dict(label_fraction=fraction, **({'total_steps': total_steps} if total_steps else {}))
   try:
-    if random_init:
-      run = loading.load_run(workdir, random_init=True)
+    if random_init is not None:
+      run = loading.load_run(workdir, random_init=True, config=random_init)
       result = dict(evaluate_lib.PROTOCOLS['finetune'](run, **options), step=0)
     else:
       result = evaluate_lib.evaluate(workdir, 'finetune', step=step, **options)
@@ -322,7 +358,7 @@ def _counted_finetune(name, steps):
       name.startswith('finetune') and name.endswith(f'_step{steps}'))
 
 
-def _finish(record, parts, path):
+def _finish(record, parts, store, filename):
   """Adds the parts' failures, compute and seconds to the record; saves it unless a part failed
   (so that a rerun tries the failed part again, reusing the others)."""
   for name, part in parts.items():
@@ -332,28 +368,40 @@ def _finish(record, parts, path):
   record['finetune_images'] = sum(p.get('images', 0) for n, p in parts.items()
                                   if _counted_finetune(n, record.get('steps')))
   if not record['notes']:
-    _save(path, record)
+    store.save(filename, record)
   return record
 
 
-def measure(row, seed, budget, workdir, overrides, with_diagnostics, key):
+def measure(row, seed, budget, store, overrides, with_diagnostics):
   """Trains (or resumes) one run, evaluates and fine-tunes it; returns its record (repro.json),
-  every part cached under the budget's `key` (`budget_key`)."""
-  path = os.path.join(workdir, RECORD)
-  record = _read_cached(path, key)
+  every part cached in `store` under the budget's key (`budget_key`)."""
+  record = store.read(RECORD)
   if record is not None:
-    return record
+    return dict(record, records=store.mirror)  # where the report finds the run's files
+  workdir, key = store.workdir, store.key
   config = build_config(row, overrides)
   total = config.total_steps
-  parts = {'pretrain': cached(workdir, 'pretrain', lambda: pretrain(config, workdir), key)}
-  record = dict(row=row, label=ROWS[row].label, seed=seed, workdir=workdir,
+  parts = {'pretrain': cached(store, 'pretrain', lambda: pretrain(config, workdir))}
+
+  def trained(fn):
+    """fn once the run's final checkpoint is in its workdir. Where only the committed records
+    are (another machine), the run is trained again first: same config and seed, so the same
+    run up to floating-point differences between machines."""
+    def call():
+      if not os.path.isdir(os.path.join(workdir, 'checkpoints', str(total))):
+        print(f'{workdir}: no checkpoint {total}; training the run again to measure a part '
+              'its records lack', flush=True)
+        pretrain(config, workdir)
+      return fn()
+    return call
+
+  record = dict(row=row, label=ROWS[row].label, seed=seed, workdir=workdir, records=store.mirror,
                 framework=config.framework, steps=total, notes={}, budget_key=key,
                 **{k: parts['pretrain'].get(k) for k in ('images_per_sec', 'final_loss', 'images',
                                                          'device')})
   best_metric = registry.FRAMEWORKS[config.framework].best_metric
   if best_metric:  # held-out evaluation during training (top1 of a classifier) gives the curve
-    with open(os.path.join(workdir, f'eval_{config.framework}.json')) as f:
-      history = json.load(f)['history']
+    history = trained(lambda: _eval_history(workdir, config.framework))()
     record['curve'] = [[r['step'], r[best_metric]] for r in history]
     record['test_top1'] = history[-1][best_metric]
   else:
@@ -367,19 +415,19 @@ def measure(row, seed, budget, workdir, overrides, with_diagnostics, key):
       return final[0]
 
     for s in steps:
-      parts[f'knn_step{s}'] = cached(workdir, f'knn_step{s}', lambda s=s: top1(
-          workdir, 'knn', run=final_run() if s == total else None, step=s), key)
+      parts[f'knn_step{s}'] = cached(store, f'knn_step{s}', trained(lambda s=s: top1(
+          workdir, 'knn', run=final_run() if s == total else None, step=s)))
     record['curve'] = [[s, parts[f'knn_step{s}'].get('top1')] for s in steps]
     record['knn'] = record['curve'][-1][1]
-    parts['linear'] = cached(workdir, 'linear', lambda: top1(workdir, 'linear_cached',
-                                                             run=final_run()), key)
+    parts['linear'] = cached(store, 'linear', trained(lambda: top1(workdir, 'linear_cached',
+                                                                   run=final_run())))
     record['linear'] = parts['linear'].get('top1')
     curve_steps = steps if row == FINETUNE_CURVE_ROW else [total]
     for fraction in budget.label_fractions:
       for s in (curve_steps if fraction == min(budget.label_fractions) else [total]):
         name = f'finetune_labels{fraction:g}_step{s}'
-        parts[name] = cached(workdir, name, lambda f=fraction, s=s: finetune(
-            workdir, f, budget.finetune_steps, step=s), key)
+        parts[name] = cached(store, name, trained(lambda f=fraction, s=s: finetune(
+            workdir, f, budget.finetune_steps, step=s)))
       final_name = f'finetune_labels{fraction:g}_step{total}'
       record[report.finetune_key(fraction)] = parts[final_name].get('top1')
     if row == FINETUNE_CURVE_ROW:
@@ -388,42 +436,50 @@ def measure(row, seed, budget, workdir, overrides, with_diagnostics, key):
           [s, parts[f'finetune_labels{fraction:g}_step{s}'].get('top1')] for s in curve_steps]
   if with_diagnostics:
     for name in ROWS[row].diagnostics:
-      parts[f'diagnostic_{name}'] = cached(workdir, f'diagnostic_{name}',
-                                           lambda n=name: diagnostic(workdir, n), key)
+      parts[f'diagnostic_{name}'] = cached(store, f'diagnostic_{name}',
+                                           trained(lambda n=name: diagnostic(workdir, n)))
     record['diagnostics'] = {
         n: {'n/a': parts[f'diagnostic_{n}']['error']} if 'error' in parts[f'diagnostic_{n}']
         else parts[f'diagnostic_{n}'] for n in ROWS[row].diagnostics}
-  return _finish(record, parts, path)
+  return _finish(record, parts, store, RECORD)
 
 
-def _random_init_probes(workdir):
-  """kNN and linear-probe top-1 of the run's encoder at its random init, or {'error': reason}."""
+def _eval_history(workdir, framework):
+  """The run's held-out evaluations during training (WORKDIR/eval_<framework>.json)."""
+  with open(os.path.join(workdir, f'eval_{framework}.json')) as f:
+    return json.load(f)['history']
+
+
+def _random_init_probes(workdir, config):
+  """kNN and linear-probe top-1 of the run's encoder (`config`) at its random init, or
+  {'error': reason}."""
   try:
-    run = loading.load_run(workdir, random_init=True)
+    run = loading.load_run(workdir, random_init=True, config=config)
     return {key: float(evaluate_lib.PROTOCOLS[protocol](run)['top1'])
             for key, protocol in (('knn', 'knn'), ('linear', 'linear_cached'))}
   except Exception as e:  # pylint: disable=broad-except  # reported as n/a with the reason
     return dict(error=_na(e))
 
 
-def measure_random_init(row, seed, workdir, budget, key):
+def measure_random_init(row, seed, budget, store, overrides):
   """The floors of a pre-training baseline: its encoder freshly initialised from the run's seed,
   evaluated by kNN and the linear probe, and fine-tuned on each labelled subset with the run's
-  recipe and budget (scratch); cached in WORKDIR/repro_random_init.json."""
-  path = os.path.join(workdir, FLOOR_RECORD)
-  record = _read_cached(path, key)
+  recipe and budget (scratch); cached as repro_random_init.json. Needs the run's config only."""
+  record = store.read(FLOOR_RECORD)
   if record is not None:
-    return record
-  parts = {'random_init': cached(workdir, 'random_init_probes',
-                                 lambda: _random_init_probes(workdir), key)}
-  record = dict(row=row, label='random init', seed=seed, workdir=workdir, notes={}, budget_key=key,
+    return dict(record, records=store.mirror)
+  workdir, key, config = store.workdir, store.key, build_config(row, overrides)
+  parts = {'random_init': cached(store, 'random_init_probes',
+                                 lambda: _random_init_probes(workdir, config))}
+  record = dict(row=row, label='random init', seed=seed, workdir=workdir, records=store.mirror,
+                notes={}, budget_key=key,
                 knn=parts['random_init'].get('knn'), linear=parts['random_init'].get('linear'))
   for fraction in budget.label_fractions:
     name = f'finetune_random_init_labels{fraction:g}'
-    parts[name] = cached(workdir, name, lambda f=fraction: finetune(
-        workdir, f, budget.finetune_steps, random_init=True), key)
+    parts[name] = cached(store, name, lambda f=fraction: finetune(
+        workdir, f, budget.finetune_steps, random_init=config))
     record[report.finetune_key(fraction)] = parts[name].get('top1')
-  return _finish(record, parts, path)
+  return _finish(record, parts, store, FLOOR_RECORD)
 
 
 def _save(path, record):
@@ -469,7 +525,7 @@ def resolve_budget(preset, pretrain_steps=None, finetune_steps=None):
 
 def run_study(mode='cpu', seeds=None, out=None, workdir_root='workdirs/repro',
               methods=None, clip_path=None, argv=(), report_only=False, floor=False,
-              pretrain_steps=None, finetune_steps=None):
+              pretrain_steps=None, finetune_steps=None, records_root=None):
   """Runs (or resumes) every run the methods need, writes `out` (default: DEFAULT_OUT[mode]);
   returns the records per row.
 
@@ -477,7 +533,7 @@ def run_study(mode='cpu', seeds=None, out=None, workdir_root='workdirs/repro',
   floor search). With `floor`, only the MAE row and its floors run (no pair): MAE pre-training +
   fine-tuning against scratch, which the method pairs need to clear first. With `report_only`,
   runs nothing: the report covers the runs that have finished (a stopped study) and lists the
-  others as not finished.
+  others as not finished. With `records_root`, every record is also kept there (`Store`).
   """
   name, budget = resolve_budget(mode, pretrain_steps, finetune_steps)
   key = budget_key(budget, clip_path)
@@ -493,6 +549,8 @@ def run_study(mode='cpu', seeds=None, out=None, workdir_root='workdirs/repro',
   seeds = range(budget.seeds if seeds is None else seeds)
   root = os.path.join(workdir_root, name)
   workdir = lambda row, seed: os.path.join(root, row, f'seed{seed}')  # noqa: E731
+  store = lambda row, seed: Store(workdir(row, seed), key, records_root and os.path.join(  # noqa: E731
+      records_root, name, row, f'seed{seed}'))
   study_argv = [a for a in argv if a not in ('--report_only', '--noreport_only')]
   commands = [' '.join(['python -m mimjax.reproduce', *map(shlex.quote, study_argv)])]
   commands += [train_command(row, workdir(row, '{SEED}'), row_overrides(
@@ -503,19 +561,19 @@ def run_study(mode='cpu', seeds=None, out=None, workdir_root='workdirs/repro',
   unfinished = []
   for seed in seeds:  # seed-major: an interrupted study has whole seeds to report
     for row in rows:
-      if report_only and not os.path.exists(os.path.join(workdir(row, seed), RECORD)):
+      if report_only and store(row, seed).read(RECORD) is None:
         unfinished.append(f'{row} seed {seed}')
         continue
       print(f'[{row} seed {seed}] {workdir(row, seed)}', flush=True)
       overrides = row_overrides(row, seed, budget, workdir(TEACHER_ROW, seed), clip_path)
-      records[row].append(measure(row, seed, budget, workdir(row, seed), overrides,
-                                  seed == seeds[0], key))
+      records[row].append(measure(row, seed, budget, store(row, seed), overrides,
+                                  seed == seeds[0]))
       if row not in floors or registry.FRAMEWORKS[records[row][-1]['framework']].best_metric:
         continue
-      if report_only and not os.path.exists(os.path.join(workdir(row, seed), FLOOR_RECORD)):
+      if report_only and store(row, seed).read(FLOOR_RECORD) is None:
         unfinished.append(f'{row} seed {seed} (random init)')
         continue
-      floors[row].append(measure_random_init(row, seed, workdir(row, seed), budget, key))
+      floors[row].append(measure_random_init(row, seed, budget, store(row, seed), overrides))
   pairs = [(m, PAIRS[m]) for m in methods if records[m] and records[PAIRS[m]]]
   if not pairs and not (floor and records[FINETUNE_CURVE_ROW]):
     raise errors.ConfigError(f'No pair has a finished run under {root}; run the study first.')
@@ -540,6 +598,10 @@ def define_flags():
                       'RESULTS_floor_<budget>.md with --floor, so a short run never overwrites '
                       'the committed full study.')
   flags.DEFINE_string('workdir_root', 'workdirs/repro', 'Runs go to ROOT/<budget>/<row>/seed<k>.')
+  flags.DEFINE_string('records', 'results', 'Every finished part\'s record is also kept in '
+                      'RECORDS/<budget>/<row>/seed<k>/ (with the run\'s config.json and '
+                      'metrics.jsonl; commit it): a later sitting without the workdirs skips what '
+                      'is finished. Empty: workdirs only.')
   flags.DEFINE_list('rows', None, f'Method rows (baselines come along): {", ".join(PAIRS)}.')
   flags.DEFINE_string('clip_path', None, 'Distil from this local CLIP ViT-B/16 checkpoint instead '
                       'of the supervised run (an accelerator job).')
@@ -559,4 +621,4 @@ def main(argv):
   mode = shorthands[0] if shorthands else f.preset
   with errors.reported():  # a refused budget or cached part: one `error:` line, no traceback
     run_study(mode, f.seeds, f.out, f.workdir_root, f.rows, f.clip_path, sys.argv[1:],
-              f.report_only, f.floor, f.pretrain_steps, f.finetune_steps)
+              f.report_only, f.floor, f.pretrain_steps, f.finetune_steps, f.records or None)
