@@ -72,8 +72,8 @@ def test_knn_monitor_compiles_once_and_repeats_the_logged_values(watched):
     params, model_state = checkpoint.restore(watched, step)
     assert knn_monitor.run(params, model_state) == {'knn_top1': logged[step]}
   # One compilation of each function for both evaluations (static shapes, fixed batch count).
-  assert all(f._cache_size() == 1 for f in (knn_monitor._embed, knn_monitor._bank,
-                                            knn_monitor._hits))
+  sizes = {name: getattr(knn_monitor, name)._cache_size() for name in ('_embed', '_bank', '_hits')}
+  assert sizes == {'_embed': 1, '_bank': 1, '_hits': 1}, sizes
 
 
 def test_offline_knn_protocol_is_dinos_knn_over_the_whole_splits(watched):
