@@ -68,12 +68,15 @@ def test_knn_monitor_compiles_once_and_repeats_the_logged_values(watched):
   config = load_config('configs/mae.py:runlocal', **WATCHED)
   knn_monitor = knn.Knn.monitor(config, sharding.make_mesh(config.mesh))
   logged = {r['step']: r['eval_knn_top1'] for r in metrics_records(watched) if 'eval_knn_top1' in r}
+  sizes = []
   for step in (3, 6):
     params, model_state = checkpoint.restore(watched, step)
     assert knn_monitor.run(params, model_state) == {'knn_top1': logged[step]}
-  # One compilation of each function for both evaluations (static shapes, fixed batch count).
-  sizes = {name: getattr(knn_monitor, name)._cache_size() for name in ('_embed', '_bank', '_hits')}
-  assert sizes == {'_embed': 1, '_bank': 1, '_hits': 1}, sizes
+    sizes.append({name: getattr(knn_monitor, name)._cache_size()
+                  for name in ('_embed', '_bank', '_hits')})
+  # The second evaluation compiles nothing (static shapes, fixed batch count). Counted as growth:
+  # jit of the module-level `_bank` shares its cache with other Knn instances of this process.
+  assert sizes[1] == sizes[0] and all(sizes[0].values()), sizes
 
 
 def test_offline_knn_protocol_is_dinos_knn_over_the_whole_splits(watched):
