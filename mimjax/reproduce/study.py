@@ -65,6 +65,7 @@ from mimjax import evaluate as evaluate_lib
 from mimjax import recipe_lib
 from mimjax import registry
 from mimjax import train as train_lib
+from mimjax.eval import in_training
 from mimjax.eval import loading
 from mimjax.reproduce import report
 
@@ -401,7 +402,8 @@ def measure(row, seed, budget, store, overrides, with_diagnostics):
                                                          'device')})
   best_metric = registry.FRAMEWORKS[config.framework].best_metric
   if best_metric:  # held-out evaluation during training (top1 of a classifier) gives the curve
-    history = trained(lambda: _eval_history(workdir, config.framework))()
+    history = trained(lambda: in_training.read_history(
+        workdir, registry.FRAMEWORKS[config.framework]))()
     record['curve'] = [[r['step'], r[best_metric]] for r in history]
     record['test_top1'] = history[-1][best_metric]
   else:
@@ -442,12 +444,6 @@ def measure(row, seed, budget, store, overrides, with_diagnostics):
         n: {'n/a': parts[f'diagnostic_{n}']['error']} if 'error' in parts[f'diagnostic_{n}']
         else parts[f'diagnostic_{n}'] for n in ROWS[row].diagnostics}
   return _finish(record, parts, store, RECORD)
-
-
-def _eval_history(workdir, framework):
-  """The run's held-out evaluations during training (WORKDIR/eval_<framework>.json)."""
-  with open(os.path.join(workdir, f'eval_{framework}.json')) as f:
-    return json.load(f)['history']
 
 
 def _random_init_probes(workdir, config):
